@@ -1,0 +1,27 @@
+//! Torch-free model metadata shared by the coordinator, the worker and the CLI.
+//!
+//! - [`gguf`]: GGUF reader (header, metadata, tensor directory; memory-mapped).
+//! - [`quant`]: GGML tensor types and dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+//! - [`gguf_writer`]: GGUF writer for converted files and test fixtures.
+//! - [`config`]: validated [`ModelConfig`] from `config.json`, GGUF metadata or a preset.
+//! - [`weights`]: the [`WeightSource`] seam over GGUF and safetensors.
+//! - [`tokenizer`]: tokenizers from GGUF or `tokenizer.json`; streaming decode; stop sequences.
+//! - [`chat`]: chat-template rendering.
+//! - [`source`]: resolving a model name or path and opening it.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod gguf_writer;
+pub mod quant;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{render_chat, ChatMessage};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{MetaError, Result};
+pub use source::{ModelSpec, OpenedModel};
+pub use tokenizer::{DecodeStream, StopMatcher, StopOutcome, Tokenizer};
+pub use weights::{HostDType, HostTensor, LayerPart, WeightKey, WeightSource};
