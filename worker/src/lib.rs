@@ -1,1 +1,22 @@
+//! llmos worker: runs a Llama-family model, or a pipeline shard of it, on
+//! libtorch (CPU, or CUDA where libtorch sees a GPU).
+//!
+//! - [`model`]: architectures (`Llama`), loadable by layer range (`ShardSpec`).
+//! - [`weights`]: host tensors from a `WeightSource` (or seeded random) to libtorch.
+//! - [`kv_cache`]: the per-sequence KV cache.
+//! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
+//! - [`generate`]: the single-process generation loop (`Engine`).
+//! - [`device`]: device and dtype selection, thread count.
 
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
+pub mod weights;
+
+pub use error::{Result, WorkerError};
+pub use generate::{Completion, Engine, FinishReason, GenerateRequest, PromptInput, TokenEvent};
+pub use model::llama::LoadOptions;
+pub use sampling::SamplingParams;

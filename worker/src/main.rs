@@ -1,1 +1,269 @@
-fn main() {}
+//! `llmos-worker`: flag parsing, logging, and the single-process commands.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use llmos_meta::{ChatMessage, ModelSpec};
+use llmos_worker::device::{parse_device, parse_dtype, peak_rss_bytes};
+use llmos_worker::{Engine, GenerateRequest, LoadOptions, PromptInput, SamplingParams};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "llmos-worker", version, about = "llmos worker: run Llama-family models on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with a model in this process, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed (prints one JSON object).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// `smollm2` (embedded), a .gguf file, a Hugging Face folder, or `synthetic:<preset>`.
+    #[arg(long, env = "LLMOS_MODEL", default_value = "smollm2")]
+    model: String,
+    /// Weight and compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "LLMOS_DEVICE", default_value = "cpu")]
+    device: String,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, env = "LLMOS_THREADS")]
+    threads: Option<i32>,
+    /// Seed of synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    weights_seed: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (a user message when the model has a chat template; see --raw).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Comma-separated prompt token ids, instead of --prompt.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Feed --prompt to the model as is instead of rendering it as a chat turn.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// One JSON object per token, then a final object with finish_reason and usage.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+fn load(args: &ModelArgs, show_progress: bool) -> Result<Engine> {
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let opts = LoadOptions {
+        kind: parse_dtype(&args.dtype)?,
+        device: parse_device(&args.device)?,
+        seed: args.weights_seed,
+    };
+    let spec = ModelSpec::parse(&args.model)?;
+    let bar = if show_progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(args.model.clone());
+    let started = Instant::now();
+    let engine = Engine::load(&spec, &opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading model {}", args.model))?;
+    bar.finish_and_clear();
+    tracing::info!(
+        model = %engine.name,
+        seconds = started.elapsed().as_secs_f64(),
+        threads = tch::get_num_threads(),
+        "model loaded"
+    );
+    Ok(engine)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let engine = load(&args.model, !args.json)?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => PromptInput::Tokens(ids.clone()),
+        (Some(p), None) => {
+            let chat = engine.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+            if chat && !args.raw {
+                let mut messages = Vec::new();
+                if let Some(s) = &args.system {
+                    messages.push(ChatMessage::new("system", s.clone()));
+                }
+                messages.push(ChatMessage::new("user", p.clone()));
+                PromptInput::Chat(messages)
+            } else {
+                PromptInput::Text(p.clone())
+            }
+        }
+        (None, None) => anyhow::bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let req = GenerateRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        max_new_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let json_mode = args.json;
+    let done = engine.generate(&req, &mut |ev| {
+        let r = if json_mode {
+            writeln!(out, "{}", json!({"id": ev.id, "text": ev.text, "logprob": ev.logprob}))
+        } else {
+            write!(out, "{}", ev.text).and_then(|_| out.flush())
+        };
+        r.is_ok()
+    })?;
+    let tps = done.decode_tokens_per_s();
+    if json_mode {
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "finish_reason": done.finish_reason,
+                "usage": done.usage,
+                "timings": {
+                    "time_to_first_token_s": done.time_to_first_token_s,
+                    "decode_s": done.decode_s,
+                    "decode_tokens_per_s": tps,
+                },
+            })
+        )?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[llmos] prompt {} tokens, generated {} tokens, {:.1} tokens/s (first token after {:.2} s), finish: {:?}",
+            done.usage.prompt_tokens,
+            done.usage.completion_tokens,
+            tps,
+            done.time_to_first_token_s,
+            done.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let engine = load(&args.model, false)?;
+    let vocab = engine.model.config().vocab_size as u64;
+    // Deterministic pseudo-random prompt (an LCG), the same for every run.
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab) as u32
+        })
+        .collect();
+    let req = |n| GenerateRequest {
+        prompt: PromptInput::Tokens(prompt.clone()),
+        sampling: SamplingParams::default(),
+        max_new_tokens: n,
+        stop: vec![],
+        ignore_eos: true,
+    };
+    engine.generate(&req(4), &mut |_| true)?; // warm-up
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        let c = engine.generate(&req(args.decode_tokens + 1), &mut |_| true)?;
+        prefill.push(c.time_to_first_token_s);
+        decode.push(c.decode_tokens_per_s());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, d) = (median(&mut prefill), median(&mut decode));
+    println!(
+        "{}",
+        json!({
+            "engine": "llmos",
+            "model": args.model.model,
+            "dtype": args.model.dtype,
+            "threads": tch::get_num_threads(),
+            "prompt_tokens": args.prompt_tokens,
+            "prefill_s": p,
+            "prefill_tokens_per_s": args.prompt_tokens as f64 / p,
+            "decode_tokens": args.decode_tokens,
+            "decode_tokens_per_s": d,
+            "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        })
+    );
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

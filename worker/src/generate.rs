@@ -1,0 +1,239 @@
+//! Single-process generation: prompt (text, chat messages or token ids) to a
+//! stream of token events, with the model's EOS, stop sequences, a token
+//! budget and the context limit enforced.
+
+use std::time::Instant;
+
+use llmos_meta::{render_chat, ChatMessage, DecodeStream, ModelSpec, OpenedModel, StopMatcher, StopOutcome, Tokenizer};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::error::{Result, WorkerError};
+use crate::model::llama::LoadOptions;
+use crate::model::{Llama, ShardSpec};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::weights::Progress;
+
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Raw text, encoded with the model's BOS where it wants one.
+    Text(String),
+    /// Messages rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: PromptInput,
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    /// Keep going past EOS (benchmarks).
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text this token adds (may be empty while a multi-byte character or a
+    /// possible stop sequence is incomplete).
+    pub text: String,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// A stop sequence appeared in the text.
+    Stop,
+    /// The caller stopped the stream.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    /// Prompt forward plus the first token.
+    pub time_to_first_token_s: f64,
+    /// Everything after the first token.
+    pub decode_s: f64,
+}
+
+impl Completion {
+    /// Decode speed after the first token.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.usage.completion_tokens.saturating_sub(1);
+        if self.decode_s > 0.0 {
+            n as f64 / self.decode_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A whole model in one process, with its tokenizer.
+pub struct Engine {
+    pub name: String,
+    pub model: Llama,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl Engine {
+    pub fn load(spec: &ModelSpec, opts: &LoadOptions, progress: Progress<'_>) -> Result<Self> {
+        let opened = OpenedModel::open(spec)?;
+        let shard = ShardSpec::full(&opened.config);
+        let model = Llama::load(opened.weights.as_deref(), &opened.config, shard, opts, progress)?;
+        Ok(Engine {
+            name: opened.name,
+            model,
+            tokenizer: opened.tokenizer,
+        })
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| WorkerError::NoTokenizer {
+            model: self.name.clone(),
+        })
+    }
+
+    /// Token ids of a prompt, checked against the vocabulary.
+    pub fn prompt_ids(&self, prompt: &PromptInput) -> Result<Vec<u32>> {
+        let ids = match prompt {
+            PromptInput::Tokens(ids) => ids.clone(),
+            PromptInput::Text(text) => self.tokenizer()?.encode(text, true)?,
+            PromptInput::Chat(messages) => {
+                let tok = self.tokenizer()?;
+                let template = tok.chat_template.as_deref().ok_or_else(|| {
+                    WorkerError::InvalidRequest(format!("model {} has no chat template", self.name))
+                })?;
+                let text = render_chat(template, messages, true, &tok.bos_token(), &tok.eos_token())?;
+                tok.encode(&text, false)?
+            }
+        };
+        if ids.is_empty() {
+            return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(WorkerError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Runs one generation. `on_token` sees each token as it is produced and
+    /// returns `false` to cancel.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_token: &mut dyn FnMut(&TokenEvent) -> bool,
+    ) -> Result<Completion> {
+        req.sampling.validate()?;
+        if req.max_new_tokens == 0 {
+            return Err(WorkerError::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        let ids = self.prompt_ids(&req.prompt)?;
+        let ctx = self.model.config().max_position;
+        if ids.len() + req.max_new_tokens > ctx {
+            return Err(WorkerError::LimitExceeded {
+                what: format!(
+                    "prompt of {} tokens plus max_new_tokens {}",
+                    ids.len(),
+                    req.max_new_tokens
+                ),
+                limit_name: "the model's context length",
+                limit: ctx,
+                got: ids.len() + req.max_new_tokens,
+            });
+        }
+        let eos: &[u32] = match (&self.tokenizer, req.ignore_eos) {
+            (Some(t), false) => &t.eos_token_ids,
+            _ => &[],
+        };
+        let _guard = tch::no_grad_guard();
+        let started = Instant::now();
+        let mut cache = self.model.new_cache(1, ids.len() + req.max_new_tokens);
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut decoder = DecodeStream::new();
+        let mut stops = StopMatcher::new(req.stop.clone());
+        let mut out_ids = Vec::new();
+        let mut text = String::new();
+        let mut first_token_at = None;
+        let mut input: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let finish = loop {
+            let tokens = Tensor::from_slice(&input).unsqueeze(0);
+            let hidden = self.model.forward(&tokens, &mut cache)?;
+            let last = hidden.select(1, -1);
+            let logits: Vec<f32> = Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?;
+            let (id, logprob) = sampler.sample(&logits);
+            first_token_at.get_or_insert_with(Instant::now);
+            out_ids.push(id);
+            let is_eos = eos.contains(&id);
+            let mut finish = if is_eos {
+                Some(FinishReason::Eos)
+            } else if out_ids.len() >= req.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let delta = match &self.tokenizer {
+                Some(t) if !is_eos => decoder.step(t, id)?,
+                _ => String::new(),
+            };
+            let piece = match stops.push(&delta) {
+                StopOutcome::Stopped(before) => {
+                    finish = Some(FinishReason::Stop);
+                    before
+                }
+                StopOutcome::Continue(mut s) => {
+                    if finish.is_some() {
+                        s.push_str(&stops.flush());
+                    }
+                    s
+                }
+            };
+            text.push_str(&piece);
+            let keep_going = on_token(&TokenEvent {
+                id,
+                text: piece,
+                logprob,
+            });
+            if let Some(f) = finish {
+                break f;
+            }
+            if !keep_going {
+                break FinishReason::Cancelled;
+            }
+            input = vec![id as i64];
+        };
+        let first = first_token_at.expect("at least one token");
+        Ok(Completion {
+            finish_reason: finish,
+            usage: Usage {
+                prompt_tokens: ids.len(),
+                completion_tokens: out_ids.len(),
+                total_tokens: ids.len() + out_ids.len(),
+            },
+            text,
+            token_ids: out_ids,
+            time_to_first_token_s: (first - started).as_secs_f64(),
+            decode_s: first.elapsed().as_secs_f64(),
+        })
+    }
+}

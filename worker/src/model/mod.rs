@@ -1,0 +1,5 @@
+//! Model architectures on libtorch. One file per architecture family.
+
+pub mod llama;
+
+pub use llama::{Llama, ShardSpec};
