@@ -1,0 +1,129 @@
+"""Single-process benchmark on SmolLM2: prefill of a 512-token prompt and
+batch-1 greedy decode, for llmos, Hugging Face transformers and llama.cpp, in
+float32 and bfloat16, with the same thread count, in one run. Prints every
+figure and the ratios.
+
+Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--threads 2] [--prompt 512] [--decode 128] [--repeat 3]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+p = argparse.ArgumentParser()
+p.add_argument("llmos_bin")
+p.add_argument("f32_gguf")
+p.add_argument("bf16_gguf")
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--prompt", type=int, default=512)
+p.add_argument("--decode", type=int, default=128)
+p.add_argument("--repeat", type=int, default=3)
+args = p.parse_args()
+torch.set_num_threads(args.threads)
+
+
+def prompt_ids(vocab):
+    # The same LCG as `llmos-worker bench`, so every engine sees the same prompt.
+    x, out = 0x2545F4914F6CDD1D, []
+    for _ in range(args.prompt):
+        x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        out.append((x >> 33) % vocab)
+    return out
+
+
+def report(engine, dtype, prefill_s, decode_tps):
+    return {
+        "engine": engine,
+        "dtype": dtype,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": args.prompt / prefill_s,
+        "decode_tokens_per_s": decode_tps,
+    }
+
+
+def llmos(dtype, gguf):
+    out = subprocess.run(
+        [args.llmos_bin, "bench", "--model", gguf, "--dtype", dtype, "--threads", str(args.threads),
+         "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode),
+         "--repeat", str(args.repeat)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return report("llmos", dtype, r["prefill_s"], r["decode_tokens_per_s"])
+
+
+@torch.no_grad()
+def transformers_run(dtype, gguf):
+    from transformers import AutoModelForCausalLM
+
+    d, f = os.path.split(gguf)
+    tdt = torch.float32 if dtype == "f32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).to(tdt).eval()
+    ids = torch.tensor([prompt_ids(model.config.vocab_size)])
+
+    def once(n):
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(n):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        return t1 - t0, n / (time.perf_counter() - t1)
+
+    once(4)
+    runs = [once(args.decode) for _ in range(args.repeat)]
+    return report("transformers", dtype, statistics.median(r[0] for r in runs),
+                  statistics.median(r[1] for r in runs))
+
+
+def llama_cpp_run(dtype, gguf):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=args.prompt + args.decode + 16, n_batch=args.prompt,
+                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    ids = prompt_ids(llm.n_vocab())
+
+    def once(n):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return t1 - t0, n / (time.perf_counter() - t1)
+
+    once(4)
+    runs = [once(args.decode) for _ in range(args.repeat)]
+    return report("llama.cpp", dtype, statistics.median(r[0] for r in runs),
+                  statistics.median(r[1] for r in runs))
+
+
+rows = []
+for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
+    rows.append(llmos(dtype, gguf))
+    rows.append(transformers_run(dtype, gguf))
+    rows.append(llama_cpp_run(dtype, gguf))
+
+print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat})")
+print(f"{'engine':<13}{'dtype':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
+for r in rows:
+    print(f"{r['engine']:<13}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}")
+print("\nratios (llmos / peer; >1 means llmos is faster)")
+for dtype in ("f32", "bf16"):
+    mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
+    for peer in ("transformers", "llama.cpp"):
+        o = next(r for r in rows if r["engine"] == peer and r["dtype"] == dtype)
+        print(f"  {dtype:<5} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
+              f"   prefill {o['prefill_s'] / mine['prefill_s']:.2f}x")
+print(json.dumps(rows))
