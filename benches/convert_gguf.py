@@ -33,7 +33,7 @@ def main():
         if qtype == gguf.GGMLQuantizationType.F32 or values.ndim == 1:
             w.add_tensor(t.name, values)
         else:
-            w.add_tensor(t.name, quantize(values, qtype), raw_shape=values.shape, raw_dtype=qtype)
+            w.add_tensor(t.name, quantize(values, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -88,7 +88,9 @@ def transformers_run(dtype, gguf):
 def llama_cpp_run(dtype, gguf):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=args.prompt + args.decode + 16, n_batch=args.prompt,
+    # Logit rows are kept for n_batch positions: make it the whole context.
+    n_ctx = args.prompt + args.decode + 16
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx,
                 n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     ids = prompt_ids(llm.n_vocab())
 

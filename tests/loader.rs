@@ -25,7 +25,9 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
         })
         .collect()
@@ -88,18 +90,31 @@ fn tiny_gguf_as(
         .meta(&format!("{a}.feed_forward_length"), u(INTER))
         .meta(&format!("{a}.attention.head_count"), u(HEADS))
         .meta(&format!("{a}.attention.head_count_kv"), u(KV_HEADS))
-        .meta(&format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        .meta(
+            &format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        )
         .meta(&format!("{a}.rope.freq_base"), Value::F32(10000.0));
     // A byte-level vocabulary of 62 letters and digits, a merge, and EOS.
-    let mut toks: Vec<String> = ('a'..='z').chain('A'..='Z').chain('0'..='9').map(String::from).collect();
+    let mut toks: Vec<String> = ('a'..='z')
+        .chain('A'..='Z')
+        .chain('0'..='9')
+        .map(String::from)
+        .collect();
     toks.push("ab".into());
     toks.push("<|end|>".into());
     let mut types = vec![Value::I32(1); VOCAB - 1];
     types.push(Value::I32(3));
     w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
-        .meta("tokenizer.ggml.tokens", Value::Array(toks.into_iter().map(Value::String).collect()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(toks.into_iter().map(Value::String).collect()),
+        )
         .meta("tokenizer.ggml.token_type", Value::Array(types))
-        .meta("tokenizer.ggml.merges", Value::Array(vec![Value::String("a b".into())]))
+        .meta(
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::String("a b".into())]),
+        )
         .meta("tokenizer.ggml.eos_token_id", u(VOCAB - 1));
     for (i, (n, shape)) in f.tensors.iter().enumerate() {
         let numel = shape.iter().product();
@@ -160,16 +175,38 @@ fn assert_names(err: &str, parts: &[&str]) {
 fn every_supported_gguf_tensor_type_loads_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 5 % VOCAB) as u32).collect();
-    let plain = all_logits(&load(&tiny_gguf(dir.path(), "f32.gguf", GgmlType::F32, |_| {})).unwrap(), &ids);
-    for ty in [GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
+    let plain = all_logits(
+        &load(&tiny_gguf(dir.path(), "f32.gguf", GgmlType::F32, |_| {})).unwrap(),
+        &ids,
+    );
+    for ty in [
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_0,
+    ] {
         let typed = load(&tiny_gguf(dir.path(), &format!("{ty:?}.gguf"), ty, |_| {})).unwrap();
-        let exact = load(&tiny_gguf_as(dir.path(), &format!("{ty:?}-f32.gguf"), ty, true, |_| {})).unwrap();
+        let exact = load(&tiny_gguf_as(
+            dir.path(),
+            &format!("{ty:?}-f32.gguf"),
+            ty,
+            true,
+            |_| {},
+        ))
+        .unwrap();
         let got = all_logits(&typed, &ids);
         // Same values in F32: only summation order may differ.
         let d = max_abs_diff(&got, &all_logits(&exact, &ids));
-        assert!(d < 1e-5, "{ty:?}: differs from its values stored as F32 by {d}");
+        assert!(
+            d < 1e-5,
+            "{ty:?}: differs from its values stored as F32 by {d}"
+        );
         // And the type's own (lossy) data was read, not the F32 original.
-        assert!(max_abs_diff(&got, &plain) > 1e-5, "{ty:?}: identical to unquantized weights");
+        assert!(
+            max_abs_diff(&got, &plain) > 1e-5,
+            "{ty:?}: identical to unquantized weights"
+        );
     }
 }
 
@@ -204,13 +241,21 @@ fn corrupt_magic_and_absurd_counts_are_refused() {
 #[test]
 fn unsupported_architecture_and_tensor_type_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let path = tiny_gguf(dir.path(), "arch.gguf", GgmlType::F32, |f| f.arch = "gptneox".into());
-    assert_names(&load_err(&path), &["arch.gguf", "gptneox", "unsupported architecture"]);
+    let path = tiny_gguf(dir.path(), "arch.gguf", GgmlType::F32, |f| {
+        f.arch = "gptneox".into()
+    });
+    assert_names(
+        &load_err(&path),
+        &["arch.gguf", "gptneox", "unsupported architecture"],
+    );
     // Q4_K (type 12) is not read yet.
     let path = tiny_gguf(dir.path(), "q4k.gguf", GgmlType::F32, |f| {
         f.raw_type = Some(("blk.0.attn_q.weight".into(), 12))
     });
-    assert_names(&load_err(&path), &["q4k.gguf", "blk.0.attn_q.weight", "Q4_K", "Q4_1"]);
+    assert_names(
+        &load_err(&path),
+        &["q4k.gguf", "blk.0.attn_q.weight", "Q4_K", "Q4_1"],
+    );
 }
 
 #[test]
@@ -219,7 +264,10 @@ fn missing_tensor_and_shape_mismatch_are_named() {
     let path = tiny_gguf(dir.path(), "missing.gguf", GgmlType::F32, |f| {
         f.tensors.retain(|(n, _)| n != "blk.1.ffn_up.weight")
     });
-    assert_names(&load_err(&path), &["missing.gguf", "missing tensor", "blk.1.ffn_up.weight"]);
+    assert_names(
+        &load_err(&path),
+        &["missing.gguf", "missing tensor", "blk.1.ffn_up.weight"],
+    );
     let path = tiny_gguf(dir.path(), "shape.gguf", GgmlType::F32, |f| {
         for (n, s) in f.tensors.iter_mut() {
             if n == "blk.0.ffn_gate.weight" {
@@ -227,7 +275,15 @@ fn missing_tensor_and_shape_mismatch_are_named() {
             }
         }
     });
-    assert_names(&load_err(&path), &["shape.gguf", "blk.0.ffn_gate.weight", "[32, 32]", "[64, 32]"]);
+    assert_names(
+        &load_err(&path),
+        &[
+            "shape.gguf",
+            "blk.0.ffn_gate.weight",
+            "[32, 32]",
+            "[64, 32]",
+        ],
+    );
 }
 
 /// Writes a safetensors file by hand: `(name, dtype, shape, bytes)`.
@@ -284,8 +340,10 @@ fn tiny_hf(dir: &Path, edit: impl Fn(&mut Vec<(String, &'static str, Vec<usize>)
         };
         format!("model.layers.{i}.{part}")
     };
-    let mut list: Vec<(String, &'static str, Vec<usize>)> =
-        tensors().into_iter().map(|(n, s)| (hf_name(&n), "F32", s)).collect();
+    let mut list: Vec<(String, &'static str, Vec<usize>)> = tensors()
+        .into_iter()
+        .map(|(n, s)| (hf_name(&n), "F32", s))
+        .collect();
     edit(&mut list);
     let t: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = list
         .iter()
@@ -311,7 +369,9 @@ fn safetensors_folder_faults_are_named() {
     let e = load(&ok).unwrap();
     assert_eq!(all_logits(&e, &[1, 2, 3]).len(), 3 * VOCAB);
 
-    let dir = tiny_hf(&root.path().join("missing"), |l| l.retain(|(n, _, _)| n != "lm_head.weight"));
+    let dir = tiny_hf(&root.path().join("missing"), |l| {
+        l.retain(|(n, _, _)| n != "lm_head.weight")
+    });
     assert_names(&load_err(&dir), &["missing", "lm_head.weight"]);
 
     let dir = tiny_hf(&root.path().join("shape"), |l| {
@@ -321,10 +381,20 @@ fn safetensors_folder_faults_are_named() {
             }
         }
     });
-    assert_names(&load_err(&dir), &["model.safetensors", "model.layers.1.self_attn.k_proj.weight", "[16, 32]"]);
+    assert_names(
+        &load_err(&dir),
+        &[
+            "model.safetensors",
+            "model.layers.1.self_attn.k_proj.weight",
+            "[16, 32]",
+        ],
+    );
 
     let dir = tiny_hf(&root.path().join("dtype"), |l| l[0].1 = "I8");
-    assert_names(&load_err(&dir), &["model.safetensors", "model.embed_tokens.weight", "I8"]);
+    assert_names(
+        &load_err(&dir),
+        &["model.safetensors", "model.embed_tokens.weight", "I8"],
+    );
 
     let dir = tiny_hf(&root.path().join("cut"), |_| {});
     let f = dir.join("model.safetensors");
@@ -336,14 +406,22 @@ fn safetensors_folder_faults_are_named() {
 
     let dir = tiny_hf(&root.path().join("arch"), |_| {});
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "FalconForCausalLM")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("LlamaForCausalLM", "FalconForCausalLM"),
+    )
+    .unwrap();
     assert_names(&load_err(&dir), &["config.json", "FalconForCausalLM"]);
 }
 
 #[test]
 fn unknown_model_names_are_explained() {
-    let err = ModelSpec::parse("/no/such/model.gguf").unwrap_err().to_string();
+    let err = ModelSpec::parse("/no/such/model.gguf")
+        .unwrap_err()
+        .to_string();
     assert_names(&err, &["/no/such/model.gguf", "no such file"]);
-    let err = ModelSpec::parse("synthetic:llama-9000").unwrap_err().to_string();
+    let err = ModelSpec::parse("synthetic:llama-9000")
+        .unwrap_err()
+        .to_string();
     assert_names(&err, &["llama-9000", "llama-3.2-1b"]);
 }

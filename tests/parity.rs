@@ -16,17 +16,33 @@ fn check_model(spec: &str, r: &Reference) {
     let engine = load(spec, Kind::Float);
     assert_eq!(r.prompts.len(), 5);
     let diff = worst_logit_diff(&engine, r);
-    eprintln!("{spec}: worst per-position logit max-abs diff {diff:.3e} (tolerance {F32_LOGIT_TOL:e})");
+    eprintln!(
+        "{spec}: worst per-position logit max-abs diff {diff:.3e} (tolerance {F32_LOGIT_TOL:e})"
+    );
     assert!(diff <= F32_LOGIT_TOL, "{spec}: logits differ by {diff}");
+    // Prefill in two chunks (the second attends to the cached first) gives
+    // the same logits.
+    let longest = r.prompts.iter().max_by_key(|p| p.ids.len()).unwrap();
+    let chunked = chunked_logits(&engine, &longest.ids, longest.ids.len() / 3);
+    let d = max_abs_diff(&chunked, &read_f32(&longest.logits_file));
+    assert!(d <= F32_LOGIT_TOL, "{spec}: chunked prefill differs by {d}");
     for p in &r.prompts {
         assert_eq!(p.greedy.len(), 64);
-        assert_eq!(greedy(&engine, &p.ids, 64), p.greedy, "{spec}: greedy continuation of {:?}", p.ids);
+        assert_eq!(
+            greedy(&engine, &p.ids, 64),
+            p.greedy,
+            "{spec}: greedy continuation of {:?}",
+            p.ids
+        );
     }
     // The check can fail: nudge one weight and the same comparison trips.
     engine.model.perturb(0, 0.5);
     let perturbed = worst_logit_diff(&engine, r);
     eprintln!("{spec}: after perturbing one weight: {perturbed:.3e}");
-    assert!(perturbed > F32_LOGIT_TOL * 10.0, "perturbation went unnoticed: {perturbed}");
+    assert!(
+        perturbed > F32_LOGIT_TOL * 10.0,
+        "perturbation went unnoticed: {perturbed}"
+    );
 }
 
 #[test]
@@ -42,8 +58,16 @@ fn smollm2_gguf_matches_transformers() {
     let from_json = Tokenizer::from_hf_dir(r.tokenizer_dir.as_ref().unwrap()).unwrap();
     for p in &r.prompts {
         let text = p.text.as_deref().unwrap();
-        assert_eq!(ours.encode(text, true).unwrap(), p.ids, "GGUF tokenizer on {text:?}");
-        assert_eq!(from_json.encode(text, true).unwrap(), p.ids, "tokenizer.json on {text:?}");
+        assert_eq!(
+            ours.encode(text, true).unwrap(),
+            p.ids,
+            "GGUF tokenizer on {text:?}"
+        );
+        assert_eq!(
+            from_json.encode(text, true).unwrap(),
+            p.ids,
+            "tokenizer.json on {text:?}"
+        );
         assert_eq!(ours.decode(&p.ids, true).unwrap(), text);
     }
     let chat = r.chat.as_ref().unwrap();

@@ -45,7 +45,10 @@ pub fn python() -> PathBuf {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs `tests/parity/hf_reference.py MODE OUT ARG` and reads its manifest.
@@ -59,7 +62,11 @@ pub fn reference(mode: &str, arg: &str, out: &Path) -> Reference {
         .env("LLMOS_REF_THREADS", "1")
         .status()
         .expect("run the Hugging Face reference script");
-    assert!(status.success(), "{} {mode} failed: {status}", script.display());
+    assert!(
+        status.success(),
+        "{} {mode} failed: {status}",
+        script.display()
+    );
     let text = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
@@ -88,9 +95,30 @@ pub fn all_logits(engine: &Engine, ids: &[u32]) -> Vec<f32> {
     let _g = tch::no_grad_guard();
     let mut cache = engine.model.new_cache(1, ids.len());
     let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let hidden = engine.model.forward(&Tensor::from_slice(&x).unsqueeze(0), &mut cache).unwrap();
+    let hidden = engine
+        .model
+        .forward(&Tensor::from_slice(&x).unsqueeze(0), &mut cache)
+        .unwrap();
     let logits = engine.model.logits(&hidden).unwrap();
     Vec::try_from(logits.view([-1])).unwrap()
+}
+
+/// Logits of `ids` computed in two chunks (`..split`, then `split..`
+/// against the cache of the first): exercises attention over cached
+/// positions with a partial causal mask. Returns all positions, flattened.
+pub fn chunked_logits(engine: &Engine, ids: &[u32], split: usize) -> Vec<f32> {
+    let _g = tch::no_grad_guard();
+    let mut cache = engine.model.new_cache(1, ids.len());
+    let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let mut out = Vec::new();
+    for chunk in [&x[..split], &x[split..]] {
+        let hidden = engine
+            .model
+            .forward(&Tensor::from_slice(chunk).unsqueeze(0), &mut cache)
+            .unwrap();
+        out.extend(Vec::<f32>::try_from(engine.model.logits(&hidden).unwrap().view([-1])).unwrap());
+    }
+    out
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

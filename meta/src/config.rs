@@ -26,7 +26,9 @@ impl Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -125,7 +127,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
+            return err(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if let RopeScaling::Factors(f) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
@@ -144,7 +149,11 @@ impl ModelConfig {
 
     /// Parameter count (embedding counted once when tied).
     pub fn num_params(&self) -> usize {
-        let (h, i, kv) = (self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim);
+        let (h, i, kv) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_kv_heads * self.head_dim,
+        );
         let q = self.num_heads * self.head_dim;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
         let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h + bias;
@@ -205,7 +214,9 @@ fn rope_from_json(v: &serde_json::Value, origin: &Path) -> Result<(Option<f64>, 
     };
     let scaling = match ty {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
             low_freq_factor: need("low_freq_factor")?,
@@ -215,7 +226,9 @@ fn rope_from_json(v: &serde_json::Value, origin: &Path) -> Result<(Option<f64>, 
         other => {
             return Err(MetaError::Config {
                 path: origin.to_path_buf(),
-                reason: format!("rope scaling type {other:?} is not supported (supported: default, linear, llama3)"),
+                reason: format!(
+                "rope scaling type {other:?} is not supported (supported: default, linear, llama3)"
+            ),
             })
         }
     };
@@ -249,7 +262,10 @@ impl ModelConfig {
             }
         };
         let (mut theta, mut scaling) = (raw.rope_theta, RopeScaling::None);
-        for v in [&raw.rope_scaling, &raw.rope_parameters].into_iter().flatten() {
+        for v in [&raw.rope_scaling, &raw.rope_parameters]
+            .into_iter()
+            .flatten()
+        {
             if v.is_object() {
                 let (t, s) = rope_from_json(v, path)?;
                 theta = theta.or(t);
@@ -448,7 +464,10 @@ mod tests {
                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#,
         );
         let e = ModelConfig::from_hf_json(&p).unwrap_err().to_string();
-        assert!(e.contains("GPTNeoXForCausalLM") && e.contains("config.json"), "{e}");
+        assert!(
+            e.contains("GPTNeoXForCausalLM") && e.contains("config.json"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -461,6 +480,9 @@ mod tests {
                "num_key_value_heads":2}"#,
         );
         let e = ModelConfig::from_hf_json(&p).unwrap_err().to_string();
-        assert!(e.contains("3") && e.contains("2") && e.contains("num_key_value_heads"), "{e}");
+        assert!(
+            e.contains("3") && e.contains("2") && e.contains("num_key_value_heads"),
+            "{e}"
+        );
     }
 }

@@ -380,9 +380,9 @@ impl GgufFile {
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         match self.get(key) {
             None => Err(self.meta_err(key, "missing")),
-            Some(v) => v
-                .as_u64()
-                .ok_or_else(|| self.meta_err(key, format!("expected an unsigned integer, found {v:?}"))),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                self.meta_err(key, format!("expected an unsigned integer, found {v:?}"))
+            }),
         }
     }
 

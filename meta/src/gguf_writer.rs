@@ -68,16 +68,34 @@ impl GgufWriter {
     }
 
     /// Adds a tensor given row-major `shape` and f32 values, stored as `ty`.
-    pub fn tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType, values: &[f32]) -> &mut Self {
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+        values: &[f32],
+    ) -> &mut Self {
         assert_eq!(shape.iter().product::<usize>(), values.len());
-        self.tensors.push((name.to_string(), shape.to_vec(), ty.as_u32(), quantize(ty, values)));
+        self.tensors.push((
+            name.to_string(),
+            shape.to_vec(),
+            ty.as_u32(),
+            quantize(ty, values),
+        ));
         self
     }
 
     /// Adds a tensor with a raw type number and raw bytes (for fixtures of
     /// unsupported or malformed tensors).
-    pub fn raw_tensor(&mut self, name: &str, shape: &[usize], ty: u32, bytes: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), shape.to_vec(), ty, bytes));
+    pub fn raw_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: u32,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), shape.to_vec(), ty, bytes));
         self
     }
 

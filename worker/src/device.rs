@@ -24,7 +24,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         _ => s
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| WorkerError::InvalidRequest(format!("unknown device {s:?} (cpu, cuda, cuda:N)")))?,
+            .ok_or_else(|| {
+                WorkerError::InvalidRequest(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))
+            })?,
     };
     let n = tch::Cuda::device_count() as usize;
     if idx >= n {

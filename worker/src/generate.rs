@@ -4,7 +4,10 @@
 
 use std::time::Instant;
 
-use llmos_meta::{render_chat, ChatMessage, DecodeStream, ModelSpec, OpenedModel, StopMatcher, StopOutcome, Tokenizer};
+use llmos_meta::{
+    render_chat, ChatMessage, DecodeStream, ModelSpec, OpenedModel, StopMatcher, StopOutcome,
+    Tokenizer,
+};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -86,6 +89,32 @@ impl Completion {
     }
 }
 
+/// Lowers libtorch's intra-op threads to one for decode steps and restores
+/// the previous count when dropped.
+struct DecodeThreads {
+    prefill: i32,
+}
+
+impl DecodeThreads {
+    fn new() -> Self {
+        DecodeThreads {
+            prefill: tch::get_num_threads(),
+        }
+    }
+
+    fn decode_phase(&self) {
+        if tch::get_num_threads() != 1 {
+            tch::set_num_threads(1);
+        }
+    }
+}
+
+impl Drop for DecodeThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.prefill);
+    }
+}
+
 /// A whole model in one process, with its tokenizer.
 pub struct Engine {
     pub name: String,
@@ -97,7 +126,13 @@ impl Engine {
     pub fn load(spec: &ModelSpec, opts: &LoadOptions, progress: Progress<'_>) -> Result<Self> {
         let opened = OpenedModel::open(spec)?;
         let shard = ShardSpec::full(&opened.config);
-        let model = Llama::load(opened.weights.as_deref(), &opened.config, shard, opts, progress)?;
+        let model = Llama::load(
+            opened.weights.as_deref(),
+            &opened.config,
+            shard,
+            opts,
+            progress,
+        )?;
         Ok(Engine {
             name: opened.name,
             model,
@@ -106,9 +141,11 @@ impl Engine {
     }
 
     fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| WorkerError::NoTokenizer {
-            model: self.name.clone(),
-        })
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| WorkerError::NoTokenizer {
+                model: self.name.clone(),
+            })
     }
 
     /// Token ids of a prompt, checked against the vocabulary.
@@ -121,7 +158,8 @@ impl Engine {
                 let template = tok.chat_template.as_deref().ok_or_else(|| {
                     WorkerError::InvalidRequest(format!("model {} has no chat template", self.name))
                 })?;
-                let text = render_chat(template, messages, true, &tok.bos_token(), &tok.eos_token())?;
+                let text =
+                    render_chat(template, messages, true, &tok.bos_token(), &tok.eos_token())?;
                 tok.encode(&text, false)?
             }
         };
@@ -146,7 +184,9 @@ impl Engine {
     ) -> Result<Completion> {
         req.sampling.validate()?;
         if req.max_new_tokens == 0 {
-            return Err(WorkerError::InvalidRequest("max_new_tokens must be at least 1".into()));
+            return Err(WorkerError::InvalidRequest(
+                "max_new_tokens must be at least 1".into(),
+            ));
         }
         let ids = self.prompt_ids(&req.prompt)?;
         let ctx = self.model.config().max_position;
@@ -176,11 +216,18 @@ impl Engine {
         let mut text = String::new();
         let mut first_token_at = None;
         let mut input: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let threads = DecodeThreads::new();
         let finish = loop {
             let tokens = Tensor::from_slice(&input).unsqueeze(0);
-            let hidden = self.model.forward(&tokens, &mut cache)?;
+            let hidden = self.model.forward(&tokens, &mut cache);
+            // After the prompt, steps are one token: run libtorch's small ops
+            // on one thread (the gemv pool does the heavy part) so its OpenMP
+            // workers do not spin against the gemv threads.
+            threads.decode_phase();
+            let hidden = hidden?;
             let last = hidden.select(1, -1);
-            let logits: Vec<f32> = Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?;
+            let logits: Vec<f32> =
+                Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?;
             let (id, logprob) = sampler.sample(&logits);
             first_token_at.get_or_insert_with(Instant::now);
             out_ids.push(id);

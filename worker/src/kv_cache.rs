@@ -23,8 +23,17 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Self {
-        let shape = [batch as i64, kv_heads as i64, capacity as i64, head_dim as i64];
-        let alloc = || (0..layers).map(|_| Tensor::zeros(shape, (kind, device))).collect();
+        let shape = [
+            batch as i64,
+            kv_heads as i64,
+            capacity as i64,
+            head_dim as i64,
+        ];
+        let alloc = || {
+            (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect()
+        };
         KvCache {
             keys: alloc(),
             values: alloc(),
@@ -67,7 +76,10 @@ impl KvCache {
         self.keys[layer].narrow(2, start, t).copy_(k);
         self.values[layer].narrow(2, start, t).copy_(v);
         let end = start + t;
-        (self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end))
+        (
+            self.keys[layer].narrow(2, 0, end),
+            self.values[layer].narrow(2, 0, end),
+        )
     }
 
     /// Marks `n` positions as written (after all layers appended them).

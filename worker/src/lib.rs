@@ -3,17 +3,23 @@
 //!
 //! - [`model`]: architectures (`Llama`), loadable by layer range (`ShardSpec`).
 //! - [`weights`]: host tensors from a `WeightSource` (or seeded random) to libtorch.
+//! - [`gemv`]: CPU matrix-vector kernel for decode steps (AVX2/FMA).
+//! - [`spin_pool`]: the fork-join pool decode kernels run on.
+//! - [`decode_attention`]: CPU attention for one query over the KV cache.
 //! - [`kv_cache`]: the per-sequence KV cache.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
 //! - [`generate`]: the single-process generation loop (`Engine`).
 //! - [`device`]: device and dtype selection, thread count.
 
+pub mod decode_attention;
 pub mod device;
 pub mod error;
+pub mod gemv;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod spin_pool;
 pub mod weights;
 
 pub use error::{Result, WorkerError};

@@ -12,7 +12,11 @@ use llmos_worker::{Engine, GenerateRequest, LoadOptions, PromptInput, SamplingPa
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "llmos-worker", version, about = "llmos worker: run Llama-family models on libtorch")]
+#[command(
+    name = "llmos-worker",
+    version,
+    about = "llmos worker: run Llama-family models on libtorch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,11 @@ fn load(args: &ModelArgs, show_progress: bool) -> Result<Engine> {
         seed: args.weights_seed,
     };
     let spec = ModelSpec::parse(&args.model)?;
-    let bar = if show_progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    let bar = if show_progress {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
             .expect("valid template")
@@ -135,7 +143,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => PromptInput::Tokens(ids.clone()),
         (Some(p), None) => {
-            let chat = engine.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+            let chat = engine
+                .tokenizer
+                .as_ref()
+                .is_some_and(|t| t.chat_template.is_some());
             if chat && !args.raw {
                 let mut messages = Vec::new();
                 if let Some(s) = &args.system {
@@ -166,7 +177,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let json_mode = args.json;
     let done = engine.generate(&req, &mut |ev| {
         let r = if json_mode {
-            writeln!(out, "{}", json!({"id": ev.id, "text": ev.text, "logprob": ev.logprob}))
+            writeln!(
+                out,
+                "{}",
+                json!({"id": ev.id, "text": ev.text, "logprob": ev.logprob})
+            )
         } else {
             write!(out, "{}", ev.text).and_then(|_| out.flush())
         };
@@ -208,7 +223,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     let mut x = 0x2545F4914F6CDD1Du64;
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % vocab) as u32
         })
         .collect();
@@ -253,7 +270,8 @@ fn bench(args: BenchArgs) -> Result<()> {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

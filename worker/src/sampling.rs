@@ -94,7 +94,12 @@ impl Sampler {
         let inv_t = 1.0 / self.params.temperature;
         let c = &mut self.scratch;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if self.params.top_k > 0 && self.params.top_k < c.len() {
             c.select_nth_unstable_by(self.params.top_k - 1, desc);
@@ -148,7 +153,12 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_reproduces() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 7919) % 97) as f32 / 10.0).collect();
-        let p = |top_k, seed| SamplingParams { temperature: 1.0, top_k, top_p: 1.0, seed };
+        let p = |top_k, seed| SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p: 1.0,
+            seed,
+        };
         let mut s = Sampler::new(p(1, 3));
         assert_eq!(s.sample(&logits).0, argmax(&logits));
         let run = |seed| {
@@ -163,7 +173,12 @@ mod tests {
     fn top_p_restricts_to_the_nucleus() {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps two tokens.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.7, seed: 1 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.7,
+            seed: 1,
+        });
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
             seen[s.sample(&logits).0 as usize] += 1;
@@ -177,9 +192,19 @@ mod tests {
 
     #[test]
     fn invalid_params_are_named() {
-        let p = SamplingParams { top_p: 0.0, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("top_p"));
-        let p = SamplingParams { temperature: -1.0, ..Default::default() };
-        assert!(p.validate().unwrap_err().to_string().contains("temperature"));
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
     }
 }

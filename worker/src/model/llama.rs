@@ -10,8 +10,10 @@
 use llmos_meta::{LayerPart, ModelConfig, WeightKey, WeightSource};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode_attention;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
+use crate::model::linear::Linear;
 use crate::weights::{Loader, Progress};
 
 /// Which part of the model a process holds.
@@ -38,21 +40,17 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Computed in float32 and cast back, as Hugging Face does.
+    /// libtorch's fused RMSNorm (float32 statistics, as Hugging Face).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
-        normed * &self.weight
+        let h = self.weight.size()[0];
+        x.rms_norm([h], Some(&self.weight), self.eps)
     }
 }
 
 struct Attention {
     /// Fused `[q; k; v]` projection, `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    qkv: Tensor,
-    qkv_bias: Option<Tensor>,
-    o: Tensor,
+    qkv: Linear,
+    o: Linear,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -60,8 +58,8 @@ struct Attention {
 
 struct Mlp {
     /// Fused `[gate; up]`, `[2 * intermediate, hidden]`.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Linear,
+    down: Linear,
     intermediate: i64,
 }
 
@@ -72,7 +70,9 @@ struct Block {
     mlp: Mlp,
 }
 
-/// cos/sin tables, `[max_position, head_dim]`, in the model's dtype.
+/// Rotary tables `[max_position, 1, head_dim]` in the model's dtype: `cos`,
+/// and `sin` with its first half negated, so that rotating `x` is
+/// `x * cos + roll(x, head_dim / 2) * sin`.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -84,61 +84,88 @@ impl Rope {
         let inv = Tensor::from_slice(&inv);
         let t = Tensor::arange(cfg.max_position as i64, (Kind::Float, Device::Cpu));
         let freqs = t.outer(&inv);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let cos = Tensor::cat(&[freqs.cos(), freqs.cos()], -1);
+        let sin = Tensor::cat(&[-freqs.sin(), freqs.sin()], -1);
+        let table = |x: Tensor| x.unsqueeze(1).to_kind(kind).to_device(device);
         Rope {
-            cos: emb.cos().to_kind(kind).to_device(device),
-            sin: emb.sin().to_kind(kind).to_device(device),
+            cos: table(cos),
+            sin: table(sin),
         }
     }
 
-    /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `start..start+t`.
+    /// Rotates `x` (`[b, t, heads, head_dim]`) for positions `start..start+t`.
     fn apply(&self, x: &Tensor, start: i64) -> Tensor {
-        let t = x.size()[2];
+        let t = x.size()[1];
+        let half = x.size()[3] / 2;
         let cos = self.cos.narrow(0, start, t);
         let sin = self.sin.narrow(0, start, t);
-        let half = x.size()[3] / 2;
-        let x1 = x.narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-        x * cos + rotated * sin
+        (x * cos).addcmul(&x.roll([half], [-1]), &sin)
     }
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, start: i64, rope: &Rope, layer: usize, cache: &mut KvCache) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: i64,
+        rope: &Rope,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden is [b, t, h]");
-        let qkv = x.linear(&self.qkv, self.qkv_bias.as_ref());
-        let (hq, hkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let parts = qkv.split_with_sizes([hq, hkv, hkv], -1);
-        let q = parts[0].view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-        let k = parts[1].view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
-        let v = parts[2].view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
-        let q = rope.apply(&q, start);
-        let k = rope.apply(&k, start);
+        let (h, hkv) = (self.heads, self.kv_heads);
+        let qkv = self.qkv.forward(x).view([b, t, h + 2 * hkv, self.head_dim]);
+        // Rotate q and k together, in the `[b, t, heads, head_dim]` layout.
+        let qk = rope.apply(&qkv.narrow(2, 0, h + hkv), start);
+        let q = qk.narrow(2, 0, h).transpose(1, 2);
+        let k = qk.narrow(2, h, hkv).transpose(1, 2);
+        let v = qkv.narrow(2, h + hkv, hkv).transpose(1, 2);
+        let hq = h * self.head_dim;
         let (k_all, v_all) = cache.append(layer, &k, &v);
         let total = start + t;
-        // A fresh prompt is plainly causal; one token needs no mask; a chunk
-        // after cached positions sees all of them plus its own causal part.
-        let (mask, causal) = if t == 1 {
-            (None, false)
-        } else if start == 0 {
-            (None, true)
+        let y = if t == 1 && decode_attention::supported(&q, &k_all) {
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            decode_attention::decode_attention(&q, &k_all, &v_all, scale)
+        } else if t == 1 {
+            // One query per sequence: fold each KV head's group of query heads
+            // into the query axis, so no K/V head is repeated and no mask is
+            // needed (query heads h*g..(h+1)*g share KV head h).
+            let g = self.heads / self.kv_heads;
+            let qg = q.reshape([b, self.kv_heads, g, self.head_dim]);
+            let y = Tensor::scaled_dot_product_attention::<Tensor>(
+                &qg, &k_all, &v_all, None, 0.0, false, None, false,
+            );
+            y.reshape([b, self.heads, 1, self.head_dim])
         } else {
-            let q_pos = Tensor::arange_start(start, total, (Kind::Int64, x.device())).unsqueeze(1);
-            let k_pos = Tensor::arange(total, (Kind::Int64, x.device())).unsqueeze(0);
-            (Some(k_pos.le_tensor(&q_pos)), false)
+            // A fresh prompt is plainly causal; a chunk after cached positions
+            // sees all of them plus its own causal part.
+            let mask = (start > 0).then(|| {
+                let q_pos =
+                    Tensor::arange_start(start, total, (Kind::Int64, x.device())).unsqueeze(1);
+                let k_pos = Tensor::arange(total, (Kind::Int64, x.device())).unsqueeze(0);
+                k_pos.le_tensor(&q_pos)
+            });
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k_all,
+                &v_all,
+                mask,
+                0.0,
+                start == 0,
+                None,
+                true,
+            )
         };
-        let y = Tensor::scaled_dot_product_attention(&q, &k_all, &v_all, mask, 0.0, causal, None, true);
-        y.transpose(1, 2).reshape([b, t, hq]).linear::<Tensor>(&self.o, None)
+        self.o.forward(&y.transpose(1, 2).reshape([b, t, hq]))
     }
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gu = x.linear::<Tensor>(&self.gate_up, None);
+        let gu = self.gate_up.forward(x);
         let g = gu.narrow(-1, 0, self.intermediate);
         let u = gu.narrow(-1, self.intermediate, self.intermediate);
-        (g.silu() * u).linear::<Tensor>(&self.down, None)
+        self.down.forward(&(g.silu() * u))
     }
 }
 
@@ -148,7 +175,7 @@ pub struct Llama {
     embed: Option<Tensor>,
     blocks: Vec<Block>,
     final_norm: Option<RmsNorm>,
-    head: Option<Tensor>,
+    head: Option<Linear>,
     rope: Rope,
     kind: Kind,
     device: Device,
@@ -186,7 +213,11 @@ impl Llama {
             + need_embed as usize
             + if shard.head { 1 + !tied as usize } else { 0 };
         let mut ld = Loader::new(src, cfg, opts.kind, opts.device, opts.seed, total, progress);
-        let embed = if need_embed { Some(ld.get(WeightKey::Embed)?) } else { None };
+        let embed = if need_embed {
+            Some(ld.get(WeightKey::Embed)?)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
             let mut w = |p| ld.get(WeightKey::Layer(i, p));
@@ -194,7 +225,11 @@ impl Llama {
             let qkv = Tensor::cat(&[w(LayerPart::Q)?, w(LayerPart::K)?, w(LayerPart::V)?], 0);
             let qkv_bias = if cfg.qkv_bias {
                 Some(Tensor::cat(
-                    &[w(LayerPart::QBias)?, w(LayerPart::KBias)?, w(LayerPart::VBias)?],
+                    &[
+                        w(LayerPart::QBias)?,
+                        w(LayerPart::KBias)?,
+                        w(LayerPart::VBias)?,
+                    ],
                     0,
                 ))
             } else {
@@ -211,17 +246,16 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: norm(attn_norm),
                 attn: Attention {
-                    qkv,
-                    qkv_bias,
-                    o,
+                    qkv: Linear::new(qkv, qkv_bias),
+                    o: Linear::new(o, None),
                     heads: cfg.num_heads as i64,
                     kv_heads: cfg.num_kv_heads as i64,
                     head_dim: cfg.head_dim as i64,
                 },
                 mlp_norm: norm(mlp_norm),
                 mlp: Mlp {
-                    gate_up,
-                    down,
+                    gate_up: Linear::new(gate_up, None),
+                    down: Linear::new(down, None),
                     intermediate: cfg.intermediate_size as i64,
                 },
             });
@@ -232,11 +266,14 @@ impl Llama {
                 eps: cfg.rms_norm_eps,
             };
             let head = if tied {
-                embed.as_ref().expect("loaded for the tied head").shallow_clone()
+                embed
+                    .as_ref()
+                    .expect("loaded for the tied head")
+                    .shallow_clone()
             } else {
                 ld.get(WeightKey::LmHead)?
             };
-            (Some(norm), Some(head))
+            (Some(norm), Some(Linear::new(head, None)))
         } else {
             (None, None)
         };
@@ -288,7 +325,13 @@ impl Llama {
             .embed
             .as_ref()
             .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no embedding".into()))?;
-        Ok(Tensor::embedding(e, &tokens.to_device(self.device), -1, false, false))
+        Ok(Tensor::embedding(
+            e,
+            &tokens.to_device(self.device),
+            -1,
+            false,
+            false,
+        ))
     }
 
     /// Runs this shard's layers over `hidden` (`[b, t, hidden]`) at positions
@@ -300,7 +343,9 @@ impl Llama {
         let start = cache.len() as i64;
         let mut x = hidden.shallow_clone();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = blk.attn.forward(&blk.attn_norm.forward(&x), start, &self.rope, i, cache);
+            let h = blk
+                .attn
+                .forward(&blk.attn_norm.forward(&x), start, &self.rope, i, cache);
             x = x + h;
             x = &x + blk.mlp.forward(&blk.mlp_norm.forward(&x));
         }
@@ -323,13 +368,13 @@ impl Llama {
             .head
             .as_ref()
             .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no LM head".into()))?;
-        Ok(hidden.linear::<Tensor>(head, None).to_kind(Kind::Float))
+        Ok(head.forward(hidden).to_kind(Kind::Float))
     }
 
     /// Adds `delta` to element `index` of one weight (tests prove parity
     /// checks can fail).
     pub fn perturb(&self, layer: usize, delta: f64) {
-        let w = &self.blocks[layer].mlp.down;
+        let w = self.blocks[layer].mlp.down.weight();
         let _guard = tch::no_grad_guard();
         let mut first = w.view([-1]).narrow(0, 0, 1);
         let _ = first.g_add_scalar_(delta);

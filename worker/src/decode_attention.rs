@@ -1,0 +1,162 @@
+//! Attention for one query position per sequence over the KV cache, on CPU:
+//! `softmax(q . K^T * scale) . V` per query head, grouped-query aware. For a
+//! single query libtorch's general attention kernel (blocked flash attention
+//! through BLAS) spends more time in set-up than in arithmetic; this reads
+//! the cache views in place. Tests check it against
+//! `scaled_dot_product_attention`.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::gemv::{pool, WeightElem};
+
+/// Whether `decode_attention` handles these tensors (else use libtorch).
+pub fn supported(q: &Tensor, k: &Tensor) -> bool {
+    q.device() == Device::Cpu
+        && matches!(k.kind(), Kind::Float | Kind::BFloat16)
+        && k.stride()[3] == 1
+        && q.size()[2] == 1
+}
+
+struct Ptr<T>(*const T);
+// SAFETY: read-only views shared across the pool's threads.
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    fn at(&self, i: usize) -> *const T {
+        self.0.wrapping_add(i)
+    }
+}
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own heads' rows.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `q`: `[b, heads, 1, d]`; `k`, `v`: `[b, kv_heads, len, d]` (views with a
+/// unit innermost stride). Returns `[b, heads, 1, d]` in `q`'s dtype.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    let (b, heads, _, d) = q.size4().expect("q is [b, heads, 1, d]");
+    let (kv_heads, len) = (k.size()[1], k.size()[2]);
+    let qf = q.to_kind(Kind::Float).contiguous();
+    let out = Tensor::empty([b, heads, 1, d], (Kind::Float, Device::Cpu));
+    let (ks, vs) = (k.stride(), v.stride());
+    let dims = Dims {
+        group: (heads / kv_heads) as usize,
+        kv_heads: kv_heads as usize,
+        len: len as usize,
+        d: d as usize,
+        k_strides: [ks[0] as usize, ks[1] as usize, ks[2] as usize],
+        v_strides: [vs[0] as usize, vs[1] as usize, vs[2] as usize],
+        scale: scale as f32,
+    };
+    let qp = Ptr(qf.data_ptr() as *const f32);
+    let op = OutPtr(out.data_ptr() as *mut f32);
+    match k.kind() {
+        Kind::Float => run::<f32>(
+            &dims,
+            b as usize,
+            &qp,
+            Ptr(k.data_ptr() as _),
+            Ptr(v.data_ptr() as _),
+            &op,
+        ),
+        _ => run::<u16>(
+            &dims,
+            b as usize,
+            &qp,
+            Ptr(k.data_ptr() as _),
+            Ptr(v.data_ptr() as _),
+            &op,
+        ),
+    }
+    out.to_kind(q.kind())
+}
+
+struct Dims {
+    group: usize,
+    kv_heads: usize,
+    len: usize,
+    d: usize,
+    k_strides: [usize; 3],
+    v_strides: [usize; 3],
+    scale: f32,
+}
+
+fn run<T: WeightElem>(m: &Dims, batch: usize, q: &Ptr<f32>, k: Ptr<T>, v: Ptr<T>, out: &OutPtr) {
+    pool().run(batch * m.kv_heads, &|task| {
+        let (bi, h) = (task / m.kv_heads, task % m.kv_heads);
+        let mut scores = vec![0f32; m.len];
+        let mut acc = vec![0f32; m.d];
+        let kb = bi * m.k_strides[0] + h * m.k_strides[1];
+        let vb = bi * m.v_strides[0] + h * m.v_strides[1];
+        for g in 0..m.group {
+            let head = h * m.group + g;
+            let qo = (bi * m.kv_heads * m.group + head) * m.d;
+            // SAFETY: all offsets stay inside the tensors' extents given by
+            // their sizes and strides; `out` rows are this task's alone.
+            unsafe {
+                let qrow = std::slice::from_raw_parts(q.at(qo), m.d);
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kr = std::slice::from_raw_parts(k.at(kb + j * m.k_strides[2]), m.d);
+                    *s = T::dot(kr, qrow) * m.scale;
+                    max = max.max(*s);
+                }
+                let mut total = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (j, s) in scores.iter().enumerate() {
+                    let vr = std::slice::from_raw_parts(v.at(vb + j * m.v_strides[2]), m.d);
+                    let p = s / total;
+                    for (a, x) in acc.iter_mut().zip(vr) {
+                        *a += p * x.widen();
+                    }
+                }
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), out.at(qo), m.d);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_sdpa_on_cache_views_f32_and_bf16() {
+        tch::manual_seed(5);
+        let opts = (Kind::Float, Device::Cpu);
+        for (b, heads, kv, len, d) in [(1, 9, 3, 37, 64), (2, 4, 4, 1, 16), (1, 8, 2, 130, 32)] {
+            // A cache with spare capacity, viewed up to `len`, as the model does.
+            let cap = len + 5;
+            let kc = Tensor::randn([b, kv, cap, d], opts);
+            let vc = Tensor::randn([b, kv, cap, d], opts);
+            let q = Tensor::randn([b, heads, 1, d], opts);
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let (kc, vc, q) = (kc.to_kind(kind), vc.to_kind(kind), q.to_kind(kind));
+                let (k, v) = (kc.narrow(2, 0, len), vc.narrow(2, 0, len));
+                assert!(supported(&q, &k));
+                let scale = 1.0 / (d as f64).sqrt();
+                let got = decode_attention(&q, &k, &v, scale).to_kind(Kind::Float);
+                let want = Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q.to_kind(Kind::Float),
+                    &k.to_kind(Kind::Float),
+                    &v.to_kind(Kind::Float),
+                    None,
+                    0.0,
+                    false,
+                    None,
+                    true,
+                );
+                let diff = (got - want).abs().max().double_value(&[]);
+                let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+                assert!(diff < tol, "{kind:?} b{b} h{heads} kv{kv} len{len}: {diff}");
+            }
+        }
+    }
+}

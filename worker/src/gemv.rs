@@ -1,0 +1,210 @@
+//! CPU matrix-vector product for decode steps (one row through a weight).
+//!
+//! libtorch's one-row `linear` (MKL sgemv) streams weights from memory at
+//! well under the machine's bandwidth with few threads; decode is nothing but
+//! such products. This kernel reads each weight row once with AVX2/FMA
+//! (chosen at run time; a portable loop otherwise), f32 accumulation, rows
+//! split across a `SpinPool`. `benches/` measures it against libtorch;
+//! the tests below check it against `Tensor::linear`.
+
+use crate::spin_pool::SpinPool;
+
+/// Rows per parallel task: large enough to amortize scheduling, small enough
+/// to balance two threads on the smallest projections.
+const ROWS_PER_TASK: usize = 64;
+
+/// Weight element types the kernel reads.
+pub trait WeightElem: Copy + Send + Sync {
+    fn dot(row: &[Self], x: &[f32]) -> f32;
+    fn widen(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn dot(row: &[f32], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { x86::dot_f32(row, x) };
+        }
+        row.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+}
+
+/// bfloat16 stored as its bit pattern.
+impl WeightElem for u16 {
+    fn widen(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+
+    fn dot(row: &[u16], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { x86::dot_bf16(row, x) };
+        }
+        row.iter()
+            .zip(x)
+            .map(|(&a, b)| f32::from_bits((a as u32) << 16) * b)
+            .sum()
+    }
+}
+
+/// Disjoint output chunks written from several threads.
+struct OutPtr(*mut f32);
+// SAFETY: each chunk index writes only its own rows.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `y[r] = dot(w[r * cols..(r + 1) * cols], x)` for every row `r`.
+pub fn gemv<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        cols,
+        "gemv: x has {} elements, weight rows {cols}",
+        x.len()
+    );
+    assert_eq!(w.len(), y.len() * cols, "gemv: weight is not rows x cols");
+    let rows = y.len();
+    let out = OutPtr(y.as_mut_ptr());
+    let per_task = ROWS_PER_TASK.max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
+    pool.run(rows.div_ceil(per_task), &|task| {
+        let first = task * per_task;
+        for r in first..(first + per_task).min(rows) {
+            let v = T::dot(&w[r * cols..(r + 1) * cols], x);
+            // SAFETY: `r < rows`, and row `r` belongs to this task alone.
+            unsafe { *out.at(r) = v };
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let va = _mm256_loadu_ps(pa.add(i + 8 * k));
+                let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
+                *acc = _mm256_fmadd_ps(va, vb, *acc);
+            }
+            i += 32;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum(sum);
+        while i < n {
+            s += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let raw = _mm_loadu_si128(pa.add(i + 8 * k) as *const __m128i);
+                let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+                let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
+                *acc = _mm256_fmadd_ps(_mm256_castsi256_ps(wide), vb, *acc);
+            }
+            i += 32;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum(sum);
+        while i < n {
+            s += f32::from_bits((*pa.add(i) as u32) << 16) * *pb.add(i);
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    fn pool() -> SpinPool {
+        SpinPool::new(2)
+    }
+
+    #[test]
+    fn matches_libtorch_linear_f32_and_bf16_including_ragged_tails() {
+        tch::manual_seed(3);
+        for (rows, cols) in [(1, 1), (7, 31), (130, 576), (65, 100)] {
+            let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
+            let x = Tensor::randn([1, cols], (Kind::Float, tch::Device::Cpu));
+            let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+            // f32
+            let want: Vec<f32> = Vec::try_from(x.linear::<Tensor>(&w, None).view([-1])).unwrap();
+            let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
+            let mut y = vec![0f32; rows as usize];
+            gemv(&pool(), &ws, cols as usize, &xs, &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "f32 {rows}x{cols}: {a} vs {b}"
+                );
+            }
+            // bf16 weights, f32 accumulation: compare with libtorch on the
+            // same bf16 values widened to f32.
+            let wb = w.to_kind(Kind::BFloat16);
+            let want: Vec<f32> = Vec::try_from(
+                x.linear::<Tensor>(&wb.to_kind(Kind::Float), None)
+                    .view([-1]),
+            )
+            .unwrap();
+            let bits: Vec<u16> = Vec::<i16>::try_from(wb.view_dtype(Kind::Int16).view([-1]))
+                .unwrap()
+                .into_iter()
+                .map(|v| v as u16)
+                .collect();
+            gemv(&pool(), &bits, cols as usize, &xs, &mut y);
+            for (a, b) in y.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "bf16 {rows}x{cols}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+static POOL: std::sync::OnceLock<SpinPool> = std::sync::OnceLock::new();
+
+/// The process-wide pool for decode products. Its size is fixed by the first
+/// call: libtorch's intra-op thread count at that time (engines call this at
+/// load, before decode steps lower libtorch's count).
+pub fn pool() -> &'static SpinPool {
+    POOL.get_or_init(|| SpinPool::new(tch::get_num_threads().max(1) as usize))
+}
