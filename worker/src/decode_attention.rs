@@ -38,21 +38,48 @@ impl OutPtr {
 /// unit innermost stride). Returns `[b, heads, 1, d]` in `q`'s dtype.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
     let (b, heads, _, d) = q.size4().expect("q is [b, heads, 1, d]");
-    let (kv_heads, len) = (k.size()[1], k.size()[2]);
     let qf = q.to_kind(Kind::Float).contiguous();
     let out = Tensor::empty([b, heads, 1, d], (Kind::Float, Device::Cpu));
+    let n = (b * heads * d) as usize;
+    // SAFETY: `qf` and `out` are contiguous f32 CPU tensors of `n` elements.
+    let (qs, os) = unsafe {
+        (
+            std::slice::from_raw_parts(qf.data_ptr() as *const f32, n),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+        )
+    };
+    attend_into(qs, heads as usize, k, v, k.size()[2] as usize, scale, os);
+    out.to_kind(q.kind())
+}
+
+/// Attention of `q` (`[b, heads, d]` as a flat slice) over the first `len`
+/// positions of `k`, `v` (`[b, kv_heads, >= len, d]`, unit innermost
+/// stride, f32 or bf16), written to `out` (same layout as `q`).
+pub fn attend_into(
+    q: &[f32],
+    heads: usize,
+    k: &Tensor,
+    v: &Tensor,
+    len: usize,
+    scale: f64,
+    out: &mut [f32],
+) {
+    let (b, kv_heads, cap, d) = k.size4().expect("k is [b, kv_heads, len, d]");
+    assert!(len as i64 <= cap && k.stride()[3] == 1 && v.stride()[3] == 1);
+    assert_eq!(q.len(), b as usize * heads * d as usize);
+    assert_eq!(out.len(), q.len());
     let (ks, vs) = (k.stride(), v.stride());
     let dims = Dims {
-        group: (heads / kv_heads) as usize,
+        group: heads / kv_heads as usize,
         kv_heads: kv_heads as usize,
-        len: len as usize,
+        len,
         d: d as usize,
         k_strides: [ks[0] as usize, ks[1] as usize, ks[2] as usize],
         v_strides: [vs[0] as usize, vs[1] as usize, vs[2] as usize],
         scale: scale as f32,
     };
-    let qp = Ptr(qf.data_ptr() as *const f32);
-    let op = OutPtr(out.data_ptr() as *mut f32);
+    let qp = Ptr(q.as_ptr());
+    let op = OutPtr(out.as_mut_ptr());
     match k.kind() {
         Kind::Float => run::<f32>(
             &dims,
@@ -71,7 +98,6 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tenso
             &op,
         ),
     }
-    out.to_kind(q.kind())
 }
 
 struct Dims {

@@ -218,16 +218,19 @@ impl Engine {
         let mut input: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let threads = DecodeThreads::new();
         let finish = loop {
-            let tokens = Tensor::from_slice(&input).unsqueeze(0);
-            let hidden = self.model.forward(&tokens, &mut cache);
-            // After the prompt, steps are one token: run libtorch's small ops
-            // on one thread (the gemv pool does the heavy part) so its OpenMP
-            // workers do not spin against the gemv threads.
-            threads.decode_phase();
-            let hidden = hidden?;
-            let last = hidden.select(1, -1);
-            let logits: Vec<f32> =
-                Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?;
+            let logits: Vec<f32> = if input.len() == 1 && self.model.cpu_decode_supported(&cache) {
+                threads.decode_phase();
+                self.model.decode_step(input[0] as u32, &mut cache)?
+            } else {
+                let tokens = Tensor::from_slice(&input).unsqueeze(0);
+                let hidden = self.model.forward(&tokens, &mut cache);
+                // After the prompt, steps are one token: run libtorch's small
+                // ops on one thread (the decode kernels use their own pool) so
+                // its OpenMP workers do not spin against them.
+                threads.decode_phase();
+                let last = hidden?.select(1, -1);
+                Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?
+            };
             let (id, logprob) = sampler.sample(&logits);
             first_token_at.get_or_insert_with(Instant::now);
             out_ids.push(id);

@@ -5,6 +5,16 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
 
+/// Round-to-nearest-even f32 to bfloat16 bits (as libtorch converts).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -80,6 +90,43 @@ impl KvCache {
             self.keys[layer].narrow(2, 0, end),
             self.values[layer].narrow(2, 0, end),
         )
+    }
+
+    /// The whole key and value tensors of `layer` (`[batch, kv_heads,
+    /// capacity, head_dim]`).
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    /// Writes one position of sequence 0 for `layer` from f32 rows laid out
+    /// `[kv_heads, head_dim]`, converting to the cache's dtype (f32 or bf16).
+    pub fn write_position(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let (_, heads, cap, d) = self.keys[layer].size4().expect("cache is 4-D");
+        let (heads, cap, d) = (heads as usize, cap as usize, d as usize);
+        assert!(pos < cap && k.len() == heads * d && v.len() == heads * d);
+        for (t, src) in [(&self.keys[layer], k), (&self.values[layer], v)] {
+            let kind = t.kind();
+            for h in 0..heads {
+                let off = h * cap * d + pos * d;
+                let row = &src[h * d..(h + 1) * d];
+                // SAFETY: the cache tensors are contiguous CPU tensors owned by
+                // `self` (borrowed mutably); `off + d` is within `heads * cap * d`.
+                unsafe {
+                    match kind {
+                        Kind::Float => {
+                            let dst = (t.data_ptr() as *mut f32).add(off);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, d);
+                        }
+                        _ => {
+                            let dst = (t.data_ptr() as *mut u16).add(off);
+                            for (i, x) in row.iter().enumerate() {
+                                *dst.add(i) = f32_to_bf16(*x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Marks `n` positions as written (after all layers appended them).

@@ -9,6 +9,8 @@ use crate::gemv::{gemv, pool};
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The bias as f32, for `gemv_into`.
+    bias_f32: Option<Vec<f32>>,
     /// The weight is a contiguous CPU f32 or bf16 tensor.
     fast: bool,
 }
@@ -18,11 +20,57 @@ impl Linear {
         let weight = weight.contiguous();
         let fast =
             weight.device() == Device::Cpu && matches!(weight.kind(), Kind::Float | Kind::BFloat16);
-        Linear { weight, bias, fast }
+        let bias_f32 = bias
+            .as_ref()
+            .filter(|_| fast)
+            .map(|b| Vec::<f32>::try_from(b.to_kind(Kind::Float).view([-1])).expect("bias to f32"));
+        Linear {
+            weight,
+            bias,
+            bias_f32,
+            fast,
+        }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// Whether `gemv_into` may be used (contiguous CPU f32/bf16 weight).
+    pub fn has_gemv(&self) -> bool {
+        self.fast
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.size()[0] as usize
+    }
+
+    /// `y = W x (+ b)` for one f32 row, with the `gemv` kernel.
+    pub fn gemv_into(&self, x: &[f32], y: &mut [f32]) {
+        assert!(self.fast, "gemv_into on a weight the kernel does not read");
+        let (out_f, in_f) = (
+            self.weight.size()[0] as usize,
+            self.weight.size()[1] as usize,
+        );
+        assert_eq!(y.len(), out_f);
+        let n = out_f * in_f;
+        // SAFETY: the weight is a contiguous CPU tensor of `n` elements of the
+        // matched type, immutable and alive as long as `self`.
+        unsafe {
+            match self.weight.kind() {
+                Kind::Float => {
+                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const f32, n);
+                    gemv(pool(), w, in_f, x, y)
+                }
+                _ => {
+                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const u16, n);
+                    gemv(pool(), w, in_f, x, y)
+                }
+            }
+        }
+        if let Some(b) = &self.bias_f32 {
+            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -38,23 +86,12 @@ impl Linear {
             x.to_kind(Kind::Float).contiguous()
         };
         let y = Tensor::empty([out_f], (Kind::Float, Device::Cpu));
-        // SAFETY: `xf`, `y` and the weight are contiguous CPU tensors of the
-        // stated element types and lengths, alive for the whole call, and `y`
-        // is not aliased.
+        // SAFETY: `xf` and `y` are contiguous f32 CPU tensors of the stated
+        // lengths, alive for the call, and `y` is not aliased.
         unsafe {
             let xs = std::slice::from_raw_parts(xf.data_ptr() as *const f32, in_f as usize);
             let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, out_f as usize);
-            let n = (out_f * in_f) as usize;
-            match self.weight.kind() {
-                Kind::Float => {
-                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const f32, n);
-                    gemv(pool(), w, in_f as usize, xs, ys)
-                }
-                _ => {
-                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const u16, n);
-                    gemv(pool(), w, in_f as usize, xs, ys)
-                }
-            }
+            self.gemv_into(xs, ys);
         }
         let mut out_size = size;
         *out_size.last_mut().unwrap() = out_f;
@@ -62,9 +99,6 @@ impl Linear {
         if x.kind() != Kind::Float {
             y = y.to_kind(x.kind());
         }
-        match &self.bias {
-            Some(b) => y + b,
-            None => y,
-        }
+        y
     }
 }

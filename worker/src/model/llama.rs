@@ -34,9 +34,19 @@ impl ShardSpec {
     }
 }
 
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
+    /// The weight as f32, for the fused CPU decode step.
+    pub(super) w32: Vec<f32>,
+    pub(super) eps: f64,
+}
+
+impl RmsNorm {
+    fn new(weight: Tensor, eps: f64) -> Self {
+        let w32 =
+            Vec::<f32>::try_from(weight.to_kind(Kind::Float).view([-1])).expect("norm weight");
+        RmsNorm { weight, w32, eps }
+    }
 }
 
 impl RmsNorm {
@@ -47,35 +57,37 @@ impl RmsNorm {
     }
 }
 
-struct Attention {
+pub(super) struct Attention {
     /// Fused `[q; k; v]` projection, `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    qkv: Linear,
-    o: Linear,
-    heads: i64,
-    kv_heads: i64,
-    head_dim: i64,
+    pub(super) qkv: Linear,
+    pub(super) o: Linear,
+    pub(super) heads: i64,
+    pub(super) kv_heads: i64,
+    pub(super) head_dim: i64,
 }
 
-struct Mlp {
+pub(super) struct Mlp {
     /// Fused `[gate; up]`, `[2 * intermediate, hidden]`.
-    gate_up: Linear,
-    down: Linear,
-    intermediate: i64,
+    pub(super) gate_up: Linear,
+    pub(super) down: Linear,
+    pub(super) intermediate: i64,
 }
 
-struct Block {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    mlp_norm: RmsNorm,
-    mlp: Mlp,
+pub(super) struct Block {
+    pub(super) attn_norm: RmsNorm,
+    pub(super) attn: Attention,
+    pub(super) mlp_norm: RmsNorm,
+    pub(super) mlp: Mlp,
 }
 
 /// Rotary tables `[max_position, 1, head_dim]` in the model's dtype: `cos`,
 /// and `sin` with its first half negated, so that rotating `x` is
 /// `x * cos + roll(x, head_dim / 2) * sin`.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+pub(super) struct Rope {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    /// Inverse frequencies in f32, for the fused CPU decode step.
+    pub(super) inv_freq: Vec<f32>,
 }
 
 impl Rope {
@@ -90,6 +102,7 @@ impl Rope {
         Rope {
             cos: table(cos),
             sin: table(sin),
+            inv_freq: Vec::<f32>::try_from(&inv).expect("inv_freq"),
         }
     }
 
@@ -170,15 +183,15 @@ impl Mlp {
 }
 
 pub struct Llama {
-    cfg: ModelConfig,
-    shard: ShardSpec,
-    embed: Option<Tensor>,
-    blocks: Vec<Block>,
-    final_norm: Option<RmsNorm>,
-    head: Option<Linear>,
-    rope: Rope,
-    kind: Kind,
-    device: Device,
+    pub(super) cfg: ModelConfig,
+    pub(super) shard: ShardSpec,
+    pub(super) embed: Option<Tensor>,
+    pub(super) blocks: Vec<Block>,
+    pub(super) final_norm: Option<RmsNorm>,
+    pub(super) head: Option<Linear>,
+    pub(super) rope: Rope,
+    pub(super) kind: Kind,
+    pub(super) device: Device,
 }
 
 /// Options for loading a model.
@@ -239,10 +252,7 @@ impl Llama {
             let mlp_norm = w(LayerPart::MlpNorm)?;
             let gate_up = Tensor::cat(&[w(LayerPart::Gate)?, w(LayerPart::Up)?], 0);
             let down = w(LayerPart::Down)?;
-            let norm = |weight| RmsNorm {
-                weight,
-                eps: cfg.rms_norm_eps,
-            };
+            let norm = |weight| RmsNorm::new(weight, cfg.rms_norm_eps);
             blocks.push(Block {
                 attn_norm: norm(attn_norm),
                 attn: Attention {
@@ -261,10 +271,7 @@ impl Llama {
             });
         }
         let (final_norm, head) = if shard.head {
-            let norm = RmsNorm {
-                weight: ld.get(WeightKey::FinalNorm)?,
-                eps: cfg.rms_norm_eps,
-            };
+            let norm = RmsNorm::new(ld.get(WeightKey::FinalNorm)?, cfg.rms_norm_eps);
             let head = if tied {
                 embed
                     .as_ref()

@@ -1,0 +1,204 @@
+//! The single-sequence decode step on CPU, fused: one token through every
+//! layer on f32 activations in host buffers, with the `gemv` kernel for the
+//! projections, `decode_attention::attend_into` over the KV cache, and plain
+//! loops for RMSNorm, rotary embedding, SiLU-and-multiply and residuals.
+//! libtorch's per-op dispatch (~45 small ops a layer) would otherwise cost
+//! as much as the weight reads on small models. The free functions here are
+//! also the CPU references of the CUDA kernels of the same names.
+
+use tch::{Device, Kind};
+
+use super::llama::Llama;
+use crate::decode_attention::attend_into;
+use crate::error::{Result, WorkerError};
+use crate::kv_cache::KvCache;
+
+/// `out = x / rms(x) * w` (float32 statistics, as Hugging Face).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * w;
+    }
+}
+
+/// Rotates each `d`-wide head of `v` in place (rotate-half convention) by
+/// angles `pos * inv_freq`.
+pub fn rope_in_place(v: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
+    let half = d / 2;
+    for head in v.chunks_exact_mut(d) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// `out = silu(gate) * up` where `gate_up = [gate; up]`.
+pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
+    let (g, u) = gate_up.split_at(out.len());
+    for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+impl Llama {
+    /// Whether `decode_step` can run this model with this cache.
+    pub fn cpu_decode_supported(&self, cache: &KvCache) -> bool {
+        self.device == Device::Cpu
+            && matches!(self.kind, Kind::Float | Kind::BFloat16)
+            && self.shard.embed
+            && self.shard.head
+            && self.head.as_ref().is_some_and(|h| h.has_gemv())
+            && self
+                .blocks
+                .iter()
+                .all(|b| b.attn.qkv.has_gemv() && b.attn.o.has_gemv())
+            && cache.layer(0).0.size()[0] == 1
+    }
+
+    /// One token of one sequence at position `cache.len()`: appends to the
+    /// cache and returns the float32 logits.
+    pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
+        cache.reserve(1)?;
+        let cfg = &self.cfg;
+        if token as usize >= cfg.vocab_size {
+            return Err(WorkerError::InvalidRequest(format!(
+                "token id {token} is outside the vocabulary of {} tokens",
+                cfg.vocab_size
+            )));
+        }
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let pos = cache.len();
+        let eps = cfg.rms_norm_eps as f32;
+
+        let embed = self
+            .embed
+            .as_ref()
+            .expect("checked by cpu_decode_supported");
+        let mut x = vec![0f32; h];
+        // SAFETY: the embedding is a contiguous [vocab, h] CPU tensor of the
+        // matched element type, and `token < vocab`.
+        unsafe {
+            let off = token as usize * h;
+            match embed.kind() {
+                Kind::Float => x.copy_from_slice(std::slice::from_raw_parts(
+                    (embed.data_ptr() as *const f32).add(off),
+                    h,
+                )),
+                _ => {
+                    let row =
+                        std::slice::from_raw_parts((embed.data_ptr() as *const u16).add(off), h);
+                    x.iter_mut()
+                        .zip(row)
+                        .for_each(|(x, b)| *x = f32::from_bits((*b as u32) << 16));
+                }
+            }
+        }
+        let angles: Vec<f32> = self.rope.inv_freq.iter().map(|f| pos as f32 * f).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let scale = 1.0 / (d as f64).sqrt();
+
+        let mut normed = vec![0f32; h];
+        let mut qkv = vec![0f32; nq + 2 * nkv];
+        let mut attn = vec![0f32; nq];
+        let mut proj = vec![0f32; h];
+        let inter = cfg.intermediate_size;
+        let mut gate_up = vec![0f32; 2 * inter];
+        let mut act = vec![0f32; inter];
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            rms_norm(&x, &blk.attn_norm.w32, eps, &mut normed);
+            blk.attn.qkv.gemv_into(&normed, &mut qkv);
+            let (q, kv) = qkv.split_at_mut(nq);
+            let (k, v) = kv.split_at_mut(nkv);
+            rope_in_place(q, d, &cos, &sin);
+            rope_in_place(k, d, &cos, &sin);
+            cache.write_position(layer, pos, k, v);
+            let (kc, vc) = cache.layer(layer);
+            attend_into(q, cfg.num_heads, kc, vc, pos + 1, scale, &mut attn);
+            blk.attn.o.gemv_into(&attn, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+
+            rms_norm(&x, &blk.mlp_norm.w32, eps, &mut normed);
+            blk.mlp.gate_up.gemv_into(&normed, &mut gate_up);
+            silu_mul(&gate_up, &mut act);
+            blk.mlp.down.gemv_into(&act, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+        cache.advance(1);
+        let norm = self
+            .final_norm
+            .as_ref()
+            .expect("checked by cpu_decode_supported");
+        rms_norm(&x, &norm.w32, eps, &mut normed);
+        let head = self.head.as_ref().expect("checked by cpu_decode_supported");
+        let mut logits = vec![0f32; head.out_features()];
+        head.gemv_into(&normed, &mut logits);
+        Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::LoadOptions;
+    use crate::model::ShardSpec;
+    use llmos_meta::ModelConfig;
+    use tch::Tensor;
+
+    /// The fused step gives the logits of libtorch's forward pass, step by
+    /// step after a prompt, in f32 (tight) and bf16 (bf16 activations there).
+    #[test]
+    fn fused_step_matches_tensor_path() {
+        let mut cfg = ModelConfig::preset("tiny").unwrap();
+        cfg.qkv_bias = true; // exercise the bias path too
+        for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 0.1)] {
+            let opts = LoadOptions {
+                kind,
+                device: Device::Cpu,
+                seed: 7,
+            };
+            let m = Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap();
+            let _g = tch::no_grad_guard();
+            let prompt = Tensor::from_slice(&[5i64, 17, 99, 3]).unsqueeze(0);
+            let mut c1 = m.new_cache(1, 16);
+            let mut c2 = m.new_cache(1, 16);
+            let _ = m.forward(&prompt, &mut c1).unwrap();
+            let _ = m.forward(&prompt, &mut c2).unwrap();
+            for tok in [42u32, 7, 300, 511, 0] {
+                let fused = m.decode_step(tok, &mut c1).unwrap();
+                let h = m
+                    .forward(&Tensor::from_slice(&[tok as i64]).unsqueeze(0), &mut c2)
+                    .unwrap();
+                let want: Vec<f32> = Vec::try_from(m.logits(&h).unwrap().view([-1])).unwrap();
+                let diff = fused
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(diff < tol, "{kind:?} token {tok}: {diff}");
+            }
+            assert_eq!(c1.len(), c2.len());
+        }
+    }
+
+    #[test]
+    fn elementwise_kernels_match_libtorch() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 64.0).collect();
+        let mut out = vec![0f32; 64];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let t = Tensor::from_slice(&x).rms_norm([64], Some(&Tensor::from_slice(&w)), 1e-5);
+        let want: Vec<f32> = Vec::try_from(t).unwrap();
+        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+
+        let mut out = vec![0f32; 32];
+        silu_mul(&x, &mut out);
+        let g = Tensor::from_slice(&x[..32]);
+        let want: Vec<f32> = Vec::try_from(g.silu() * Tensor::from_slice(&x[32..])).unwrap();
+        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+}
