@@ -98,3 +98,28 @@ fn tiny_qwen2_bias_tied_matches_transformers() {
     let r = reference("tiny", "qwen2", out.path());
     check_model(r.model_dir.as_ref().unwrap().to_str().unwrap(), &r);
 }
+
+#[test]
+fn streamed_text_never_splits_multibyte_characters() {
+    use llmos_meta::DecodeStream;
+    let gguf = llmos_meta::source::embedded_model_path().unwrap();
+    let tok = Tokenizer::from_gguf(&llmos_meta::gguf::GgufFile::open(&gguf).unwrap()).unwrap();
+    let text = "naïve café: 東京タワー 🚀🦀 Ωμέγα — done";
+    let ids = tok.encode(text, false).unwrap();
+    // Byte-level BPE splits some of these characters across tokens: decoded
+    // alone, such a token is an incomplete character.
+    assert!(ids
+        .iter()
+        .any(|&id| tok.decode(&[id], false).unwrap().contains('\u{FFFD}')));
+    let mut stream = DecodeStream::new();
+    let mut out = String::new();
+    for &id in &ids {
+        let piece = stream.step(&tok, id).unwrap();
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "partial character streamed: {piece:?}"
+        );
+        out.push_str(&piece);
+    }
+    assert_eq!(out, text);
+}

@@ -16,6 +16,42 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
     }
 }
 
+/// Loads libtorch's CUDA backend. Nothing in the binary references a symbol
+/// of `libtorch_cuda.so`, so the linker drops it and libtorch would report no
+/// GPU; opening it with `RTLD_GLOBAL` registers the backend. Found through
+/// the binary's run path (the venv's `torch/lib`) or `LD_LIBRARY_PATH`.
+pub fn load_torch_cuda() -> Result<()> {
+    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let name = c"libtorch_cuda.so";
+            // SAFETY: dlopen with a valid C string; the handle is kept for
+            // the life of the process on purpose.
+            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if handle.is_null() {
+                // SAFETY: dlerror returns a thread-local C string or null.
+                let err = unsafe { libc::dlerror() };
+                let msg = if err.is_null() {
+                    "unknown error".to_string()
+                } else {
+                    unsafe { std::ffi::CStr::from_ptr(err) }
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                return Err(msg);
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(|e| {
+            WorkerError::DeviceUnavailable(
+                "cuda".into(),
+                format!("cannot load libtorch_cuda.so: {e}"),
+            )
+        })
+}
+
 /// Parses `cpu`, `cuda` or `cuda:N`, checking the GPU is there.
 pub fn parse_device(s: &str) -> Result<Device> {
     let idx = match s {
@@ -28,6 +64,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 WorkerError::InvalidRequest(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))
             })?,
     };
+    load_torch_cuda()?;
     let n = tch::Cuda::device_count() as usize;
     if idx >= n {
         return Err(WorkerError::DeviceUnavailable(
@@ -44,4 +81,30 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_backend_loads_and_a_missing_gpu_is_a_clear_error() {
+        load_torch_cuda().unwrap();
+        let n = tch::Cuda::device_count();
+        match parse_device("cuda:0") {
+            Ok(d) => assert!(n > 0 && d == Device::Cuda(0)),
+            Err(e) => {
+                assert_eq!(n, 0);
+                assert!(e.to_string().contains("0 CUDA devices"), "{e}");
+            }
+        }
+        assert!(parse_device("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("cpu, cuda, cuda:N"));
+        assert!(parse_dtype("f8")
+            .unwrap_err()
+            .to_string()
+            .contains("f32, bf16"));
+    }
 }
