@@ -111,15 +111,18 @@ struct Dims {
 }
 
 fn run<T: WeightElem>(m: &Dims, batch: usize, q: &Ptr<f32>, k: Ptr<T>, v: Ptr<T>, out: &OutPtr) {
-    pool().run(batch * m.kv_heads, &|task| {
-        let (bi, h) = (task / m.kv_heads, task % m.kv_heads);
+    // One task per query head (not per KV head): with few KV heads that
+    // balances the threads; a group's K/V rows are re-read from cache.
+    let heads = m.kv_heads * m.group;
+    pool().run(batch * heads, &|task| {
+        let (bi, head) = (task / heads, task % heads);
+        let h = head / m.group;
         let mut scores = vec![0f32; m.len];
         let mut acc = vec![0f32; m.d];
         let kb = bi * m.k_strides[0] + h * m.k_strides[1];
         let vb = bi * m.v_strides[0] + h * m.v_strides[1];
-        for g in 0..m.group {
-            let head = h * m.group + g;
-            let qo = (bi * m.kv_heads * m.group + head) * m.d;
+        {
+            let qo = (bi * heads + head) * m.d;
             // SAFETY: all offsets stay inside the tensors' extents given by
             // their sizes and strides; `out` rows are this task's alone.
             unsafe {
