@@ -19,6 +19,18 @@ pub enum WorkerError {
     NoTokenizer { model: String },
     #[error("device {0:?} is not available: {1}")]
     DeviceUnavailable(String, String),
+    #[error("model {0:?} is not loaded on this worker")]
+    UnknownModel(String),
+    #[error("sequence {sequence:?} has {cached} cached positions, the request says {requested}")]
+    PositionMismatch {
+        sequence: String,
+        cached: usize,
+        requested: usize,
+    },
+    #[error("the shard host has stopped")]
+    HostStopped,
+    #[error("transport: {0}")]
+    Transport(String),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

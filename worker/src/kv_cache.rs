@@ -92,6 +92,44 @@ impl KvCache {
         )
     }
 
+    /// Makes room for `n` more positions, reallocating (at least doubling,
+    /// at most `max` positions) and copying what is cached.
+    pub fn grow_for(&mut self, n: usize, max: usize) -> Result<()> {
+        let needed = self.len + n;
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        if needed > max {
+            return Err(WorkerError::LimitExceeded {
+                what: "sequence".into(),
+                limit_name: "the model's context length",
+                limit: max,
+                got: needed,
+            });
+        }
+        let cap = needed.max(self.capacity * 2).min(max);
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let mut size = t.size();
+            size[2] = cap as i64;
+            let bigger = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
+            bigger
+                .narrow(2, 0, self.len as i64)
+                .copy_(&t.narrow(2, 0, self.len as i64));
+            *t = bigger;
+        }
+        self.capacity = cap;
+        Ok(())
+    }
+
+    /// Bytes held by the cache tensors.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
     /// The whole key and value tensors of `layer` (`[batch, kv_heads,
     /// capacity, head_dim]`).
     pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {

@@ -9,7 +9,9 @@
 //! - [`kv_cache`]: the per-sequence KV cache.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
 //! - [`generate`]: the single-process generation loop (`Engine`).
-//! - [`device`]: device and dtype selection, thread count.
+//! - [`device`]: device and dtype selection, CUDA backend loading.
+//! - [`server`]: the gRPC shard server (`llmos.worker.v1.Worker`) and its
+//!   shard host (one thread owning shards and KV caches).
 
 pub mod decode_attention;
 pub mod device;
@@ -19,6 +21,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod spin_pool;
 pub mod weights;
 

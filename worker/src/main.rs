@@ -28,6 +28,18 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure prefill and decode speed (prints one JSON object).
     Bench(BenchArgs),
+    /// Serve the worker gRPC API (llmos.worker.v1): shards are loaded on request.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "LLMOS_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+    listen: std::net::SocketAddr,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, env = "LLMOS_THREADS")]
+    threads: Option<i32>,
 }
 
 #[derive(Args)]
@@ -267,6 +279,33 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("bind {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // One line on stdout so a parent process can read the chosen port.
+        println!("listening on {addr}");
+        tracing::info!(%addr, "llmos-worker serving");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        llmos_worker::server::serve(
+            listener,
+            llmos_worker::server::HostHandle::spawn(),
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    })
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -279,6 +318,7 @@ fn main() {
     let r = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
+        Command::Serve(a) => serve(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

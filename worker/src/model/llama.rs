@@ -313,6 +313,24 @@ impl Llama {
         self.device
     }
 
+    /// Bytes of weights this shard holds (a tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.numel() * x.kind().elt_size_in_bytes();
+        let mut n = self.embed.as_ref().map_or(0, t);
+        for b in &self.blocks {
+            n += t(b.attn.qkv.weight()) + t(b.attn.o.weight());
+            n += t(b.mlp.gate_up.weight()) + t(b.mlp.down.weight());
+            n += t(&b.attn_norm.weight) + t(&b.mlp_norm.weight);
+        }
+        n += self.final_norm.as_ref().map_or(0, |f| t(&f.weight));
+        if let Some(h) = &self.head {
+            if !(self.cfg.tie_embeddings && self.embed.is_some()) {
+                n += t(h.weight());
+            }
+        }
+        n
+    }
+
     /// A KV cache for this shard's layers.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(

@@ -1,0 +1,15 @@
+//! Generated gRPC types and stubs. `v1` is the public API; `worker::v1` is
+//! internal (coordinator to workers, stage to stage).
+
+pub mod v1 {
+    tonic::include_proto!("llmos.v1");
+}
+
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("llmos.worker.v1");
+    }
+}
+
+/// Encoded descriptors of every service, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("llmos_descriptor");

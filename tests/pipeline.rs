@@ -1,0 +1,277 @@
+//! Layers of SmolLM2 split across gRPC worker shards (in-process servers on
+//! loopback) give the logits and greedy tokens of the single-process model;
+//! bad input gets the right status code; a dropped stream frees its caches.
+
+use std::time::{Duration, Instant};
+
+use llmos_proto::worker::v1 as pb;
+use llmos_proto::worker::v1::worker_client::WorkerClient;
+use llmos_tests::{all_logits, greedy, load, max_abs_diff};
+use llmos_worker::server::codec::{from_wire, to_wire};
+use llmos_worker::server::{serve, HostHandle};
+use tch::{Kind, Tensor};
+use tonic::transport::Channel;
+
+async fn start_worker() -> WorkerClient<Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, HostHandle::spawn(), std::future::pending()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match WorkerClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return c.max_decoding_message_size(64 << 20),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("worker at {addr} not ready: {e}"),
+        }
+    }
+}
+
+fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> pb::ShardSpec {
+    pb::ShardSpec {
+        model: model.into(),
+        source: "smollm2".into(),
+        layer_start: layers.start,
+        layer_end: layers.end,
+        embed,
+        head,
+        dtype: pb::DType::F32 as i32,
+    }
+}
+
+/// One pipeline: a Forward stream per stage, fed in order.
+struct Pipeline {
+    model: String,
+    stages: Vec<(
+        tokio::sync::mpsc::Sender<pb::ForwardRequest>,
+        tonic::Streaming<pb::ForwardResponse>,
+    )>,
+}
+
+impl Pipeline {
+    async fn open(model: &str, workers: &mut [WorkerClient<Channel>]) -> Self {
+        let mut stages = Vec::new();
+        for w in workers.iter_mut() {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let resp = w
+                .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            stages.push((tx, resp));
+        }
+        Pipeline {
+            model: model.into(),
+            stages,
+        }
+    }
+
+    /// Runs `ids` (at cached position `pos`) through every stage; returns the
+    /// last position's logits.
+    async fn step(&mut self, seq: &str, ids: &[u32], pos: u32) -> Result<Vec<f32>, tonic::Status> {
+        let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let mut input =
+            pb::forward_request::Input::Tokens(to_wire(&Tensor::from_slice(&x).unsqueeze(0)));
+        let n = self.stages.len();
+        for (i, (tx, rx)) in self.stages.iter_mut().enumerate() {
+            tx.send(pb::ForwardRequest {
+                model: self.model.clone(),
+                sequence_id: seq.into(),
+                position: pos,
+                input: Some(input),
+                want_logits: i + 1 == n,
+            })
+            .await
+            .unwrap();
+            let out = rx.message().await?.expect("a response per request");
+            input = match out.output.unwrap() {
+                pb::forward_response::Output::Hidden(h) => pb::forward_request::Input::Hidden(h),
+                pb::forward_response::Output::Logits(l) => {
+                    let t = from_wire(&l, "logits").unwrap();
+                    return Ok(Vec::try_from(t.view([-1])).unwrap());
+                }
+            };
+        }
+        unreachable!("the last stage returns logits")
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    llmos_worker::sampling::argmax(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_two_three_stages_match_single_process() {
+    let engine = load("smollm2", Kind::Float);
+    let prompt = engine
+        .prompt_ids(&llmos_worker::PromptInput::Text(
+            "The three primary colours are".into(),
+        ))
+        .unwrap();
+    let want_first = {
+        let all = all_logits(&engine, &prompt);
+        let v = engine.model.config().vocab_size;
+        all[all.len() - v..].to_vec()
+    };
+    let want_greedy = greedy(&engine, &prompt, 16);
+    let full_bytes = engine.model.weight_bytes() as u64;
+    let embed_bytes =
+        (engine.model.config().vocab_size * engine.model.config().hidden_size * 4) as u64;
+    drop(engine);
+
+    let mut workers = vec![
+        start_worker().await,
+        start_worker().await,
+        start_worker().await,
+    ];
+    // 1 stage, an uneven 2-stage split, and 3 stages.
+    let splits: [&[std::ops::Range<u32>]; 3] = [&[0..30], &[0..4, 4..30], &[0..7, 7..19, 19..30]];
+    for (si, split) in splits.iter().enumerate() {
+        let model = format!("smollm2-split{si}");
+        let mut bytes = 0;
+        for (i, layers) in split.iter().enumerate() {
+            let spec = shard(&model, layers.clone(), i == 0, i + 1 == split.len());
+            let r = workers[i]
+                .load_shard(pb::LoadShardRequest { shard: Some(spec) })
+                .await
+                .unwrap();
+            bytes += r.into_inner().weight_bytes;
+        }
+        // Each stage holds only its layers: together the full model, plus
+        // one more embedding copy where the tied head sits on another stage.
+        let extra = if split.len() > 1 { embed_bytes } else { 0 };
+        assert_eq!(bytes, full_bytes + extra, "split {split:?}");
+
+        let mut p = Pipeline::open(&model, &mut workers[..split.len()]).await;
+        let first = p.step("s", &prompt, 0).await.unwrap();
+        let d = max_abs_diff(&first, &want_first);
+        assert!(d <= 1e-4, "split {split:?}: logits differ by {d}");
+        let mut tokens = vec![argmax(&first)];
+        let mut pos = prompt.len() as u32;
+        while tokens.len() < 16 {
+            let l = p.step("s", &[*tokens.last().unwrap()], pos).await.unwrap();
+            tokens.push(argmax(&l));
+            pos += 1;
+        }
+        assert_eq!(tokens, want_greedy, "split {split:?}");
+        drop(p);
+        for (i, _) in split.iter().enumerate() {
+            workers[i]
+                .unload_shard(pb::UnloadShardRequest {
+                    model: model.clone(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
+    let mut w = start_worker().await;
+    let missing = w
+        .load_shard(pb::LoadShardRequest {
+            shard: Some(pb::ShardSpec {
+                source: "/no/such/model.gguf".into(),
+                ..shard("m", 0..1, true, true)
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    w.load_shard(pb::LoadShardRequest {
+        shard: Some(shard("m", 0..2, true, false)),
+    })
+    .await
+    .unwrap();
+
+    let mut workers = [w.clone()];
+    let mut p = Pipeline::open("nope", &mut workers).await;
+    let e = p.step("s", &[1, 2], 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+
+    // Asking a shard without the head for logits, and a position mismatch.
+    let mut p = Pipeline::open("m", &mut workers).await;
+    let e = p.step("s", &[1, 2], 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("LM head"), "{e}");
+
+    // Hidden states sent to a first stage, and malformed bytes.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut resp = w
+        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bad = to_wire(&Tensor::zeros([1, 1, 576], (Kind::Float, tch::Device::Cpu)));
+    bad.data.truncate(10);
+    tx.send(pb::ForwardRequest {
+        model: "m".into(),
+        sequence_id: "s".into(),
+        position: 0,
+        input: Some(pb::forward_request::Input::Tokens(bad)),
+        want_logits: false,
+    })
+    .await
+    .unwrap();
+    let e = resp.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+
+    // Two sequences on one stream, a wrong position, then the stream drops.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut resp = w
+        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for seq in ["a", "b"] {
+        tx.send(pb::ForwardRequest {
+            model: "m".into(),
+            sequence_id: seq.into(),
+            position: 0,
+            input: Some(pb::forward_request::Input::Tokens(to_wire(
+                &Tensor::from_slice(&[5i64, 6]).unsqueeze(0),
+            ))),
+            want_logits: false,
+        })
+        .await
+        .unwrap();
+        resp.message().await.unwrap().unwrap();
+    }
+    let stats = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.shards[0].sequences, 2);
+    assert!(stats.shards[0].kv_cache_bytes > 0);
+    tx.send(pb::ForwardRequest {
+        model: "m".into(),
+        sequence_id: "a".into(),
+        position: 7,
+        input: Some(pb::forward_request::Input::Tokens(to_wire(
+            &Tensor::from_slice(&[5i64]).unsqueeze(0),
+        ))),
+        want_logits: false,
+    })
+    .await
+    .unwrap();
+    let e = resp.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message().contains("2 cached positions") && e.message().contains("says 7"),
+        "{e}"
+    );
+    drop((tx, resp));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        if s.shards[0].sequences == 0 {
+            assert_eq!(s.shards[0].kv_cache_bytes, 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caches not freed after the stream ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
