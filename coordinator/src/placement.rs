@@ -1,0 +1,382 @@
+//! Pipeline placement: which worker holds which contiguous layer range.
+//! Layers go to workers in proportion to the memory each has free after the
+//! fixed parts it must hold (embedding on the first stage, final norm and
+//! head on the last); an explicit split is checked and honoured. A model
+//! that does not fit is refused with the shortfall in bytes.
+
+use llmos_meta::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// Byte sizes of the parts of a model, for a given weight dtype.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    pub num_layers: u32,
+    pub layer_bytes: u64,
+    pub embed_bytes: u64,
+    /// Final norm plus the head matrix when it is not tied.
+    pub head_bytes: u64,
+    pub tied_head: bool,
+}
+
+impl ModelShape {
+    pub fn from_config(c: &ModelConfig, dtype_bytes: u64) -> Self {
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (q, kv) = (
+            (c.num_heads * c.head_dim) as u64,
+            (c.num_kv_heads * c.head_dim) as u64,
+        );
+        let bias = if c.qkv_bias { q + 2 * kv } else { 0 };
+        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h + bias;
+        let embed = c.vocab_size as u64 * h;
+        ModelShape {
+            num_layers: c.num_layers as u32,
+            layer_bytes: layer * dtype_bytes,
+            embed_bytes: embed * dtype_bytes,
+            head_bytes: (h + if c.tie_embeddings { 0 } else { embed }) * dtype_bytes,
+            tied_head: c.tie_embeddings,
+        }
+    }
+
+    /// Bytes a stage holding `layers` layers needs.
+    pub fn stage_bytes(&self, layers: u32, first: bool, last: bool) -> u64 {
+        let mut b = layers as u64 * self.layer_bytes;
+        if first {
+            b += self.embed_bytes;
+        }
+        if last {
+            b += self.head_bytes;
+            // A tied head reads the embedding matrix: a last stage that is
+            // not also the first loads its own copy.
+            if self.tied_head && !first {
+                b += self.embed_bytes;
+            }
+        }
+        b
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCapacity {
+    pub id: String,
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlacementRequest {
+    /// `None`: the fewest stages that fit.
+    pub stages: Option<u32>,
+    /// Layers per stage, in order (must sum to the model's layer count).
+    pub split: Option<Vec<u32>>,
+    /// Bytes kept free on every stage for KV cache and activations.
+    pub reserve_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub worker: String,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    pub embed: bool,
+    pub head: bool,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid placement request: {0}")]
+    Invalid(String),
+    #[error("not enough memory: the model needs {needed} bytes over {stages} stage(s) but the workers have {available} bytes free (short by {short} bytes)")]
+    Insufficient {
+        needed: u64,
+        available: u64,
+        short: u64,
+        stages: usize,
+    },
+}
+
+/// Plans a placement of `model` over `workers`.
+pub fn plan(
+    model: &ModelShape,
+    workers: &[WorkerCapacity],
+    req: &PlacementRequest,
+) -> Result<Placement, PlanError> {
+    if workers.is_empty() {
+        return Err(PlanError::Invalid("no workers are registered".into()));
+    }
+    // Most free memory first; ties by id for determinism.
+    let mut ws: Vec<&WorkerCapacity> = workers.iter().collect();
+    ws.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then(a.id.cmp(&b.id)));
+    if let Some(split) = &req.split {
+        let n = split.len();
+        if n == 0 || split.contains(&0) {
+            return Err(PlanError::Invalid(format!(
+                "split {split:?}: every stage needs at least one layer"
+            )));
+        }
+        let total: u32 = split.iter().sum();
+        if total != model.num_layers {
+            return Err(PlanError::Invalid(format!(
+                "split {split:?} covers {total} layers, the model has {}",
+                model.num_layers
+            )));
+        }
+        if let Some(s) = req.stages.filter(|&s| s as usize != n) {
+            return Err(PlanError::Invalid(format!(
+                "{s} stages asked for but the split has {n}"
+            )));
+        }
+        if n > ws.len() {
+            return Err(PlanError::Invalid(format!(
+                "split has {n} stages but {} workers are registered",
+                ws.len()
+            )));
+        }
+        return check(model, &ws[..n], split, req.reserve_bytes);
+    }
+    let candidates: Vec<usize> = match req.stages {
+        Some(0) => return Err(PlanError::Invalid("stages must be at least 1".into())),
+        Some(s) if s > model.num_layers => {
+            return Err(PlanError::Invalid(format!(
+                "{s} stages for {} layers",
+                model.num_layers
+            )))
+        }
+        Some(s) if s as usize > ws.len() => {
+            return Err(PlanError::Invalid(format!(
+                "{s} stages asked for but {} workers are registered",
+                ws.len()
+            )))
+        }
+        Some(s) => vec![s as usize],
+        None => (1..=ws.len().min(model.num_layers as usize)).collect(),
+    };
+    let mut last_err = None;
+    for n in candidates {
+        let split = proportional(model, &ws[..n], req.reserve_bytes);
+        match check(model, &ws[..n], &split, req.reserve_bytes) {
+            Ok(p) => return Ok(p),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.expect("at least one candidate"))
+}
+
+/// Layers per stage in proportion to each worker's memory left after its
+/// fixed parts (largest remainder, at least one layer each).
+fn proportional(model: &ModelShape, ws: &[&WorkerCapacity], reserve: u64) -> Vec<u32> {
+    let n = ws.len();
+    let room: Vec<f64> = ws
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            w.free_bytes
+                .saturating_sub(model.stage_bytes(0, i == 0, i + 1 == n) + reserve)
+                as f64
+        })
+        .collect();
+    let total: f64 = room.iter().sum();
+    let layers = model.num_layers as f64;
+    let exact: Vec<f64> = if total > 0.0 {
+        room.iter().map(|r| r / total * layers).collect()
+    } else {
+        vec![layers / n as f64; n]
+    };
+    let mut split: Vec<u32> = exact.iter().map(|e| (e.floor() as u32).max(1)).collect();
+    let mut assigned: u32 = split.iter().sum();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        (exact[b] - exact[b].floor())
+            .total_cmp(&(exact[a] - exact[a].floor()))
+            .then(a.cmp(&b))
+    });
+    let mut k = 0;
+    while assigned < model.num_layers {
+        split[order[k % n]] += 1;
+        assigned += 1;
+        k += 1;
+    }
+    while assigned > model.num_layers {
+        // Only possible through the at-least-one rule: take from the largest.
+        let i = (0..n).max_by_key(|&i| split[i]).expect("n > 0");
+        split[i] -= 1;
+        assigned -= 1;
+    }
+    split
+}
+
+fn check(
+    model: &ModelShape,
+    ws: &[&WorkerCapacity],
+    split: &[u32],
+    reserve: u64,
+) -> Result<Placement, PlanError> {
+    let n = split.len();
+    let mut start = 0;
+    let mut stages = Vec::with_capacity(n);
+    let (mut needed, mut available, mut short) = (0u64, 0u64, 0u64);
+    for (i, (&layers, w)) in split.iter().zip(ws).enumerate() {
+        let (first, last) = (i == 0, i + 1 == n);
+        let bytes = model.stage_bytes(layers, first, last);
+        needed += bytes + reserve;
+        available += w.free_bytes;
+        short += (bytes + reserve).saturating_sub(w.free_bytes);
+        stages.push(Stage {
+            worker: w.id.clone(),
+            layer_start: start,
+            layer_end: start + layers,
+            embed: first,
+            head: last,
+            bytes,
+        });
+        start += layers;
+    }
+    if short > 0 {
+        return Err(PlanError::Insufficient {
+            needed,
+            available,
+            short,
+            stages: n,
+        });
+    }
+    Ok(Placement { stages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+
+    fn shape() -> ModelShape {
+        // 30 layers of 1 GiB, 2 GiB embedding, untied 2 GiB head.
+        ModelShape {
+            num_layers: 30,
+            layer_bytes: GB,
+            embed_bytes: 2 * GB,
+            head_bytes: 2 * GB,
+            tied_head: false,
+        }
+    }
+
+    fn workers(free: &[u64]) -> Vec<WorkerCapacity> {
+        free.iter()
+            .enumerate()
+            .map(|(i, &f)| WorkerCapacity {
+                id: format!("w{i}"),
+                free_bytes: f * GB,
+            })
+            .collect()
+    }
+
+    fn layers(p: &Placement) -> Vec<u32> {
+        p.stages
+            .iter()
+            .map(|s| s.layer_end - s.layer_start)
+            .collect()
+    }
+
+    #[test]
+    fn automatic_uses_one_stage_when_it_fits() {
+        let p = plan(&shape(), &workers(&[40, 80]), &PlacementRequest::default()).unwrap();
+        assert_eq!(p.stages.len(), 1);
+        assert_eq!(p.stages[0].worker, "w1");
+        assert!(p.stages[0].embed && p.stages[0].head);
+        assert_eq!(p.stages[0].bytes, 34 * GB);
+    }
+
+    #[test]
+    fn layers_follow_free_memory_and_cover_the_model_contiguously() {
+        // 34 GiB needed; 24 + 12 free: room after fixed parts 22 and 10.
+        let req = PlacementRequest {
+            stages: Some(2),
+            ..Default::default()
+        };
+        let p = plan(&shape(), &workers(&[12, 24]), &req).unwrap();
+        assert_eq!(p.stages[0].worker, "w1");
+        assert_eq!(layers(&p), vec![21, 9]);
+        assert_eq!(
+            (
+                p.stages[0].layer_start,
+                p.stages[1].layer_start,
+                p.stages[1].layer_end
+            ),
+            (0, 21, 30)
+        );
+        for (s, w) in p.stages.iter().zip([24, 12]) {
+            assert!(s.bytes <= w * GB, "{s:?}");
+        }
+        // Automatic picks the fewest stages that fit: here two.
+        let auto = plan(
+            &shape(),
+            &workers(&[12, 24, 30]),
+            &PlacementRequest::default(),
+        )
+        .unwrap();
+        assert_eq!(auto.stages.len(), 2);
+    }
+
+    #[test]
+    fn explicit_split_is_honoured_or_refused_with_numbers() {
+        let req = |split: Vec<u32>| PlacementRequest {
+            split: Some(split),
+            ..Default::default()
+        };
+        let p = plan(&shape(), &workers(&[40, 40, 40]), &req(vec![4, 16, 10])).unwrap();
+        assert_eq!(layers(&p), vec![4, 16, 10]);
+        let e = plan(&shape(), &workers(&[40, 40]), &req(vec![10, 10]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("20 layers") && e.contains("30"), "{e}");
+        let e = plan(&shape(), &workers(&[40]), &req(vec![10, 20]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 stages") && e.contains("1 workers"), "{e}");
+    }
+
+    #[test]
+    fn too_little_memory_states_the_shortfall() {
+        // Needs 34 GiB; 3 x 10 GiB free.
+        let e = plan(
+            &shape(),
+            &workers(&[10, 10, 10]),
+            &PlacementRequest::default(),
+        )
+        .unwrap_err();
+        match e {
+            PlanError::Insufficient {
+                needed,
+                available,
+                short,
+                ..
+            } => {
+                assert_eq!(available, 30 * GB);
+                assert!(needed >= 34 * GB && short >= 4 * GB, "{e}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn tied_head_on_a_later_stage_counts_an_embedding_copy() {
+        let s = ModelShape {
+            tied_head: true,
+            head_bytes: 0,
+            ..shape()
+        };
+        assert_eq!(s.stage_bytes(10, true, true), 12 * GB);
+        assert_eq!(s.stage_bytes(10, false, true), 12 * GB);
+        assert_eq!(s.stage_bytes(10, true, false), 12 * GB);
+        assert_eq!(s.stage_bytes(10, false, false), 10 * GB);
+        let cfg = ModelConfig::preset("smollm2-135m").unwrap();
+        let m = ModelShape::from_config(&cfg, 4);
+        assert_eq!(
+            m.num_layers as u64 * m.layer_bytes + m.embed_bytes + m.head_bytes,
+            cfg.num_params() as u64 * 4
+        );
+    }
+}

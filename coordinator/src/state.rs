@@ -1,0 +1,333 @@
+//! The cluster state and the commands that change it. `apply` is
+//! deterministic and pure over the state (time arrives inside commands), so
+//! replicas applying the same committed log agree: this is the seam a Raft
+//! group or an etcd log backs. Commands are serde-serializable log entries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement::Placement;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub address: String,
+    pub device: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    pub healthy: bool,
+    pub last_heartbeat_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub name: String,
+    pub source: String,
+    pub dtype: String,
+    pub placement: Placement,
+    pub state: ModelState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A worker joins, or rejoins after a restart (same id, new details).
+    RegisterWorker {
+        id: String,
+        address: String,
+        device: String,
+        memory_total_bytes: u64,
+        memory_free_bytes: u64,
+        at_ms: u64,
+    },
+    Heartbeat {
+        id: String,
+        memory_free_bytes: u64,
+        at_ms: u64,
+    },
+    /// Decided by the leader from missed heartbeats; applied as a fact.
+    SetWorkerHealth {
+        id: String,
+        healthy: bool,
+    },
+    RemoveWorker {
+        id: String,
+    },
+    DeployModel {
+        name: String,
+        source: String,
+        dtype: String,
+        placement: Placement,
+    },
+    SetModelState {
+        name: String,
+        state: ModelState,
+    },
+    UndeployModel {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("worker {0:?} is not registered")]
+    UnknownWorker(String),
+    #[error("worker {id:?} is unhealthy")]
+    UnhealthyWorker { id: String },
+    #[error("model {0:?} is not deployed")]
+    UnknownModel(String),
+    #[error("model {0:?} is already deployed")]
+    ModelExists(String),
+    #[error("worker {id:?} holds shards of {models:?}: undeploy them first")]
+    WorkerInUse { id: String, models: Vec<String> },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub workers: BTreeMap<String, WorkerInfo>,
+    pub models: BTreeMap<String, Deployment>,
+    /// Commands applied so far (successful or not), for snapshots.
+    pub applied: u64,
+}
+
+impl ClusterState {
+    /// Applies one committed command. A rejected command leaves the state
+    /// unchanged (except the applied count) and returns why.
+    pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
+        self.applied += 1;
+        match cmd {
+            Command::RegisterWorker {
+                id,
+                address,
+                device,
+                memory_total_bytes,
+                memory_free_bytes,
+                at_ms,
+            } => {
+                self.workers.insert(
+                    id.clone(),
+                    WorkerInfo {
+                        id: id.clone(),
+                        address: address.clone(),
+                        device: device.clone(),
+                        memory_total_bytes: *memory_total_bytes,
+                        memory_free_bytes: *memory_free_bytes,
+                        healthy: true,
+                        last_heartbeat_ms: *at_ms,
+                    },
+                );
+            }
+            Command::Heartbeat {
+                id,
+                memory_free_bytes,
+                at_ms,
+            } => {
+                let w = self.worker_mut(id)?;
+                w.memory_free_bytes = *memory_free_bytes;
+                w.last_heartbeat_ms = w.last_heartbeat_ms.max(*at_ms);
+                w.healthy = true;
+            }
+            Command::SetWorkerHealth { id, healthy } => self.worker_mut(id)?.healthy = *healthy,
+            Command::RemoveWorker { id } => {
+                if !self.workers.contains_key(id) {
+                    return Err(StateError::UnknownWorker(id.clone()));
+                }
+                let models = self.models_on(id);
+                if !models.is_empty() {
+                    return Err(StateError::WorkerInUse {
+                        id: id.clone(),
+                        models,
+                    });
+                }
+                self.workers.remove(id);
+            }
+            Command::DeployModel {
+                name,
+                source,
+                dtype,
+                placement,
+            } => {
+                if self.models.contains_key(name) {
+                    return Err(StateError::ModelExists(name.clone()));
+                }
+                for s in &placement.stages {
+                    let w = self
+                        .workers
+                        .get(&s.worker)
+                        .ok_or_else(|| StateError::UnknownWorker(s.worker.clone()))?;
+                    if !w.healthy {
+                        return Err(StateError::UnhealthyWorker { id: w.id.clone() });
+                    }
+                }
+                self.models.insert(
+                    name.clone(),
+                    Deployment {
+                        name: name.clone(),
+                        source: source.clone(),
+                        dtype: dtype.clone(),
+                        placement: placement.clone(),
+                        state: ModelState::Loading,
+                    },
+                );
+            }
+            Command::SetModelState { name, state } => {
+                self.models
+                    .get_mut(name)
+                    .ok_or_else(|| StateError::UnknownModel(name.clone()))?
+                    .state = state.clone();
+            }
+            Command::UndeployModel { name } => {
+                self.models
+                    .remove(name)
+                    .ok_or_else(|| StateError::UnknownModel(name.clone()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn worker_mut(&mut self, id: &str) -> Result<&mut WorkerInfo, StateError> {
+        self.workers
+            .get_mut(id)
+            .ok_or_else(|| StateError::UnknownWorker(id.to_string()))
+    }
+
+    /// Models with a stage on worker `id`.
+    pub fn models_on(&self, id: &str) -> Vec<String> {
+        self.models
+            .values()
+            .filter(|m| m.placement.stages.iter().any(|s| s.worker == id))
+            .map(|m| m.name.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::Stage;
+
+    fn register(id: &str, at_ms: u64) -> Command {
+        Command::RegisterWorker {
+            id: id.into(),
+            address: format!("http://{id}:50061"),
+            device: "cpu".into(),
+            memory_total_bytes: 100,
+            memory_free_bytes: 90,
+            at_ms,
+        }
+    }
+
+    fn deploy(name: &str, workers: &[&str]) -> Command {
+        let stages = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Stage {
+                worker: w.to_string(),
+                layer_start: i as u32 * 10,
+                layer_end: (i as u32 + 1) * 10,
+                embed: i == 0,
+                head: i + 1 == workers.len(),
+                bytes: 10,
+            })
+            .collect();
+        Command::DeployModel {
+            name: name.into(),
+            source: "smollm2".into(),
+            dtype: "f32".into(),
+            placement: Placement { stages },
+        }
+    }
+
+    fn log() -> Vec<Command> {
+        vec![
+            register("a", 1),
+            register("b", 2),
+            Command::Heartbeat {
+                id: "a".into(),
+                memory_free_bytes: 50,
+                at_ms: 10,
+            },
+            deploy("m", &["a", "b"]),
+            Command::SetModelState {
+                name: "m".into(),
+                state: ModelState::Ready,
+            },
+            Command::SetWorkerHealth {
+                id: "b".into(),
+                healthy: false,
+            },
+            deploy("n", &["b"]),
+            Command::RemoveWorker { id: "a".into() },
+            register("b", 20),
+        ]
+    }
+
+    #[test]
+    fn replicas_applying_the_same_serialized_log_agree() {
+        let wire: Vec<String> = log()
+            .iter()
+            .map(|c| serde_json::to_string(c).unwrap())
+            .collect();
+        let run = || {
+            let mut s = ClusterState::default();
+            let results: Vec<_> = wire
+                .iter()
+                .map(|j| s.apply(&serde_json::from_str(j).unwrap()))
+                .collect();
+            (s, results)
+        };
+        let (a, ra) = run();
+        let (b, rb) = run();
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        assert_eq!(a.applied, 9);
+        // Deploying on the unhealthy worker and removing a busy one were refused.
+        assert_eq!(ra[6], Err(StateError::UnhealthyWorker { id: "b".into() }));
+        assert_eq!(
+            ra[7],
+            Err(StateError::WorkerInUse {
+                id: "a".into(),
+                models: vec!["m".into()]
+            })
+        );
+        assert_eq!(a.models["m"].state, ModelState::Ready);
+        assert!(!a.models.contains_key("n"));
+        // A restarted worker re-registers healthy with its new details.
+        assert!(a.workers["b"].healthy);
+        assert_eq!(a.workers["b"].last_heartbeat_ms, 20);
+        assert_eq!(a.workers["a"].memory_free_bytes, 50);
+    }
+
+    #[test]
+    fn unknown_names_are_errors_that_leave_the_state_unchanged() {
+        let mut s = ClusterState::default();
+        s.apply(&register("a", 1)).unwrap();
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&Command::UndeployModel { name: "x".into() }),
+            Err(StateError::UnknownModel("x".into()))
+        );
+        assert_eq!(
+            s.apply(&deploy("m", &["zz"])),
+            Err(StateError::UnknownWorker("zz".into()))
+        );
+        assert_eq!(s.workers, before.workers);
+        assert_eq!(s.models, before.models);
+        s.apply(&deploy("m", &["a"])).unwrap();
+        assert_eq!(
+            s.apply(&deploy("m", &["a"])),
+            Err(StateError::ModelExists("m".into()))
+        );
+        s.apply(&Command::UndeployModel { name: "m".into() })
+            .unwrap();
+        s.apply(&Command::RemoveWorker { id: "a".into() }).unwrap();
+        assert!(s.workers.is_empty() && s.models.is_empty());
+    }
+}
