@@ -71,30 +71,60 @@ impl Pipeline {
     /// Runs `ids` (at cached position `pos`) through every stage; returns the
     /// last position's logits.
     async fn step(&mut self, seq: &str, ids: &[u32], pos: u32) -> Result<Vec<f32>, tonic::Status> {
+        match self.run(seq, ids, pos, None).await? {
+            pb::forward_response::Output::Logits(l) => {
+                let t = from_wire(&l, "logits").unwrap();
+                Ok(Vec::try_from(t.view([-1])).unwrap())
+            }
+            other => panic!("expected logits, got {other:?}"),
+        }
+    }
+
+    /// Like `step`, with the last stage sampling: returns (token, logprob).
+    async fn sample(&mut self, seq: &str, ids: &[u32], pos: u32, s: pb::Sampling) -> (u32, f32) {
+        match self.run(seq, ids, pos, Some(s)).await.unwrap() {
+            pb::forward_response::Output::Token(t) => (t.id, t.logprob),
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        seq: &str,
+        ids: &[u32],
+        pos: u32,
+        sample: Option<pb::Sampling>,
+    ) -> Result<pb::forward_response::Output, tonic::Status> {
         let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let mut input =
             pb::forward_request::Input::Tokens(to_wire(&Tensor::from_slice(&x).unsqueeze(0)));
         let n = self.stages.len();
         for (i, (tx, rx)) in self.stages.iter_mut().enumerate() {
+            let last = i + 1 == n;
             tx.send(pb::ForwardRequest {
                 model: self.model.clone(),
                 sequence_id: seq.into(),
                 position: pos,
                 input: Some(input),
-                want_logits: i + 1 == n,
+                want_logits: last,
+                sample: if last { sample } else { None },
             })
             .await
             .unwrap();
-            let out = rx.message().await?.expect("a response per request");
-            input = match out.output.unwrap() {
-                pb::forward_response::Output::Hidden(h) => pb::forward_request::Input::Hidden(h),
-                pb::forward_response::Output::Logits(l) => {
-                    let t = from_wire(&l, "logits").unwrap();
-                    return Ok(Vec::try_from(t.view([-1])).unwrap());
+            let out = rx
+                .message()
+                .await?
+                .expect("a response per request")
+                .output
+                .unwrap();
+            input = match out {
+                pb::forward_response::Output::Hidden(h) if !last => {
+                    pb::forward_request::Input::Hidden(h)
                 }
+                out => return Ok(out),
             };
         }
-        unreachable!("the last stage returns logits")
+        unreachable!("the last stage answers")
     }
 }
 
@@ -213,6 +243,7 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
         position: 0,
         input: Some(pb::forward_request::Input::Tokens(bad)),
         want_logits: false,
+        sample: None,
     })
     .await
     .unwrap();
@@ -235,6 +266,7 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
                 &Tensor::from_slice(&[5i64, 6]).unsqueeze(0),
             ))),
             want_logits: false,
+            sample: None,
         })
         .await
         .unwrap();
@@ -251,6 +283,7 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
             &Tensor::from_slice(&[5i64]).unsqueeze(0),
         ))),
         want_logits: false,
+        sample: None,
     })
     .await
     .unwrap();
@@ -273,5 +306,65 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
             "caches not freed after the stream ended"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
+    let engine = load("smollm2", Kind::Float);
+    let prompt = engine
+        .prompt_ids(&llmos_worker::PromptInput::Text("Once upon a time".into()))
+        .unwrap();
+    let params = llmos_worker::SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        seed: 11,
+    };
+    let want = |p: llmos_worker::SamplingParams| {
+        let req = llmos_worker::GenerateRequest {
+            prompt: llmos_worker::PromptInput::Tokens(prompt.clone()),
+            sampling: p,
+            max_new_tokens: 12,
+            stop: vec![],
+            ignore_eos: true,
+        };
+        engine.generate(&req, &mut |_| true).unwrap().token_ids
+    };
+    let (want_greedy, want_seeded) = (want(Default::default()), want(params.clone()));
+    drop(engine);
+
+    let mut workers = vec![start_worker().await, start_worker().await];
+    for (i, layers) in [0..13u32, 13..30].into_iter().enumerate() {
+        let spec = shard("m", layers, i == 0, i == 1);
+        workers[i]
+            .load_shard(pb::LoadShardRequest { shard: Some(spec) })
+            .await
+            .unwrap();
+    }
+    for (seq, s, want) in [
+        ("greedy", pb::Sampling::default(), want_greedy),
+        (
+            "seeded",
+            pb::Sampling {
+                temperature: params.temperature,
+                top_k: params.top_k as u32,
+                top_p: params.top_p,
+                seed: params.seed,
+            },
+            want_seeded,
+        ),
+    ] {
+        let mut p = Pipeline::open("m", &mut workers).await;
+        let (mut tok, lp) = p.sample(seq, &prompt, 0, s).await;
+        assert!(lp <= 0.0);
+        let mut got = vec![tok];
+        let mut pos = prompt.len() as u32;
+        while got.len() < 12 {
+            tok = p.sample(seq, &[tok], pos, s).await.0;
+            got.push(tok);
+            pos += 1;
+        }
+        assert_eq!(got, want, "{seq}");
     }
 }

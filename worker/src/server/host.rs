@@ -14,6 +14,7 @@ use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
+use crate::sampling::{Sampler, SamplingParams};
 
 /// Initial cache capacity of a new sequence (it grows by doubling).
 const INITIAL_CACHE_POSITIONS: usize = 64;
@@ -22,6 +23,8 @@ struct Hosted {
     spec: pb::ShardSpec,
     model: Llama,
     caches: HashMap<String, KvCache>,
+    /// Per-sequence samplers of a last stage that samples.
+    samplers: HashMap<String, Sampler>,
     weight_bytes: u64,
 }
 
@@ -112,7 +115,10 @@ impl Host {
             Command::Forward(req, tx) => drop(tx.send(self.forward(req))),
             Command::Release(model, seq, tx) => {
                 let r = match self.shards.get_mut(&model) {
-                    Some(h) => Ok(h.caches.remove(&seq).is_some()),
+                    Some(h) => {
+                        h.samplers.remove(&seq);
+                        Ok(h.caches.remove(&seq).is_some())
+                    }
                     None => Err(WorkerError::UnknownModel(model)),
                 };
                 drop(tx.send(r));
@@ -160,6 +166,7 @@ impl Host {
                 spec,
                 model,
                 caches: HashMap::new(),
+                samplers: HashMap::new(),
                 weight_bytes,
             },
         );
@@ -223,7 +230,20 @@ impl Host {
                 ))
             }
         };
-        if req.want_logits && !model.shard().head {
+        let sampling = match &req.sample {
+            Some(s) => {
+                let p = SamplingParams {
+                    temperature: s.temperature,
+                    top_k: s.top_k as usize,
+                    top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+                    seed: s.seed,
+                };
+                p.validate()?;
+                Some(p)
+            }
+            None => None,
+        };
+        if (req.want_logits || sampling.is_some()) && !model.shard().head {
             return Err(WorkerError::InvalidRequest(
                 "this shard holds no LM head".into(),
             ));
@@ -242,7 +262,16 @@ impl Host {
         }
         cache.grow_for(t, cfg.max_position)?;
         let out = model.forward_hidden(&x, cache)?;
-        let output = if req.want_logits {
+        let output = if let Some(params) = sampling {
+            let logits = model.logits(&out.select(1, -1))?;
+            let logits: Vec<f32> = Vec::try_from(logits.view([-1]))?;
+            let sampler = h
+                .samplers
+                .entry(req.sequence_id.clone())
+                .or_insert_with(|| Sampler::new(params));
+            let (id, logprob) = sampler.sample(&logits);
+            pb::forward_response::Output::Token(pb::SampledToken { id, logprob })
+        } else if req.want_logits {
             pb::forward_response::Output::Logits(to_wire(&model.logits(&out.select(1, -1))?))
         } else {
             pb::forward_response::Output::Hidden(to_wire(&out))
