@@ -128,6 +128,22 @@ impl Pipeline {
     }
 }
 
+/// A first-stage request for `tokens` of sequence `seq` at position `pos`.
+fn tokens_request(seq: &str, pos: u32, tokens: pb::Tensor) -> pb::ForwardRequest {
+    pb::ForwardRequest {
+        model: "m".into(),
+        sequence_id: seq.into(),
+        position: pos,
+        input: Some(pb::forward_request::Input::Tokens(tokens)),
+        want_logits: false,
+        sample: None,
+    }
+}
+
+fn ids(v: &[i64]) -> pb::Tensor {
+    to_wire(&Tensor::from_slice(v).unsqueeze(0))
+}
+
 fn argmax(v: &[f32]) -> u32 {
     llmos_worker::sampling::argmax(v)
 }
@@ -237,16 +253,7 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
         .into_inner();
     let mut bad = to_wire(&Tensor::zeros([1, 1, 576], (Kind::Float, tch::Device::Cpu)));
     bad.data.truncate(10);
-    tx.send(pb::ForwardRequest {
-        model: "m".into(),
-        sequence_id: "s".into(),
-        position: 0,
-        input: Some(pb::forward_request::Input::Tokens(bad)),
-        want_logits: false,
-        sample: None,
-    })
-    .await
-    .unwrap();
+    tx.send(tokens_request("s", 0, bad)).await.unwrap();
     let e = resp.message().await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 
@@ -258,35 +265,13 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
         .unwrap()
         .into_inner();
     for seq in ["a", "b"] {
-        tx.send(pb::ForwardRequest {
-            model: "m".into(),
-            sequence_id: seq.into(),
-            position: 0,
-            input: Some(pb::forward_request::Input::Tokens(to_wire(
-                &Tensor::from_slice(&[5i64, 6]).unsqueeze(0),
-            ))),
-            want_logits: false,
-            sample: None,
-        })
-        .await
-        .unwrap();
+        tx.send(tokens_request(seq, 0, ids(&[5, 6]))).await.unwrap();
         resp.message().await.unwrap().unwrap();
     }
     let stats = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.shards[0].sequences, 2);
     assert!(stats.shards[0].kv_cache_bytes > 0);
-    tx.send(pb::ForwardRequest {
-        model: "m".into(),
-        sequence_id: "a".into(),
-        position: 7,
-        input: Some(pb::forward_request::Input::Tokens(to_wire(
-            &Tensor::from_slice(&[5i64]).unsqueeze(0),
-        ))),
-        want_logits: false,
-        sample: None,
-    })
-    .await
-    .unwrap();
+    tx.send(tokens_request("a", 7, ids(&[5]))).await.unwrap();
     let e = resp.message().await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert!(
