@@ -120,13 +120,13 @@ impl ModelConfig {
                 return err(format!("{name} must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return err(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim
@@ -141,7 +141,9 @@ impl ModelConfig {
                 ));
             }
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // Also rejects NaN and infinities.
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return err("rms_norm_eps and rope_theta must be positive".into());
         }
         Ok(())

@@ -151,6 +151,15 @@ mod x86 {
     }
 }
 
+static POOL: std::sync::OnceLock<SpinPool> = std::sync::OnceLock::new();
+
+/// The process-wide pool for decode products. Its size is fixed by the first
+/// call: libtorch's intra-op thread count at that time (engines call this at
+/// load, before decode steps lower libtorch's count).
+pub fn pool() -> &'static SpinPool {
+    POOL.get_or_init(|| SpinPool::new(tch::get_num_threads().max(1) as usize))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,13 +209,4 @@ mod tests {
             }
         }
     }
-}
-
-static POOL: std::sync::OnceLock<SpinPool> = std::sync::OnceLock::new();
-
-/// The process-wide pool for decode products. Its size is fixed by the first
-/// call: libtorch's intra-op thread count at that time (engines call this at
-/// load, before decode steps lower libtorch's count).
-pub fn pool() -> &'static SpinPool {
-    POOL.get_or_init(|| SpinPool::new(tch::get_num_threads().max(1) as usize))
 }

@@ -371,7 +371,7 @@ impl Llama {
             let h = blk
                 .attn
                 .forward(&blk.attn_norm.forward(&x), start, &self.rope, i, cache);
-            x = x + h;
+            x = &x + h;
             x = &x + blk.mlp.forward(&blk.mlp_norm.forward(&x));
         }
         cache.advance(t);
