@@ -5,6 +5,69 @@
 //!   replicated log (Raft, etcd) sits behind.
 //! - [`placement`]: plans contiguous layer ranges over workers in proportion
 //!   to their free memory, or checks an explicit split.
+//! - [`cluster`]: the shared coordinator state (the state machine behind
+//!   `propose`, model tokenizers, worker clients) and its configuration.
+//! - [`admin`]: the `Registry` (workers) and `Admin` services.
+//! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels).
+//! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
+pub mod admin;
+pub mod cluster;
+pub mod error;
+pub mod inference;
 pub mod placement;
 pub mod state;
+
+use std::sync::Arc;
+
+pub use cluster::{Cluster, Config};
+
+/// Serves every coordinator API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let cluster = Cluster::new(config);
+    let watchdog = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cluster.config.heartbeat_interval);
+            loop {
+                tick.tick().await;
+                cluster.check_heartbeats();
+            }
+        })
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<llmos_proto::v1::inference_server::InferenceServer<inference::InferenceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("valid descriptor set");
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            llmos_proto::worker::v1::registry_server::RegistryServer::new(admin::RegistryService {
+                cluster: Arc::clone(&cluster),
+            }),
+        )
+        .add_service(llmos_proto::v1::admin_server::AdminServer::new(
+            admin::AdminService {
+                cluster: Arc::clone(&cluster),
+            },
+        ))
+        .add_service(llmos_proto::v1::inference_server::InferenceServer::new(
+            inference::InferenceService { cluster },
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    watchdog.abort();
+    result
+}

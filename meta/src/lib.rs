@@ -8,6 +8,7 @@
 //! - [`tokenizer`]: tokenizers from GGUF or `tokenizer.json`; streaming decode; stop sequences.
 //! - [`chat`]: chat-template rendering.
 //! - [`source`]: resolving a model name or path and opening it.
+//! - [`streamer`]: token ids to streamed text and a finish reason.
 
 pub mod chat;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod quant;
 pub mod source;
+pub mod streamer;
 pub mod tokenizer;
 pub mod weights;
 
@@ -23,5 +25,6 @@ pub use chat::{render_chat, ChatMessage};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{MetaError, Result};
 pub use source::{ModelSpec, OpenedModel};
+pub use streamer::{FinishReason, TextStreamer};
 pub use tokenizer::{DecodeStream, StopMatcher, StopOutcome, Tokenizer};
 pub use weights::{HostDType, HostTensor, LayerPart, WeightKey, WeightSource};

@@ -4,10 +4,7 @@
 
 use std::time::Instant;
 
-use llmos_meta::{
-    render_chat, ChatMessage, DecodeStream, ModelSpec, OpenedModel, StopMatcher, StopOutcome,
-    Tokenizer,
-};
+use llmos_meta::{render_chat, ChatMessage, ModelSpec, OpenedModel, TextStreamer, Tokenizer};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -45,18 +42,7 @@ pub struct TokenEvent {
     pub logprob: f32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// `max_new_tokens` reached.
-    Length,
-    /// The model produced an end-of-sequence token.
-    Eos,
-    /// A stop sequence appeared in the text.
-    Stop,
-    /// The caller stopped the stream.
-    Cancelled,
-}
+pub use llmos_meta::FinishReason;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Usage {
@@ -202,16 +188,16 @@ impl Engine {
                 got: ids.len() + req.max_new_tokens,
             });
         }
-        let eos: &[u32] = match (&self.tokenizer, req.ignore_eos) {
-            (Some(t), false) => &t.eos_token_ids,
-            _ => &[],
-        };
         let _guard = tch::no_grad_guard();
         let started = Instant::now();
         let mut cache = self.model.new_cache(1, ids.len() + req.max_new_tokens);
         let mut sampler = Sampler::new(req.sampling.clone());
-        let mut decoder = DecodeStream::new();
-        let mut stops = StopMatcher::new(req.stop.clone());
+        let mut streamer = TextStreamer::new(
+            self.tokenizer.as_ref(),
+            req.max_new_tokens,
+            req.stop.clone(),
+            req.ignore_eos,
+        );
         let mut out_ids = Vec::new();
         let mut text = String::new();
         let mut first_token_at = None;
@@ -234,30 +220,7 @@ impl Engine {
             let (id, logprob) = sampler.sample(&logits);
             first_token_at.get_or_insert_with(Instant::now);
             out_ids.push(id);
-            let is_eos = eos.contains(&id);
-            let mut finish = if is_eos {
-                Some(FinishReason::Eos)
-            } else if out_ids.len() >= req.max_new_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let delta = match &self.tokenizer {
-                Some(t) if !is_eos => decoder.step(t, id)?,
-                _ => String::new(),
-            };
-            let piece = match stops.push(&delta) {
-                StopOutcome::Stopped(before) => {
-                    finish = Some(FinishReason::Stop);
-                    before
-                }
-                StopOutcome::Continue(mut s) => {
-                    if finish.is_some() {
-                        s.push_str(&stops.flush());
-                    }
-                    s
-                }
-            };
+            let (piece, finish) = streamer.push(id)?;
             text.push_str(&piece);
             let keep_going = on_token(&TokenEvent {
                 id,

@@ -303,7 +303,7 @@ impl Host {
 }
 
 /// (MemTotal, MemAvailable) in bytes from /proc/meminfo.
-fn meminfo() -> (u64, u64) {
+pub(crate) fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let get = |key: &str| {
         text.lines()

@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod host;
+pub mod register;
 
 use std::pin::Pin;
 

@@ -1,0 +1,333 @@
+//! `Registry` (workers register and heartbeat) and `Admin` (deploy,
+//! undeploy, workers, status).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use llmos_proto::v1 as api;
+use llmos_proto::worker::v1 as wk;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::Cluster;
+use crate::error::{CoordError, Result};
+use crate::placement::{plan, ModelShape, PlacementRequest, Stage, WorkerCapacity};
+use crate::state::{ClusterState, Command, ModelState, StateError};
+
+pub struct RegistryService {
+    pub cluster: Arc<Cluster>,
+}
+
+#[tonic::async_trait]
+impl wk::registry_server::Registry for RegistryService {
+    async fn register(
+        &self,
+        req: Request<wk::RegisterRequest>,
+    ) -> Result<Response<wk::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        if r.worker_id.is_empty() || r.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "worker_id and address are required",
+            ));
+        }
+        self.cluster.forget_client(&r.address);
+        self.cluster
+            .propose(Command::RegisterWorker {
+                id: r.worker_id.clone(),
+                address: r.address.clone(),
+                device: r.device,
+                memory_total_bytes: r.memory_total_bytes,
+                memory_free_bytes: r.memory_free_bytes,
+                at_ms: self.cluster.now_ms(),
+            })
+            .map_err(CoordError::from)?;
+        tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
+        // A restarted worker gets its shards back.
+        let state = self.cluster.read();
+        for m in state.models.values() {
+            for s in m
+                .placement
+                .stages
+                .iter()
+                .filter(|s| s.worker == r.worker_id)
+            {
+                let (cluster, spec) = (
+                    self.cluster.clone(),
+                    shard_spec(&m.name, &m.source, &m.dtype, s),
+                );
+                let worker = r.worker_id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = load_stage(&cluster, &worker, spec).await {
+                        tracing::error!(%worker, error = %e, "reloading a shard after re-registration failed");
+                    }
+                });
+            }
+        }
+        Ok(Response::new(wk::RegisterResponse {
+            heartbeat_interval_ms: self.cluster.config.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<wk::HeartbeatRequest>,
+    ) -> Result<Response<wk::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let known = match self.cluster.propose(Command::Heartbeat {
+            id: r.worker_id,
+            memory_free_bytes: r.memory_free_bytes,
+            at_ms: self.cluster.now_ms(),
+        }) {
+            Ok(()) => true,
+            Err(StateError::UnknownWorker(_)) => false,
+            Err(e) => return Err(CoordError::from(e).into()),
+        };
+        Ok(Response::new(wk::HeartbeatResponse { known }))
+    }
+}
+
+fn dtype_code(dtype: &str) -> wk::DType {
+    match dtype {
+        "bf16" => wk::DType::Bf16,
+        _ => wk::DType::F32,
+    }
+}
+
+fn shard_spec(model: &str, source: &str, dtype: &str, s: &Stage) -> wk::ShardSpec {
+    wk::ShardSpec {
+        model: model.to_string(),
+        source: source.to_string(),
+        layer_start: s.layer_start,
+        layer_end: s.layer_end,
+        embed: s.embed,
+        head: s.head,
+        dtype: dtype_code(dtype) as i32,
+    }
+}
+
+async fn load_stage(
+    cluster: &Cluster,
+    worker: &str,
+    spec: wk::ShardSpec,
+) -> Result<wk::LoadShardResponse> {
+    let mut client = cluster.worker(worker).await?;
+    let mut req = Request::new(wk::LoadShardRequest { shard: Some(spec) });
+    req.set_timeout(cluster.config.load_timeout);
+    client
+        .load_shard(req)
+        .await
+        .map(Response::into_inner)
+        .map_err(|status| CoordError::WorkerFailed {
+            worker: worker.to_string(),
+            status,
+        })
+}
+
+fn stage_status(state: &ClusterState, s: &Stage) -> api::StagePlacement {
+    api::StagePlacement {
+        worker_id: s.worker.clone(),
+        worker_address: state
+            .workers
+            .get(&s.worker)
+            .map(|w| w.address.clone())
+            .unwrap_or_default(),
+        layer_start: s.layer_start,
+        layer_end: s.layer_end,
+        embed: s.embed,
+        head: s.head,
+        weight_bytes: s.bytes,
+    }
+}
+
+fn worker_statuses(state: &ClusterState) -> Vec<api::WorkerStatus> {
+    state
+        .workers
+        .values()
+        .map(|w| api::WorkerStatus {
+            id: w.id.clone(),
+            address: w.address.clone(),
+            device: w.device.clone(),
+            healthy: w.healthy,
+            memory_total_bytes: w.memory_total_bytes,
+            memory_free_bytes: w.memory_free_bytes,
+            shards: state
+                .models
+                .values()
+                .flat_map(|m| {
+                    m.placement
+                        .stages
+                        .iter()
+                        .filter(|s| s.worker == w.id)
+                        .map(|s| format!("{}:{}-{}", m.name, s.layer_start, s.layer_end))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+pub struct AdminService {
+    pub cluster: Arc<Cluster>,
+}
+
+impl AdminService {
+    async fn deploy(&self, r: api::DeployModelRequest) -> Result<api::DeployModelResponse> {
+        let started = Instant::now();
+        if r.name.is_empty() || r.source.is_empty() {
+            return Err(CoordError::Invalid("name and source are required".into()));
+        }
+        let dtype = match r.dtype.as_str() {
+            "" | "f32" => "f32",
+            "bf16" => "bf16",
+            other => {
+                return Err(CoordError::Invalid(format!(
+                    "dtype {other:?} (supported: f32, bf16)"
+                )))
+            }
+        };
+        if self.cluster.read().models.contains_key(&r.name) {
+            return Err(StateError::ModelExists(r.name).into());
+        }
+        let rt = self.cluster.open_model(&r.name, &r.source)?;
+        let shape = ModelShape::from_config(&rt.config, if dtype == "f32" { 4 } else { 2 });
+        let workers: Vec<WorkerCapacity> = self
+            .cluster
+            .read()
+            .workers
+            .values()
+            .filter(|w| w.healthy)
+            .map(|w| WorkerCapacity {
+                id: w.id.clone(),
+                free_bytes: w.memory_free_bytes,
+            })
+            .collect();
+        let req = PlacementRequest {
+            stages: (r.stages > 0).then_some(r.stages),
+            split: (!r.layer_split.is_empty()).then(|| r.layer_split.clone()),
+            reserve_bytes: 0,
+        };
+        let placement = plan(&shape, &workers, &req)?;
+        self.cluster.propose(Command::DeployModel {
+            name: r.name.clone(),
+            source: r.source.clone(),
+            dtype: dtype.into(),
+            placement: placement.clone(),
+        })?;
+        let mut loads = tokio::task::JoinSet::new();
+        for s in &placement.stages {
+            let (cluster, worker) = (self.cluster.clone(), s.worker.clone());
+            let spec = shard_spec(&r.name, &r.source, dtype, s);
+            loads.spawn(async move { (worker.clone(), load_stage(&cluster, &worker, spec).await) });
+        }
+        let mut failure = None;
+        while let Some(joined) = loads.join_next().await {
+            let (worker, result) = joined.expect("load task");
+            if let Err(e) = result {
+                tracing::error!(%worker, error = %e, "loading a shard failed");
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            // Roll back: no half-deployed model stays behind.
+            for s in &placement.stages {
+                if let Ok(mut c) = self.cluster.worker(&s.worker).await {
+                    let _ = c
+                        .unload_shard(wk::UnloadShardRequest {
+                            model: r.name.clone(),
+                        })
+                        .await;
+                }
+            }
+            let _ = self.cluster.propose(Command::UndeployModel {
+                name: r.name.clone(),
+            });
+            self.cluster.forget_model(&r.name);
+            return Err(e);
+        }
+        self.cluster.propose(Command::SetModelState {
+            name: r.name.clone(),
+            state: ModelState::Ready,
+        })?;
+        let state = self.cluster.read();
+        tracing::info!(model = %r.name, stages = placement.stages.len(), "model deployed");
+        Ok(api::DeployModelResponse {
+            stages: placement
+                .stages
+                .iter()
+                .map(|s| stage_status(&state, s))
+                .collect(),
+            load_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl api::admin_server::Admin for AdminService {
+    async fn deploy_model(
+        &self,
+        req: Request<api::DeployModelRequest>,
+    ) -> Result<Response<api::DeployModelResponse>, Status> {
+        Ok(Response::new(self.deploy(req.into_inner()).await?))
+    }
+
+    async fn undeploy_model(
+        &self,
+        req: Request<api::UndeployModelRequest>,
+    ) -> Result<Response<api::UndeployModelResponse>, Status> {
+        let name = req.into_inner().name;
+        let dep = self
+            .cluster
+            .read()
+            .models
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownModel(name.clone()))?;
+        for s in &dep.placement.stages {
+            if let Ok(mut c) = self.cluster.worker(&s.worker).await {
+                let _ = c
+                    .unload_shard(wk::UnloadShardRequest {
+                        model: name.clone(),
+                    })
+                    .await;
+            }
+        }
+        self.cluster
+            .propose(Command::UndeployModel { name: name.clone() })
+            .map_err(CoordError::from)?;
+        self.cluster.forget_model(&name);
+        Ok(Response::new(api::UndeployModelResponse {}))
+    }
+
+    async fn list_workers(
+        &self,
+        _req: Request<api::ListWorkersRequest>,
+    ) -> Result<Response<api::ListWorkersResponse>, Status> {
+        Ok(Response::new(api::ListWorkersResponse {
+            workers: worker_statuses(&self.cluster.read()),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<api::ClusterStatusRequest>,
+    ) -> Result<Response<api::ClusterStatusResponse>, Status> {
+        let state = self.cluster.read();
+        let models = state
+            .models
+            .values()
+            .map(|m| api::ModelStatus {
+                name: m.name.clone(),
+                source: m.source.clone(),
+                state: format!("{:?}", m.state),
+                stages: m
+                    .placement
+                    .stages
+                    .iter()
+                    .map(|s| stage_status(&state, s))
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(api::ClusterStatusResponse {
+            workers: worker_statuses(&state),
+            models,
+        }))
+    }
+}

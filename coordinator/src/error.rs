@@ -1,0 +1,66 @@
+//! The coordinator's error type and its one mapping to gRPC status codes.
+
+use tonic::Status;
+
+use crate::placement::PlanError;
+use crate::state::StateError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("model {0:?} is not deployed")]
+    UnknownModel(String),
+    #[error("model {model:?} is not ready: {state}")]
+    ModelNotReady { model: String, state: String },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{what}: {limit_name} is {limit}, got {got}")]
+    Limit {
+        what: String,
+        limit_name: &'static str,
+        limit: usize,
+        got: usize,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Meta(#[from] llmos_meta::MetaError),
+    #[error("worker {worker} ({address}) is unavailable: {reason}")]
+    WorkerUnavailable {
+        worker: String,
+        address: String,
+        reason: String,
+    },
+    #[error("worker {worker} failed: {status}")]
+    WorkerFailed { worker: String, status: Status },
+}
+
+impl From<CoordError> for Status {
+    fn from(e: CoordError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CoordError::UnknownModel(_) | CoordError::State(StateError::UnknownModel(_)) => {
+                Status::not_found(msg)
+            }
+            CoordError::State(StateError::UnknownWorker(_)) => Status::not_found(msg),
+            CoordError::Meta(llmos_meta::MetaError::ModelNotFound { .. }) => Status::not_found(msg),
+            CoordError::Invalid(_)
+            | CoordError::Limit { .. }
+            | CoordError::Plan(PlanError::Invalid(_)) => Status::invalid_argument(msg),
+            CoordError::Meta(_) => Status::invalid_argument(msg),
+            CoordError::Plan(PlanError::Insufficient { .. }) => Status::failed_precondition(msg),
+            CoordError::State(StateError::ModelExists(_)) => Status::already_exists(msg),
+            CoordError::State(_) => Status::failed_precondition(msg),
+            CoordError::ModelNotReady { .. } | CoordError::WorkerUnavailable { .. } => {
+                Status::unavailable(msg)
+            }
+            CoordError::WorkerFailed { status, worker } => Status::new(
+                status.code(),
+                format!("worker {worker}: {}", status.message()),
+            ),
+        }
+    }
+}
+
+pub type Result<T, E = CoordError> = std::result::Result<T, E>;

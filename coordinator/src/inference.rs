@@ -1,0 +1,413 @@
+//! The public `Inference` API: prompts are tokenized here once, run through
+//! the stages in order over one Forward stream per stage, the last stage
+//! samples, and tokens stream back. A client that goes away ends the loop,
+//! which closes the stage streams, which frees every stage's KV cache.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use llmos_meta::{render_chat, ChatMessage, FinishReason, TextStreamer};
+use llmos_proto::v1 as api;
+use llmos_proto::worker::v1 as wk;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cluster::{Cluster, ModelRuntime};
+use crate::error::{CoordError, Result};
+use crate::state::ModelState;
+
+pub struct InferenceService {
+    pub cluster: Arc<Cluster>,
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, Status>> + Send>>;
+
+/// One open pipeline stage: a Forward stream to its worker.
+struct StageLink {
+    worker: String,
+    address: String,
+    tx: mpsc::Sender<wk::ForwardRequest>,
+    rx: Streaming<wk::ForwardResponse>,
+}
+
+impl InferenceService {
+    fn runtime(&self, model: &str) -> Result<(Arc<ModelRuntime>, crate::state::Deployment)> {
+        let dep = self
+            .cluster
+            .read()
+            .models
+            .get(model)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
+        if dep.state != ModelState::Ready {
+            return Err(CoordError::ModelNotReady {
+                model: model.to_string(),
+                state: format!("{:?}", dep.state),
+            });
+        }
+        let rt = self
+            .cluster
+            .model(model)
+            .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
+        Ok((rt, dep))
+    }
+
+    async fn open_stages(&self, dep: &crate::state::Deployment) -> Result<Vec<StageLink>> {
+        let state = self.cluster.read();
+        let mut links = Vec::new();
+        for s in &dep.placement.stages {
+            let address = state
+                .workers
+                .get(&s.worker)
+                .map(|w| w.address.clone())
+                .unwrap_or_default();
+            let mut client = self.cluster.worker(&s.worker).await?;
+            let (tx, rx) = mpsc::channel(4);
+            let rx = tokio::time::timeout(
+                self.cluster.config.connect_timeout,
+                client.forward(ReceiverStream::new(rx)),
+            )
+            .await
+            .map_err(|_| CoordError::WorkerUnavailable {
+                worker: s.worker.clone(),
+                address: address.clone(),
+                reason: "no answer to Forward".into(),
+            })?
+            .map_err(|status| {
+                self.cluster.forget_client(&address);
+                CoordError::WorkerUnavailable {
+                    worker: s.worker.clone(),
+                    address: address.clone(),
+                    reason: status.message().to_string(),
+                }
+            })?
+            .into_inner();
+            links.push(StageLink {
+                worker: s.worker.clone(),
+                address,
+                tx,
+                rx,
+            });
+        }
+        Ok(links)
+    }
+}
+
+/// Token ids of a prompt, checked against the vocabulary.
+fn prompt_ids(
+    rt: &ModelRuntime,
+    model: &str,
+    prompt: Option<api::generate_request::Prompt>,
+) -> Result<Vec<u32>> {
+    use api::generate_request::Prompt;
+    let tok = || {
+        rt.tokenizer.as_ref().ok_or_else(|| {
+            CoordError::Invalid(format!("model {model} has no tokenizer: send token ids"))
+        })
+    };
+    let ids = match prompt {
+        None => return Err(CoordError::Invalid("the request has no prompt".into())),
+        Some(Prompt::TokenIds(t)) => t.ids,
+        Some(Prompt::Text(text)) => tok()?.encode(&text, true)?,
+        Some(Prompt::Chat(c)) => {
+            let t = tok()?;
+            let template = t.chat_template.as_deref().ok_or_else(|| {
+                CoordError::Invalid(format!("model {model} has no chat template"))
+            })?;
+            let messages: Vec<ChatMessage> = c
+                .messages
+                .into_iter()
+                .map(|m| ChatMessage::new(m.role, m.content))
+                .collect();
+            t.encode(
+                &render_chat(template, &messages, true, &t.bos_token(), &t.eos_token())?,
+                false,
+            )?
+        }
+    };
+    if ids.is_empty() {
+        return Err(CoordError::Invalid("the prompt is empty".into()));
+    }
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= rt.config.vocab_size) {
+        return Err(CoordError::Invalid(format!(
+            "token id {bad} is outside the vocabulary of {} tokens",
+            rt.config.vocab_size
+        )));
+    }
+    Ok(ids)
+}
+
+fn finish_code(f: FinishReason) -> api::FinishReason {
+    match f {
+        FinishReason::Length => api::FinishReason::Length,
+        FinishReason::Eos => api::FinishReason::Eos,
+        FinishReason::Stop => api::FinishReason::Stop,
+        FinishReason::Cancelled => api::FinishReason::Cancelled,
+    }
+}
+
+/// Runs `ids` at position `pos` through every stage; the last samples.
+async fn step(
+    links: &mut [StageLink],
+    model: &str,
+    seq: &str,
+    ids: &[u32],
+    pos: u32,
+    sampling: wk::Sampling,
+    timeout: std::time::Duration,
+) -> Result<wk::SampledToken> {
+    let mut data = Vec::with_capacity(ids.len() * 8);
+    ids.iter()
+        .for_each(|&i| data.extend((i as i64).to_le_bytes()));
+    let mut input = wk::forward_request::Input::Tokens(wk::Tensor {
+        dtype: wk::DType::I64 as i32,
+        shape: vec![1, ids.len() as i64],
+        data,
+    });
+    let n = links.len();
+    for (i, l) in links.iter_mut().enumerate() {
+        let last = i + 1 == n;
+        let unavailable = |reason: String| CoordError::WorkerUnavailable {
+            worker: l.worker.clone(),
+            address: l.address.clone(),
+            reason,
+        };
+        let req = wk::ForwardRequest {
+            model: model.to_string(),
+            sequence_id: seq.to_string(),
+            position: pos,
+            input: Some(input),
+            want_logits: false,
+            sample: last.then_some(sampling),
+        };
+        l.tx.send(req)
+            .await
+            .map_err(|_| unavailable("its stream closed".into()))?;
+        let msg = tokio::time::timeout(timeout, l.rx.message())
+            .await
+            .map_err(|_| unavailable(format!("no answer within {timeout:?}")))?;
+        let out = match msg {
+            Ok(Some(r)) => r.output,
+            Ok(None) => return Err(unavailable("its stream ended".into())),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                return Err(unavailable(status.message().to_string()))
+            }
+            Err(status) => {
+                return Err(CoordError::WorkerFailed {
+                    worker: l.worker.clone(),
+                    status,
+                })
+            }
+        };
+        input = match out {
+            Some(wk::forward_response::Output::Hidden(h)) if !last => {
+                wk::forward_request::Input::Hidden(h)
+            }
+            Some(wk::forward_response::Output::Token(t)) if last => return Ok(t),
+            other => {
+                return Err(CoordError::WorkerFailed {
+                    worker: l.worker.clone(),
+                    status: Status::internal(format!("unexpected output {other:?}")),
+                })
+            }
+        };
+    }
+    unreachable!("the last stage answers")
+}
+
+#[tonic::async_trait]
+impl api::inference_server::Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        req: Request<api::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let r = req.into_inner();
+        let (rt, dep) = self.runtime(&r.model)?;
+        let ids = prompt_ids(&rt, &r.model, r.prompt)?;
+        let stopping = r.stopping.unwrap_or_default();
+        let max_new = match stopping.max_new_tokens as usize {
+            0 => self
+                .cluster
+                .config
+                .default_max_new_tokens
+                .min(rt.config.max_position.saturating_sub(ids.len())),
+            n => n,
+        };
+        if max_new == 0 || ids.len() + max_new > rt.config.max_position {
+            return Err(CoordError::Limit {
+                what: format!(
+                    "prompt of {} tokens plus max_new_tokens {max_new}",
+                    ids.len()
+                ),
+                limit_name: "the model's context length",
+                limit: rt.config.max_position,
+                got: ids.len() + max_new.max(1),
+            }
+            .into());
+        }
+        let s = r.sampling.unwrap_or_default();
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(0.0..=1.0).contains(&s.top_p) {
+            return Err(Status::invalid_argument(format!(
+                "temperature must be >= 0 and top_p in [0, 1]; got {} and {}",
+                s.temperature, s.top_p
+            )));
+        }
+        let request_id = if r.request_id.is_empty() {
+            format!("req-{}-{}", self.cluster.now_ms(), std::process::id())
+        } else {
+            r.request_id
+        };
+        let seed = s.seed.unwrap_or_else(|| {
+            request_id.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            })
+        });
+        let sampling = wk::Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed,
+        };
+        let mut links = self.open_stages(&dep).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let (model, timeout, logprobs) = (
+            r.model.clone(),
+            self.cluster.config.step_timeout,
+            r.logprobs,
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut streamer = TextStreamer::new(
+                rt.tokenizer.as_ref(),
+                max_new,
+                stopping.stop_sequences,
+                stopping.ignore_eos,
+            );
+            let (mut input, mut pos, mut produced) = (ids.clone(), 0u32, 0u32);
+            let mut first_at = None;
+            loop {
+                let t = match step(
+                    &mut links,
+                    &model,
+                    &request_id,
+                    &input,
+                    pos,
+                    sampling,
+                    timeout,
+                )
+                .await
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(request_id = %request_id, error = %e, "generation failed");
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                first_at.get_or_insert_with(Instant::now);
+                pos += input.len() as u32;
+                produced += 1;
+                let (text, finish) = match streamer.push(t.id) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let token = api::Token {
+                    id: t.id,
+                    text,
+                    logprob: logprobs.then_some(t.logprob),
+                };
+                let mut msg = api::GenerateResponse {
+                    request_id: request_id.clone(),
+                    tokens: vec![token],
+                    ..Default::default()
+                };
+                if let Some(f) = finish {
+                    let first = first_at.expect("set above");
+                    let decode_s = first.elapsed().as_secs_f64();
+                    msg.finish_reason = finish_code(f) as i32;
+                    msg.usage = Some(api::Usage {
+                        prompt_tokens: ids.len() as u32,
+                        completion_tokens: produced,
+                        total_tokens: ids.len() as u32 + produced,
+                    });
+                    msg.timings = Some(api::Timings {
+                        time_to_first_token_s: (first - started).as_secs_f64(),
+                        decode_s,
+                        decode_tokens_per_s: if decode_s > 0.0 {
+                            (produced - 1) as f64 / decode_s
+                        } else {
+                            0.0
+                        },
+                    });
+                }
+                if tx.send(Ok(msg)).await.is_err() {
+                    tracing::info!(request_id = %request_id, "client went away: cancelling");
+                    return;
+                }
+                if finish.is_some() {
+                    return;
+                }
+                input = vec![t.id];
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<api::TokenizeRequest>,
+    ) -> Result<Response<api::TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        let (rt, _) = self.runtime(&r.model)?;
+        let tok = rt
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| CoordError::Invalid(format!("model {} has no tokenizer", r.model)))?;
+        let ids = match r.input {
+            Some(api::tokenize_request::Input::Text(t)) => tok
+                .encode(&t, r.add_special_tokens)
+                .map_err(CoordError::from)?,
+            Some(api::tokenize_request::Input::Chat(c)) => {
+                prompt_ids(&rt, &r.model, Some(api::generate_request::Prompt::Chat(c)))?
+            }
+            None => return Err(Status::invalid_argument("the request has no input")),
+        };
+        let tokens = ids.iter().map(|&i| tok.token_text(i)).collect();
+        Ok(Response::new(api::TokenizeResponse { ids, tokens }))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<api::ListModelsRequest>,
+    ) -> Result<Response<api::ListModelsResponse>, Status> {
+        let state = self.cluster.read();
+        let models = state
+            .models
+            .values()
+            .filter_map(|m| {
+                let rt = self.cluster.model(&m.name)?;
+                Some(api::ModelInfo {
+                    name: m.name.clone(),
+                    architecture: format!("{:?}", rt.config.arch),
+                    num_layers: rt.config.num_layers as u32,
+                    vocab_size: rt.config.vocab_size as u32,
+                    max_context: rt.config.max_position as u32,
+                    dtype: m.dtype.clone(),
+                })
+            })
+            .collect();
+        Ok(Response::new(api::ListModelsResponse { models }))
+    }
+}
