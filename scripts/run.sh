@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The main job: set up if needed, build, and stream a generation from the
-# embedded SmolLM2 model. Extra arguments go to `llmos-worker generate`
-# (e.g. --prompt "..." --max-tokens 64 --temperature 0.7 --json).
+# The main job: set up if needed, build, start a local cluster (a
+# coordinator and two worker processes on loopback, ports chosen
+# automatically), deploy the embedded SmolLM2 split across both workers, and
+# stream a generation. Ctrl-C stops everything. Extra arguments go to
+# `llmos local` (e.g. --prompt "..." --max-tokens 64 --temperature 0.7 --json).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"
-cargo build --release -q -p llmos-worker
+cargo build --release -q -p llmos -p llmos-coordinator -p llmos-worker
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
   args=(--prompt "Explain in two sentences why the sky is blue." --max-tokens 96)
 fi
-exec "$CARGO_TARGET_DIR/release/llmos-worker" generate --model smollm2 "${args[@]}"
+exec "$CARGO_TARGET_DIR/release/llmos" local "${args[@]}"

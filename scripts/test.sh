@@ -4,4 +4,6 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"
+# The CLI tests start the coordinator and worker binaries: build them all.
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"

@@ -40,6 +40,15 @@ struct ServeArgs {
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, env = "LLMOS_THREADS")]
     threads: Option<i32>,
+    /// Coordinator URL to register with (e.g. http://127.0.0.1:50051).
+    #[arg(long, env = "LLMOS_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Stable worker id (default: worker-<port>).
+    #[arg(long, env = "LLMOS_WORKER_ID")]
+    worker_id: Option<String>,
+    /// URL others reach this worker at (default: http://<listen address>).
+    #[arg(long, env = "LLMOS_WORKER_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(Args)]
@@ -292,6 +301,22 @@ fn serve(args: ServeArgs) -> Result<()> {
         // One line on stdout so a parent process can read the chosen port.
         println!("listening on {addr}");
         tracing::info!(%addr, "llmos-worker serving");
+        let registration = args.coordinator.clone().map(|coordinator| {
+            tokio::spawn(llmos_worker::server::register::registration_loop(
+                llmos_worker::server::register::Registration {
+                    coordinator,
+                    worker_id: args
+                        .worker_id
+                        .clone()
+                        .unwrap_or_else(|| format!("worker-{}", addr.port())),
+                    address: args
+                        .advertise
+                        .clone()
+                        .unwrap_or_else(|| format!("http://{addr}")),
+                    device: "cpu".into(),
+                },
+            ))
+        });
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
@@ -302,6 +327,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             shutdown,
         )
         .await?;
+        if let Some(r) = registration {
+            r.abort();
+        }
         Ok(())
     })
 }

@@ -1,0 +1,149 @@
+//! `llmos local`: a coordinator and N workers as child processes on
+//! loopback with ports chosen by the OS, the model deployed over all
+//! workers, one generation streamed. Children die with this process (parent
+//! death signal, kill on drop), so Ctrl-C leaves nothing behind.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use llmos_proto::v1 as api;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::GenerateArgs;
+
+#[derive(Args)]
+pub struct LocalArgs {
+    /// Number of worker processes (pipeline stages).
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Model path or `smollm2`.
+    #[arg(long, default_value = "smollm2")]
+    source: String,
+    /// libtorch threads per worker.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: u32,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+/// The binary `name` beside this one (the build puts them together).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name(name);
+    if !p.exists() {
+        bail!(
+            "{} not found next to {} (build the workspace)",
+            p.display(),
+            me.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Starts `cmd` and reads its `listening on ADDR` line.
+async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String)> {
+    cmd.stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: prctl in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not start within 30 s"))??
+        .with_context(|| format!("{what} exited before listening"))?;
+    let addr = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("{what} printed {line:?}"))?
+        .to_string();
+    Ok((child, addr))
+}
+
+pub async fn run(a: &LocalArgs) -> Result<()> {
+    let mut children = Vec::new();
+    let mut coord = Command::new(sibling("llmos-coordinator")?);
+    coord.args(["--listen", "127.0.0.1:0"]);
+    let (child, addr) = spawn(coord, "the coordinator").await?;
+    children.push(child);
+    let url = format!("http://{addr}");
+    eprintln!("[llmos] coordinator on {url}");
+    for i in 0..a.workers {
+        let mut w = Command::new(sibling("llmos-worker")?);
+        w.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            &url,
+            "--worker-id",
+        ])
+        .arg(format!("local-{i}"))
+        .args(["--threads", &a.worker_threads.to_string()]);
+        let (child, waddr) = spawn(w, "a worker").await?;
+        eprintln!("[llmos] worker local-{i} on {waddr}");
+        children.push(child);
+    }
+    let work = async {
+        let ch = crate::channel(&url).await?;
+        let mut admin = api::admin_client::AdminClient::new(ch.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ws = admin
+                .list_workers(api::ListWorkersRequest {})
+                .await
+                .map_err(crate::status_error)?;
+            if ws.get_ref().workers.iter().filter(|w| w.healthy).count() == a.workers as usize {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("workers did not register within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let d = admin
+            .deploy_model(api::DeployModelRequest {
+                name: a.generate.model.clone(),
+                source: a.source.clone(),
+                stages: a.workers,
+                ..Default::default()
+            })
+            .await
+            .map_err(crate::status_error)?
+            .into_inner();
+        let split: Vec<String> = d
+            .stages
+            .iter()
+            .map(|s| format!("{}: layers {}-{}", s.worker_id, s.layer_start, s.layer_end))
+            .collect();
+        eprintln!(
+            "[llmos] deployed {} in {:.1} s ({})",
+            a.generate.model,
+            d.load_seconds,
+            split.join(", ")
+        );
+        crate::generate(ch, &a.generate).await
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\n[llmos] interrupted: stopping");
+            Ok(())
+        }
+    };
+    for mut c in children {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
+    result
+}

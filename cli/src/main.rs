@@ -1,0 +1,294 @@
+//! `llmos`: talks to any coordinator (`generate`, `models`, `workers`,
+//! `status`, `deploy`, `undeploy`), or starts a local cluster (`local`).
+
+mod local;
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(
+    name = "llmos",
+    version,
+    about = "llmos: a cluster runtime for large language models"
+)]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "LLMOS_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Deployed models.
+    Models,
+    /// Registered workers.
+    Workers,
+    /// Workers, models and placements.
+    Status,
+    /// Deploy a model over the registered workers.
+    Deploy(DeployArgs),
+    /// Remove a deployed model.
+    Undeploy { name: String },
+    /// Start a coordinator and workers on this machine, deploy a model over
+    /// all of them, and generate; Ctrl-C stops everything.
+    Local(local::LocalArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct GenerateArgs {
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    /// Send the prompt as plain text instead of a chat turn.
+    #[arg(long)]
+    pub raw: bool,
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// One JSON object per token, then one with finish_reason and usage.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    #[arg(long)]
+    name: String,
+    /// Model path every worker can read, or `smollm2`.
+    #[arg(long)]
+    source: String,
+    /// Pipeline stages (0: the fewest that fit).
+    #[arg(long, default_value_t = 0)]
+    stages: u32,
+    /// Layers per stage, e.g. 12,18.
+    #[arg(long, value_delimiter = ',')]
+    split: Vec<u32>,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+async fn channel(url: &str) -> Result<Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Streams one generation to stdout with the `llmos-worker generate` contract.
+pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
+    use api::generate_request::Prompt;
+    let prompt = if a.raw {
+        Prompt::Text(a.prompt.clone())
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(api::ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(api::ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        Prompt::Chat(api::ChatMessages { messages })
+    };
+    let req = api::GenerateRequest {
+        model: a.model.clone(),
+        prompt: Some(prompt),
+        sampling: Some(api::SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        }),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: a.max_tokens,
+            stop_sequences: a.stop.clone(),
+            ignore_eos: a.ignore_eos,
+        }),
+        logprobs: a.json,
+        ..Default::default()
+    };
+    let mut stream = InferenceClient::new(ch)
+        .generate(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    while let Some(m) = stream.message().await.map_err(status_error)? {
+        for t in &m.tokens {
+            if a.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"id": t.id, "text": t.text, "logprob": t.logprob})
+                )?;
+            } else {
+                write!(out, "{}", t.text)?;
+                out.flush()?;
+            }
+        }
+        if m.finish_reason != 0 {
+            let reason = api::FinishReason::try_from(m.finish_reason)
+                .map(|f| {
+                    f.as_str_name()
+                        .trim_start_matches("FINISH_REASON_")
+                        .to_lowercase()
+                })
+                .unwrap_or_default();
+            let usage = m.usage.unwrap_or_default();
+            let t = m.timings.unwrap_or_default();
+            if a.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "finish_reason": reason,
+                        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens},
+                        "timings": {"time_to_first_token_s": t.time_to_first_token_s, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens_per_s},
+                    })
+                )?;
+            } else {
+                writeln!(out)?;
+                eprintln!(
+                    "[llmos] prompt {} tokens, generated {} tokens, {:.1} tokens/s (first token after {:.2} s), finish: {reason}",
+                    usage.prompt_tokens, usage.completion_tokens, t.decode_tokens_per_s, t.time_to_first_token_s
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json(v: serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+}
+
+fn workers_json(ws: &[api::WorkerStatus]) -> serde_json::Value {
+    json!(ws
+        .iter()
+        .map(|w| json!({"id": w.id, "address": w.address, "device": w.device, "healthy": w.healthy,
+            "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes, "shards": w.shards}))
+        .collect::<Vec<_>>())
+}
+
+fn stages_json(ss: &[api::StagePlacement]) -> serde_json::Value {
+    json!(ss
+        .iter()
+        .map(|s| json!({"worker": s.worker_id, "address": s.worker_address, "layers": format!("{}-{}", s.layer_start, s.layer_end),
+            "embed": s.embed, "head": s.head, "weight_bytes": s.weight_bytes}))
+        .collect::<Vec<_>>())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Command::Local(a) = &cli.command {
+        return local::run(a).await;
+    }
+    let ch = channel(&cli.coordinator).await?;
+    match cli.command {
+        Command::Generate(a) => generate(ch, &a).await?,
+        Command::Models => {
+            let ms = InferenceClient::new(ch)
+                .list_models(api::ListModelsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .models;
+            print_json(json!(ms
+                .iter()
+                .map(|m| json!({"name": m.name, "architecture": m.architecture, "layers": m.num_layers,
+                    "vocab_size": m.vocab_size, "max_context": m.max_context, "dtype": m.dtype}))
+                .collect::<Vec<_>>()));
+        }
+        Command::Workers => {
+            let ws = AdminClient::new(ch)
+                .list_workers(api::ListWorkersRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .workers;
+            print_json(workers_json(&ws));
+        }
+        Command::Status => {
+            let s = AdminClient::new(ch)
+                .cluster_status(api::ClusterStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let models: Vec<_> = s
+                .models
+                .iter()
+                .map(|m| json!({"name": m.name, "source": m.source, "state": m.state, "stages": stages_json(&m.stages)}))
+                .collect();
+            print_json(json!({"workers": workers_json(&s.workers), "models": models}));
+        }
+        Command::Deploy(a) => {
+            let r = AdminClient::new(ch)
+                .deploy_model(api::DeployModelRequest {
+                    name: a.name,
+                    source: a.source,
+                    stages: a.stages,
+                    layer_split: a.split,
+                    dtype: a.dtype,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_json(json!({"stages": stages_json(&r.stages), "load_seconds": r.load_seconds}));
+        }
+        Command::Undeploy { name } => {
+            AdminClient::new(ch)
+                .undeploy_model(api::UndeployModelRequest { name })
+                .await
+                .map_err(status_error)?;
+        }
+        Command::Local(_) => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

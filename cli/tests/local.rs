@@ -1,0 +1,99 @@
+//! `llmos local` as a user runs it: a coordinator and two worker processes,
+//! the embedded model split over both, one generation; and Ctrl-C stops
+//! every process it started.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn addresses(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split(" on ").nth(1))
+        .map(|a| a.trim().trim_start_matches("http://").to_string())
+        .collect()
+}
+
+fn all_closed(addrs: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for a in addrs {
+        while TcpStream::connect(a).is_ok() {
+            assert!(Instant::now() < deadline, "{a} still accepts connections");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn local_cluster_streams_a_generation_over_two_stages() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .args([
+            "local",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("layers 0-15") && stderr.contains("layers 15-30"),
+        "{stderr}"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (last, tokens) = lines.split_last().unwrap();
+    let text: String = tokens.iter().filter_map(|t| t["text"].as_str()).collect();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(last["finish_reason"], "eos");
+    assert_eq!(
+        last["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+        tokens.len()
+    );
+    let addrs = addresses(&stderr);
+    assert_eq!(addrs.len(), 3, "{stderr}");
+    all_closed(&addrs);
+}
+
+#[test]
+fn ctrl_c_stops_every_process() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .args([
+            "local",
+            "--prompt",
+            "Count to a thousand.",
+            "--max-tokens",
+            "2000",
+            "--ignore-eos",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("deployed") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited early: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    all_closed(&addresses(&seen));
+}
