@@ -1,0 +1,2 @@
+//! End-to-end benchmarks (see `pipeline.rs`; the single-process comparison
+//! with peers is `single_process.sh`).

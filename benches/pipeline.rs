@@ -1,0 +1,168 @@
+//! Pipeline overhead: SmolLM2 served by a coordinator over 1 worker and over
+//! 2 workers (layers 0-15 and 15-30) on loopback, in one process and one run.
+//! Prints prefill latency (time to first token of a 128-token prompt),
+//! decode per-token latency (64 tokens), their 2-stage / 1-stage ratios, and
+//! the bytes crossing each stage boundary per decoded token.
+//!
+//! cargo bench -p llmos-benches --bench pipeline
+
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use llmos_proto::worker::v1 as wk;
+use llmos_worker::server::register::{registration_loop, Registration};
+use llmos_worker::server::{serve, HostHandle};
+use prost::Message;
+use tonic::transport::Channel;
+
+const PROMPT_TOKENS: usize = 128;
+const DECODE_TOKENS: u32 = 64;
+const REPEAT: usize = 5;
+
+async fn cluster(workers: usize) -> Channel {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = llmos_coordinator::Config {
+        heartbeat_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    tokio::spawn(llmos_coordinator::serve(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    for i in 0..workers {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(registration_loop(Registration {
+            coordinator: url.clone(),
+            worker_id: format!("w{i}"),
+            address: format!("http://{addr}"),
+            device: "cpu".into(),
+        }));
+        tokio::spawn(serve(l, HostHandle::spawn(), std::future::pending()));
+    }
+    let ch = loop {
+        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut admin = AdminClient::new(ch.clone());
+    while admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .get_ref()
+        .workers
+        .len()
+        < workers
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "smol".into(),
+            source: "smollm2".into(),
+            stages: workers as u32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ch
+}
+
+/// (time to first token, seconds per decoded token), medians.
+async fn measure(ch: Channel) -> (f64, f64) {
+    let mut client = InferenceClient::new(ch);
+    let prompt: Vec<u32> = (0..PROMPT_TOKENS as u32)
+        .map(|i| 100 + (i * 37) % 40000)
+        .collect();
+    let mut ttft = Vec::new();
+    let mut per_token = Vec::new();
+    for i in 0..REPEAT + 1 {
+        let req = api::GenerateRequest {
+            model: "smol".into(),
+            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+                ids: prompt.clone(),
+            })),
+            stopping: Some(api::StoppingCriteria {
+                max_new_tokens: DECODE_TOKENS + 1,
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut s = client.generate(req).await.unwrap().into_inner();
+        let mut first = None;
+        let mut n = 0;
+        while let Some(m) = s.message().await.unwrap() {
+            n += m.tokens.len();
+            first.get_or_insert_with(Instant::now);
+        }
+        let first = first.unwrap();
+        if i > 0 {
+            ttft.push((first - t0).as_secs_f64());
+            per_token.push(first.elapsed().as_secs_f64() / (n - 1) as f64);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(&mut ttft), median(&mut per_token))
+}
+
+fn main() {
+    tch::set_num_threads(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (p1, d1) = rt.block_on(async { measure(cluster(1).await).await });
+    let (p2, d2) = rt.block_on(async { measure(cluster(2).await).await });
+    // What crosses the stage boundary for one decoded token: the request to
+    // stage 2 (hidden state [1, 1, 576] f32) and, back from it, the sampled
+    // token; stage 1 answers the coordinator with the same hidden state.
+    let hidden = wk::Tensor {
+        dtype: wk::DType::F32 as i32,
+        shape: vec![1, 1, 576],
+        data: vec![0; 576 * 4],
+    };
+    let to_stage2 = wk::ForwardRequest {
+        model: "smol".into(),
+        sequence_id: "req-0000000000000-00000".into(),
+        position: 200,
+        input: Some(wk::forward_request::Input::Hidden(hidden.clone())),
+        want_logits: false,
+        sample: Some(wk::Sampling::default()),
+    }
+    .encoded_len();
+    let from_stage1 = wk::ForwardResponse {
+        sequence_id: "req-0000000000000-00000".into(),
+        output: Some(wk::forward_response::Output::Hidden(hidden)),
+    }
+    .encoded_len();
+    println!("SmolLM2-135M f32, 1 libtorch thread per stage, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, median of {REPEAT}");
+    println!(
+        "{:<10}{:>18}{:>22}",
+        "stages", "prefill (TTFT) ms", "decode ms/token"
+    );
+    println!("{:<10}{:>18.1}{:>22.2}", 1, p1 * 1e3, d1 * 1e3);
+    println!("{:<10}{:>18.1}{:>22.2}", 2, p2 * 1e3, d2 * 1e3);
+    println!(
+        "ratio 2/1: prefill {:.3}x, decode {:.3}x (target: decode <= 1.15x)",
+        p2 / p1,
+        d2 / d1
+    );
+    println!(
+        "bytes per decoded token across the stage boundary: {} (stage 1 -> coordinator) + {} (coordinator -> stage 2) protobuf, of which 2 x {} tensor payload",
+        from_stage1,
+        to_stage2,
+        576 * 4
+    );
+}
