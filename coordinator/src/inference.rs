@@ -255,7 +255,9 @@ impl api::inference_server::Inference for InferenceService {
             .into());
         }
         let s = r.sampling.unwrap_or_default();
-        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(0.0..=1.0).contains(&s.top_p) {
+        let valid =
+            s.temperature >= 0.0 && s.temperature.is_finite() && (0.0..=1.0).contains(&s.top_p);
+        if !valid {
             return Err(Status::invalid_argument(format!(
                 "temperature must be >= 0 and top_p in [0, 1]; got {} and {}",
                 s.temperature, s.top_p
