@@ -33,19 +33,38 @@ async fn start_coordinator() -> String {
     format!("http://{addr}")
 }
 
-/// Starts a worker registering as `id`; returns its server task.
-async fn start_worker(coordinator: &str, id: &str) -> tokio::task::JoinHandle<()> {
+/// A worker process stand-in: its server and registration tasks.
+struct Worker {
+    server: tokio::task::JoinHandle<()>,
+    registration: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Stops it as a crash would: no unregistering, connections dropped.
+    async fn kill(self) {
+        self.registration.abort();
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+/// Starts a worker registering as `id` on a fresh port.
+async fn start_worker(coordinator: &str, id: &str) -> Worker {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(registration_loop(Registration {
+    let registration = tokio::spawn(registration_loop(Registration {
         coordinator: coordinator.into(),
         worker_id: id.into(),
         address: format!("http://{addr}"),
         device: "cpu".into(),
     }));
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;
-    })
+    });
+    Worker {
+        server,
+        registration,
+    }
 }
 
 async fn connect<T>(url: &str, make: impl Fn(Channel) -> T) -> T {
@@ -259,8 +278,7 @@ async fn deploy_generate_cancel_and_faults() {
     }
 
     // A stage that goes down: UNAVAILABLE naming it, in bounded time.
-    w1.abort();
-    let _ = w1.await;
+    w1.kill().await;
     let t0 = Instant::now();
     let e = collect(&mut inference, text_request("smol", PROMPT, 4))
         .await

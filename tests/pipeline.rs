@@ -353,3 +353,57 @@ async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
         assert_eq!(got, want, "{seq}");
     }
 }
+
+/// The tiny random Llama (GQA, untied, llama3 rope, sharded safetensors)
+/// split over 2 uneven and 3 stages matches Hugging Face transformers
+/// directly: last-position logits and 64-token greedy continuations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_fixture_over_stages_matches_transformers() {
+    let out = tempfile::tempdir().unwrap();
+    let r = llmos_tests::reference("tiny", "llama", out.path());
+    let source = r.model_dir.as_ref().unwrap().to_str().unwrap().to_string();
+    let mut workers = vec![
+        start_worker().await,
+        start_worker().await,
+        start_worker().await,
+    ];
+    for (si, split) in [vec![0..1u32, 1..3], vec![0..1, 1..2, 2..3]]
+        .into_iter()
+        .enumerate()
+    {
+        let model = format!("tiny{si}");
+        for (i, layers) in split.iter().enumerate() {
+            let spec = pb::ShardSpec {
+                source: source.clone(),
+                ..shard(&model, layers.clone(), i == 0, i + 1 == split.len())
+            };
+            workers[i]
+                .load_shard(pb::LoadShardRequest { shard: Some(spec) })
+                .await
+                .unwrap();
+        }
+        for (pi, p) in r.prompts.iter().enumerate().skip(1).take(2) {
+            let mut pipe = Pipeline::open(&model, &mut workers[..split.len()]).await;
+            let seq = format!("p{pi}");
+            let first = pipe.step(&seq, &p.ids, 0).await.unwrap();
+            let theirs = llmos_tests::read_f32(&p.logits_file);
+            let vocab = p.logits_shape[1];
+            let d = max_abs_diff(&first, &theirs[theirs.len() - vocab..]);
+            assert!(
+                d <= 1e-4,
+                "split {split:?}: logits differ from transformers by {d}"
+            );
+            let mut tokens = vec![argmax(&first)];
+            let mut pos = p.ids.len() as u32;
+            while tokens.len() < 64 {
+                let l = pipe
+                    .step(&seq, &[*tokens.last().unwrap()], pos)
+                    .await
+                    .unwrap();
+                tokens.push(argmax(&l));
+                pos += 1;
+            }
+            assert_eq!(tokens, p.greedy, "split {split:?}, prompt {pi}");
+        }
+    }
+}
