@@ -12,25 +12,18 @@ use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ModelRuntime};
 use crate::error::{CoordError, Result};
 use crate::state::ModelState;
+use crate::transport::{run_step, GrpcStage, StageTransport};
 
 pub struct InferenceService {
     pub cluster: Arc<Cluster>,
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, Status>> + Send>>;
-
-/// One open pipeline stage: a Forward stream to its worker.
-struct StageLink {
-    worker: String,
-    address: String,
-    tx: mpsc::Sender<wk::ForwardRequest>,
-    rx: Streaming<wk::ForwardResponse>,
-}
 
 impl InferenceService {
     fn runtime(&self, model: &str) -> Result<(Arc<ModelRuntime>, crate::state::Deployment)> {
@@ -54,9 +47,12 @@ impl InferenceService {
         Ok((rt, dep))
     }
 
-    async fn open_stages(&self, dep: &crate::state::Deployment) -> Result<Vec<StageLink>> {
+    async fn open_stages(
+        &self,
+        dep: &crate::state::Deployment,
+    ) -> Result<Vec<Box<dyn StageTransport>>> {
         let state = self.cluster.read();
-        let mut links = Vec::new();
+        let mut links: Vec<Box<dyn StageTransport>> = Vec::new();
         for s in &dep.placement.stages {
             let address = state
                 .workers
@@ -84,12 +80,12 @@ impl InferenceService {
                 }
             })?
             .into_inner();
-            links.push(StageLink {
+            links.push(Box::new(GrpcStage {
                 worker: s.worker.clone(),
                 address,
                 tx,
                 rx,
-            });
+            }));
         }
         Ok(links)
     }
@@ -146,80 +142,6 @@ fn finish_code(f: FinishReason) -> api::FinishReason {
         FinishReason::Stop => api::FinishReason::Stop,
         FinishReason::Cancelled => api::FinishReason::Cancelled,
     }
-}
-
-/// Runs `ids` at position `pos` through every stage; the last samples.
-async fn step(
-    links: &mut [StageLink],
-    model: &str,
-    seq: &str,
-    ids: &[u32],
-    pos: u32,
-    sampling: wk::Sampling,
-    timeout: std::time::Duration,
-) -> Result<wk::SampledToken> {
-    let mut data = Vec::with_capacity(ids.len() * 8);
-    ids.iter()
-        .for_each(|&i| data.extend((i as i64).to_le_bytes()));
-    let mut input = wk::forward_request::Input::Tokens(wk::Tensor {
-        dtype: wk::DType::I64 as i32,
-        shape: vec![1, ids.len() as i64],
-        data,
-    });
-    let n = links.len();
-    for (i, l) in links.iter_mut().enumerate() {
-        let last = i + 1 == n;
-        let unavailable = |reason: String| CoordError::WorkerUnavailable {
-            worker: l.worker.clone(),
-            address: l.address.clone(),
-            reason,
-        };
-        let req = wk::ForwardRequest {
-            model: model.to_string(),
-            sequence_id: seq.to_string(),
-            position: pos,
-            input: Some(input),
-            want_logits: false,
-            sample: last.then_some(sampling),
-        };
-        l.tx.send(req)
-            .await
-            .map_err(|_| unavailable("its stream closed".into()))?;
-        let msg = tokio::time::timeout(timeout, l.rx.message())
-            .await
-            .map_err(|_| unavailable(format!("no answer within {timeout:?}")))?;
-        let out = match msg {
-            Ok(Some(r)) => r.output,
-            Ok(None) => return Err(unavailable("its stream ended".into())),
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                ) =>
-            {
-                return Err(unavailable(status.message().to_string()))
-            }
-            Err(status) => {
-                return Err(CoordError::WorkerFailed {
-                    worker: l.worker.clone(),
-                    status,
-                })
-            }
-        };
-        input = match out {
-            Some(wk::forward_response::Output::Hidden(h)) if !last => {
-                wk::forward_request::Input::Hidden(h)
-            }
-            Some(wk::forward_response::Output::Token(t)) if last => return Ok(t),
-            other => {
-                return Err(CoordError::WorkerFailed {
-                    worker: l.worker.clone(),
-                    status: Status::internal(format!("unexpected output {other:?}")),
-                })
-            }
-        };
-    }
-    unreachable!("the last stage answers")
 }
 
 #[tonic::async_trait]
@@ -297,7 +219,7 @@ impl api::inference_server::Inference for InferenceService {
             let (mut input, mut pos, mut produced) = (ids.clone(), 0u32, 0u32);
             let mut first_at = None;
             loop {
-                let t = match step(
+                let t = match run_step(
                     &mut links,
                     &model,
                     &request_id,

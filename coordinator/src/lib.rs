@@ -9,6 +9,8 @@
 //!   `propose`, model tokenizers, worker clients) and its configuration.
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels).
+//! - [`transport`]: the `StageTransport` seam (gRPC Forward streams now)
+//!   and `run_step`, one step through all stages.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
@@ -17,6 +19,7 @@ pub mod error;
 pub mod inference;
 pub mod placement;
 pub mod state;
+pub mod transport;
 
 use std::sync::Arc;
 
