@@ -48,7 +48,11 @@ fn sibling(name: &str) -> Result<PathBuf> {
 async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String)> {
     cmd.stdout(Stdio::piped())
         .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        .env(
+            "LLMOS_LOG",
+            std::env::var("LLMOS_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     // SAFETY: prctl in the child before exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
