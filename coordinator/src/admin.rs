@@ -122,6 +122,19 @@ async fn load_stage(
         })
 }
 
+/// Best effort: a worker that is down has lost the shard anyway.
+async fn unload_everywhere(cluster: &Cluster, model: &str, stages: &[Stage]) {
+    for s in stages {
+        if let Ok(mut c) = cluster.worker(&s.worker).await {
+            let _ = c
+                .unload_shard(wk::UnloadShardRequest {
+                    model: model.to_string(),
+                })
+                .await;
+        }
+    }
+}
+
 fn stage_status(state: &ClusterState, s: &Stage) -> api::StagePlacement {
     api::StagePlacement {
         worker_id: s.worker.clone(),
@@ -227,15 +240,7 @@ impl AdminService {
         }
         if let Some(e) = failure {
             // Roll back: no half-deployed model stays behind.
-            for s in &placement.stages {
-                if let Ok(mut c) = self.cluster.worker(&s.worker).await {
-                    let _ = c
-                        .unload_shard(wk::UnloadShardRequest {
-                            model: r.name.clone(),
-                        })
-                        .await;
-                }
-            }
+            unload_everywhere(&self.cluster, &r.name, &placement.stages).await;
             let _ = self.cluster.propose(Command::UndeployModel {
                 name: r.name.clone(),
             });
@@ -280,15 +285,7 @@ impl api::admin_server::Admin for AdminService {
             .get(&name)
             .cloned()
             .ok_or_else(|| CoordError::UnknownModel(name.clone()))?;
-        for s in &dep.placement.stages {
-            if let Ok(mut c) = self.cluster.worker(&s.worker).await {
-                let _ = c
-                    .unload_shard(wk::UnloadShardRequest {
-                        model: name.clone(),
-                    })
-                    .await;
-            }
-        }
+        unload_everywhere(&self.cluster, &name, &dep.placement.stages).await;
         self.cluster
             .propose(Command::UndeployModel { name: name.clone() })
             .map_err(CoordError::from)?;
