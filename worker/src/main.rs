@@ -335,6 +335,13 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 fn main() {
+    // Back large libtorch tensors with transparent huge pages (libtorch's CPU
+    // allocator reads this once, at its first allocation): decode streams
+    // every weight per token and 2 MiB pages cut its TLB misses (measured:
+    // float32 decode ~10% faster). The user's own setting wins.
+    if std::env::var_os("THP_MEM_ALLOC_ENABLE").is_none() {
+        std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG")
