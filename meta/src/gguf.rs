@@ -347,10 +347,6 @@ impl GgufFile {
         self.tensors.get(name)
     }
 
-    pub fn tensors(&self) -> impl Iterator<Item = &GgufTensorInfo> {
-        self.tensors.values()
-    }
-
     /// The raw (possibly quantized) bytes of a tensor, borrowed from the map.
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
         &self.mmap[info.start as usize..(info.start + info.len) as usize]

@@ -154,18 +154,6 @@ impl HostTensor<'_> {
         }
         Ok(())
     }
-
-    /// The values as f32 (tests, synthetic checks).
-    pub fn to_f32(&self) -> Vec<f32> {
-        let ty = match self.dtype {
-            HostDType::F32 => GgmlType::F32,
-            HostDType::F16 => GgmlType::F16,
-            HostDType::BF16 => GgmlType::BF16,
-        };
-        let mut out = vec![0f32; self.bytes.len() / self.dtype.size()];
-        dequantize_into(ty, &self.bytes, &mut out);
-        out
-    }
 }
 
 /// Where a model's weights come from.
@@ -216,10 +204,6 @@ impl GgufWeights {
             num_kv_heads: cfg.num_kv_heads,
             permuted_qk,
         }
-    }
-
-    pub fn file(&self) -> &GgufFile {
-        &self.file
     }
 }
 

@@ -171,9 +171,4 @@ impl KvCache {
     pub fn advance(&mut self, n: usize) {
         self.len += n;
     }
-
-    /// Drops everything past `len` positions (e.g. to reuse a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
 }

@@ -72,10 +72,6 @@ impl SpinPool {
         }
     }
 
-    pub fn threads(&self) -> usize {
-        self.helpers + 1
-    }
-
     /// Runs `task(0..chunks)` across the pool and returns when all are done.
     /// `chunks` is at most `MAX_CHUNKS`.
     pub fn run(&self, chunks: usize, task: &(dyn Fn(usize) + Sync)) {
