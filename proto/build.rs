@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "llmos/v1/inference.proto",
                 "llmos/v1/admin.proto",
                 "llmos/worker/v1/worker.proto",
+                "llmos/coordinator/v1/peer.proto",
             ],
             &["."],
         )?;

@@ -14,6 +14,7 @@
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
+pub mod consensus;
 pub mod cluster;
 pub mod error;
 pub mod inference;

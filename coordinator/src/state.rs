@@ -73,9 +73,16 @@ pub enum Command {
     UndeployModel {
         name: String,
     },
+    PutSetting {
+        key: String,
+        value: String,
+    },
+    DeleteSetting {
+        key: String,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum StateError {
     #[error("worker {0:?} is not registered")]
     UnknownWorker(String),
@@ -85,6 +92,8 @@ pub enum StateError {
     UnknownModel(String),
     #[error("model {0:?} is already deployed")]
     ModelExists(String),
+    #[error("setting {0:?} is not set")]
+    UnknownSetting(String),
     #[error("worker {id:?} holds shards of {models:?}: undeploy them first")]
     WorkerInUse { id: String, models: Vec<String> },
 }
@@ -95,6 +104,13 @@ pub struct ClusterState {
     pub models: BTreeMap<String, Deployment>,
     /// Commands applied so far (successful or not), for snapshots.
     pub applied: u64,
+    /// Coordinator replicas: raft id → peer address (kept by membership
+    /// changes, so a replica restoring a snapshot knows its peers).
+    #[serde(default)]
+    pub members: BTreeMap<u64, String>,
+    /// Cluster settings set by operators (`SetSetting`).
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl ClusterState {
@@ -187,6 +203,14 @@ impl ClusterState {
                 self.models
                     .remove(name)
                     .ok_or_else(|| StateError::UnknownModel(name.clone()))?;
+            }
+            Command::PutSetting { key, value } => {
+                self.settings.insert(key.clone(), value.clone());
+            }
+            Command::DeleteSetting { key } => {
+                self.settings
+                    .remove(key)
+                    .ok_or_else(|| StateError::UnknownSetting(key.clone()))?;
             }
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! Generated gRPC types and stubs. `v1` is the public API; `worker::v1` is
-//! internal (coordinator to workers, stage to stage).
+//! internal (coordinator to workers, stage to stage); `coordinator::v1` is
+//! internal (Raft between coordinator replicas).
 
 pub mod v1 {
     tonic::include_proto!("llmos.v1");
@@ -8,6 +9,12 @@ pub mod v1 {
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("llmos.worker.v1");
+    }
+}
+
+pub mod coordinator {
+    pub mod v1 {
+        tonic::include_proto!("llmos.coordinator.v1");
     }
 }
 

@@ -1,0 +1,614 @@
+//! Durable Raft storage: a write-ahead log of entries, hard state and
+//! conf state (every record length-prefixed and CRC-32 checked, fsynced
+//! before raft-rs is told it is persisted), a snapshot file written
+//! atomically (temp file, fsync, rename, fsync of the folder), and the
+//! in-memory view raft-rs reads through [`raft::Storage`].
+//!
+//! Layout of a data directory:
+//! - `meta.json`: cluster id and node id; a directory of another cluster or
+//!   node is refused.
+//! - `snapshot`: magic, CRC, protobuf `Snapshot` (state machine + conf state).
+//! - `raft.wal`: magic, then records `[len u32][crc32 u32][kind u8][payload]`.
+//!
+//! Compaction writes a snapshot, drops the entries it covers from memory
+//! and rewrites the WAL with what remains (temp file + rename), so a crash
+//! at any point leaves either the old or the new log, both complete.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use serde::{Deserialize, Serialize};
+
+const WAL_MAGIC: &[u8; 8] = b"LLMOSWL1";
+const SNAP_MAGIC: &[u8; 8] = b"LLMOSSN1";
+const KIND_ENTRIES: u8 = 1;
+const KIND_HARD_STATE: u8 = 2;
+const KIND_CONF_STATE: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is corrupt at byte {offset}: {what}; refusing to start. Restore the data \
+         directory from a backup, or remove it and add this node back as a new member"
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    #[error(
+        "data directory {dir} belongs to cluster {found:?} (node {found_node}), but this node \
+         is configured as node {node} of cluster {expected:?}; refusing to start"
+    )]
+    WrongCluster {
+        dir: PathBuf,
+        found: String,
+        found_node: u64,
+        expected: String,
+        node: u64,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Meta {
+    cluster_id: String,
+    node_id: u64,
+}
+
+/// What the data directory held at start-up.
+pub struct Recovered {
+    /// Whether the directory was new (nothing on disk before).
+    pub fresh: bool,
+    pub storage: DiskStorage,
+}
+
+/// raft-rs storage backed by a data directory.
+pub struct DiskStorage {
+    dir: PathBuf,
+    wal: File,
+    /// Whether `fsync` is called (always, except in benchmarks that say so).
+    sync: bool,
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: Snapshot,
+    /// `entries[i].index == snapshot index + 1 + i`.
+    entries: Vec<Entry>,
+    /// Bytes in the WAL, for status.
+    wal_bytes: u64,
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), LogError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    if sync {
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if sync {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
+
+fn record(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(payload);
+    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+}
+
+fn encode_entries(entries: &[Entry], out: &mut Vec<u8>) {
+    let mut payload = Vec::new();
+    for e in entries {
+        let b = e.write_to_bytes().expect("encode entry");
+        payload.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&b);
+    }
+    record(KIND_ENTRIES, &payload, out);
+}
+
+impl DiskStorage {
+    /// Opens (or creates) the data directory of node `node_id` of cluster
+    /// `cluster_id`. A new directory starts with `initial` when given: the
+    /// conf state and the committed bootstrap entries (one membership
+    /// change per founding member, identical on every founder, so a member
+    /// added later learns the founders from the log), or empty (a node that
+    /// waits to be added by the leader).
+    pub fn open(
+        dir: &Path,
+        cluster_id: &str,
+        node_id: u64,
+        initial: Option<(ConfState, Vec<Entry>)>,
+        sync: bool,
+    ) -> Result<Recovered, LogError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let meta_path = dir.join("meta.json");
+        let want = Meta {
+            cluster_id: cluster_id.to_string(),
+            node_id,
+        };
+        let fresh = !meta_path.exists();
+        if fresh {
+            let snapshot = Snapshot::default();
+            write_atomic(&dir.join("snapshot"), &encode_snapshot(&snapshot), sync)?;
+            let mut wal = WAL_MAGIC.to_vec();
+            if let Some((cs, entries)) = initial {
+                record(KIND_CONF_STATE, &cs.write_to_bytes().expect("encode"), &mut wal);
+                if let Some(last) = entries.last() {
+                    let mut hs = HardState::default();
+                    hs.term = last.term;
+                    hs.commit = last.index;
+                    encode_entries(&entries, &mut wal);
+                    record(KIND_HARD_STATE, &hs.write_to_bytes().expect("encode"), &mut wal);
+                }
+            }
+            write_atomic(&dir.join("raft.wal"), &wal, sync)?;
+            let json = serde_json::to_vec_pretty(&want).expect("meta json");
+            write_atomic(&meta_path, &json, sync)?;
+        } else {
+            let bytes = fs::read(&meta_path).map_err(io(&meta_path))?;
+            let found: Meta = serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt {
+                path: meta_path.clone(),
+                offset: e.column() as u64,
+                what: e.to_string(),
+            })?;
+            if found != want {
+                return Err(LogError::WrongCluster {
+                    dir: dir.to_path_buf(),
+                    found: found.cluster_id,
+                    found_node: found.node_id,
+                    expected: want.cluster_id,
+                    node: want.node_id,
+                });
+            }
+        }
+        let snap_path = dir.join("snapshot");
+        let snapshot = decode_snapshot(&snap_path, &fs::read(&snap_path).map_err(io(&snap_path))?)?;
+        let mut s = DiskStorage {
+            dir: dir.to_path_buf(),
+            wal: File::open(&snap_path).map_err(io(&snap_path))?, // replaced below
+            sync,
+            hard_state: HardState::default(),
+            conf_state: snapshot.get_metadata().get_conf_state().clone(),
+            snapshot,
+            entries: Vec::new(),
+            wal_bytes: 0,
+        };
+        s.hard_state.term = s.snapshot.get_metadata().term;
+        s.hard_state.commit = s.snapshot.get_metadata().index;
+        s.replay()?;
+        let wal_path = dir.join("raft.wal");
+        s.wal = OpenOptions::new()
+            .append(true)
+            .open(&wal_path)
+            .map_err(io(&wal_path))?;
+        Ok(Recovered { fresh, storage: s })
+    }
+
+    fn replay(&mut self) -> Result<(), LogError> {
+        let path = self.dir.join("raft.wal");
+        let bytes = fs::read(&path).map_err(io(&path))?;
+        self.wal_bytes = bytes.len() as u64;
+        let corrupt = |offset: usize, what: String| LogError::Corrupt {
+            path: path.clone(),
+            offset: offset as u64,
+            what,
+        };
+        if bytes.len() < 8 || &bytes[..8] != WAL_MAGIC {
+            return Err(corrupt(0, "not an llmos raft log (bad magic)".into()));
+        }
+        let mut off = 8;
+        while off < bytes.len() {
+            if bytes.len() - off < 8 {
+                return Err(corrupt(off, "truncated record header".into()));
+            }
+            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap());
+            let body = off + 8;
+            if len == 0 || bytes.len() - body < len {
+                return Err(corrupt(
+                    off,
+                    format!(
+                        "truncated record: {len} bytes announced, {} left",
+                        bytes.len() - body
+                    ),
+                ));
+            }
+            let rec = &bytes[body..body + len];
+            if crc32fast::hash(rec) != crc {
+                return Err(corrupt(off, format!("checksum mismatch in a record of {len} bytes")));
+            }
+            let (kind, payload) = (rec[0], &rec[1..]);
+            let bad = |e: protobuf::ProtobufError| corrupt(off, format!("undecodable record: {e}"));
+            match kind {
+                KIND_ENTRIES => {
+                    let mut p = 0;
+                    let mut ents = Vec::new();
+                    while p < payload.len() {
+                        if payload.len() - p < 4 {
+                            return Err(corrupt(off, "truncated entry batch".into()));
+                        }
+                        let n = u32::from_le_bytes(payload[p..p + 4].try_into().unwrap()) as usize;
+                        let e = payload
+                            .get(p + 4..p + 4 + n)
+                            .ok_or_else(|| corrupt(off, "truncated entry batch".into()))?;
+                        ents.push(Entry::parse_from_bytes(e).map_err(bad)?);
+                        p += 4 + n;
+                    }
+                    self.append_in_memory(&ents);
+                }
+                KIND_HARD_STATE => self.hard_state = HardState::parse_from_bytes(payload).map_err(bad)?,
+                KIND_CONF_STATE => self.conf_state = ConfState::parse_from_bytes(payload).map_err(bad)?,
+                k => return Err(corrupt(off, format!("unknown record kind {k}"))),
+            }
+            off = body + len;
+        }
+        Ok(())
+    }
+
+    fn append_in_memory(&mut self, ents: &[Entry]) {
+        let Some(first) = ents.first() else { return };
+        let snap_index = self.snapshot.get_metadata().index;
+        // Entries at or below the snapshot are already covered by it.
+        let skip = snap_index.saturating_sub(first.index - 1) as usize;
+        if skip >= ents.len() {
+            return;
+        }
+        let ents = &ents[skip..];
+        let keep = (ents[0].index - snap_index - 1) as usize;
+        self.entries.truncate(keep.min(self.entries.len()));
+        self.entries.extend_from_slice(ents);
+    }
+
+    fn write_wal(&mut self, buf: &[u8]) -> Result<(), LogError> {
+        let path = self.dir.join("raft.wal");
+        self.wal.write_all(buf).map_err(io(&path))?;
+        if self.sync {
+            self.wal.sync_data().map_err(io(&path))?;
+        }
+        self.wal_bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Persists new entries and the hard state with one write and one
+    /// fsync; raft-rs may only be told after this returns.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), LogError> {
+        let mut buf = Vec::new();
+        if !entries.is_empty() {
+            encode_entries(entries, &mut buf);
+        }
+        if let Some(hs) = hs {
+            record(KIND_HARD_STATE, &hs.write_to_bytes().expect("encode"), &mut buf);
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.write_wal(&buf)?;
+        self.append_in_memory(entries);
+        if let Some(hs) = hs {
+            self.hard_state = hs.clone();
+        }
+        Ok(())
+    }
+
+    pub fn set_commit(&mut self, commit: u64) -> Result<(), LogError> {
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.persist(&[], Some(&hs))
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {
+        let mut buf = Vec::new();
+        record(KIND_CONF_STATE, &cs.write_to_bytes().expect("encode"), &mut buf);
+        self.write_wal(&buf)?;
+        self.conf_state = cs;
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader.
+    pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), LogError> {
+        let m = snap.get_metadata();
+        self.hard_state.term = self.hard_state.term.max(m.term);
+        self.hard_state.commit = m.index;
+        self.conf_state = m.get_conf_state().clone();
+        self.entries.clear();
+        self.snapshot = snap;
+        self.rewrite()
+    }
+
+    /// Takes a snapshot of the state machine at `index` (applied) and drops
+    /// the log entries it covers.
+    pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), LogError> {
+        let snap_index = self.snapshot.get_metadata().index;
+        if index <= snap_index || index > self.last() {
+            return Ok(());
+        }
+        let term = self.entries[(index - snap_index - 1) as usize].term;
+        let mut snap = Snapshot::default();
+        snap.data = data.into();
+        let m = snap.mut_metadata();
+        m.index = index;
+        m.term = term;
+        m.set_conf_state(self.conf_state.clone());
+        self.entries.drain(..(index - snap_index) as usize);
+        self.snapshot = snap;
+        self.rewrite()
+    }
+
+    /// Writes the snapshot file, then a new WAL holding what remains.
+    fn rewrite(&mut self) -> Result<(), LogError> {
+        write_atomic(&self.dir.join("snapshot"), &encode_snapshot(&self.snapshot), self.sync)?;
+        let mut wal = WAL_MAGIC.to_vec();
+        record(KIND_CONF_STATE, &self.conf_state.write_to_bytes().expect("encode"), &mut wal);
+        record(KIND_HARD_STATE, &self.hard_state.write_to_bytes().expect("encode"), &mut wal);
+        if !self.entries.is_empty() {
+            encode_entries(&self.entries, &mut wal);
+        }
+        let path = self.dir.join("raft.wal");
+        write_atomic(&path, &wal, self.sync)?;
+        self.wal = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
+        self.wal_bytes = wal.len() as u64;
+        Ok(())
+    }
+
+    pub fn snapshot_ref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn wal_bytes(&self) -> u64 {
+        self.wal_bytes
+    }
+
+    fn first(&self) -> u64 {
+        self.snapshot.get_metadata().index + 1
+    }
+
+    fn last(&self) -> u64 {
+        self.snapshot.get_metadata().index + self.entries.len() as u64
+    }
+}
+
+fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
+    let body = s.write_to_bytes().expect("encode snapshot");
+    let mut out = SNAP_MAGIC.to_vec();
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode_snapshot(path: &Path, bytes: &[u8]) -> Result<Snapshot, LogError> {
+    let corrupt = |what: &str| LogError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        what: what.to_string(),
+    };
+    if bytes.len() < 12 || &bytes[..8] != SNAP_MAGIC {
+        return Err(corrupt("not an llmos snapshot (bad magic or truncated)"));
+    }
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if crc32fast::hash(&bytes[12..]) != crc {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Snapshot::parse_from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))
+}
+
+impl raft::Storage for DiskStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _ctx: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let off = self.first();
+        let mut ents = self.entries[(low - off) as usize..(high - off) as usize].to_vec();
+        if let Some(max) = max_size.into() {
+            let mut size = 0u64;
+            let mut n = 0;
+            for e in &ents {
+                size += e.compute_size() as u64;
+                if n > 0 && size > max {
+                    break;
+                }
+                n += 1;
+            }
+            ents.truncate(n);
+        }
+        Ok(ents)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let m = self.snapshot.get_metadata();
+        if idx == m.index {
+            return Ok(m.term);
+        }
+        if idx < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[(idx - self.first()) as usize].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64, data: &str) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.as_bytes().to_vec().into();
+        e
+    }
+
+    fn voters(ids: &[u64]) -> ConfState {
+        let mut cs = ConfState::default();
+        cs.voters = ids.to_vec();
+        cs
+    }
+
+    fn open(dir: &Path) -> Result<Recovered, LogError> {
+        DiskStorage::open(dir, "c1", 1, Some((voters(&[1, 2, 3]), vec![])), true)
+    }
+
+    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+        let mut h = HardState::default();
+        h.term = term;
+        h.vote = vote;
+        h.commit = commit;
+        h
+    }
+
+    #[test]
+    fn entries_hard_state_and_conflicts_survive_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path()).unwrap();
+        assert!(r.fresh);
+        let mut s = r.storage;
+        s.persist(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")], Some(&hs(1, 1, 1)))
+            .unwrap();
+        // A new leader overwrites the uncommitted suffix from index 2.
+        s.persist(&[entry(2, 2, "B")], Some(&hs(2, 2, 2))).unwrap();
+        drop(s);
+        let r = open(dir.path()).unwrap();
+        assert!(!r.fresh);
+        let s = r.storage;
+        assert_eq!(s.last_index().unwrap(), 2);
+        assert_eq!(s.term(2).unwrap(), 2);
+        assert_eq!(&s.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap()[1].data[..], b"B");
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.hard_state, hs(2, 2, 2));
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn compaction_keeps_the_tail_and_the_snapshot_across_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path()).unwrap().storage;
+        let ents: Vec<_> = (1..=10).map(|i| entry(i, 1 + i / 5, &i.to_string())).collect();
+        s.persist(&ents, Some(&hs(3, 1, 10))).unwrap();
+        s.compact(7, b"state@7".to_vec()).unwrap();
+        assert_eq!(s.first_index().unwrap(), 8);
+        assert_eq!(s.term(7).unwrap(), 2);
+        assert!(matches!(
+            s.term(6),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        s.persist(&[entry(11, 3, "11")], None).unwrap();
+        drop(s);
+        let s = open(dir.path()).unwrap().storage;
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (8, 11));
+        let snap = s.snapshot(0, 2).unwrap();
+        assert_eq!(&snap.data[..], b"state@7");
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 10);
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_cut_tail_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path()).unwrap().storage;
+        s.persist(&[entry(1, 1, "hello"), entry(2, 1, "world")], Some(&hs(1, 1, 2)))
+            .unwrap();
+        drop(s);
+        let wal = dir.path().join("raft.wal");
+        let good = fs::read(&wal).unwrap();
+
+        let mut flipped = good.clone();
+        let at = good.len() - 30;
+        flipped[at] ^= 0x40;
+        fs::write(&wal, &flipped).unwrap();
+        let e = open(dir.path()).err().expect("corrupt log must be refused").to_string();
+        assert!(e.contains("raft.wal is corrupt") && e.contains("checksum mismatch"), "{e}");
+
+        fs::write(&wal, &good[..good.len() - 5]).unwrap();
+        let e = open(dir.path()).err().expect("truncated log must be refused").to_string();
+        assert!(e.contains("truncated record"), "{e}");
+
+        fs::write(&wal, &good).unwrap();
+        let snap = dir.path().join("snapshot");
+        let mut b = fs::read(&snap).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        fs::write(&snap, &b).unwrap();
+        let e = open(dir.path()).err().expect("corrupt snapshot must be refused").to_string();
+        assert!(e.contains("snapshot is corrupt"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_of_another_cluster_or_node_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        let e = DiskStorage::open(dir.path(), "other", 1, None, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("belongs to cluster \"c1\"") && e.contains("\"other\""), "{e}");
+        assert!(DiskStorage::open(dir.path(), "c1", 2, None, true).is_err());
+    }
+}

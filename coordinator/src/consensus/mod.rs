@@ -1,0 +1,57 @@
+//! The replicated control plane on raft-rs.
+//!
+//! - [`log_store`]: durable storage (checksummed WAL, atomic snapshots,
+//!   compaction) behind `raft::Storage`.
+//! - [`node`]: the Ready loop owning `RawNode`, the state machine and the
+//!   waiters of writes and ReadIndex reads; [`RaftNode`] is its handle.
+//! - [`transport`]: [`RaftTransport`], over gRPC (batched, per-peer queues)
+//!   or an in-memory network with faults for tests.
+
+pub mod log_store;
+pub mod node;
+pub mod transport;
+
+#[cfg(test)]
+mod tests;
+
+pub use node::{Bootstrap, RaftConfig, RaftError, RaftNode, View};
+pub use transport::{GrpcTransport, MemNetwork, PeerService, RaftTransport};
+
+/// raft-rs logs through slog; this drain forwards to `tracing`.
+struct TracingDrain;
+
+struct KvString(String);
+
+impl slog::Serializer for KvString {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record, values: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        let mut kv = KvString(String::new());
+        let _ = record.kv().serialize(record, &mut kv);
+        let _ = values.serialize(record, &mut kv);
+        let msg = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{}", kv.0)
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{}", kv.0),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}{}", kv.0),
+            _ => tracing::debug!(target: "raft", "{msg}{}", kv.0),
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn tracing_logger(node: u64) -> slog::Logger {
+    slog::Logger::root(TracingDrain, slog::o!("node" => node))
+}

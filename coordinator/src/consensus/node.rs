@@ -1,0 +1,732 @@
+//! One Raft replica: a thread owns the raft-rs `RawNode`, the durable
+//! storage and the cluster state machine, and runs the Ready loop; async
+//! callers talk to it through [`RaftNode`], a handle over a channel.
+//!
+//! Writes: `propose` on any replica. A follower's raft-rs forwards the
+//! proposal to the leader; the caller's reply comes when *this* replica
+//! applies the entry, so a write acknowledged by a follower is also visible
+//! there. Fresh reads: `read_index` (raft's ReadIndex, also from followers)
+//! then wait until applied. Every wait has a deadline: a minority partition
+//! answers "leader unknown" or "not committed" instead of hanging.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, StateRole};
+use tokio::sync::oneshot;
+
+use super::log_store::{DiskStorage, LogError};
+use super::transport::RaftTransport;
+use crate::state::{ClusterState, Command, StateError};
+
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// Boot (the first time) as one of these voters: id → peer address.
+    Peers(BTreeMap<u64, String>),
+    /// Start empty and wait for the leader to add this node.
+    Join,
+}
+
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub data_dir: PathBuf,
+    pub bootstrap: Bootstrap,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots (log compaction).
+    pub snapshot_entries: u64,
+    /// Deadline of a write or a fresh read.
+    pub request_timeout: Duration,
+    /// fsync the log (off only in benchmarks that measure without it).
+    pub sync: bool,
+}
+
+impl RaftConfig {
+    pub fn new(node_id: u64, cluster_id: &str, data_dir: PathBuf, bootstrap: Bootstrap) -> Self {
+        RaftConfig {
+            node_id,
+            cluster_id: cluster_id.to_string(),
+            data_dir,
+            bootstrap,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_entries: 1000,
+            request_timeout: Duration::from_secs(5),
+            sync: true,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node id must be at least 1".into());
+        }
+        if let Bootstrap::Peers(p) = &self.bootstrap {
+            if !p.contains_key(&self.node_id) {
+                return Err(format!(
+                    "the peer list {:?} does not contain this node's id {}",
+                    p.keys().collect::<Vec<_>>(),
+                    self.node_id
+                ));
+            }
+            if p.contains_key(&0) {
+                return Err("peer ids must be at least 1".into());
+            }
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err("election ticks must exceed heartbeat ticks (> 0)".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RaftError {
+    #[error("no leader is known to coordinator {node} (election in progress, or this node is cut off from a majority)")]
+    NoLeader { node: u64 },
+    #[error("leadership changed while the write was in flight: it may or may not have been applied; read the state before retrying")]
+    LeaderChanged,
+    #[error("{what} not committed within {after:?}: no quorum reachable from coordinator {node}")]
+    Timeout {
+        what: &'static str,
+        after: Duration,
+        node: u64,
+    },
+    #[error("the write was dropped by raft: {0}")]
+    Dropped(String),
+    #[error("raft storage failed: {0}")]
+    Storage(String),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("coordinator {node} is shutting down")]
+    Stopped { node: u64 },
+}
+
+/// What readers see, refreshed by the Ready loop.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub state: ClusterState,
+    pub node_id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub role: String,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+    pub wal_bytes: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, RaftError>>;
+
+enum Input {
+    Propose(Vec<u8>, Reply<Result<(), StateError>>),
+    ConfChange(ConfChange, Reply<()>),
+    ReadIndex(Reply<()>),
+    Step(Vec<Message>),
+    TransferLeader(u64),
+    Stop,
+}
+
+/// Handle to a replica's Ready-loop thread.
+pub struct RaftNode {
+    id: u64,
+    timeout: Duration,
+    tx: mpsc::Sender<Input>,
+    view: Arc<RwLock<View>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl RaftNode {
+    /// Opens the data directory and starts the replica.
+    pub fn start(
+        cfg: RaftConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Arc<RaftNode>, LogError> {
+        let initial = match &cfg.bootstrap {
+            Bootstrap::Peers(peers) => {
+                let mut cs = ConfState::default();
+                cs.voters = peers.keys().copied().collect();
+                let entries = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, addr))| {
+                        let mut cc = ConfChange::default();
+                        cc.set_change_type(ConfChangeType::AddNode);
+                        cc.node_id = *id;
+                        cc.context = addr.as_bytes().to_vec().into();
+                        let mut e = Entry::default();
+                        e.set_entry_type(EntryType::EntryConfChange);
+                        e.term = 1;
+                        e.index = i as u64 + 1;
+                        e.data = cc.write_to_bytes().expect("encode").into();
+                        e
+                    })
+                    .collect();
+                Some((cs, entries))
+            }
+            Bootstrap::Join => None,
+        };
+        let recovered = DiskStorage::open(
+            &cfg.data_dir,
+            &cfg.cluster_id,
+            cfg.node_id,
+            initial,
+            cfg.sync,
+        )?;
+        let storage = recovered.storage;
+        let snap = storage.snapshot_ref().clone();
+        let state: ClusterState = if snap.data.is_empty() {
+            ClusterState::default()
+        } else {
+            serde_json::from_slice(&snap.data).map_err(|e| LogError::Corrupt {
+                path: cfg.data_dir.join("snapshot"),
+                offset: 0,
+                what: format!("state machine does not decode: {e}"),
+            })?
+        };
+        tracing::info!(
+            node = cfg.node_id,
+            fresh = recovered.fresh,
+            snapshot_index = snap.get_metadata().index,
+            commit = storage.hard_state().commit,
+            "raft storage opened"
+        );
+        for (id, addr) in &state.members {
+            transport.set_peer(*id, addr);
+        }
+        if let Bootstrap::Peers(peers) = &cfg.bootstrap {
+            for (id, addr) in peers {
+                transport.set_peer(*id, addr);
+            }
+        }
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: snap.get_metadata().index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let logger = super::tracing_logger(cfg.node_id);
+        let raw = RawNode::new(&raft_cfg, storage, &logger)
+            .map_err(|e| LogError::Corrupt {
+                path: cfg.data_dir.clone(),
+                offset: 0,
+                what: format!("raft refused the stored state: {e}"),
+            })?;
+        let (tx, rx) = mpsc::channel();
+        let view = Arc::new(RwLock::new(View {
+            state: state.clone(),
+            node_id: cfg.node_id,
+            ..Default::default()
+        }));
+        let lp = Loop {
+            id: cfg.node_id,
+            raw,
+            state,
+            transport,
+            view: view.clone(),
+            incarnation: rand::random(),
+            next_proposal: 0,
+            proposals: HashMap::new(),
+            reads: HashMap::new(),
+            read_waits: Vec::new(),
+            snapshot_entries: cfg.snapshot_entries,
+            was_leader: false,
+            done: Vec::new(),
+            failed: None,
+        };
+        lp.publish();
+        let tick = cfg.tick;
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{}", cfg.node_id))
+            .spawn(move || lp.run(rx, tick))
+            .expect("spawn raft thread");
+        Ok(Arc::new(RaftNode {
+            id: cfg.node_id,
+            timeout: cfg.request_timeout,
+            tx,
+            view,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    async fn call<T>(
+        &self,
+        what: &'static str,
+        make: impl FnOnce(Reply<T>) -> Input,
+    ) -> Result<T, RaftError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| RaftError::Stopped { node: self.id })?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(RaftError::Stopped { node: self.id }),
+            Err(_) => Err(RaftError::Timeout {
+                what,
+                after: self.timeout,
+                node: self.id,
+            }),
+        }
+    }
+
+    /// Replicates `cmd` and returns the state machine's verdict once this
+    /// replica has applied it.
+    pub async fn propose(&self, cmd: &Command) -> Result<Result<(), StateError>, RaftError> {
+        let data = serde_json::to_vec(cmd).expect("command json");
+        self.call("write", |r| Input::Propose(data, r)).await
+    }
+
+    /// Waits until this replica has applied everything committed when the
+    /// call was made (linearizable read point).
+    pub async fn read_index(&self) -> Result<(), RaftError> {
+        self.call("read index", Input::ReadIndex).await
+    }
+
+    pub async fn add_member(&self, id: u64, address: &str) -> Result<(), RaftError> {
+        if id == 0 || address.is_empty() {
+            return Err(RaftError::Membership(
+                "a member needs an id of at least 1 and an address".into(),
+            ));
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        cc.context = address.as_bytes().to_vec().into();
+        self.call("membership change", |r| Input::ConfChange(cc, r))
+            .await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<(), RaftError> {
+        let v = self.view();
+        if !v.voters.contains(&id) {
+            return Err(RaftError::Membership(format!(
+                "{id} is not a member (members: {:?})",
+                v.voters
+            )));
+        }
+        if v.voters.len() == 1 {
+            return Err(RaftError::Membership(
+                "the last member cannot be removed".into(),
+            ));
+        }
+        if v.leader_id == id {
+            // Hand leadership over first, so the group keeps a leader.
+            let to = *v.voters.iter().find(|&&x| x != id).unwrap();
+            let _ = self.tx.send(Input::TransferLeader(to));
+            let deadline = Instant::now() + self.timeout;
+            while self.view().leader_id == id {
+                if Instant::now() > deadline {
+                    return Err(RaftError::Timeout {
+                        what: "leadership transfer",
+                        after: self.timeout,
+                        node: self.id,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = id;
+        self.call("membership change", |r| Input::ConfChange(cc, r))
+            .await
+    }
+
+    /// Delivers messages from peers.
+    pub fn step(&self, msgs: Vec<Message>) {
+        let _ = self.tx.send(Input::Step(msgs));
+    }
+
+    pub fn view(&self) -> View {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn state(&self) -> ClusterState {
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.view().leader_id == self.id
+    }
+
+    /// Stops the Ready loop and waits for it.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RaftNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+enum Pending {
+    Write(Reply<Result<(), StateError>>),
+    Conf(Reply<()>),
+}
+
+enum Done {
+    Write(Reply<Result<(), StateError>>, Result<(), StateError>),
+    Conf(Reply<()>, Result<(), RaftError>),
+    Read(Reply<()>),
+}
+
+struct Loop {
+    id: u64,
+    raw: RawNode<DiskStorage>,
+    state: ClusterState,
+    transport: Arc<dyn RaftTransport>,
+    view: Arc<RwLock<View>>,
+    incarnation: u64,
+    next_proposal: u64,
+    proposals: HashMap<Vec<u8>, Pending>,
+    reads: HashMap<Vec<u8>, Reply<()>>,
+    read_waits: Vec<(u64, Reply<()>)>,
+    snapshot_entries: u64,
+    was_leader: bool,
+    /// Answers held until the view that shows their effect is published.
+    done: Vec<Done>,
+    /// Set when storage failed: the replica stops taking part.
+    failed: Option<String>,
+}
+
+impl Loop {
+    fn run(mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = tick.saturating_sub(last_tick.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(input) => {
+                    self.handle(input);
+                    // Take everything queued before one Ready: batching.
+                    while let Ok(input) = rx.try_recv() {
+                        if matches!(input, Input::Stop) {
+                            return;
+                        }
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if last_tick.elapsed() >= tick {
+                last_tick = Instant::now();
+                self.raw.tick();
+                self.sweep();
+            }
+            if self.failed.is_none() {
+                if let Err(e) = self.on_ready() {
+                    tracing::error!(node = self.id, error = %e, "raft storage failed: this replica stops");
+                    self.failed = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn context(&mut self) -> Vec<u8> {
+        self.next_proposal += 1;
+        let mut c = self.incarnation.to_le_bytes().to_vec();
+        c.extend_from_slice(&self.next_proposal.to_le_bytes());
+        c
+    }
+
+    fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    fn handle(&mut self, input: Input) {
+        if let Some(e) = &self.failed {
+            let e = RaftError::Storage(e.clone());
+            match input {
+                Input::Propose(_, r) => drop(r.send(Err(e))),
+                Input::ConfChange(_, r) | Input::ReadIndex(r) => drop(r.send(Err(e))),
+                _ => {}
+            }
+            return;
+        }
+        let no_leader = RaftError::NoLeader { node: self.id };
+        match input {
+            Input::Propose(data, reply) => {
+                if self.leader() == 0 {
+                    let _ = reply.send(Err(no_leader));
+                    return;
+                }
+                let ctx = self.context();
+                match self.raw.propose(ctx.clone(), data) {
+                    Ok(()) => {
+                        self.proposals.insert(ctx, Pending::Write(reply));
+                    }
+                    Err(e) => drop(reply.send(Err(RaftError::Dropped(e.to_string())))),
+                }
+            }
+            Input::ConfChange(cc, reply) => {
+                if self.leader() == 0 {
+                    let _ = reply.send(Err(no_leader));
+                    return;
+                }
+                let ctx = self.context();
+                match self.raw.propose_conf_change(ctx.clone(), cc) {
+                    Ok(()) => {
+                        self.proposals.insert(ctx, Pending::Conf(reply));
+                    }
+                    Err(e) => drop(reply.send(Err(RaftError::Membership(e.to_string())))),
+                }
+            }
+            Input::ReadIndex(reply) => {
+                if self.leader() == 0 {
+                    let _ = reply.send(Err(no_leader));
+                    return;
+                }
+                let ctx = self.context();
+                self.raw.read_index(ctx.clone());
+                self.reads.insert(ctx, reply);
+            }
+            Input::Step(msgs) => {
+                for m in msgs {
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(node = self.id, error = %e, "raft message ignored");
+                    }
+                }
+            }
+            Input::TransferLeader(to) => self.raw.transfer_leader(to),
+            Input::Stop => {}
+        }
+    }
+
+    /// Drops waiters whose callers gave up (deadline passed).
+    fn sweep(&mut self) {
+        self.proposals.retain(|_, p| match p {
+            Pending::Write(r) => !r.is_closed(),
+            Pending::Conf(r) => !r.is_closed(),
+        });
+        self.reads.retain(|_, r| !r.is_closed());
+        self.read_waits.retain(|(_, r)| !r.is_closed());
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        self.transport.send(msgs);
+    }
+
+    /// The Ready loop, in raft-rs's documented order.
+    fn on_ready(&mut self) -> Result<(), LogError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        // 1. Messages a leader may send before persisting (appends to peers).
+        let snapshots: Vec<u64> = ready
+            .messages()
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        self.send(ready.take_messages());
+        for to in snapshots {
+            // Delivery is best effort; a lost snapshot is re-sent after probing.
+            self.raw
+                .report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
+        // 2. A snapshot from the leader replaces the state machine.
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let state: ClusterState = serde_json::from_slice(&snap.data).map_err(|e| {
+                LogError::Corrupt {
+                    path: "snapshot from leader".into(),
+                    offset: 0,
+                    what: e.to_string(),
+                }
+            })?;
+            self.raw.mut_store().apply_snapshot(snap)?;
+            self.state = state;
+            for (id, addr) in &self.state.members {
+                self.transport.set_peer(*id, addr);
+            }
+            tracing::info!(node = self.id, index = self.raw.store().snapshot_ref().get_metadata().index, "installed a snapshot from the leader");
+        }
+        // 3. Read states: ReadIndex answers.
+        for rs in ready.take_read_states() {
+            if let Some(r) = self.reads.remove(&rs.request_ctx) {
+                self.read_waits.push((rs.index, r));
+            }
+        }
+        // 4. Apply committed entries.
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+        // 5. Persist new entries and the hard state (one write, one fsync).
+        let hs = ready.hs().cloned();
+        self.raw.mut_store().persist(ready.entries(), hs.as_ref())?;
+        if let Some(ss) = ready.ss() {
+            self.on_role(ss.raft_state);
+        }
+        // 6. Messages that must wait for persistence (votes, append acks).
+        self.send(ready.take_persisted_messages());
+        // 7. Advance; the light ready carries commits that followed.
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.raw.advance_apply();
+        self.maybe_compact()?;
+        self.answer_reads();
+        self.publish();
+        for d in self.done.drain(..) {
+            match d {
+                Done::Write(r, result) => drop(r.send(Ok(result))),
+                Done::Conf(r, result) => drop(r.send(result)),
+                Done::Read(r) => drop(r.send(Ok(()))),
+            }
+        }
+        Ok(())
+    }
+
+    fn on_role(&mut self, role: StateRole) {
+        let leader = role == StateRole::Leader;
+        if self.was_leader && !leader {
+            // Proposals made as leader may never commit now.
+            for (_, p) in self.proposals.drain() {
+                match p {
+                    Pending::Write(r) => drop(r.send(Err(RaftError::LeaderChanged))),
+                    Pending::Conf(r) => drop(r.send(Err(RaftError::LeaderChanged))),
+                }
+            }
+        }
+        self.was_leader = leader;
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), LogError> {
+        for e in entries {
+            let index = e.index;
+            if !e.data.is_empty() {
+                match e.get_entry_type() {
+                    EntryType::EntryNormal => {
+                        let result = match serde_json::from_slice::<Command>(&e.data) {
+                            Ok(cmd) => self.state.apply(&cmd),
+                            Err(err) => {
+                                // Deterministic on every replica: counted, not applied.
+                                tracing::error!(node = self.id, index, error = %err, "undecodable command in the log");
+                                self.state.applied += 1;
+                                Ok(())
+                            }
+                        };
+                        if let Some(Pending::Write(r)) = self.proposals.remove(&e.context[..]) {
+                            self.done.push(Done::Write(r, result));
+                        }
+                    }
+                    EntryType::EntryConfChange => {
+                        let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| {
+                            LogError::Corrupt {
+                                path: "raft log".into(),
+                                offset: index,
+                                what: format!("conf change does not decode: {err}"),
+                            }
+                        })?;
+                        let result = match self.raw.apply_conf_change(&cc) {
+                            Ok(cs) => {
+                                self.raw.mut_store().set_conf_state(cs)?;
+                                let addr = String::from_utf8_lossy(&cc.context).into_owned();
+                                match cc.get_change_type() {
+                                    ConfChangeType::RemoveNode => {
+                                        self.state.members.remove(&cc.node_id);
+                                        self.transport.remove_peer(cc.node_id);
+                                    }
+                                    _ => {
+                                        self.transport.set_peer(cc.node_id, &addr);
+                                        self.state.members.insert(cc.node_id, addr);
+                                    }
+                                }
+                                tracing::info!(node = self.id, change = ?cc.get_change_type(), member = cc.node_id, "membership changed");
+                                Ok(())
+                            }
+                            Err(err) => Err(RaftError::Membership(err.to_string())),
+                        };
+                        if let Some(Pending::Conf(r)) = self.proposals.remove(&e.context[..]) {
+                            self.done.push(Done::Conf(r, result));
+                        }
+                    }
+                    EntryType::EntryConfChangeV2 => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_reads(&mut self) {
+        let applied = self.raw.raft.raft_log.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.read_waits)
+            .into_iter()
+            .partition(|(i, _)| *i <= applied);
+        self.read_waits = waiting;
+        for (_, r) in ready {
+            self.done.push(Done::Read(r));
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), LogError> {
+        let applied = self.raw.raft.raft_log.applied;
+        let snap = self.raw.store().snapshot_ref().get_metadata().index;
+        if applied >= snap + self.snapshot_entries {
+            let data = serde_json::to_vec(&self.state).expect("state json");
+            self.raw.mut_store().compact(applied, data)?;
+            tracing::info!(node = self.id, index = applied, "snapshot taken, log compacted");
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let raft = &self.raw.raft;
+        let store = self.raw.store();
+        let v = View {
+            state: self.state.clone(),
+            node_id: self.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            role: format!("{:?}", raft.state),
+            commit: raft.raft_log.committed,
+            applied: raft.raft_log.applied,
+            first_index: raft::Storage::first_index(store).unwrap_or(0),
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: store.snapshot_ref().get_metadata().index,
+            voters: {
+                let mut v: Vec<u64> = store.conf_state().voters.clone();
+                v.sort();
+                v
+            },
+            wal_bytes: store.wal_bytes(),
+        };
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+}

@@ -1,0 +1,305 @@
+//! How raft messages travel between replicas: [`RaftTransport`], with a
+//! gRPC implementation (a queue and a sender task per peer; everything
+//! queued is sent as one batch) and an in-memory network for tests that
+//! drops, delays and partitions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use llmos_proto::coordinator::v1 as pb;
+use protobuf::Message as _;
+use raft::prelude::Message;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
+
+use super::node::RaftNode;
+
+/// Best-effort delivery of raft messages; raft retries what is lost.
+pub trait RaftTransport: Send + Sync + 'static {
+    fn send(&self, msgs: Vec<Message>);
+    /// Where peer `id` listens (from the peer list, membership, or a batch).
+    fn set_peer(&self, id: u64, address: &str);
+    fn remove_peer(&self, id: u64);
+}
+
+/// Most messages in one gRPC batch.
+const MAX_BATCH: usize = 1024;
+
+struct PeerQueue {
+    address: String,
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+pub struct GrpcTransport {
+    cluster_id: String,
+    self_id: u64,
+    self_address: String,
+    timeout: Duration,
+    peers: Mutex<HashMap<u64, PeerQueue>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl GrpcTransport {
+    /// Must be called inside a tokio runtime (sender tasks run on it).
+    pub fn new(cluster_id: &str, self_id: u64, self_address: &str) -> Arc<Self> {
+        Arc::new(GrpcTransport {
+            cluster_id: cluster_id.to_string(),
+            self_id,
+            self_address: self_address.to_string(),
+            timeout: Duration::from_secs(3),
+            peers: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn spawn_sender(&self, to: u64, address: String, mut rx: mpsc::UnboundedReceiver<Message>) {
+        let (cluster_id, from_id, from_address, timeout) = (
+            self.cluster_id.clone(),
+            self.self_id,
+            self.self_address.clone(),
+            self.timeout,
+        );
+        self.rt.spawn(async move {
+            let channel = match Endpoint::from_shared(address.clone()) {
+                Ok(e) => e
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+                Err(e) => {
+                    tracing::error!(peer = to, %address, error = %e, "bad peer address");
+                    return;
+                }
+            };
+            let mut client = pb::peer_client::PeerClient::new(channel)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20);
+            let mut last_warn: Option<Instant> = None;
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                let req = pb::RaftRequest {
+                    cluster_id: cluster_id.clone(),
+                    from_id,
+                    from_address: from_address.clone(),
+                    messages: batch
+                        .iter()
+                        .map(|m| m.write_to_bytes().expect("encode raft message"))
+                        .collect(),
+                };
+                if let Err(status) = client.raft(req).await {
+                    // Raft retries; say so now and then, not per message.
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        tracing::warn!(peer = to, %address, code = ?status.code(), error = %status.message(), "raft messages to peer lost");
+                        last_warn = Some(Instant::now());
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl RaftTransport for GrpcTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        let peers = self.peers.lock().unwrap();
+        for m in msgs {
+            match peers.get(&m.to) {
+                Some(q) => {
+                    let _ = q.tx.send(m);
+                }
+                None => tracing::debug!(to = m.to, "no address for raft peer; message dropped"),
+            }
+        }
+    }
+
+    fn set_peer(&self, id: u64, address: &str) {
+        if id == self.self_id || address.is_empty() {
+            return;
+        }
+        let mut peers = self.peers.lock().unwrap();
+        if peers.get(&id).is_some_and(|q| q.address == address) {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.spawn_sender(id, address.to_string(), rx);
+        peers.insert(
+            id,
+            PeerQueue {
+                address: address.to_string(),
+                tx,
+            },
+        );
+    }
+
+    fn remove_peer(&self, id: u64) {
+        self.peers.lock().unwrap().remove(&id);
+    }
+}
+
+/// The receiving side: the `Peer` gRPC service.
+pub struct PeerService {
+    pub cluster_id: String,
+    pub node: Arc<RaftNode>,
+    pub transport: Arc<GrpcTransport>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn raft(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftResponse>, Status> {
+        let r = req.into_inner();
+        if r.cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "raft batch from node {} of cluster {:?} reached coordinator {} of cluster {:?}",
+                r.from_id,
+                r.cluster_id,
+                self.node.id(),
+                self.cluster_id
+            )));
+        }
+        if r.from_id != 0 {
+            self.transport.set_peer(r.from_id, &r.from_address);
+        }
+        let mut msgs = Vec::with_capacity(r.messages.len());
+        for b in &r.messages {
+            msgs.push(Message::parse_from_bytes(b).map_err(|e| {
+                Status::invalid_argument(format!("undecodable raft message: {e}"))
+            })?);
+        }
+        self.node.step(msgs);
+        Ok(Response::new(pb::RaftResponse {}))
+    }
+}
+
+/// An in-memory network of replicas in one process, with faults.
+#[derive(Default)]
+pub struct MemNetwork {
+    inner: Mutex<Net>,
+}
+
+#[derive(Default)]
+struct Net {
+    nodes: HashMap<u64, Weak<RaftNode>>,
+    /// Pairs that cannot talk, both directions.
+    cut: HashSet<(u64, u64)>,
+    drop_rate: f64,
+    delay: Duration,
+    rng: Option<rand_chacha::ChaCha8Rng>,
+}
+
+impl MemNetwork {
+    pub fn new(seed: u64) -> Arc<Self> {
+        let net = MemNetwork::default();
+        net.inner.lock().unwrap().rng = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        Arc::new(net)
+    }
+
+    /// The transport of replica `id` on this network.
+    pub fn transport(self: &Arc<Self>, id: u64) -> Arc<MemTransport> {
+        Arc::new(MemTransport {
+            from: id,
+            net: self.clone(),
+        })
+    }
+
+    pub fn register(&self, node: &Arc<RaftNode>) {
+        self.inner
+            .lock()
+            .unwrap()
+            .nodes
+            .insert(node.id(), Arc::downgrade(node));
+    }
+
+    /// Splits the replicas into groups that cannot reach each other.
+    pub fn partition(&self, groups: &[&[u64]]) {
+        let mut n = self.inner.lock().unwrap();
+        n.cut.clear();
+        for (i, a) in groups.iter().enumerate() {
+            for b in &groups[i + 1..] {
+                for &x in *a {
+                    for &y in *b {
+                        n.cut.insert((x, y));
+                        n.cut.insert((y, x));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts `id` off from every other replica.
+    pub fn isolate(&self, id: u64) {
+        let mut n = self.inner.lock().unwrap();
+        let others: Vec<u64> = n.nodes.keys().copied().filter(|&x| x != id).collect();
+        for o in others {
+            n.cut.insert((id, o));
+            n.cut.insert((o, id));
+        }
+    }
+
+    pub fn heal(&self) {
+        self.inner.lock().unwrap().cut.clear();
+    }
+
+    /// Drops each message with probability `rate` and delays the rest.
+    pub fn set_faults(&self, rate: f64, delay: Duration) {
+        let mut n = self.inner.lock().unwrap();
+        n.drop_rate = rate;
+        n.delay = delay;
+    }
+
+    fn deliver(&self, from: u64, msgs: Vec<Message>) {
+        let mut groups: HashMap<u64, Vec<Message>> = HashMap::new();
+        let delay;
+        {
+            let mut n = self.inner.lock().unwrap();
+            delay = n.delay;
+            for m in msgs {
+                if n.cut.contains(&(from, m.to)) {
+                    continue;
+                }
+                let rate = n.drop_rate;
+                if rate > 0.0 && n.rng.as_mut().expect("seeded").gen_bool(rate) {
+                    continue;
+                }
+                groups.entry(m.to).or_default().push(m);
+            }
+        }
+        for (to, msgs) in groups {
+            let Some(node) = self.inner.lock().unwrap().nodes.get(&to).and_then(Weak::upgrade)
+            else {
+                continue;
+            };
+            if delay.is_zero() {
+                node.step(msgs);
+            } else {
+                std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    node.step(msgs);
+                });
+            }
+        }
+    }
+}
+
+pub struct MemTransport {
+    from: u64,
+    net: Arc<MemNetwork>,
+}
+
+impl RaftTransport for MemTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        self.net.deliver(self.from, msgs);
+    }
+    fn set_peer(&self, _id: u64, _address: &str) {}
+    fn remove_peer(&self, _id: u64) {}
+}
