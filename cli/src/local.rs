@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::GenerateArgs;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct LocalArgs {
     /// Number of worker processes (pipeline stages).
     #[arg(long, default_value_t = 2)]

@@ -20,7 +20,8 @@ use tonic::transport::Channel;
     about = "llmos: a cluster runtime for large language models"
 )]
 struct Cli {
-    /// Coordinator URL.
+    /// Coordinator URLs, comma-separated: the CLI moves on to the next
+    /// when one is unreachable or cannot reach a quorum.
     #[arg(
         long,
         global = true,
@@ -32,7 +33,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum Command {
     /// Generate text, streamed to stdout.
     Generate(GenerateArgs),
@@ -46,6 +47,12 @@ enum Command {
     Deploy(DeployArgs),
     /// Remove a deployed model.
     Undeploy { name: String },
+    /// Coordinator replicas (Raft membership).
+    #[command(subcommand)]
+    Members(MembersCommand),
+    /// Cluster settings (e.g. generate.default_max_new_tokens).
+    #[command(subcommand)]
+    Settings(SettingsCommand),
     /// Start a coordinator and workers on this machine, deploy a model over
     /// all of them, and generate; Ctrl-C stops everything.
     Local(local::LocalArgs),
@@ -81,7 +88,28 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-#[derive(Args)]
+#[derive(Subcommand, Clone)]
+enum MembersCommand {
+    /// Members, the leader, term and log indexes.
+    List,
+    /// Add a replica started with `llmos-coordinator --join --node-id ID`.
+    Add {
+        id: u64,
+        /// Where it listens, e.g. http://10.0.0.3:50051
+        address: String,
+    },
+    /// Remove a replica (leadership moves first if it leads).
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand, Clone)]
+enum SettingsCommand {
+    List,
+    Set { key: String, value: String },
+    Delete { key: String },
+}
+
+#[derive(Args, Clone)]
 struct DeployArgs {
     #[arg(long)]
     name: String,
@@ -98,6 +126,20 @@ struct DeployArgs {
     dtype: String,
 }
 
+fn coordinators(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            if a.contains("://") {
+                a.to_string()
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .collect()
+}
+
 async fn channel(url: &str) -> Result<Channel> {
     tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect_timeout(std::time::Duration::from_secs(5))
@@ -106,8 +148,20 @@ async fn channel(url: &str) -> Result<Channel> {
         .with_context(|| format!("connecting to the coordinator at {url}"))
 }
 
+/// A gRPC status, shown as `Code: message`.
+#[derive(Debug)]
+struct StatusError(tonic::Status);
+
+impl std::fmt::Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for StatusError {}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::Error::new(StatusError(s))
 }
 
 /// Streams one generation to stdout with the `llmos-worker generate` contract.
@@ -218,12 +272,46 @@ fn stages_json(ss: &[api::StagePlacement]) -> serde_json::Value {
         .collect::<Vec<_>>())
 }
 
+fn control_plane_json(c: &Option<api::ControlPlaneStatus>) -> serde_json::Value {
+    let Some(c) = c else { return json!(null) };
+    json!({"store": c.store, "node_id": c.node_id, "role": c.role, "leader_id": c.leader_id, "leader": c.leader,
+        "term": c.term, "commit_index": c.commit_index, "applied_index": c.applied_index,
+        "snapshot_index": c.snapshot_index,
+        "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader})).collect::<Vec<_>>()})
+}
+
+/// Whether another coordinator may succeed where this one failed.
+fn try_next(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<StatusError>()
+        .is_some_and(|s| s.0.code() == tonic::Code::Unavailable)
+        || e.chain().any(|c| c.to_string().contains("connecting to the coordinator"))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     if let Command::Local(a) = &cli.command {
         return local::run(a).await;
     }
-    let ch = channel(&cli.coordinator).await?;
-    match cli.command {
+    let addresses = coordinators(&cli.coordinator);
+    anyhow::ensure!(!addresses.is_empty(), "no coordinator address given");
+    let mut last = None;
+    for (i, url) in addresses.iter().enumerate() {
+        let r = match channel(url).await {
+            Ok(ch) => run_on(ch, cli.command.clone()).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Err(e) if try_next(&e) && i + 1 < addresses.len() => {
+                eprintln!("coordinator {url}: {e:#}; trying the next");
+                last = Some(e);
+            }
+            r => return r,
+        }
+    }
+    Err(last.expect("at least one address"))
+}
+
+async fn run_on(ch: Channel, command: Command) -> Result<()> {
+    match command {
         Command::Generate(a) => generate(ch, &a).await?,
         Command::Models => {
             let ms = InferenceClient::new(ch)
@@ -258,7 +346,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|m| json!({"name": m.name, "source": m.source, "state": m.state, "stages": stages_json(&m.stages)}))
                 .collect();
-            print_json(json!({"workers": workers_json(&s.workers), "models": models}));
+            print_json(json!({"workers": workers_json(&s.workers), "models": models,
+                "control_plane": control_plane_json(&s.control_plane)}));
         }
         Command::Deploy(a) => {
             let r = AdminClient::new(ch)
@@ -279,6 +368,66 @@ async fn run(cli: Cli) -> Result<()> {
                 .undeploy_model(api::UndeployModelRequest { name })
                 .await
                 .map_err(status_error)?;
+        }
+        Command::Members(m) => {
+            let mut admin = AdminClient::new(ch);
+            let members = match m {
+                MembersCommand::List => {
+                    let r = admin
+                        .list_members(api::ListMembersRequest {})
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    print_json(control_plane_json(&r.control_plane));
+                    return Ok(());
+                }
+                MembersCommand::Add { id, address } => {
+                    admin
+                        .add_member(api::AddMemberRequest { id, address })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .members
+                }
+                MembersCommand::Remove { id } => {
+                    admin
+                        .remove_member(api::RemoveMemberRequest { id })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .members
+                }
+            };
+            print_json(json!(members
+                .iter()
+                .map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader}))
+                .collect::<Vec<_>>()));
+        }
+        Command::Settings(c) => {
+            let mut admin = AdminClient::new(ch);
+            match c {
+                SettingsCommand::List => {
+                    let r = admin
+                        .list_settings(api::ListSettingsRequest {})
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    let sorted: std::collections::BTreeMap<_, _> = r.settings.into_iter().collect();
+                    print_json(json!(sorted));
+                }
+                SettingsCommand::Set { key, value } => {
+                    admin
+                        .set_setting(api::SetSettingRequest { key, value })
+                        .await
+                        .map_err(status_error)?;
+                }
+                SettingsCommand::Delete { key } => {
+                    admin
+                        .delete_setting(api::DeleteSettingRequest { key })
+                        .await
+                        .map_err(status_error)?;
+                }
+            }
         }
         Command::Local(_) => unreachable!("handled above"),
     }

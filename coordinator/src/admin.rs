@@ -39,7 +39,7 @@ impl wk::registry_server::Registry for RegistryService {
                 memory_free_bytes: r.memory_free_bytes,
                 at_ms: self.cluster.now_ms(),
             })
-            .map_err(CoordError::from)?;
+            .await?;
         tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
         // A restarted worker gets its shards back.
         let state = self.cluster.read();
@@ -72,14 +72,18 @@ impl wk::registry_server::Registry for RegistryService {
         req: Request<wk::HeartbeatRequest>,
     ) -> Result<Response<wk::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let known = match self.cluster.propose(Command::Heartbeat {
-            id: r.worker_id,
-            memory_free_bytes: r.memory_free_bytes,
-            at_ms: self.cluster.now_ms(),
-        }) {
+        let known = match self
+            .cluster
+            .propose(Command::Heartbeat {
+                id: r.worker_id,
+                memory_free_bytes: r.memory_free_bytes,
+                at_ms: self.cluster.now_ms(),
+            })
+            .await
+        {
             Ok(()) => true,
-            Err(StateError::UnknownWorker(_)) => false,
-            Err(e) => return Err(CoordError::from(e).into()),
+            Err(CoordError::State(StateError::UnknownWorker(_))) => false,
+            Err(e) => return Err(e.into()),
         };
         Ok(Response::new(wk::HeartbeatResponse { known }))
     }
@@ -196,7 +200,7 @@ impl AdminService {
                 )))
             }
         };
-        if self.cluster.read().models.contains_key(&r.name) {
+        if self.cluster.read_fresh().await?.models.contains_key(&r.name) {
             return Err(StateError::ModelExists(r.name).into());
         }
         let rt = self.cluster.open_model(&r.name, &r.source)?;
@@ -218,12 +222,14 @@ impl AdminService {
             reserve_bytes: 0,
         };
         let placement = plan(&shape, &workers, &req)?;
-        self.cluster.propose(Command::DeployModel {
-            name: r.name.clone(),
-            source: r.source.clone(),
-            dtype: dtype.into(),
-            placement: placement.clone(),
-        })?;
+        self.cluster
+            .propose(Command::DeployModel {
+                name: r.name.clone(),
+                source: r.source.clone(),
+                dtype: dtype.into(),
+                placement: placement.clone(),
+            })
+            .await?;
         let mut loads = tokio::task::JoinSet::new();
         for s in &placement.stages {
             let (cluster, worker) = (self.cluster.clone(), s.worker.clone());
@@ -241,16 +247,21 @@ impl AdminService {
         if let Some(e) = failure {
             // Roll back: no half-deployed model stays behind.
             unload_everywhere(&self.cluster, &r.name, &placement.stages).await;
-            let _ = self.cluster.propose(Command::UndeployModel {
-                name: r.name.clone(),
-            });
+            let _ = self
+                .cluster
+                .propose(Command::UndeployModel {
+                    name: r.name.clone(),
+                })
+                .await;
             self.cluster.forget_model(&r.name);
             return Err(e);
         }
-        self.cluster.propose(Command::SetModelState {
-            name: r.name.clone(),
-            state: ModelState::Ready,
-        })?;
+        self.cluster
+            .propose(Command::SetModelState {
+                name: r.name.clone(),
+                state: ModelState::Ready,
+            })
+            .await?;
         let state = self.cluster.read();
         tracing::info!(model = %r.name, stages = placement.stages.len(), "model deployed");
         Ok(api::DeployModelResponse {
@@ -280,7 +291,8 @@ impl api::admin_server::Admin for AdminService {
         let name = req.into_inner().name;
         let dep = self
             .cluster
-            .read()
+            .read_fresh()
+            .await?
             .models
             .get(&name)
             .cloned()
@@ -288,7 +300,7 @@ impl api::admin_server::Admin for AdminService {
         unload_everywhere(&self.cluster, &name, &dep.placement.stages).await;
         self.cluster
             .propose(Command::UndeployModel { name: name.clone() })
-            .map_err(CoordError::from)?;
+            .await?;
         self.cluster.forget_model(&name);
         Ok(Response::new(api::UndeployModelResponse {}))
     }
@@ -298,7 +310,7 @@ impl api::admin_server::Admin for AdminService {
         _req: Request<api::ListWorkersRequest>,
     ) -> Result<Response<api::ListWorkersResponse>, Status> {
         Ok(Response::new(api::ListWorkersResponse {
-            workers: worker_statuses(&self.cluster.read()),
+            workers: worker_statuses(&self.cluster.read_fresh().await?),
         }))
     }
 
@@ -306,7 +318,7 @@ impl api::admin_server::Admin for AdminService {
         &self,
         _req: Request<api::ClusterStatusRequest>,
     ) -> Result<Response<api::ClusterStatusResponse>, Status> {
-        let state = self.cluster.read();
+        let state = self.cluster.read_fresh().await?;
         let models = state
             .models
             .values()
@@ -325,6 +337,147 @@ impl api::admin_server::Admin for AdminService {
         Ok(Response::new(api::ClusterStatusResponse {
             workers: worker_statuses(&state),
             models,
+            control_plane: Some(control_plane(&self.cluster)),
         }))
+    }
+
+    async fn list_members(
+        &self,
+        _req: Request<api::ListMembersRequest>,
+    ) -> Result<Response<api::ListMembersResponse>, Status> {
+        Ok(Response::new(api::ListMembersResponse {
+            control_plane: Some(control_plane(&self.cluster)),
+        }))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<api::AddMemberRequest>,
+    ) -> Result<Response<api::AddMemberResponse>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 || r.address.is_empty() {
+            return Err(Status::invalid_argument(
+                "id (at least 1) and address are required",
+            ));
+        }
+        let address = if r.address.contains("://") {
+            r.address
+        } else {
+            format!("http://{}", r.address)
+        };
+        self.cluster
+            .store
+            .add_member(r.id, &address)
+            .await
+            .map_err(CoordError::from)?;
+        tracing::info!(member = r.id, %address, "coordinator member added");
+        Ok(Response::new(api::AddMemberResponse {
+            members: control_plane(&self.cluster).members,
+        }))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<api::RemoveMemberRequest>,
+    ) -> Result<Response<api::RemoveMemberResponse>, Status> {
+        let id = req.into_inner().id;
+        self.cluster
+            .store
+            .remove_member(id)
+            .await
+            .map_err(CoordError::from)?;
+        tracing::info!(member = id, "coordinator member removed");
+        Ok(Response::new(api::RemoveMemberResponse {
+            members: control_plane(&self.cluster).members,
+        }))
+    }
+
+    async fn set_setting(
+        &self,
+        req: Request<api::SetSettingRequest>,
+    ) -> Result<Response<api::SetSettingResponse>, Status> {
+        let r = req.into_inner();
+        validate_setting(&r.key, &r.value)?;
+        self.cluster
+            .propose(Command::PutSetting {
+                key: r.key,
+                value: r.value,
+            })
+            .await?;
+        Ok(Response::new(api::SetSettingResponse {}))
+    }
+
+    async fn delete_setting(
+        &self,
+        req: Request<api::DeleteSettingRequest>,
+    ) -> Result<Response<api::DeleteSettingResponse>, Status> {
+        let key = req.into_inner().key;
+        self.cluster.propose(Command::DeleteSetting { key }).await?;
+        Ok(Response::new(api::DeleteSettingResponse {}))
+    }
+
+    async fn list_settings(
+        &self,
+        _req: Request<api::ListSettingsRequest>,
+    ) -> Result<Response<api::ListSettingsResponse>, Status> {
+        Ok(Response::new(api::ListSettingsResponse {
+            settings: self.cluster.read_fresh().await?.settings.into_iter().collect(),
+        }))
+    }
+}
+
+/// The setting that overrides `max_new_tokens` of requests that give none.
+pub const SETTING_DEFAULT_MAX_NEW_TOKENS: &str = "generate.default_max_new_tokens";
+const MAX_SETTING_KEY: usize = 128;
+const MAX_SETTING_VALUE: usize = 4096;
+
+fn validate_setting(key: &str, value: &str) -> Result<()> {
+    let key_ok = !key.is_empty()
+        && key.len() <= MAX_SETTING_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
+    if !key_ok {
+        return Err(CoordError::Invalid(format!(
+            "setting key {key:?}: 1 to {MAX_SETTING_KEY} characters of a-z, 0-9, '.', '_', '-', '/'"
+        )));
+    }
+    if value.len() > MAX_SETTING_VALUE {
+        return Err(CoordError::Limit {
+            what: format!("value of setting {key:?}"),
+            limit_name: "maximum bytes",
+            limit: MAX_SETTING_VALUE,
+            got: value.len(),
+        });
+    }
+    if key == SETTING_DEFAULT_MAX_NEW_TOKENS && value.parse::<u32>().map_or(true, |v| v == 0) {
+        return Err(CoordError::Invalid(format!(
+            "{key} must be a positive integer, got {value:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
+    let c = cluster.store.status();
+    api::ControlPlaneStatus {
+        store: c.store.to_string(),
+        node_id: c.node_id,
+        leader_id: c.leader_id,
+        leader: c.leader,
+        term: c.term,
+        commit_index: c.commit_index,
+        applied_index: c.applied_index,
+        snapshot_index: c.snapshot_index,
+        role: c.role,
+        members: c
+            .members
+            .into_iter()
+            .map(|m| api::Member {
+                id: m.id,
+                address: m.address,
+                leader: m.leader,
+            })
+            .collect(),
     }
 }

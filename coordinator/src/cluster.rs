@@ -1,7 +1,7 @@
-//! Shared coordinator state: the cluster state machine behind `propose`
-//! (single node for now: the Raft issue replaces this store with a
-//! replicated one), plus what is not replicated: tokenizers and configs of
-//! deployed models, and gRPC clients of workers.
+//! Shared coordinator state: the replicated cluster state behind
+//! `propose`/`read` (a [`MetaStore`]: Raft or etcd), plus what is not
+//! replicated: tokenizers and configs of deployed models (opened on first
+//! use on every replica), and gRPC clients of workers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{CoordError, Result};
 use crate::state::{ClusterState, Command, StateError};
+use crate::store::{MetaStore, StoreConfig};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,8 +26,11 @@ pub struct Config {
     /// Deadline of loading one shard.
     pub load_timeout: Duration,
     pub connect_timeout: Duration,
-    /// `max_new_tokens` when a request gives none.
+    /// `max_new_tokens` when a request gives none (the cluster setting
+    /// `generate.default_max_new_tokens` overrides it).
     pub default_max_new_tokens: usize,
+    /// Where the cluster state is kept.
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -38,6 +42,7 @@ impl Default for Config {
             load_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(3),
             default_max_new_tokens: 256,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -50,39 +55,55 @@ pub struct ModelRuntime {
 
 pub struct Cluster {
     pub config: Config,
-    state: Mutex<ClusterState>,
+    pub store: Arc<dyn MetaStore>,
     models: Mutex<HashMap<String, Arc<ModelRuntime>>>,
     clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
-    started: std::time::Instant,
 }
 
 impl Cluster {
-    pub fn new(config: Config) -> Arc<Self> {
+    pub fn new(config: Config, store: Arc<dyn MetaStore>) -> Arc<Self> {
         Arc::new(Cluster {
             config,
-            state: Mutex::new(ClusterState::default()),
+            store,
             models: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
-            started: std::time::Instant::now(),
         })
     }
 
-    /// Milliseconds since start: the time stamped into commands.
+    /// Wall-clock milliseconds: the time stamped into commands (replicas
+    /// compare heartbeats stamped by each other).
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
-    /// Commits and applies a command.
-    pub fn propose(&self, cmd: Command) -> Result<(), StateError> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(&cmd)
+    /// Commits a command through the store; the state machine's refusal
+    /// comes back as `CoordError::State`.
+    pub async fn propose(&self, cmd: Command) -> Result<()> {
+        self.store.propose(cmd).await??;
+        Ok(())
     }
 
-    /// A consistent copy of the state.
+    /// The state as applied on this replica (request routing).
     pub fn read(&self) -> ClusterState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.store.local()
+    }
+
+    /// The state including every write committed before the call.
+    pub async fn read_fresh(&self) -> Result<ClusterState> {
+        self.store.sync().await?;
+        Ok(self.store.local())
+    }
+
+    /// `max_new_tokens` for requests that give none.
+    pub fn default_max_new_tokens(&self) -> usize {
+        self.read()
+            .settings
+            .get(crate::admin::SETTING_DEFAULT_MAX_NEW_TOKENS)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.config.default_max_new_tokens)
     }
 
     /// Opens a model's config and tokenizer (no weights) and keeps them.
@@ -99,8 +120,20 @@ impl Cluster {
         Ok(rt)
     }
 
+    /// The runtime of a deployed model, opened here on first use (a
+    /// replica that did not handle the deploy opens it from the source).
     pub fn model(&self, name: &str) -> Option<Arc<ModelRuntime>> {
-        self.models.lock().unwrap().get(name).cloned()
+        if let Some(rt) = self.models.lock().unwrap().get(name).cloned() {
+            return Some(rt);
+        }
+        let source = self.read().models.get(name)?.source.clone();
+        match self.open_model(name, &source) {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                tracing::error!(model = name, %source, error = %e, "opening a deployed model's metadata failed");
+                None
+            }
+        }
     }
 
     pub fn forget_model(&self, name: &str) {
@@ -141,8 +174,11 @@ impl Cluster {
         self.clients.lock().unwrap().remove(address);
     }
 
-    /// Marks workers unhealthy whose heartbeats stopped.
-    pub fn check_heartbeats(&self) {
+    /// Marks workers unhealthy whose heartbeats stopped (leader only).
+    pub async fn check_heartbeats(&self) {
+        if !self.store.is_leader() {
+            return;
+        }
         let now = self.now_ms();
         let timeout = self.config.heartbeat_timeout.as_millis() as u64;
         let stale: Vec<String> = self
@@ -154,7 +190,9 @@ impl Cluster {
             .collect();
         for id in stale {
             tracing::warn!(worker = %id, "missed heartbeats: marking unhealthy");
-            let _ = self.propose(Command::SetWorkerHealth { id, healthy: false });
+            let _ = self
+                .propose(Command::SetWorkerHealth { id, healthy: false })
+                .await;
         }
     }
 }

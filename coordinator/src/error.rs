@@ -4,6 +4,8 @@ use tonic::Status;
 
 use crate::placement::PlanError;
 use crate::state::StateError;
+use crate::store::StoreError;
+use crate::consensus::RaftError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
@@ -34,6 +36,8 @@ pub enum CoordError {
     },
     #[error("worker {worker} failed: {status}")]
     WorkerFailed { worker: String, status: Status },
+    #[error("control plane: {0}")]
+    Store(#[from] StoreError),
 }
 
 impl From<CoordError> for Status {
@@ -55,6 +59,9 @@ impl From<CoordError> for Status {
             CoordError::ModelNotReady { .. } | CoordError::WorkerUnavailable { .. } => {
                 Status::unavailable(msg)
             }
+            CoordError::Store(StoreError::Raft(RaftError::Membership(_)))
+            | CoordError::Store(StoreError::Unsupported(_)) => Status::failed_precondition(msg),
+            CoordError::Store(_) => Status::unavailable(msg),
             CoordError::WorkerFailed { status, worker } => Status::new(
                 status.code(),
                 format!("worker {worker}: {}", status.message()),

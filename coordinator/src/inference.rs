@@ -159,8 +159,7 @@ impl api::inference_server::Inference for InferenceService {
         let max_new = match stopping.max_new_tokens as usize {
             0 => self
                 .cluster
-                .config
-                .default_max_new_tokens
+                .default_max_new_tokens()
                 .min(rt.config.max_position.saturating_sub(ids.len())),
             n => n,
         };

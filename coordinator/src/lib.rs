@@ -5,7 +5,12 @@
 //!   replicated log (Raft, etcd) sits behind.
 //! - [`placement`]: plans contiguous layer ranges over workers in proportion
 //!   to their free memory, or checks an explicit split.
-//! - [`cluster`]: the shared coordinator state (the state machine behind
+//! - [`store`]: [`store::MetaStore`], where the state machine lives:
+//!   [`store::RaftStore`] (replicas form a Raft group, [`consensus`]) or
+//!   [`etcd::EtcdStore`] (an external etcd holds the command log).
+//! - [`consensus`]: raft-rs driven by a Ready loop, durable storage,
+//!   gRPC and in-memory transports.
+//! - [`cluster`]: the shared coordinator state (the store behind
 //!   `propose`, model tokenizers, worker clients) and its configuration.
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels).
@@ -17,29 +22,52 @@ pub mod admin;
 pub mod consensus;
 pub mod cluster;
 pub mod error;
+pub mod etcd;
 pub mod inference;
 pub mod placement;
 pub mod state;
+pub mod store;
 pub mod transport;
 
 use std::sync::Arc;
 
 pub use cluster::{Cluster, Config};
+pub use store::StoreConfig;
 
-/// Serves every coordinator API on `listener` until `shutdown` completes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves every coordinator API on `listener` until `shutdown` completes:
+/// opens the store (joins or founds the Raft group, or connects to etcd),
+/// then serves the public, registry and peer services.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let cluster = Cluster::new(config);
+) -> Result<(), ServeError> {
+    let listen = listener.local_addr()?;
+    let (store, peer): (Arc<dyn store::MetaStore>, _) = match &config.store {
+        StoreConfig::Raft(s) => {
+            let (store, peer) = store::RaftStore::start(s, listen)?;
+            (store, Some(peer))
+        }
+        StoreConfig::Etcd(s) => (etcd::EtcdStore::start(s.clone()).await?, None),
+    };
+    let cluster = Cluster::new(config, store.clone());
     let watchdog = {
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cluster.config.heartbeat_interval);
             loop {
                 tick.tick().await;
-                cluster.check_heartbeats();
+                cluster.check_heartbeats().await;
             }
         })
     };
@@ -51,7 +79,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("valid descriptor set");
+    let peer = peer.map(|p| {
+        llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
+            .max_decoding_message_size(256 << 20)
+    });
     let result = tonic::transport::Server::builder()
+        .add_optional_service(peer)
         .add_service(health)
         .add_service(reflection)
         .add_service(
@@ -73,5 +106,6 @@ pub async fn serve(
         )
         .await;
     watchdog.abort();
-    result
+    store.shutdown().await;
+    Ok(result?)
 }

@@ -2,6 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use llmos_coordinator::etcd::EtcdSettings;
+use llmos_coordinator::store::{parse_peers, RaftSettings, StoreConfig};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +25,38 @@ struct Cli {
     /// Deadline of one forward step on one stage, in seconds.
     #[arg(long, default_value_t = 30)]
     step_timeout_s: u64,
+    /// Where the cluster state is kept: `raft` (coordinators replicate it)
+    /// or `etcd` (an external etcd holds it).
+    #[arg(long, env = "LLMOS_STORE", default_value = "raft", value_parser = ["raft", "etcd"])]
+    store: String,
+    /// Names this cluster; a data directory or a peer of another cluster is refused.
+    #[arg(long, env = "LLMOS_CLUSTER_ID", default_value = "llmos")]
+    cluster_id: String,
+    /// Raft: this replica's id (>= 1). In a StatefulSet, the pod ordinal + 1.
+    #[arg(long, env = "LLMOS_NODE_ID", default_value_t = 1)]
+    node_id: u64,
+    /// Raft: durable state (log, snapshots). Default: a temporary directory.
+    #[arg(long, env = "LLMOS_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Raft: founding members on first boot, `1=http://a:50051,2=...`
+    /// (stable DNS names of a StatefulSet). Default: this node alone.
+    #[arg(long, env = "LLMOS_PEERS", default_value = "")]
+    peers: String,
+    /// Raft: start empty and wait to be added with `llmos members add`.
+    #[arg(long, env = "LLMOS_JOIN")]
+    join: bool,
+    /// Raft: the address peers reach this replica at (default: http://<listen>).
+    #[arg(long, env = "LLMOS_ADVERTISE")]
+    advertise: Option<String>,
+    /// Raft: applied entries between snapshots (log compaction).
+    #[arg(long, default_value_t = 1000)]
+    snapshot_entries: u64,
+    /// Raft: milliseconds per tick; elections time out after 10 ticks.
+    #[arg(long, default_value_t = 100)]
+    raft_tick_ms: u64,
+    /// etcd: client endpoints, comma-separated.
+    #[arg(long, env = "LLMOS_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: String,
 }
 
 #[tokio::main]
@@ -39,9 +73,34 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("bind {}", cli.listen))?;
     println!("listening on {}", listener.local_addr()?);
+    let listen = listener.local_addr()?;
+    let advertise = cli.advertise.clone().unwrap_or_else(|| format!("http://{listen}"));
+    let store = match cli.store.as_str() {
+        "etcd" => StoreConfig::Etcd(EtcdSettings::new(
+            cli.etcd_endpoints
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            &cli.cluster_id,
+            &advertise,
+        )),
+        _ => StoreConfig::Raft(RaftSettings {
+            node_id: cli.node_id,
+            cluster_id: cli.cluster_id.clone(),
+            data_dir: cli.data_dir.clone(),
+            peers: parse_peers(&cli.peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?,
+            join: cli.join,
+            advertise: Some(advertise),
+            snapshot_entries: cli.snapshot_entries,
+            tick: std::time::Duration::from_millis(cli.raft_tick_ms),
+            ..Default::default()
+        }),
+    };
     let config = llmos_coordinator::Config {
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
         step_timeout: std::time::Duration::from_secs(cli.step_timeout_s),
+        store,
         ..Default::default()
     };
     llmos_coordinator::serve(listener, config, async {

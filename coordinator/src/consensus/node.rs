@@ -247,6 +247,9 @@ impl RaftNode {
             read_waits: Vec::new(),
             snapshot_entries: cfg.snapshot_entries,
             was_leader: false,
+            campaign_alone: true,
+            awaiting_leader: Vec::new(),
+            leader_wait: cfg.request_timeout.mul_f64(0.9),
             done: Vec::new(),
             failed: None,
         };
@@ -412,6 +415,13 @@ struct Loop {
     read_waits: Vec<(u64, Reply<()>)>,
     snapshot_entries: u64,
     was_leader: bool,
+    /// Requests that arrived while no leader was known, with deadlines:
+    /// served once one is elected, else answered "no leader".
+    awaiting_leader: Vec<(Instant, Input)>,
+    leader_wait: Duration,
+    /// A sole voter leads at once (after applying the bootstrap entries)
+    /// instead of waiting for an election timeout.
+    campaign_alone: bool,
     /// Answers held until the view that shows their effect is published.
     done: Vec<Done>,
     /// Set when storage failed: the replica stops taking part.
@@ -421,7 +431,14 @@ struct Loop {
 impl Loop {
     fn run(mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
         let mut last_tick = Instant::now();
+        let mut first = true;
         loop {
+            if first {
+                // Apply what is committed on disk before waiting for input.
+                first = false;
+                self.step_once();
+                continue;
+            }
             let wait = tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -442,13 +459,62 @@ impl Loop {
                 self.raw.tick();
                 self.sweep();
             }
-            if self.failed.is_none() {
-                if let Err(e) = self.on_ready() {
-                    tracing::error!(node = self.id, error = %e, "raft storage failed: this replica stops");
-                    self.failed = Some(e.to_string());
+            self.step_once();
+        }
+    }
+
+    /// One round: Ready, then the sole-voter campaign, then requests that
+    /// waited for a leader (each followed by the Ready it produces).
+    fn step_once(&mut self) {
+        self.ready_or_fail();
+        if self.campaign_alone {
+            let raft = &self.raw.raft;
+            if raft.raft_log.applied >= raft.raft_log.committed {
+                self.campaign_alone = false;
+                if self.raw.store().conf_state().voters == [self.id] && raft.leader_id == 0 {
+                    let _ = self.raw.campaign();
+                    self.ready_or_fail();
                 }
             }
         }
+        if self.retry_awaiting_leader() {
+            self.ready_or_fail();
+        }
+    }
+
+    fn ready_or_fail(&mut self) {
+        if self.failed.is_none() {
+            if let Err(e) = self.on_ready() {
+                tracing::error!(node = self.id, error = %e, "raft storage failed: this replica stops");
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    fn retry_awaiting_leader(&mut self) -> bool {
+        if self.awaiting_leader.is_empty() {
+            return false;
+        }
+        let mut handled = false;
+        let now = Instant::now();
+        let waiting = std::mem::take(&mut self.awaiting_leader);
+        let id = self.id;
+        let no_leader = || RaftError::NoLeader { node: id };
+        for (deadline, input) in waiting {
+            if self.leader() != 0 || self.failed.is_some() {
+                self.handle(input);
+                handled = true;
+            } else if now >= deadline {
+                match input {
+                    Input::Propose(_, r) => drop(r.send(Err(no_leader()))),
+                    Input::ConfChange(_, r) | Input::ReadIndex(r) => drop(r.send(Err(no_leader()))),
+                    _ => {}
+                }
+            } else {
+                self.awaiting_leader.push((deadline, input));
+            }
+        }
+        handled
     }
 
     fn context(&mut self) -> Vec<u8> {
@@ -472,11 +538,11 @@ impl Loop {
             }
             return;
         }
-        let no_leader = RaftError::NoLeader { node: self.id };
         match input {
             Input::Propose(data, reply) => {
                 if self.leader() == 0 {
-                    let _ = reply.send(Err(no_leader));
+                    let deadline = Instant::now() + self.leader_wait;
+                    self.awaiting_leader.push((deadline, Input::Propose(data, reply)));
                     return;
                 }
                 let ctx = self.context();
@@ -489,7 +555,8 @@ impl Loop {
             }
             Input::ConfChange(cc, reply) => {
                 if self.leader() == 0 {
-                    let _ = reply.send(Err(no_leader));
+                    let deadline = Instant::now() + self.leader_wait;
+                    self.awaiting_leader.push((deadline, Input::ConfChange(cc, reply)));
                     return;
                 }
                 let ctx = self.context();
@@ -502,7 +569,8 @@ impl Loop {
             }
             Input::ReadIndex(reply) => {
                 if self.leader() == 0 {
-                    let _ = reply.send(Err(no_leader));
+                    let deadline = Instant::now() + self.leader_wait;
+                    self.awaiting_leader.push((deadline, Input::ReadIndex(reply)));
                     return;
                 }
                 let ctx = self.context();

@@ -129,6 +129,14 @@ impl Host {
 
     fn load(&mut self, spec: pb::ShardSpec) -> Result<pb::LoadShardResponse> {
         let started = Instant::now();
+        if let Some(h) = self.shards.get(&spec.model).filter(|h| h.spec == spec) {
+            // Asked again (a coordinator replica after re-registration):
+            // keep the weights and the sequences' caches.
+            return Ok(pb::LoadShardResponse {
+                weight_bytes: h.weight_bytes,
+                load_seconds: 0.0,
+            });
+        }
         let kind = match pb::DType::try_from(spec.dtype).unwrap_or(pb::DType::Unspecified) {
             pb::DType::Unspecified | pb::DType::F32 => Kind::Float,
             pb::DType::Bf16 => Kind::BFloat16,

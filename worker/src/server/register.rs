@@ -1,7 +1,9 @@
-//! Registration with the coordinator: announce this worker, then heartbeat
-//! at the interval the coordinator asks for; register again when it forgets
-//! us (coordinator restart) or the connection breaks. Every call has a
-//! deadline.
+//! Registration with the coordinators: announce this worker, then heartbeat
+//! at the interval the coordinator asks for. Any coordinator replica takes
+//! the writes (followers forward them to the Raft leader), so when one is
+//! unreachable or cannot commit the worker moves on to the next address of
+//! its list; it registers again only when the cluster forgot it. Every call
+//! has a deadline.
 
 use std::time::Duration;
 
@@ -16,7 +18,8 @@ const RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct Registration {
-    /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
+    /// Coordinator URLs, comma-separated, e.g.
+    /// `http://c-0:50051,http://c-1:50051,http://c-2:50051`.
     pub coordinator: String,
     /// Stable across restarts.
     pub worker_id: String,
@@ -33,24 +36,48 @@ fn with_deadline<T>(msg: T) -> Request<T> {
 
 /// Runs until the task is dropped.
 pub async fn registration_loop(reg: Registration) {
+    let addresses: Vec<String> = reg
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    if addresses.is_empty() {
+        tracing::error!("no coordinator address given");
+        return;
+    }
+    let mut turn = 0usize;
+    let mut registered = false;
+    let mut interval = Duration::from_secs(2);
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(reg.coordinator.clone()) {
+        let coordinator = addresses[turn % addresses.len()].clone();
+        turn += 1;
+        let endpoint = match tonic::transport::Endpoint::from_shared(coordinator.clone()) {
             Ok(e) => e.connect_timeout(CALL_TIMEOUT),
             Err(e) => {
-                tracing::error!(coordinator = %reg.coordinator, error = %e, "bad coordinator address");
-                return;
+                tracing::error!(%coordinator, error = %e, "bad coordinator address");
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
         };
         let mut client = match endpoint.connect().await {
             Ok(c) => RegistryClient::new(c),
             Err(e) => {
-                tracing::debug!(error = %e, "coordinator unreachable; retrying");
-                tokio::time::sleep(RETRY).await;
+                tracing::debug!(%coordinator, error = %e, "coordinator unreachable; trying the next");
+                tokio::time::sleep(RETRY / addresses.len() as u32).await;
                 continue;
             }
         };
         let (total, free) = meminfo();
-        let interval = match client
+        if registered {
+            // Known to the cluster already: carry on heartbeating here.
+            if !heartbeats(&mut client, &reg, &coordinator, Duration::ZERO, interval).await {
+                registered = false;
+            }
+            continue;
+        }
+        interval = match client
             .register(with_deadline(pb::RegisterRequest {
                 worker_id: reg.worker_id.clone(),
                 address: reg.address.clone(),
@@ -62,28 +89,45 @@ pub async fn registration_loop(reg: Registration) {
         {
             Ok(r) => Duration::from_millis(r.into_inner().heartbeat_interval_ms.max(100) as u64),
             Err(e) => {
-                tracing::warn!(error = %e, "registration failed; retrying");
+                tracing::warn!(%coordinator, error = %e, "registration failed; trying the next coordinator");
                 tokio::time::sleep(RETRY).await;
                 continue;
             }
         };
-        tracing::info!(worker = %reg.worker_id, coordinator = %reg.coordinator, "registered");
-        loop {
-            tokio::time::sleep(interval).await;
-            let (_, free) = meminfo();
-            match client
-                .heartbeat(with_deadline(pb::HeartbeatRequest {
-                    worker_id: reg.worker_id.clone(),
-                    memory_free_bytes: free,
-                }))
-                .await
-            {
-                Ok(r) if r.get_ref().known => {}
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat failed; registering again");
-                    break;
-                }
+        tracing::info!(worker = %reg.worker_id, %coordinator, "registered");
+        registered = heartbeats(&mut client, &reg, &coordinator, interval, interval).await;
+    }
+}
+
+/// Heartbeats through one coordinator until a call fails. Returns whether
+/// the cluster still knows this worker (false: register again).
+async fn heartbeats(
+    client: &mut RegistryClient<tonic::transport::Channel>,
+    reg: &Registration,
+    coordinator: &str,
+    first_wait: Duration,
+    interval: Duration,
+) -> bool {
+    let mut wait = first_wait;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = interval;
+        let (_, free) = meminfo();
+        match client
+            .heartbeat(with_deadline(pb::HeartbeatRequest {
+                worker_id: reg.worker_id.clone(),
+                memory_free_bytes: free,
+            }))
+            .await
+        {
+            Ok(r) if r.get_ref().known => {}
+            Ok(_) => {
+                tracing::warn!(%coordinator, "the cluster forgot this worker; registering again");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(%coordinator, error = %e, "heartbeat failed; trying the next coordinator");
+                return true;
             }
         }
     }
