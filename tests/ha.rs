@@ -1,0 +1,586 @@
+//! The replicated control plane across real coordinator processes over
+//! loopback: elections, kill -9 of the leader during a stream of admin
+//! writes (every acknowledged write survives), restart from the data
+//! directory with catch-up through a snapshot, a frozen (partitioned)
+//! leader, a minority that refuses writes, membership changes, 5 replicas
+//! losing 2, refusal of corrupt or foreign data directories, and
+//! generation that keeps working through a leader change.
+//!
+//! Needs `llmos-coordinator` built beside the test binary
+//! (`cargo build --release --bins`, as `scripts/test.sh` does).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use llmos_worker::server::register::{registration_loop, Registration};
+use llmos_worker::server::{serve, HostHandle};
+use tonic::transport::Channel;
+
+const TICK_MS: u64 = 50;
+/// Raft's election timeout is 10 to 20 ticks.
+const ELECTION_TIMEOUT: Duration = Duration::from_millis(TICK_MS * 20);
+
+fn coordinator_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("llmos-coordinator");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (cargo build --release --bins)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    id: u64,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.with_extension(format!("{}.log", self.starts))).unwrap();
+        let child = Command::new(coordinator_bin())
+            .args(&self.args)
+            .env("LLMOS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
+        self.kill9();
+    }
+}
+
+struct Group {
+    _root: tempfile::TempDir,
+    nodes: BTreeMap<u64, Node>,
+}
+
+fn node(root: &Path, id: u64, port: u16, extra: &[String]) -> Node {
+    let dir = root.join(format!("n{id}"));
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--node-id".into(),
+        id.to_string(),
+        "--cluster-id".into(),
+        "ha".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--raft-tick-ms".into(),
+        TICK_MS.to_string(),
+        "--snapshot-entries".into(),
+        "40".into(),
+        "--heartbeat-timeout-s".into(),
+        "5".into(),
+    ];
+    args.extend_from_slice(extra);
+    Node {
+        id,
+        port,
+        dir,
+        args,
+        child: None,
+        starts: 0,
+    }
+}
+
+impl Group {
+    /// `n` founding replicas from a static peer list.
+    fn founded(n: u64) -> Group {
+        let root = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peers = (1..=n)
+            .map(|i| format!("{i}=http://127.0.0.1:{}", ports[i as usize - 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = BTreeMap::new();
+        for i in 1..=n {
+            let mut nd = node(root.path(), i, ports[i as usize - 1], &["--peers".into(), peers.clone()]);
+            nd.start();
+            nodes.insert(i, nd);
+        }
+        Group { _root: root, nodes }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.values().filter(|n| n.child.is_some()).map(Node::url).collect()
+    }
+}
+
+async fn admin(url: &str) -> AdminClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+        {
+            Ok(c) => return AdminClient::new(c),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// One connection attempt (a replica that is down gives None).
+async fn try_admin(url: &str) -> Option<AdminClient<Channel>> {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .ok()
+        .map(AdminClient::new)
+}
+
+async fn control_plane(url: &str) -> Option<api::ControlPlaneStatus> {
+    let mut a = try_admin(url).await?;
+    a.list_members(api::ListMembersRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .control_plane
+}
+
+/// Waits until the replicas at `urls` agree on a leader; returns its id.
+async fn leader(urls: &[String], within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut ids = Vec::new();
+        let mut leading = Vec::new();
+        for u in urls {
+            let cp = control_plane(u).await;
+            ids.push(cp.as_ref().map(|c| c.leader_id).unwrap_or(0));
+            if let Some(c) = cp.filter(|c| c.role == "Leader") {
+                leading.push(c.node_id);
+            }
+        }
+        // One of these replicas leads, and all of them know it.
+        if leading.len() == 1 && ids.iter().all(|&i| i == leading[0]) {
+            return ids[0];
+        }
+        assert!(Instant::now() < deadline, "no agreed leader among {urls:?}: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sets `key`, trying each coordinator in turn (as the CLI does). Returns
+/// whether the write was acknowledged.
+async fn set(urls: &[String], key: &str, value: &str) -> bool {
+    for u in urls {
+        let Some(mut a) = try_admin(u).await else {
+            continue;
+        };
+        let r = a
+            .set_setting(api::SetSettingRequest {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await;
+        match r {
+            Ok(_) => return true,
+            // Not acknowledged (the replica is down, cut off, or died
+            // mid-call): try the next one.
+            Err(s) => assert!(
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+                "{:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    false
+}
+
+async fn settings(url: &str) -> Result<BTreeMap<String, String>, tonic::Status> {
+    let mut a = admin(url).await;
+    Ok(a.list_settings(api::ListSettingsRequest {})
+        .await?
+        .into_inner()
+        .settings
+        .into_iter()
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_it_rejoins_through_a_snapshot() {
+    let mut g = Group::founded(3);
+    let urls = g.urls();
+    let first = leader(&urls, Duration::from_secs(15)).await;
+
+    let writer = {
+        let urls = urls.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..240 {
+                // Start with a follower so follower forwarding is exercised.
+                let mut order = urls.clone();
+                order.rotate_left(i % urls.len());
+                if set(&order, &format!("k{i:03}"), &format!("v{i}")).await {
+                    acked.push(i);
+                }
+            }
+            acked
+        })
+    };
+    // Kill the leader once writes are flowing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while settings(&urls[0]).await.map(|s| s.len()).unwrap_or(0) < 60 {
+        assert!(Instant::now() < deadline, "writes did not flow");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied_at_kill = control_plane(&g.nodes[&first].url())
+        .await
+        .unwrap()
+        .applied_index;
+    let killed_at = Instant::now();
+    g.nodes.get_mut(&first).unwrap().kill9();
+    let rest = g.urls();
+    let second = leader(&rest, Duration::from_secs(10)).await;
+    let election = killed_at.elapsed();
+    assert_ne!(second, first);
+    assert!(
+        election < ELECTION_TIMEOUT * 4,
+        "a new leader took {election:?} (election timeout up to {ELECTION_TIMEOUT:?})"
+    );
+    println!("new leader {second} elected {election:?} after kill -9 of {first}");
+
+    let acked = writer.await.unwrap();
+    assert!(acked.len() >= 200, "only {} of 240 writes acknowledged", acked.len());
+    let on_leader = settings(&g.nodes[&second].url()).await.unwrap();
+    for i in &acked {
+        assert_eq!(
+            on_leader.get(&format!("k{i:03}")).map(String::as_str),
+            Some(format!("v{i}").as_str()),
+            "acknowledged write k{i:03} missing on the new leader"
+        );
+    }
+
+    // Restart the killed replica from its data directory: it catches up,
+    // through a snapshot since the others compacted past what it had.
+    g.nodes.get_mut(&first).unwrap().start();
+    let all = g.urls();
+    leader(&all, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(s) = settings(&g.nodes[&first].url()).await {
+            if s == settings(&g.nodes[&second].url()).await.unwrap() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "restarted replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cp = control_plane(&g.nodes[&first].url()).await.unwrap();
+    assert!(
+        cp.snapshot_index > applied_at_kill,
+        "expected a snapshot from the leader past index {applied_at_kill}, got {}",
+        cp.snapshot_index
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
+    let mut g = Group::founded(3);
+    let urls = g.urls();
+    let first = leader(&urls, Duration::from_secs(15)).await;
+    // Freeze the leader (as a partition would cut it off).
+    g.nodes[&first].signal("-STOP");
+    let rest: Vec<String> = g.nodes.values().filter(|n| n.id != first).map(Node::url).collect();
+    let second = leader(&rest, Duration::from_secs(10)).await;
+    assert_ne!(second, first);
+    assert!(set(&rest, "during", "partition").await);
+    g.nodes[&first].signal("-CONT");
+    // The old leader rejoins as a follower and learns the write.
+    leader(&urls, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while settings(&g.nodes[&first].url()).await.ok().and_then(|s| s.get("during").cloned()).is_none() {
+        assert!(Instant::now() < deadline, "old leader did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two of three gone: the survivor is a minority and says so.
+    let survivor = second;
+    let others: Vec<u64> = g.nodes.keys().copied().filter(|&i| i != survivor).collect();
+    for id in others {
+        g.nodes.get_mut(&id).unwrap().kill9();
+    }
+    let mut a = admin(&g.nodes[&survivor].url()).await;
+    // Each write is refused (never acknowledged); once the survivor's
+    // leadership lapses (check-quorum) it answers "no leader".
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = Instant::now();
+        let e = a
+            .set_setting(api::SetSettingRequest {
+                key: "minority".into(),
+                value: "x".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+        assert!(t.elapsed() < Duration::from_secs(8), "answer took {:?}", t.elapsed());
+        if e.message().contains("no leader is known") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "last answer: {}", e.message());
+    }
+    assert!(settings(&g.nodes[&survivor].url()).await.is_err(), "fresh reads need a quorum too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave_at_run_time_and_five_survive_two_failures() {
+    // One founder; two more join through the Admin API.
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes: BTreeMap<u64, Node> = BTreeMap::new();
+    let mut n1 = node(root.path(), 1, free_port(), &[]);
+    n1.start();
+    nodes.insert(1, n1);
+    assert_eq!(leader(&[nodes[&1].url()], Duration::from_secs(10)).await, 1);
+    assert!(set(&[nodes[&1].url()], "founded", "alone").await);
+    for id in [2, 3] {
+        let mut n = node(root.path(), id, free_port(), &["--join".into()]);
+        n.start();
+        let url = n.url();
+        nodes.insert(id, n);
+        admin(&url).await; // listening
+        let mut a = admin(&nodes[&1].url()).await;
+        a.add_member(api::AddMemberRequest { id, address: url })
+            .await
+            .unwrap();
+    }
+    let urls: Vec<String> = nodes.values().map(Node::url).collect();
+    leader(&urls, Duration::from_secs(10)).await;
+    let s = settings(&nodes[&3].url()).await.unwrap();
+    assert_eq!(s.get("founded").map(String::as_str), Some("alone"));
+    let cp = control_plane(&nodes[&2].url()).await.unwrap();
+    assert_eq!(cp.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // Adding an existing member is refused with the reason.
+    let e = admin(&nodes[&2].url())
+        .await
+        .add_member(api::AddMemberRequest {
+            id: 3,
+            address: nodes[&3].url(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    // Remove the founder (it may lead: leadership moves first).
+    admin(&nodes[&2].url())
+        .await
+        .remove_member(api::RemoveMemberRequest { id: 1 })
+        .await
+        .unwrap();
+    nodes.get_mut(&1).unwrap().kill9();
+    let rest = vec![nodes[&2].url(), nodes[&3].url()];
+    leader(&rest, Duration::from_secs(10)).await;
+    assert!(set(&rest, "after", "removal").await);
+    let cp = control_plane(&nodes[&3].url()).await.unwrap();
+    assert_eq!(cp.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![2, 3]);
+    drop(nodes);
+
+    // Five founders lose two (the leader among them) and go on.
+    let mut g = Group::founded(5);
+    let urls = g.urls();
+    let l = leader(&urls, Duration::from_secs(15)).await;
+    assert!(set(&urls, "five", "up").await);
+    let other = *g.nodes.keys().find(|&&i| i != l).unwrap();
+    g.nodes.get_mut(&l).unwrap().kill9();
+    g.nodes.get_mut(&other).unwrap().kill9();
+    let rest = g.urls();
+    leader(&rest, Duration::from_secs(10)).await;
+    assert!(set(&rest, "three", "left").await);
+    for u in &rest {
+        let s = settings(u).await.unwrap();
+        assert_eq!(s.get("five").map(String::as_str), Some("up"));
+        assert_eq!(s.get("three").map(String::as_str), Some("left"));
+    }
+}
+
+/// Runs the coordinator binary to completion and returns (success, stderr).
+fn run_to_exit(args: &[String]) -> (bool, String) {
+    let out = Command::new(coordinator_bin())
+        .args(args)
+        .env("LLMOS_LOG", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_foreign_data_directories_refuse_to_start() {
+    let root = tempfile::tempdir().unwrap();
+    let mut n = node(root.path(), 1, free_port(), &[]);
+    n.start();
+    admin(&n.url()).await; // listening
+    assert!(set(&[n.url()], "a", "1").await);
+    n.kill9();
+    // Another cluster's name on this directory.
+    let mut foreign = n.args.clone();
+    let at = foreign.iter().position(|a| a == "ha").unwrap();
+    foreign[at] = "other".into();
+    let (ok, err) = run_to_exit(&foreign);
+    assert!(!ok && err.contains("belongs to cluster \"ha\""), "{err}");
+    // One flipped byte in the log.
+    let wal = n.dir.join("raft.wal");
+    let mut b = std::fs::read(&wal).unwrap();
+    let i = b.len() - 3;
+    b[i] ^= 0x20;
+    std::fs::write(&wal, &b).unwrap();
+    let (ok, err) = run_to_exit(&n.args);
+    assert!(!ok && err.contains("raft.wal is corrupt") && err.contains("checksum"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_keeps_working_through_a_leader_change() {
+    let mut g = Group::founded(3);
+    let urls = g.urls();
+    let first = leader(&urls, Duration::from_secs(15)).await;
+    // Two in-process workers that know every coordinator.
+    let mut workers = Vec::new();
+    for id in ["w0", "w1"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        workers.push(tokio::spawn(registration_loop(Registration {
+            coordinator: urls.join(","),
+            worker_id: id.into(),
+            address: format!("http://{addr}"),
+            device: "cpu".into(),
+        })));
+        workers.push(tokio::spawn(async move {
+            let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;
+        }));
+    }
+    let follower = g.nodes.values().find(|n| n.id != first).unwrap().url();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut a = admin(&follower).await;
+        let n = a
+            .list_workers(api::ListWorkersRequest {})
+            .await
+            .map(|r| r.into_inner().workers.len())
+            .unwrap_or(0);
+        if n == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Deploy through a follower (forwarded writes).
+    admin(&follower)
+        .await
+        .deploy_model(api::DeployModelRequest {
+            name: "tiny".into(),
+            source: "synthetic:tiny".into(),
+            stages: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let request = |n: u32| api::GenerateRequest {
+        model: "tiny".into(),
+        prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+            ids: vec![1, 5, 9, 13],
+        })),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let channel = tonic::transport::Endpoint::from_shared(follower.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut inference = InferenceClient::new(channel);
+    let baseline: Vec<u32> = collect_ids(&mut inference, request(48)).await;
+    assert_eq!(baseline.len(), 48);
+    // Kill the leader while a stream runs on a follower.
+    let mut stream = inference.generate(request(48)).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        ids.extend(m.tokens.iter().map(|t| t.id));
+        if ids.len() == 8 {
+            g.nodes.get_mut(&first).unwrap().kill9();
+        }
+    }
+    assert_eq!(ids, baseline, "the stream through the leader change completed unchanged");
+    let rest = g.urls();
+    leader(&rest, Duration::from_secs(10)).await;
+    // New requests on both survivors complete; admin writes work again.
+    for u in &rest {
+        let ch = tonic::transport::Endpoint::from_shared(u.clone()).unwrap().connect().await.unwrap();
+        let got = collect_ids(&mut InferenceClient::new(ch), request(48)).await;
+        assert_eq!(got, baseline);
+    }
+    assert!(set(&rest, "after", "failover").await);
+    for w in workers {
+        w.abort();
+    }
+}
+
+async fn collect_ids(c: &mut InferenceClient<Channel>, req: api::GenerateRequest) -> Vec<u32> {
+    let mut s = c.generate(req).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        ids.extend(m.tokens.iter().map(|t| t.id));
+    }
+    ids
+}
