@@ -18,6 +18,8 @@ log() { echo "[setup] $*" >&2; }
 
 need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# etcd: the tests of the etcd-backed control plane start one on loopback.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing system packages: ${need_apt[*]}"

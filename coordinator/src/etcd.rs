@@ -278,10 +278,12 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                         shared.revision.send_replace(r);
                     }
                     if let Some(s) = compact {
-                        let (client, prefix) = (client.clone(), prefix.clone());
+                        let (client, prefix, shared) = (client.clone(), prefix.clone(), shared.clone());
                         tokio::spawn(async move {
-                            if let Err(e) = write_snapshot(&client, &prefix, s).await {
-                                tracing::warn!(error = %e, "etcd snapshot failed");
+                            let revision = s.revision;
+                            match write_snapshot(&client, &prefix, s).await {
+                                Ok(()) => shared.applied.lock().unwrap().snapshot_revision = revision,
+                                Err(e) => tracing::warn!(error = %e, "etcd snapshot failed"),
                             }
                         });
                     }

@@ -198,6 +198,11 @@ impl RaftStore {
         Ok((Arc::new(RaftStore { node, _tmp: tmp }), peer))
     }
 
+    /// Wraps a replica started elsewhere (tests over the in-memory network).
+    pub fn from_node(node: Arc<RaftNode>) -> Arc<RaftStore> {
+        Arc::new(RaftStore { node, _tmp: None })
+    }
+
     pub fn node(&self) -> &Arc<RaftNode> {
         &self.node
     }
