@@ -1,0 +1,250 @@
+//! Committed admin writes per second and commit latency of the control
+//! plane: three `llmos-coordinator` processes (Raft, fsync on) over
+//! loopback, against a three-member etcd cluster (fsync on) on the same
+//! machine in the same run, with the same writers.
+//!
+//! `cargo bench -p llmos-benches --bench control_plane` (builds the
+//! coordinator binary first: `cargo build --release --bins`).
+//!
+//! llmos writes are `Admin.SetSetting` calls (gRPC to a coordinator, a
+//! follower forwarding to the leader, commit, apply, answer); etcd writes
+//! are `Put`s to its leader. Latency: one writer, one write at a time.
+//! Throughput: 32 concurrent writers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+const SEQUENTIAL: usize = 300;
+const CONCURRENT_WRITERS: usize = 32;
+const CONCURRENT_WRITES: usize = 3000;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+#[derive(Default)]
+struct Figures {
+    p50_ms: f64,
+    p99_ms: f64,
+    writes_per_s: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Runs the sequential and concurrent phases with `write(i)`.
+async fn measure<F, Fut>(write: F) -> Figures
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let write = Arc::new(write);
+    let mut lat = Vec::with_capacity(SEQUENTIAL);
+    for i in 0..SEQUENTIAL {
+        let t = Instant::now();
+        assert!(write(i).await, "write {i} failed");
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..CONCURRENT_WRITERS {
+        let write = write.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            let mut i = w;
+            while i < CONCURRENT_WRITES {
+                if write(SEQUENTIAL + i).await {
+                    ok += 1;
+                }
+                i += CONCURRENT_WRITERS;
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, CONCURRENT_WRITES);
+    Figures {
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        writes_per_s: CONCURRENT_WRITES as f64 / started.elapsed().as_secs_f64(),
+    }
+}
+
+async fn connect(url: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn llmos(dir: &Path) -> Figures {
+    let bin = bin_dir().join("llmos-coordinator");
+    assert!(bin.exists(), "{} missing: cargo build --release --bins", bin.display());
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = (0..3)
+        .map(|i| format!("{}=http://127.0.0.1:{}", i + 1, ports[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut procs = Procs(Vec::new());
+    for i in 0..3 {
+        procs.0.push(
+            Command::new(&bin)
+                .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
+                .args(["--node-id", &(i + 1).to_string(), "--peers", &peers])
+                .args(["--data-dir", &dir.join(format!("c{i}")).display().to_string()])
+                .env("LLMOS_LOG", "error")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // Find the leader; writers talk to it (as an operator's client would
+    // after its first redirect-free try), and separately to a follower.
+    let mut leader = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leader.is_none() {
+        for p in &ports {
+            let mut a = AdminClient::new(connect(&format!("http://127.0.0.1:{p}")).await);
+            if let Ok(r) = a.list_members(api::ListMembersRequest {}).await {
+                let cp = r.into_inner().control_plane.unwrap();
+                if cp.role == "Leader" {
+                    leader = Some(*p);
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = connect(&format!("http://127.0.0.1:{}", leader.unwrap())).await;
+    let f = measure(move |i| {
+        let mut a = AdminClient::new(ch.clone());
+        async move {
+            a.set_setting(api::SetSettingRequest {
+                key: format!("bench.k{}", i % 512),
+                value: i.to_string(),
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    drop(procs);
+    f
+}
+
+async fn etcd(dir: &Path) -> Option<Figures> {
+    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"].into_iter().find(|p| Path::new(p).exists())?;
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let cluster = (0..3)
+        .map(|i| format!("e{i}=http://127.0.0.1:{}", peer[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut procs = Procs(Vec::new());
+    for i in 0..3 {
+        let c = format!("http://127.0.0.1:{}", client[i]);
+        let p = format!("http://127.0.0.1:{}", peer[i]);
+        procs.0.push(
+            Command::new(bin)
+                .args(["--name", &format!("e{i}"), "--data-dir", &dir.join(format!("e{i}")).display().to_string()])
+                .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let endpoints: Vec<String> = client.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    // Talk to the leader, like the llmos writers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader_ep = loop {
+        let mut found = None;
+        for ep in &endpoints {
+            if let Ok(mut c) = etcd_client::Client::connect([ep.as_str()], None).await {
+                if let Ok(s) = c.status().await {
+                    if s.leader() != 0 && s.leader() == s.header().map(|h| h.member_id()).unwrap_or(0) {
+                        found = Some(ep.clone());
+                    }
+                }
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "etcd cluster did not elect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let client = etcd_client::Client::connect([leader_ep.as_str()], None).await.unwrap();
+    let f = measure(move |i| {
+        let mut kv = client.kv_client();
+        async move {
+            kv.put(format!("bench/k{}", i % 512), i.to_string(), None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    drop(procs);
+    Some(f)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    println!("control plane: 3 replicas over loopback, fsync on, data in {}", dir.path().display());
+    println!("sequential: {SEQUENTIAL} writes, one at a time; concurrent: {CONCURRENT_WRITES} writes from {CONCURRENT_WRITERS} writers");
+    let l = llmos(dir.path()).await;
+    println!(
+        "llmos raft   : commit latency p50 {:.2} ms  p99 {:.2} ms  | {:.0} writes/s",
+        l.p50_ms, l.p99_ms, l.writes_per_s
+    );
+    match etcd(dir.path()).await {
+        Some(e) => {
+            println!(
+                "etcd 3.4     : commit latency p50 {:.2} ms  p99 {:.2} ms  | {:.0} writes/s",
+                e.p50_ms, e.p99_ms, e.writes_per_s
+            );
+            println!(
+                "ratio llmos/etcd: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
+                l.writes_per_s / e.writes_per_s,
+                l.p50_ms / e.p50_ms,
+                l.p99_ms / e.p99_ms
+            );
+        }
+        None => println!("etcd not installed (scripts/setup.sh installs it): no peer figures"),
+    }
+}
