@@ -25,7 +25,11 @@ const CONCURRENT_WRITERS: usize = 32;
 const CONCURRENT_WRITES: usize = 3000;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Procs(Vec<Child>);
@@ -40,7 +44,12 @@ impl Drop for Procs {
 }
 
 fn bin_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().and_then(Path::parent).unwrap().to_path_buf()
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf()
 }
 
 #[derive(Default)]
@@ -99,7 +108,11 @@ where
 async fn connect(url: &str) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await {
+        match tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
             Ok(c) => return c,
             Err(e) => {
                 assert!(Instant::now() < deadline, "{url}: {e}");
@@ -111,7 +124,11 @@ async fn connect(url: &str) -> Channel {
 
 async fn llmos(dir: &Path) -> Figures {
     let bin = bin_dir().join("llmos-coordinator");
-    assert!(bin.exists(), "{} missing: cargo build --release --bins", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build --release --bins",
+        bin.display()
+    );
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers = (0..3)
         .map(|i| format!("{}=http://127.0.0.1:{}", i + 1, ports[i]))
@@ -123,7 +140,10 @@ async fn llmos(dir: &Path) -> Figures {
             Command::new(&bin)
                 .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
                 .args(["--node-id", &(i + 1).to_string(), "--peers", &peers])
-                .args(["--data-dir", &dir.join(format!("c{i}")).display().to_string()])
+                .args([
+                    "--data-dir",
+                    &dir.join(format!("c{i}")).display().to_string(),
+                ])
                 .env("LLMOS_LOG", "error")
                 .stdout(Stdio::null())
                 .spawn()
@@ -165,7 +185,9 @@ async fn llmos(dir: &Path) -> Figures {
 }
 
 async fn etcd(dir: &Path) -> Option<Figures> {
-    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"].into_iter().find(|p| Path::new(p).exists())?;
+    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let cluster = (0..3)
@@ -178,17 +200,35 @@ async fn etcd(dir: &Path) -> Option<Figures> {
         let p = format!("http://127.0.0.1:{}", peer[i]);
         procs.0.push(
             Command::new(bin)
-                .args(["--name", &format!("e{i}"), "--data-dir", &dir.join(format!("e{i}")).display().to_string()])
+                .args([
+                    "--name",
+                    &format!("e{i}"),
+                    "--data-dir",
+                    &dir.join(format!("e{i}")).display().to_string(),
+                ])
                 .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+                .args([
+                    "--listen-peer-urls",
+                    &p,
+                    "--initial-advertise-peer-urls",
+                    &p,
+                ])
+                .args([
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
         );
     }
-    let endpoints: Vec<String> = client.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let endpoints: Vec<String> = client
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
     // Talk to the leader, like the llmos writers.
     let deadline = Instant::now() + Duration::from_secs(30);
     let leader_ep = loop {
@@ -196,7 +236,9 @@ async fn etcd(dir: &Path) -> Option<Figures> {
         for ep in &endpoints {
             if let Ok(mut c) = etcd_client::Client::connect([ep.as_str()], None).await {
                 if let Ok(s) = c.status().await {
-                    if s.leader() != 0 && s.leader() == s.header().map(|h| h.member_id()).unwrap_or(0) {
+                    if s.leader() != 0
+                        && s.leader() == s.header().map(|h| h.member_id()).unwrap_or(0)
+                    {
                         found = Some(ep.clone());
                     }
                 }
@@ -208,7 +250,9 @@ async fn etcd(dir: &Path) -> Option<Figures> {
         assert!(Instant::now() < deadline, "etcd cluster did not elect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let client = etcd_client::Client::connect([leader_ep.as_str()], None).await.unwrap();
+    let client = etcd_client::Client::connect([leader_ep.as_str()], None)
+        .await
+        .unwrap();
     let f = measure(move |i| {
         let mut kv = client.kv_client();
         async move {
@@ -225,7 +269,10 @@ async fn etcd(dir: &Path) -> Option<Figures> {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    println!("control plane: 3 replicas over loopback, fsync on, data in {}", dir.path().display());
+    println!(
+        "control plane: 3 replicas over loopback, fsync on, data in {}",
+        dir.path().display()
+    );
     println!("sequential: {SEQUENTIAL} writes, one at a time; concurrent: {CONCURRENT_WRITES} writes from {CONCURRENT_WRITERS} writers");
     let l = llmos(dir.path()).await;
     println!(

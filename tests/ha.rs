@@ -64,7 +64,8 @@ impl Node {
 
     fn start(&mut self) {
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.with_extension(format!("{}.log", self.starts))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.with_extension(format!("{}.log", self.starts))).unwrap();
         let child = Command::new(coordinator_bin())
             .args(&self.args)
             .env("LLMOS_LOG", "warn")
@@ -85,7 +86,11 @@ impl Node {
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id();
-        assert!(Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
     }
 }
 
@@ -143,7 +148,12 @@ impl Group {
             .join(",");
         let mut nodes = BTreeMap::new();
         for i in 1..=n {
-            let mut nd = node(root.path(), i, ports[i as usize - 1], &["--peers".into(), peers.clone()]);
+            let mut nd = node(
+                root.path(),
+                i,
+                ports[i as usize - 1],
+                &["--peers".into(), peers.clone()],
+            );
             nd.start();
             nodes.insert(i, nd);
         }
@@ -151,7 +161,11 @@ impl Group {
     }
 
     fn urls(&self) -> Vec<String> {
-        self.nodes.values().filter(|n| n.child.is_some()).map(Node::url).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.child.is_some())
+            .map(Node::url)
+            .collect()
     }
 }
 
@@ -212,7 +226,10 @@ async fn leader(urls: &[String], within: Duration) -> u64 {
         if leading.len() == 1 && ids.iter().all(|&i| i == leading[0]) {
             return ids[0];
         }
-        assert!(Instant::now() < deadline, "no agreed leader among {urls:?}: {ids:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no agreed leader among {urls:?}: {ids:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -302,7 +319,11 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_it_rejoins_through
     println!("new leader {second} elected {election:?} after kill -9 of {first}");
 
     let acked = writer.await.unwrap();
-    assert!(acked.len() >= 200, "only {} of 240 writes acknowledged", acked.len());
+    assert!(
+        acked.len() >= 200,
+        "only {} of 240 writes acknowledged",
+        acked.len()
+    );
     let on_leader = settings(&g.nodes[&second].url()).await.unwrap();
     for i in &acked {
         assert_eq!(
@@ -324,7 +345,10 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_it_rejoins_through
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "restarted replica did not catch up");
+        assert!(
+            Instant::now() < deadline,
+            "restarted replica did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cp = control_plane(&g.nodes[&first].url()).await.unwrap();
@@ -342,7 +366,12 @@ async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
     let first = leader(&urls, Duration::from_secs(15)).await;
     // Freeze the leader (as a partition would cut it off).
     g.nodes[&first].signal("-STOP");
-    let rest: Vec<String> = g.nodes.values().filter(|n| n.id != first).map(Node::url).collect();
+    let rest: Vec<String> = g
+        .nodes
+        .values()
+        .filter(|n| n.id != first)
+        .map(Node::url)
+        .collect();
     let second = leader(&rest, Duration::from_secs(10)).await;
     assert_ne!(second, first);
     assert!(set(&rest, "during", "partition").await);
@@ -350,7 +379,12 @@ async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
     // The old leader rejoins as a follower and learns the write.
     leader(&urls, Duration::from_secs(10)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while settings(&g.nodes[&first].url()).await.ok().and_then(|s| s.get("during").cloned()).is_none() {
+    while settings(&g.nodes[&first].url())
+        .await
+        .ok()
+        .and_then(|s| s.get("during").cloned())
+        .is_none()
+    {
         assert!(Instant::now() < deadline, "old leader did not catch up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -374,13 +408,20 @@ async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
-        assert!(t.elapsed() < Duration::from_secs(8), "answer took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "answer took {:?}",
+            t.elapsed()
+        );
         if e.message().contains("no leader is known") {
             break;
         }
         assert!(Instant::now() < deadline, "last answer: {}", e.message());
     }
-    assert!(settings(&g.nodes[&survivor].url()).await.is_err(), "fresh reads need a quorum too");
+    assert!(
+        settings(&g.nodes[&survivor].url()).await.is_err(),
+        "fresh reads need a quorum too"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +450,10 @@ async fn members_join_and_leave_at_run_time_and_five_survive_two_failures() {
     let s = settings(&nodes[&3].url()).await.unwrap();
     assert_eq!(s.get("founded").map(String::as_str), Some("alone"));
     let cp = control_plane(&nodes[&2].url()).await.unwrap();
-    assert_eq!(cp.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        cp.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     // Adding an existing member is refused with the reason.
     let e = admin(&nodes[&2].url())
         .await
@@ -431,7 +475,10 @@ async fn members_join_and_leave_at_run_time_and_five_survive_two_failures() {
     leader(&rest, Duration::from_secs(10)).await;
     assert!(set(&rest, "after", "removal").await);
     let cp = control_plane(&nodes[&3].url()).await.unwrap();
-    assert_eq!(cp.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(
+        cp.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
     drop(nodes);
 
     // Five founders lose two (the leader among them) and go on.
@@ -459,7 +506,10 @@ fn run_to_exit(args: &[String]) -> (bool, String) {
         .env("LLMOS_LOG", "warn")
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,7 +533,10 @@ async fn corrupt_or_foreign_data_directories_refuse_to_start() {
     b[i] ^= 0x20;
     std::fs::write(&wal, &b).unwrap();
     let (ok, err) = run_to_exit(&n.args);
-    assert!(!ok && err.contains("raft.wal is corrupt") && err.contains("checksum"), "{err}");
+    assert!(
+        !ok && err.contains("raft.wal is corrupt") && err.contains("checksum"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,12 +614,19 @@ async fn generation_keeps_working_through_a_leader_change() {
             g.nodes.get_mut(&first).unwrap().kill9();
         }
     }
-    assert_eq!(ids, baseline, "the stream through the leader change completed unchanged");
+    assert_eq!(
+        ids, baseline,
+        "the stream through the leader change completed unchanged"
+    );
     let rest = g.urls();
     leader(&rest, Duration::from_secs(10)).await;
     // New requests on both survivors complete; admin writes work again.
     for u in &rest {
-        let ch = tonic::transport::Endpoint::from_shared(u.clone()).unwrap().connect().await.unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(u.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let got = collect_ids(&mut InferenceClient::new(ch), request(48)).await;
         assert_eq!(got, baseline);
     }

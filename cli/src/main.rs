@@ -284,7 +284,8 @@ fn control_plane_json(c: &Option<api::ControlPlaneStatus>) -> serde_json::Value 
 fn try_next(e: &anyhow::Error) -> bool {
     e.downcast_ref::<StatusError>()
         .is_some_and(|s| s.0.code() == tonic::Code::Unavailable)
-        || e.chain().any(|c| c.to_string().contains("connecting to the coordinator"))
+        || e.chain()
+            .any(|c| c.to_string().contains("connecting to the coordinator"))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -346,8 +347,10 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                 .iter()
                 .map(|m| json!({"name": m.name, "source": m.source, "state": m.state, "stages": stages_json(&m.stages)}))
                 .collect();
-            print_json(json!({"workers": workers_json(&s.workers), "models": models,
-                "control_plane": control_plane_json(&s.control_plane)}));
+            print_json(
+                json!({"workers": workers_json(&s.workers), "models": models,
+                "control_plane": control_plane_json(&s.control_plane)}),
+            );
         }
         Command::Deploy(a) => {
             let r = AdminClient::new(ch)

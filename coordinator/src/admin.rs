@@ -200,7 +200,13 @@ impl AdminService {
                 )))
             }
         };
-        if self.cluster.read_fresh().await?.models.contains_key(&r.name) {
+        if self
+            .cluster
+            .read_fresh()
+            .await?
+            .models
+            .contains_key(&r.name)
+        {
             return Err(StateError::ModelExists(r.name).into());
         }
         let rt = self.cluster.open_model(&r.name, &r.source)?;
@@ -421,7 +427,13 @@ impl api::admin_server::Admin for AdminService {
         _req: Request<api::ListSettingsRequest>,
     ) -> Result<Response<api::ListSettingsResponse>, Status> {
         Ok(Response::new(api::ListSettingsResponse {
-            settings: self.cluster.read_fresh().await?.settings.into_iter().collect(),
+            settings: self
+                .cluster
+                .read_fresh()
+                .await?
+                .settings
+                .into_iter()
+                .collect(),
         }))
     }
 }

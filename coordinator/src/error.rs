@@ -2,10 +2,10 @@
 
 use tonic::Status;
 
+use crate::consensus::RaftError;
 use crate::placement::PlanError;
 use crate::state::StateError;
 use crate::store::StoreError;
-use crate::consensus::RaftError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {

@@ -240,7 +240,10 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                 Ok(Some(resp)) => {
                     if resp.canceled() {
                         // History compacted past us: reload from the snapshot.
-                        tracing::warn!(reason = resp.cancel_reason(), "etcd watch canceled; reloading");
+                        tracing::warn!(
+                            reason = resp.cancel_reason(),
+                            "etcd watch canceled; reloading"
+                        );
                         if let Err(e) = load(&client, &prefix, &shared).await {
                             tracing::warn!(error = %e, "reload failed");
                         }
@@ -266,7 +269,9 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                             a.since_snapshot += 1;
                             last = Some(a.revision);
                         }
-                        if a.since_snapshot >= snapshot_entries && shared.leader.load(Ordering::SeqCst) {
+                        if a.since_snapshot >= snapshot_entries
+                            && shared.leader.load(Ordering::SeqCst)
+                        {
                             a.since_snapshot = 0;
                             compact = Some(Snapshot {
                                 revision: a.revision,
@@ -278,11 +283,14 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                         shared.revision.send_replace(r);
                     }
                     if let Some(s) = compact {
-                        let (client, prefix, shared) = (client.clone(), prefix.clone(), shared.clone());
+                        let (client, prefix, shared) =
+                            (client.clone(), prefix.clone(), shared.clone());
                         tokio::spawn(async move {
                             let revision = s.revision;
                             match write_snapshot(&client, &prefix, s).await {
-                                Ok(()) => shared.applied.lock().unwrap().snapshot_revision = revision,
+                                Ok(()) => {
+                                    shared.applied.lock().unwrap().snapshot_revision = revision
+                                }
                                 Err(e) => tracing::warn!(error = %e, "etcd snapshot failed"),
                             }
                         });
@@ -297,14 +305,23 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
     }
 }
 
-async fn write_snapshot(client: &Client, prefix: &str, s: Snapshot) -> Result<(), etcd_client::Error> {
+async fn write_snapshot(
+    client: &Client,
+    prefix: &str,
+    s: Snapshot,
+) -> Result<(), etcd_client::Error> {
     let mut kv = client.kv_client();
     let json = serde_json::to_vec(&s).expect("snapshot json");
     kv.put(format!("{prefix}snapshot"), json, None).await?;
     let old = kv
         .get(
             format!("{prefix}log/"),
-            Some(GetOptions::new().with_prefix().with_keys_only().with_max_mod_revision(s.revision)),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_max_mod_revision(s.revision),
+            ),
         )
         .await?;
     for chunk in old.kvs().chunks(64) {
@@ -314,7 +331,11 @@ async fn write_snapshot(client: &Client, prefix: &str, s: Snapshot) -> Result<()
             .collect();
         kv.txn(etcd_client::Txn::new().and_then(ops)).await?;
     }
-    tracing::info!(revision = s.revision, deleted = old.kvs().len(), "etcd log compacted");
+    tracing::info!(
+        revision = s.revision,
+        deleted = old.kvs().len(),
+        "etcd log compacted"
+    );
     Ok(())
 }
 
@@ -408,7 +429,12 @@ impl MetaStore for EtcdStore {
         let mut kv = self.client.kv_client();
         let put = tokio::time::timeout(self.s.request_timeout, kv.put(key, value, None))
             .await
-            .map_err(|_| self.err(format!("put not acknowledged within {:?}", self.s.request_timeout)))?
+            .map_err(|_| {
+                self.err(format!(
+                    "put not acknowledged within {:?}",
+                    self.s.request_timeout
+                ))
+            })?
             .map_err(|e| self.err(e))?;
         let revision = put.header().map(|h| h.revision()).unwrap_or(0);
         self.wait_applied(revision).await?;
@@ -426,10 +452,13 @@ impl MetaStore for EtcdStore {
             .with_keys_only()
             .with_limit(1)
             .with_sort(SortTarget::Mod, SortOrder::Descend);
-        let r = tokio::time::timeout(self.s.request_timeout, kv.get(format!("{}log/", self.prefix), Some(opts)))
-            .await
-            .map_err(|_| self.err("read not answered in time"))?
-            .map_err(|e| self.err(e))?;
+        let r = tokio::time::timeout(
+            self.s.request_timeout,
+            kv.get(format!("{}log/", self.prefix), Some(opts)),
+        )
+        .await
+        .map_err(|_| self.err("read not answered in time"))?
+        .map_err(|e| self.err(e))?;
         let latest = r.kvs().first().map(|k| k.mod_revision()).unwrap_or(0);
         self.wait_applied(latest).await
     }
@@ -448,7 +477,12 @@ impl MetaStore for EtcdStore {
         ControlPlane {
             store: "etcd",
             node_id: 0,
-            role: if self.is_leader() { "Leader" } else { "Follower" }.into(),
+            role: if self.is_leader() {
+                "Leader"
+            } else {
+                "Follower"
+            }
+            .into(),
             leader_id: 0,
             leader: leader.clone(),
             term: 0,

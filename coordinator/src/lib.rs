@@ -19,8 +19,8 @@
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
-pub mod consensus;
 pub mod cluster;
+pub mod consensus;
 pub mod error;
 pub mod etcd;
 pub mod inference;

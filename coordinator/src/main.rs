@@ -55,7 +55,11 @@ struct Cli {
     #[arg(long, default_value_t = 100)]
     raft_tick_ms: u64,
     /// etcd: client endpoints, comma-separated.
-    #[arg(long, env = "LLMOS_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "LLMOS_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd_endpoints: String,
 }
 
@@ -74,7 +78,10 @@ async fn main() -> Result<()> {
         .with_context(|| format!("bind {}", cli.listen))?;
     println!("listening on {}", listener.local_addr()?);
     let listen = listener.local_addr()?;
-    let advertise = cli.advertise.clone().unwrap_or_else(|| format!("http://{listen}"));
+    let advertise = cli
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{listen}"));
     let store = match cli.store.as_str() {
         "etcd" => StoreConfig::Etcd(EtcdSettings::new(
             cli.etcd_endpoints

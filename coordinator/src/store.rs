@@ -233,7 +233,12 @@ impl MetaStore for RaftStore {
             node_id: v.node_id,
             role: v.role,
             leader_id: v.leader_id,
-            leader: v.state.members.get(&v.leader_id).cloned().unwrap_or_default(),
+            leader: v
+                .state
+                .members
+                .get(&v.leader_id)
+                .cloned()
+                .unwrap_or_default(),
             term: v.term,
             commit_index: v.commit,
             applied_index: v.applied,

@@ -72,13 +72,16 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
         register("a", 1),
         register("b", 2),
         deploy("m", "a"),
-        deploy("m", "b"),                               // exists: refused
-        Command::RemoveWorker { id: "a".into() },       // busy: refused
-        Command::SetWorkerHealth { id: "b".into(), healthy: false },
-        deploy("n", "b"),                               // unhealthy: refused
-        Command::UndeployModel { name: "zz".into() },   // unknown: refused
+        deploy("m", "b"),                         // exists: refused
+        Command::RemoveWorker { id: "a".into() }, // busy: refused
+        Command::SetWorkerHealth {
+            id: "b".into(),
+            healthy: false,
+        },
+        deploy("n", "b"),                             // unhealthy: refused
+        Command::UndeployModel { name: "zz".into() }, // unknown: refused
         put("generate.default_max_new_tokens", "64"),
-        Command::DeleteSetting { key: "nope".into() },  // unknown: refused
+        Command::DeleteSetting { key: "nope".into() }, // unknown: refused
         Command::UndeployModel { name: "m".into() },
         Command::RemoveWorker { id: "a".into() },
     ];
@@ -129,12 +132,20 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
     }
 }
 
-fn raft_group(dir: &std::path::Path, snapshot_entries: u64) -> (Arc<MemNetwork>, Vec<Arc<RaftNode>>) {
+fn raft_group(
+    dir: &std::path::Path,
+    snapshot_entries: u64,
+) -> (Arc<MemNetwork>, Vec<Arc<RaftNode>>) {
     let net = MemNetwork::new(3);
     let peers: BTreeMap<u64, String> = (1..=3).map(|i| (i, format!("mem://{i}"))).collect();
     let nodes: Vec<Arc<RaftNode>> = (1..=3)
         .map(|i| {
-            let mut c = RaftConfig::new(i, "suite", dir.join(i.to_string()), Bootstrap::Peers(peers.clone()));
+            let mut c = RaftConfig::new(
+                i,
+                "suite",
+                dir.join(i.to_string()),
+                Bootstrap::Peers(peers.clone()),
+            );
             c.tick = Duration::from_millis(10);
             c.snapshot_entries = snapshot_entries;
             let n = RaftNode::start(c, net.transport(i)).unwrap();
@@ -154,7 +165,10 @@ async fn raft_store_passes_the_state_machine_suite() {
         .map(|n| RaftStore::from_node(n.clone()) as Arc<dyn MetaStore>)
         .collect();
     state_machine_suite(stores.clone()).await;
-    assert!(stores[0].status().snapshot_index > 0, "the log was compacted");
+    assert!(
+        stores[0].status().snapshot_index > 0,
+        "the log was compacted"
+    );
     assert_eq!(stores.iter().filter(|s| s.is_leader()).count(), 1);
 }
 
@@ -173,7 +187,11 @@ impl Drop for Etcd {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_etcd() -> Etcd {
@@ -187,19 +205,30 @@ fn start_etcd() -> Etcd {
     let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Proc::new(bin)
         .args([
-            "--name", "t",
-            "--data-dir", &dir.path().display().to_string(),
-            "--listen-client-urls", &url,
-            "--advertise-client-urls", &url,
-            "--listen-peer-urls", &peer_url,
-            "--initial-advertise-peer-urls", &peer_url,
-            "--initial-cluster", &format!("t={peer_url}"),
+            "--name",
+            "t",
+            "--data-dir",
+            &dir.path().display().to_string(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start etcd");
-    Etcd { child, url, _dir: dir }
+    Etcd {
+        child,
+        url,
+        _dir: dir,
+    }
 }
 
 async fn etcd_store(url: &str, name: &str, snapshot_entries: u64) -> Arc<EtcdStore> {
@@ -254,6 +283,10 @@ async fn etcd_store_passes_the_state_machine_suite_against_a_real_etcd() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Membership belongs to etcd: asked of llmos, it says so.
-    let e = follower.add_member(9, "http://x:1").await.unwrap_err().to_string();
+    let e = follower
+        .add_member(9, "http://x:1")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("etcd"), "{e}");
 }

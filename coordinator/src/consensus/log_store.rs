@@ -159,13 +159,21 @@ impl DiskStorage {
             write_atomic(&dir.join("snapshot"), &encode_snapshot(&snapshot), sync)?;
             let mut wal = WAL_MAGIC.to_vec();
             if let Some((cs, entries)) = initial {
-                record(KIND_CONF_STATE, &cs.write_to_bytes().expect("encode"), &mut wal);
+                record(
+                    KIND_CONF_STATE,
+                    &cs.write_to_bytes().expect("encode"),
+                    &mut wal,
+                );
                 if let Some(last) = entries.last() {
                     let mut hs = HardState::default();
                     hs.term = last.term;
                     hs.commit = last.index;
                     encode_entries(&entries, &mut wal);
-                    record(KIND_HARD_STATE, &hs.write_to_bytes().expect("encode"), &mut wal);
+                    record(
+                        KIND_HARD_STATE,
+                        &hs.write_to_bytes().expect("encode"),
+                        &mut wal,
+                    );
                 }
             }
             write_atomic(&dir.join("raft.wal"), &wal, sync)?;
@@ -242,7 +250,10 @@ impl DiskStorage {
             }
             let rec = &bytes[body..body + len];
             if crc32fast::hash(rec) != crc {
-                return Err(corrupt(off, format!("checksum mismatch in a record of {len} bytes")));
+                return Err(corrupt(
+                    off,
+                    format!("checksum mismatch in a record of {len} bytes"),
+                ));
             }
             let (kind, payload) = (rec[0], &rec[1..]);
             let bad = |e: protobuf::ProtobufError| corrupt(off, format!("undecodable record: {e}"));
@@ -263,8 +274,12 @@ impl DiskStorage {
                     }
                     self.append_in_memory(&ents);
                 }
-                KIND_HARD_STATE => self.hard_state = HardState::parse_from_bytes(payload).map_err(bad)?,
-                KIND_CONF_STATE => self.conf_state = ConfState::parse_from_bytes(payload).map_err(bad)?,
+                KIND_HARD_STATE => {
+                    self.hard_state = HardState::parse_from_bytes(payload).map_err(bad)?
+                }
+                KIND_CONF_STATE => {
+                    self.conf_state = ConfState::parse_from_bytes(payload).map_err(bad)?
+                }
                 k => return Err(corrupt(off, format!("unknown record kind {k}"))),
             }
             off = body + len;
@@ -304,7 +319,11 @@ impl DiskStorage {
             encode_entries(entries, &mut buf);
         }
         if let Some(hs) = hs {
-            record(KIND_HARD_STATE, &hs.write_to_bytes().expect("encode"), &mut buf);
+            record(
+                KIND_HARD_STATE,
+                &hs.write_to_bytes().expect("encode"),
+                &mut buf,
+            );
         }
         if buf.is_empty() {
             return Ok(());
@@ -325,7 +344,11 @@ impl DiskStorage {
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {
         let mut buf = Vec::new();
-        record(KIND_CONF_STATE, &cs.write_to_bytes().expect("encode"), &mut buf);
+        record(
+            KIND_CONF_STATE,
+            &cs.write_to_bytes().expect("encode"),
+            &mut buf,
+        );
         self.write_wal(&buf)?;
         self.conf_state = cs;
         Ok(())
@@ -363,16 +386,31 @@ impl DiskStorage {
 
     /// Writes the snapshot file, then a new WAL holding what remains.
     fn rewrite(&mut self) -> Result<(), LogError> {
-        write_atomic(&self.dir.join("snapshot"), &encode_snapshot(&self.snapshot), self.sync)?;
+        write_atomic(
+            &self.dir.join("snapshot"),
+            &encode_snapshot(&self.snapshot),
+            self.sync,
+        )?;
         let mut wal = WAL_MAGIC.to_vec();
-        record(KIND_CONF_STATE, &self.conf_state.write_to_bytes().expect("encode"), &mut wal);
-        record(KIND_HARD_STATE, &self.hard_state.write_to_bytes().expect("encode"), &mut wal);
+        record(
+            KIND_CONF_STATE,
+            &self.conf_state.write_to_bytes().expect("encode"),
+            &mut wal,
+        );
+        record(
+            KIND_HARD_STATE,
+            &self.hard_state.write_to_bytes().expect("encode"),
+            &mut wal,
+        );
         if !self.entries.is_empty() {
             encode_entries(&self.entries, &mut wal);
         }
         let path = self.dir.join("raft.wal");
         write_atomic(&path, &wal, self.sync)?;
-        self.wal = OpenOptions::new().append(true).open(&path).map_err(io(&path))?;
+        self.wal = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
         self.wal_bytes = wal.len() as u64;
         Ok(())
     }
@@ -428,7 +466,10 @@ fn decode_snapshot(path: &Path, bytes: &[u8]) -> Result<Snapshot, LogError> {
 
 impl raft::Storage for DiskStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -530,8 +571,11 @@ mod tests {
         let r = open(dir.path()).unwrap();
         assert!(r.fresh);
         let mut s = r.storage;
-        s.persist(&[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")], Some(&hs(1, 1, 1)))
-            .unwrap();
+        s.persist(
+            &[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")],
+            Some(&hs(1, 1, 1)),
+        )
+        .unwrap();
         // A new leader overwrites the uncommitted suffix from index 2.
         s.persist(&[entry(2, 2, "B")], Some(&hs(2, 2, 2))).unwrap();
         drop(s);
@@ -540,7 +584,12 @@ mod tests {
         let s = r.storage;
         assert_eq!(s.last_index().unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 2);
-        assert_eq!(&s.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap()[1].data[..], b"B");
+        assert_eq!(
+            &s.entries(1, 3, None, GetEntriesContext::empty(false))
+                .unwrap()[1]
+                .data[..],
+            b"B"
+        );
         let st = s.initial_state().unwrap();
         assert_eq!(st.hard_state, hs(2, 2, 2));
         assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
@@ -550,7 +599,9 @@ mod tests {
     fn compaction_keeps_the_tail_and_the_snapshot_across_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path()).unwrap().storage;
-        let ents: Vec<_> = (1..=10).map(|i| entry(i, 1 + i / 5, &i.to_string())).collect();
+        let ents: Vec<_> = (1..=10)
+            .map(|i| entry(i, 1 + i / 5, &i.to_string()))
+            .collect();
         s.persist(&ents, Some(&hs(3, 1, 10))).unwrap();
         s.compact(7, b"state@7".to_vec()).unwrap();
         assert_eq!(s.first_index().unwrap(), 8);
@@ -573,8 +624,11 @@ mod tests {
     fn a_flipped_byte_or_a_cut_tail_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path()).unwrap().storage;
-        s.persist(&[entry(1, 1, "hello"), entry(2, 1, "world")], Some(&hs(1, 1, 2)))
-            .unwrap();
+        s.persist(
+            &[entry(1, 1, "hello"), entry(2, 1, "world")],
+            Some(&hs(1, 1, 2)),
+        )
+        .unwrap();
         drop(s);
         let wal = dir.path().join("raft.wal");
         let good = fs::read(&wal).unwrap();
@@ -583,11 +637,20 @@ mod tests {
         let at = good.len() - 30;
         flipped[at] ^= 0x40;
         fs::write(&wal, &flipped).unwrap();
-        let e = open(dir.path()).err().expect("corrupt log must be refused").to_string();
-        assert!(e.contains("raft.wal is corrupt") && e.contains("checksum mismatch"), "{e}");
+        let e = open(dir.path())
+            .err()
+            .expect("corrupt log must be refused")
+            .to_string();
+        assert!(
+            e.contains("raft.wal is corrupt") && e.contains("checksum mismatch"),
+            "{e}"
+        );
 
         fs::write(&wal, &good[..good.len() - 5]).unwrap();
-        let e = open(dir.path()).err().expect("truncated log must be refused").to_string();
+        let e = open(dir.path())
+            .err()
+            .expect("truncated log must be refused")
+            .to_string();
         assert!(e.contains("truncated record"), "{e}");
 
         fs::write(&wal, &good).unwrap();
@@ -596,7 +659,10 @@ mod tests {
         let last = b.len() - 1;
         b[last] ^= 1;
         fs::write(&snap, &b).unwrap();
-        let e = open(dir.path()).err().expect("corrupt snapshot must be refused").to_string();
+        let e = open(dir.path())
+            .err()
+            .expect("corrupt snapshot must be refused")
+            .to_string();
         assert!(e.contains("snapshot is corrupt"), "{e}");
     }
 
@@ -608,7 +674,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("belongs to cluster \"c1\"") && e.contains("\"other\""), "{e}");
+        assert!(
+            e.contains("belongs to cluster \"c1\"") && e.contains("\"other\""),
+            "{e}"
+        );
         assert!(DiskStorage::open(dir.path(), "c1", 2, None, true).is_err());
     }
 }

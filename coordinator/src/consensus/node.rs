@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType};
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType,
+};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
@@ -222,12 +224,11 @@ impl RaftNode {
             ..Default::default()
         };
         let logger = super::tracing_logger(cfg.node_id);
-        let raw = RawNode::new(&raft_cfg, storage, &logger)
-            .map_err(|e| LogError::Corrupt {
-                path: cfg.data_dir.clone(),
-                offset: 0,
-                what: format!("raft refused the stored state: {e}"),
-            })?;
+        let raw = RawNode::new(&raft_cfg, storage, &logger).map_err(|e| LogError::Corrupt {
+            path: cfg.data_dir.clone(),
+            offset: 0,
+            what: format!("raft refused the stored state: {e}"),
+        })?;
         let (tx, rx) = mpsc::channel();
         let view = Arc::new(RwLock::new(View {
             state: state.clone(),
@@ -542,7 +543,8 @@ impl Loop {
             Input::Propose(data, reply) => {
                 if self.leader() == 0 {
                     let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader.push((deadline, Input::Propose(data, reply)));
+                    self.awaiting_leader
+                        .push((deadline, Input::Propose(data, reply)));
                     return;
                 }
                 let ctx = self.context();
@@ -556,7 +558,8 @@ impl Loop {
             Input::ConfChange(cc, reply) => {
                 if self.leader() == 0 {
                     let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader.push((deadline, Input::ConfChange(cc, reply)));
+                    self.awaiting_leader
+                        .push((deadline, Input::ConfChange(cc, reply)));
                     return;
                 }
                 let ctx = self.context();
@@ -570,7 +573,8 @@ impl Loop {
             Input::ReadIndex(reply) => {
                 if self.leader() == 0 {
                     let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader.push((deadline, Input::ReadIndex(reply)));
+                    self.awaiting_leader
+                        .push((deadline, Input::ReadIndex(reply)));
                     return;
                 }
                 let ctx = self.context();
@@ -622,25 +626,27 @@ impl Loop {
         self.send(ready.take_messages());
         for to in snapshots {
             // Delivery is best effort; a lost snapshot is re-sent after probing.
-            self.raw
-                .report_snapshot(to, raft::SnapshotStatus::Finish);
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
         }
         // 2. A snapshot from the leader replaces the state machine.
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
-            let state: ClusterState = serde_json::from_slice(&snap.data).map_err(|e| {
-                LogError::Corrupt {
+            let state: ClusterState =
+                serde_json::from_slice(&snap.data).map_err(|e| LogError::Corrupt {
                     path: "snapshot from leader".into(),
                     offset: 0,
                     what: e.to_string(),
-                }
-            })?;
+                })?;
             self.raw.mut_store().apply_snapshot(snap)?;
             self.state = state;
             for (id, addr) in &self.state.members {
                 self.transport.set_peer(*id, addr);
             }
-            tracing::info!(node = self.id, index = self.raw.store().snapshot_ref().get_metadata().index, "installed a snapshot from the leader");
+            tracing::info!(
+                node = self.id,
+                index = self.raw.store().snapshot_ref().get_metadata().index,
+                "installed a snapshot from the leader"
+            );
         }
         // 3. Read states: ReadIndex answers.
         for rs in ready.take_read_states() {
@@ -769,7 +775,11 @@ impl Loop {
         if applied >= snap + self.snapshot_entries {
             let data = serde_json::to_vec(&self.state).expect("state json");
             self.raw.mut_store().compact(applied, data)?;
-            tracing::info!(node = self.id, index = applied, "snapshot taken, log compacted");
+            tracing::info!(
+                node = self.id,
+                index = applied,
+                "snapshot taken, log compacted"
+            );
         }
         Ok(())
     }

@@ -15,7 +15,12 @@ struct Group {
     snapshot_entries: u64,
 }
 
-fn config(id: u64, dir: &std::path::Path, bootstrap: Bootstrap, snapshot_entries: u64) -> RaftConfig {
+fn config(
+    id: u64,
+    dir: &std::path::Path,
+    bootstrap: Bootstrap,
+    snapshot_entries: u64,
+) -> RaftConfig {
     let mut c = RaftConfig::new(id, "test", dir.to_path_buf(), bootstrap);
     c.tick = Duration::from_millis(10);
     c.request_timeout = Duration::from_secs(2);
@@ -47,7 +52,10 @@ impl Group {
     }
 
     fn start(&mut self, id: u64, bootstrap: Bootstrap) {
-        let dir = self.dirs.entry(id).or_insert_with(|| tempfile::tempdir().unwrap());
+        let dir = self
+            .dirs
+            .entry(id)
+            .or_insert_with(|| tempfile::tempdir().unwrap());
         let node = RaftNode::start(
             config(id, dir.path(), bootstrap, self.snapshot_entries),
             self.net.transport(id),
@@ -68,10 +76,16 @@ impl Group {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let leaders: Vec<u64> = ids.iter().map(|i| self.nodes[i].view().leader_id).collect();
-            if leaders[0] != 0 && ids.contains(&leaders[0]) && leaders.iter().all(|&l| l == leaders[0]) {
+            if leaders[0] != 0
+                && ids.contains(&leaders[0])
+                && leaders.iter().all(|&l| l == leaders[0])
+            {
                 return leaders[0];
             }
-            assert!(Instant::now() < deadline, "no common leader among {ids:?}: {leaders:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no common leader among {ids:?}: {leaders:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -101,9 +115,17 @@ async fn three_replicas_elect_replicate_and_forward_writes_from_followers() {
     let leader = g.leader().await;
     let follower = *g.nodes.keys().find(|&&i| i != leader).unwrap();
     // A follower forwards the write and answers once it applied it itself.
-    g.nodes[&follower].propose(&put("a", "1")).await.unwrap().unwrap();
+    g.nodes[&follower]
+        .propose(&put("a", "1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(g.nodes[&follower].state().settings["a"], "1");
-    g.nodes[&leader].propose(&put("b", "2")).await.unwrap().unwrap();
+    g.nodes[&leader]
+        .propose(&put("b", "2"))
+        .await
+        .unwrap()
+        .unwrap();
     // A rejected command is committed and reported, everywhere the same.
     let r = g.nodes[&leader]
         .propose(&Command::DeleteSetting { key: "zz".into() })
@@ -128,26 +150,41 @@ async fn a_partitioned_leader_refuses_writes_and_the_majority_goes_on() {
     // The cut-off leader cannot commit: an error, not an acknowledgement.
     let r = g.nodes[&old].propose(&put("lost", "x")).await;
     assert!(
-        matches!(r, Err(RaftError::Timeout { .. }) | Err(RaftError::NoLeader { .. }) | Err(RaftError::LeaderChanged)),
+        matches!(
+            r,
+            Err(RaftError::Timeout { .. })
+                | Err(RaftError::NoLeader { .. })
+                | Err(RaftError::LeaderChanged)
+        ),
         "{r:?}"
     );
     let new = g.leader_of(&rest).await;
     assert_ne!(new, old);
-    g.nodes[&rest[0]].propose(&put("kept", "y")).await.unwrap().unwrap();
+    g.nodes[&rest[0]]
+        .propose(&put("kept", "y"))
+        .await
+        .unwrap()
+        .unwrap();
     // With check-quorum the old leader steps down and says no leader is known.
     let t = Instant::now();
     loop {
         if g.nodes[&old].view().leader_id == 0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "old leader kept leading alone");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "old leader kept leading alone"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
         g.nodes[&old].propose(&put("late", "z")).await,
         Err(RaftError::NoLeader { node: old })
     );
-    assert!(matches!(g.nodes[&old].read_index().await, Err(RaftError::NoLeader { .. })));
+    assert!(matches!(
+        g.nodes[&old].read_index().await,
+        Err(RaftError::NoLeader { .. })
+    ));
     g.net.heal();
     g.leader().await;
     let s = g.converged().await;
@@ -168,10 +205,17 @@ async fn writes_survive_message_loss_and_delay() {
         }
     }
     g.net.set_faults(0.0, Duration::ZERO);
-    assert!(acked.len() >= 30, "only {} of 40 writes committed", acked.len());
+    assert!(
+        acked.len() >= 30,
+        "only {} of 40 writes committed",
+        acked.len()
+    );
     let s = g.converged().await;
     for i in acked {
-        assert!(s.settings.contains_key(&format!("k{i}")), "acknowledged k{i} lost");
+        assert!(
+            s.settings.contains_key(&format!("k{i}")),
+            "acknowledged k{i} lost"
+        );
     }
 }
 
@@ -184,14 +228,24 @@ async fn a_lagging_replica_catches_up_through_a_snapshot_and_restarts_from_disk(
     let rest: Vec<u64> = g.nodes.keys().copied().filter(|&i| i != lagging).collect();
     for i in 0..60 {
         let l = g.leader_of(&rest).await;
-        g.nodes[&l].propose(&put(&format!("k{i}"), &i.to_string())).await.unwrap().unwrap();
+        g.nodes[&l]
+            .propose(&put(&format!("k{i}"), &i.to_string()))
+            .await
+            .unwrap()
+            .unwrap();
     }
     let l = g.leader_of(&rest).await;
-    assert!(g.nodes[&l].view().snapshot_index >= 40, "leader compacted its log");
+    assert!(
+        g.nodes[&l].view().snapshot_index >= 40,
+        "leader compacted its log"
+    );
     g.net.heal();
     let s = g.converged().await;
     assert_eq!(s.settings.len(), 60);
-    assert!(g.nodes[&lagging].view().snapshot_index >= 40, "caught up by snapshot");
+    assert!(
+        g.nodes[&lagging].view().snapshot_index >= 40,
+        "caught up by snapshot"
+    );
     // Restart every replica from its data directory: same state.
     let ids: Vec<u64> = g.nodes.keys().copied().collect();
     for &id in &ids {
@@ -204,17 +258,28 @@ async fn a_lagging_replica_catches_up_through_a_snapshot_and_restarts_from_disk(
     let after = g.converged().await;
     assert_eq!(after.settings, s.settings);
     let l = g.leader().await;
-    g.nodes[&l].propose(&put("after", "restart")).await.unwrap().unwrap();
+    g.nodes[&l]
+        .propose(&put("after", "restart"))
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_and_removed_at_run_time() {
     let mut g = Group::new(&[1], 1000);
     assert_eq!(g.leader().await, 1);
-    g.nodes[&1].propose(&put("before", "join")).await.unwrap().unwrap();
+    g.nodes[&1]
+        .propose(&put("before", "join"))
+        .await
+        .unwrap()
+        .unwrap();
     for id in [2, 3] {
         g.start(id, Bootstrap::Join);
-        g.nodes[&1].add_member(id, &format!("mem://{id}")).await.unwrap();
+        g.nodes[&1]
+            .add_member(id, &format!("mem://{id}"))
+            .await
+            .unwrap();
     }
     let s = g.converged().await;
     assert_eq!(s.settings["before"], "join");
@@ -225,7 +290,11 @@ async fn members_are_added_and_removed_at_run_time() {
     g.stop(1);
     let l = g.leader().await;
     assert_ne!(l, 1);
-    g.nodes[&l].propose(&put("after", "remove")).await.unwrap().unwrap();
+    g.nodes[&l]
+        .propose(&put("after", "remove"))
+        .await
+        .unwrap()
+        .unwrap();
     let s = g.converged().await;
     assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(g.nodes[&2].view().voters, vec![2, 3]);
@@ -243,7 +312,11 @@ async fn five_replicas_survive_two_failures_but_not_three() {
     let other = *g.nodes.keys().next().unwrap();
     g.stop(other);
     let l = g.leader().await;
-    g.nodes[&l].propose(&put("two", "down")).await.unwrap().unwrap();
+    g.nodes[&l]
+        .propose(&put("two", "down"))
+        .await
+        .unwrap()
+        .unwrap();
     g.converged().await;
     let third = *g.nodes.keys().find(|&&i| i != l).unwrap();
     g.stop(third);

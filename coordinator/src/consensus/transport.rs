@@ -172,9 +172,11 @@ impl pb::peer_server::Peer for PeerService {
         }
         let mut msgs = Vec::with_capacity(r.messages.len());
         for b in &r.messages {
-            msgs.push(Message::parse_from_bytes(b).map_err(|e| {
-                Status::invalid_argument(format!("undecodable raft message: {e}"))
-            })?);
+            msgs.push(
+                Message::parse_from_bytes(b).map_err(|e| {
+                    Status::invalid_argument(format!("undecodable raft message: {e}"))
+                })?,
+            );
         }
         self.node.step(msgs);
         Ok(Response::new(pb::RaftResponse {}))
@@ -275,7 +277,13 @@ impl MemNetwork {
             }
         }
         for (to, msgs) in groups {
-            let Some(node) = self.inner.lock().unwrap().nodes.get(&to).and_then(Weak::upgrade)
+            let Some(node) = self
+                .inner
+                .lock()
+                .unwrap()
+                .nodes
+                .get(&to)
+                .and_then(Weak::upgrade)
             else {
                 continue;
             };
