@@ -140,6 +140,25 @@ enum Input {
     Stop,
 }
 
+impl Input {
+    /// Writes and reads wait for a leader; messages from peers do not.
+    fn needs_leader(&self) -> bool {
+        matches!(
+            self,
+            Input::Propose(..) | Input::ConfChange(..) | Input::ReadIndex(_)
+        )
+    }
+
+    /// Answers the caller (if any) with `e`.
+    fn fail(self, e: RaftError) {
+        match self {
+            Input::Propose(_, r) => drop(r.send(Err(e))),
+            Input::ConfChange(_, r) | Input::ReadIndex(r) => drop(r.send(Err(e))),
+            Input::Step(_) | Input::TransferLeader(_) | Input::Stop => {}
+        }
+    }
+}
+
 /// Handle to a replica's Ready-loop thread.
 pub struct RaftNode {
     id: u64,
@@ -431,15 +450,10 @@ struct Loop {
 
 impl Loop {
     fn run(mut self, rx: mpsc::Receiver<Input>, tick: Duration) {
+        // Apply what is committed on disk before waiting for input.
+        self.step_once();
         let mut last_tick = Instant::now();
-        let mut first = true;
         loop {
-            if first {
-                // Apply what is committed on disk before waiting for input.
-                first = false;
-                self.step_once();
-                continue;
-            }
             let wait = tick.saturating_sub(last_tick.elapsed());
             match rx.recv_timeout(wait) {
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
@@ -499,18 +513,12 @@ impl Loop {
         let mut handled = false;
         let now = Instant::now();
         let waiting = std::mem::take(&mut self.awaiting_leader);
-        let id = self.id;
-        let no_leader = || RaftError::NoLeader { node: id };
         for (deadline, input) in waiting {
             if self.leader() != 0 || self.failed.is_some() {
                 self.handle(input);
                 handled = true;
             } else if now >= deadline {
-                match input {
-                    Input::Propose(_, r) => drop(r.send(Err(no_leader()))),
-                    Input::ConfChange(_, r) | Input::ReadIndex(r) => drop(r.send(Err(no_leader()))),
-                    _ => {}
-                }
+                input.fail(RaftError::NoLeader { node: self.id });
             } else {
                 self.awaiting_leader.push((deadline, input));
             }
@@ -531,22 +539,16 @@ impl Loop {
 
     fn handle(&mut self, input: Input) {
         if let Some(e) = &self.failed {
-            let e = RaftError::Storage(e.clone());
-            match input {
-                Input::Propose(_, r) => drop(r.send(Err(e))),
-                Input::ConfChange(_, r) | Input::ReadIndex(r) => drop(r.send(Err(e))),
-                _ => {}
-            }
+            input.fail(RaftError::Storage(e.clone()));
+            return;
+        }
+        if self.leader() == 0 && input.needs_leader() {
+            let deadline = Instant::now() + self.leader_wait;
+            self.awaiting_leader.push((deadline, input));
             return;
         }
         match input {
             Input::Propose(data, reply) => {
-                if self.leader() == 0 {
-                    let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader
-                        .push((deadline, Input::Propose(data, reply)));
-                    return;
-                }
                 let ctx = self.context();
                 match self.raw.propose(ctx.clone(), data) {
                     Ok(()) => {
@@ -556,12 +558,6 @@ impl Loop {
                 }
             }
             Input::ConfChange(cc, reply) => {
-                if self.leader() == 0 {
-                    let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader
-                        .push((deadline, Input::ConfChange(cc, reply)));
-                    return;
-                }
                 let ctx = self.context();
                 match self.raw.propose_conf_change(ctx.clone(), cc) {
                     Ok(()) => {
@@ -571,12 +567,6 @@ impl Loop {
                 }
             }
             Input::ReadIndex(reply) => {
-                if self.leader() == 0 {
-                    let deadline = Instant::now() + self.leader_wait;
-                    self.awaiting_leader
-                        .push((deadline, Input::ReadIndex(reply)));
-                    return;
-                }
                 let ctx = self.context();
                 self.raw.read_index(ctx.clone());
                 self.reads.insert(ctx, reply);
