@@ -6,7 +6,8 @@
 //! - [`gemv`]: CPU matrix-vector kernel for decode steps (AVX2/FMA).
 //! - [`spin_pool`]: the fork-join pool decode kernels run on.
 //! - [`decode_attention`]: CPU attention for one query over the KV cache.
-//! - [`kv_cache`]: the per-sequence KV cache.
+//! - [`kv_cache`]: the contiguous per-sequence KV cache (single-process runs).
+//! - [`paged`]: the paged KV pool, batch layouts, CPU paged attention.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
 //! - [`generate`]: the single-process generation loop (`Engine`).
 //! - [`device`]: device and dtype selection, CUDA backend loading.
@@ -20,6 +21,7 @@ pub mod gemv;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
+pub mod paged;
 pub mod sampling;
 pub mod server;
 pub mod spin_pool;

@@ -1,5 +1,9 @@
 //! Token selection from logits: greedy, or temperature + top-k + top-p with a
-//! seeded ChaCha generator, so a seed reproduces a generation exactly.
+//! seeded ChaCha generator, so a seed reproduces a generation exactly. The
+//! draw for the `n`-th token of a sequence uses ChaCha stream `n` of the
+//! seed: it depends on the seed and the index alone, so a stage that samples
+//! keeps no per-sequence state, and a sequence preempted and recomputed (or
+//! batched with others) draws exactly what it would have alone.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -48,7 +52,8 @@ impl SamplingParams {
 
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    /// Index of the next token.
+    index: u64,
     scratch: Vec<(f32, u32)>,
 }
 
@@ -73,8 +78,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Sampler {
-            rng: ChaCha8Rng::seed_from_u64(params.seed),
             params,
+            index: 0,
             scratch: Vec::new(),
         }
     }
@@ -82,15 +87,25 @@ impl Sampler {
     /// Picks the next token; returns it with its log-probability under the
     /// model's distribution (before temperature and truncation).
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
+        let r = self.sample_at(logits, self.index);
+        self.index += 1;
+        r
+    }
+
+    /// Picks token number `index` of the sequence (0 for the first
+    /// generated token), independent of what was drawn before.
+    pub fn sample_at(&mut self, logits: &[f32], index: u64) -> (u32, f32) {
         let id = if self.params.temperature <= 0.0 {
             argmax(logits)
         } else {
-            self.sample_random(logits)
+            let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
+            rng.set_stream(index);
+            self.sample_random(logits, &mut rng)
         };
         (id, logprob(logits, id))
     }
 
-    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+    fn sample_random(&mut self, logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
         let inv_t = 1.0 / self.params.temperature;
         let c = &mut self.scratch;
         c.clear();
@@ -126,7 +141,7 @@ impl Sampler {
             c.truncate(keep);
             total = c.iter().map(|e| e.0 as f64).sum();
         }
-        let mut r = self.rng.gen::<f64>() * total;
+        let mut r = rng.gen::<f64>() * total;
         for e in c.iter() {
             r -= e.0 as f64;
             if r <= 0.0 {
@@ -167,6 +182,10 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+        // Draw n depends on (seed, n) alone: out of order gives the same.
+        let mut s = Sampler::new(p(0, 7));
+        let backwards: Vec<u32> = (0..20).rev().map(|i| s.sample_at(&logits, i).0).collect();
+        assert_eq!(backwards.into_iter().rev().collect::<Vec<_>>(), run(7));
     }
 
     #[test]

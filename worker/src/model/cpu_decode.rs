@@ -12,6 +12,106 @@ use super::llama::Llama;
 use crate::decode_attention::attend_into;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
+use crate::paged::{paged_attention, slot, KvPool, QueryRow};
+
+/// Where the fused decode step keeps keys and values: a contiguous
+/// per-sequence `KvCache`, or one sequence's blocks of a paged `KvPool`.
+pub trait DecodeKv {
+    /// Position the next token takes.
+    fn position(&self) -> usize;
+    /// Checks that one more position fits.
+    fn reserve_one(&self) -> Result<()>;
+    /// Writes the token's keys and values (f32 `[kv_heads * head_dim]`).
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+    /// Attention of `q` (`[heads * head_dim]`) over positions `0..len`.
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        heads: usize,
+        len: usize,
+        scale: f64,
+        out: &mut [f32],
+    );
+    /// Marks the position written in every layer.
+    fn advance(&mut self);
+}
+
+impl DecodeKv for KvCache {
+    fn position(&self) -> usize {
+        self.len()
+    }
+    fn reserve_one(&self) -> Result<()> {
+        self.reserve(1)
+    }
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self.write_position(layer, pos, k, v)
+    }
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        heads: usize,
+        len: usize,
+        scale: f64,
+        out: &mut [f32],
+    ) {
+        let (kc, vc) = self.layer(layer);
+        attend_into(q, heads, kc, vc, len, scale, out)
+    }
+    fn advance(&mut self) {
+        KvCache::advance(self, 1)
+    }
+}
+
+/// One sequence of a paged pool: its block table and cached length.
+pub struct PagedSeq<'a> {
+    pub pool: &'a mut KvPool,
+    pub blocks: &'a [u32],
+    pub position: usize,
+}
+
+impl DecodeKv for PagedSeq<'_> {
+    fn position(&self) -> usize {
+        self.position
+    }
+    fn reserve_one(&self) -> Result<()> {
+        let cap = self.blocks.len() * self.pool.shape().block_size;
+        if self.position >= cap {
+            return Err(WorkerError::InvalidRequest(format!(
+                "position {} is beyond the sequence's {} blocks",
+                self.position,
+                self.blocks.len()
+            )));
+        }
+        Ok(())
+    }
+    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let s = slot(self.blocks, self.pool.shape().block_size, pos);
+        self.pool.write_slot(layer, s, k, v)
+    }
+    fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        heads: usize,
+        len: usize,
+        scale: f64,
+        out: &mut [f32],
+    ) {
+        let (k, v) = self.pool.layer(layer);
+        let rows = [QueryRow {
+            row: 0,
+            blocks: self.blocks,
+            len,
+        }];
+        let bs = self.pool.shape().block_size;
+        paged_attention(q, heads, k, v, bs, &rows, scale as f32, out)
+    }
+    fn advance(&mut self) {
+        self.position += 1;
+    }
+}
 
 /// `out = x / rms(x) * w` (float32 statistics, as Hugging Face).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -47,6 +147,12 @@ pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
 impl Llama {
     /// Whether `decode_step` can run this model with this cache.
     pub fn cpu_decode_supported(&self, cache: &KvCache) -> bool {
+        self.fused_decode_supported() && cache.layer(0).0.size()[0] == 1
+    }
+
+    /// Whether `decode_step` can run this model (whole model, CPU, f32 or
+    /// bf16 weights the `gemv` kernel reads).
+    pub fn fused_decode_supported(&self) -> bool {
         self.device == Device::Cpu
             && matches!(self.kind, Kind::Float | Kind::BFloat16)
             && self.shard.embed
@@ -56,13 +162,12 @@ impl Llama {
                 .blocks
                 .iter()
                 .all(|b| b.attn.qkv.has_gemv() && b.attn.o.has_gemv())
-            && cache.layer(0).0.size()[0] == 1
     }
 
-    /// One token of one sequence at position `cache.len()`: appends to the
-    /// cache and returns the float32 logits.
-    pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Vec<f32>> {
-        cache.reserve(1)?;
+    /// One token of one sequence at position `cache.position()`: appends to
+    /// the cache and returns the float32 logits.
+    pub fn decode_step(&self, token: u32, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
+        cache.reserve_one()?;
         let cfg = &self.cfg;
         if token as usize >= cfg.vocab_size {
             return Err(WorkerError::InvalidRequest(format!(
@@ -72,7 +177,7 @@ impl Llama {
         }
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
-        let pos = cache.len();
+        let pos = cache.position();
         let eps = cfg.rms_norm_eps as f32;
 
         let embed = self
@@ -117,9 +222,8 @@ impl Llama {
             let (k, v) = kv.split_at_mut(nkv);
             rope_in_place(q, d, &cos, &sin);
             rope_in_place(k, d, &cos, &sin);
-            cache.write_position(layer, pos, k, v);
-            let (kc, vc) = cache.layer(layer);
-            attend_into(q, cfg.num_heads, kc, vc, pos + 1, scale, &mut attn);
+            cache.write(layer, pos, k, v);
+            cache.attend(layer, q, cfg.num_heads, pos + 1, scale, &mut attn);
             blk.attn.o.gemv_into(&attn, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
@@ -129,7 +233,7 @@ impl Llama {
             blk.mlp.down.gemv_into(&act, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
-        cache.advance(1);
+        cache.advance();
         let norm = self
             .final_norm
             .as_ref()

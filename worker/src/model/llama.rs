@@ -51,7 +51,7 @@ impl RmsNorm {
 
 impl RmsNorm {
     /// libtorch's fused RMSNorm (float32 statistics, as Hugging Face).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.weight.size()[0];
         x.rms_norm([h], Some(&self.weight), self.eps)
     }
@@ -174,7 +174,7 @@ impl Attention {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         let gu = self.gate_up.forward(x);
         let g = gu.narrow(-1, 0, self.intermediate);
         let u = gu.narrow(-1, self.intermediate, self.intermediate);

@@ -1,0 +1,504 @@
+//! The paged KV cache of a stage: per layer, one key and one value tensor of
+//! `num_blocks * block_size` slots of `[kv_heads, head_dim]`, shared by all
+//! sequences. A sequence owns a list of blocks (its block table, decided by
+//! the engine's `BlockManager`); position `p` of a sequence lives in slot
+//! `blocks[p / block_size] * block_size + p % block_size`. Every stage of a
+//! pipeline holds the same number of blocks, so one block table addresses
+//! the same positions on all of them.
+//!
+//! Layout `[slot, kv_head, head_dim]` (token-major): a step writes its new
+//! positions with one `index_copy_` per layer, a prompt chunk gathers its
+//! context with one `index_select`, and decode rows are read in place by
+//! [`paged_attention`], the CPU reference of the CUDA paged-attention kernel.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, WorkerError};
+use crate::gemv::{pool, WeightElem};
+
+/// Shape of a stage's KV pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolShape {
+    pub layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl PoolShape {
+    /// Bytes one block takes across all layers (keys and values).
+    pub fn block_bytes(&self, kind: Kind) -> usize {
+        2 * self.layers * self.block_size * self.kv_heads * self.head_dim * kind.elt_size_in_bytes()
+    }
+}
+
+pub struct KvPool {
+    shape: PoolShape,
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+}
+
+impl KvPool {
+    pub fn new(shape: PoolShape, kind: Kind, device: Device) -> Result<Self> {
+        if shape.block_size == 0 || shape.num_blocks == 0 {
+            return Err(WorkerError::InvalidRequest(format!(
+                "a KV pool needs at least one block of at least one position, got {} blocks of {}",
+                shape.num_blocks, shape.block_size
+            )));
+        }
+        let size = [
+            (shape.num_blocks * shape.block_size) as i64,
+            shape.kv_heads as i64,
+            shape.head_dim as i64,
+        ];
+        let alloc = || -> Result<Vec<Tensor>> {
+            (0..shape.layers)
+                .map(|_| Ok(Tensor::f_zeros(size, (kind, device))?))
+                .collect()
+        };
+        Ok(KvPool {
+            keys: alloc()?,
+            values: alloc()?,
+            shape,
+        })
+    }
+
+    pub fn shape(&self) -> PoolShape {
+        self.shape
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+
+    /// Keys and values of `layer`, `[slots, kv_heads, head_dim]`.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    /// Writes `k`, `v` (`[t, kv_heads, head_dim]`) of `layer` into `slots`
+    /// (`[t]` int64).
+    pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
+        let kind = self.keys[layer].kind();
+        let _ = self.keys[layer].index_copy_(0, slots, &k.to_kind(kind));
+        let _ = self.values[layer].index_copy_(0, slots, &v.to_kind(kind));
+    }
+
+    /// Keys and values of `layer` at `slots`, `[t, kv_heads, head_dim]`.
+    pub fn gather(&self, layer: usize, slots: &Tensor) -> (Tensor, Tensor) {
+        (
+            self.keys[layer].index_select(0, slots),
+            self.values[layer].index_select(0, slots),
+        )
+    }
+
+    /// Writes one position from f32 rows `[kv_heads * head_dim]` (the fused
+    /// decode step), converting to the pool's dtype.
+    pub fn write_slot(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let row = self.shape.kv_heads * self.shape.head_dim;
+        assert!(slot < self.shape.num_blocks * self.shape.block_size);
+        assert!(k.len() == row && v.len() == row);
+        for (t, src) in [(&self.keys[layer], k), (&self.values[layer], v)] {
+            assert!(t.device() == Device::Cpu);
+            // SAFETY: pool tensors are contiguous CPU tensors owned by `self`
+            // (borrowed mutably); `slot * row + row` is within their extent.
+            unsafe {
+                match t.kind() {
+                    Kind::Float => {
+                        let dst = (t.data_ptr() as *mut f32).add(slot * row);
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, row);
+                    }
+                    Kind::BFloat16 => {
+                        let dst = (t.data_ptr() as *mut u16).add(slot * row);
+                        for (i, x) in src.iter().enumerate() {
+                            *dst.add(i) = crate::kv_cache::f32_to_bf16(*x);
+                        }
+                    }
+                    other => panic!("write_slot on a {other:?} pool"),
+                }
+            }
+        }
+    }
+}
+
+/// One sequence's part of a batched step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// Positions already in the cache (where this step's tokens start).
+    pub position: usize,
+    /// Tokens this step adds (at least one).
+    pub tokens: usize,
+    /// Block table, covering at least `position + tokens` positions.
+    pub blocks: Vec<u32>,
+}
+
+impl SeqSlice {
+    pub fn len_after(&self) -> usize {
+        self.position + self.tokens
+    }
+}
+
+/// Slot of position `pos` of a sequence with block table `blocks`.
+pub fn slot(blocks: &[u32], block_size: usize, pos: usize) -> usize {
+    blocks[pos / block_size] as usize * block_size + pos % block_size
+}
+
+/// A batched step: sequences in order, their tokens packed one after another.
+#[derive(Debug, Clone)]
+pub struct BatchLayout {
+    pub seqs: Vec<SeqSlice>,
+    pub block_size: usize,
+}
+
+impl BatchLayout {
+    /// Checks the layout against a pool and a context limit: every block
+    /// table covers its positions with blocks that exist.
+    pub fn validate(&self, shape: &PoolShape, max_position: usize) -> Result<()> {
+        if self.block_size != shape.block_size {
+            return Err(WorkerError::InvalidRequest(format!(
+                "block size {} does not match the pool's {}",
+                self.block_size, shape.block_size
+            )));
+        }
+        if self.seqs.is_empty() {
+            return Err(WorkerError::InvalidRequest(
+                "a step without sequences".into(),
+            ));
+        }
+        for (i, s) in self.seqs.iter().enumerate() {
+            if s.tokens == 0 {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "sequence {i} of the step adds no tokens"
+                )));
+            }
+            if s.len_after() > max_position {
+                return Err(WorkerError::LimitExceeded {
+                    what: format!("sequence {i} of the step"),
+                    limit_name: "the model's context length",
+                    limit: max_position,
+                    got: s.len_after(),
+                });
+            }
+            let need = s.len_after().div_ceil(self.block_size);
+            if s.blocks.len() < need {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "sequence {i} reaches position {} but its block table has {} blocks of {}",
+                    s.len_after(),
+                    s.blocks.len(),
+                    self.block_size
+                )));
+            }
+            if let Some(b) = s.blocks.iter().find(|&&b| b as usize >= shape.num_blocks) {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "sequence {i} names block {b}; the pool has {} blocks",
+                    shape.num_blocks
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn total_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens).sum()
+    }
+
+    /// Position of every packed token.
+    pub fn positions(&self) -> Vec<i64> {
+        self.seqs
+            .iter()
+            .flat_map(|s| (s.position..s.len_after()).map(|p| p as i64))
+            .collect()
+    }
+
+    /// Cache slot of every packed token.
+    pub fn slots(&self) -> Vec<i64> {
+        self.seqs
+            .iter()
+            .flat_map(|s| {
+                (s.position..s.len_after()).map(|p| slot(&s.blocks, self.block_size, p) as i64)
+            })
+            .collect()
+    }
+
+    /// Slots of positions `0..len` of sequence `i`.
+    pub fn context_slots(&self, i: usize, len: usize) -> Vec<i64> {
+        let s = &self.seqs[i];
+        (0..len)
+            .map(|p| slot(&s.blocks, self.block_size, p) as i64)
+            .collect()
+    }
+
+    /// Packed row of each sequence's first token.
+    pub fn offsets(&self) -> Vec<usize> {
+        let mut at = 0;
+        self.seqs
+            .iter()
+            .map(|s| {
+                let o = at;
+                at += s.tokens;
+                o
+            })
+            .collect()
+    }
+
+    /// Packed row of each sequence's last token.
+    pub fn last_rows(&self) -> Vec<i64> {
+        let mut at = 0i64;
+        self.seqs
+            .iter()
+            .map(|s| {
+                at += s.tokens as i64;
+                at - 1
+            })
+            .collect()
+    }
+}
+
+/// One query row of [`paged_attention`]: packed row `row` attends to
+/// positions `0..len` of the sequence with block table `blocks`.
+pub struct QueryRow<'a> {
+    pub row: usize,
+    pub blocks: &'a [u32],
+    pub len: usize,
+}
+
+struct Ptr<T>(*const T);
+// SAFETY: read-only views shared across the pool's threads.
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    fn at(&self, i: usize) -> *const T {
+        self.0.wrapping_add(i)
+    }
+}
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own (row, head) output.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Attention of single query rows over their sequences' cached positions,
+/// read in place through block tables. `q` and `out` are `[rows, heads,
+/// head_dim]` f32 (flat); only the rows named in `queries` are written.
+/// `keys`/`values` are a pool layer (`[slots, kv_heads, head_dim]`, f32 or
+/// bf16). Grouped-query: head `h` reads KV head `h / (heads / kv_heads)`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    heads: usize,
+    keys: &Tensor,
+    values: &Tensor,
+    block_size: usize,
+    queries: &[QueryRow<'_>],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (slots, kv_heads, d) = keys.size3().expect("pool layer is [slots, kv, d]");
+    let (slots, kv_heads, d) = (slots as usize, kv_heads as usize, d as usize);
+    assert!(keys.is_contiguous() && values.is_contiguous() && keys.size() == values.size());
+    assert_eq!(q.len(), out.len());
+    assert_eq!(q.len() % (heads * d), 0);
+    for qr in queries {
+        assert!((qr.row + 1) * heads * d <= q.len());
+        assert!(qr.len >= 1 && qr.blocks.len() * block_size >= qr.len);
+        assert!(qr
+            .blocks
+            .iter()
+            .all(|&b| (b as usize + 1) * block_size <= slots));
+    }
+    let m = Dims {
+        heads,
+        group: heads / kv_heads,
+        kv_heads,
+        d,
+        block_size,
+        scale,
+    };
+    let (qp, op) = (Ptr(q.as_ptr()), OutPtr(out.as_mut_ptr()));
+    match keys.kind() {
+        Kind::Float => run::<f32>(
+            &m,
+            queries,
+            &qp,
+            Ptr(keys.data_ptr() as _),
+            Ptr(values.data_ptr() as _),
+            &op,
+        ),
+        Kind::BFloat16 => run::<u16>(
+            &m,
+            queries,
+            &qp,
+            Ptr(keys.data_ptr() as _),
+            Ptr(values.data_ptr() as _),
+            &op,
+        ),
+        other => panic!("paged_attention over a {other:?} pool"),
+    }
+}
+
+struct Dims {
+    heads: usize,
+    group: usize,
+    kv_heads: usize,
+    d: usize,
+    block_size: usize,
+    scale: f32,
+}
+
+fn run<T: WeightElem>(
+    m: &Dims,
+    queries: &[QueryRow<'_>],
+    q: &Ptr<f32>,
+    k: Ptr<T>,
+    v: Ptr<T>,
+    out: &OutPtr,
+) {
+    pool().run(queries.len() * m.heads, &|task| {
+        let (qr, head) = (&queries[task / m.heads], task % m.heads);
+        let kvh = head / m.group;
+        let row = m.kv_heads * m.d;
+        let qo = (qr.row * m.heads + head) * m.d;
+        let mut scores = vec![0f32; qr.len];
+        let mut acc = vec![0f32; m.d];
+        // SAFETY: `paged_attention` checked that every block of every query
+        // lies inside the pool and every query row inside `q`/`out`; each
+        // task writes only its own (row, head) output.
+        unsafe {
+            let qrow = std::slice::from_raw_parts(q.at(qo), m.d);
+            let at = |j: usize| slot(qr.blocks, m.block_size, j) * row + kvh * m.d;
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kr = std::slice::from_raw_parts(k.at(at(j)), m.d);
+                *s = T::dot(kr, qrow) * m.scale;
+                max = max.max(*s);
+            }
+            let mut total = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for (j, s) in scores.iter().enumerate() {
+                let vr = std::slice::from_raw_parts(v.at(at(j)), m.d);
+                let p = s / total;
+                for (a, x) in acc.iter_mut().zip(vr) {
+                    *a += p * x.widen();
+                }
+            }
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), out.at(qo), m.d);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scattered block tables read through the pool give libtorch's
+    /// attention over the same keys and values laid out contiguously.
+    #[test]
+    fn paged_attention_matches_sdpa_f32_and_bf16() {
+        tch::manual_seed(11);
+        let (heads, kv, d, bs) = (9usize, 3usize, 16usize, 4usize);
+        let shape = PoolShape {
+            layers: 1,
+            num_blocks: 32,
+            block_size: bs,
+            kv_heads: kv,
+            head_dim: d,
+        };
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let mut pool = KvPool::new(shape, kind, Device::Cpu).unwrap();
+            // Two sequences of 13 and 1 positions on non-contiguous blocks.
+            let tables: [(Vec<u32>, usize); 2] = [(vec![7, 2, 30, 11], 13), (vec![5], 1)];
+            let mut ctx = Vec::new();
+            for (blocks, len) in &tables {
+                let k = Tensor::randn(
+                    [*len as i64, kv as i64, d as i64],
+                    (Kind::Float, Device::Cpu),
+                );
+                let v = Tensor::randn(
+                    [*len as i64, kv as i64, d as i64],
+                    (Kind::Float, Device::Cpu),
+                );
+                let slots: Vec<i64> = (0..*len).map(|p| slot(blocks, bs, p) as i64).collect();
+                pool.write(0, &Tensor::from_slice(&slots), &k, &v);
+                ctx.push((k.to_kind(kind), v.to_kind(kind)));
+            }
+            let q = Tensor::randn([2, heads as i64, d as i64], (Kind::Float, Device::Cpu));
+            let qv: Vec<f32> = Vec::try_from(q.view([-1])).unwrap();
+            let mut out = vec![0f32; qv.len()];
+            let queries: Vec<QueryRow> = tables
+                .iter()
+                .enumerate()
+                .map(|(row, (b, len))| QueryRow {
+                    row,
+                    blocks: b,
+                    len: *len,
+                })
+                .collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let (kp, vp) = pool.layer(0);
+            paged_attention(&qv, heads, kp, vp, bs, &queries, scale, &mut out);
+            let got = Tensor::from_slice(&out).view([2, heads as i64, d as i64]);
+            for (row, (k, v)) in ctx.iter().enumerate() {
+                let qi = q.get(row as i64).unsqueeze(0).unsqueeze(2); // [1, h, 1, d]
+                let kt = k.to_kind(Kind::Float).permute([1, 0, 2]).unsqueeze(0);
+                let vt = v.to_kind(Kind::Float).permute([1, 0, 2]).unsqueeze(0);
+                let want = Tensor::scaled_dot_product_attention::<Tensor>(
+                    &qi, &kt, &vt, None, 0.0, false, None, true,
+                )
+                .view([heads as i64, d as i64]);
+                let diff = (got.get(row as i64) - want).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{kind:?} row {row}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn layout_maps_positions_to_slots_and_refuses_short_tables() {
+        let layout = BatchLayout {
+            seqs: vec![
+                SeqSlice {
+                    position: 3,
+                    tokens: 3,
+                    blocks: vec![9, 4],
+                },
+                SeqSlice {
+                    position: 0,
+                    tokens: 1,
+                    blocks: vec![1],
+                },
+            ],
+            block_size: 4,
+        };
+        assert_eq!(layout.positions(), vec![3, 4, 5, 0]);
+        assert_eq!(layout.slots(), vec![39, 16, 17, 4]);
+        assert_eq!(layout.last_rows(), vec![2, 3]);
+        assert_eq!(layout.offsets(), vec![0, 3]);
+        let shape = PoolShape {
+            layers: 1,
+            num_blocks: 10,
+            block_size: 4,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        layout.validate(&shape, 100).unwrap();
+        let mut short = layout.clone();
+        short.seqs[0].blocks.pop();
+        let e = short.validate(&shape, 100).unwrap_err().to_string();
+        assert!(e.contains("block table has 1 blocks"), "{e}");
+        let mut outside = layout.clone();
+        outside.seqs[1].blocks = vec![10];
+        let e = outside.validate(&shape, 100).unwrap_err().to_string();
+        assert!(e.contains("block 10") && e.contains("10 blocks"), "{e}");
+        let e = layout.validate(&shape, 5).unwrap_err().to_string();
+        assert!(e.contains("context length"), "{e}");
+    }
+}
