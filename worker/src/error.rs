@@ -21,16 +21,36 @@ pub enum WorkerError {
     DeviceUnavailable(String, String),
     #[error("model {0:?} is not loaded on this worker")]
     UnknownModel(String),
-    #[error("sequence {sequence:?} has {cached} cached positions, the request says {requested}")]
-    PositionMismatch {
-        sequence: String,
-        cached: usize,
-        requested: usize,
-    },
     #[error("the shard host has stopped")]
     HostStopped,
     #[error("transport: {0}")]
     Transport(String),
+    #[error("the queue of model {model} is full ({waiting} waiting, limit {limit}); retry after {retry_after_ms} ms")]
+    QueueFull {
+        model: String,
+        waiting: usize,
+        limit: usize,
+        retry_after_ms: u64,
+    },
+    #[error("request {request_id} did not finish within its timeout of {after:?} ({generated} tokens generated)")]
+    DeadlineExceeded {
+        request_id: String,
+        after: std::time::Duration,
+        generated: usize,
+    },
+    #[error("worker {worker} at {address} is unavailable: {reason}")]
+    StageUnavailable {
+        worker: String,
+        address: String,
+        reason: String,
+    },
+    #[error("worker {worker}: {}", status.message())]
+    StageFailed { worker: String, status: tonic::Status },
+    #[error("{0}")]
+    StepFailed(String),
+    /// A status already decided (shared by the sequences of a failed step).
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

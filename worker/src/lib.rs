@@ -10,12 +10,14 @@
 //! - [`paged`]: the paged KV pool, batch layouts, CPU paged attention.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
 //! - [`generate`]: the single-process generation loop (`Engine`).
+//! - [`engine`]: the serving engine (scheduler, block manager, stages).
 //! - [`device`]: device and dtype selection, CUDA backend loading.
 //! - [`server`]: the gRPC shard server (`llmos.worker.v1.Worker`) and its
 //!   shard host (one thread owning shards and KV caches).
 
 pub mod decode_attention;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod gemv;
 pub mod generate;

@@ -181,8 +181,7 @@ impl Llama {
                     true,
                 )
             };
-            let _ = out
-                .narrow(0, off as i64, n)
+            out.narrow(0, off as i64, n)
                 .copy_(&y.squeeze_dim(0).permute([1, 0, 2]));
         }
         out.to_kind(self.kind)

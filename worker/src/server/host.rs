@@ -1,30 +1,32 @@
-//! The shard host: one OS thread owns the loaded shards and every sequence's
-//! KV cache (libtorch work is blocking); `HostHandle` sends it commands.
+//! The shard host: one OS thread owns the loaded shards and their paged KV
+//! pools (libtorch work is blocking); `HostHandle` sends it commands. Steps
+//! of all models run here one at a time, in arrival order.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use llmos_meta::{ModelSpec, OpenedModel};
 use llmos_proto::worker::v1 as pb;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::codec::{from_wire, to_wire};
 use crate::error::{Result, WorkerError};
-use crate::kv_cache::KvCache;
+use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
+use crate::paged::{BatchLayout, KvPool, SeqSlice};
 use crate::sampling::{Sampler, SamplingParams};
 
-/// Initial cache capacity of a new sequence (it grows by doubling).
-const INITIAL_CACHE_POSITIONS: usize = 64;
+/// Positions per KV block when the spec leaves it at 0.
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+/// KV blocks when the spec leaves it at 0.
+pub const DEFAULT_KV_BLOCKS: u32 = 512;
 
 struct Hosted {
     spec: pb::ShardSpec,
     model: Llama,
-    caches: HashMap<String, KvCache>,
-    /// Per-sequence samplers of a last stage that samples.
-    samplers: HashMap<String, Sampler>,
+    pool: KvPool,
     weight_bytes: u64,
 }
 
@@ -34,11 +36,7 @@ enum Command {
         oneshot::Sender<Result<pb::LoadShardResponse>>,
     ),
     Unload(String, oneshot::Sender<Result<()>>),
-    Forward(
-        pb::ForwardRequest,
-        oneshot::Sender<Result<pb::ForwardResponse>>,
-    ),
-    Release(String, String, oneshot::Sender<Result<bool>>),
+    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>),
     Stats(oneshot::Sender<pb::StatsResponse>),
 }
 
@@ -57,6 +55,7 @@ impl HostHandle {
                 let _no_grad = tch::no_grad_guard();
                 let mut host = Host {
                     shards: HashMap::new(),
+                    threads: tch::get_num_threads(),
                 };
                 while let Ok(cmd) = rx.recv() {
                     host.handle(cmd);
@@ -82,13 +81,8 @@ impl HostHandle {
         self.call(|tx| Command::Unload(model, tx)).await?
     }
 
-    pub async fn forward(&self, req: pb::ForwardRequest) -> Result<pb::ForwardResponse> {
-        self.call(|tx| Command::Forward(req, tx)).await?
-    }
-
-    pub async fn release(&self, model: String, sequence: String) -> Result<bool> {
-        self.call(|tx| Command::Release(model, sequence, tx))
-            .await?
+    pub async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
+        self.call(|tx| Command::Step(req, tx)).await?
     }
 
     pub async fn stats(&self) -> Result<pb::StatsResponse> {
@@ -98,6 +92,20 @@ impl HostHandle {
 
 struct Host {
     shards: HashMap<String, Hosted>,
+    /// libtorch's intra-op threads for batched steps (the fused one-token
+    /// step runs on its own pool with libtorch at one thread).
+    threads: i32,
+}
+
+/// The spec with its defaults filled in.
+pub fn normalized(mut spec: pb::ShardSpec) -> pb::ShardSpec {
+    if spec.block_size == 0 {
+        spec.block_size = DEFAULT_BLOCK_SIZE;
+    }
+    if spec.kv_blocks == 0 {
+        spec.kv_blocks = DEFAULT_KV_BLOCKS;
+    }
+    spec
 }
 
 impl Host {
@@ -112,31 +120,24 @@ impl Host {
                 };
                 drop(tx.send(r));
             }
-            Command::Forward(req, tx) => drop(tx.send(self.forward(req))),
-            Command::Release(model, seq, tx) => {
-                let r = match self.shards.get_mut(&model) {
-                    Some(h) => {
-                        h.samplers.remove(&seq);
-                        Ok(h.caches.remove(&seq).is_some())
-                    }
-                    None => Err(WorkerError::UnknownModel(model)),
-                };
-                drop(tx.send(r));
-            }
+            Command::Step(req, tx) => drop(tx.send(self.step(req))),
             Command::Stats(tx) => drop(tx.send(self.stats())),
         }
     }
 
     fn load(&mut self, spec: pb::ShardSpec) -> Result<pb::LoadShardResponse> {
         let started = Instant::now();
+        let spec = normalized(spec);
         if let Some(h) = self.shards.get(&spec.model).filter(|h| h.spec == spec) {
             // Asked again (a coordinator replica after re-registration):
-            // keep the weights and the sequences' caches.
+            // keep the weights and the cache.
             return Ok(pb::LoadShardResponse {
                 weight_bytes: h.weight_bytes,
                 load_seconds: 0.0,
             });
         }
+        // Replacing a shard: free the old one first.
+        self.shards.remove(&spec.model);
         let kind = match pb::DType::try_from(spec.dtype).unwrap_or(pb::DType::Unspecified) {
             pb::DType::Unspecified | pb::DType::F32 => Kind::Float,
             pb::DType::Bf16 => Kind::BFloat16,
@@ -165,16 +166,30 @@ impl Host {
             &opts,
             &mut |_, _| {},
         )?;
+        let shape = model.pool_shape(spec.kv_blocks as usize, spec.block_size as usize);
+        let bytes = shape.num_blocks * shape.block_bytes(kind);
+        let (_, available) = meminfo();
+        if available > 0 && bytes as u64 > available {
+            return Err(WorkerError::LimitExceeded {
+                what: format!(
+                    "a KV cache of {} blocks of {} positions ({bytes} bytes)",
+                    spec.kv_blocks, spec.block_size
+                ),
+                limit_name: "the memory available on this worker in bytes",
+                limit: available as usize,
+                got: bytes,
+            });
+        }
+        let pool = model.new_pool(spec.kv_blocks as usize, spec.block_size as usize)?;
         crate::gemv::pool();
         let weight_bytes = model.weight_bytes() as u64;
-        tracing::info!(model = %spec.model, layers = ?(spec.layer_start..spec.layer_end), weight_bytes, "shard loaded");
+        tracing::info!(model = %spec.model, layers = ?(spec.layer_start..spec.layer_end), weight_bytes, kv_bytes = pool.bytes(), "shard loaded");
         self.shards.insert(
             spec.model.clone(),
             Hosted {
                 spec,
                 model,
-                caches: HashMap::new(),
-                samplers: HashMap::new(),
+                pool,
                 weight_bytes,
             },
         );
@@ -184,109 +199,167 @@ impl Host {
         })
     }
 
-    fn forward(&mut self, req: pb::ForwardRequest) -> Result<pb::ForwardResponse> {
+    /// One batched step of one model's shard.
+    fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse> {
         let h = self
             .shards
             .get_mut(&req.model)
             .ok_or_else(|| WorkerError::UnknownModel(req.model.clone()))?;
         let model = &h.model;
         let cfg = model.config();
-        let x = match req.input {
-            Some(pb::forward_request::Input::Tokens(w)) => {
+        let layout = BatchLayout {
+            seqs: req
+                .sequences
+                .iter()
+                .map(|s| SeqSlice {
+                    position: s.position as usize,
+                    tokens: s.tokens as usize,
+                    blocks: s.blocks.clone(),
+                })
+                .collect(),
+            block_size: h.pool.shape().block_size,
+        };
+        layout.validate(&h.pool.shape(), cfg.max_position)?;
+        let t = layout.total_tokens() as i64;
+        let mut samplers = Vec::new();
+        for (i, s) in req.sequences.iter().enumerate() {
+            if let Some(p) = &s.sample {
+                let params = SamplingParams {
+                    temperature: p.temperature,
+                    top_k: p.top_k as usize,
+                    top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
+                    seed: p.seed,
+                };
+                params.validate()?;
+                samplers.push((i, Sampler::new(params), s.sample_index));
+            }
+        }
+        let logit_rows: Vec<usize> = req
+            .sequences
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.sample.is_some() || s.want_logits)
+            .map(|(i, _)| i)
+            .collect();
+        if !logit_rows.is_empty() && !model.shard().head {
+            return Err(WorkerError::InvalidRequest(
+                "this shard holds no LM head".into(),
+            ));
+        }
+        let ids = match &req.input {
+            Some(pb::step_request::Input::Tokens(w)) => {
                 if !model.shard().embed {
                     return Err(WorkerError::InvalidRequest(
                         "this shard holds no embedding: send hidden states".into(),
                     ));
                 }
-                let ids = from_wire(&w, "tokens")?;
-                if ids.kind() != Kind::Int64 || ids.dim() != 2 || ids.size()[0] != 1 {
+                let ids = from_wire(w, "tokens")?;
+                if ids.kind() != Kind::Int64 || ids.size() != [t] {
                     return Err(WorkerError::InvalidRequest(format!(
-                        "tokens must be int64 [1, t], got {:?} {:?}",
+                        "tokens must be int64 [{t}] (the step's packed tokens), got {:?} {:?}",
                         ids.kind(),
                         ids.size()
                     )));
                 }
-                let max = ids.max().int64_value(&[]);
-                let min = ids.min().int64_value(&[]);
+                let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
                 if min < 0 || max >= cfg.vocab_size as i64 {
                     return Err(WorkerError::InvalidRequest(format!(
                         "token ids must be in 0..{}, got {min}..={max}",
                         cfg.vocab_size
                     )));
                 }
-                model.embed(&ids)?
+                Some(ids)
             }
-            Some(pb::forward_request::Input::Hidden(w)) => {
-                if model.shard().embed {
-                    return Err(WorkerError::InvalidRequest(
-                        "this shard embeds tokens: send token ids".into(),
-                    ));
-                }
-                let x = from_wire(&w, "hidden")?;
-                let s = x.size();
-                if s.len() != 3 || s[0] != 1 || s[2] != cfg.hidden_size as i64 {
-                    return Err(WorkerError::InvalidRequest(format!(
-                        "hidden must be [1, t, {}], got {s:?}",
-                        cfg.hidden_size
-                    )));
-                }
-                x.to_kind(model.kind())
+            Some(pb::step_request::Input::Hidden(_)) if model.shard().embed => {
+                return Err(WorkerError::InvalidRequest(
+                    "this shard embeds tokens: send token ids".into(),
+                ))
             }
+            Some(pb::step_request::Input::Hidden(_)) => None,
             None => {
                 return Err(WorkerError::InvalidRequest(
                     "the request has no input".into(),
                 ))
             }
         };
-        let sampling = match &req.sample {
-            Some(s) => {
-                let p = SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k as usize,
-                    top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
-                    seed: s.seed,
+        // Logits of the requested rows, as one flat f32 vector.
+        let vocab = cfg.vocab_size;
+        let (hidden, logits): (Option<Tensor>, Vec<f32>) = match &ids {
+            Some(ids) if t == 1 && layout.seqs.len() == 1 && model.fused_decode_supported() => {
+                // One token of one sequence: the fused decode step.
+                if tch::get_num_threads() != 1 {
+                    tch::set_num_threads(1);
+                }
+                let s = &layout.seqs[0];
+                let mut seq = PagedSeq {
+                    pool: &mut h.pool,
+                    blocks: &s.blocks,
+                    position: s.position,
                 };
-                p.validate()?;
-                Some(p)
+                let logits = model.decode_step(ids.int64_value(&[0]) as u32, &mut seq)?;
+                (None, if logit_rows.is_empty() { Vec::new() } else { logits })
             }
-            None => None,
+            _ => {
+                if tch::get_num_threads() != self.threads {
+                    tch::set_num_threads(self.threads);
+                }
+                let x = match (&ids, &req.input) {
+                    (Some(ids), _) => model.embed_packed(ids)?,
+                    (None, Some(pb::step_request::Input::Hidden(w))) => {
+                        let x = from_wire(w, "hidden")?;
+                        if x.size() != [t, cfg.hidden_size as i64] {
+                            return Err(WorkerError::InvalidRequest(format!(
+                                "hidden must be [{t}, {}], got {:?}",
+                                cfg.hidden_size,
+                                x.size()
+                            )));
+                        }
+                        x
+                    }
+                    _ => unreachable!("checked above"),
+                };
+                let out = model.forward_batch(&x, &layout, &mut h.pool)?;
+                if model.shard().head {
+                    let last = layout.last_rows();
+                    let rows: Vec<i64> = logit_rows.iter().map(|&i| last[i]).collect();
+                    let logits = if rows.is_empty() {
+                        Vec::new()
+                    } else {
+                        Vec::try_from(model.logits_rows(&out, &rows)?.reshape([-1]))?
+                    };
+                    (None, logits)
+                } else {
+                    (Some(out), Vec::new())
+                }
+            }
         };
-        if (req.want_logits || sampling.is_some()) && !model.shard().head {
-            return Err(WorkerError::InvalidRequest(
-                "this shard holds no LM head".into(),
-            ));
-        }
-        let t = x.size()[1] as usize;
-        let cache = h
-            .caches
-            .entry(req.sequence_id.clone())
-            .or_insert_with(|| model.new_cache(1, INITIAL_CACHE_POSITIONS.max(t)));
-        if req.position as usize != cache.len() {
-            return Err(WorkerError::PositionMismatch {
-                sequence: req.sequence_id,
-                cached: cache.len(),
-                requested: req.position as usize,
-            });
-        }
-        cache.grow_for(t, cfg.max_position)?;
-        let out = model.forward_hidden(&x, cache)?;
-        let output = if let Some(params) = sampling {
-            let logits = model.logits(&out.select(1, -1))?;
-            let logits: Vec<f32> = Vec::try_from(logits.view([-1]))?;
-            let sampler = h
-                .samplers
-                .entry(req.sequence_id.clone())
-                .or_insert_with(|| Sampler::new(params));
-            let (id, logprob) = sampler.sample(&logits);
-            pb::forward_response::Output::Token(pb::SampledToken { id, logprob })
-        } else if req.want_logits {
-            pb::forward_response::Output::Logits(to_wire(&model.logits(&out.select(1, -1))?))
-        } else {
-            pb::forward_response::Output::Hidden(to_wire(&out))
-        };
-        Ok(pb::ForwardResponse {
-            sequence_id: req.sequence_id,
-            output: Some(output),
+        let row_of = |seq: usize| logit_rows.iter().position(|&i| i == seq).expect("a logit row");
+        let tokens = samplers
+            .iter_mut()
+            .map(|(i, sampler, index)| {
+                let r = row_of(*i);
+                let (id, logprob) = sampler.sample_at(&logits[r * vocab..(r + 1) * vocab], *index);
+                pb::SampledToken { id, logprob }
+            })
+            .collect();
+        let want: Vec<usize> = req
+            .sequences
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.want_logits)
+            .map(|(i, _)| row_of(i))
+            .collect();
+        let logits = (!want.is_empty()).then(|| {
+            let rows: Vec<f32> = want
+                .iter()
+                .flat_map(|&r| logits[r * vocab..(r + 1) * vocab].iter().copied())
+                .collect();
+            to_wire(&Tensor::from_slice(&rows).view([want.len() as i64, vocab as i64]))
+        });
+        Ok(pb::StepResponse {
+            hidden: hidden.as_ref().map(to_wire),
+            tokens,
+            logits,
         })
     }
 
@@ -297,8 +370,8 @@ impl Host {
             .map(|h| pb::ShardStats {
                 shard: Some(h.spec.clone()),
                 weight_bytes: h.weight_bytes,
-                sequences: h.caches.len() as u32,
-                kv_cache_bytes: h.caches.values().map(|c| c.bytes() as u64).sum(),
+                kv_cache_bytes: h.pool.bytes() as u64,
+                engine: None,
             })
             .collect();
         let (total, available) = meminfo();

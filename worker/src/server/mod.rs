@@ -6,13 +6,20 @@ pub mod codec;
 pub mod host;
 pub mod register;
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use llmos_proto::worker::v1 as pb;
 use pb::worker_server::{Worker, WorkerServer};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::engine::{
+    EngineHandle, Finish, LocalStage, RemoteStage, SchedulerConfig, SeqEvent, SeqParams, Stage,
+    Submission,
+};
 use crate::error::{Result, WorkerError};
 pub use host::HostHandle;
 
@@ -33,20 +40,118 @@ impl From<WorkerError> for Status {
                 Status::not_found(msg)
             }
             WorkerError::Meta(_) => Status::invalid_argument(msg),
-            WorkerError::PositionMismatch { .. } => Status::failed_precondition(msg),
             WorkerError::DeviceUnavailable(..)
             | WorkerError::HostStopped
-            | WorkerError::Transport(_) => Status::unavailable(msg),
+            | WorkerError::Transport(_)
+            | WorkerError::StageUnavailable { .. }
+            | WorkerError::StepFailed(_) => Status::unavailable(msg),
             WorkerError::Torch(_) => Status::internal(msg),
+            WorkerError::QueueFull { retry_after_ms, .. } => {
+                let mut s = Status::resource_exhausted(msg);
+                if let Ok(v) = retry_after_ms.to_string().parse() {
+                    s.metadata_mut().insert("retry-after-ms", v);
+                }
+                s
+            }
+            WorkerError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
+            WorkerError::StageFailed { status, .. } => Status::new(status.code(), msg),
+            WorkerError::Status(s) => s,
         }
     }
 }
 
+/// Engine limits when the spec leaves them at 0.
+pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 512;
+pub const DEFAULT_MAX_RUNNING: u32 = 32;
+pub const DEFAULT_MAX_WAITING: u32 = 256;
+pub const DEFAULT_STEP_TIMEOUT_MS: u32 = 30_000;
+
 pub struct WorkerService {
     host: HostHandle,
+    /// Engines of the models whose first stage this worker holds, with the
+    /// spec they were started from.
+    engines: Arc<Mutex<HashMap<String, (pb::ShardSpec, EngineHandle)>>>,
 }
 
-type ForwardStream = Pin<Box<dyn Stream<Item = Result<pb::ForwardResponse, Status>> + Send>>;
+impl WorkerService {
+    pub fn new(host: HostHandle) -> Self {
+        WorkerService {
+            host,
+            engines: Arc::default(),
+        }
+    }
+
+    fn engine(&self, model: &str) -> Option<EngineHandle> {
+        self.engines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// Starts (or keeps, or replaces) the engine a first-stage spec asks for.
+    fn start_engine(&self, spec: &pb::ShardSpec) -> Result<()> {
+        let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = spec.engine.as_ref().filter(|_| spec.embed) else {
+            engines.remove(&spec.model);
+            return Ok(());
+        };
+        if engines.get(&spec.model).is_some_and(|(s, _)| s == spec) {
+            return Ok(());
+        }
+        let or = |v: u32, d: u32| if v == 0 { d } else { v } as usize;
+        let timeout = Duration::from_millis(or(e.step_timeout_ms, DEFAULT_STEP_TIMEOUT_MS) as u64);
+        let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(LocalStage {
+            host: self.host.clone(),
+        })];
+        for s in &e.next_stages {
+            stages.push(Arc::new(RemoteStage::new(
+                s.worker_id.clone(),
+                s.address.clone(),
+                timeout,
+            )));
+        }
+        let cfg = SchedulerConfig {
+            max_batch_tokens: or(e.max_batch_tokens, DEFAULT_MAX_BATCH_TOKENS),
+            max_running: or(e.max_running, DEFAULT_MAX_RUNNING),
+            max_waiting: or(e.max_waiting, DEFAULT_MAX_WAITING),
+            max_in_flight: stages.len(),
+            num_blocks: spec.kv_blocks as usize,
+            block_size: spec.block_size as usize,
+            prefix_caching: !e.disable_prefix_caching,
+        };
+        tracing::info!(model = %spec.model, ?cfg, "engine started");
+        let handle = EngineHandle::spawn(spec.model.clone(), cfg, stages)?;
+        engines.insert(spec.model.clone(), (spec.clone(), handle));
+        Ok(())
+    }
+}
+
+type StepStream = Pin<Box<dyn Stream<Item = Result<pb::StepResponse, Status>> + Send>>;
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::EngineEvent, Status>> + Send>>;
+
+/// Cancels a sequence when its client's stream goes away first.
+struct CancelOnDrop {
+    engine: EngineHandle,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.cancel(self.id);
+        }
+    }
+}
+
+fn engine_finish(f: Finish) -> pb::EngineFinish {
+    match f {
+        Finish::Length => pb::EngineFinish::Length,
+        Finish::Eos => pb::EngineFinish::Eos,
+        _ => pb::EngineFinish::Cancelled,
+    }
+}
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
@@ -58,38 +163,40 @@ impl Worker for WorkerService {
             .into_inner()
             .shard
             .ok_or_else(|| Status::invalid_argument("LoadShardRequest.shard is required"))?;
-        Ok(Response::new(self.host.load(shard).await?))
+        let shard = host::normalized(shard);
+        let resp = self.host.load(shard.clone()).await?;
+        self.start_engine(&shard)?;
+        Ok(Response::new(resp))
     }
 
     async fn unload_shard(
         &self,
         req: Request<pb::UnloadShardRequest>,
     ) -> Result<Response<pb::UnloadShardResponse>, Status> {
-        self.host.unload(req.into_inner().model).await?;
+        let model = req.into_inner().model;
+        self.engines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&model);
+        self.host.unload(model).await?;
         Ok(Response::new(pb::UnloadShardResponse {}))
     }
 
-    type ForwardStream = ForwardStream;
+    type StepStream = StepStream;
 
-    /// Answers each request in order; the first error ends the stream with
-    /// its status. When the stream ends (the caller finished or went away)
-    /// the KV caches of the sequences it touched are released, so a dropped
-    /// client frees its cache on every stage.
-    async fn forward(
+    /// Answers each step in order; the first error ends the stream with its
+    /// status.
+    async fn step(
         &self,
-        req: Request<Streaming<pb::ForwardRequest>>,
-    ) -> Result<Response<Self::ForwardStream>, Status> {
+        req: Request<Streaming<pb::StepRequest>>,
+    ) -> Result<Response<Self::StepStream>, Status> {
         let mut inbound = req.into_inner();
         let host = self.host.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let mut touched = std::collections::HashSet::new();
             while let Some(msg) = inbound.next().await {
                 let r = match msg {
-                    Ok(req) => {
-                        touched.insert((req.model.clone(), req.sequence_id.clone()));
-                        host.forward(req).await.map_err(Status::from)
-                    }
+                    Ok(req) => host.step(req).await.map_err(Status::from),
                     Err(s) => Err(s),
                 };
                 let failed = r.is_err();
@@ -97,30 +204,99 @@ impl Worker for WorkerService {
                     break;
                 }
             }
-            for (model, seq) in touched {
-                // The model may have been unloaded meanwhile: nothing to free.
-                let _ = host.release(model, seq).await;
-            }
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 
-    async fn release_sequence(
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
         &self,
-        req: Request<pb::ReleaseSequenceRequest>,
-    ) -> Result<Response<pb::ReleaseSequenceResponse>, Status> {
+        req: Request<pb::EngineRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = req.into_inner();
-        let released = self.host.release(r.model, r.sequence_id).await?;
-        Ok(Response::new(pb::ReleaseSequenceResponse { released }))
+        let engine = self.engine(&r.model).ok_or_else(|| {
+            Status::not_found(format!(
+                "model {:?} has no engine on this worker (it does not hold its first stage)",
+                r.model
+            ))
+        })?;
+        if r.prompt.is_empty() || r.max_new_tokens == 0 {
+            return Err(Status::invalid_argument(
+                "a request needs a prompt and max_new_tokens of at least 1",
+            ));
+        }
+        let sampling = r.sampling.unwrap_or_default();
+        let sub = Submission {
+            request_id: r.request_id,
+            params: SeqParams {
+                prompt: r.prompt,
+                max_new_tokens: r.max_new_tokens as usize,
+                stop_ids: r.stop_token_ids,
+                priority: r.priority,
+                deadline: (r.timeout_ms > 0).then(|| {
+                    std::time::Instant::now() + Duration::from_millis(r.timeout_ms as u64)
+                }),
+            },
+            sampling,
+        };
+        let (id, mut events) = engine.submit(sub).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut guard = CancelOnDrop {
+                engine,
+                id,
+                done: false,
+            };
+            while let Some(ev) = events.recv().await {
+                let (msg, last) = match ev {
+                    Ok(SeqEvent::Token { id, logprob }) => (
+                        Ok(pb::EngineEvent {
+                            tokens: vec![pb::SampledToken { id, logprob }],
+                            ..Default::default()
+                        }),
+                        false,
+                    ),
+                    Ok(SeqEvent::Finished(f)) => (
+                        Ok(pb::EngineEvent {
+                            tokens: vec![],
+                            finish: engine_finish(f.reason) as i32,
+                            prompt_tokens: f.prompt_tokens as u32,
+                            cached_prompt_tokens: f.cached_prompt_tokens as u32,
+                            preemptions: f.preemptions,
+                        }),
+                        true,
+                    ),
+                    Err(e) => (Err(Status::from(e)), true),
+                };
+                guard.done |= last;
+                if tx.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+            // The engine ends every sequence with an event; a closed channel
+            // means it stopped.
+            guard.done = true;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn stats(
         &self,
         _req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        Ok(Response::new(self.host.stats().await?))
+        let mut resp = self.host.stats().await?;
+        for shard in &mut resp.shards {
+            let model = shard.shard.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+            if let Some(e) = self.engine(&model) {
+                shard.engine = Some(e.stats().await?.to_proto());
+            }
+        }
+        Ok(Response::new(resp))
     }
 }
 
@@ -141,7 +317,11 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(WorkerServer::new(WorkerService { host }))
+        .add_service(
+            WorkerServer::new(WorkerService::new(host))
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -1,0 +1,311 @@
+//! The KV block allocator of one deployed model, with prefix caching.
+//!
+//! Blocks are numbered `0..num_blocks` and mean the same positions on every
+//! stage. A block is *used* while any sequence holds it (reference count),
+//! *cached* when it is full and its content is known by hash (the hash of
+//! the previous block's hash and this block's token ids, so equal hashes mean
+//! equal prefixes), *free* otherwise. A used block that is released keeps its
+//! content if cached and becomes evictable, oldest first (LRU); allocation
+//! takes never-cached free blocks first, then evicts. A new prompt starts
+//! with the longest run of cached full blocks matching its tokens; those
+//! blocks are shared, never written (a sequence only writes positions past
+//! its hit, in blocks it alone holds).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Hash of a full block: its parent's hash and its token ids.
+fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
+    // FNV-1a over the parent hash and the ids: stable across processes and
+    // runs (the hash is also checked against the stored tokens on a hit).
+    let mut h = 0xcbf29ce484222325u64;
+    let mut feed = |b: u8| h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    parent.to_le_bytes().into_iter().for_each(&mut feed);
+    tokens
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .for_each(&mut feed);
+    h
+}
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    refs: u32,
+    /// Set while the block's content is registered in the prefix cache.
+    cached: Option<CachedKey>,
+    /// Tick of the last release (LRU order among evictable blocks).
+    released_at: u64,
+}
+
+#[derive(Debug, Clone)]
+struct CachedKey {
+    hash: u64,
+    parent: u64,
+    tokens: Vec<u32>,
+}
+
+/// Counters reported in `Stats` and `ClusterStatus`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Prompt tokens looked up (full blocks' worth that could have hit).
+    pub queried_tokens: u64,
+    /// Prompt tokens served from cached blocks.
+    pub hit_tokens: u64,
+    /// Cached blocks evicted to make room.
+    pub evictions: u64,
+}
+
+pub struct BlockManager {
+    block_size: usize,
+    blocks: Vec<Block>,
+    /// Free blocks that hold no cached content.
+    free: Vec<u32>,
+    /// Released cached blocks by release tick (oldest first).
+    evictable: BTreeMap<u64, u32>,
+    by_hash: HashMap<u64, u32>,
+    tick: u64,
+    prefix_caching: bool,
+    stats: PrefixStats,
+}
+
+/// Blocks given to a new prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptBlocks {
+    pub blocks: Vec<u32>,
+    /// Leading positions already in the cache (a multiple of the block size).
+    pub cached_tokens: usize,
+}
+
+impl BlockManager {
+    pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
+        assert!(num_blocks > 0 && block_size > 0);
+        BlockManager {
+            block_size,
+            blocks: vec![Block::default(); num_blocks],
+            // Pop from the end: hand out low numbers first.
+            free: (0..num_blocks as u32).rev().collect(),
+            evictable: BTreeMap::new(),
+            by_hash: HashMap::new(),
+            tick: 0,
+            prefix_caching,
+            stats: PrefixStats::default(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks held by at least one sequence.
+    pub fn used(&self) -> usize {
+        self.blocks.len() - self.available()
+    }
+
+    /// Blocks an allocation can take (free plus evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Blocks whose content is in the prefix cache.
+    pub fn cached(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn stats(&self) -> PrefixStats {
+        self.stats
+    }
+
+    /// Blocks needed to hold `positions` positions.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
+    /// One block, or `None` when every block is held.
+    pub fn allocate(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.evictable.pop_first()?;
+                let key = self.blocks[b as usize].cached.take().expect("evictable is cached");
+                self.by_hash.remove(&key.hash);
+                self.stats.evictions += 1;
+                b
+            }
+        };
+        self.blocks[b as usize].refs = 1;
+        Some(b)
+    }
+
+    fn take_ref(&mut self, b: u32) {
+        let blk = &mut self.blocks[b as usize];
+        if blk.refs == 0 {
+            self.evictable.remove(&blk.released_at);
+        }
+        blk.refs += 1;
+    }
+
+    /// Blocks for a prompt of `tokens` that will then grow to `positions`
+    /// positions: the longest cached prefix of full blocks (never the block
+    /// of the last token, which must be computed), then fresh blocks. `None`
+    /// (and nothing taken) when not enough blocks are available.
+    pub fn allocate_prompt(&mut self, tokens: &[u32], positions: usize) -> Option<PromptBlocks> {
+        let bs = self.block_size;
+        let need = self.blocks_for(positions.max(tokens.len()));
+        let mut hits = Vec::new();
+        if self.prefix_caching {
+            let mut parent = 0u64;
+            for chunk in tokens[..tokens.len() - 1].chunks_exact(bs) {
+                let h = block_hash(parent, chunk);
+                let Some(&b) = self.by_hash.get(&h) else { break };
+                let key = self.blocks[b as usize].cached.as_ref().expect("indexed is cached");
+                if key.parent != parent || key.tokens != chunk {
+                    break; // a hash collision: treat as a miss
+                }
+                hits.push(b);
+                parent = h;
+            }
+        }
+        // Hit blocks that are evictable stop counting as available once taken.
+        let hit_evictable = hits
+            .iter()
+            .filter(|&&b| self.blocks[b as usize].refs == 0)
+            .count();
+        if self.available() - hit_evictable < need - hits.len() {
+            return None;
+        }
+        if self.prefix_caching {
+            self.stats.queried_tokens += ((tokens.len() - 1) / bs * bs) as u64;
+            self.stats.hit_tokens += (hits.len() * bs) as u64;
+        }
+        for &b in &hits {
+            self.take_ref(b);
+        }
+        let cached_tokens = hits.len() * bs;
+        let mut blocks = hits;
+        while blocks.len() < need {
+            blocks.push(self.allocate().expect("counted above"));
+        }
+        Some(PromptBlocks {
+            blocks,
+            cached_tokens,
+        })
+    }
+
+    /// Registers the full blocks of a sequence whose first `computed`
+    /// positions (of `tokens`) are now in the cache, so later prompts can
+    /// share them. Blocks already registered are skipped.
+    pub fn register_full(&mut self, tokens: &[u32], blocks: &[u32], computed: usize) {
+        if !self.prefix_caching {
+            return;
+        }
+        let bs = self.block_size;
+        let mut parent = 0u64;
+        for (i, chunk) in tokens[..computed.min(tokens.len())]
+            .chunks_exact(bs)
+            .enumerate()
+        {
+            let h = block_hash(parent, chunk);
+            let b = blocks[i];
+            match &self.blocks[b as usize].cached {
+                Some(k) if k.hash == h => {}
+                Some(_) => break, // holds other content: cannot be this prefix
+                None => {
+                    if !self.by_hash.contains_key(&h) {
+                        self.by_hash.insert(h, b);
+                        self.blocks[b as usize].cached = Some(CachedKey {
+                            hash: h,
+                            parent,
+                            tokens: chunk.to_vec(),
+                        });
+                    }
+                }
+            }
+            parent = h;
+        }
+    }
+
+    /// Drops one reference to each block.
+    pub fn release(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            let blk = &mut self.blocks[b as usize];
+            assert!(blk.refs > 0, "block {b} released more often than taken");
+            blk.refs -= 1;
+            if blk.refs == 0 {
+                if blk.cached.is_some() {
+                    self.tick += 1;
+                    blk.released_at = self.tick;
+                    self.evictable.insert(self.tick, b);
+                } else {
+                    self.free.push(b);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_release_and_accounting() {
+        let mut m = BlockManager::new(4, 2, false);
+        let a = m.allocate_prompt(&[1, 2, 3], 4).unwrap();
+        assert_eq!(a.blocks.len(), 2);
+        assert_eq!(a.cached_tokens, 0);
+        assert_eq!((m.used(), m.available()), (2, 2));
+        assert!(m.allocate_prompt(&[1, 2, 3, 4, 5], 6).is_none(), "3 blocks > 2 left");
+        assert_eq!(m.used(), 2, "a refused prompt takes nothing");
+        let b = m.allocate().unwrap();
+        m.release(&a.blocks);
+        m.release(&[b]);
+        assert_eq!((m.used(), m.available()), (0, 4));
+    }
+
+    #[test]
+    fn identical_prefixes_share_full_blocks_and_lru_evicts_oldest() {
+        let mut m = BlockManager::new(6, 2, true);
+        let p1 = [7, 8, 9, 10, 11];
+        let a = m.allocate_prompt(&p1, 5).unwrap();
+        assert_eq!(a.cached_tokens, 0);
+        m.register_full(&p1, &a.blocks, 5);
+        // Same first 4 tokens: two full blocks hit, a fresh block for the rest.
+        let p2 = [7, 8, 9, 10, 99, 98];
+        let b = m.allocate_prompt(&p2, 7).unwrap();
+        assert_eq!(b.cached_tokens, 4);
+        assert_eq!(&b.blocks[..2], &a.blocks[..2]);
+        assert_eq!(m.stats().hit_tokens, 4);
+        // A prompt that is exactly two cached blocks recomputes its last block.
+        let c = m.allocate_prompt(&[7, 8, 9, 10], 4);
+        assert_eq!(c.as_ref().unwrap().cached_tokens, 2);
+        m.release(&c.unwrap().blocks);
+        m.release(&a.blocks);
+        m.release(&b.blocks);
+        assert_eq!(m.used(), 0);
+        assert_eq!(m.cached(), 2);
+        // Content survives release; a later prompt still hits.
+        let d = m.allocate_prompt(&p1, 5).unwrap();
+        assert_eq!(d.cached_tokens, 4);
+        m.release(&d.blocks);
+        // Filling every block evicts the cached ones, oldest first.
+        let all: Vec<u32> = (0..6).map(|_| m.allocate().unwrap()).collect();
+        assert!(m.allocate().is_none());
+        assert_eq!(m.cached(), 0);
+        assert_eq!(m.stats().evictions, 2);
+        m.release(&all);
+        assert_eq!(m.used(), 0);
+    }
+
+    #[test]
+    fn a_different_earlier_block_means_no_hit() {
+        let mut m = BlockManager::new(8, 2, true);
+        let a = m.allocate_prompt(&[1, 2, 3, 4, 5], 5).unwrap();
+        m.register_full(&[1, 2, 3, 4, 5], &a.blocks, 5);
+        // Second block equal, first different: the hash chain differs.
+        let b = m.allocate_prompt(&[9, 9, 3, 4, 5], 5).unwrap();
+        assert_eq!(b.cached_tokens, 0);
+    }
+}

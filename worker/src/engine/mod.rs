@@ -1,0 +1,383 @@
+//! The serving engine of one deployed model, on the worker that holds its
+//! first stage: an actor (one task) owning the [`Scheduler`] and driving
+//! batched steps through the pipeline's [`Stage`]s.
+//!
+//! - [`blocks`]: KV block allocator with prefix caching (content hash, LRU).
+//! - [`scheduler`]: iteration-level batching, chunked prefill, priorities,
+//!   preemption by recompute, deadlines, the bounded queue.
+//! - [`stage`]: the `Stage` seam (this worker's host, another worker's `Step`
+//!   stream) and `run_pipeline`.
+//!
+//! With `p` stages up to `p` steps are in flight (each with its own
+//! sequences), so while stage 2 runs one micro-batch, stage 1 runs the next.
+//! Sequences' tokens stream back as each step completes; a client that goes
+//! away cancels its sequence, which frees its blocks.
+
+pub mod blocks;
+pub mod scheduler;
+pub mod stage;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmos_proto::worker::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::error::{Result, WorkerError};
+pub use scheduler::{
+    Finish, Finished, Refusal, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams, StepPlan,
+};
+use scheduler::Scheduler;
+pub use stage::{LocalStage, RemoteStage, Stage};
+
+/// What one request asks of the engine.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub request_id: String,
+    pub params: SeqParams,
+    pub sampling: pb::Sampling,
+}
+
+/// Events of one sequence: tokens, then `Finished`, or an error.
+pub type Events = mpsc::UnboundedReceiver<Result<SeqEvent>>;
+
+enum Cmd {
+    Submit {
+        id: u64,
+        sub: Submission,
+        events: mpsc::UnboundedSender<Result<SeqEvent>>,
+        accepted: oneshot::Sender<Result<()>>,
+    },
+    Cancel(u64),
+    Stats(oneshot::Sender<EngineStats>),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineStats {
+    pub scheduler: SchedulerStats,
+    pub generated_tokens: u64,
+}
+
+impl EngineStats {
+    pub fn to_proto(&self) -> pb::EngineStats {
+        let s = &self.scheduler;
+        pb::EngineStats {
+            running: s.running as u32,
+            waiting: s.waiting as u32,
+            kv_blocks_total: s.blocks_total as u32,
+            kv_blocks_used: s.blocks_used as u32,
+            kv_blocks_cached: s.blocks_cached as u32,
+            prefix_queried_tokens: s.prefix.queried_tokens,
+            prefix_hit_tokens: s.prefix.hit_tokens,
+            prefix_evictions: s.prefix.evictions,
+            preemptions: s.preemptions,
+            steps: s.steps,
+            generated_tokens: self.generated_tokens,
+        }
+    }
+}
+
+/// A handle to a running engine; the engine stops when the last is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    model: String,
+    tx: mpsc::UnboundedSender<Cmd>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Starts an engine for `model` over `stages` (first to last).
+    pub fn spawn(
+        model: String,
+        cfg: SchedulerConfig,
+        stages: Vec<Arc<dyn Stage>>,
+    ) -> Result<Self> {
+        cfg.validate().map_err(WorkerError::InvalidRequest)?;
+        if stages.is_empty() {
+            return Err(WorkerError::InvalidRequest("an engine needs a stage".into()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = Engine {
+            model: model.clone(),
+            sched: Scheduler::new(cfg),
+            stages: Arc::new(stages),
+            clients: HashMap::new(),
+            generated: 0,
+            recent_ms: 1000.0,
+        };
+        tokio::spawn(engine.run(rx));
+        Ok(EngineHandle {
+            model,
+            tx,
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Queues a sequence; its events arrive on the returned receiver. A full
+    /// queue or a prompt that can never fit is refused here.
+    pub async fn submit(&self, sub: Submission) -> Result<(u64, Events)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = mpsc::unbounded_channel();
+        let (accepted, ok) = oneshot::channel();
+        self.tx
+            .send(Cmd::Submit {
+                id,
+                sub,
+                events,
+                accepted,
+            })
+            .map_err(|_| WorkerError::HostStopped)?;
+        ok.await.map_err(|_| WorkerError::HostStopped)??;
+        Ok((id, rx))
+    }
+
+    /// Ends a sequence (its client went away); its blocks are freed.
+    pub fn cancel(&self, id: u64) {
+        let _ = self.tx.send(Cmd::Cancel(id));
+    }
+
+    pub async fn stats(&self) -> Result<EngineStats> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Stats(tx))
+            .map_err(|_| WorkerError::HostStopped)?;
+        rx.await.map_err(|_| WorkerError::HostStopped)
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+struct Client {
+    events: mpsc::UnboundedSender<Result<SeqEvent>>,
+    sampling: pb::Sampling,
+    request_id: String,
+    started: Instant,
+    timeout: Option<Duration>,
+}
+
+struct Engine {
+    model: String,
+    sched: Scheduler,
+    stages: Arc<Vec<Arc<dyn Stage>>>,
+    clients: HashMap<u64, Client>,
+    generated: u64,
+    /// Moving average of request durations (ms): the retry hint of a full queue.
+    recent_ms: f64,
+}
+
+type StepResult = (StepPlan, Result<pb::StepResponse>);
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut in_flight: JoinSet<StepResult> = JoinSet::new();
+        loop {
+            while in_flight.len() < self.sched.config().max_in_flight {
+                let Some(plan) = self.sched.schedule() else { break };
+                let req = self.request(&plan);
+                let stages = self.stages.clone();
+                in_flight.spawn(async move {
+                    let r = stage::run_pipeline(&stages, req).await;
+                    (plan, r)
+                });
+            }
+            let deadline = self.sched.next_deadline();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => break,
+                },
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => match done {
+                    Ok((plan, r)) => self.completed(plan, r),
+                    Err(e) => tracing::error!(model = %self.model, error = %e, "a step task died"),
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    for (id, f) in self.sched.expire(Instant::now()) {
+                        self.finished(id, f);
+                    }
+                }
+            }
+        }
+        // Every handle is gone (the shard was unloaded or replaced).
+        while let Some(done) = in_flight.join_next().await {
+            if let Ok((plan, r)) = done {
+                self.completed(plan, r);
+            }
+        }
+        for (id, f) in self.sched.drain(Finish::Failed) {
+            self.finished(id, f);
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit {
+                id,
+                sub,
+                events,
+                accepted,
+            } => {
+                let timeout = sub.params.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                match self.sched.submit(id, sub.params) {
+                    Ok(displaced) => {
+                        self.clients.insert(
+                            id,
+                            Client {
+                                events,
+                                sampling: sub.sampling,
+                                request_id: sub.request_id,
+                                started: Instant::now(),
+                                timeout,
+                            },
+                        );
+                        let _ = accepted.send(Ok(()));
+                        if let Some((victim, f)) = displaced {
+                            self.finished(victim, f);
+                        }
+                    }
+                    Err(r) => {
+                        let _ = accepted.send(Err(self.refusal(r)));
+                    }
+                }
+            }
+            Cmd::Cancel(id) => {
+                if let Some(f) = self.sched.cancel(id) {
+                    self.finished(id, f);
+                }
+            }
+            Cmd::Stats(tx) => {
+                let _ = tx.send(EngineStats {
+                    scheduler: self.sched.stats(),
+                    generated_tokens: self.generated,
+                });
+            }
+        }
+    }
+
+    fn refusal(&self, r: Refusal) -> WorkerError {
+        match r {
+            Refusal::QueueFull { waiting, limit } => WorkerError::QueueFull {
+                model: self.model.clone(),
+                waiting,
+                limit,
+                retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
+            },
+            Refusal::TooLong { blocks, limit } => WorkerError::LimitExceeded {
+                what: "prompt plus max_new_tokens".into(),
+                limit_name: "the KV cache in blocks",
+                limit,
+                got: blocks,
+            },
+        }
+    }
+
+    /// The step's request: packed token ids and each sequence's slice.
+    fn request(&self, plan: &StepPlan) -> pb::StepRequest {
+        let mut data = Vec::with_capacity(plan.tokens() * 8);
+        for p in &plan.seqs {
+            p.tokens
+                .iter()
+                .for_each(|&t| data.extend((t as i64).to_le_bytes()));
+        }
+        let sequences = plan
+            .seqs
+            .iter()
+            .map(|p| pb::StepSequence {
+                position: p.position as u32,
+                tokens: p.tokens.len() as u32,
+                blocks: p.blocks.clone(),
+                sample: p
+                    .sample_index
+                    .and_then(|_| self.clients.get(&p.id).map(|c| c.sampling)),
+                sample_index: p.sample_index.unwrap_or(0),
+                want_logits: false,
+            })
+            .collect();
+        pb::StepRequest {
+            model: self.model.clone(),
+            sequences,
+            input: Some(pb::step_request::Input::Tokens(pb::Tensor {
+                dtype: pb::DType::I64 as i32,
+                shape: vec![plan.tokens() as i64],
+                data,
+            })),
+        }
+    }
+
+    fn completed(&mut self, plan: StepPlan, r: Result<pb::StepResponse>) {
+        match r {
+            Ok(resp) => {
+                let want = plan.seqs.iter().filter(|p| p.sample_index.is_some()).count();
+                if resp.tokens.len() != want {
+                    let e = WorkerError::InvalidRequest(format!(
+                        "the last stage sampled {} tokens for {want} sequences",
+                        resp.tokens.len()
+                    ));
+                    return self.failed(&plan, e);
+                }
+                let sampled: Vec<(u32, f32)> =
+                    resp.tokens.iter().map(|t| (t.id, t.logprob)).collect();
+                for (id, ev) in self.sched.complete(&plan, &sampled) {
+                    match ev {
+                        SeqEvent::Finished(f) => self.finished(id, f),
+                        tok => {
+                            self.generated += 1;
+                            if let Some(c) = self.clients.get(&id) {
+                                let _ = c.events.send(Ok(tok));
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => self.failed(&plan, e),
+        }
+    }
+
+    fn failed(&mut self, plan: &StepPlan, e: WorkerError) {
+        tracing::warn!(model = %self.model, error = %e, sequences = plan.seqs.len(), "step failed");
+        let status = tonic::Status::from(e);
+        for (id, _) in self.sched.fail(plan) {
+            if let Some(c) = self.clients.remove(&id) {
+                let _ = c.events.send(Err(WorkerError::Status(status.clone())));
+            }
+        }
+    }
+
+    fn finished(&mut self, id: u64, f: Finished) {
+        let Some(c) = self.clients.remove(&id) else { return };
+        let ms = c.started.elapsed().as_secs_f64() * 1e3;
+        let ev = match f.reason {
+            Finish::DeadlineExceeded => Err(WorkerError::DeadlineExceeded {
+                request_id: c.request_id,
+                after: c.timeout.unwrap_or_default(),
+                generated: f.generated,
+            }),
+            Finish::Displaced => Err(WorkerError::QueueFull {
+                model: self.model.clone(),
+                waiting: self.sched.stats().waiting,
+                limit: self.sched.config().max_waiting,
+                retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
+            }),
+            Finish::Failed => Err(WorkerError::StepFailed(format!(
+                "the engine of model {} stopped",
+                self.model
+            ))),
+            _ => {
+                self.recent_ms = 0.8 * self.recent_ms + 0.2 * ms;
+                Ok(SeqEvent::Finished(f))
+            }
+        };
+        let _ = c.events.send(ev);
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,685 @@
+//! Iteration-level scheduling of one deployed model (pure logic: no I/O, no
+//! clock of its own, no model). Each call to [`Scheduler::schedule`] forms
+//! the next step's batch from sequences not already in a step:
+//!
+//! 1. running sequences, highest priority first: one token each when
+//!    decoding, a chunk of the prompt otherwise (chunked prefill), within the
+//!    step's token budget; a sequence that needs a new block and finds none
+//!    preempts the lowest-priority, latest-arrived running sequence (its
+//!    blocks are freed and it is recomputed later from its tokens);
+//! 2. waiting sequences in priority order (then arrival), admitted while the
+//!    batch has room and their prompt's blocks can be had (after the prefix
+//!    cache's hits); a waiting sequence of higher priority than a running one
+//!    may preempt it.
+//!
+//! [`Scheduler::complete`] applies a step's sampled tokens and reports what
+//! finished. Every path that ends a sequence releases its blocks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Instant;
+
+use super::blocks::{BlockManager, PrefixStats};
+
+/// Limits of one model's scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens one step processes (decode tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once (1 turns batching off).
+    pub max_running: usize,
+    /// Requests waiting to start; more are refused.
+    pub max_waiting: usize,
+    /// Steps in flight at once (the pipeline's stage count).
+    pub max_in_flight: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub prefix_caching: bool,
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_running", self.max_running),
+            ("max_waiting", self.max_waiting),
+            ("max_in_flight", self.max_in_flight),
+            ("num_blocks", self.num_blocks),
+            ("block_size", self.block_size),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequences in one step: the running ones spread over the steps in
+    /// flight, so every pipeline stage has a batch.
+    fn batch_seqs(&self) -> usize {
+        self.max_running.div_ceil(self.max_in_flight)
+    }
+}
+
+/// What a sequence asks for.
+#[derive(Debug, Clone)]
+pub struct SeqParams {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    /// Tokens that end the sequence (the model's EOS), empty to ignore.
+    pub stop_ids: Vec<u32>,
+    /// Higher runs first.
+    pub priority: i32,
+    pub deadline: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Eos,
+    Cancelled,
+    DeadlineExceeded,
+    /// Pushed out of a full queue by a request of higher priority.
+    Displaced,
+    /// The step carrying it failed.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Running,
+}
+
+#[derive(Debug)]
+struct Seq {
+    params: SeqParams,
+    /// Prompt plus generated tokens.
+    tokens: Vec<u32>,
+    /// Leading positions whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    generated: usize,
+    arrival: u64,
+    phase: Phase,
+    in_flight: bool,
+    cancelled: bool,
+    preemptions: u32,
+    cached_prompt_tokens: usize,
+}
+
+impl Seq {
+    fn queue_key(&self, id: u64) -> (std::cmp::Reverse<i32>, u64, u64) {
+        (std::cmp::Reverse(self.params.priority), self.arrival, id)
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub id: u64,
+    pub position: usize,
+    pub tokens: Vec<u32>,
+    pub blocks: Vec<u32>,
+    /// Set when this step reaches the sequence's last token: the index of
+    /// the token to sample.
+    pub sample_index: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub seqs: Vec<Planned>,
+}
+
+impl StepPlan {
+    pub fn tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+}
+
+/// What a sequence's client hears.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    Token { id: u32, logprob: f32 },
+    Finished(Finished),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub reason: Finish,
+    pub prompt_tokens: usize,
+    pub generated: usize,
+    pub cached_prompt_tokens: usize,
+    pub preemptions: u32,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    QueueFull { waiting: usize, limit: usize },
+    /// The prompt could never fit in the cache.
+    TooLong { blocks: usize, limit: usize },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub blocks_cached: usize,
+    pub prefix: PrefixStats,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    seqs: HashMap<u64, Seq>,
+    waiting: BTreeSet<(std::cmp::Reverse<i32>, u64, u64)>,
+    running: Vec<u64>,
+    arrivals: u64,
+    preemptions: u64,
+    steps: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Scheduler {
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching),
+            cfg,
+            seqs: HashMap::new(),
+            waiting: BTreeSet::new(),
+            running: Vec::new(),
+            arrivals: 0,
+            preemptions: 0,
+            steps: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            blocks_total: self.blocks.num_blocks(),
+            blocks_used: self.blocks.used(),
+            blocks_cached: self.blocks.cached(),
+            prefix: self.blocks.stats(),
+            preemptions: self.preemptions,
+            steps: self.steps,
+        }
+    }
+
+    /// Whether nothing is running or waiting.
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Queues a sequence. A full queue refuses it unless a waiting sequence
+    /// of lower priority can be displaced (returned, finished).
+    pub fn submit(
+        &mut self,
+        id: u64,
+        params: SeqParams,
+    ) -> Result<Option<(u64, Finished)>, Refusal> {
+        let blocks = self
+            .blocks
+            .blocks_for(params.prompt.len() + params.max_new_tokens);
+        if blocks > self.blocks.num_blocks() {
+            return Err(Refusal::TooLong {
+                blocks,
+                limit: self.blocks.num_blocks(),
+            });
+        }
+        let mut displaced = None;
+        if self.waiting.len() >= self.cfg.max_waiting {
+            let &(std::cmp::Reverse(low), _, victim) =
+                self.waiting.last().expect("a full queue is not empty");
+            if params.priority <= low {
+                return Err(Refusal::QueueFull {
+                    waiting: self.waiting.len(),
+                    limit: self.cfg.max_waiting,
+                });
+            }
+            displaced = Some((victim, self.finish(victim, Finish::Displaced)));
+        }
+        self.arrivals += 1;
+        let seq = Seq {
+            tokens: params.prompt.clone(),
+            params,
+            computed: 0,
+            blocks: Vec::new(),
+            generated: 0,
+            arrival: self.arrivals,
+            phase: Phase::Waiting,
+            in_flight: false,
+            cancelled: false,
+            preemptions: 0,
+            cached_prompt_tokens: 0,
+        };
+        self.waiting.insert(seq.queue_key(id));
+        self.seqs.insert(id, seq);
+        Ok(displaced)
+    }
+
+    /// Ends a sequence at the client's request: at once when it is not in a
+    /// step, else when its step completes.
+    pub fn cancel(&mut self, id: u64) -> Option<Finished> {
+        let seq = self.seqs.get_mut(&id)?;
+        if seq.in_flight {
+            seq.cancelled = true;
+            return None;
+        }
+        Some(self.finish(id, Finish::Cancelled))
+    }
+
+    /// Ends sequences (not in a step) whose deadline has passed.
+    pub fn expire(&mut self, now: Instant) -> Vec<(u64, Finished)> {
+        let due: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| !s.in_flight && s.params.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        due.into_iter()
+            .map(|id| (id, self.finish(id, Finish::DeadlineExceeded)))
+            .collect()
+    }
+
+    /// The earliest deadline of a sequence not in a step.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.seqs
+            .values()
+            .filter(|s| !s.in_flight)
+            .filter_map(|s| s.params.deadline)
+            .min()
+    }
+
+    fn finish(&mut self, id: u64, reason: Finish) -> Finished {
+        let seq = self.seqs.remove(&id).expect("finishing a known sequence");
+        match seq.phase {
+            Phase::Waiting => {
+                self.waiting.remove(&seq.queue_key(id));
+            }
+            Phase::Running => self.running.retain(|&r| r != id),
+        }
+        self.blocks.release(&seq.blocks);
+        Finished {
+            reason,
+            prompt_tokens: seq.params.prompt.len(),
+            generated: seq.generated,
+            cached_prompt_tokens: seq.cached_prompt_tokens,
+            preemptions: seq.preemptions,
+        }
+    }
+
+    /// Frees a running sequence's blocks and queues it again; it will be
+    /// recomputed from its tokens.
+    fn preempt(&mut self, id: u64) {
+        let seq = self.seqs.get_mut(&id).expect("preempting a known sequence");
+        debug_assert!(seq.phase == Phase::Running && !seq.in_flight);
+        self.blocks.release(&std::mem::take(&mut seq.blocks));
+        seq.computed = 0;
+        seq.phase = Phase::Waiting;
+        seq.preemptions += 1;
+        let key = seq.queue_key(id);
+        self.running.retain(|&r| r != id);
+        self.waiting.insert(key);
+        self.preemptions += 1;
+        tracing::debug!(sequence = id, "preempted: blocks exhausted");
+    }
+
+    /// The running sequence to preempt: lowest priority, latest arrival,
+    /// not in a step and not in `spare`.
+    fn victim(&self, spare: &[u64]) -> Option<u64> {
+        self.running
+            .iter()
+            .filter(|id| !spare.contains(id))
+            .map(|id| (id, &self.seqs[id]))
+            .filter(|(_, s)| !s.in_flight)
+            .min_by_key(|(id, s)| (s.params.priority, std::cmp::Reverse(s.arrival), **id))
+            .map(|(id, _)| *id)
+    }
+
+    /// Forms the next step, or `None` when nothing can run now.
+    pub fn schedule(&mut self) -> Option<StepPlan> {
+        let mut budget = self.cfg.max_batch_tokens;
+        let max_seqs = self.cfg.batch_seqs();
+        let mut plan: Vec<u64> = Vec::new();
+        let mut order: Vec<u64> = self
+            .running
+            .iter()
+            .copied()
+            .filter(|id| !self.seqs[id].in_flight)
+            .collect();
+        order.sort_by_key(|id| (std::cmp::Reverse(self.seqs[id].params.priority), self.seqs[id].arrival));
+        for id in order {
+            if plan.len() >= max_seqs || budget == 0 {
+                break;
+            }
+            if !self.running.contains(&id) {
+                continue; // preempted as a victim meanwhile
+            }
+            let (computed, remaining, held) = {
+                let s = &self.seqs[&id];
+                (s.computed, s.tokens.len() - s.computed, s.blocks.len())
+            };
+            let n = remaining.min(budget);
+            let mut need = self.blocks.blocks_for(computed + n).saturating_sub(held);
+            while need > 0 {
+                if let Some(b) = self.blocks.allocate() {
+                    self.seqs.get_mut(&id).unwrap().blocks.push(b);
+                    need -= 1;
+                    continue;
+                }
+                match self.victim(&plan) {
+                    Some(v) => self.preempt(v),
+                    None => break,
+                }
+                if v_is(&self.seqs, id) {
+                    break; // this sequence itself was the victim
+                }
+            }
+            if need > 0 || self.seqs[&id].phase != Phase::Running {
+                continue;
+            }
+            plan.push(id);
+            budget -= n;
+        }
+        while plan.len() < max_seqs && budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(&(_, _, id)) = self.waiting.first() else { break };
+            let got = {
+                let s = &self.seqs[&id];
+                let positions = s.tokens.len();
+                self.blocks.allocate_prompt(&s.tokens, positions)
+            };
+            let Some(got) = got else {
+                // Room for a higher-priority arrival: preempt a lower one.
+                let prio = self.seqs[&id].params.priority;
+                match self.victim(&plan) {
+                    Some(v) if self.seqs[&v].params.priority < prio => {
+                        self.preempt(v);
+                        continue;
+                    }
+                    _ => break,
+                }
+            };
+            let s = self.seqs.get_mut(&id).unwrap();
+            self.waiting.remove(&s.queue_key(id));
+            s.phase = Phase::Running;
+            s.computed = got.cached_tokens;
+            if s.preemptions == 0 {
+                s.cached_prompt_tokens = got.cached_tokens;
+            }
+            s.blocks = got.blocks;
+            self.running.push(id);
+            budget -= (s.tokens.len() - s.computed).min(budget);
+            plan.push(id);
+        }
+        if plan.is_empty() {
+            return None;
+        }
+        // Hand out the budget again in plan order (admissions may have been
+        // charged a whole prompt; a chunk is what fits).
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut seqs = Vec::with_capacity(plan.len());
+        for id in plan {
+            let s = self.seqs.get_mut(&id).unwrap();
+            let n = (s.tokens.len() - s.computed).min(budget);
+            if n == 0 {
+                continue;
+            }
+            budget -= n;
+            s.in_flight = true;
+            let done = s.computed + n == s.tokens.len();
+            seqs.push(Planned {
+                id,
+                position: s.computed,
+                tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                blocks: s.blocks.clone(),
+                sample_index: done.then_some(s.generated as u64),
+            });
+        }
+        self.steps += 1;
+        Some(StepPlan { seqs })
+    }
+
+    /// Applies a finished step: `sampled` has one `(token, logprob)` per
+    /// planned sequence with a `sample_index`, in plan order. Returns the
+    /// events to deliver.
+    pub fn complete(&mut self, plan: &StepPlan, sampled: &[(u32, f32)]) -> Vec<(u64, SeqEvent)> {
+        let mut events = Vec::new();
+        let mut tokens = sampled.iter();
+        for p in &plan.seqs {
+            let tok = if p.sample_index.is_some() {
+                tokens.next().copied()
+            } else {
+                None
+            };
+            let Some(s) = self.seqs.get_mut(&p.id) else { continue };
+            s.in_flight = false;
+            s.computed = p.position + p.tokens.len();
+            self.blocks.register_full(&s.tokens, &s.blocks, s.computed);
+            if s.cancelled {
+                let f = self.finish(p.id, Finish::Cancelled);
+                events.push((p.id, SeqEvent::Finished(f)));
+                continue;
+            }
+            let Some((id, logprob)) = tok else { continue };
+            s.tokens.push(id);
+            s.generated += 1;
+            events.push((p.id, SeqEvent::Token { id, logprob }));
+            let reason = if s.params.stop_ids.contains(&id) {
+                Some(Finish::Eos)
+            } else if s.generated >= s.params.max_new_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                let f = self.finish(p.id, r);
+                events.push((p.id, SeqEvent::Finished(f)));
+            }
+        }
+        events
+    }
+
+    /// A step failed: its sequences end (and free their blocks).
+    pub fn fail(&mut self, plan: &StepPlan) -> Vec<(u64, Finished)> {
+        let mut out = Vec::new();
+        for p in &plan.seqs {
+            if let Some(s) = self.seqs.get_mut(&p.id) {
+                s.in_flight = false;
+                out.push((p.id, self.finish(p.id, Finish::Failed)));
+            }
+        }
+        out
+    }
+
+    /// Ends every sequence (the engine is stopping or its pipeline broke).
+    pub fn drain(&mut self, reason: Finish) -> Vec<(u64, Finished)> {
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        ids.into_iter()
+            .map(|id| (id, self.finish(id, reason)))
+            .collect()
+    }
+}
+
+/// Whether sequence `id` was just preempted (is waiting again).
+fn v_is(seqs: &HashMap<u64, Seq>, id: u64) -> bool {
+    seqs.get(&id).is_none_or(|s| s.phase == Phase::Waiting)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(num_blocks: usize, max_running: usize, budget: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batch_tokens: budget,
+            max_running,
+            max_waiting: 4,
+            max_in_flight: 1,
+            num_blocks,
+            block_size: 4,
+            prefix_caching: true,
+        }
+    }
+
+    fn params(prompt: &[u32], max_new: usize, priority: i32) -> SeqParams {
+        SeqParams {
+            prompt: prompt.to_vec(),
+            max_new_tokens: max_new,
+            stop_ids: vec![0],
+            priority,
+            deadline: None,
+        }
+    }
+
+    /// Runs the plan with a fake model that always samples `tok`.
+    fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(u64, SeqEvent)>) {
+        let plan = s.schedule().expect("something to run");
+        let n = plan.seqs.iter().filter(|p| p.sample_index.is_some()).count();
+        let ev = s.complete(&plan, &vec![(tok, -0.1); n]);
+        (plan, ev)
+    }
+
+    #[test]
+    fn new_requests_join_and_finished_ones_leave_at_step_boundaries() {
+        let mut s = Scheduler::new(cfg(32, 8, 64));
+        s.submit(1, params(&[1, 2, 3], 3, 0)).unwrap();
+        let (plan, ev) = step(&mut s, 7);
+        assert_eq!(plan.seqs[0].tokens, vec![1, 2, 3]);
+        assert_eq!(ev.len(), 1);
+        s.submit(2, params(&[4, 5], 1, 0)).unwrap();
+        let (plan, ev) = step(&mut s, 7);
+        // 1 decodes its sampled token while 2's prompt joins the batch.
+        assert_eq!(plan.seqs.len(), 2);
+        assert_eq!((plan.seqs[0].position, plan.seqs[0].tokens.clone()), (3, vec![7]));
+        assert_eq!(plan.seqs[1].tokens, vec![4, 5]);
+        assert!(ev.iter().any(|(id, e)| *id == 2 && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Length)));
+        let (plan, ev) = step(&mut s, 0);
+        assert_eq!(plan.seqs.len(), 1, "2 left the batch");
+        assert!(matches!(ev[1].1, SeqEvent::Finished(f) if f.reason == Finish::Eos));
+        assert!(s.is_idle());
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_beside_decoding() {
+        let mut s = Scheduler::new(cfg(32, 8, 8));
+        s.submit(1, params(&[1, 2], 10, 0)).unwrap();
+        step(&mut s, 5);
+        s.submit(2, params(&(10..30).collect::<Vec<_>>(), 1, 0)).unwrap();
+        let mut chunks = Vec::new();
+        for _ in 0..3 {
+            let (plan, _) = step(&mut s, 5);
+            assert_eq!(plan.seqs[0].tokens.len(), 1, "1 keeps decoding");
+            assert!(plan.tokens() <= 8);
+            chunks.push(plan.seqs[1].tokens.len());
+        }
+        assert_eq!(chunks, vec![7, 7, 6]);
+    }
+
+    #[test]
+    fn blocks_running_out_preempts_the_lowest_priority_and_it_resumes() {
+        // 4 blocks of 4: two prompts of 8 positions fill the cache.
+        let mut s = Scheduler::new(cfg(4, 8, 64));
+        s.submit(1, params(&[1, 2, 3, 4, 5, 6, 7, 8], 6, 1)).unwrap();
+        s.submit(2, params(&[9, 10, 11, 12, 13, 14, 15, 16], 6, 0)).unwrap();
+        step(&mut s, 3);
+        assert_eq!(s.stats().blocks_used, 4);
+        // Both need a third block now: 2 (lower priority) is preempted.
+        let (plan, _) = step(&mut s, 3);
+        assert_eq!(plan.seqs.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.stats().preemptions, 1);
+        assert_eq!(s.stats().waiting, 1);
+        // 1 runs to the end; 2 is recomputed from prompt + its sampled token.
+        let mut resumed = None;
+        while !s.is_idle() {
+            let (plan, _) = step(&mut s, 3);
+            if let Some(p) = plan.seqs.iter().find(|p| p.id == 2) {
+                resumed.get_or_insert(p.clone());
+            }
+        }
+        let p = resumed.expect("2 was recomputed");
+        assert_eq!(p.position, 0);
+        assert_eq!(p.tokens, [9, 10, 11, 12, 13, 14, 15, 16, 3]);
+        assert_eq!(p.sample_index, Some(1), "it continues with its second token");
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn priority_orders_the_queue_and_a_full_queue_refuses() {
+        let mut c = cfg(64, 1, 64);
+        c.max_waiting = 2;
+        let mut s = Scheduler::new(c);
+        s.submit(1, params(&[1], 5, 0)).unwrap();
+        step(&mut s, 9); // 1 runs; the batch holds one sequence
+        s.submit(2, params(&[2], 1, 0)).unwrap();
+        s.submit(3, params(&[3], 1, 5)).unwrap();
+        let e = s.submit(4, params(&[4], 1, 0)).unwrap_err();
+        assert_eq!(e, Refusal::QueueFull { waiting: 2, limit: 2 });
+        // A higher priority displaces the lowest waiting request.
+        let (id, f) = s.submit(5, params(&[5], 1, 9)).unwrap().unwrap();
+        assert_eq!((id, f.reason), (2, Finish::Displaced));
+        // 1 finishes; then 5 (priority 9) before 3 (priority 5).
+        let mut order = Vec::new();
+        while !s.is_idle() {
+            let (plan, _) = step(&mut s, 9);
+            for p in plan.seqs {
+                if !order.contains(&p.id) {
+                    order.push(p.id);
+                }
+            }
+        }
+        assert_eq!(order, vec![1, 5, 3]);
+    }
+
+    #[test]
+    fn cancel_and_deadline_free_everything() {
+        let mut s = Scheduler::new(cfg(16, 8, 64));
+        let now = Instant::now();
+        s.submit(1, params(&[1, 2, 3, 4, 5], 50, 0)).unwrap();
+        let mut p = params(&[6, 7], 50, 0);
+        p.deadline = Some(now + std::time::Duration::from_millis(10));
+        s.submit(2, p).unwrap();
+        s.submit(3, params(&[8], 50, 0)).unwrap();
+        let plan = s.schedule().unwrap();
+        // Cancelled while in a step: ends when the step completes.
+        assert_eq!(s.cancel(1), None);
+        let ev = s.complete(&plan, &[(4, 0.0), (4, 0.0), (4, 0.0)]);
+        assert!(ev.iter().any(|(id, e)| *id == 1 && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Cancelled)));
+        let expired = s.expire(now + std::time::Duration::from_millis(20));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].1.reason, Finish::DeadlineExceeded);
+        assert_eq!(s.cancel(3).unwrap().reason, Finish::Cancelled);
+        assert!(s.is_idle());
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn a_repeated_prompt_starts_from_cached_blocks() {
+        let mut s = Scheduler::new(cfg(16, 8, 64));
+        let prompt: Vec<u32> = (1..=10).collect();
+        s.submit(1, params(&prompt, 1, 0)).unwrap();
+        step(&mut s, 9);
+        s.submit(2, params(&prompt, 1, 0)).unwrap();
+        let (plan, ev) = step(&mut s, 9);
+        assert_eq!(plan.seqs[0].position, 8, "two full blocks reused");
+        assert_eq!(plan.seqs[0].tokens, vec![9, 10]);
+        assert!(matches!(ev[1].1, SeqEvent::Finished(f) if f.cached_prompt_tokens == 8));
+        assert_eq!(s.stats().prefix.hit_tokens, 8);
+    }
+
+    #[test]
+    fn a_prompt_larger_than_the_cache_is_refused() {
+        let mut s = Scheduler::new(cfg(2, 8, 64));
+        let e = s.submit(1, params(&[1; 8], 4, 0)).unwrap_err();
+        assert_eq!(e, Refusal::TooLong { blocks: 3, limit: 2 });
+    }
+}
