@@ -45,7 +45,10 @@ pub enum WorkerError {
         reason: String,
     },
     #[error("worker {worker}: {}", status.message())]
-    StageFailed { worker: String, status: tonic::Status },
+    StageFailed {
+        worker: String,
+        status: tonic::Status,
+    },
     #[error("{0}")]
     StepFailed(String),
     /// A status already decided (shared by the sequences of a failed step).

@@ -18,10 +18,11 @@ pub struct Loader<'a> {
     progress: Progress<'a>,
     done: usize,
     total: usize,
+    seed: u64,
 }
 
 impl<'a> Loader<'a> {
-    /// `src = None` draws weights from libtorch's generator seeded with `seed`.
+    /// `src = None` draws seeded synthetic weights (see `synthetic`).
     pub fn new(
         src: Option<&'a dyn WeightSource>,
         cfg: &'a ModelConfig,
@@ -31,10 +32,8 @@ impl<'a> Loader<'a> {
         total: usize,
         progress: Progress<'a>,
     ) -> Self {
-        if src.is_none() {
-            tch::manual_seed(seed as i64);
-        }
         Loader {
+            seed,
             src,
             cfg,
             kind,
@@ -67,7 +66,7 @@ impl<'a> Loader<'a> {
                 };
                 Tensor::f_from_data_size(&host.bytes, &shape, kind)?
             }
-            None => synthetic(key, &shape),
+            None => synthetic(key, &shape, self.seed),
         };
         self.done += 1;
         (self.progress)(self.done, self.total);
@@ -75,14 +74,37 @@ impl<'a> Loader<'a> {
     }
 }
 
-fn synthetic(key: WeightKey, shape: &[i64]) -> Tensor {
+/// A synthetic weight: norms are ones; everything else uniform with standard
+/// deviation 0.02, each element a hash of (seed, weight name, index). So a
+/// weight is the same whichever shard loads it, in whatever order, however
+/// many loads run at once (libtorch's global generator would give none of
+/// that).
+fn synthetic(key: WeightKey, shape: &[i64], seed: u64) -> Tensor {
     let norm = matches!(
         key,
         WeightKey::FinalNorm | WeightKey::Layer(_, LayerPart::AttnNorm | LayerPart::MlpNorm)
     );
     if norm {
-        Tensor::ones(shape, (Kind::Float, Device::Cpu))
-    } else {
-        Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.02
+        return Tensor::ones(shape, (Kind::Float, Device::Cpu));
     }
+    let stream = format!("{key:?}")
+        .bytes()
+        .fold(seed ^ 0x9e3779b97f4a7c15, |h, b| splitmix(h ^ b as u64));
+    let n: i64 = shape.iter().product();
+    let half_width = 0.02f32 * 3f32.sqrt();
+    let values: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let bits = splitmix(stream.wrapping_add(i.wrapping_mul(0x9e3779b97f4a7c15)));
+            let unit = (bits >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            (2.0 * unit - 1.0) * half_width
+        })
+        .collect();
+    Tensor::from_slice(&values).view(shape)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
 }

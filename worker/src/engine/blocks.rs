@@ -129,7 +129,10 @@ impl BlockManager {
             Some(b) => b,
             None => {
                 let (_, b) = self.evictable.pop_first()?;
-                let key = self.blocks[b as usize].cached.take().expect("evictable is cached");
+                let key = self.blocks[b as usize]
+                    .cached
+                    .take()
+                    .expect("evictable is cached");
                 self.by_hash.remove(&key.hash);
                 self.stats.evictions += 1;
                 b
@@ -159,8 +162,13 @@ impl BlockManager {
             let mut parent = 0u64;
             for chunk in tokens[..tokens.len() - 1].chunks_exact(bs) {
                 let h = block_hash(parent, chunk);
-                let Some(&b) = self.by_hash.get(&h) else { break };
-                let key = self.blocks[b as usize].cached.as_ref().expect("indexed is cached");
+                let Some(&b) = self.by_hash.get(&h) else {
+                    break;
+                };
+                let key = self.blocks[b as usize]
+                    .cached
+                    .as_ref()
+                    .expect("indexed is cached");
                 if key.parent != parent || key.tokens != chunk {
                     break; // a hash collision: treat as a miss
                 }
@@ -257,7 +265,10 @@ mod tests {
         assert_eq!(a.blocks.len(), 2);
         assert_eq!(a.cached_tokens, 0);
         assert_eq!((m.used(), m.available()), (2, 2));
-        assert!(m.allocate_prompt(&[1, 2, 3, 4, 5], 6).is_none(), "3 blocks > 2 left");
+        assert!(
+            m.allocate_prompt(&[1, 2, 3, 4, 5], 6).is_none(),
+            "3 blocks > 2 left"
+        );
         assert_eq!(m.used(), 2, "a refused prompt takes nothing");
         let b = m.allocate().unwrap();
         m.release(&a.blocks);

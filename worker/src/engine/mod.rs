@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::error::{Result, WorkerError};
+use scheduler::Scheduler;
 pub use scheduler::{
     Finish, Finished, Refusal, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams, StepPlan,
 };
-use scheduler::Scheduler;
 pub use stage::{LocalStage, RemoteStage, Stage};
 
 /// What one request asks of the engine.
@@ -90,14 +90,12 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts an engine for `model` over `stages` (first to last).
-    pub fn spawn(
-        model: String,
-        cfg: SchedulerConfig,
-        stages: Vec<Arc<dyn Stage>>,
-    ) -> Result<Self> {
+    pub fn spawn(model: String, cfg: SchedulerConfig, stages: Vec<Arc<dyn Stage>>) -> Result<Self> {
         cfg.validate().map_err(WorkerError::InvalidRequest)?;
         if stages.is_empty() {
-            return Err(WorkerError::InvalidRequest("an engine needs a stage".into()));
+            return Err(WorkerError::InvalidRequest(
+                "an engine needs a stage".into(),
+            ));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Engine {
@@ -176,8 +174,13 @@ impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         let mut in_flight: JoinSet<StepResult> = JoinSet::new();
         loop {
+            for (id, f) in self.sched.expire(Instant::now()) {
+                self.finished(id, f);
+            }
             while in_flight.len() < self.sched.config().max_in_flight {
-                let Some(plan) = self.sched.schedule() else { break };
+                let Some(plan) = self.sched.schedule() else {
+                    break;
+                };
                 let req = self.request(&plan);
                 let stages = self.stages.clone();
                 in_flight.spawn(async move {
@@ -221,7 +224,10 @@ impl Engine {
                 events,
                 accepted,
             } => {
-                let timeout = sub.params.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                let timeout = sub
+                    .params
+                    .deadline
+                    .map(|d| d.saturating_duration_since(Instant::now()));
                 match self.sched.submit(id, sub.params) {
                     Ok(displaced) => {
                         self.clients.insert(
@@ -265,6 +271,12 @@ impl Engine {
                 waiting,
                 limit,
                 retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
+            },
+            Refusal::ContextTooLong { positions, limit } => WorkerError::LimitExceeded {
+                what: "prompt plus max_new_tokens".into(),
+                limit_name: "the model's context length",
+                limit,
+                got: positions,
             },
             Refusal::TooLong { blocks, limit } => WorkerError::LimitExceeded {
                 what: "prompt plus max_new_tokens".into(),
@@ -311,7 +323,11 @@ impl Engine {
     fn completed(&mut self, plan: StepPlan, r: Result<pb::StepResponse>) {
         match r {
             Ok(resp) => {
-                let want = plan.seqs.iter().filter(|p| p.sample_index.is_some()).count();
+                let want = plan
+                    .seqs
+                    .iter()
+                    .filter(|p| p.sample_index.is_some())
+                    .count();
                 if resp.tokens.len() != want {
                     let e = WorkerError::InvalidRequest(format!(
                         "the last stage sampled {} tokens for {want} sequences",
@@ -348,7 +364,9 @@ impl Engine {
     }
 
     fn finished(&mut self, id: u64, f: Finished) {
-        let Some(c) = self.clients.remove(&id) else { return };
+        let Some(c) = self.clients.remove(&id) else {
+            return;
+        };
         let ms = c.started.elapsed().as_secs_f64() * 1e3;
         let ev = match f.reason {
             Finish::DeadlineExceeded => Err(WorkerError::DeadlineExceeded {
@@ -381,3 +399,6 @@ async fn sleep_until(t: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

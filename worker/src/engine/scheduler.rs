@@ -34,6 +34,8 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     pub block_size: usize,
     pub prefix_caching: bool,
+    /// The model's context length: prompt plus new tokens must fit.
+    pub max_context: usize,
 }
 
 impl SchedulerConfig {
@@ -45,6 +47,7 @@ impl SchedulerConfig {
             ("max_in_flight", self.max_in_flight),
             ("num_blocks", self.num_blocks),
             ("block_size", self.block_size),
+            ("max_context", self.max_context),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -155,9 +158,20 @@ pub struct Finished {
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    QueueFull { waiting: usize, limit: usize },
+    QueueFull {
+        waiting: usize,
+        limit: usize,
+    },
     /// The prompt could never fit in the cache.
-    TooLong { blocks: usize, limit: usize },
+    TooLong {
+        blocks: usize,
+        limit: usize,
+    },
+    /// Prompt plus new tokens exceed the model's context.
+    ContextTooLong {
+        positions: usize,
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,9 +240,14 @@ impl Scheduler {
         id: u64,
         params: SeqParams,
     ) -> Result<Option<(u64, Finished)>, Refusal> {
-        let blocks = self
-            .blocks
-            .blocks_for(params.prompt.len() + params.max_new_tokens);
+        let positions = params.prompt.len() + params.max_new_tokens;
+        if positions > self.cfg.max_context {
+            return Err(Refusal::ContextTooLong {
+                positions,
+                limit: self.cfg.max_context,
+            });
+        }
+        let blocks = self.blocks.blocks_for(positions);
         if blocks > self.blocks.num_blocks() {
             return Err(Refusal::TooLong {
                 blocks,
@@ -356,7 +375,12 @@ impl Scheduler {
             .copied()
             .filter(|id| !self.seqs[id].in_flight)
             .collect();
-        order.sort_by_key(|id| (std::cmp::Reverse(self.seqs[id].params.priority), self.seqs[id].arrival));
+        order.sort_by_key(|id| {
+            (
+                std::cmp::Reverse(self.seqs[id].params.priority),
+                self.seqs[id].arrival,
+            )
+        });
         for id in order {
             if plan.len() >= max_seqs || budget == 0 {
                 break;
@@ -391,7 +415,9 @@ impl Scheduler {
             budget -= n;
         }
         while plan.len() < max_seqs && budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(&(_, _, id)) = self.waiting.first() else { break };
+            let Some(&(_, _, id)) = self.waiting.first() else {
+                break;
+            };
             let got = {
                 let s = &self.seqs[&id];
                 let positions = s.tokens.len();
@@ -460,7 +486,9 @@ impl Scheduler {
             } else {
                 None
             };
-            let Some(s) = self.seqs.get_mut(&p.id) else { continue };
+            let Some(s) = self.seqs.get_mut(&p.id) else {
+                continue;
+            };
             s.in_flight = false;
             s.computed = p.position + p.tokens.len();
             self.blocks.register_full(&s.tokens, &s.blocks, s.computed);
@@ -527,6 +555,7 @@ mod tests {
             num_blocks,
             block_size: 4,
             prefix_caching: true,
+            max_context: 1024,
         }
     }
 
@@ -543,7 +572,11 @@ mod tests {
     /// Runs the plan with a fake model that always samples `tok`.
     fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(u64, SeqEvent)>) {
         let plan = s.schedule().expect("something to run");
-        let n = plan.seqs.iter().filter(|p| p.sample_index.is_some()).count();
+        let n = plan
+            .seqs
+            .iter()
+            .filter(|p| p.sample_index.is_some())
+            .count();
         let ev = s.complete(&plan, &vec![(tok, -0.1); n]);
         (plan, ev)
     }
@@ -559,9 +592,15 @@ mod tests {
         let (plan, ev) = step(&mut s, 7);
         // 1 decodes its sampled token while 2's prompt joins the batch.
         assert_eq!(plan.seqs.len(), 2);
-        assert_eq!((plan.seqs[0].position, plan.seqs[0].tokens.clone()), (3, vec![7]));
+        assert_eq!(
+            (plan.seqs[0].position, plan.seqs[0].tokens.clone()),
+            (3, vec![7])
+        );
         assert_eq!(plan.seqs[1].tokens, vec![4, 5]);
-        assert!(ev.iter().any(|(id, e)| *id == 2 && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Length)));
+        assert!(ev
+            .iter()
+            .any(|(id, e)| *id == 2
+                && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Length)));
         let (plan, ev) = step(&mut s, 0);
         assert_eq!(plan.seqs.len(), 1, "2 left the batch");
         assert!(matches!(ev[1].1, SeqEvent::Finished(f) if f.reason == Finish::Eos));
@@ -574,7 +613,8 @@ mod tests {
         let mut s = Scheduler::new(cfg(32, 8, 8));
         s.submit(1, params(&[1, 2], 10, 0)).unwrap();
         step(&mut s, 5);
-        s.submit(2, params(&(10..30).collect::<Vec<_>>(), 1, 0)).unwrap();
+        s.submit(2, params(&(10..30).collect::<Vec<_>>(), 1, 0))
+            .unwrap();
         let mut chunks = Vec::new();
         for _ in 0..3 {
             let (plan, _) = step(&mut s, 5);
@@ -589,8 +629,10 @@ mod tests {
     fn blocks_running_out_preempts_the_lowest_priority_and_it_resumes() {
         // 4 blocks of 4: two prompts of 8 positions fill the cache.
         let mut s = Scheduler::new(cfg(4, 8, 64));
-        s.submit(1, params(&[1, 2, 3, 4, 5, 6, 7, 8], 6, 1)).unwrap();
-        s.submit(2, params(&[9, 10, 11, 12, 13, 14, 15, 16], 6, 0)).unwrap();
+        s.submit(1, params(&[1, 2, 3, 4, 5, 6, 7, 8], 6, 1))
+            .unwrap();
+        s.submit(2, params(&[9, 10, 11, 12, 13, 14, 15, 16], 6, 0))
+            .unwrap();
         step(&mut s, 3);
         assert_eq!(s.stats().blocks_used, 4);
         // Both need a third block now: 2 (lower priority) is preempted.
@@ -609,7 +651,11 @@ mod tests {
         let p = resumed.expect("2 was recomputed");
         assert_eq!(p.position, 0);
         assert_eq!(p.tokens, [9, 10, 11, 12, 13, 14, 15, 16, 3]);
-        assert_eq!(p.sample_index, Some(1), "it continues with its second token");
+        assert_eq!(
+            p.sample_index,
+            Some(1),
+            "it continues with its second token"
+        );
         assert_eq!(s.stats().blocks_used, 0);
     }
 
@@ -623,7 +669,13 @@ mod tests {
         s.submit(2, params(&[2], 1, 0)).unwrap();
         s.submit(3, params(&[3], 1, 5)).unwrap();
         let e = s.submit(4, params(&[4], 1, 0)).unwrap_err();
-        assert_eq!(e, Refusal::QueueFull { waiting: 2, limit: 2 });
+        assert_eq!(
+            e,
+            Refusal::QueueFull {
+                waiting: 2,
+                limit: 2
+            }
+        );
         // A higher priority displaces the lowest waiting request.
         let (id, f) = s.submit(5, params(&[5], 1, 9)).unwrap().unwrap();
         assert_eq!((id, f.reason), (2, Finish::Displaced));
@@ -653,7 +705,8 @@ mod tests {
         // Cancelled while in a step: ends when the step completes.
         assert_eq!(s.cancel(1), None);
         let ev = s.complete(&plan, &[(4, 0.0), (4, 0.0), (4, 0.0)]);
-        assert!(ev.iter().any(|(id, e)| *id == 1 && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Cancelled)));
+        assert!(ev.iter().any(|(id, e)| *id == 1
+            && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Cancelled)));
         let expired = s.expire(now + std::time::Duration::from_millis(20));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].1.reason, Finish::DeadlineExceeded);
@@ -680,6 +733,12 @@ mod tests {
     fn a_prompt_larger_than_the_cache_is_refused() {
         let mut s = Scheduler::new(cfg(2, 8, 64));
         let e = s.submit(1, params(&[1; 8], 4, 0)).unwrap_err();
-        assert_eq!(e, Refusal::TooLong { blocks: 3, limit: 2 });
+        assert_eq!(
+            e,
+            Refusal::TooLong {
+                blocks: 3,
+                limit: 2
+            }
+        );
     }
 }

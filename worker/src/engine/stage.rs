@@ -162,5 +162,7 @@ pub async fn run_pipeline(
         })?;
         input = Some(pb::step_request::Input::Hidden(hidden));
     }
-    Err(WorkerError::InvalidRequest("a pipeline without stages".into()))
+    Err(WorkerError::InvalidRequest(
+        "a pipeline without stages".into(),
+    ))
 }

@@ -134,6 +134,7 @@ impl Host {
             return Ok(pb::LoadShardResponse {
                 weight_bytes: h.weight_bytes,
                 load_seconds: 0.0,
+                max_context: h.model.config().max_position as u32,
             });
         }
         // Replacing a shard: free the old one first.
@@ -183,6 +184,7 @@ impl Host {
         let pool = model.new_pool(spec.kv_blocks as usize, spec.block_size as usize)?;
         crate::gemv::pool();
         let weight_bytes = model.weight_bytes() as u64;
+        let max_context = model.config().max_position as u32;
         tracing::info!(model = %spec.model, layers = ?(spec.layer_start..spec.layer_end), weight_bytes, kv_bytes = pool.bytes(), "shard loaded");
         self.shards.insert(
             spec.model.clone(),
@@ -196,6 +198,7 @@ impl Host {
         Ok(pb::LoadShardResponse {
             weight_bytes,
             load_seconds: started.elapsed().as_secs_f64(),
+            max_context,
         })
     }
 
@@ -297,7 +300,14 @@ impl Host {
                     position: s.position,
                 };
                 let logits = model.decode_step(ids.int64_value(&[0]) as u32, &mut seq)?;
-                (None, if logit_rows.is_empty() { Vec::new() } else { logits })
+                (
+                    None,
+                    if logit_rows.is_empty() {
+                        Vec::new()
+                    } else {
+                        logits
+                    },
+                )
             }
             _ => {
                 if tch::get_num_threads() != self.threads {
@@ -333,7 +343,12 @@ impl Host {
                 }
             }
         };
-        let row_of = |seq: usize| logit_rows.iter().position(|&i| i == seq).expect("a logit row");
+        let row_of = |seq: usize| {
+            logit_rows
+                .iter()
+                .position(|&i| i == seq)
+                .expect("a logit row")
+        };
         let tokens = samplers
             .iter_mut()
             .map(|(i, sampler, index)| {

@@ -90,7 +90,7 @@ impl WorkerService {
     }
 
     /// Starts (or keeps, or replaces) the engine a first-stage spec asks for.
-    fn start_engine(&self, spec: &pb::ShardSpec) -> Result<()> {
+    fn start_engine(&self, spec: &pb::ShardSpec, max_context: usize) -> Result<()> {
         let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = spec.engine.as_ref().filter(|_| spec.embed) else {
             engines.remove(&spec.model);
@@ -119,6 +119,7 @@ impl WorkerService {
             num_blocks: spec.kv_blocks as usize,
             block_size: spec.block_size as usize,
             prefix_caching: !e.disable_prefix_caching,
+            max_context,
         };
         tracing::info!(model = %spec.model, ?cfg, "engine started");
         let handle = EngineHandle::spawn(spec.model.clone(), cfg, stages)?;
@@ -165,7 +166,7 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::invalid_argument("LoadShardRequest.shard is required"))?;
         let shard = host::normalized(shard);
         let resp = self.host.load(shard.clone()).await?;
-        self.start_engine(&shard)?;
+        self.start_engine(&shard, resp.max_context as usize)?;
         Ok(Response::new(resp))
     }
 
@@ -291,7 +292,11 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let mut resp = self.host.stats().await?;
         for shard in &mut resp.shards {
-            let model = shard.shard.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+            let model = shard
+                .shard
+                .as_ref()
+                .map(|s| s.model.clone())
+                .unwrap_or_default();
             if let Some(e) = self.engine(&model) {
                 shard.engine = Some(e.stats().await?.to_proto());
             }

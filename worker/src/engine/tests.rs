@@ -1,0 +1,218 @@
+//! The engine over a real (tiny, seeded) model on this worker's host: what
+//! batching, preemption, prefix caching, cancellation, deadlines and a full
+//! queue must not change, and must free.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmos_proto::worker::v1 as pb;
+
+use super::*;
+use crate::server::HostHandle;
+
+async fn engine(
+    num_blocks: u32,
+    max_running: usize,
+    max_batch_tokens: usize,
+    max_waiting: usize,
+) -> EngineHandle {
+    let host = HostHandle::spawn();
+    let loaded = host
+        .load(pb::ShardSpec {
+            model: "m".into(),
+            source: "synthetic:tiny".into(),
+            layer_start: 0,
+            layer_end: 2,
+            embed: true,
+            head: true,
+            dtype: pb::DType::F32 as i32,
+            kv_blocks: num_blocks,
+            block_size: 4,
+            engine: None,
+        })
+        .await
+        .unwrap();
+    let cfg = SchedulerConfig {
+        max_batch_tokens,
+        max_running,
+        max_waiting,
+        max_in_flight: 1,
+        num_blocks: num_blocks as usize,
+        block_size: 4,
+        prefix_caching: true,
+        max_context: loaded.max_context as usize,
+    };
+    EngineHandle::spawn("m".into(), cfg, vec![Arc::new(LocalStage { host })]).unwrap()
+}
+
+fn sub(prompt: &[u32], max_new: usize, seed: Option<u64>) -> Submission {
+    Submission {
+        request_id: "r".into(),
+        params: SeqParams {
+            prompt: prompt.to_vec(),
+            max_new_tokens: max_new,
+            stop_ids: vec![],
+            priority: 0,
+            deadline: None,
+        },
+        sampling: pb::Sampling {
+            temperature: if seed.is_some() { 0.8 } else { 0.0 },
+            top_k: 0,
+            top_p: 0.0,
+            seed: seed.unwrap_or(0),
+        },
+    }
+}
+
+/// Tokens of a sequence until it finishes.
+async fn collect(mut ev: Events) -> Result<(Vec<u32>, Finished)> {
+    let mut out = Vec::new();
+    while let Some(e) = ev.recv().await {
+        match e? {
+            SeqEvent::Token { id, .. } => out.push(id),
+            SeqEvent::Finished(f) => return Ok((out, f)),
+        }
+    }
+    panic!("the engine dropped a sequence without finishing it")
+}
+
+fn prompts() -> Vec<(Vec<u32>, usize, Option<u64>)> {
+    (0..6u32)
+        .map(|i| {
+            let p: Vec<u32> = (0..3 + 5 * i)
+                .map(|j| (j * 37 + i * 11 + 1) % 512)
+                .collect();
+            (p, 6 + i as usize, (i % 3 == 2).then_some(40 + i as u64))
+        })
+        .collect()
+}
+
+async fn alone(p: &[u32], n: usize, seed: Option<u64>) -> Vec<u32> {
+    let e = engine(64, 1, 512, 8).await;
+    let (_, ev) = e.submit(sub(p, n, seed)).await.unwrap();
+    collect(ev).await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sequences_give_the_tokens_they_give_alone() {
+    let e = engine(128, 8, 16, 16).await;
+    let mut runs = Vec::new();
+    for (p, n, seed) in prompts() {
+        runs.push(e.submit(sub(&p, n, seed)).await.unwrap().1);
+    }
+    let mut batched = Vec::new();
+    for ev in runs {
+        batched.push(collect(ev).await.unwrap().0);
+    }
+    let stats = e.stats().await.unwrap();
+    let tokens: usize = batched.iter().map(Vec::len).sum();
+    assert!(
+        (stats.scheduler.steps as usize) < tokens / 2,
+        "{} steps for {tokens} tokens: not batched",
+        stats.scheduler.steps
+    );
+    for ((p, n, seed), got) in prompts().into_iter().zip(&batched) {
+        assert_eq!(got.len(), n);
+        assert_eq!(got, &alone(&p, n, seed).await, "prompt {p:?}");
+    }
+    assert_eq!(stats.scheduler.blocks_used, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_sequences_resume_with_the_same_tokens() {
+    // 12 blocks of 4 positions for 6 sequences of up to 41 positions.
+    let e = engine(12, 8, 64, 16).await;
+    let mut runs = Vec::new();
+    for (p, n, seed) in prompts() {
+        runs.push(e.submit(sub(&p, n, seed)).await.unwrap().1);
+    }
+    let mut preempted = 0;
+    let mut outs = Vec::new();
+    for ev in runs {
+        let (t, f) = collect(ev).await.unwrap();
+        preempted += f.preemptions;
+        outs.push(t);
+    }
+    assert!(preempted > 0, "the cache was never short");
+    for ((p, n, seed), got) in prompts().into_iter().zip(&outs) {
+        assert_eq!(got, &alone(&p, n, seed).await, "prompt {p:?}");
+    }
+    let s = e.stats().await.unwrap().scheduler;
+    assert_eq!(s.blocks_used, 0);
+    assert!(s.preemptions > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_cache_hit_gives_the_tokens_of_a_miss() {
+    let e = engine(64, 8, 512, 8).await;
+    let system: Vec<u32> = (0..21).map(|j| (j * 13 + 5) % 512).collect();
+    let a = [&system[..], &[7, 8, 9]].concat();
+    let b = [&system[..], &[100, 3]].concat();
+    let (miss, f) = collect(e.submit(sub(&a, 8, None)).await.unwrap().1)
+        .await
+        .unwrap();
+    assert_eq!(f.cached_prompt_tokens, 0);
+    let (hit, f) = collect(e.submit(sub(&a, 8, None)).await.unwrap().1)
+        .await
+        .unwrap();
+    assert_eq!(f.cached_prompt_tokens, 20, "five full blocks of 4 reused");
+    assert_eq!(hit, miss);
+    // A different question after the same system prompt reuses its blocks.
+    let (other, f) = collect(e.submit(sub(&b, 8, None)).await.unwrap().1)
+        .await
+        .unwrap();
+    assert_eq!(f.cached_prompt_tokens, 20);
+    assert_eq!(other, alone(&b, 8, None).await);
+    let s = e.stats().await.unwrap().scheduler;
+    assert_eq!(s.prefix.hit_tokens, 40);
+    assert_eq!(s.blocks_used, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_and_deadlines_return_every_block() {
+    let e = engine(2048, 8, 512, 8).await;
+    let (id, mut ev) = e.submit(sub(&[1, 2, 3, 4, 5], 200, None)).await.unwrap();
+    // Cancel once it is running.
+    assert!(matches!(ev.recv().await, Some(Ok(SeqEvent::Token { .. }))));
+    e.cancel(id);
+    let mut deadline = sub(&[9, 8, 7], 8000, None);
+    deadline.params.deadline = Some(Instant::now() + Duration::from_millis(30));
+    let (_, dev) = e.submit(deadline).await.unwrap();
+    match collect(dev).await {
+        Err(WorkerError::DeadlineExceeded { generated, .. }) => {
+            assert!(generated > 0 && generated < 8000)
+        }
+        other => panic!("expected DEADLINE_EXCEEDED, got {other:?}"),
+    }
+    // The cancelled one ends (cancelled) or its channel closes.
+    while let Some(e) = ev.recv().await {
+        if let Ok(SeqEvent::Finished(f)) = e {
+            assert_eq!(f.reason, Finish::Cancelled);
+        }
+    }
+    let s = e.stats().await.unwrap().scheduler;
+    assert_eq!((s.blocks_used, s.running, s.waiting), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_resource_exhausted_with_a_retry_hint() {
+    // One running sequence, at most two waiting.
+    let e = engine(512, 1, 512, 2).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(e.submit(sub(&[1, 2, 3], 300, None)).await.unwrap());
+    }
+    let err = e.submit(sub(&[4, 5], 4, None)).await.unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("limit 2"), "{status}");
+    assert!(status.metadata().get("retry-after-ms").is_some());
+    // A higher priority displaces a waiting one instead of being refused.
+    let mut urgent = sub(&[6], 2, None);
+    urgent.params.priority = 3;
+    let (_, ev) = e.submit(urgent).await.unwrap();
+    for (id, _) in &held {
+        e.cancel(*id);
+    }
+    assert_eq!(collect(ev).await.unwrap().0.len(), 2);
+}
