@@ -125,26 +125,31 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (p1, d1) = rt.block_on(async { measure(cluster(1).await).await });
     let (p2, d2) = rt.block_on(async { measure(cluster(2).await).await });
-    // What crosses the stage boundary for one decoded token: the request to
-    // stage 2 (hidden state [1, 1, 576] f32) and, back from it, the sampled
-    // token; stage 1 answers the coordinator with the same hidden state.
+    // What crosses the stage boundary for one decoded token: the step to
+    // stage 2 (hidden state [1, 576] f32 and the block table) and, back from
+    // it, the sampled token; stage 1 answers the engine with the hidden state.
     let hidden = wk::Tensor {
         dtype: wk::DType::F32 as i32,
-        shape: vec![1, 1, 576],
+        shape: vec![1, 576],
         data: vec![0; 576 * 4],
     };
-    let to_stage2 = wk::ForwardRequest {
+    let to_stage2 = wk::StepRequest {
         model: "smol".into(),
-        sequence_id: "req-0000000000000-00000".into(),
-        position: 200,
-        input: Some(wk::forward_request::Input::Hidden(hidden.clone())),
-        want_logits: false,
-        sample: Some(wk::Sampling::default()),
+        sequences: vec![wk::StepSequence {
+            position: 200,
+            tokens: 1,
+            blocks: (0..13).collect(),
+            sample: Some(wk::Sampling::default()),
+            sample_index: 100,
+            want_logits: false,
+        }],
+        input: Some(wk::step_request::Input::Hidden(hidden.clone())),
     }
     .encoded_len();
-    let from_stage1 = wk::ForwardResponse {
-        sequence_id: "req-0000000000000-00000".into(),
-        output: Some(wk::forward_response::Output::Hidden(hidden)),
+    let from_stage1 = wk::StepResponse {
+        hidden: Some(hidden),
+        tokens: vec![],
+        logits: None,
     }
     .encoded_len();
     println!("SmolLM2-135M f32, 1 libtorch thread per stage, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, median of {REPEAT}");

@@ -1,6 +1,7 @@
 //! Layers of SmolLM2 split across gRPC worker shards (in-process servers on
-//! loopback) give the logits and greedy tokens of the single-process model;
-//! bad input gets the right status code; a dropped stream frees its caches.
+//! loopback), driven step by step over their `Step` streams with a block
+//! table, give the logits and greedy tokens of the single-process model; bad
+//! input gets the right status code and a reason.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ async fn start_worker() -> WorkerClient<Channel> {
     }
 }
 
+const BLOCK: u32 = 16;
+
 fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> pb::ShardSpec {
     pb::ShardSpec {
         model: model.into(),
@@ -38,16 +41,21 @@ fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> 
         embed,
         head,
         dtype: pb::DType::F32 as i32,
+        kv_blocks: 64,
+        block_size: BLOCK,
+        engine: None,
     }
 }
 
-/// One pipeline: a Forward stream per stage, fed in order.
+/// One pipeline: a Step stream per stage, fed in order. Each named sequence
+/// gets its own run of 16 blocks (256 positions).
 struct Pipeline {
     model: String,
     stages: Vec<(
-        tokio::sync::mpsc::Sender<pb::ForwardRequest>,
-        tonic::Streaming<pb::ForwardResponse>,
+        tokio::sync::mpsc::Sender<pb::StepRequest>,
+        tonic::Streaming<pb::StepResponse>,
     )>,
+    seqs: Vec<String>,
 }
 
 impl Pipeline {
@@ -56,7 +64,7 @@ impl Pipeline {
         for w in workers.iter_mut() {
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let resp = w
-                .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .step(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
                 .unwrap()
                 .into_inner();
@@ -65,83 +73,115 @@ impl Pipeline {
         Pipeline {
             model: model.into(),
             stages,
+            seqs: Vec::new(),
         }
+    }
+
+    fn blocks(&mut self, seq: &str) -> Vec<u32> {
+        let i = match self.seqs.iter().position(|s| s == seq) {
+            Some(i) => i,
+            None => {
+                self.seqs.push(seq.to_string());
+                self.seqs.len() - 1
+            }
+        } as u32;
+        (i * 16..(i + 1) * 16).collect()
     }
 
     /// Runs `ids` (at cached position `pos`) through every stage; returns the
     /// last position's logits.
     async fn step(&mut self, seq: &str, ids: &[u32], pos: u32) -> Result<Vec<f32>, tonic::Status> {
-        match self.run(seq, ids, pos, None).await? {
-            pb::forward_response::Output::Logits(l) => {
-                let t = from_wire(&l, "logits").unwrap();
-                Ok(Vec::try_from(t.view([-1])).unwrap())
-            }
-            other => panic!("expected logits, got {other:?}"),
-        }
+        let s = self.slice(seq, ids, pos, None, 0);
+        let r = self.run(s, ids).await?;
+        let t = from_wire(r.logits.as_ref().expect("logits"), "logits").unwrap();
+        Ok(Vec::try_from(t.view([-1])).unwrap())
     }
 
-    /// Like `step`, with the last stage sampling: returns (token, logprob).
-    async fn sample(&mut self, seq: &str, ids: &[u32], pos: u32, s: pb::Sampling) -> (u32, f32) {
-        match self.run(seq, ids, pos, Some(s)).await.unwrap() {
-            pb::forward_response::Output::Token(t) => (t.id, t.logprob),
-            other => panic!("expected a token, got {other:?}"),
-        }
+    /// Like `step`, with the last stage sampling token number `index`.
+    async fn sample(
+        &mut self,
+        seq: &str,
+        ids: &[u32],
+        pos: u32,
+        s: pb::Sampling,
+        index: u64,
+    ) -> (u32, f32) {
+        let slice = self.slice(seq, ids, pos, Some(s), index);
+        let r = self.run(slice, ids).await.unwrap();
+        (r.tokens[0].id, r.tokens[0].logprob)
     }
 
-    async fn run(
+    fn slice(
         &mut self,
         seq: &str,
         ids: &[u32],
         pos: u32,
         sample: Option<pb::Sampling>,
-    ) -> Result<pb::forward_response::Output, tonic::Status> {
-        let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let mut input =
-            pb::forward_request::Input::Tokens(to_wire(&Tensor::from_slice(&x).unsqueeze(0)));
+        index: u64,
+    ) -> pb::StepSequence {
+        pb::StepSequence {
+            position: pos,
+            tokens: ids.len() as u32,
+            blocks: self.blocks(seq),
+            want_logits: sample.is_none(),
+            sample,
+            sample_index: index,
+        }
+    }
+
+    async fn run(
+        &mut self,
+        seq: pb::StepSequence,
+        ids: &[u32],
+    ) -> Result<pb::StepResponse, tonic::Status> {
+        let mut input = Some(pb::step_request::Input::Tokens(packed(ids)));
         let n = self.stages.len();
         for (i, (tx, rx)) in self.stages.iter_mut().enumerate() {
-            let last = i + 1 == n;
-            tx.send(pb::ForwardRequest {
+            // Only the last stage samples or returns logits.
+            let seq = if i + 1 == n {
+                seq.clone()
+            } else {
+                pb::StepSequence {
+                    sample: None,
+                    want_logits: false,
+                    ..seq.clone()
+                }
+            };
+            tx.send(pb::StepRequest {
                 model: self.model.clone(),
-                sequence_id: seq.into(),
-                position: pos,
-                input: Some(input),
-                want_logits: last,
-                sample: if last { sample } else { None },
+                sequences: vec![seq],
+                input: input.take(),
             })
             .await
             .unwrap();
-            let out = rx
-                .message()
-                .await?
-                .expect("a response per request")
-                .output
-                .unwrap();
-            input = match out {
-                pb::forward_response::Output::Hidden(h) if !last => {
-                    pb::forward_request::Input::Hidden(h)
-                }
-                out => return Ok(out),
-            };
+            let out = rx.message().await?.expect("a response per request");
+            if i + 1 == n {
+                return Ok(out);
+            }
+            input = Some(pb::step_request::Input::Hidden(out.hidden.expect("hidden")));
         }
         unreachable!("the last stage answers")
     }
 }
 
-/// A first-stage request for `tokens` of sequence `seq` at position `pos`.
-fn tokens_request(seq: &str, pos: u32, tokens: pb::Tensor) -> pb::ForwardRequest {
-    pb::ForwardRequest {
-        model: "m".into(),
-        sequence_id: seq.into(),
-        position: pos,
-        input: Some(pb::forward_request::Input::Tokens(tokens)),
-        want_logits: false,
-        sample: None,
-    }
+/// Packed token ids, `[t]` int64.
+fn packed(ids: &[u32]) -> pb::Tensor {
+    let v: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    to_wire(&Tensor::from_slice(&v))
 }
 
-fn ids(v: &[i64]) -> pb::Tensor {
-    to_wire(&Tensor::from_slice(v).unsqueeze(0))
+/// A one-sequence step of `tokens` at position 0 on blocks 0..4.
+fn step_request(model: &str, n: u32, input: pb::step_request::Input) -> pb::StepRequest {
+    pb::StepRequest {
+        model: model.into(),
+        sequences: vec![pb::StepSequence {
+            position: 0,
+            tokens: n,
+            blocks: vec![0, 1, 2, 3],
+            ..Default::default()
+        }],
+        input: Some(input),
+    }
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -215,7 +255,7 @@ async fn one_two_three_stages_match_single_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
+async fn bad_input_gets_its_code() {
     let mut w = start_worker().await;
     let missing = w
         .load_shard(pb::LoadShardRequest {
@@ -232,66 +272,81 @@ async fn bad_input_gets_its_code_and_dropped_streams_free_caches() {
     })
     .await
     .unwrap();
+    // The pool holds 64 blocks of 16 positions for 2 layers, 3 KV heads of 64.
+    let stats = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.shards[0].kv_cache_bytes, 64 * 16 * 2 * 2 * 3 * 64 * 4);
 
     let mut workers = [w.clone()];
     let mut p = Pipeline::open("nope", &mut workers).await;
     let e = p.step("s", &[1, 2], 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
 
-    // Asking a shard without the head for logits, and a position mismatch.
+    // Asking a shard without the head for logits.
     let mut p = Pipeline::open("m", &mut workers).await;
     let e = p.step("s", &[1, 2], 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("LM head"), "{e}");
 
-    // Hidden states sent to a first stage, and malformed bytes.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut resp = w
-        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut bad = to_wire(&Tensor::zeros([1, 1, 576], (Kind::Float, tch::Device::Cpu)));
-    bad.data.truncate(10);
-    tx.send(tokens_request("s", 0, bad)).await.unwrap();
-    let e = resp.message().await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // Each of these ends its stream with INVALID_ARGUMENT and a reason.
+    let mut hidden = to_wire(&Tensor::zeros([2, 576], (Kind::Float, tch::Device::Cpu)));
+    let short_table = {
+        let mut r = step_request("m", 80, pb::step_request::Input::Tokens(packed(&[1; 80])));
+        r.sequences[0].blocks = vec![0, 1];
+        r
+    };
+    let outside = {
+        let mut r = step_request("m", 2, pb::step_request::Input::Tokens(packed(&[1, 2])));
+        r.sequences[0].blocks = vec![64];
+        r
+    };
+    let cases = [
+        (
+            step_request("m", 2, pb::step_request::Input::Hidden(hidden.clone())),
+            "embeds tokens",
+        ),
+        (
+            step_request("m", 3, pb::step_request::Input::Tokens(packed(&[1, 2]))),
+            "int64 [3]",
+        ),
+        (
+            step_request("m", 2, pb::step_request::Input::Tokens(packed(&[1, 60000]))),
+            "0..49152",
+        ),
+        (short_table, "block table has 2 blocks"),
+        (outside, "names block 64"),
+        (
+            {
+                hidden.data.truncate(10);
+                step_request("m", 2, pb::step_request::Input::Tokens(hidden))
+            },
+            "10 bytes",
+        ),
+    ];
+    for (req, why) in cases {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut resp = w
+            .step(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        tx.send(req).await.unwrap();
+        let e = resp.message().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(why), "{why}: {e}");
+    }
 
-    // Two sequences on one stream, a wrong position, then the stream drops.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut resp = w
-        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+    // No engine here: this shard was loaded without one.
+    let e = w
+        .generate(pb::EngineRequest {
+            model: "m".into(),
+            prompt: vec![1],
+            max_new_tokens: 1,
+            ..Default::default()
+        })
         .await
-        .unwrap()
-        .into_inner();
-    for seq in ["a", "b"] {
-        tx.send(tokens_request(seq, 0, ids(&[5, 6]))).await.unwrap();
-        resp.message().await.unwrap().unwrap();
-    }
-    let stats = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
-    assert_eq!(stats.shards[0].sequences, 2);
-    assert!(stats.shards[0].kv_cache_bytes > 0);
-    tx.send(tokens_request("a", 7, ids(&[5]))).await.unwrap();
-    let e = resp.message().await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    assert!(
-        e.message().contains("2 cached positions") && e.message().contains("says 7"),
-        "{e}"
-    );
-    drop((tx, resp));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = w.stats(pb::StatsRequest {}).await.unwrap().into_inner();
-        if s.shards[0].sequences == 0 {
-            assert_eq!(s.shards[0].kv_cache_bytes, 0);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caches not freed after the stream ended"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(e.message().contains("no engine"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,12 +396,12 @@ async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
         ),
     ] {
         let mut p = Pipeline::open("m", &mut workers).await;
-        let (mut tok, lp) = p.sample(seq, &prompt, 0, s).await;
+        let (mut tok, lp) = p.sample(seq, &prompt, 0, s, 0).await;
         assert!(lp <= 0.0);
         let mut got = vec![tok];
         let mut pos = prompt.len() as u32;
         while got.len() < 12 {
-            tok = p.sample(seq, &[tok], pos, s).await.0;
+            tok = p.sample(seq, &[tok], pos, s, got.len() as u64).await.0;
             got.push(tok);
             pos += 1;
         }

@@ -86,6 +86,12 @@ pub struct GenerateArgs {
     /// One JSON object per token, then one with finish_reason and usage.
     #[arg(long)]
     pub json: bool,
+    /// low, normal or high.
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    /// End the request with DEADLINE_EXCEEDED after this many ms (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub timeout_ms: u32,
 }
 
 #[derive(Subcommand, Clone)]
@@ -124,6 +130,23 @@ struct DeployArgs {
     split: Vec<u32>,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// KV cache blocks on every stage (0: 1024).
+    #[arg(long, default_value_t = 0)]
+    kv_blocks: u32,
+    /// Positions per KV block (0: 16).
+    #[arg(long, default_value_t = 0)]
+    block_size: u32,
+    /// Tokens per engine step (0: 512).
+    #[arg(long, default_value_t = 0)]
+    max_batch_tokens: u32,
+    /// Sequences running at once (0: 32; 1 turns batching off).
+    #[arg(long, default_value_t = 0)]
+    max_running: u32,
+    /// Requests waiting before RESOURCE_EXHAUSTED (0: 256).
+    #[arg(long, default_value_t = 0)]
+    max_waiting: u32,
+    #[arg(long)]
+    no_prefix_caching: bool,
 }
 
 fn coordinators(list: &str) -> Vec<String> {
@@ -198,6 +221,13 @@ pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
             ignore_eos: a.ignore_eos,
         }),
         logprobs: a.json,
+        priority: match a.priority.as_str() {
+            "low" => api::Priority::Low,
+            "high" => api::Priority::High,
+            "normal" => api::Priority::Normal,
+            other => anyhow::bail!("--priority {other:?}: use low, normal or high"),
+        } as i32,
+        timeout_ms: a.timeout_ms,
         ..Default::default()
     };
     let mut stream = InferenceClient::new(ch)
@@ -345,7 +375,8 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             let models: Vec<_> = s
                 .models
                 .iter()
-                .map(|m| json!({"name": m.name, "source": m.source, "state": m.state, "stages": stages_json(&m.stages)}))
+                .map(|m| json!({"name": m.name, "source": m.source, "state": m.state,
+                    "stages": stages_json(&m.stages), "serving": m.serving.as_ref().map(serving_json)}))
                 .collect();
             print_json(
                 json!({"workers": workers_json(&s.workers), "models": models,
@@ -360,6 +391,14 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     stages: a.stages,
                     layer_split: a.split,
                     dtype: a.dtype,
+                    serving: Some(api::ServingOptions {
+                        kv_cache_blocks: a.kv_blocks,
+                        block_size: a.block_size,
+                        max_batch_tokens: a.max_batch_tokens,
+                        max_running: a.max_running,
+                        max_waiting: a.max_waiting,
+                        disable_prefix_caching: a.no_prefix_caching,
+                    }),
                 })
                 .await
                 .map_err(status_error)?
@@ -443,4 +482,19 @@ async fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn serving_json(s: &api::ServingStatus) -> serde_json::Value {
+    json!({
+        "running": s.running,
+        "waiting": s.waiting,
+        "kv_blocks_total": s.kv_blocks_total,
+        "kv_blocks_used": s.kv_blocks_used,
+        "kv_blocks_cached": s.kv_blocks_cached,
+        "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+        "prefix_hit_tokens": s.prefix_hit_tokens,
+        "preemptions": s.preemptions,
+        "steps": s.steps,
+        "generated_tokens": s.generated_tokens,
+    })
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 use crate::placement::{plan, ModelShape, PlacementRequest, Stage, WorkerCapacity};
-use crate::state::{ClusterState, Command, ModelState, StateError};
+use crate::state::{ClusterState, Command, Deployment, ModelState, Serving, StateError};
 
 pub struct RegistryService {
     pub cluster: Arc<Cluster>,
@@ -41,20 +41,20 @@ impl wk::registry_server::Registry for RegistryService {
             })
             .await?;
         tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
-        // A restarted worker gets its shards back.
+        // A restarted worker gets its shards back; the first stage of a
+        // model it serves learns its (possibly new) address.
         let state = self.cluster.read();
         for m in state.models.values() {
-            for s in m
-                .placement
-                .stages
-                .iter()
-                .filter(|s| s.worker == r.worker_id)
-            {
+            let stages = &m.placement.stages;
+            for (i, s) in stages.iter().enumerate().filter(|(i, s)| {
+                s.worker == r.worker_id
+                    || (*i == 0 && stages.iter().any(|o| o.worker == r.worker_id))
+            }) {
                 let (cluster, spec) = (
                     self.cluster.clone(),
-                    shard_spec(&m.name, &m.source, &m.dtype, s),
+                    shard_spec(&state, m, i, self.cluster.config.step_timeout),
                 );
-                let worker = r.worker_id.clone();
+                let worker = s.worker.clone();
                 tokio::spawn(async move {
                     if let Err(e) = load_stage(&cluster, &worker, spec).await {
                         tracing::error!(%worker, error = %e, "reloading a shard after re-registration failed");
@@ -96,16 +96,105 @@ fn dtype_code(dtype: &str) -> wk::DType {
     }
 }
 
-fn shard_spec(model: &str, source: &str, dtype: &str, s: &Stage) -> wk::ShardSpec {
+/// The spec of stage `i` of a deployment; the first stage also gets the
+/// engine, with the later stages' current addresses.
+fn shard_spec(
+    state: &ClusterState,
+    dep: &Deployment,
+    i: usize,
+    step_timeout: std::time::Duration,
+) -> wk::ShardSpec {
+    let s = &dep.placement.stages[i];
+    let v = &dep.serving;
+    let engine = (i == 0).then(|| wk::EngineSpec {
+        next_stages: dep.placement.stages[1..]
+            .iter()
+            .map(|n| wk::StageRef {
+                worker_id: n.worker.clone(),
+                address: state
+                    .workers
+                    .get(&n.worker)
+                    .map(|w| w.address.clone())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        max_batch_tokens: v.max_batch_tokens,
+        max_running: v.max_running,
+        max_waiting: v.max_waiting,
+        disable_prefix_caching: !v.prefix_caching,
+        step_timeout_ms: step_timeout.as_millis() as u32,
+    });
     wk::ShardSpec {
-        model: model.to_string(),
-        source: source.to_string(),
+        model: dep.name.clone(),
+        source: dep.source.clone(),
         layer_start: s.layer_start,
         layer_end: s.layer_end,
         embed: s.embed,
         head: s.head,
-        dtype: dtype_code(dtype) as i32,
+        dtype: dtype_code(&dep.dtype) as i32,
+        kv_blocks: v.kv_blocks,
+        block_size: v.block_size,
+        engine,
     }
+}
+
+/// Serving options with defaults filled in, checked.
+fn serving(o: Option<api::ServingOptions>) -> Result<Serving> {
+    let o = o.unwrap_or_default();
+    let d = Serving::default();
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let s = Serving {
+        kv_blocks: or(o.kv_cache_blocks, d.kv_blocks),
+        block_size: or(o.block_size, d.block_size),
+        max_batch_tokens: or(o.max_batch_tokens, d.max_batch_tokens),
+        max_running: or(o.max_running, d.max_running),
+        max_waiting: or(o.max_waiting, d.max_waiting),
+        prefix_caching: !o.disable_prefix_caching,
+    };
+    if s.block_size > 1024 {
+        return Err(CoordError::Limit {
+            what: "block_size".into(),
+            limit_name: "the largest block in positions",
+            limit: 1024,
+            got: s.block_size as usize,
+        });
+    }
+    Ok(s)
+}
+
+fn serving_status(e: &wk::EngineStats) -> api::ServingStatus {
+    api::ServingStatus {
+        running: e.running,
+        waiting: e.waiting,
+        kv_blocks_total: e.kv_blocks_total,
+        kv_blocks_used: e.kv_blocks_used,
+        kv_blocks_cached: e.kv_blocks_cached,
+        prefix_cache_hit_rate: if e.prefix_queried_tokens > 0 {
+            e.prefix_hit_tokens as f64 / e.prefix_queried_tokens as f64
+        } else {
+            0.0
+        },
+        prefix_hit_tokens: e.prefix_hit_tokens,
+        prefix_queried_tokens: e.prefix_queried_tokens,
+        preemptions: e.preemptions,
+        steps: e.steps,
+        generated_tokens: e.generated_tokens,
+    }
+}
+
+/// The engine's figures from the worker holding the model's first stage.
+async fn engine_stats(cluster: &Cluster, dep: &Deployment) -> Option<api::ServingStatus> {
+    let first = dep.placement.stages.first()?;
+    let mut client = cluster.worker(&first.worker).await.ok()?;
+    let mut req = Request::new(wk::StatsRequest {});
+    req.set_timeout(cluster.config.connect_timeout);
+    let stats = client.stats(req).await.ok()?.into_inner();
+    stats
+        .shards
+        .iter()
+        .find(|s| s.shard.as_ref().is_some_and(|s| s.model == dep.name))
+        .and_then(|s| s.engine.as_ref())
+        .map(serving_status)
 }
 
 async fn load_stage(
@@ -209,8 +298,17 @@ impl AdminService {
         {
             return Err(StateError::ModelExists(r.name).into());
         }
+        let serving = serving(r.serving)?;
         let rt = self.cluster.open_model(&r.name, &r.source)?;
-        let shape = ModelShape::from_config(&rt.config, if dtype == "f32" { 4 } else { 2 });
+        let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
+        let mut shape = ModelShape::from_config(&rt.config, dtype_bytes);
+        // Every stage holds `kv_blocks` blocks for each of its layers.
+        let c = &rt.config;
+        shape.layer_bytes += serving.kv_blocks as u64
+            * serving.block_size as u64
+            * 2
+            * (c.num_kv_heads * c.head_dim) as u64
+            * dtype_bytes;
         let workers: Vec<WorkerCapacity> = self
             .cluster
             .read()
@@ -234,12 +332,19 @@ impl AdminService {
                 source: r.source.clone(),
                 dtype: dtype.into(),
                 placement: placement.clone(),
+                serving,
             })
             .await?;
         let mut loads = tokio::task::JoinSet::new();
-        for s in &placement.stages {
+        let state = self.cluster.read();
+        let dep = state
+            .models
+            .get(&r.name)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
+        for (i, s) in placement.stages.iter().enumerate() {
             let (cluster, worker) = (self.cluster.clone(), s.worker.clone());
-            let spec = shard_spec(&r.name, &r.source, dtype, s);
+            let spec = shard_spec(&state, &dep, i, self.cluster.config.step_timeout);
             loads.spawn(async move { (worker.clone(), load_stage(&cluster, &worker, spec).await) });
         }
         let mut failure = None;
@@ -325,10 +430,14 @@ impl api::admin_server::Admin for AdminService {
         _req: Request<api::ClusterStatusRequest>,
     ) -> Result<Response<api::ClusterStatusResponse>, Status> {
         let state = self.cluster.read_fresh().await?;
-        let models = state
-            .models
-            .values()
-            .map(|m| api::ModelStatus {
+        let mut models = Vec::new();
+        for m in state.models.values() {
+            let serving = if m.state == ModelState::Ready {
+                engine_stats(&self.cluster, m).await
+            } else {
+                None
+            };
+            models.push(api::ModelStatus {
                 name: m.name.clone(),
                 source: m.source.clone(),
                 state: format!("{:?}", m.state),
@@ -338,8 +447,9 @@ impl api::admin_server::Admin for AdminService {
                     .iter()
                     .map(|s| stage_status(&state, s))
                     .collect(),
-            })
-            .collect();
+                serving,
+            });
+        }
         Ok(Response::new(api::ClusterStatusResponse {
             workers: worker_statuses(&state),
             models,

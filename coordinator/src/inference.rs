@@ -1,7 +1,8 @@
-//! The public `Inference` API: prompts are tokenized here once, run through
-//! the stages in order over one Forward stream per stage, the last stage
-//! samples, and tokens stream back. A client that goes away ends the loop,
-//! which closes the stage streams, which frees every stage's KV cache.
+//! The public `Inference` API: prompts are tokenized and checked here, then
+//! queued with the model's serving engine (on the worker holding its first
+//! stage), whose token stream is turned into text here. A client that goes
+//! away drops the engine stream, which cancels the sequence and frees its
+//! KV blocks on every stage.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use tonic::{Request, Response, Status};
 use crate::cluster::{Cluster, ModelRuntime};
 use crate::error::{CoordError, Result};
 use crate::state::ModelState;
-use crate::transport::{run_step, GrpcStage, StageTransport};
 
 pub struct InferenceService {
     pub cluster: Arc<Cluster>,
@@ -47,48 +47,77 @@ impl InferenceService {
         Ok((rt, dep))
     }
 
-    async fn open_stages(
+    /// Opens the sequence's token stream on the engine of the worker that
+    /// holds the model's first stage.
+    async fn open_engine(
         &self,
         dep: &crate::state::Deployment,
-    ) -> Result<Vec<Box<dyn StageTransport>>> {
-        let state = self.cluster.read();
-        let mut links: Vec<Box<dyn StageTransport>> = Vec::new();
-        for s in &dep.placement.stages {
-            let address = state
-                .workers
-                .get(&s.worker)
-                .map(|w| w.address.clone())
-                .unwrap_or_default();
-            let mut client = self.cluster.worker(&s.worker).await?;
-            let (tx, rx) = mpsc::channel(4);
-            let rx = tokio::time::timeout(
-                self.cluster.config.connect_timeout,
-                client.forward(ReceiverStream::new(rx)),
-            )
-            .await
-            .map_err(|_| CoordError::WorkerUnavailable {
-                worker: s.worker.clone(),
-                address: address.clone(),
-                reason: "no answer to Forward".into(),
-            })?
-            .map_err(|status| {
-                self.cluster.forget_client(&address);
-                CoordError::WorkerUnavailable {
-                    worker: s.worker.clone(),
+        req: wk::EngineRequest,
+    ) -> Result<(String, tonic::Streaming<wk::EngineEvent>)> {
+        let first = dep
+            .placement
+            .stages
+            .first()
+            .ok_or_else(|| CoordError::Invalid("a deployment without stages".into()))?;
+        let address = self
+            .cluster
+            .read()
+            .workers
+            .get(&first.worker)
+            .map(|w| w.address.clone())
+            .unwrap_or_default();
+        let mut client = self.cluster.worker(&first.worker).await?;
+        let answer =
+            tokio::time::timeout(self.cluster.config.connect_timeout, client.generate(req))
+                .await
+                .map_err(|_| CoordError::WorkerUnavailable {
+                    worker: first.worker.clone(),
                     address: address.clone(),
-                    reason: status.message().to_string(),
-                }
-            })?
-            .into_inner();
-            links.push(Box::new(GrpcStage {
-                worker: s.worker.clone(),
-                address,
-                tx,
-                rx,
-            }));
+                    reason: "no answer to Generate".into(),
+                })?;
+        match answer {
+            Ok(stream) => Ok((first.worker.clone(), stream.into_inner())),
+            Err(status) => Err(stage_error(&first.worker, &address, status, &self.cluster)),
         }
-        Ok(links)
     }
+}
+
+/// A worker's status as the client should see it: transport failures are
+/// UNAVAILABLE naming the worker; the engine's own answers (queue full with
+/// its retry hint, deadline, bad input) keep their code and metadata.
+fn stage_error(worker: &str, address: &str, status: Status, cluster: &Cluster) -> CoordError {
+    if matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && !status.message().contains("is unavailable")
+    {
+        cluster.forget_client(address);
+        return CoordError::WorkerUnavailable {
+            worker: worker.to_string(),
+            address: address.to_string(),
+            reason: status.message().to_string(),
+        };
+    }
+    CoordError::WorkerFailed {
+        worker: worker.to_string(),
+        status,
+    }
+}
+
+/// The gRPC deadline of a request (`grpc-timeout`), if any.
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Token ids of a prompt, checked against the vocabulary.
@@ -152,6 +181,7 @@ impl api::inference_server::Inference for InferenceService {
         &self,
         req: Request<api::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
         let (rt, dep) = self.runtime(&r.model)?;
         let ids = prompt_ids(&rt, &r.model, r.prompt)?;
@@ -200,13 +230,46 @@ impl api::inference_server::Inference for InferenceService {
             top_p: s.top_p,
             seed,
         };
-        let mut links = self.open_stages(&dep).await?;
+        // The engine stops at EOS and the token budget; stop sequences are
+        // text, found by the streamer here (which then drops the stream,
+        // cancelling the sequence).
+        let stop_token_ids = match (&rt.tokenizer, stopping.ignore_eos) {
+            (Some(t), false) => t.eos_token_ids.clone(),
+            _ => Vec::new(),
+        };
+        let priority = match api::Priority::try_from(r.priority).unwrap_or_default() {
+            api::Priority::Unspecified | api::Priority::Normal => 2,
+            api::Priority::Low => 1,
+            api::Priority::High => 3,
+        };
+        let timeout = [
+            (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms as u64)),
+            deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let engine_req = wk::EngineRequest {
+            model: r.model.clone(),
+            request_id: request_id.clone(),
+            prompt: ids.clone(),
+            sampling: Some(sampling),
+            max_new_tokens: max_new as u32,
+            stop_token_ids,
+            priority,
+            timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u32),
+        };
+        let (worker, mut events) = self.open_engine(&dep, engine_req).await?;
+        let address = self
+            .cluster
+            .read()
+            .workers
+            .get(&worker)
+            .map(|w| w.address.clone())
+            .unwrap_or_default();
+        let cluster = self.cluster.clone();
         let (tx, rx) = mpsc::channel(16);
-        let (model, timeout, logprobs) = (
-            r.model.clone(),
-            self.cluster.config.step_timeout,
-            r.logprobs,
-        );
+        let logprobs = r.logprobs;
         tokio::spawn(async move {
             let started = Instant::now();
             let mut streamer = TextStreamer::new(
@@ -215,74 +278,107 @@ impl api::inference_server::Inference for InferenceService {
                 stopping.stop_sequences,
                 stopping.ignore_eos,
             );
-            let (mut input, mut pos, mut produced) = (ids.clone(), 0u32, 0u32);
+            let mut produced = 0u32;
             let mut first_at = None;
             loop {
-                let t = match run_step(
-                    &mut links,
-                    &model,
-                    &request_id,
-                    &input,
-                    pos,
-                    sampling,
-                    timeout,
-                )
-                .await
-                {
-                    Ok(t) => t,
-                    Err(e) => {
+                // A client that goes away cancels at once, not at the next token.
+                let next = tokio::select! {
+                    _ = tx.closed() => {
+                        tracing::info!(request_id = %request_id, "client went away: cancelling");
+                        return;
+                    }
+                    next = events.message() => next,
+                };
+                let ev = match next {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) => {
+                        let e = CoordError::WorkerUnavailable {
+                            worker: worker.clone(),
+                            address: address.clone(),
+                            reason: "its token stream ended early".into(),
+                        };
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                    Err(status) => {
+                        let e = stage_error(&worker, &address, status, &cluster);
                         tracing::warn!(request_id = %request_id, error = %e, "generation failed");
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 };
-                first_at.get_or_insert_with(Instant::now);
-                pos += input.len() as u32;
-                produced += 1;
-                let (text, finish) = match streamer.push(t.id) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                for t in &ev.tokens {
+                    first_at.get_or_insert_with(Instant::now);
+                    produced += 1;
+                    let (text, finish) = match streamer.push(t.id) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    let token = api::Token {
+                        id: t.id,
+                        text,
+                        logprob: logprobs.then_some(t.logprob),
+                    };
+                    let mut msg = api::GenerateResponse {
+                        request_id: request_id.clone(),
+                        tokens: vec![token],
+                        ..Default::default()
+                    };
+                    if let Some(f) = finish {
+                        let first = first_at.expect("set above");
+                        let decode_s = first.elapsed().as_secs_f64();
+                        msg.finish_reason = finish_code(f) as i32;
+                        msg.usage = Some(api::Usage {
+                            prompt_tokens: ids.len() as u32,
+                            completion_tokens: produced,
+                            total_tokens: ids.len() as u32 + produced,
+                            // Known at the engine's last event; the streamer
+                            // may finish first (a stop sequence).
+                            cached_prompt_tokens: 0,
+                            preemptions: 0,
+                        });
+                        msg.timings = Some(api::Timings {
+                            time_to_first_token_s: (first - started).as_secs_f64(),
+                            decode_s,
+                            decode_tokens_per_s: if decode_s > 0.0 {
+                                (produced - 1) as f64 / decode_s
+                            } else {
+                                0.0
+                            },
+                        });
+                        if finish != Some(FinishReason::Stop) {
+                            // The engine ended too: its last event has the
+                            // prefix-cache and preemption figures.
+                            if let Ok(Some(last)) = events.message().await {
+                                if let Some(u) = msg.usage.as_mut() {
+                                    u.cached_prompt_tokens = last.cached_prompt_tokens;
+                                    u.preemptions = last.preemptions;
+                                }
+                            }
+                        }
+                    }
+                    if tx.send(Ok(msg)).await.is_err() {
+                        tracing::info!(request_id = %request_id, "client went away: cancelling");
                         return;
                     }
-                };
-                let token = api::Token {
-                    id: t.id,
-                    text,
-                    logprob: logprobs.then_some(t.logprob),
-                };
-                let mut msg = api::GenerateResponse {
-                    request_id: request_id.clone(),
-                    tokens: vec![token],
-                    ..Default::default()
-                };
-                if let Some(f) = finish {
-                    let first = first_at.expect("set above");
-                    let decode_s = first.elapsed().as_secs_f64();
-                    msg.finish_reason = finish_code(f) as i32;
-                    msg.usage = Some(api::Usage {
-                        prompt_tokens: ids.len() as u32,
-                        completion_tokens: produced,
-                        total_tokens: ids.len() as u32 + produced,
-                    });
-                    msg.timings = Some(api::Timings {
-                        time_to_first_token_s: (first - started).as_secs_f64(),
-                        decode_s,
-                        decode_tokens_per_s: if decode_s > 0.0 {
-                            (produced - 1) as f64 / decode_s
-                        } else {
-                            0.0
-                        },
-                    });
+                    if finish.is_some() {
+                        return;
+                    }
                 }
-                if tx.send(Ok(msg)).await.is_err() {
-                    tracing::info!(request_id = %request_id, "client went away: cancelling");
+                if ev.finish != wk::EngineFinish::Unspecified as i32 {
+                    // The engine finished without a token the streamer
+                    // finished on (cannot happen for length or EOS).
+                    let _ = tx
+                        .send(Err(Status::internal(format!(
+                            "the engine ended the sequence ({:?}) before the stream did",
+                            wk::EngineFinish::try_from(ev.finish)
+                        ))))
+                        .await;
                     return;
                 }
-                if finish.is_some() {
-                    return;
-                }
-                input = vec![t.id];
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -13,9 +13,8 @@
 //! - [`cluster`]: the shared coordinator state (the store behind
 //!   `propose`, model tokenizers, worker clients) and its configuration.
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
-//! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels).
-//! - [`transport`]: the `StageTransport` seam (gRPC Forward streams now)
-//!   and `run_step`, one step through all stages.
+//! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
+//!   Generate queues with the model's engine on its first-stage worker.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
@@ -27,7 +26,6 @@ pub mod inference;
 pub mod placement;
 pub mod state;
 pub mod store;
-pub mod transport;
 
 use std::sync::Arc;
 

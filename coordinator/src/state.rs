@@ -34,6 +34,33 @@ pub struct Deployment {
     pub dtype: String,
     pub placement: Placement,
     pub state: ModelState,
+    #[serde(default)]
+    pub serving: Serving,
+}
+
+/// How a deployed model is served: its KV cache and engine limits (0 in a
+/// request means the default; stored resolved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serving {
+    pub kv_blocks: u32,
+    pub block_size: u32,
+    pub max_batch_tokens: u32,
+    pub max_running: u32,
+    pub max_waiting: u32,
+    pub prefix_caching: bool,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            kv_blocks: 1024,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 32,
+            max_waiting: 256,
+            prefix_caching: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +92,8 @@ pub enum Command {
         source: String,
         dtype: String,
         placement: Placement,
+        #[serde(default)]
+        serving: Serving,
     },
     SetModelState {
         name: String,
@@ -169,6 +198,7 @@ impl ClusterState {
                 source,
                 dtype,
                 placement,
+                serving,
             } => {
                 if self.models.contains_key(name) {
                     return Err(StateError::ModelExists(name.clone()));
@@ -190,6 +220,7 @@ impl ClusterState {
                         dtype: dtype.clone(),
                         placement: placement.clone(),
                         state: ModelState::Loading,
+                        serving: serving.clone(),
                     },
                 );
             }
@@ -266,6 +297,7 @@ mod tests {
             source: "smollm2".into(),
             dtype: "f32".into(),
             placement: Placement { stages },
+            serving: Serving::default(),
         }
     }
 

@@ -39,6 +39,7 @@ fn deploy(name: &str, worker: &str) -> Command {
                 bytes: 10,
             }],
         },
+        serving: Default::default(),
     }
 }
 

@@ -146,10 +146,24 @@ pub async fn run_pipeline(
 ) -> Result<pb::StepResponse> {
     let n = stages.len();
     let mut input = req.input;
+    // Only the last stage samples or returns logits.
+    let middle: Vec<pb::StepSequence> = req
+        .sequences
+        .iter()
+        .map(|s| pb::StepSequence {
+            sample: None,
+            want_logits: false,
+            ..s.clone()
+        })
+        .collect();
     for (i, stage) in stages.iter().enumerate() {
         let step = pb::StepRequest {
             model: req.model.clone(),
-            sequences: req.sequences.clone(),
+            sequences: if i + 1 == n {
+                req.sequences.clone()
+            } else {
+                middle.clone()
+            },
             input: input.take(),
         };
         let resp = stage.step(step).await?;

@@ -165,7 +165,15 @@ impl Worker for WorkerService {
             .shard
             .ok_or_else(|| Status::invalid_argument("LoadShardRequest.shard is required"))?;
         let shard = host::normalized(shard);
-        let resp = self.host.load(shard.clone()).await?;
+        // The host holds weights and cache; the engine part of the spec
+        // (later stages' addresses, limits) only restarts the engine.
+        let resp = self
+            .host
+            .load(pb::ShardSpec {
+                engine: None,
+                ..shard.clone()
+            })
+            .await?;
         self.start_engine(&shard, resp.max_context as usize)?;
         Ok(Response::new(resp))
     }
@@ -251,7 +259,19 @@ impl Worker for WorkerService {
                 id,
                 done: false,
             };
-            while let Some(ev) = events.recv().await {
+            loop {
+                let ev = tokio::select! {
+                    _ = tx.closed() => break,
+                    ev = events.recv() => match ev {
+                        Some(ev) => ev,
+                        None => {
+                            // The engine ends every sequence with an event; a
+                            // closed channel means it stopped.
+                            guard.done = true;
+                            break;
+                        }
+                    },
+                };
                 let (msg, last) = match ev {
                     Ok(SeqEvent::Token { id, logprob }) => (
                         Ok(pb::EngineEvent {
@@ -277,9 +297,8 @@ impl Worker for WorkerService {
                     break;
                 }
             }
-            // The engine ends every sequence with an event; a closed channel
-            // means it stopped.
-            guard.done = true;
+            // Dropping the guard cancels the sequence unless it ended.
+            drop(guard);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
