@@ -360,3 +360,171 @@ async fn too_little_memory_is_failed_precondition_with_the_shortfall() {
     );
     assert_eq!(status.workers.len(), 2);
 }
+
+/// Token ids of one generation, or its status.
+async fn ids_of(
+    inference: &mut InferenceClient<Channel>,
+    req: api::GenerateRequest,
+) -> Result<Vec<u32>, tonic::Status> {
+    Ok(collect(inference, req)
+        .await?
+        .iter()
+        .flat_map(|m| m.tokens.iter().map(|t| t.id))
+        .collect())
+}
+
+fn serving_deploy(name: &str, serving: api::ServingOptions) -> api::DeployModelRequest {
+    api::DeployModelRequest {
+        name: name.into(),
+        source: "smollm2".into(),
+        layer_split: vec![15, 15],
+        serving: Some(serving),
+        ..Default::default()
+    }
+}
+
+/// The serving engine through the public API, over two pipeline stages:
+/// concurrent requests batch (with micro-batches in flight on both stages)
+/// and give the tokens they give alone; a cache too small for all of them
+/// preempts and still gives the same tokens; a repeated system prompt hits
+/// the prefix cache (hit rate in ClusterStatus) with unchanged tokens; a
+/// full queue is RESOURCE_EXHAUSTED with a retry hint; a timeout is
+/// DEADLINE_EXCEEDED; and every block comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_engine_through_the_api() {
+    let coordinator = start_coordinator().await;
+    let _w0 = start_worker(&coordinator, "s0").await;
+    let _w1 = start_worker(&coordinator, "s1").await;
+    let mut admin = connect(&coordinator, AdminClient::new).await;
+    let mut inference = connect(&coordinator, InferenceClient::new).await;
+    wait_for_workers(&mut admin, 2).await;
+    let opts = |blocks, running, waiting| api::ServingOptions {
+        kv_cache_blocks: blocks,
+        max_running: running,
+        max_waiting: waiting,
+        ..Default::default()
+    };
+    admin
+        .deploy_model(serving_deploy("roomy", opts(256, 8, 16)))
+        .await
+        .unwrap();
+    let questions = [
+        "What is the capital of Italy?",
+        "Name three colours of the rainbow.",
+        "Why is the sky blue? Answer in one sentence.",
+        "Write a haiku about autumn leaves falling.",
+        "What is 12 times 12?",
+        "Give me a synonym for happy.",
+    ];
+    let req = |model: &str, q: &str| api::GenerateRequest {
+        model: model.into(),
+        prompt: Some(api::generate_request::Prompt::Chat(api::ChatMessages {
+            messages: vec![
+                api::ChatMessage {
+                    role: "system".into(),
+                    content: "You are a concise assistant. Answer briefly and precisely, \
+                              without preamble, in plain English."
+                        .into(),
+                },
+                api::ChatMessage {
+                    role: "user".into(),
+                    content: q.into(),
+                },
+            ],
+        })),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: 24,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut alone = Vec::new();
+    for q in questions {
+        alone.push(ids_of(&mut inference, req("roomy", q)).await.unwrap());
+    }
+    let before = serving(&mut admin, "roomy").await;
+    // The shared system prompt (more than one 16-position block) hit the
+    // prefix cache from the second request on.
+    assert!(before.prefix_hit_tokens >= 5 * 16, "{before:?}");
+    assert!(before.prefix_cache_hit_rate > 0.3, "{before:?}");
+    let run_all = |model: &'static str| {
+        let questions = questions;
+        let coordinator = coordinator.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for q in questions {
+                let mut c = connect(&coordinator, InferenceClient::new).await;
+                let r = req(model, q);
+                tasks.push(tokio::spawn(
+                    async move { ids_of(&mut c, r).await.unwrap() },
+                ));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    assert_eq!(run_all("roomy").await, alone, "batched == alone");
+    let after = serving(&mut admin, "roomy").await;
+    let steps = after.steps - before.steps;
+    assert!(
+        steps < 6 * 24 / 2,
+        "{steps} steps for 144 tokens: not batched"
+    );
+    assert_eq!((after.running, after.kv_blocks_used), (0, 0), "{after:?}");
+
+    // 14 blocks of 16 positions for six sequences of ~60: preemption.
+    admin
+        .deploy_model(serving_deploy("tight", opts(14, 8, 16)))
+        .await
+        .unwrap();
+    assert_eq!(run_all("tight").await, alone, "preempted == alone");
+    let tight = serving(&mut admin, "tight").await;
+    assert!(tight.preemptions > 0, "{tight:?}");
+    assert_eq!(tight.kv_blocks_used, 0, "{tight:?}");
+
+    // One running, one waiting: a third is refused with a retry hint; a
+    // timeout ends a request with DEADLINE_EXCEEDED.
+    admin
+        .deploy_model(serving_deploy("narrow", opts(64, 1, 1)))
+        .await
+        .unwrap();
+    let long = |timeout_ms| api::GenerateRequest {
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: 400,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        timeout_ms,
+        ..req("narrow", questions[0])
+    };
+    let mut first = inference.generate(long(0)).await.unwrap().into_inner();
+    first.message().await.unwrap().unwrap(); // running
+    let mut c = connect(&coordinator, InferenceClient::new).await;
+    let second = long(400);
+    let waiting = tokio::spawn(async move { ids_of(&mut c, second).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serving(&mut admin, "narrow").await.waiting == 0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = ids_of(&mut inference, long(0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("limit 1"), "{e}");
+    assert!(e.metadata().get("retry-after-ms").is_some(), "{e:?}");
+    let e = waiting.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = serving(&mut admin, "narrow").await;
+        if (s.running, s.waiting, s.kv_blocks_used) == (0, 0, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not freed: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -62,10 +62,17 @@ impl From<CoordError> for Status {
             CoordError::Store(StoreError::Raft(RaftError::Membership(_)))
             | CoordError::Store(StoreError::Unsupported(_)) => Status::failed_precondition(msg),
             CoordError::Store(_) => Status::unavailable(msg),
-            CoordError::WorkerFailed { status, worker } => Status::new(
-                status.code(),
-                format!("worker {worker}: {}", status.message()),
-            ),
+            CoordError::WorkerFailed { status, worker } => {
+                let mut s = Status::new(
+                    status.code(),
+                    format!("worker {worker}: {}", status.message()),
+                );
+                // The engine's retry hint (a full queue) reaches the client.
+                if let Some(v) = status.metadata().get("retry-after-ms") {
+                    s.metadata_mut().insert("retry-after-ms", v.clone());
+                }
+                s
+            }
         }
     }
 }
