@@ -1,2 +1,81 @@
-//! End-to-end benchmarks (see `pipeline.rs`; the single-process comparison
-//! with peers is `single_process.sh`).
+//! End-to-end benchmarks and their shared set-up: `pipeline.rs` (pipeline
+//! overhead), `serving.rs` (load generator: continuous batching against no
+//! batching and transformers static batching), `control_plane.rs` (Raft vs
+//! etcd); the single-process comparison with peers is `single_process.sh`.
+
+use std::time::Duration;
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_worker::server::register::{registration_loop, Registration};
+use llmos_worker::server::{serve, HostHandle};
+use tonic::transport::Channel;
+
+/// A coordinator and `workers` workers on loopback, in this process; returns
+/// a channel to the coordinator once every worker has registered.
+pub async fn start_cluster(workers: usize) -> Channel {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = llmos_coordinator::Config {
+        heartbeat_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    tokio::spawn(llmos_coordinator::serve(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    for i in 0..workers {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(registration_loop(Registration {
+            coordinator: url.clone(),
+            worker_id: format!("w{i}"),
+            address: format!("http://{addr}"),
+            device: "cpu".into(),
+        }));
+        tokio::spawn(serve(l, HostHandle::spawn(), std::future::pending()));
+    }
+    let ch = loop {
+        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut admin = AdminClient::new(ch.clone());
+    while admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .get_ref()
+        .workers
+        .len()
+        < workers
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ch
+}
+
+/// Deploys the embedded SmolLM2 as `name` over `stages` stages.
+pub async fn deploy_smollm2(
+    ch: &Channel,
+    name: &str,
+    stages: u32,
+    serving: Option<api::ServingOptions>,
+) {
+    AdminClient::new(ch.clone())
+        .deploy_model(api::DeployModelRequest {
+            name: name.into(),
+            source: "smollm2".into(),
+            stages,
+            serving,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}

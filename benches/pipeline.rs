@@ -6,14 +6,11 @@
 //!
 //! cargo bench -p llmos-benches --bench pipeline
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use llmos_proto::v1 as api;
-use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
 use llmos_proto::worker::v1 as wk;
-use llmos_worker::server::register::{registration_loop, Registration};
-use llmos_worker::server::{serve, HostHandle};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -22,59 +19,8 @@ const DECODE_TOKENS: u32 = 64;
 const REPEAT: usize = 5;
 
 async fn cluster(workers: usize) -> Channel {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = llmos_coordinator::Config {
-        heartbeat_interval: Duration::from_millis(200),
-        ..Default::default()
-    };
-    tokio::spawn(llmos_coordinator::serve(
-        listener,
-        config,
-        std::future::pending(),
-    ));
-    for i in 0..workers {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(registration_loop(Registration {
-            coordinator: url.clone(),
-            worker_id: format!("w{i}"),
-            address: format!("http://{addr}"),
-            device: "cpu".into(),
-        }));
-        tokio::spawn(serve(l, HostHandle::spawn(), std::future::pending()));
-    }
-    let ch = loop {
-        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut admin = AdminClient::new(ch.clone());
-    while admin
-        .list_workers(api::ListWorkersRequest {})
-        .await
-        .unwrap()
-        .get_ref()
-        .workers
-        .len()
-        < workers
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    admin
-        .deploy_model(api::DeployModelRequest {
-            name: "smol".into(),
-            source: "smollm2".into(),
-            stages: workers as u32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let ch = llmos_benches::start_cluster(workers).await;
+    llmos_benches::deploy_smollm2(&ch, "smol", workers as u32, None).await;
     ch
 }
 

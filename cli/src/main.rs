@@ -139,7 +139,7 @@ struct DeployArgs {
     /// Tokens per engine step (0: 512).
     #[arg(long, default_value_t = 0)]
     max_batch_tokens: u32,
-    /// Sequences running at once (0: 32; 1 turns batching off).
+    /// Sequences running at once (0: 64; 1 turns batching off).
     #[arg(long, default_value_t = 0)]
     max_running: u32,
     /// Requests waiting before RESOURCE_EXHAUSTED (0: 256).

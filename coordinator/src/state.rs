@@ -56,7 +56,7 @@ impl Default for Serving {
             kv_blocks: 1024,
             block_size: 16,
             max_batch_tokens: 512,
-            max_running: 32,
+            max_running: 64,
             max_waiting: 256,
             prefix_caching: true,
         }

@@ -88,6 +88,49 @@ pub fn gemv<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: 
     });
 }
 
+/// `y[b * rows + r] = dot(w row r, x[b * cols..])` for `b` input rows:
+/// each weight row is read from memory once and used for every input row
+/// (small batches, where a general matrix product repacks the weight).
+pub fn gemv_batch<T: WeightElem>(
+    pool: &SpinPool,
+    w: &[T],
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    park: bool,
+) {
+    assert!(
+        cols > 0 && x.len() % cols == 0,
+        "gemv_batch: x is not b x cols"
+    );
+    let b = x.len() / cols;
+    assert_eq!(y.len() % b.max(1), 0);
+    let rows = y.len() / b.max(1);
+    assert_eq!(
+        w.len(),
+        rows * cols,
+        "gemv_batch: weight is not rows x cols"
+    );
+    let out = OutPtr(y.as_mut_ptr());
+    let per_task = ROWS_PER_TASK.max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
+    let task = |task: usize| {
+        let first = task * per_task;
+        for r in first..(first + per_task).min(rows) {
+            let row = &w[r * cols..(r + 1) * cols];
+            for i in 0..b {
+                let v = T::dot(row, &x[i * cols..(i + 1) * cols]);
+                // SAFETY: `(i, r)` is in bounds, and row `r` is this task's.
+                unsafe { *out.at(i * rows + r) = v };
+            }
+        }
+    };
+    if park {
+        pool.run_then_park(rows.div_ceil(per_task), &task)
+    } else {
+        pool.run(rows.div_ceil(per_task), &task)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -206,6 +249,28 @@ mod tests {
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "bf16 {rows}x{cols}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn batch_of_rows_matches_libtorch_linear() {
+        tch::manual_seed(4);
+        for (rows, cols, b) in [(130i64, 576i64, 3i64), (7, 31, 8), (65, 100, 2)] {
+            let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
+            let x = Tensor::randn([b, cols], (Kind::Float, tch::Device::Cpu));
+            let want: Vec<f32> = Vec::try_from(x.linear::<Tensor>(&w, None).view([-1])).unwrap();
+            let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
+            let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+            for park in [false, true] {
+                let mut y = vec![0f32; (rows * b) as usize];
+                gemv_batch(&pool(), &ws, cols as usize, &xs, &mut y, park);
+                for (a, w) in y.iter().zip(&want) {
+                    assert!(
+                        (a - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{rows}x{cols}x{b}: {a} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -314,6 +314,8 @@ pub fn paged_attention(
             .all(|&b| (b as usize + 1) * block_size <= slots));
     }
     let m = Dims {
+        // Beside libtorch's threads (large batches): do not spin after.
+        park: queries.len() as i64 > crate::model::linear::Linear::SMALL_BATCH,
         heads,
         group: heads / kv_heads,
         kv_heads,
@@ -344,6 +346,7 @@ pub fn paged_attention(
 }
 
 struct Dims {
+    park: bool,
     heads: usize,
     group: usize,
     kv_heads: usize,
@@ -360,7 +363,7 @@ fn run<T: WeightElem>(
     v: Ptr<T>,
     out: &OutPtr,
 ) {
-    pool().run(queries.len() * m.heads, &|task| {
+    let job = |task: usize| {
         let (qr, head) = (&queries[task / m.heads], task % m.heads);
         let kvh = head / m.group;
         let row = m.kv_heads * m.d;
@@ -393,7 +396,12 @@ fn run<T: WeightElem>(
             }
             std::ptr::copy_nonoverlapping(acc.as_ptr(), out.at(qo), m.d);
         }
-    });
+    };
+    if m.park {
+        pool().run_then_park(queries.len() * m.heads, &job);
+    } else {
+        pool().run(queries.len() * m.heads, &job);
+    }
 }
 
 #[cfg(test)]

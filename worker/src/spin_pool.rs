@@ -37,6 +37,9 @@ struct Shared {
     sleep: Mutex<u64>,
     wake: Condvar,
     sleepers: AtomicUsize,
+    /// Helpers park right after the current job instead of spinning (the
+    /// caller is about to run libtorch's own threads).
+    park_after: std::sync::atomic::AtomicBool,
 }
 
 pub struct SpinPool {
@@ -56,6 +59,7 @@ impl SpinPool {
             sleep: Mutex::new(0),
             wake: Condvar::new(),
             sleepers: AtomicUsize::new(0),
+            park_after: std::sync::atomic::AtomicBool::new(false),
         });
         let helpers = threads.saturating_sub(1);
         for i in 0..helpers {
@@ -75,6 +79,16 @@ impl SpinPool {
     /// Runs `task(0..chunks)` across the pool and returns when all are done.
     /// `chunks` is at most `MAX_CHUNKS`.
     pub fn run(&self, chunks: usize, task: &(dyn Fn(usize) + Sync)) {
+        self.run_inner(chunks, task, false)
+    }
+
+    /// Like `run`, but the helpers park as soon as the job is done, so they
+    /// do not spin against other threads (libtorch's) that run next.
+    pub fn run_then_park(&self, chunks: usize, task: &(dyn Fn(usize) + Sync)) {
+        self.run_inner(chunks, task, true)
+    }
+
+    fn run_inner(&self, chunks: usize, task: &(dyn Fn(usize) + Sync), park: bool) {
         assert!(
             chunks <= MAX_CHUNKS,
             "SpinPool::run: {chunks} chunks > {MAX_CHUNKS}"
@@ -94,6 +108,7 @@ impl SpinPool {
         let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(task) };
         let mut job = Job { task };
         s.done.store(0, Ordering::Relaxed);
+        s.park_after.store(park, Ordering::Relaxed);
         s.job.store(&mut job, Ordering::Release);
         let epoch = (s.ticket.load(Ordering::Relaxed) >> 32) + 1;
         // SeqCst on this store and the `sleepers` load (and on the helper's
@@ -134,7 +149,12 @@ fn work(s: &Shared, epoch: u64) {
 fn helper(s: &Shared) {
     let mut seen = 0u64;
     loop {
-        let mut spins = 0;
+        // The epoch's ticket store (Release) orders `park_after` before it.
+        let mut spins = if s.park_after.load(Ordering::Relaxed) {
+            SPIN_ITERS
+        } else {
+            0
+        };
         let epoch = loop {
             let e = s.ticket.load(Ordering::Acquire) >> 32;
             if e != seen {

@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::gemv::{gemv, pool};
+use crate::gemv::{gemv, gemv_batch, pool};
 
 pub struct Linear {
     weight: Tensor,
@@ -73,9 +73,53 @@ impl Linear {
         }
     }
 
+    /// Up to this many input rows go through the `gemv` kernels (each
+    /// weight row read once for all of them); more through libtorch.
+    pub const SMALL_BATCH: i64 = 8;
+
+    /// A few rows through `gemv_batch`.
+    fn forward_small(&self, x: &Tensor, rows: i64) -> Tensor {
+        let (out_f, in_f) = (self.weight.size()[0], self.weight.size()[1]);
+        let xf = x.to_kind(Kind::Float).contiguous();
+        let y = Tensor::empty([rows, out_f], (Kind::Float, Device::Cpu));
+        let (nx, ny) = ((rows * in_f) as usize, (rows * out_f) as usize);
+        // SAFETY: `xf` and `y` are contiguous f32 CPU tensors of `nx` and
+        // `ny` elements; the weight is a contiguous CPU tensor of the matched
+        // element type (`fast`), all alive for the call; `y` is not aliased.
+        unsafe {
+            let xs = std::slice::from_raw_parts(xf.data_ptr() as *const f32, nx);
+            let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, ny);
+            let n = (out_f * in_f) as usize;
+            match self.weight.kind() {
+                Kind::Float => {
+                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const f32, n);
+                    gemv_batch(pool(), w, in_f as usize, xs, ys, false)
+                }
+                _ => {
+                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const u16, n);
+                    gemv_batch(pool(), w, in_f as usize, xs, ys, false)
+                }
+            }
+        }
+        let mut y = match &self.bias {
+            Some(b) => y + b.to_kind(Kind::Float),
+            None => y,
+        };
+        let mut out_size = x.size();
+        *out_size.last_mut().unwrap() = out_f;
+        y = y.view(out_size.as_slice());
+        if x.kind() != Kind::Float {
+            y = y.to_kind(x.kind());
+        }
+        y
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let size = x.size();
         let rows: i64 = size[..size.len() - 1].iter().product();
+        if self.fast && rows > 1 && rows <= Self::SMALL_BATCH {
+            return self.forward_small(x, rows);
+        }
         if !(self.fast && rows == 1) {
             return x.linear(&self.weight, self.bias.as_ref());
         }

@@ -310,8 +310,15 @@ impl Host {
                 )
             }
             _ => {
-                if tch::get_num_threads() != self.threads {
-                    tch::set_num_threads(self.threads);
+                // A few rows run on the `gemv` kernels' pool: libtorch's
+                // threads would only spin against it.
+                let want = if t <= crate::model::linear::Linear::SMALL_BATCH {
+                    1
+                } else {
+                    self.threads
+                };
+                if tch::get_num_threads() != want {
+                    tch::set_num_threads(want);
                 }
                 let x = match (&ids, &req.input) {
                     (Some(ids), _) => model.embed_packed(ids)?,

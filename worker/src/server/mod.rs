@@ -62,7 +62,7 @@ impl From<WorkerError> for Status {
 
 /// Engine limits when the spec leaves them at 0.
 pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 512;
-pub const DEFAULT_MAX_RUNNING: u32 = 32;
+pub const DEFAULT_MAX_RUNNING: u32 = 64;
 pub const DEFAULT_MAX_WAITING: u32 = 256;
 pub const DEFAULT_STEP_TIMEOUT_MS: u32 = 30_000;
 
