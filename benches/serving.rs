@@ -31,9 +31,11 @@ struct Workload {
 }
 
 /// Chat-like requests: prompts of 16..128 random token ids, outputs of
-/// 32..160 tokens, from one seeded generator (the same every run).
-fn workload(n: usize) -> Workload {
-    let mut x = 0x9E3779B97F4A7C15u64;
+/// 32..160 tokens, from one seeded generator. Each run draws its own
+/// requests (another seed, same distribution), so no run is served from the
+/// prefix cache another run filled.
+fn workload(n: usize, seed: u64) -> Workload {
+    let mut x = 0x9E3779B97F4A7C15u64 ^ seed.wrapping_mul(0xD1B54A32D192ED03);
     let mut next = |m: u64| {
         x = x
             .wrapping_mul(6364136223846793005)
@@ -225,7 +227,7 @@ fn main() {
     let hf_batch = arg("--hf-batch", 8);
     let threads = tch::get_num_threads();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let w = workload(n);
+    let w = workload(n, 0);
     rt.block_on(async {
         let ch = llmos_benches::start_cluster(1).await;
         llmos_benches::deploy_smollm2(&ch, "batched", 1, None).await;
@@ -242,15 +244,16 @@ fn main() {
              ({prompt_tokens} in all), outputs 32-160 tokens ({out_tokens} in all), seeded"
         );
         // Warm-up (first-use allocations, thread pools).
-        let _ = run(&ch, "batched", &workload(4), &[0.0; 4]).await;
-        let _ = run(&ch, "single", &workload(1), &[0.0]).await;
+        let _ = run(&ch, "batched", &workload(4, 100), &[0.0; 4]).await;
+        let _ = run(&ch, "single", &workload(1, 101), &[0.0]).await;
 
         let idle_n = 12.min(n);
+        let wi = workload(idle_n, 1);
         let mut idle_samples = Vec::new();
         let t0 = Instant::now();
         for i in 0..idle_n {
             let c = InferenceClient::new(ch.clone());
-            idle_samples.push(one(c, "batched".into(), w.prompts[i].clone(), w.outputs[i]).await);
+            idle_samples.push(one(c, "batched".into(), wi.prompts[i].clone(), wi.outputs[i]).await);
         }
         let idle = Run {
             wall: t0.elapsed().as_secs_f64(),
@@ -271,7 +274,8 @@ fn main() {
         let mut half = None;
         for (i, f) in [0.25, 0.5, 0.75].into_iter().enumerate() {
             let rate = f * sat_rate;
-            let r = run(&ch, "batched", &w, &poisson(n, rate, 7 + i as u64)).await;
+            let wr = workload(n, 2 + i as u64);
+            let r = run(&ch, "batched", &wr, &poisson(n, rate, 7 + i as u64)).await;
             row(&format!("Poisson {f:.2}x ({rate:.2} req/s)"), &r);
             if f == 0.5 {
                 half = Some(r);
