@@ -22,10 +22,12 @@ pub trait WeightElem: Copy + Send + Sync {
 }
 
 impl WeightElem for f32 {
+    #[inline(always)]
     fn widen(self) -> f32 {
         self
     }
 
+    #[inline]
     fn dot(row: &[f32], x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -38,10 +40,12 @@ impl WeightElem for f32 {
 
 /// bfloat16 stored as its bit pattern.
 impl WeightElem for u16 {
+    #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits((self as u32) << 16)
     }
 
+    #[inline]
     fn dot(row: &[u16], x: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
