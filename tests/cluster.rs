@@ -34,12 +34,6 @@ async fn start_coordinator() -> String {
 }
 
 /// A worker process stand-in: its server and registration tasks.
-#[allow(dead_code)] // held to keep the tasks' handles with the test
-struct Worker {
-    server: tokio::task::JoinHandle<()>,
-    registration: tokio::task::JoinHandle<()>,
-}
-
 /// An `llmos-worker serve` process registering as `id`.
 struct ProcWorker(std::process::Child);
 
@@ -75,23 +69,20 @@ impl Drop for ProcWorker {
     }
 }
 
-/// Starts a worker registering as `id` on a fresh port.
-async fn start_worker(coordinator: &str, id: &str) -> Worker {
+/// Starts an in-process worker registering as `id` on a fresh port (its
+/// tasks live as long as the test's runtime).
+async fn start_worker(coordinator: &str, id: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let registration = tokio::spawn(registration_loop(Registration {
+    tokio::spawn(registration_loop(Registration {
         coordinator: coordinator.into(),
         worker_id: id.into(),
         address: format!("http://{addr}"),
         device: "cpu".into(),
     }));
-    let server = tokio::spawn(async move {
+    tokio::spawn(async move {
         let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;
     });
-    Worker {
-        server,
-        registration,
-    }
 }
 
 async fn connect<T>(url: &str, make: impl Fn(Channel) -> T) -> T {
@@ -184,7 +175,7 @@ async fn deploy_generate_cancel_and_faults() {
     drop(engine);
 
     let coordinator = start_coordinator().await;
-    let _w0 = start_worker(&coordinator, "w0").await;
+    start_worker(&coordinator, "w0").await;
     let mut w1 = ProcWorker::start(&coordinator, "w1");
     let mut admin = connect(&coordinator, AdminClient::new).await;
     let mut inference = connect(&coordinator, InferenceClient::new).await;
@@ -393,8 +384,8 @@ fn serving_deploy(name: &str, serving: api::ServingOptions) -> api::DeployModelR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_engine_through_the_api() {
     let coordinator = start_coordinator().await;
-    let _w0 = start_worker(&coordinator, "s0").await;
-    let _w1 = start_worker(&coordinator, "s1").await;
+    start_worker(&coordinator, "s0").await;
+    start_worker(&coordinator, "s1").await;
     let mut admin = connect(&coordinator, AdminClient::new).await;
     let mut inference = connect(&coordinator, InferenceClient::new).await;
     wait_for_workers(&mut admin, 2).await;

@@ -8,6 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::gemv::{pool, WeightElem};
+use crate::spin_pool::{SharedOut, SharedPtr};
 
 /// Whether `decode_attention` handles these tensors (else use libtorch).
 pub fn supported(q: &Tensor, k: &Tensor) -> bool {
@@ -17,20 +18,33 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
         && q.size()[2] == 1
 }
 
-struct Ptr<T>(*const T);
-// SAFETY: read-only views shared across the pool's threads.
-unsafe impl<T> Sync for Ptr<T> {}
-impl<T> Ptr<T> {
-    fn at(&self, i: usize) -> *const T {
-        self.0.wrapping_add(i)
+/// `out = softmax(q . K^T * scale) . V` for one query head, over the key
+/// and value rows the iterators yield in position order (`len` of each;
+/// `scores` is scratch). Shared by the contiguous-cache and the paged
+/// kernels, which differ only in where each position's row lives.
+pub(crate) fn attend_row<'a, T: WeightElem + 'a>(
+    q: &[f32],
+    keys: impl Iterator<Item = &'a [T]>,
+    values: impl Iterator<Item = &'a [T]>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    scores.clear();
+    scores.extend(keys.map(|k| T::dot(k, q) * scale));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
     }
-}
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own heads' rows.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|a| *a = 0.0);
+    for (s, v) in scores.iter().zip(values) {
+        let p = s * inv;
+        for (a, x) in out.iter_mut().zip(v) {
+            *a += p * x.widen();
+        }
     }
 }
 
@@ -78,23 +92,23 @@ pub fn attend_into(
         v_strides: [vs[0] as usize, vs[1] as usize, vs[2] as usize],
         scale: scale as f32,
     };
-    let qp = Ptr(q.as_ptr());
-    let op = OutPtr(out.as_mut_ptr());
+    let qp = SharedPtr(q.as_ptr());
+    let op = SharedOut(out.as_mut_ptr());
     match k.kind() {
         Kind::Float => run::<f32>(
             &dims,
             b as usize,
             &qp,
-            Ptr(k.data_ptr() as _),
-            Ptr(v.data_ptr() as _),
+            SharedPtr(k.data_ptr() as _),
+            SharedPtr(v.data_ptr() as _),
             &op,
         ),
         _ => run::<u16>(
             &dims,
             b as usize,
             &qp,
-            Ptr(k.data_ptr() as _),
-            Ptr(v.data_ptr() as _),
+            SharedPtr(k.data_ptr() as _),
+            SharedPtr(v.data_ptr() as _),
             &op,
         ),
     }
@@ -110,44 +124,38 @@ struct Dims {
     scale: f32,
 }
 
-fn run<T: WeightElem>(m: &Dims, batch: usize, q: &Ptr<f32>, k: Ptr<T>, v: Ptr<T>, out: &OutPtr) {
+fn run<T: WeightElem>(
+    m: &Dims,
+    batch: usize,
+    q: &SharedPtr<f32>,
+    k: SharedPtr<T>,
+    v: SharedPtr<T>,
+    out: &SharedOut,
+) {
     // One task per query head (not per KV head): with few KV heads that
     // balances the threads; a group's K/V rows are re-read from cache.
     let heads = m.kv_heads * m.group;
     pool().run(batch * heads, &|task| {
         let (bi, head) = (task / heads, task % heads);
         let h = head / m.group;
-        let mut scores = vec![0f32; m.len];
-        let mut acc = vec![0f32; m.d];
         let kb = bi * m.k_strides[0] + h * m.k_strides[1];
         let vb = bi * m.v_strides[0] + h * m.v_strides[1];
-        {
-            let qo = (bi * heads + head) * m.d;
-            // SAFETY: all offsets stay inside the tensors' extents given by
-            // their sizes and strides; `out` rows are this task's alone.
-            unsafe {
-                let qrow = std::slice::from_raw_parts(q.at(qo), m.d);
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = std::slice::from_raw_parts(k.at(kb + j * m.k_strides[2]), m.d);
-                    *s = T::dot(kr, qrow) * m.scale;
-                    max = max.max(*s);
-                }
-                let mut total = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for (j, s) in scores.iter().enumerate() {
-                    let vr = std::slice::from_raw_parts(v.at(vb + j * m.v_strides[2]), m.d);
-                    let p = s / total;
-                    for (a, x) in acc.iter_mut().zip(vr) {
-                        *a += p * x.widen();
-                    }
-                }
-                std::ptr::copy_nonoverlapping(acc.as_ptr(), out.at(qo), m.d);
-            }
+        let qo = (bi * heads + head) * m.d;
+        let mut scores = Vec::with_capacity(m.len);
+        // SAFETY: all offsets stay inside the tensors' extents given by
+        // their sizes and strides; `out` rows are this task's alone.
+        unsafe {
+            let rows = |first: *const T, stride: usize| {
+                (0..m.len).map(move |j| std::slice::from_raw_parts(first.add(j * stride), m.d))
+            };
+            attend_row(
+                std::slice::from_raw_parts(q.at(qo), m.d),
+                rows(k.at(kb), m.k_strides[2]),
+                rows(v.at(vb), m.v_strides[2]),
+                m.scale,
+                &mut scores,
+                std::slice::from_raw_parts_mut(out.at(qo), m.d),
+            );
         }
     });
 }

@@ -9,7 +9,7 @@
 //! (An AVX-512 variant and a four-rows-at-a-time variant were measured and
 //! brought nothing or lost: the loop is bound by memory bandwidth.)
 
-use crate::spin_pool::SpinPool;
+use crate::spin_pool::{SharedOut, SpinPool};
 
 /// Rows per parallel task: large enough to amortize scheduling, small enough
 /// to balance two threads on the smallest projections.
@@ -59,17 +59,6 @@ impl WeightElem for u16 {
     }
 }
 
-/// Disjoint output chunks written from several threads.
-struct OutPtr(*mut f32);
-// SAFETY: each chunk index writes only its own rows.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `y[r] = dot(w[r * cols..(r + 1) * cols], x)` for every row `r`.
 pub fn gemv<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
     assert_eq!(
@@ -78,31 +67,13 @@ pub fn gemv<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: 
         "gemv: x has {} elements, weight rows {cols}",
         x.len()
     );
-    assert_eq!(w.len(), y.len() * cols, "gemv: weight is not rows x cols");
-    let rows = y.len();
-    let out = OutPtr(y.as_mut_ptr());
-    let per_task = ROWS_PER_TASK.max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
-    pool.run(rows.div_ceil(per_task), &|task| {
-        let first = task * per_task;
-        for r in first..(first + per_task).min(rows) {
-            let v = T::dot(&w[r * cols..(r + 1) * cols], x);
-            // SAFETY: `r < rows`, and row `r` belongs to this task alone.
-            unsafe { *out.at(r) = v };
-        }
-    });
+    gemv_batch(pool, w, cols, x, y)
 }
 
 /// `y[b * rows + r] = dot(w row r, x[b * cols..])` for `b` input rows:
 /// each weight row is read from memory once and used for every input row
 /// (small batches, where a general matrix product repacks the weight).
-pub fn gemv_batch<T: WeightElem>(
-    pool: &SpinPool,
-    w: &[T],
-    cols: usize,
-    x: &[f32],
-    y: &mut [f32],
-    park: bool,
-) {
+pub fn gemv_batch<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
     assert!(
         cols > 0 && x.len() % cols == 0,
         "gemv_batch: x is not b x cols"
@@ -115,9 +86,9 @@ pub fn gemv_batch<T: WeightElem>(
         rows * cols,
         "gemv_batch: weight is not rows x cols"
     );
-    let out = OutPtr(y.as_mut_ptr());
+    let out = SharedOut(y.as_mut_ptr());
     let per_task = ROWS_PER_TASK.max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
-    let task = |task: usize| {
+    pool.run(rows.div_ceil(per_task), &|task| {
         let first = task * per_task;
         for r in first..(first + per_task).min(rows) {
             let row = &w[r * cols..(r + 1) * cols];
@@ -127,12 +98,7 @@ pub fn gemv_batch<T: WeightElem>(
                 unsafe { *out.at(i * rows + r) = v };
             }
         }
-    };
-    if park {
-        pool.run_then_park(rows.div_ceil(per_task), &task)
-    } else {
-        pool.run(rows.div_ceil(per_task), &task)
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -266,15 +232,13 @@ mod tests {
             let want: Vec<f32> = Vec::try_from(x.linear::<Tensor>(&w, None).view([-1])).unwrap();
             let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
             let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
-            for park in [false, true] {
-                let mut y = vec![0f32; (rows * b) as usize];
-                gemv_batch(&pool(), &ws, cols as usize, &xs, &mut y, park);
-                for (a, w) in y.iter().zip(&want) {
-                    assert!(
-                        (a - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{rows}x{cols}x{b}: {a} vs {w}"
-                    );
-                }
+            let mut y = vec![0f32; (rows * b) as usize];
+            gemv_batch(&pool(), &ws, cols as usize, &xs, &mut y);
+            for (a, w) in y.iter().zip(&want) {
+                assert!(
+                    (a - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{rows}x{cols}x{b}: {a} vs {w}"
+                );
             }
         }
     }

@@ -15,6 +15,28 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     (b.wrapping_add(round) >> 16) as u16
 }
 
+/// Writes f32 `src` at element `off` of a contiguous CPU f32 or bf16 tensor,
+/// converting to its dtype.
+///
+/// # Safety
+/// `t` is contiguous on the CPU, `off + src.len()` is within it, and no
+/// other reference reads or writes those elements meanwhile.
+pub(crate) unsafe fn store_row(t: &Tensor, off: usize, src: &[f32]) {
+    match t.kind() {
+        Kind::Float => {
+            let dst = (t.data_ptr() as *mut f32).add(off);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+        }
+        Kind::BFloat16 => {
+            let dst = (t.data_ptr() as *mut u16).add(off);
+            for (i, x) in src.iter().enumerate() {
+                *dst.add(i) = f32_to_bf16(*x);
+            }
+        }
+        other => panic!("store_row into a {other:?} tensor"),
+    }
+}
+
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -143,26 +165,11 @@ impl KvCache {
         let (heads, cap, d) = (heads as usize, cap as usize, d as usize);
         assert!(pos < cap && k.len() == heads * d && v.len() == heads * d);
         for (t, src) in [(&self.keys[layer], k), (&self.values[layer], v)] {
-            let kind = t.kind();
             for h in 0..heads {
-                let off = h * cap * d + pos * d;
-                let row = &src[h * d..(h + 1) * d];
-                // SAFETY: the cache tensors are contiguous CPU tensors owned by
-                // `self` (borrowed mutably); `off + d` is within `heads * cap * d`.
-                unsafe {
-                    match kind {
-                        Kind::Float => {
-                            let dst = (t.data_ptr() as *mut f32).add(off);
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, d);
-                        }
-                        _ => {
-                            let dst = (t.data_ptr() as *mut u16).add(off);
-                            for (i, x) in row.iter().enumerate() {
-                                *dst.add(i) = f32_to_bf16(*x);
-                            }
-                        }
-                    }
-                }
+                // SAFETY: the cache tensors are contiguous CPU tensors owned
+                // by `self` (borrowed mutably); `off + d` is within
+                // `heads * cap * d`.
+                unsafe { store_row(t, h * cap * d + pos * d, &src[h * d..(h + 1) * d]) };
             }
         }
     }

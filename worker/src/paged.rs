@@ -13,8 +13,10 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::decode_attention::attend_row;
 use crate::error::{Result, WorkerError};
 use crate::gemv::{pool, WeightElem};
+use crate::spin_pool::{SharedOut, SharedPtr};
 
 /// Shape of a stage's KV pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,21 +109,7 @@ impl KvPool {
             assert!(t.device() == Device::Cpu);
             // SAFETY: pool tensors are contiguous CPU tensors owned by `self`
             // (borrowed mutably); `slot * row + row` is within their extent.
-            unsafe {
-                match t.kind() {
-                    Kind::Float => {
-                        let dst = (t.data_ptr() as *mut f32).add(slot * row);
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, row);
-                    }
-                    Kind::BFloat16 => {
-                        let dst = (t.data_ptr() as *mut u16).add(slot * row);
-                        for (i, x) in src.iter().enumerate() {
-                            *dst.add(i) = crate::kv_cache::f32_to_bf16(*x);
-                        }
-                    }
-                    other => panic!("write_slot on a {other:?} pool"),
-                }
-            }
+            unsafe { crate::kv_cache::store_row(t, slot * row, src) };
         }
     }
 }
@@ -267,23 +255,6 @@ pub struct QueryRow<'a> {
     pub len: usize,
 }
 
-struct Ptr<T>(*const T);
-// SAFETY: read-only views shared across the pool's threads.
-unsafe impl<T> Sync for Ptr<T> {}
-impl<T> Ptr<T> {
-    fn at(&self, i: usize) -> *const T {
-        self.0.wrapping_add(i)
-    }
-}
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own (row, head) output.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// Attention of single query rows over their sequences' cached positions,
 /// read in place through block tables. `q` and `out` are `[rows, heads,
 /// head_dim]` f32 (flat); only the rows named in `queries` are written.
@@ -323,22 +294,22 @@ pub fn paged_attention(
         block_size,
         scale,
     };
-    let (qp, op) = (Ptr(q.as_ptr()), OutPtr(out.as_mut_ptr()));
+    let (qp, op) = (SharedPtr(q.as_ptr()), SharedOut(out.as_mut_ptr()));
     match keys.kind() {
         Kind::Float => run::<f32>(
             &m,
             queries,
             &qp,
-            Ptr(keys.data_ptr() as _),
-            Ptr(values.data_ptr() as _),
+            SharedPtr(keys.data_ptr() as _),
+            SharedPtr(values.data_ptr() as _),
             &op,
         ),
         Kind::BFloat16 => run::<u16>(
             &m,
             queries,
             &qp,
-            Ptr(keys.data_ptr() as _),
-            Ptr(values.data_ptr() as _),
+            SharedPtr(keys.data_ptr() as _),
+            SharedPtr(values.data_ptr() as _),
             &op,
         ),
         other => panic!("paged_attention over a {other:?} pool"),
@@ -355,95 +326,41 @@ struct Dims {
     scale: f32,
 }
 
-/// One (query row, head) of `paged_attention`.
-///
-/// # Safety
-/// `paged_attention` checked that every block of `qr` lies inside the pool
-/// and the row inside `q`/`out`; only this (row, head) output is written.
-#[inline(always)]
-unsafe fn attend_head<T: WeightElem>(
-    m: &Dims,
-    qr: &QueryRow<'_>,
-    head: usize,
-    q: &Ptr<f32>,
-    k: &Ptr<T>,
-    v: &Ptr<T>,
-    out: &OutPtr,
-) {
-    let kvh = head / m.group;
-    let row = m.kv_heads * m.d;
-    let qo = (qr.row * m.heads + head) * m.d;
-    let mut scores = vec![0f32; qr.len];
-    let mut acc = vec![0f32; m.d];
-    // Offsets of the cached rows, block by block (no division per position).
-    let rows = || {
-        qr.blocks.iter().enumerate().flat_map(move |(i, &b)| {
-            let n = m.block_size.min(qr.len.saturating_sub(i * m.block_size));
-            let base = b as usize * m.block_size * row + kvh * m.d;
-            (0..n).map(move |o| base + o * row)
-        })
-    };
-    let qrow = std::slice::from_raw_parts(q.at(qo), m.d);
-    let mut max = f32::NEG_INFINITY;
-    for (s, at) in scores.iter_mut().zip(rows()) {
-        let kr = std::slice::from_raw_parts(k.at(at), m.d);
-        *s = T::dot(kr, qrow) * m.scale;
-        max = max.max(*s);
-    }
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    let inv = 1.0 / total;
-    for (s, at) in scores.iter().zip(rows()) {
-        let vr = std::slice::from_raw_parts(v.at(at), m.d);
-        let p = s * inv;
-        for (a, x) in acc.iter_mut().zip(vr) {
-            *a += p * x.widen();
-        }
-    }
-    std::ptr::copy_nonoverlapping(acc.as_ptr(), out.at(qo), m.d);
-}
-
-/// `attend_head` compiled for AVX2/FMA (its loops vectorize 8 wide and the
-/// dot products inline).
-///
-/// # Safety
-/// As `attend_head`, and the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_head_avx2<T: WeightElem>(
-    m: &Dims,
-    qr: &QueryRow<'_>,
-    head: usize,
-    q: &Ptr<f32>,
-    k: &Ptr<T>,
-    v: &Ptr<T>,
-    out: &OutPtr,
-) {
-    attend_head(m, qr, head, q, k, v, out)
-}
-
 fn run<T: WeightElem>(
     m: &Dims,
     queries: &[QueryRow<'_>],
-    q: &Ptr<f32>,
-    k: Ptr<T>,
-    v: Ptr<T>,
-    out: &OutPtr,
+    q: &SharedPtr<f32>,
+    k: SharedPtr<T>,
+    v: SharedPtr<T>,
+    out: &SharedOut,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
     let job = |task: usize| {
         let (qr, head) = (&queries[task / m.heads], task % m.heads);
-        // SAFETY: the features were detected above; the task's own safety
-        // argument is `attend_head`'s.
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            return unsafe { attend_head_avx2(m, qr, head, q, &k, &v, out) };
+        let kvh = head / m.group;
+        let row = m.kv_heads * m.d;
+        let qo = (qr.row * m.heads + head) * m.d;
+        let mut scores = Vec::with_capacity(qr.len);
+        // SAFETY: `paged_attention` checked that every block of every query
+        // lies inside the pool and every query row inside `q`/`out`; each
+        // task writes only its own (row, head) output.
+        unsafe {
+            // The cached rows block by block (no division per position).
+            let rows = |base: *const T| {
+                qr.blocks.iter().enumerate().flat_map(move |(i, &b)| {
+                    let n = m.block_size.min(qr.len.saturating_sub(i * m.block_size));
+                    let first = b as usize * m.block_size * row + kvh * m.d;
+                    (0..n).map(move |o| std::slice::from_raw_parts(base.add(first + o * row), m.d))
+                })
+            };
+            attend_row(
+                std::slice::from_raw_parts(q.at(qo), m.d),
+                rows(k.at(0)),
+                rows(v.at(0)),
+                m.scale,
+                &mut scores,
+                std::slice::from_raw_parts_mut(out.at(qo), m.d),
+            );
         }
-        unsafe { attend_head(m, qr, head, q, &k, &v, out) }
     };
     if m.park {
         pool().run_then_park(queries.len() * m.heads, &job);

@@ -180,6 +180,27 @@ fn helper(s: &Shared) {
     }
 }
 
+/// A read-only pointer shared by a pool job's tasks.
+pub(crate) struct SharedPtr<T>(pub(crate) *const T);
+// SAFETY: only read, from tasks that the job's caller outlives.
+unsafe impl<T> Sync for SharedPtr<T> {}
+impl<T> SharedPtr<T> {
+    pub(crate) fn at(&self, i: usize) -> *const T {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// An output pointer shared by a pool job's tasks, each writing only its
+/// own disjoint elements.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint elements (each user states which).
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

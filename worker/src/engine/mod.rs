@@ -83,7 +83,6 @@ impl EngineStats {
 /// A handle to a running engine; the engine stops when the last is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
-    model: String,
     tx: mpsc::UnboundedSender<Cmd>,
     next_id: Arc<AtomicU64>,
 }
@@ -99,7 +98,7 @@ impl EngineHandle {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let engine = Engine {
-            model: model.clone(),
+            model,
             sched: Scheduler::new(cfg),
             stages: Arc::new(stages),
             clients: HashMap::new(),
@@ -108,7 +107,6 @@ impl EngineHandle {
         };
         tokio::spawn(engine.run(rx));
         Ok(EngineHandle {
-            model,
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
         })
@@ -143,10 +141,6 @@ impl EngineHandle {
             .send(Cmd::Stats(tx))
             .map_err(|_| WorkerError::HostStopped)?;
         rx.await.map_err(|_| WorkerError::HostStopped)
-    }
-
-    pub fn model(&self) -> &str {
-        &self.model
     }
 }
 
@@ -264,14 +258,19 @@ impl Engine {
         }
     }
 
+    /// A full queue, with the recent request duration as the retry hint.
+    fn queue_full(&self, waiting: usize, limit: usize) -> WorkerError {
+        WorkerError::QueueFull {
+            model: self.model.clone(),
+            waiting,
+            limit,
+            retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
+        }
+    }
+
     fn refusal(&self, r: Refusal) -> WorkerError {
         match r {
-            Refusal::QueueFull { waiting, limit } => WorkerError::QueueFull {
-                model: self.model.clone(),
-                waiting,
-                limit,
-                retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
-            },
+            Refusal::QueueFull { waiting, limit } => self.queue_full(waiting, limit),
             Refusal::ContextTooLong { positions, limit } => WorkerError::LimitExceeded {
                 what: "prompt plus max_new_tokens".into(),
                 limit_name: "the model's context length",
@@ -374,12 +373,9 @@ impl Engine {
                 after: c.timeout.unwrap_or_default(),
                 generated: f.generated,
             }),
-            Finish::Displaced => Err(WorkerError::QueueFull {
-                model: self.model.clone(),
-                waiting: self.sched.stats().waiting,
-                limit: self.sched.config().max_waiting,
-                retry_after_ms: self.recent_ms.clamp(50.0, 60_000.0) as u64,
-            }),
+            Finish::Displaced => {
+                Err(self.queue_full(self.sched.stats().waiting, self.sched.config().max_waiting))
+            }
             Finish::Failed => Err(WorkerError::StepFailed(format!(
                 "the engine of model {} stopped",
                 self.model

@@ -353,11 +353,11 @@ impl Scheduler {
     }
 
     /// The running sequence to preempt: lowest priority, latest arrival,
-    /// not in a step and not in `spare`.
-    fn victim(&self, spare: &[u64]) -> Option<u64> {
+    /// not in a step and not in `spare` (this step's plan).
+    fn victim(&self, spare: &[(u64, usize)]) -> Option<u64> {
         self.running
             .iter()
-            .filter(|id| !spare.contains(id))
+            .filter(|id| !spare.iter().any(|(p, _)| p == *id))
             .map(|id| (id, &self.seqs[id]))
             .filter(|(_, s)| !s.in_flight)
             .min_by_key(|(id, s)| (s.params.priority, std::cmp::Reverse(s.arrival), **id))
@@ -368,7 +368,8 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Option<StepPlan> {
         let mut budget = self.cfg.max_batch_tokens;
         let max_seqs = self.cfg.batch_seqs();
-        let mut plan: Vec<u64> = Vec::new();
+        // (sequence, tokens this step) in plan order.
+        let mut plan: Vec<(u64, usize)> = Vec::new();
         let mut order: Vec<u64> = self
             .running
             .iter()
@@ -404,14 +405,14 @@ impl Scheduler {
                     Some(v) => self.preempt(v),
                     None => break,
                 }
-                if v_is(&self.seqs, id) {
+                if self.seqs[&id].phase == Phase::Waiting {
                     break; // this sequence itself was the victim
                 }
             }
             if need > 0 || self.seqs[&id].phase != Phase::Running {
                 continue;
             }
-            plan.push(id);
+            plan.push((id, n));
             budget -= n;
         }
         while plan.len() < max_seqs && budget > 0 && self.running.len() < self.cfg.max_running {
@@ -443,23 +444,16 @@ impl Scheduler {
             }
             s.blocks = got.blocks;
             self.running.push(id);
-            budget -= (s.tokens.len() - s.computed).min(budget);
-            plan.push(id);
+            let n = (s.tokens.len() - s.computed).min(budget);
+            budget -= n;
+            plan.push((id, n));
         }
         if plan.is_empty() {
             return None;
         }
-        // Hand out the budget again in plan order (admissions may have been
-        // charged a whole prompt; a chunk is what fits).
-        let mut budget = self.cfg.max_batch_tokens;
         let mut seqs = Vec::with_capacity(plan.len());
-        for id in plan {
+        for (id, n) in plan {
             let s = self.seqs.get_mut(&id).unwrap();
-            let n = (s.tokens.len() - s.computed).min(budget);
-            if n == 0 {
-                continue;
-            }
-            budget -= n;
             s.in_flight = true;
             let done = s.computed + n == s.tokens.len();
             seqs.push(Planned {
@@ -535,11 +529,6 @@ impl Scheduler {
             .map(|id| (id, self.finish(id, reason)))
             .collect()
     }
-}
-
-/// Whether sequence `id` was just preempted (is waiting again).
-fn v_is(seqs: &HashMap<u64, Seq>, id: u64) -> bool {
-    seqs.get(&id).is_none_or(|s| s.phase == Phase::Waiting)
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
-//! `Linear`: a weight `[out, in]` with optional bias. Inputs of one row on
-//! CPU (decode steps) go through the `gemv` kernel; everything else through
-//! libtorch's `linear`.
+//! `Linear`: a weight `[out, in]` with optional bias. Up to `SMALL_BATCH`
+//! input rows on CPU (decode steps) go through the `gemv` kernel; everything
+//! else through libtorch's `linear`.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::gemv::{gemv, gemv_batch, pool};
+use crate::gemv::{gemv_batch, pool};
 
 pub struct Linear {
     weight: Tensor,
@@ -45,14 +45,16 @@ impl Linear {
         self.weight.size()[0] as usize
     }
 
-    /// `y = W x (+ b)` for one f32 row, with the `gemv` kernel.
+    /// `y = W x (+ b)` for one or a few f32 rows (`x`: rows x in, `y`: rows
+    /// x out), with the `gemv` kernel: each weight row is read once for all
+    /// rows.
     pub fn gemv_into(&self, x: &[f32], y: &mut [f32]) {
         assert!(self.fast, "gemv_into on a weight the kernel does not read");
         let (out_f, in_f) = (
             self.weight.size()[0] as usize,
             self.weight.size()[1] as usize,
         );
-        assert_eq!(y.len(), out_f);
+        assert_eq!(y.len() * in_f, x.len() * out_f, "gemv_into: rows differ");
         let n = out_f * in_f;
         // SAFETY: the weight is a contiguous CPU tensor of `n` elements of the
         // matched type, immutable and alive as long as `self`.
@@ -60,67 +62,29 @@ impl Linear {
             match self.weight.kind() {
                 Kind::Float => {
                     let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const f32, n);
-                    gemv(pool(), w, in_f, x, y)
+                    gemv_batch(pool(), w, in_f, x, y)
                 }
                 _ => {
                     let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const u16, n);
-                    gemv(pool(), w, in_f, x, y)
+                    gemv_batch(pool(), w, in_f, x, y)
                 }
             }
         }
         if let Some(b) = &self.bias_f32 {
-            y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-        }
-    }
-
-    /// Up to this many input rows go through the `gemv` kernels (each
-    /// weight row read once for all of them); more through libtorch.
-    pub const SMALL_BATCH: i64 = 8;
-
-    /// A few rows through `gemv_batch`.
-    fn forward_small(&self, x: &Tensor, rows: i64) -> Tensor {
-        let (out_f, in_f) = (self.weight.size()[0], self.weight.size()[1]);
-        let xf = x.to_kind(Kind::Float).contiguous();
-        let y = Tensor::empty([rows, out_f], (Kind::Float, Device::Cpu));
-        let (nx, ny) = ((rows * in_f) as usize, (rows * out_f) as usize);
-        // SAFETY: `xf` and `y` are contiguous f32 CPU tensors of `nx` and
-        // `ny` elements; the weight is a contiguous CPU tensor of the matched
-        // element type (`fast`), all alive for the call; `y` is not aliased.
-        unsafe {
-            let xs = std::slice::from_raw_parts(xf.data_ptr() as *const f32, nx);
-            let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, ny);
-            let n = (out_f * in_f) as usize;
-            match self.weight.kind() {
-                Kind::Float => {
-                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const f32, n);
-                    gemv_batch(pool(), w, in_f as usize, xs, ys, false)
-                }
-                _ => {
-                    let w = std::slice::from_raw_parts(self.weight.data_ptr() as *const u16, n);
-                    gemv_batch(pool(), w, in_f as usize, xs, ys, false)
-                }
+            for row in y.chunks_exact_mut(out_f) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
         }
-        let mut y = match &self.bias {
-            Some(b) => y + b.to_kind(Kind::Float),
-            None => y,
-        };
-        let mut out_size = x.size();
-        *out_size.last_mut().unwrap() = out_f;
-        y = y.view(out_size.as_slice());
-        if x.kind() != Kind::Float {
-            y = y.to_kind(x.kind());
-        }
-        y
     }
+
+    /// Up to this many input rows go through the `gemv` kernel (each weight
+    /// row read once for all of them); more through libtorch.
+    pub const SMALL_BATCH: i64 = 8;
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let size = x.size();
         let rows: i64 = size[..size.len() - 1].iter().product();
-        if self.fast && rows > 1 && rows <= Self::SMALL_BATCH {
-            return self.forward_small(x, rows);
-        }
-        if !(self.fast && rows == 1) {
+        if !(self.fast && (1..=Self::SMALL_BATCH).contains(&rows)) {
             return x.linear(&self.weight, self.bias.as_ref());
         }
         let (out_f, in_f) = (self.weight.size()[0], self.weight.size()[1]);
@@ -129,12 +93,14 @@ impl Linear {
         } else {
             x.to_kind(Kind::Float).contiguous()
         };
-        let y = Tensor::empty([out_f], (Kind::Float, Device::Cpu));
+        let y = Tensor::empty([rows, out_f], (Kind::Float, Device::Cpu));
         // SAFETY: `xf` and `y` are contiguous f32 CPU tensors of the stated
         // lengths, alive for the call, and `y` is not aliased.
         unsafe {
-            let xs = std::slice::from_raw_parts(xf.data_ptr() as *const f32, in_f as usize);
-            let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, out_f as usize);
+            let xs =
+                std::slice::from_raw_parts(xf.data_ptr() as *const f32, (rows * in_f) as usize);
+            let ys =
+                std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, (rows * out_f) as usize);
             self.gemv_into(xs, ys);
         }
         let mut out_size = size;
