@@ -51,6 +51,10 @@ pub enum WorkerError {
     },
     #[error("{0}")]
     StepFailed(String),
+    /// A tensor-parallel peer failed, closed its link or did not answer in
+    /// time.
+    #[error("collective: {0}")]
+    Collective(String),
     /// A status already decided (shared by the sequences of a failed step).
     #[error("{}", .0.message())]
     Status(tonic::Status),

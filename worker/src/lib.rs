@@ -1,6 +1,7 @@
 //! llmos worker: runs a Llama-family model, or a pipeline shard of it, on
 //! libtorch (CPU, or CUDA where libtorch sees a GPU).
 //!
+//! - [`collective`]: tensor-parallel groups (TCP mesh, NCCL, solo).
 //! - [`model`]: architectures (`Llama`), loadable by layer range (`ShardSpec`).
 //! - [`weights`]: host tensors from a `WeightSource` (or seeded random) to libtorch.
 //! - [`gemv`]: CPU matrix-vector kernel for decode steps (AVX2/FMA).
@@ -15,6 +16,7 @@
 //! - [`server`]: the gRPC shard server (`llmos.worker.v1.Worker`) and its
 //!   shard host (one thread owning shards and KV caches).
 
+pub mod collective;
 pub mod decode_attention;
 pub mod device;
 pub mod engine;

@@ -44,7 +44,8 @@ impl From<WorkerError> for Status {
             | WorkerError::HostStopped
             | WorkerError::Transport(_)
             | WorkerError::StageUnavailable { .. }
-            | WorkerError::StepFailed(_) => Status::unavailable(msg),
+            | WorkerError::StepFailed(_)
+            | WorkerError::Collective(_) => Status::unavailable(msg),
             WorkerError::Torch(_) => Status::internal(msg),
             WorkerError::QueueFull { retry_after_ms, .. } => {
                 let mut s = Status::resource_exhausted(msg);

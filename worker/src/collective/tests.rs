@@ -1,0 +1,212 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+
+/// Forms a TCP group of `world` ranks in threads of this process, each with
+/// its own rendezvous listener.
+fn form_group(name: &str, world: usize, op_timeout: Duration) -> Vec<TcpGroup> {
+    let rvs: Vec<Arc<Rendezvous>> = (0..world)
+        .map(|_| Arc::new(Rendezvous::bind("127.0.0.1:0").unwrap()))
+        .collect();
+    let peers: Vec<String> = rvs.iter().map(|r| r.local_addr().to_string()).collect();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (rv, peers, name) = (rvs[rank].clone(), peers.clone(), name.to_string());
+            std::thread::spawn(move || {
+                rv.form(&name, rank, &peers, Duration::from_secs(10), op_timeout)
+                    .unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Runs `f(rank, group)` on every rank at once and returns the results in
+/// rank order.
+fn on_all<T: Send + 'static>(
+    groups: Vec<TcpGroup>,
+    f: impl Fn(usize, &TcpGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = Arc::new(f);
+    let hs: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(r, g)| {
+            let f = f.clone();
+            std::thread::spawn(move || f(r, &g))
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn values(rank: usize, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 31 + rank * 7) % 97) as f32 * 0.013 - 0.5 + rank as f32)
+        .collect()
+}
+
+#[test]
+fn tcp_all_reduce_small_and_ring_sizes_sum_and_agree_bitwise() {
+    // 3 ranks: 5 floats (direct), 100_003 floats (ring with uneven chunks),
+    // and 2 floats (fewer than ranks).
+    for n in [5usize, 100_003, 2] {
+        let groups = form_group(&format!("ar-{n}"), 3, Duration::from_secs(10));
+        let out = on_all(groups, move |r, g| {
+            let mut v = values(r, n);
+            g.all_reduce_host(&mut v).unwrap();
+            v
+        });
+        let inputs: Vec<Vec<f32>> = (0..3).map(|r| values(r, n)).collect();
+        let want: Vec<f32> = (0..n)
+            .map(|i| inputs.iter().map(|v| v[i] as f64).sum::<f64>() as f32)
+            .collect();
+        for v in &out {
+            assert_eq!(v.len(), n);
+            let err = v
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "n={n}: off by {err}");
+        }
+        assert!(out[0] == out[1] && out[1] == out[2], "ranks disagree (n={n})");
+    }
+}
+
+#[test]
+fn tcp_tensor_collectives_gather_broadcast_send_recv_barrier() {
+    let groups = form_group("tensors", 3, Duration::from_secs(10));
+    let out = on_all(groups, |r, g| {
+        assert_eq!((g.rank(), g.world_size(), g.backend()), (r, 3, "tcp"));
+        // all-gather in rank order, dtype kept
+        let mine = Tensor::full([2, 3], r as i64 + 1, (Kind::BFloat16, Device::Cpu));
+        let all = g.all_gather(&mine).unwrap();
+        assert_eq!(all.size(), [6, 3]);
+        assert_eq!(all.kind(), Kind::BFloat16);
+        let rows: Vec<f32> = Vec::try_from(all.select(1, 0).to_kind(Kind::Float)).unwrap();
+        assert_eq!(rows, [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        // all-reduce of a tensor
+        let mut t = Tensor::full([4], (r + 1) as f64, (Kind::Float, Device::Cpu));
+        g.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [6.0; 4]);
+        // broadcast from rank 2
+        let mut b = Tensor::full([3], r as f64 * 10.0, (Kind::Float, Device::Cpu));
+        g.broadcast(&mut b, 2).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), [20.0; 3]);
+        // a ring of send/recv: r -> r+1
+        let next = (r + 1) % 3;
+        let prev = (r + 2) % 3;
+        g.send(&Tensor::from_slice(&[r as i64, 42]), next).unwrap();
+        let mut got = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
+        g.recv(&mut got, prev).unwrap();
+        assert_eq!(Vec::<i64>::try_from(&got).unwrap(), [prev as i64, 42]);
+        g.barrier().unwrap();
+        // sending to oneself is refused, naming the ranks
+        let e = g.send(&Tensor::from_slice(&[1i64]), r).unwrap_err();
+        assert!(e.to_string().contains("cannot exchange"), "{e}");
+        g.bytes_sent()
+    });
+    assert!(out.iter().all(|&b| b > 0));
+}
+
+#[test]
+fn a_dead_rank_fails_the_operation_promptly_and_breaks_the_group() {
+    let op_timeout = Duration::from_secs(20);
+    let mut groups = form_group("dead", 2, op_timeout);
+    let g1 = groups.pop().unwrap();
+    let g0 = groups.pop().unwrap();
+    // Rank 1's process "ends": its links close.
+    drop(g1);
+    let t = Instant::now();
+    let mut v = vec![1f32; 16];
+    let e = g0.all_reduce_host(&mut v).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(e.to_string().contains("rank 1"), "{e}");
+    assert!(g0.is_broken());
+    // Later operations fail at once, saying why.
+    let e = g0.barrier().unwrap_err();
+    assert!(e.to_string().contains("broken"), "{e}");
+    assert!(matches!(e, crate::WorkerError::Collective(_)));
+}
+
+#[test]
+fn a_silent_rank_fails_the_operation_at_the_deadline() {
+    let mut groups = form_group("silent", 2, Duration::from_millis(300));
+    let _g1 = groups.pop().unwrap(); // alive, but never joins the all-reduce
+    let g0 = groups.pop().unwrap();
+    let t = Instant::now();
+    let e = g0.all_reduce_host(&mut [1f32; 4]).unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(e.to_string().contains("did not answer"), "{e}");
+}
+
+#[test]
+fn forming_without_a_rank_names_the_missing_one() {
+    let rv = Rendezvous::bind("127.0.0.1:0").unwrap();
+    let other = Rendezvous::bind("127.0.0.1:0").unwrap();
+    let peers = vec![
+        rv.local_addr().to_string(),
+        other.local_addr().to_string(),
+    ];
+    let e = rv
+        .form(
+            "lonely",
+            0,
+            &peers,
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+        )
+        .err()
+        .expect("rank 1 never dials");
+    assert!(e.to_string().contains("ranks [1] did not connect"), "{e}");
+    let e = rv
+        .form("x", 2, &peers, Duration::from_secs(1), Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("rank 2 is outside a group of 2"), "{e}");
+}
+
+#[test]
+fn solo_group_is_a_no_op() {
+    let g = SoloGroup;
+    let mut t = Tensor::from_slice(&[1f32, 2.0]);
+    g.all_reduce_sum(&mut t).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0, 2.0]);
+    assert_eq!(g.all_gather(&t).unwrap().size(), [2]);
+    g.barrier().unwrap();
+    assert!(g.send(&t, 1).is_err());
+}
+
+/// GPU: an NCCL communicator of world size 1 runs the all-reduce path on a
+/// CUDA tensor. Skipped (with a message) where there is no GPU or NCCL.
+#[test]
+fn gpu_nccl_world_of_one_all_reduces() {
+    if crate::device::load_torch_cuda().is_err() || tch::Cuda::device_count() == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    assert!(
+        nccl_available(),
+        "a GPU machine must find libnccl.so (scripts/setup.sh links it)"
+    );
+    let groups = form_group("nccl1", 1, Duration::from_secs(10));
+    let nccl = NcclGroup::form(&groups[0], Duration::from_secs(10)).unwrap();
+    let mut t = Tensor::arange(1000, (Kind::Float, Device::Cuda(0)));
+    nccl.all_reduce_sum(&mut t).unwrap();
+    let want = Tensor::arange(1000, (Kind::Float, Device::Cuda(0)));
+    assert_eq!(f64::try_from((&t - &want).abs().max()).unwrap(), 0.0);
+    let g = nccl.all_gather(&want.to_kind(Kind::BFloat16)).unwrap();
+    assert_eq!(g.size(), [1000]);
+    assert_eq!(nccl.bytes_sent(), 4000 + 2000);
+    nccl.barrier().unwrap();
+}
