@@ -44,6 +44,7 @@ fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> 
         kv_blocks: 64,
         block_size: BLOCK,
         engine: None,
+        tensor_parallel: None,
     }
 }
 

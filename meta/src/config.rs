@@ -488,3 +488,65 @@ mod tests {
         );
     }
 }
+
+/// One tensor-parallel rank's share of a model's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpSplit {
+    pub rank: usize,
+    pub size: usize,
+    /// Query heads this rank holds (heads / size), from `head_start`.
+    pub heads: usize,
+    pub head_start: usize,
+    /// KV heads this rank holds, from `kv_head_start`: kv_heads / size, or 1
+    /// (replicated over size / kv_heads ranks) when size exceeds them.
+    pub kv_heads: usize,
+    pub kv_head_start: usize,
+    /// MLP columns this rank holds (intermediate / size), from `inter_start`.
+    pub intermediate: usize,
+    pub inter_start: usize,
+}
+
+impl ModelConfig {
+    /// How `size` ranks split this model's layers, and rank `rank`'s part;
+    /// a model that cannot be split so is refused with the numbers.
+    pub fn tp_split(&self, rank: usize, size: usize) -> std::result::Result<TpSplit, String> {
+        let (h, kv, i) = (self.num_heads, self.num_kv_heads, self.intermediate_size);
+        if size == 0 || rank >= size {
+            return Err(format!(
+                "tensor-parallel rank {rank} of {size} ranks is out of range"
+            ));
+        }
+        if h % size != 0 {
+            return Err(format!(
+                "tensor parallelism {size} does not divide the model's {h} attention heads"
+            ));
+        }
+        if i % size != 0 {
+            return Err(format!(
+                "tensor parallelism {size} does not divide the model's {i} MLP columns"
+            ));
+        }
+        let (kv_heads, kv_head_start) = if kv % size == 0 {
+            (kv / size, rank * (kv / size))
+        } else if size % kv == 0 {
+            // More ranks than KV heads: each rank keeps the one KV head its
+            // query heads read, replicated over size / kv ranks.
+            (1, rank / (size / kv))
+        } else {
+            return Err(format!(
+                "tensor parallelism {size} and the model's {kv} KV heads: one must divide the other"
+            ));
+        };
+        let heads = h / size;
+        Ok(TpSplit {
+            rank,
+            size,
+            heads,
+            head_start: rank * heads,
+            kv_heads,
+            kv_head_start,
+            intermediate: i / size,
+            inter_start: rank * (i / size),
+        })
+    }
+}

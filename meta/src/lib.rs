@@ -22,9 +22,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{render_chat, ChatMessage};
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, ModelConfig, RopeScaling, TpSplit};
 pub use error::{MetaError, Result};
 pub use source::{ModelSpec, OpenedModel};
 pub use streamer::{FinishReason, TextStreamer};
 pub use tokenizer::{DecodeStream, StopMatcher, StopOutcome, Tokenizer};
-pub use weights::{HostDType, HostTensor, LayerPart, WeightKey, WeightSource};
+pub use weights::{HostDType, HostTensor, LayerPart, Slice, WeightKey, WeightSource};

@@ -156,6 +156,65 @@ impl HostTensor<'_> {
     }
 }
 
+/// A contiguous range of one dimension of a weight: a tensor-parallel
+/// rank's part (rows of a column-parallel weight, columns of a row-parallel
+/// one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    pub dim: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl HostTensor<'_> {
+    /// Checks that `s` lies inside this tensor, naming the file and tensor.
+    fn check_slice(&self, s: Slice) -> Result<()> {
+        let ok =
+            s.dim < self.shape.len().min(2) && s.len > 0 && s.start + s.len <= self.shape[s.dim];
+        if !ok {
+            return Err(MetaError::Corrupt {
+                path: self.file.clone(),
+                reason: format!(
+                    "tensor {}: slice {s:?} is outside its shape {:?}",
+                    self.name, self.shape
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The part `s` names, as its own row-major tensor (rows of a borrowed
+    /// tensor stay borrowed).
+    pub fn slice(self, s: Slice) -> Result<Self> {
+        self.check_slice(s)?;
+        let es = self.dtype.size();
+        let cols: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[s.dim] = s.len;
+        let bytes: Cow<[u8]> = if s.dim == 0 {
+            let (a, b) = (s.start * cols * es, (s.start + s.len) * cols * es);
+            match self.bytes {
+                Cow::Borrowed(all) => Cow::Borrowed(&all[a..b]),
+                Cow::Owned(all) => Cow::Owned(all[a..b].to_vec()),
+            }
+        } else {
+            let row = cols * es;
+            let (a, b) = (s.start * es, (s.start + s.len) * es);
+            Cow::Owned(
+                self.bytes
+                    .chunks_exact(row)
+                    .flat_map(|r| r[a..b].iter().copied())
+                    .collect(),
+            )
+        };
+        Ok(HostTensor {
+            shape,
+            bytes,
+            ..self
+        })
+    }
+}
+
 /// Where a model's weights come from.
 pub trait WeightSource: Send + Sync {
     /// The file or folder, for messages.
@@ -163,6 +222,16 @@ pub trait WeightSource: Send + Sync {
     fn contains(&self, key: WeightKey) -> bool;
     /// Loads a weight; `MissingTensor` names the file's tensor name if absent.
     fn load(&self, key: WeightKey) -> Result<HostTensor<'_>>;
+    /// Loads part of a weight, reading (and dequantizing) as little of the
+    /// file as the format allows.
+    fn load_slice(&self, key: WeightKey, s: Slice) -> Result<HostTensor<'_>> {
+        self.load(key)?.slice(s)
+    }
+    /// The stored shape of a weight without reading it (`None`: unknown
+    /// without reading).
+    fn load_shape(&self, _key: WeightKey) -> Result<Option<Vec<usize>>> {
+        Ok(None)
+    }
 }
 
 /// Undo llama.cpp's Q/K row permutation (its converter interleaves the two
@@ -217,6 +286,22 @@ impl WeightSource for GgufWeights {
     }
 
     fn load(&self, key: WeightKey) -> Result<HostTensor<'_>> {
+        self.load_part(key, None)
+    }
+
+    fn load_slice(&self, key: WeightKey, s: Slice) -> Result<HostTensor<'_>> {
+        self.load_part(key, Some(s))
+    }
+
+    fn load_shape(&self, key: WeightKey) -> Result<Option<Vec<usize>>> {
+        Ok(self.file.tensor(&key.gguf_name()).map(|i| i.shape.clone()))
+    }
+}
+
+impl GgufWeights {
+    /// Loads a weight or a slice of it: rows of a quantized tensor are
+    /// dequantized alone, and so are block-aligned column ranges.
+    fn load_part(&self, key: WeightKey, part: Option<Slice>) -> Result<HostTensor<'_>> {
         let name = key.gguf_name();
         let info = self
             .file
@@ -226,18 +311,66 @@ impl WeightSource for GgufWeights {
                 tensor: name.clone(),
             })?;
         let raw = self.file.tensor_bytes(info);
-        let (dtype, mut bytes): (HostDType, Cow<[u8]>) = match info.ty {
-            GgmlType::F32 => (HostDType::F32, Cow::Borrowed(raw)),
-            GgmlType::F16 => (HostDType::F16, Cow::Borrowed(raw)),
-            GgmlType::BF16 => (HostDType::BF16, Cow::Borrowed(raw)),
-            ty => {
-                let mut f = vec![0f32; info.shape.iter().product()];
-                dequantize_into(ty, raw, &mut f);
+        let whole = |dtype, bytes| HostTensor {
+            name: name.clone(),
+            file: self.file.path().to_path_buf(),
+            shape: info.shape.clone(),
+            dtype,
+            bytes,
+        };
+        let (shape, dtype, mut bytes): (Vec<usize>, HostDType, Cow<[u8]>) = match (info.ty, part) {
+            (GgmlType::F32, _) | (GgmlType::F16, _) | (GgmlType::BF16, _) => {
+                let dtype = match info.ty {
+                    GgmlType::F32 => HostDType::F32,
+                    GgmlType::F16 => HostDType::F16,
+                    _ => HostDType::BF16,
+                };
+                let t = match part {
+                    Some(s) => whole(dtype, Cow::Borrowed(raw)).slice(s)?,
+                    None => whole(dtype, Cow::Borrowed(raw)),
+                };
+                (t.shape, t.dtype, t.bytes)
+            }
+            (ty, _) => {
+                let rows = info.shape[0];
+                let cols: usize = info.shape[1..].iter().product();
+                let (bs, bb) = (ty.block_size(), ty.block_bytes());
+                let row_bytes = cols / bs * bb;
+                let s = part.unwrap_or(Slice {
+                    dim: 0,
+                    start: 0,
+                    len: rows,
+                });
+                whole(HostDType::F32, Cow::Borrowed(&[])).check_slice(s)?;
+                let mut shape = info.shape.clone();
+                shape[s.dim] = s.len;
+                let f: Vec<f32> = if s.dim == 0 {
+                    let src = &raw[s.start * row_bytes..(s.start + s.len) * row_bytes];
+                    let mut f = vec![0f32; s.len * cols];
+                    dequantize_into(ty, src, &mut f);
+                    f
+                } else if s.start % bs == 0 && s.len % bs == 0 {
+                    // Only the blocks of the column range, row by row.
+                    let (a, b) = (s.start / bs * bb, (s.start + s.len) / bs * bb);
+                    let mut f = vec![0f32; rows * s.len];
+                    for (r, out) in f.chunks_exact_mut(s.len).enumerate() {
+                        dequantize_into(ty, &raw[r * row_bytes + a..r * row_bytes + b], out);
+                    }
+                    f
+                } else {
+                    let mut row = vec![0f32; cols];
+                    let mut f = Vec::with_capacity(rows * s.len);
+                    for r in 0..rows {
+                        dequantize_into(ty, &raw[r * row_bytes..(r + 1) * row_bytes], &mut row);
+                        f.extend_from_slice(&row[s.start..s.start + s.len]);
+                    }
+                    f
+                };
                 let b: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (HostDType::F32, Cow::Owned(b))
+                (shape, HostDType::F32, Cow::Owned(b))
             }
         };
-        if self.permuted_qk && info.shape.len() == 2 {
+        if self.permuted_qk && shape.len() == 2 {
             let heads = match key {
                 WeightKey::Layer(_, LayerPart::Q) => Some(self.num_heads),
                 WeightKey::Layer(_, LayerPart::K) => Some(self.num_kv_heads),
@@ -253,14 +386,33 @@ impl WeightSource for GgufWeights {
                         found: info.shape.clone(),
                     });
                 }
-                let row_bytes = info.shape[1] * dtype.size();
-                bytes = Cow::Owned(unpermute_rows(&bytes, rows, row_bytes, n));
+                // The permutation is within each head: a slice of whole
+                // heads is restored on its own.
+                let per_head = rows / n;
+                let n = match part {
+                    Some(s) if s.dim == 0 => {
+                        if s.start % per_head != 0 || s.len % per_head != 0 {
+                            return Err(MetaError::Corrupt {
+                                path: self.file.path().to_path_buf(),
+                                reason: format!(
+                                    "tensor {name}: rows {}..{} are not whole heads of {per_head}",
+                                    s.start,
+                                    s.start + s.len
+                                ),
+                            });
+                        }
+                        s.len / per_head
+                    }
+                    _ => n,
+                };
+                let row_bytes = shape[1] * dtype.size();
+                bytes = Cow::Owned(unpermute_rows(&bytes, shape[0], row_bytes, n));
             }
         }
         Ok(HostTensor {
             name,
             file: self.file.path().to_path_buf(),
-            shape: info.shape.clone(),
+            shape,
             dtype,
             bytes,
         })
@@ -426,6 +578,10 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, key: WeightKey) -> bool {
         self.entries.contains_key(&key.hf_name())
+    }
+
+    fn load_shape(&self, key: WeightKey) -> Result<Option<Vec<usize>>> {
+        Ok(self.entries.get(&key.hf_name()).map(|e| e.shape.clone()))
     }
 
     fn load(&self, key: WeightKey) -> Result<HostTensor<'_>> {

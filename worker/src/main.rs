@@ -49,6 +49,10 @@ struct ServeArgs {
     /// URL others reach this worker at (default: http://<listen address>).
     #[arg(long, env = "LLMOS_WORKER_ADVERTISE")]
     advertise: Option<String>,
+    /// Port of the collective listener tensor-parallel peers link to, on
+    /// the listen address's interface (0: any free port).
+    #[arg(long, env = "LLMOS_COLLECTIVE_PORT", default_value_t = 0)]
+    collective_port: u16,
 }
 
 #[derive(Args)]
@@ -301,6 +305,29 @@ fn serve(args: ServeArgs) -> Result<()> {
         // One line on stdout so a parent process can read the chosen port.
         println!("listening on {addr}");
         tracing::info!(%addr, "llmos-worker serving");
+        let rendezvous = std::sync::Arc::new(
+            llmos_worker::collective::Rendezvous::bind(&format!(
+                "{}:{}",
+                args.listen.ip(),
+                args.collective_port
+            ))
+            .context("bind the collective listener")?,
+        );
+        // Peers reach the collective listener at the advertised host.
+        let advertised = args
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let host = advertised
+            .split("://")
+            .last()
+            .unwrap_or_default()
+            .rsplit_once(':')
+            .map_or(advertised.as_str(), |(h, _)| h)
+            .trim_end_matches('/')
+            .to_string();
+        let collective_address = format!("{host}:{}", rendezvous.local_addr().port());
+        tracing::info!(%collective_address, "collective listener");
         let registration = args.coordinator.clone().map(|coordinator| {
             tokio::spawn(llmos_worker::server::register::registration_loop(
                 llmos_worker::server::register::Registration {
@@ -309,11 +336,9 @@ fn serve(args: ServeArgs) -> Result<()> {
                         .worker_id
                         .clone()
                         .unwrap_or_else(|| format!("worker-{}", addr.port())),
-                    address: args
-                        .advertise
-                        .clone()
-                        .unwrap_or_else(|| format!("http://{addr}")),
+                    address: advertised.clone(),
                     device: "cpu".into(),
+                    collective_address: collective_address.clone(),
                 },
             ))
         });
@@ -323,7 +348,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         llmos_worker::server::serve(
             listener,
-            llmos_worker::server::HostHandle::spawn(),
+            llmos_worker::server::HostHandle::spawn_with(Some(rendezvous)),
             shutdown,
         )
         .await?;

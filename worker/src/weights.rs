@@ -2,7 +2,7 @@
 //! requested dtype on the requested device, with shape checks; or seeded
 //! random weights when a model is synthetic.
 
-use llmos_meta::{HostDType, LayerPart, ModelConfig, WeightKey, WeightSource};
+use llmos_meta::{HostDType, LayerPart, ModelConfig, Slice, WeightKey, WeightSource};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
@@ -53,11 +53,39 @@ impl<'a> Loader<'a> {
 
     /// Loads one weight as `kind` on `device`, checking its shape.
     pub fn get(&mut self, key: WeightKey) -> Result<Tensor> {
-        let expected = key.expected_shape(self.cfg);
+        self.get_part(key, None)
+    }
+
+    /// Loads `part` of a weight (a tensor-parallel rank's slice; the whole
+    /// weight for `None`), reading only that part where the format allows.
+    pub fn get_part(&mut self, key: WeightKey, part: Option<Slice>) -> Result<Tensor> {
+        let mut expected = key.expected_shape(self.cfg);
+        let full: Vec<i64> = expected.iter().map(|&d| d as i64).collect();
+        if let Some(s) = part {
+            expected[s.dim] = s.len;
+        }
         let shape: Vec<i64> = expected.iter().map(|&d| d as i64).collect();
         let t = match self.src {
             Some(src) => {
-                let host = src.load(key)?;
+                let host = match part {
+                    Some(s) => {
+                        // The whole weight's shape first (a clear error for
+                        // a wrong file), then the part.
+                        if let Some(info) = src.load_shape(key)? {
+                            if info != key.expected_shape(self.cfg) {
+                                return Err(llmos_meta::MetaError::ShapeMismatch {
+                                    path: src.origin().to_path_buf(),
+                                    tensor: format!("{key:?}"),
+                                    expected: key.expected_shape(self.cfg),
+                                    found: info,
+                                }
+                                .into());
+                            }
+                        }
+                        src.load_slice(key, s)?
+                    }
+                    None => src.load(key)?,
+                };
                 host.check_shape(&expected)?;
                 let kind = match host.dtype {
                     HostDType::F32 => Kind::Float,
@@ -66,7 +94,7 @@ impl<'a> Loader<'a> {
                 };
                 Tensor::f_from_data_size(&host.bytes, &shape, kind)?
             }
-            None => synthetic(key, &shape, self.seed),
+            None => synthetic(key, &full, part, self.seed),
         };
         self.done += 1;
         (self.progress)(self.done, self.total);
@@ -79,27 +107,49 @@ impl<'a> Loader<'a> {
 /// weight is the same whichever shard loads it, in whatever order, however
 /// many loads run at once (libtorch's global generator would give none of
 /// that).
-fn synthetic(key: WeightKey, shape: &[i64], seed: u64) -> Tensor {
+fn synthetic(key: WeightKey, full: &[i64], part: Option<Slice>, seed: u64) -> Tensor {
+    let mut shape = full.to_vec();
+    if let Some(s) = part {
+        shape[s.dim] = s.len as i64;
+    }
     let norm = matches!(
         key,
         WeightKey::FinalNorm | WeightKey::Layer(_, LayerPart::AttnNorm | LayerPart::MlpNorm)
     );
     if norm {
-        return Tensor::ones(shape, (Kind::Float, Device::Cpu));
+        return Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu));
     }
     let stream = format!("{key:?}")
         .bytes()
         .fold(seed ^ 0x9e3779b97f4a7c15, |h, b| splitmix(h ^ b as u64));
     let n: i64 = shape.iter().product();
+    // Element j of the part is element `index(j)` of the whole weight, so a
+    // rank's slice holds exactly the values the whole weight has there.
+    let cols = full.get(1).copied().unwrap_or(1) as u64;
+    let index = |j: u64| -> u64 {
+        match part {
+            None => j,
+            Some(s) => {
+                let pc = shape.get(1).copied().unwrap_or(1) as u64;
+                let (r, c) = (j / pc, j % pc);
+                if s.dim == 0 {
+                    (r + s.start as u64) * cols + c
+                } else {
+                    r * cols + c + s.start as u64
+                }
+            }
+        }
+    };
     let half_width = 0.02f32 * 3f32.sqrt();
     let values: Vec<f32> = (0..n as u64)
+        .map(index)
         .map(|i| {
             let bits = splitmix(stream.wrapping_add(i.wrapping_mul(0x9e3779b97f4a7c15)));
             let unit = (bits >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
             (2.0 * unit - 1.0) * half_width
         })
         .collect();
-    Tensor::from_slice(&values).view(shape)
+    Tensor::from_slice(&values).view(shape.as_slice())
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -118,8 +118,15 @@ impl NcclGroup {
     /// the group's deadline.
     fn run(&self, bytes: usize, enqueue: impl FnOnce() -> Result<()>) -> Result<()> {
         let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = self.broken.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Err(WorkerError::Collective(format!("nccl group is broken: {why}")));
+        if let Some(why) = self
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(WorkerError::Collective(format!(
+                "nccl group is broken: {why}"
+            )));
         }
         enqueue()?;
         self.sent.fetch_add(bytes as u64, Ordering::Relaxed);

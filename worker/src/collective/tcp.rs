@@ -279,7 +279,12 @@ impl TcpGroup {
 
     /// Fails at once if an earlier operation broke the group.
     fn healthy(&self) -> Result<()> {
-        if let Some(why) = self.broken.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(why) = self
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             return Err(WorkerError::Collective(format!(
                 "group {} is broken: {why}",
                 self.group

@@ -71,7 +71,10 @@ fn tcp_all_reduce_small_and_ring_sizes_sum_and_agree_bitwise() {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-5, "n={n}: off by {err}");
         }
-        assert!(out[0] == out[1] && out[1] == out[2], "ranks disagree (n={n})");
+        assert!(
+            out[0] == out[1] && out[1] == out[2],
+            "ranks disagree (n={n})"
+        );
     }
 }
 
@@ -154,10 +157,7 @@ fn a_silent_rank_fails_the_operation_at_the_deadline() {
 fn forming_without_a_rank_names_the_missing_one() {
     let rv = Rendezvous::bind("127.0.0.1:0").unwrap();
     let other = Rendezvous::bind("127.0.0.1:0").unwrap();
-    let peers = vec![
-        rv.local_addr().to_string(),
-        other.local_addr().to_string(),
-    ];
+    let peers = vec![rv.local_addr().to_string(), other.local_addr().to_string()];
     let e = rv
         .form(
             "lonely",
@@ -170,10 +170,19 @@ fn forming_without_a_rank_names_the_missing_one() {
         .expect("rank 1 never dials");
     assert!(e.to_string().contains("ranks [1] did not connect"), "{e}");
     let e = rv
-        .form("x", 2, &peers, Duration::from_secs(1), Duration::from_secs(1))
+        .form(
+            "x",
+            2,
+            &peers,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        )
         .err()
         .unwrap();
-    assert!(e.to_string().contains("rank 2 is outside a group of 2"), "{e}");
+    assert!(
+        e.to_string().contains("rank 2 is outside a group of 2"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -29,6 +29,7 @@ async fn engine(
             kv_blocks: num_blocks,
             block_size: 4,
             engine: None,
+            tensor_parallel: None,
         })
         .await
         .unwrap();

@@ -21,7 +21,7 @@ impl Llama {
             layers: self.blocks.len(),
             num_blocks,
             block_size,
-            kv_heads: self.cfg.num_kv_heads,
+            kv_heads: self.local_kv_heads(),
             head_dim: self.cfg.head_dim,
         }
     }
@@ -79,8 +79,8 @@ impl Llama {
             let v = qkv.narrow(1, h + hkv, hkv);
             pool.write(i, &slots, &k, &v);
             let y = self.attend_batch(i, &q, &k, &v, layout, pool);
-            x = &x + a.o.forward(&y.reshape([t, h * d]));
-            x = &x + blk.mlp.forward(&blk.mlp_norm.forward(&x));
+            x = &x + self.reduce(a.o.forward(&y.reshape([t, h * d])))?;
+            x = &x + self.reduce(blk.mlp.forward(&blk.mlp_norm.forward(&x)))?;
         }
         Ok(match &self.final_norm {
             Some(n) => n.forward(&x),

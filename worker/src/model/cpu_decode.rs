@@ -153,11 +153,15 @@ impl Llama {
     /// Whether `decode_step` can run this model (whole model, CPU, f32 or
     /// bf16 weights the `gemv` kernel reads).
     pub fn fused_decode_supported(&self) -> bool {
+        self.shard.embed && self.fused_layers_supported()
+    }
+
+    /// Whether `decode_hidden` can run this shard (CPU, f32 or bf16 weights
+    /// the `gemv` kernel reads, the head too if it holds one).
+    pub fn fused_layers_supported(&self) -> bool {
         self.device == Device::Cpu
             && matches!(self.kind, Kind::Float | Kind::BFloat16)
-            && self.shard.embed
-            && self.shard.head
-            && self.head.as_ref().is_some_and(|h| h.has_gemv())
+            && (!self.shard.head || self.head.as_ref().is_some_and(|h| h.has_gemv()))
             && self
                 .blocks
                 .iter()
@@ -167,7 +171,6 @@ impl Llama {
     /// One token of one sequence at position `cache.position()`: appends to
     /// the cache and returns the float32 logits.
     pub fn decode_step(&self, token: u32, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
-        cache.reserve_one()?;
         let cfg = &self.cfg;
         if token as usize >= cfg.vocab_size {
             return Err(WorkerError::InvalidRequest(format!(
@@ -175,16 +178,29 @@ impl Llama {
                 cfg.vocab_size
             )));
         }
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let (nq, nkv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
-        let pos = cache.position();
-        let eps = cfg.rms_norm_eps as f32;
+        if !self.shard.head {
+            return Err(WorkerError::InvalidRequest(
+                "this shard holds no LM head".into(),
+            ));
+        }
+        let x = self.embed_row(token)?;
+        self.decode_hidden(x, cache)
+    }
 
+    /// The embedding of one token as f32.
+    pub fn embed_row(&self, token: u32) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
         let embed = self
             .embed
             .as_ref()
-            .expect("checked by cpu_decode_supported");
+            .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no embedding".into()))?;
         let mut x = vec![0f32; h];
+        if token as usize >= self.cfg.vocab_size || embed.device() != Device::Cpu {
+            return Err(WorkerError::InvalidRequest(format!(
+                "token id {token} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
         // SAFETY: the embedding is a contiguous [vocab, h] CPU tensor of the
         // matched element type, and `token < vocab`.
         unsafe {
@@ -203,6 +219,27 @@ impl Llama {
                 }
             }
         }
+        Ok(x)
+    }
+
+    /// One token's hidden state `x` through this shard's layers at position
+    /// `cache.position()`: the float32 logits if the shard holds the head,
+    /// else the hidden state after its last layer. On a tensor-parallel
+    /// rank the attention and MLP outputs are summed over the group.
+    pub fn decode_hidden(&self, mut x: Vec<f32>, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
+        cache.reserve_one()?;
+        let cfg = &self.cfg;
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        if x.len() != h {
+            return Err(WorkerError::InvalidRequest(format!(
+                "a hidden state of {} values, the model's width is {h}",
+                x.len()
+            )));
+        }
+        let heads = self.tp.map_or(cfg.num_heads, |t| t.heads);
+        let (nq, nkv) = (heads * d, self.local_kv_heads() * d);
+        let pos = cache.position();
+        let eps = cfg.rms_norm_eps as f32;
         let angles: Vec<f32> = self.rope.inv_freq.iter().map(|f| pos as f32 * f).collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
         let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
@@ -212,7 +249,7 @@ impl Llama {
         let mut qkv = vec![0f32; nq + 2 * nkv];
         let mut attn = vec![0f32; nq];
         let mut proj = vec![0f32; h];
-        let inter = cfg.intermediate_size;
+        let inter = self.tp.map_or(cfg.intermediate_size, |t| t.intermediate);
         let mut gate_up = vec![0f32; 2 * inter];
         let mut act = vec![0f32; inter];
         for (layer, blk) in self.blocks.iter().enumerate() {
@@ -223,23 +260,23 @@ impl Llama {
             rope_in_place(q, d, &cos, &sin);
             rope_in_place(k, d, &cos, &sin);
             cache.write(layer, pos, k, v);
-            cache.attend(layer, q, cfg.num_heads, pos + 1, scale, &mut attn);
+            cache.attend(layer, q, heads, pos + 1, scale, &mut attn);
             blk.attn.o.gemv_into(&attn, &mut proj);
+            self.reduce_host(&mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             rms_norm(&x, &blk.mlp_norm.w32, eps, &mut normed);
             blk.mlp.gate_up.gemv_into(&normed, &mut gate_up);
             silu_mul(&gate_up, &mut act);
             blk.mlp.down.gemv_into(&act, &mut proj);
+            self.reduce_host(&mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         cache.advance();
-        let norm = self
-            .final_norm
-            .as_ref()
-            .expect("checked by cpu_decode_supported");
+        let (Some(norm), Some(head)) = (self.final_norm.as_ref(), self.head.as_ref()) else {
+            return Ok(x);
+        };
         rms_norm(&x, &norm.w32, eps, &mut normed);
-        let head = self.head.as_ref().expect("checked by cpu_decode_supported");
         let mut logits = vec![0f32; head.out_features()];
         head.gemv_into(&normed, &mut logits);
         Ok(logits)

@@ -7,9 +7,12 @@
 //! just their part of the weights. Weights are immutable; the KV cache is
 //! passed in.
 
-use llmos_meta::{LayerPart, ModelConfig, WeightKey, WeightSource};
+use std::sync::Arc;
+
+use llmos_meta::{LayerPart, ModelConfig, Slice, TpSplit, WeightKey, WeightSource};
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::Collective;
 use crate::decode_attention;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
@@ -192,6 +195,10 @@ pub struct Llama {
     pub(super) rope: Rope,
     pub(super) kind: Kind,
     pub(super) device: Device,
+    /// This rank's part when the layers are split over a tensor-parallel
+    /// group; the row-parallel outputs are summed over `tp_group`.
+    pub(super) tp: Option<TpSplit>,
+    pub(super) tp_group: Option<Arc<dyn Collective>>,
 }
 
 /// Options for loading a model.
@@ -213,6 +220,49 @@ impl Llama {
         opts: &LoadOptions,
         progress: Progress<'_>,
     ) -> Result<Self> {
+        Self::load_tp(src, cfg, shard, opts, None, progress)
+    }
+
+    /// Like `load`, holding only tensor-parallel rank `tp`'s part of each
+    /// layer: its query heads, KV heads and MLP columns (column-parallel
+    /// q/k/v/gate/up rows, row-parallel o/down columns), read from the
+    /// source slice by slice. Norms are replicated; the embedding and head
+    /// are loaded as `shard` says (the coordinator gives them to the
+    /// group's leader only).
+    pub fn load_tp(
+        src: Option<&dyn WeightSource>,
+        cfg: &ModelConfig,
+        shard: ShardSpec,
+        opts: &LoadOptions,
+        tp: Option<TpSplit>,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
+        if let Some(t) = tp {
+            let check = cfg
+                .tp_split(t.rank, t.size)
+                .map_err(WorkerError::InvalidRequest)?;
+            debug_assert_eq!(check, t);
+        }
+        let split = tp.filter(|t| t.size > 1);
+        let d = cfg.head_dim;
+        let rows = |start: usize, len: usize| split.map(|_| Slice { dim: 0, start, len });
+        let cols = |start: usize, len: usize| split.map(|_| Slice { dim: 1, start, len });
+        let (heads, kv_heads, inter) = match split {
+            Some(t) => (t.heads, t.kv_heads, t.intermediate),
+            None => (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size),
+        };
+        let (q_part, kv_part, o_part, up_part, down_part) = match split {
+            Some(t) => (
+                rows(t.head_start * d, heads * d),
+                rows(t.kv_head_start * d, kv_heads * d),
+                cols(t.head_start * d, heads * d),
+                rows(t.inter_start, inter),
+                cols(t.inter_start, inter),
+            ),
+            None => (None, None, None, None, None),
+        };
+        // Biases are 1-D: their rows are their elements.
+        let bias = |p: Option<Slice>| p.map(|s| Slice { dim: 0, ..s });
         if shard.layers.end > cfg.num_layers || shard.layers.start > shard.layers.end {
             return Err(WorkerError::InvalidRequest(format!(
                 "layer range {:?} is outside the model's {} layers",
@@ -233,40 +283,50 @@ impl Llama {
         };
         let mut blocks = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
-            let mut w = |p| ld.get(WeightKey::Layer(i, p));
-            let attn_norm = w(LayerPart::AttnNorm)?;
-            let qkv = Tensor::cat(&[w(LayerPart::Q)?, w(LayerPart::K)?, w(LayerPart::V)?], 0);
+            let mut w = |p, part| ld.get_part(WeightKey::Layer(i, p), part);
+            let attn_norm = w(LayerPart::AttnNorm, None)?;
+            let qkv = Tensor::cat(
+                &[
+                    w(LayerPart::Q, q_part)?,
+                    w(LayerPart::K, kv_part)?,
+                    w(LayerPart::V, kv_part)?,
+                ],
+                0,
+            );
             let qkv_bias = if cfg.qkv_bias {
                 Some(Tensor::cat(
                     &[
-                        w(LayerPart::QBias)?,
-                        w(LayerPart::KBias)?,
-                        w(LayerPart::VBias)?,
+                        w(LayerPart::QBias, bias(q_part))?,
+                        w(LayerPart::KBias, bias(kv_part))?,
+                        w(LayerPart::VBias, bias(kv_part))?,
                     ],
                     0,
                 ))
             } else {
                 None
             };
-            let o = w(LayerPart::O)?;
-            let mlp_norm = w(LayerPart::MlpNorm)?;
-            let gate_up = Tensor::cat(&[w(LayerPart::Gate)?, w(LayerPart::Up)?], 0);
-            let down = w(LayerPart::Down)?;
+            let o = w(LayerPart::O, o_part)?;
+            let mlp_norm = w(LayerPart::MlpNorm, None)?;
+            let gate_up = Tensor::cat(
+                &[w(LayerPart::Gate, up_part)?, w(LayerPart::Up, up_part)?],
+                0,
+            );
+            let down = w(LayerPart::Down, down_part)?;
             let norm = |weight| RmsNorm::new(weight, cfg.rms_norm_eps);
             blocks.push(Block {
                 attn_norm: norm(attn_norm),
                 attn: Attention {
                     qkv: Linear::new(qkv, qkv_bias),
                     o: Linear::new(o, None),
-                    heads: cfg.num_heads as i64,
-                    kv_heads: cfg.num_kv_heads as i64,
+                    heads: heads as i64,
+                    kv_heads: kv_heads as i64,
                     head_dim: cfg.head_dim as i64,
                 },
                 mlp_norm: norm(mlp_norm),
                 mlp: Mlp {
                     gate_up: Linear::new(gate_up, None),
                     down: Linear::new(down, None),
-                    intermediate: cfg.intermediate_size as i64,
+                    intermediate: inter as i64,
                 },
             });
         }
@@ -294,7 +354,59 @@ impl Llama {
             head,
             kind: opts.kind,
             device: opts.device,
+            tp: split,
+            tp_group: None,
         })
+    }
+
+    /// The group the row-parallel outputs are summed over (a tensor-parallel
+    /// shard cannot run without one).
+    pub fn set_collective(&mut self, group: Arc<dyn Collective>) -> Result<()> {
+        let want = self.tp.map_or(1, |t| t.size);
+        if group.world_size() != want {
+            return Err(WorkerError::InvalidRequest(format!(
+                "the shard is split {want} ways but its group has {} ranks",
+                group.world_size()
+            )));
+        }
+        self.tp_group = Some(group);
+        Ok(())
+    }
+
+    pub fn tp_split(&self) -> Option<TpSplit> {
+        self.tp
+    }
+
+    /// KV heads this shard holds (all, or its tensor-parallel share).
+    pub fn local_kv_heads(&self) -> usize {
+        self.tp.map_or(self.cfg.num_kv_heads, |t| t.kv_heads)
+    }
+
+    /// Sums a row-parallel output over the tensor-parallel group.
+    pub(super) fn reduce(&self, mut t: Tensor) -> Result<Tensor> {
+        match (&self.tp_group, self.tp) {
+            (Some(g), Some(_)) => {
+                g.all_reduce_sum(&mut t)?;
+                Ok(t)
+            }
+            (None, Some(t)) => Err(WorkerError::InvalidRequest(format!(
+                "rank {} of a {}-way split has no group",
+                t.rank, t.size
+            ))),
+            _ => Ok(t),
+        }
+    }
+
+    /// `reduce` for the fused step's host buffers.
+    pub(super) fn reduce_host(&self, buf: &mut [f32]) -> Result<()> {
+        match (&self.tp_group, self.tp) {
+            (Some(g), Some(_)) => g.all_reduce_host(buf),
+            (None, Some(t)) => Err(WorkerError::InvalidRequest(format!(
+                "rank {} of a {}-way split has no group",
+                t.rank, t.size
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -336,7 +448,7 @@ impl Llama {
         KvCache::new(
             self.blocks.len(),
             batch,
-            self.cfg.num_kv_heads,
+            self.local_kv_heads(),
             self.cfg.head_dim,
             capacity.min(self.cfg.max_position),
             self.kind,
@@ -371,8 +483,8 @@ impl Llama {
             let h = blk
                 .attn
                 .forward(&blk.attn_norm.forward(&x), start, &self.rope, i, cache);
-            x = &x + h;
-            x = &x + blk.mlp.forward(&blk.mlp_norm.forward(&x));
+            x = &x + self.reduce(h)?;
+            x = &x + self.reduce(blk.mlp.forward(&blk.mlp_norm.forward(&x)))?;
         }
         cache.advance(t);
         Ok(match &self.final_norm {

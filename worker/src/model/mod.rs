@@ -6,3 +6,5 @@ pub mod linear;
 pub mod llama;
 
 pub use llama::{Llama, ShardSpec};
+#[cfg(test)]
+mod tp_tests;

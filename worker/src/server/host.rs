@@ -3,14 +3,17 @@
 //! of all models run here one at a time, in arrival order.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use llmos_meta::{ModelSpec, OpenedModel};
 use llmos_proto::worker::v1 as pb;
+use prost::Message;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::codec::{from_wire, to_wire};
+use crate::collective::{Collective, Rendezvous, TcpGroup};
 use crate::error::{Result, WorkerError};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
@@ -23,16 +26,34 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 16;
 /// KV blocks when the spec leaves it at 0.
 pub const DEFAULT_KV_BLOCKS: u32 = 512;
 
+/// How long the ranks of a tensor-parallel group wait for each other to
+/// link up.
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+/// A collective without an answer fails after this when the spec says 0.
+const DEFAULT_COLLECTIVE_TIMEOUT_MS: u32 = 30_000;
+
 struct Hosted {
     spec: pb::ShardSpec,
     model: Llama,
     pool: KvPool,
     weight_bytes: u64,
+    /// The stage's tensor-parallel group (this shard is one rank of it).
+    group: Option<Arc<TcpGroup>>,
+}
+
+impl Drop for Hosted {
+    fn drop(&mut self) {
+        // Ends a follower's wait for steps and the peers' operations.
+        if let Some(g) = &self.group {
+            g.close();
+        }
+    }
 }
 
 enum Command {
     Load(
         pb::ShardSpec,
+        std::sync::mpsc::Sender<Command>,
         oneshot::Sender<Result<pb::LoadShardResponse>>,
     ),
     Unload(String, oneshot::Sender<Result<()>>),
@@ -46,8 +67,15 @@ pub struct HostHandle {
 }
 
 impl HostHandle {
-    /// Starts the host thread; it ends when every handle is dropped.
+    /// Starts the host thread; it ends when every handle is dropped. It
+    /// cannot hold tensor-parallel shards (no collective listener).
     pub fn spawn() -> Self {
+        Self::spawn_with(None)
+    }
+
+    /// Starts the host thread with the worker's collective listener, which
+    /// tensor-parallel groups form over.
+    pub fn spawn_with(rendezvous: Option<Arc<Rendezvous>>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("llmos-shard-host".into())
@@ -56,6 +84,7 @@ impl HostHandle {
                 let mut host = Host {
                     shards: HashMap::new(),
                     threads: tch::get_num_threads(),
+                    rendezvous,
                 };
                 while let Ok(cmd) = rx.recv() {
                     host.handle(cmd);
@@ -74,7 +103,8 @@ impl HostHandle {
     }
 
     pub async fn load(&self, spec: pb::ShardSpec) -> Result<pb::LoadShardResponse> {
-        self.call(|tx| Command::Load(spec, tx)).await?
+        let me = self.tx.clone();
+        self.call(|tx| Command::Load(spec, me, tx)).await?
     }
 
     pub async fn unload(&self, model: String) -> Result<()> {
@@ -95,6 +125,7 @@ struct Host {
     /// libtorch's intra-op threads for batched steps (the fused one-token
     /// step runs on its own pool with libtorch at one thread).
     threads: i32,
+    rendezvous: Option<Arc<Rendezvous>>,
 }
 
 /// The spec with its defaults filled in.
@@ -112,7 +143,7 @@ impl Host {
     fn handle(&mut self, cmd: Command) {
         // A dropped reply receiver means the caller went away: nothing to do.
         match cmd {
-            Command::Load(spec, tx) => drop(tx.send(self.load(spec))),
+            Command::Load(spec, me, tx) => drop(tx.send(self.load(spec, me))),
             Command::Unload(model, tx) => {
                 let r = match self.shards.remove(&model) {
                     Some(_) => Ok(()),
@@ -125,10 +156,20 @@ impl Host {
         }
     }
 
-    fn load(&mut self, spec: pb::ShardSpec) -> Result<pb::LoadShardResponse> {
+    fn load(
+        &mut self,
+        spec: pb::ShardSpec,
+        me: std::sync::mpsc::Sender<Command>,
+    ) -> Result<pb::LoadShardResponse> {
         let started = Instant::now();
         let spec = normalized(spec);
-        if let Some(h) = self.shards.get(&spec.model).filter(|h| h.spec == spec) {
+        let intact = |h: &&Hosted| h.group.as_ref().is_none_or(|g| !g.is_broken());
+        if let Some(h) = self
+            .shards
+            .get(&spec.model)
+            .filter(|h| h.spec == spec)
+            .filter(intact)
+        {
             // Asked again (a coordinator replica after re-registration):
             // keep the weights and the cache.
             return Ok(pb::LoadShardResponse {
@@ -150,6 +191,48 @@ impl Host {
             }
         };
         let opened = OpenedModel::open(&ModelSpec::parse(&spec.source)?)?;
+        let tp = spec.tensor_parallel.clone().filter(|t| t.world_size > 1);
+        let split = match &tp {
+            Some(t) => Some(
+                opened
+                    .config
+                    .tp_split(t.rank as usize, t.world_size as usize)
+                    .map_err(WorkerError::InvalidRequest)?,
+            ),
+            None => None,
+        };
+        // The group links up before the (slow) load, so a missing rank fails
+        // the deployment at once.
+        let group = match &tp {
+            Some(t) => {
+                if t.peers.len() != t.world_size as usize {
+                    return Err(WorkerError::InvalidRequest(format!(
+                        "a group of {} ranks with {} peer addresses",
+                        t.world_size,
+                        t.peers.len()
+                    )));
+                }
+                let rv = self.rendezvous.as_ref().ok_or_else(|| {
+                    WorkerError::InvalidRequest(
+                        "this worker has no collective listener: it cannot hold a tensor-parallel shard"
+                            .into(),
+                    )
+                })?;
+                let op_timeout = Duration::from_millis(if t.timeout_ms == 0 {
+                    DEFAULT_COLLECTIVE_TIMEOUT_MS
+                } else {
+                    t.timeout_ms
+                } as u64);
+                Some(Arc::new(rv.form(
+                    &t.group,
+                    t.rank as usize,
+                    &t.peers,
+                    FORM_TIMEOUT,
+                    op_timeout,
+                )?))
+            }
+            None => None,
+        };
         let shard = ShardSpec {
             layers: spec.layer_start as usize..spec.layer_end as usize,
             embed: spec.embed,
@@ -160,13 +243,17 @@ impl Host {
             device: Device::Cpu,
             seed: 0,
         };
-        let model = Llama::load(
+        let mut model = Llama::load_tp(
             opened.weights.as_deref(),
             &opened.config,
             shard,
             &opts,
+            split,
             &mut |_, _| {},
         )?;
+        if let Some(g) = &group {
+            model.set_collective(g.clone())?;
+        }
         let shape = model.pool_shape(spec.kv_blocks as usize, spec.block_size as usize);
         let bytes = shape.num_blocks * shape.block_bytes(kind);
         let (_, available) = meminfo();
@@ -186,6 +273,9 @@ impl Host {
         let weight_bytes = model.weight_bytes() as u64;
         let max_context = model.config().max_position as u32;
         tracing::info!(model = %spec.model, layers = ?(spec.layer_start..spec.layer_end), weight_bytes, kv_bytes = pool.bytes(), "shard loaded");
+        if let Some(g) = group.as_ref().filter(|g| g.rank() > 0) {
+            spawn_follower(spec.model.clone(), g.clone(), me);
+        }
         self.shards.insert(
             spec.model.clone(),
             Hosted {
@@ -193,6 +283,7 @@ impl Host {
                 model,
                 pool,
                 weight_bytes,
+                group,
             },
         );
         Ok(pb::LoadShardResponse {
@@ -285,71 +376,111 @@ impl Host {
                 ))
             }
         };
+        // One token of one sequence takes the fused decode step.
+        let fused = t == 1 && layout.seqs.len() == 1 && model.fused_layers_supported();
+        let leader = h.group.as_ref().filter(|g| g.rank() == 0).cloned();
+        let follower = h.group.as_ref().is_some_and(|g| g.rank() > 0);
+        // The input as hidden states, unless the fused step embeds the token
+        // itself (a tensor-parallel leader embeds first: its group gets
+        // hidden states).
+        let x: Option<Tensor> = match (&ids, &req.input) {
+            (Some(_), _) if fused && leader.is_none() => None,
+            (Some(ids), _) => Some(model.embed_packed(ids)?),
+            (None, Some(pb::step_request::Input::Hidden(w))) => {
+                let x = from_wire(w, "hidden")?;
+                if x.size() != [t, cfg.hidden_size as i64] {
+                    return Err(WorkerError::InvalidRequest(format!(
+                        "hidden must be [{t}, {}], got {:?}",
+                        cfg.hidden_size,
+                        x.size()
+                    )));
+                }
+                Some(x)
+            }
+            _ => unreachable!("checked above"),
+        };
+        if let (Some(g), Some(x)) = (&leader, &x) {
+            // The step for the other ranks: the same layout, this input.
+            let step = pb::StepRequest {
+                model: req.model.clone(),
+                sequences: req
+                    .sequences
+                    .iter()
+                    .map(|s| pb::StepSequence {
+                        sample: None,
+                        want_logits: false,
+                        ..s.clone()
+                    })
+                    .collect(),
+                input: Some(pb::step_request::Input::Hidden(to_wire(
+                    &x.to_kind(Kind::Float),
+                ))),
+            };
+            g.send_control(&step.encode_to_vec())?;
+        }
         // Logits of the requested rows, as one flat f32 vector.
         let vocab = cfg.vocab_size;
-        let (hidden, logits): (Option<Tensor>, Vec<f32>) = match &ids {
-            Some(ids) if t == 1 && layout.seqs.len() == 1 && model.fused_decode_supported() => {
-                // One token of one sequence: the fused decode step.
-                if tch::get_num_threads() != 1 {
-                    tch::set_num_threads(1);
+        let (hidden, logits): (Option<Tensor>, Vec<f32>) = if fused {
+            if tch::get_num_threads() != 1 {
+                tch::set_num_threads(1);
+            }
+            let s = &layout.seqs[0];
+            let mut seq = PagedSeq {
+                pool: &mut h.pool,
+                blocks: &s.blocks,
+                position: s.position,
+            };
+            let out = match (&x, &ids) {
+                (None, Some(ids)) => model.decode_step(ids.int64_value(&[0]) as u32, &mut seq)?,
+                (Some(x), _) => {
+                    let v = Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1]))?;
+                    model.decode_hidden(v, &mut seq)?
                 }
-                let s = &layout.seqs[0];
-                let mut seq = PagedSeq {
-                    pool: &mut h.pool,
-                    blocks: &s.blocks,
-                    position: s.position,
-                };
-                let logits = model.decode_step(ids.int64_value(&[0]) as u32, &mut seq)?;
+                (None, None) => unreachable!("an input was checked"),
+            };
+            if model.shard().head {
                 (
                     None,
                     if logit_rows.is_empty() {
                         Vec::new()
                     } else {
-                        logits
+                        out
                     },
                 )
+            } else {
+                let width = out.len() as i64;
+                (Some(Tensor::from_slice(&out).view([1, width])), Vec::new())
             }
-            _ => {
-                // A few rows run on the `gemv` kernels' pool: libtorch's
-                // threads would only spin against it.
-                let want = if t <= crate::model::linear::Linear::SMALL_BATCH {
-                    1
+        } else {
+            // A few rows run on the `gemv` kernels' pool: libtorch's
+            // threads would only spin against it.
+            let want = if t <= crate::model::linear::Linear::SMALL_BATCH {
+                1
+            } else {
+                self.threads
+            };
+            if tch::get_num_threads() != want {
+                tch::set_num_threads(want);
+            }
+            let x = x.expect("the batched path embeds first");
+            let out = model.forward_batch(&x, &layout, &mut h.pool)?;
+            if model.shard().head {
+                let last = layout.last_rows();
+                let rows: Vec<i64> = logit_rows.iter().map(|&i| last[i]).collect();
+                let logits = if rows.is_empty() {
+                    Vec::new()
                 } else {
-                    self.threads
+                    Vec::try_from(model.logits_rows(&out, &rows)?.reshape([-1]))?
                 };
-                if tch::get_num_threads() != want {
-                    tch::set_num_threads(want);
-                }
-                let x = match (&ids, &req.input) {
-                    (Some(ids), _) => model.embed_packed(ids)?,
-                    (None, Some(pb::step_request::Input::Hidden(w))) => {
-                        let x = from_wire(w, "hidden")?;
-                        if x.size() != [t, cfg.hidden_size as i64] {
-                            return Err(WorkerError::InvalidRequest(format!(
-                                "hidden must be [{t}, {}], got {:?}",
-                                cfg.hidden_size,
-                                x.size()
-                            )));
-                        }
-                        x
-                    }
-                    _ => unreachable!("checked above"),
-                };
-                let out = model.forward_batch(&x, &layout, &mut h.pool)?;
-                if model.shard().head {
-                    let last = layout.last_rows();
-                    let rows: Vec<i64> = logit_rows.iter().map(|&i| last[i]).collect();
-                    let logits = if rows.is_empty() {
-                        Vec::new()
-                    } else {
-                        Vec::try_from(model.logits_rows(&out, &rows)?.reshape([-1]))?
-                    };
-                    (None, logits)
-                } else {
-                    (Some(out), Vec::new())
-                }
+                (None, logits)
+            } else {
+                (Some(out), Vec::new())
             }
         };
+        if follower {
+            // The leader answers for the group.
+            return Ok(pb::StepResponse::default());
+        }
         let row_of = |seq: usize| {
             logit_rows
                 .iter()
@@ -402,6 +533,48 @@ impl Host {
             memory_total_bytes: total,
             memory_available_bytes: available,
         }
+    }
+}
+
+/// A follower rank's loop: each step the leader broadcasts runs here too
+/// (through the host thread, like any step), until the group closes or
+/// breaks. Its result is the leader's to report.
+fn spawn_follower(model: String, group: Arc<TcpGroup>, host: std::sync::mpsc::Sender<Command>) {
+    let name = format!("llmos-tp-rank-{}", group.rank());
+    let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+        let msg = match group.recv_control() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(%model, rank = group.rank(), reason = %e, "tensor-parallel follower stops");
+                return;
+            }
+        };
+        let req = match pb::StepRequest::decode(msg.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%model, error = %e, "a step from the leader does not decode");
+                group.close();
+                return;
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        if host.send(Command::Step(req, tx)).is_err() {
+            return;
+        }
+        match rx.blocking_recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                // The ranks are out of step now: end the group so the
+                // leader fails at once instead of waiting out its deadline.
+                tracing::warn!(%model, rank = group.rank(), error = %e, "a follower step failed");
+                group.close();
+                return;
+            }
+            Err(_) => return,
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a tensor-parallel follower thread");
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Registration {
     /// The URL at which this worker's API is reached.
     pub address: String,
     pub device: String,
+    /// host:port of the collective listener; empty: none.
+    pub collective_address: String,
 }
 
 fn with_deadline<T>(msg: T) -> Request<T> {
@@ -84,6 +86,7 @@ pub async fn registration_loop(reg: Registration) {
                 device: reg.device.clone(),
                 memory_total_bytes: total,
                 memory_free_bytes: free,
+                collective_address: reg.collective_address.clone(),
             }))
             .await
         {
