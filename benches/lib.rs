@@ -28,13 +28,20 @@ pub async fn start_cluster(workers: usize) -> Channel {
     for i in 0..workers {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let rv =
+            std::sync::Arc::new(llmos_worker::collective::Rendezvous::bind("127.0.0.1:0").unwrap());
         tokio::spawn(registration_loop(Registration {
             coordinator: url.clone(),
             worker_id: format!("w{i}"),
             address: format!("http://{addr}"),
             device: "cpu".into(),
+            collective_address: rv.local_addr().to_string(),
         }));
-        tokio::spawn(serve(l, HostHandle::spawn(), std::future::pending()));
+        tokio::spawn(serve(
+            l,
+            HostHandle::spawn_with(Some(rv)),
+            std::future::pending(),
+        ));
     }
     let ch = loop {
         if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())

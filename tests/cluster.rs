@@ -74,14 +74,22 @@ impl Drop for ProcWorker {
 async fn start_worker(coordinator: &str, id: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let rv =
+        std::sync::Arc::new(llmos_worker::collective::Rendezvous::bind("127.0.0.1:0").unwrap());
     tokio::spawn(registration_loop(Registration {
         coordinator: coordinator.into(),
         worker_id: id.into(),
         address: format!("http://{addr}"),
         device: "cpu".into(),
+        collective_address: rv.local_addr().to_string(),
     }));
     tokio::spawn(async move {
-        let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;
+        let _ = serve(
+            listener,
+            HostHandle::spawn_with(Some(rv)),
+            std::future::pending(),
+        )
+        .await;
     });
 }
 
@@ -325,6 +333,7 @@ async fn too_little_memory_is_failed_precondition_with_the_shortfall() {
             device: "cpu".into(),
             memory_total_bytes: 1 << 20,
             memory_free_bytes: 1 << 20,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -518,4 +527,191 @@ async fn serving_engine_through_the_api() {
         assert!(Instant::now() < deadline, "not freed: {s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn ids_request(model: &str, ids: &[u32], max: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
+        model: model.into(),
+        prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+            ids: ids.to_vec(),
+        })),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: max,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn generated_ids(
+    client: &mut InferenceClient<Channel>,
+    req: api::GenerateRequest,
+) -> Vec<u32> {
+    collect(client, req)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|m| m.tokens.iter().map(|t| t.id))
+        .collect()
+}
+
+fn tp_deploy(name: &str, source: &str, stages: u32, tp: u32) -> api::DeployModelRequest {
+    api::DeployModelRequest {
+        name: name.into(),
+        source: source.into(),
+        stages,
+        tensor_parallel: tp,
+        serving: Some(api::ServingOptions {
+            kv_cache_blocks: 64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Tensor parallelism through the public API on four in-process workers:
+/// tp=2, pp=2 x tp=2, and tp=4 (more ranks than the model's 2 KV heads) on
+/// the tiny model, and SmolLM2 from its Q4_1 GGUF over tp=3 (each rank
+/// dequantizing only its rows and columns): greedy tokens equal the single
+/// process, alone and batched. A model that cannot be split is refused
+/// with the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_parallel_deployments_match_one_process() {
+    let prompts: [&[u32]; 3] = [&[1, 5, 9, 13], &[300, 2, 77, 41, 8, 19], &[7]];
+    let tiny = load("synthetic:tiny", Kind::Float);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| llmos_tests::greedy(&tiny, p, 24))
+        .collect();
+    drop(tiny);
+
+    let coordinator = start_coordinator().await;
+    for id in ["w0", "w1", "w2", "w3"] {
+        start_worker(&coordinator, id).await;
+    }
+    let mut admin = connect(&coordinator, AdminClient::new).await;
+    let mut inference = connect(&coordinator, InferenceClient::new).await;
+    wait_for_workers(&mut admin, 4).await;
+
+    for (name, stages, tp) in [("tp2", 1, 2), ("pp2tp2", 2, 2), ("tp4", 1, 4)] {
+        let d = admin
+            .deploy_model(tp_deploy(name, "synthetic:tiny", stages, tp))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(d.stages.len(), stages as usize, "{name}");
+        let mut seen: Vec<String> = Vec::new();
+        for s in &d.stages {
+            assert_eq!(s.tensor_parallel_workers.len(), tp as usize - 1, "{name}");
+            seen.push(s.worker_id.clone());
+            seen.extend(s.tensor_parallel_workers.iter().cloned());
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            (stages * tp) as usize,
+            "{name}: a worker per rank"
+        );
+        // Alone, then all three at once (a batched step broadcast to the
+        // group).
+        for (p, w) in prompts.iter().zip(&want) {
+            let got = generated_ids(&mut inference, ids_request(name, p, 24)).await;
+            assert_eq!(&got, w, "{name}: prompt {p:?} alone");
+        }
+        let mut tasks = Vec::new();
+        for p in prompts {
+            let mut c = inference.clone();
+            let req = ids_request(name, p, 24);
+            tasks.push(tokio::spawn(
+                async move { generated_ids(&mut c, req).await },
+            ));
+        }
+        for (t, w) in tasks.into_iter().zip(&want) {
+            assert_eq!(&t.await.unwrap(), w, "{name}: batched");
+        }
+        admin
+            .undeploy_model(api::UndeployModelRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
+
+    // SmolLM2 has 9 heads: 2 ranks cannot split them.
+    let e = admin
+        .deploy_model(tp_deploy("smol-tp2", "smollm2", 1, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message()
+            .contains("2 does not divide the model's 9 attention heads"),
+        "{e}"
+    );
+    // Asking for more ranks than there are workers names both counts.
+    let e = admin
+        .deploy_model(tp_deploy("tiny-big", "synthetic:tiny", 3, 2))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("need 6 workers, 4 are registered"),
+        "{e}"
+    );
+
+    // SmolLM2 from the GGUF over 3 ranks.
+    let smol = load("smollm2", Kind::Float);
+    let prompt = smol
+        .prompt_ids(&llmos_worker::PromptInput::Text(
+            "The capital of France is".into(),
+        ))
+        .unwrap();
+    let want = llmos_tests::greedy(&smol, &prompt, 16);
+    drop(smol);
+    admin
+        .deploy_model(tp_deploy("smol-tp3", "smollm2", 1, 3))
+        .await
+        .unwrap();
+    let got = generated_ids(&mut inference, ids_request("smol-tp3", &prompt, 16)).await;
+    assert_eq!(got, want, "SmolLM2 over tp=3");
+}
+
+/// One rank of a tp=2 group is a real process; SIGKILL it mid-generation:
+/// the stream ends with UNAVAILABLE within seconds (the surviving rank's
+/// collective sees the closed link; if the killed one led, the leader's
+/// stream is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_rank_mid_generation_is_unavailable_promptly() {
+    let coordinator = start_coordinator().await;
+    start_worker(&coordinator, "w0").await;
+    let mut p1 = ProcWorker::start(&coordinator, "p1");
+    let mut admin = connect(&coordinator, AdminClient::new).await;
+    let mut inference = connect(&coordinator, InferenceClient::new).await;
+    wait_for_workers(&mut admin, 2).await;
+    admin
+        .deploy_model(tp_deploy("tp", "synthetic:tiny", 1, 2))
+        .await
+        .unwrap();
+    let mut stream = inference
+        .generate(ids_request("tp", &[1, 2, 3], 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    let mut killed_at = None;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                n += m.tokens.len();
+                if n >= 5 && killed_at.is_none() {
+                    p1.kill9();
+                    killed_at = Some(Instant::now());
+                }
+            }
+            Ok(None) => panic!("the stream ended without an error after {n} tokens"),
+            Err(s) => break s,
+        }
+    };
+    let after = killed_at.expect("killed after 5 tokens").elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(after < Duration::from_secs(10), "took {after:?}");
 }

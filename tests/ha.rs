@@ -554,6 +554,7 @@ async fn generation_keeps_working_through_a_leader_change() {
             worker_id: id.into(),
             address: format!("http://{addr}"),
             device: "cpu".into(),
+            collective_address: String::new(),
         })));
         workers.push(tokio::spawn(async move {
             let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;

@@ -128,6 +128,10 @@ struct DeployArgs {
     /// Layers per stage, e.g. 12,18.
     #[arg(long, value_delimiter = ',')]
     split: Vec<u32>,
+    /// Tensor-parallel ranks per stage (each stage then spans this many
+    /// workers).
+    #[arg(long, default_value_t = 1)]
+    tp: u32,
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// KV cache blocks on every stage (0: 1024).
@@ -391,6 +395,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     stages: a.stages,
                     layer_split: a.split,
                     dtype: a.dtype,
+                    tensor_parallel: a.tp,
                     serving: Some(api::ServingOptions {
                         kv_cache_blocks: a.kv_blocks,
                         block_size: a.block_size,

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
-use crate::placement::{plan, ModelShape, PlacementRequest, Stage, WorkerCapacity};
+use crate::placement::{plan_tp, ModelShape, PlacementRequest, Stage, WorkerCapacity};
 use crate::state::{ClusterState, Command, Deployment, ModelState, Serving, StateError};
 
 pub struct RegistryService {
@@ -38,28 +38,31 @@ impl wk::registry_server::Registry for RegistryService {
                 memory_total_bytes: r.memory_total_bytes,
                 memory_free_bytes: r.memory_free_bytes,
                 at_ms: self.cluster.now_ms(),
+                collective_address: r.collective_address.clone(),
             })
             .await?;
         tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
         // A restarted worker gets its shards back; the first stage of a
-        // model it serves learns its (possibly new) address.
+        // model it serves learns its (possibly new) address; a stage's
+        // tensor-parallel group links up again (every rank reloads).
         let state = self.cluster.read();
         for m in state.models.values() {
             let stages = &m.placement.stages;
             for (i, s) in stages.iter().enumerate().filter(|(i, s)| {
-                s.worker == r.worker_id
-                    || (*i == 0 && stages.iter().any(|o| o.worker == r.worker_id))
+                s.holds(&r.worker_id) || (*i == 0 && stages.iter().any(|o| o.holds(&r.worker_id)))
             }) {
-                let (cluster, spec) = (
-                    self.cluster.clone(),
-                    shard_spec(&state, m, i, self.cluster.config.step_timeout),
-                );
-                let worker = s.worker.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = load_stage(&cluster, &worker, spec).await {
-                        tracing::error!(%worker, error = %e, "reloading a shard after re-registration failed");
-                    }
-                });
+                for (rank, worker) in s.workers().enumerate() {
+                    let (cluster, spec) = (
+                        self.cluster.clone(),
+                        shard_spec(&state, m, i, rank, self.cluster.config.step_timeout),
+                    );
+                    let worker = worker.to_string();
+                    tokio::spawn(async move {
+                        if let Err(e) = load_stage(&cluster, &worker, spec).await {
+                            tracing::error!(%worker, error = %e, "reloading a shard after re-registration failed");
+                        }
+                    });
+                }
             }
         }
         Ok(Response::new(wk::RegisterResponse {
@@ -96,17 +99,37 @@ fn dtype_code(dtype: &str) -> wk::DType {
     }
 }
 
-/// The spec of stage `i` of a deployment; the first stage also gets the
-/// engine, with the later stages' current addresses.
+/// The spec of rank `rank` of stage `i` of a deployment; the first stage's
+/// leader also gets the engine, with the later stages' current addresses.
+/// Followers of a tensor-parallel group hold neither embedding nor head.
 fn shard_spec(
     state: &ClusterState,
     dep: &Deployment,
     i: usize,
+    rank: usize,
     step_timeout: std::time::Duration,
 ) -> wk::ShardSpec {
     let s = &dep.placement.stages[i];
     let v = &dep.serving;
-    let engine = (i == 0).then(|| wk::EngineSpec {
+    let tp = dep.placement.tensor_parallel.max(1);
+    let tensor_parallel = (tp > 1).then(|| wk::TensorParallel {
+        rank: rank as u32,
+        world_size: tp,
+        peers: s
+            .workers()
+            .map(|w| {
+                state
+                    .workers
+                    .get(w)
+                    .map(|w| w.collective_address.clone())
+                    .unwrap_or_default()
+            })
+            .collect(),
+        group: dep.placement.group_name(&dep.name, i),
+        timeout_ms: step_timeout.as_millis() as u32,
+    });
+    let leader = rank == 0;
+    let engine = (i == 0 && leader).then(|| wk::EngineSpec {
         next_stages: dep.placement.stages[1..]
             .iter()
             .map(|n| wk::StageRef {
@@ -129,12 +152,13 @@ fn shard_spec(
         source: dep.source.clone(),
         layer_start: s.layer_start,
         layer_end: s.layer_end,
-        embed: s.embed,
-        head: s.head,
+        embed: s.embed && leader,
+        head: s.head && leader,
         dtype: dtype_code(&dep.dtype) as i32,
         kv_blocks: v.kv_blocks,
         block_size: v.block_size,
         engine,
+        tensor_parallel,
     }
 }
 
@@ -217,8 +241,8 @@ async fn load_stage(
 
 /// Best effort: a worker that is down has lost the shard anyway.
 async fn unload_everywhere(cluster: &Cluster, model: &str, stages: &[Stage]) {
-    for s in stages {
-        if let Ok(mut c) = cluster.worker(&s.worker).await {
+    for w in stages.iter().flat_map(|s| s.workers()) {
+        if let Ok(mut c) = cluster.worker(w).await {
             let _ = c
                 .unload_shard(wk::UnloadShardRequest {
                     model: model.to_string(),
@@ -241,6 +265,7 @@ fn stage_status(state: &ClusterState, s: &Stage) -> api::StagePlacement {
         embed: s.embed,
         head: s.head,
         weight_bytes: s.bytes,
+        tensor_parallel_workers: s.followers.clone(),
     }
 }
 
@@ -262,7 +287,7 @@ fn worker_statuses(state: &ClusterState) -> Vec<api::WorkerStatus> {
                     m.placement
                         .stages
                         .iter()
-                        .filter(|s| s.worker == w.id)
+                        .filter(|s| s.holds(&w.id))
                         .map(|s| format!("{}:{}-{}", m.name, s.layer_start, s.layer_end))
                 })
                 .collect(),
@@ -302,13 +327,18 @@ impl AdminService {
         let rt = self.cluster.open_model(&r.name, &r.source)?;
         let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
         let mut shape = ModelShape::from_config(&rt.config, dtype_bytes);
-        // Every stage holds `kv_blocks` blocks for each of its layers.
         let c = &rt.config;
-        shape.layer_bytes += serving.kv_blocks as u64
-            * serving.block_size as u64
-            * 2
-            * (c.num_kv_heads * c.head_dim) as u64
-            * dtype_bytes;
+        let tp = r.tensor_parallel.max(1);
+        // Refused here, with the numbers, rather than by every worker.
+        let split = c.tp_split(0, tp as usize).map_err(CoordError::Invalid)?;
+        // A rank holds a tp-th of each layer's weights, and `kv_blocks`
+        // blocks of its own KV heads for each of its layers.
+        shape.layer_bytes = shape.layer_bytes.div_ceil(tp as u64)
+            + serving.kv_blocks as u64
+                * serving.block_size as u64
+                * 2
+                * (split.kv_heads * c.head_dim) as u64
+                * dtype_bytes;
         let workers: Vec<WorkerCapacity> = self
             .cluster
             .read()
@@ -325,7 +355,8 @@ impl AdminService {
             split: (!r.layer_split.is_empty()).then(|| r.layer_split.clone()),
             reserve_bytes: 0,
         };
-        let placement = plan(&shape, &workers, &req)?;
+        let mut placement = plan_tp(&shape, &workers, &req, tp)?;
+        placement.group_nonce = self.cluster.now_ms();
         self.cluster
             .propose(Command::DeployModel {
                 name: r.name.clone(),
@@ -342,10 +373,15 @@ impl AdminService {
             .get(&r.name)
             .cloned()
             .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
+        // All ranks of all stages at once: a group links up while loading.
         for (i, s) in placement.stages.iter().enumerate() {
-            let (cluster, worker) = (self.cluster.clone(), s.worker.clone());
-            let spec = shard_spec(&state, &dep, i, self.cluster.config.step_timeout);
-            loads.spawn(async move { (worker.clone(), load_stage(&cluster, &worker, spec).await) });
+            for (rank, w) in s.workers().enumerate() {
+                let (cluster, worker) = (self.cluster.clone(), w.to_string());
+                let spec = shard_spec(&state, &dep, i, rank, self.cluster.config.step_timeout);
+                loads.spawn(
+                    async move { (worker.clone(), load_stage(&cluster, &worker, spec).await) },
+                );
+            }
         }
         let mut failure = None;
         while let Some(joined) = loads.join_next().await {

@@ -71,19 +71,50 @@ pub struct PlacementRequest {
     pub reserve_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stage {
+    /// The stage's worker; with tensor parallelism its group's leader
+    /// (rank 0: embedding, head, the Step calls).
     pub worker: String,
     pub layer_start: u32,
     pub layer_end: u32,
     pub embed: bool,
     pub head: bool,
+    /// Bytes per rank (the leader's, which holds the embedding and head).
     pub bytes: u64,
+    /// Ranks 1.. of the stage's tensor-parallel group, in rank order.
+    #[serde(default)]
+    pub followers: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+impl Stage {
+    /// The stage's workers in rank order.
+    pub fn workers(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.worker.as_str()).chain(self.followers.iter().map(String::as_str))
+    }
+
+    pub fn holds(&self, id: &str) -> bool {
+        self.workers().any(|w| w == id)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     pub stages: Vec<Stage>,
+    /// Ranks per stage (0 or 1: none).
+    #[serde(default)]
+    pub tensor_parallel: u32,
+    /// Makes the names of this placement's groups unique (a new placement
+    /// never links to a group of an old one).
+    #[serde(default)]
+    pub group_nonce: u64,
+}
+
+impl Placement {
+    /// The name of stage `i`'s tensor-parallel group.
+    pub fn group_name(&self, model: &str, i: usize) -> String {
+        format!("{model}/stage{i}/{:016x}", self.group_nonce)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,6 +197,56 @@ pub fn plan(
     Err(last_err.expect("at least one candidate"))
 }
 
+/// Plans stages of `tp` ranks each (`tp` 0 or 1: `plan`). `rank_shape` is
+/// one rank's share of the model (a `tp`-th of each layer; the embedding
+/// and head stay whole, on the group's leader). Workers are grouped most
+/// free memory first; a group plans as one worker with its smallest
+/// member's free memory, and its first worker leads.
+pub fn plan_tp(
+    rank_shape: &ModelShape,
+    workers: &[WorkerCapacity],
+    req: &PlacementRequest,
+    tp: u32,
+) -> Result<Placement, PlanError> {
+    if tp <= 1 {
+        return plan(rank_shape, workers, req);
+    }
+    let tp = tp as usize;
+    let mut ws: Vec<&WorkerCapacity> = workers.iter().collect();
+    ws.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then(a.id.cmp(&b.id)));
+    let stages = req
+        .stages
+        .map(|s| s as usize)
+        .or(req.split.as_ref().map(Vec::len))
+        .unwrap_or(1)
+        .max(1);
+    if stages * tp > ws.len() {
+        return Err(PlanError::Invalid(format!(
+            "{stages} stage(s) x {tp} tensor-parallel ranks need {} workers, {} are registered",
+            stages * tp,
+            ws.len()
+        )));
+    }
+    let groups: Vec<&[&WorkerCapacity]> = ws.chunks_exact(tp).collect();
+    let virt: Vec<WorkerCapacity> = groups
+        .iter()
+        .map(|g| WorkerCapacity {
+            id: g[0].id.clone(),
+            free_bytes: g.iter().map(|w| w.free_bytes).min().unwrap_or(0),
+        })
+        .collect();
+    let mut p = plan(rank_shape, &virt, req)?;
+    for s in &mut p.stages {
+        let g = groups
+            .iter()
+            .find(|g| g[0].id == s.worker)
+            .expect("a planned stage is a group's leader");
+        s.followers = g[1..].iter().map(|w| w.id.clone()).collect();
+    }
+    p.tensor_parallel = tp as u32;
+    Ok(p)
+}
+
 /// Layers per stage in proportion to each worker's memory left after its
 /// fixed parts (largest remainder, at least one layer each).
 fn proportional(model: &ModelShape, ws: &[&WorkerCapacity], reserve: u64) -> Vec<u32> {
@@ -232,6 +313,7 @@ fn check(
             embed: first,
             head: last,
             bytes,
+            followers: Vec::new(),
         });
         start += layers;
     }
@@ -243,7 +325,10 @@ fn check(
             stages: n,
         });
     }
-    Ok(Placement { stages })
+    Ok(Placement {
+        stages,
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
@@ -278,6 +363,38 @@ mod tests {
             .iter()
             .map(|s| s.layer_end - s.layer_start)
             .collect()
+    }
+
+    #[test]
+    fn tensor_parallel_groups_workers_and_counts_them() {
+        let ws = workers(&[100_000, 90_000, 80_000, 70_000, 60_000]);
+        let req = PlacementRequest {
+            stages: Some(2),
+            ..Default::default()
+        };
+        let p = plan_tp(&shape(), &ws, &req, 2).unwrap();
+        assert_eq!(p.tensor_parallel, 2);
+        assert_eq!(p.stages.len(), 2);
+        // Most free first, two at a time; the fifth worker is left over.
+        assert_eq!(p.stages[0].workers().collect::<Vec<_>>(), ["w0", "w1"]);
+        assert_eq!(p.stages[1].workers().collect::<Vec<_>>(), ["w2", "w3"]);
+        assert!(p.stages[1].holds("w3") && !p.stages[1].holds("w4"));
+        assert_eq!(layers(&p).iter().sum::<u32>(), shape().num_layers);
+        let e = plan_tp(
+            &shape(),
+            &ws,
+            &PlacementRequest {
+                stages: Some(3),
+                ..Default::default()
+            },
+            2,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("3 stage(s) x 2 tensor-parallel ranks need 6 workers, 5 are registered"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub struct WorkerInfo {
     pub memory_free_bytes: u64,
     pub healthy: bool,
     pub last_heartbeat_ms: u64,
+    /// host:port of its collective listener (tensor-parallel groups).
+    #[serde(default)]
+    pub collective_address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +76,8 @@ pub enum Command {
         memory_total_bytes: u64,
         memory_free_bytes: u64,
         at_ms: u64,
+        #[serde(default)]
+        collective_address: String,
     },
     Heartbeat {
         id: String,
@@ -155,6 +160,7 @@ impl ClusterState {
                 memory_total_bytes,
                 memory_free_bytes,
                 at_ms,
+                collective_address,
             } => {
                 self.workers.insert(
                     id.clone(),
@@ -166,6 +172,7 @@ impl ClusterState {
                         memory_free_bytes: *memory_free_bytes,
                         healthy: true,
                         last_heartbeat_ms: *at_ms,
+                        collective_address: collective_address.clone(),
                     },
                 );
             }
@@ -203,11 +210,11 @@ impl ClusterState {
                 if self.models.contains_key(name) {
                     return Err(StateError::ModelExists(name.clone()));
                 }
-                for s in &placement.stages {
+                for id in placement.stages.iter().flat_map(|s| s.workers()) {
                     let w = self
                         .workers
-                        .get(&s.worker)
-                        .ok_or_else(|| StateError::UnknownWorker(s.worker.clone()))?;
+                        .get(id)
+                        .ok_or_else(|| StateError::UnknownWorker(id.to_string()))?;
                     if !w.healthy {
                         return Err(StateError::UnhealthyWorker { id: w.id.clone() });
                     }
@@ -257,7 +264,7 @@ impl ClusterState {
     pub fn models_on(&self, id: &str) -> Vec<String> {
         self.models
             .values()
-            .filter(|m| m.placement.stages.iter().any(|s| s.worker == id))
+            .filter(|m| m.placement.stages.iter().any(|s| s.holds(id)))
             .map(|m| m.name.clone())
             .collect()
     }
@@ -276,6 +283,7 @@ mod tests {
             memory_total_bytes: 100,
             memory_free_bytes: 90,
             at_ms,
+            collective_address: String::new(),
         }
     }
 
@@ -290,13 +298,17 @@ mod tests {
                 embed: i == 0,
                 head: i + 1 == workers.len(),
                 bytes: 10,
+                ..Default::default()
             })
             .collect();
         Command::DeployModel {
             name: name.into(),
             source: "smollm2".into(),
             dtype: "f32".into(),
-            placement: Placement { stages },
+            placement: Placement {
+                stages,
+                ..Default::default()
+            },
             serving: Serving::default(),
         }
     }

@@ -21,6 +21,7 @@ fn register(id: &str, at: u64) -> Command {
         memory_total_bytes: 100,
         memory_free_bytes: 80,
         at_ms: at,
+        collective_address: String::new(),
     }
 }
 
@@ -37,7 +38,9 @@ fn deploy(name: &str, worker: &str) -> Command {
                 embed: true,
                 head: true,
                 bytes: 10,
+                ..Default::default()
             }],
+            ..Default::default()
         },
         serving: Default::default(),
     }

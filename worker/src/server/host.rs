@@ -525,6 +525,7 @@ impl Host {
                 weight_bytes: h.weight_bytes,
                 kv_cache_bytes: h.pool.bytes() as u64,
                 engine: None,
+                collective_bytes_sent: h.group.as_ref().map_or(0, |g| g.bytes_sent()),
             })
             .collect();
         let (total, available) = meminfo();
