@@ -431,7 +431,10 @@ impl Host {
                 position: s.position,
             };
             let out = match (&x, &ids) {
-                (None, Some(ids)) => model.decode_step(ids.int64_value(&[0]) as u32, &mut seq)?,
+                (None, Some(ids)) => {
+                    let x = model.embed_row(ids.int64_value(&[0]) as u32)?;
+                    model.decode_hidden(x, &mut seq)?
+                }
                 (Some(x), _) => {
                     let v = Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1]))?;
                     model.decode_hidden(v, &mut seq)?
