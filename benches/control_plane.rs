@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 
 const SEQUENTIAL: usize = 300;
 const CONCURRENT_WRITERS: usize = 32;
@@ -105,23 +104,6 @@ where
     }
 }
 
-async fn connect(url: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match tonic::transport::Endpoint::from_shared(url.to_string())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{url}: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 async fn llmos(dir: &Path) -> Figures {
     let bin = bin_dir().join("llmos-coordinator");
     assert!(
@@ -156,7 +138,8 @@ async fn llmos(dir: &Path) -> Figures {
     let deadline = Instant::now() + Duration::from_secs(20);
     while leader.is_none() {
         for p in &ports {
-            let mut a = AdminClient::new(connect(&format!("http://127.0.0.1:{p}")).await);
+            let mut a =
+                AdminClient::new(llmos_benches::connect(&format!("http://127.0.0.1:{p}")).await);
             if let Ok(r) = a.list_members(api::ListMembersRequest {}).await {
                 let cp = r.into_inner().control_plane.unwrap();
                 if cp.role == "Leader" {
@@ -167,7 +150,7 @@ async fn llmos(dir: &Path) -> Figures {
         assert!(Instant::now() < deadline, "no leader");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ch = connect(&format!("http://127.0.0.1:{}", leader.unwrap())).await;
+    let ch = llmos_benches::connect(&format!("http://127.0.0.1:{}", leader.unwrap())).await;
     let f = measure(move |i| {
         let mut a = AdminClient::new(ch.clone());
         async move {

@@ -3,7 +3,7 @@
 //! batching and transformers static batching), `control_plane.rs` (Raft vs
 //! etcd); the single-process comparison with peers is `single_process.sh`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
@@ -11,20 +11,45 @@ use llmos_worker::server::register::{registration_loop, Registration};
 use llmos_worker::server::{serve, HostHandle};
 use tonic::transport::Channel;
 
-/// A coordinator and `workers` workers on loopback, in this process; returns
-/// a channel to the coordinator once every worker has registered.
-pub async fn start_cluster(workers: usize) -> Channel {
+/// A channel to `url`, retrying for up to 20 s while the server starts.
+pub async fn connect(url: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{url}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A coordinator on loopback in this process (heartbeats every 200 ms);
+/// returns its URL.
+pub async fn start_coordinator(config: llmos_coordinator::Config) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let config = llmos_coordinator::Config {
         heartbeat_interval: Duration::from_millis(200),
-        ..Default::default()
+        ..config
     };
     tokio::spawn(llmos_coordinator::serve(
         listener,
         config,
         std::future::pending(),
     ));
+    url
+}
+
+/// A coordinator and `workers` workers on loopback, in this process; returns
+/// a channel to the coordinator once every worker has registered.
+pub async fn start_cluster(workers: usize) -> Channel {
+    let url = start_coordinator(Default::default()).await;
     for i in 0..workers {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -43,16 +68,13 @@ pub async fn start_cluster(workers: usize) -> Channel {
             std::future::pending(),
         ));
     }
-    let ch = loop {
-        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let ch = connect(&url).await;
+    wait_for_workers(&ch, workers).await;
+    ch
+}
+
+/// Returns once `n` workers have registered with the coordinator at `ch`.
+pub async fn wait_for_workers(ch: &Channel, n: usize) {
     let mut admin = AdminClient::new(ch.clone());
     while admin
         .list_workers(api::ListWorkersRequest {})
@@ -61,11 +83,10 @@ pub async fn start_cluster(workers: usize) -> Channel {
         .get_ref()
         .workers
         .len()
-        < workers
+        < n
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ch
 }
 
 /// Deploys the embedded SmolLM2 as `name` over `stages` stages.

@@ -11,8 +11,9 @@
 //! cargo bench -p llmos-benches --bench tensor_parallel
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use llmos_benches::connect;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
@@ -42,36 +43,10 @@ fn worker_bin() -> std::path::PathBuf {
     bin
 }
 
-async fn connect(url: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match tonic::transport::Endpoint::from_shared(url.to_string())
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("{url}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// A coordinator in this process and `ranks` worker processes of
 /// `threads` threads each; the model deployed over them as tp=`ranks`.
 async fn cluster(model: &str, ranks: u32, threads: u32) -> (Channel, Vec<Proc>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let config = llmos_coordinator::Config {
-        heartbeat_interval: Duration::from_millis(200),
-        load_timeout: Duration::from_secs(600),
-        ..Default::default()
-    };
-    tokio::spawn(llmos_coordinator::serve(
-        listener,
-        config,
-        std::future::pending(),
-    ));
+    let url = llmos_benches::start_coordinator(Default::default()).await;
     let procs: Vec<Proc> = (0..ranks)
         .map(|i| {
             Proc(
@@ -87,20 +62,8 @@ async fn cluster(model: &str, ranks: u32, threads: u32) -> (Channel, Vec<Proc>) 
         })
         .collect();
     let ch = connect(&url).await;
-    let mut admin = AdminClient::new(ch.clone());
-    loop {
-        let w = admin
-            .list_workers(api::ListWorkersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .workers;
-        if w.len() == ranks as usize {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    admin
+    llmos_benches::wait_for_workers(&ch, ranks as usize).await;
+    AdminClient::new(ch.clone())
         .deploy_model(api::DeployModelRequest {
             name: "m".into(),
             source: model.into(),

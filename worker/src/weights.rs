@@ -126,12 +126,12 @@ fn synthetic(key: WeightKey, full: &[i64], part: Option<Slice>, seed: u64) -> Te
     // Element j of the part is element `index(j)` of the whole weight, so a
     // rank's slice holds exactly the values the whole weight has there.
     let cols = full.get(1).copied().unwrap_or(1) as u64;
+    let part_cols = shape.get(1).copied().unwrap_or(1) as u64;
     let index = |j: u64| -> u64 {
         match part {
             None => j,
             Some(s) => {
-                let pc = shape.get(1).copied().unwrap_or(1) as u64;
-                let (r, c) = (j / pc, j % pc);
+                let (r, c) = (j / part_cols, j % part_cols);
                 if s.dim == 0 {
                     (r + s.start as u64) * cols + c
                 } else {

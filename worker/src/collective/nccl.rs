@@ -47,6 +47,14 @@ fn nccl_err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
     WorkerError::Collective(format!("nccl {what}: {e:?}"))
 }
 
+/// An enqueue call's status as this crate's error.
+fn enqueued(
+    what: &str,
+    r: std::result::Result<result::NcclStatus, result::NcclError>,
+) -> Result<()> {
+    r.map(drop).map_err(|e| nccl_err(what, e))
+}
+
 impl NcclGroup {
     /// Forms the communicator of `tcp`'s ranks (each process on its own
     /// current CUDA device).
@@ -191,7 +199,7 @@ impl Collective for NcclGroup {
         let ptr = t.data_ptr();
         self.run(bytes_of(t), || {
             // SAFETY: in place on a contiguous device tensor of numel elements.
-            unsafe {
+            enqueued("all_reduce", unsafe {
                 result::all_reduce(
                     ptr,
                     ptr,
@@ -201,9 +209,7 @@ impl Collective for NcclGroup {
                     self.comm.0,
                     std::ptr::null_mut(),
                 )
-            }
-            .map(drop)
-            .map_err(|e| nccl_err("all_reduce", e))
+            })
         })
     }
 
@@ -214,7 +220,7 @@ impl Collective for NcclGroup {
         let out = Tensor::empty(size.as_slice(), (t.kind(), t.device()));
         self.run(bytes_of(t), || {
             // SAFETY: `out` holds world x numel elements, contiguous.
-            unsafe {
+            enqueued("all_gather", unsafe {
                 result::all_gather(
                     t.data_ptr(),
                     out.data_ptr(),
@@ -223,9 +229,7 @@ impl Collective for NcclGroup {
                     self.comm.0,
                     std::ptr::null_mut(),
                 )
-            }
-            .map(drop)
-            .map_err(|e| nccl_err("all_gather", e))
+            })
         })?;
         Ok(out)
     }
@@ -236,7 +240,7 @@ impl Collective for NcclGroup {
         let ptr = t.data_ptr();
         self.run(bytes_of(t), || {
             // SAFETY: in place on a contiguous device tensor.
-            unsafe {
+            enqueued("broadcast", unsafe {
                 result::broadcast(
                     ptr,
                     ptr,
@@ -246,9 +250,7 @@ impl Collective for NcclGroup {
                     self.comm.0,
                     std::ptr::null_mut(),
                 )
-            }
-            .map(drop)
-            .map_err(|e| nccl_err("broadcast", e))
+            })
         })
     }
 
@@ -259,7 +261,7 @@ impl Collective for NcclGroup {
         let dt = Self::dtype(t)?;
         self.run(bytes_of(t), || {
             // SAFETY: a contiguous device tensor of numel elements.
-            unsafe {
+            enqueued("send", unsafe {
                 result::send(
                     t.data_ptr(),
                     t.numel(),
@@ -268,9 +270,7 @@ impl Collective for NcclGroup {
                     self.comm.0,
                     std::ptr::null_mut(),
                 )
-            }
-            .map(drop)
-            .map_err(|e| nccl_err("send", e))
+            })
         })
     }
 
@@ -282,7 +282,7 @@ impl Collective for NcclGroup {
         let ptr = t.data_ptr();
         self.run(0, || {
             // SAFETY: a contiguous device tensor of numel elements.
-            unsafe {
+            enqueued("recv", unsafe {
                 result::recv(
                     ptr,
                     t.numel(),
@@ -291,9 +291,7 @@ impl Collective for NcclGroup {
                     self.comm.0,
                     std::ptr::null_mut(),
                 )
-            }
-            .map(drop)
-            .map_err(|e| nccl_err("recv", e))
+            })
         })
     }
 

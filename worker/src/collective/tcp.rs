@@ -497,10 +497,6 @@ impl TcpGroup {
         }
     }
 
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
     pub fn is_broken(&self) -> bool {
         self.broken
             .lock()
@@ -527,13 +523,12 @@ fn as_bytes(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn tensor_bytes(t: &Tensor) -> (Tensor, Vec<u8>) {
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     let c = t.to_device(Device::Cpu).contiguous();
-    let n = c.numel() * c.kind().elt_size_in_bytes();
-    let mut b = vec![0u8; n];
+    let mut b = vec![0u8; c.numel() * c.kind().elt_size_in_bytes()];
     c.f_copy_data_u8(&mut b, c.numel())
         .expect("a contiguous CPU tensor copies out");
-    (c, b)
+    b
 }
 
 fn from_bytes(bytes: &[u8], like: &Tensor) -> Result<Tensor> {
@@ -563,7 +558,7 @@ impl Collective for TcpGroup {
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        let (_, mine) = tensor_bytes(t);
+        let mine = tensor_bytes(t);
         let all = self.run(|| self.exchange(&mine))?;
         let parts = all
             .iter()
@@ -573,7 +568,7 @@ impl Collective for TcpGroup {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        let (_, mine) = tensor_bytes(t);
+        let mine = tensor_bytes(t);
         let got = self.broadcast_bytes(&mine, root)?;
         if got.len() != mine.len() {
             return Err(self.fail(format!("rank {root} broadcast a tensor of another size")));
@@ -585,7 +580,7 @@ impl Collective for TcpGroup {
     }
 
     fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
-        let (_, b) = tensor_bytes(t);
+        let b = tensor_bytes(t);
         self.run(|| self.send_frame(peer, DATA, &b))
     }
 

@@ -171,13 +171,6 @@ impl Llama {
     /// One token of one sequence at position `cache.position()`: appends to
     /// the cache and returns the float32 logits.
     pub fn decode_step(&self, token: u32, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
-        let cfg = &self.cfg;
-        if token as usize >= cfg.vocab_size {
-            return Err(WorkerError::InvalidRequest(format!(
-                "token id {token} is outside the vocabulary of {} tokens",
-                cfg.vocab_size
-            )));
-        }
         if !self.shard.head {
             return Err(WorkerError::InvalidRequest(
                 "this shard holds no LM head".into(),
@@ -187,20 +180,27 @@ impl Llama {
         self.decode_hidden(x, cache)
     }
 
-    /// The embedding of one token as f32.
+    /// The embedding of one token as f32 (a CPU f32 or bf16 embedding).
     pub fn embed_row(&self, token: u32) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
         let embed = self
             .embed
             .as_ref()
             .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no embedding".into()))?;
-        let mut x = vec![0f32; h];
-        if token as usize >= self.cfg.vocab_size || embed.device() != Device::Cpu {
+        if token as usize >= self.cfg.vocab_size {
             return Err(WorkerError::InvalidRequest(format!(
                 "token id {token} is outside the vocabulary of {} tokens",
                 self.cfg.vocab_size
             )));
         }
+        if embed.device() != Device::Cpu || !matches!(embed.kind(), Kind::Float | Kind::BFloat16) {
+            return Err(WorkerError::InvalidRequest(format!(
+                "the fused step reads CPU f32/bf16 embeddings, not {:?} on {:?}",
+                embed.kind(),
+                embed.device()
+            )));
+        }
+        let mut x = vec![0f32; h];
         // SAFETY: the embedding is a contiguous [vocab, h] CPU tensor of the
         // matched element type, and `token < vocab`.
         unsafe {

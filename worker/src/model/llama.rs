@@ -382,30 +382,32 @@ impl Llama {
         self.tp.map_or(self.cfg.num_kv_heads, |t| t.kv_heads)
     }
 
-    /// Sums a row-parallel output over the tensor-parallel group.
-    pub(super) fn reduce(&self, mut t: Tensor) -> Result<Tensor> {
+    /// The group row-parallel outputs are summed over: `None` for a shard
+    /// that is not split; an error for a split one without its group.
+    fn reduce_group(&self) -> Result<Option<&dyn Collective>> {
         match (&self.tp_group, self.tp) {
-            (Some(g), Some(_)) => {
-                g.all_reduce_sum(&mut t)?;
-                Ok(t)
-            }
+            (_, None) => Ok(None),
+            (Some(g), Some(_)) => Ok(Some(g.as_ref())),
             (None, Some(t)) => Err(WorkerError::InvalidRequest(format!(
                 "rank {} of a {}-way split has no group",
                 t.rank, t.size
             ))),
-            _ => Ok(t),
         }
+    }
+
+    /// Sums a row-parallel output over the tensor-parallel group.
+    pub(super) fn reduce(&self, mut t: Tensor) -> Result<Tensor> {
+        if let Some(g) = self.reduce_group()? {
+            g.all_reduce_sum(&mut t)?;
+        }
+        Ok(t)
     }
 
     /// `reduce` for the fused step's host buffers.
     pub(super) fn reduce_host(&self, buf: &mut [f32]) -> Result<()> {
-        match (&self.tp_group, self.tp) {
-            (Some(g), Some(_)) => g.all_reduce_host(buf),
-            (None, Some(t)) => Err(WorkerError::InvalidRequest(format!(
-                "rank {} of a {}-way split has no group",
-                t.rank, t.size
-            ))),
-            _ => Ok(()),
+        match self.reduce_group()? {
+            Some(g) => g.all_reduce_host(buf),
+            None => Ok(()),
         }
     }
 
