@@ -16,40 +16,11 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
     }
 }
 
-/// Loads libtorch's CUDA backend. Nothing in the binary references a symbol
-/// of `libtorch_cuda.so`, so the linker drops it and libtorch would report no
-/// GPU; opening it with `RTLD_GLOBAL` registers the backend. Found through
-/// the binary's run path (the venv's `torch/lib`) or `LD_LIBRARY_PATH`.
+/// Loads libtorch's CUDA backend (see [`llmos_kernels::load_torch_cuda`]).
 pub fn load_torch_cuda() -> Result<()> {
-    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> =
-        std::sync::OnceLock::new();
-    LOADED
-        .get_or_init(|| {
-            let name = c"libtorch_cuda.so";
-            // SAFETY: dlopen with a valid C string; the handle is kept for
-            // the life of the process on purpose.
-            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            if handle.is_null() {
-                // SAFETY: dlerror returns a thread-local C string or null.
-                let err = unsafe { libc::dlerror() };
-                let msg = if err.is_null() {
-                    "unknown error".to_string()
-                } else {
-                    unsafe { std::ffi::CStr::from_ptr(err) }
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                return Err(msg);
-            }
-            Ok(())
-        })
-        .clone()
-        .map_err(|e| {
-            WorkerError::DeviceUnavailable(
-                "cuda".into(),
-                format!("cannot load libtorch_cuda.so: {e}"),
-            )
-        })
+    llmos_kernels::load_torch_cuda().map_err(|e| {
+        WorkerError::DeviceUnavailable("cuda".into(), format!("cannot load libtorch_cuda.so: {e}"))
+    })
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`, checking the GPU is there.
