@@ -13,6 +13,7 @@ use llmos_proto::worker::v1 as wk;
 use llmos_tests::load;
 use llmos_worker::server::register::{registration_loop, Registration};
 use llmos_worker::server::{serve, HostHandle};
+use llmos_worker::Quantization;
 use tch::Kind;
 use tonic::transport::Channel;
 
@@ -568,6 +569,71 @@ fn tp_deploy(name: &str, source: &str, stages: u32, tp: u32) -> api::DeployModel
         }),
         ..Default::default()
     }
+}
+
+/// Int8 weight-only quantization chosen at deploy time: two pipeline
+/// stages of the tiny model, each quantizing its layers at load, give the
+/// single process's int8 greedy tokens; ListModels reports it; an unknown
+/// scheme is INVALID_ARGUMENT naming it and the supported ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_deployment_matches_one_process() {
+    let prompts: [&[u32]; 2] = [&[1, 5, 9, 13], &[300, 2, 77, 41, 8, 19]];
+    let q = llmos_tests::load_quantized("synthetic:tiny", Kind::Float, Quantization::Int8);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| llmos_tests::greedy(&q, p, 24))
+        .collect();
+    drop(q);
+    let dense = load("synthetic:tiny", Kind::Float);
+    let dense_tokens: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| llmos_tests::greedy(&dense, p, 24))
+        .collect();
+    drop(dense);
+    assert_ne!(
+        want, dense_tokens,
+        "int8 changes the tiny model's tokens: the check below can tell"
+    );
+
+    let coordinator = start_coordinator().await;
+    for id in ["w0", "w1"] {
+        start_worker(&coordinator, id).await;
+    }
+    let mut admin = connect(&coordinator, AdminClient::new).await;
+    let mut inference = connect(&coordinator, InferenceClient::new).await;
+    wait_for_workers(&mut admin, 2).await;
+    let err = admin
+        .deploy_model(api::DeployModelRequest {
+            quantization: "int4".into(),
+            ..tp_deploy("bad", "synthetic:tiny", 1, 1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("\"int4\"") && err.message().contains("int8"),
+        "{}",
+        err.message()
+    );
+
+    admin
+        .deploy_model(api::DeployModelRequest {
+            quantization: "int8".into(),
+            ..tp_deploy("q8", "synthetic:tiny", 2, 1)
+        })
+        .await
+        .unwrap();
+    for (p, w) in prompts.iter().zip(&want) {
+        let got = generated_ids(&mut inference, ids_request("q8", p, 24)).await;
+        assert_eq!(&got, w, "prompt {p:?}");
+    }
+    let models = inference
+        .list_models(api::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(models[0].quantization, "int8");
 }
 
 /// Tensor parallelism through the public API on four in-process workers:

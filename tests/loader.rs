@@ -154,6 +154,7 @@ fn load(path: &Path) -> Result<Engine, String> {
         kind: Kind::Float,
         device: Device::Cpu,
         seed: 0,
+        ..Default::default()
     };
     Engine::load(&spec, &opts, &mut |_, _| {}).map_err(|e| e.to_string())
 }

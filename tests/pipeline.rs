@@ -45,6 +45,7 @@ fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> 
         block_size: BLOCK,
         engine: None,
         tensor_parallel: None,
+        quantization: 0,
     }
 }
 

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use llmos_meta::ModelSpec;
-use llmos_worker::{Engine, GenerateRequest, LoadOptions, PromptInput, SamplingParams};
+use llmos_worker::{
+    Engine, GenerateRequest, LoadOptions, PromptInput, Quantization, SamplingParams,
+};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -80,12 +82,17 @@ pub fn read_f32(path: &Path) -> Vec<f32> {
 }
 
 pub fn load(spec: &str, kind: Kind) -> Engine {
+    load_quantized(spec, kind, Quantization::None)
+}
+
+pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Engine {
     tch::set_num_threads(1);
     let spec = ModelSpec::parse(spec).unwrap();
     let opts = LoadOptions {
         kind,
         device: Device::Cpu,
         seed: 0,
+        quantization,
     };
     Engine::load(&spec, &opts, &mut |_, _| {}).unwrap()
 }

@@ -134,6 +134,10 @@ struct DeployArgs {
     tp: u32,
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Linear weights: none (in --dtype) or int8 (weight-only, one scale
+    /// per output channel; about half the bytes of bf16).
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// KV cache blocks on every stage (0: 1024).
     #[arg(long, default_value_t = 0)]
     kv_blocks: u32,
@@ -358,7 +362,8 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             print_json(json!(ms
                 .iter()
                 .map(|m| json!({"name": m.name, "architecture": m.architecture, "layers": m.num_layers,
-                    "vocab_size": m.vocab_size, "max_context": m.max_context, "dtype": m.dtype}))
+                    "vocab_size": m.vocab_size, "max_context": m.max_context, "dtype": m.dtype,
+                    "quantization": m.quantization}))
                 .collect::<Vec<_>>()));
         }
         Command::Workers => {
@@ -395,6 +400,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     stages: a.stages,
                     layer_split: a.split,
                     dtype: a.dtype,
+                    quantization: a.quantize,
                     tensor_parallel: a.tp,
                     serving: Some(api::ServingOptions {
                         kv_cache_blocks: a.kv_blocks,

@@ -155,6 +155,11 @@ fn shard_spec(
         embed: s.embed && leader,
         head: s.head && leader,
         dtype: dtype_code(&dep.dtype) as i32,
+        quantization: if dep.quantization == "int8" {
+            wk::Quantization::Int8
+        } else {
+            wk::Quantization::Unspecified
+        } as i32,
         kv_blocks: v.kv_blocks,
         block_size: v.block_size,
         engine,
@@ -314,6 +319,15 @@ impl AdminService {
                 )))
             }
         };
+        let quantization = match r.quantization.as_str() {
+            "" | "none" => "none",
+            "int8" => "int8",
+            other => {
+                return Err(CoordError::Invalid(format!(
+                    "quantization {other:?} (supported: none, int8)"
+                )))
+            }
+        };
         if self
             .cluster
             .read_fresh()
@@ -327,6 +341,9 @@ impl AdminService {
         let rt = self.cluster.open_model(&r.name, &r.source)?;
         let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
         let mut shape = ModelShape::from_config(&rt.config, dtype_bytes);
+        if quantization == "int8" {
+            shape = shape.with_int8_layers(&rt.config, dtype_bytes);
+        }
         let c = &rt.config;
         let tp = r.tensor_parallel.max(1);
         // Refused here, with the numbers, rather than by every worker.
@@ -362,6 +379,7 @@ impl AdminService {
                 name: r.name.clone(),
                 source: r.source.clone(),
                 dtype: dtype.into(),
+                quantization: quantization.into(),
                 placement: placement.clone(),
                 serving,
             })

@@ -424,6 +424,11 @@ impl api::inference_server::Inference for InferenceService {
                     vocab_size: rt.config.vocab_size as u32,
                     max_context: rt.config.max_position as u32,
                     dtype: m.dtype.clone(),
+                    quantization: if m.quantization.is_empty() {
+                        "none".into()
+                    } else {
+                        m.quantization.clone()
+                    },
                 })
             })
             .collect();

@@ -37,6 +37,21 @@ impl ModelShape {
         }
     }
 
+    /// The layers' linear weights as int8 with an f32 scale per output row
+    /// (norms and biases stay in the dtype); embedding and head unchanged.
+    pub fn with_int8_layers(mut self, c: &ModelConfig, dtype_bytes: u64) -> Self {
+        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+        let (q, kv) = (
+            (c.num_heads * c.head_dim) as u64,
+            (c.num_kv_heads * c.head_dim) as u64,
+        );
+        let bias = if c.qkv_bias { q + 2 * kv } else { 0 };
+        let linear = h * q + 2 * h * kv + q * h + 3 * h * i;
+        let rows = q + 2 * kv + h + 2 * i + h;
+        self.layer_bytes = linear + rows * 4 + (2 * h + bias) * dtype_bytes;
+        self
+    }
+
     /// Bytes a stage holding `layers` layers needs.
     pub fn stage_bytes(&self, layers: u32, first: bool, last: bool) -> u64 {
         let mut b = layers as u64 * self.layer_bytes;

@@ -35,6 +35,9 @@ pub struct Deployment {
     pub name: String,
     pub source: String,
     pub dtype: String,
+    /// "none" or "int8" ("" in logs from before quantization: none).
+    #[serde(default)]
+    pub quantization: String,
     pub placement: Placement,
     pub state: ModelState,
     #[serde(default)]
@@ -96,6 +99,8 @@ pub enum Command {
         name: String,
         source: String,
         dtype: String,
+        #[serde(default)]
+        quantization: String,
         placement: Placement,
         #[serde(default)]
         serving: Serving,
@@ -204,6 +209,7 @@ impl ClusterState {
                 name,
                 source,
                 dtype,
+                quantization,
                 placement,
                 serving,
             } => {
@@ -225,6 +231,7 @@ impl ClusterState {
                         name: name.clone(),
                         source: source.clone(),
                         dtype: dtype.clone(),
+                        quantization: quantization.clone(),
                         placement: placement.clone(),
                         state: ModelState::Loading,
                         serving: serving.clone(),
@@ -305,6 +312,7 @@ mod tests {
             name: name.into(),
             source: "smollm2".into(),
             dtype: "f32".into(),
+            quantization: "none".into(),
             placement: Placement {
                 stages,
                 ..Default::default()

@@ -30,6 +30,7 @@ fn deploy(name: &str, worker: &str) -> Command {
         name: name.into(),
         source: "synthetic:tiny".into(),
         dtype: "f32".into(),
+        quantization: "none".into(),
         placement: Placement {
             stages: vec![Stage {
                 worker: worker.into(),

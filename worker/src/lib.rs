@@ -33,5 +33,6 @@ pub mod weights;
 
 pub use error::{Result, WorkerError};
 pub use generate::{Completion, Engine, FinishReason, GenerateRequest, PromptInput, TokenEvent};
+pub use model::linear::Quantization;
 pub use model::llama::LoadOptions;
 pub use sampling::SamplingParams;

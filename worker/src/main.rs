@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llmos_meta::{ChatMessage, ModelSpec};
 use llmos_worker::device::{parse_device, parse_dtype, peak_rss_bytes};
-use llmos_worker::{Engine, GenerateRequest, LoadOptions, PromptInput, SamplingParams};
+use llmos_worker::{
+    Engine, GenerateRequest, LoadOptions, PromptInput, Quantization, SamplingParams,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -72,6 +74,10 @@ struct ModelArgs {
     /// Seed of synthetic weights.
     #[arg(long, default_value_t = 0)]
     weights_seed: u64,
+    /// Linear weights: none (in --dtype) or int8 (weight-only, one scale
+    /// per output channel).
+    #[arg(long, default_value = "none")]
+    quantize: String,
 }
 
 #[derive(Args)]
@@ -134,6 +140,7 @@ fn load(args: &ModelArgs, show_progress: bool) -> Result<Engine> {
         kind: parse_dtype(&args.dtype)?,
         device: parse_device(&args.device)?,
         seed: args.weights_seed,
+        quantization: Quantization::parse(&args.quantize)?,
     };
     let spec = ModelSpec::parse(&args.model)?;
     let bar = if show_progress {
@@ -280,6 +287,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "engine": "llmos",
             "model": args.model.model,
             "dtype": args.model.dtype,
+            "quantization": args.model.quantize,
             "threads": tch::get_num_threads(),
             "prompt_tokens": args.prompt_tokens,
             "prefill_s": p,

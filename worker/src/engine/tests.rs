@@ -30,6 +30,7 @@ async fn engine(
             block_size: 4,
             engine: None,
             tensor_parallel: None,
+            quantization: 0,
         })
         .await
         .unwrap();

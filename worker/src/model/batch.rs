@@ -213,6 +213,7 @@ mod tests {
             kind,
             device: Device::Cpu,
             seed: 3,
+            ..Default::default()
         };
         Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap()
     }

@@ -302,6 +302,7 @@ mod tests {
                 kind,
                 device: Device::Cpu,
                 seed: 7,
+                ..Default::default()
             };
             let m = Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap();
             let _g = tch::no_grad_guard();

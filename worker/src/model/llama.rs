@@ -16,7 +16,7 @@ use crate::collective::Collective;
 use crate::decode_attention;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, Quantization};
 use crate::weights::{Loader, Progress};
 
 /// Which part of the model a process holds.
@@ -208,6 +208,19 @@ pub struct LoadOptions {
     pub device: Device,
     /// Seed of synthetic weights.
     pub seed: u64,
+    /// How the layers' linear weights are stored.
+    pub quantization: Quantization,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            kind: Kind::Float,
+            device: Device::Cpu,
+            seed: 0,
+            quantization: Quantization::None,
+        }
+    }
 }
 
 impl Llama {
@@ -316,16 +329,16 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: norm(attn_norm),
                 attn: Attention {
-                    qkv: Linear::new(qkv, qkv_bias),
-                    o: Linear::new(o, None),
+                    qkv: Linear::with(qkv, qkv_bias, opts.quantization)?,
+                    o: Linear::with(o, None, opts.quantization)?,
                     heads: heads as i64,
                     kv_heads: kv_heads as i64,
                     head_dim: cfg.head_dim as i64,
                 },
                 mlp_norm: norm(mlp_norm),
                 mlp: Mlp {
-                    gate_up: Linear::new(gate_up, None),
-                    down: Linear::new(down, None),
+                    gate_up: Linear::with(gate_up, None, opts.quantization)?,
+                    down: Linear::with(down, None, opts.quantization)?,
                     intermediate: inter as i64,
                 },
             });
@@ -432,14 +445,14 @@ impl Llama {
         let t = |x: &Tensor| x.numel() * x.kind().elt_size_in_bytes();
         let mut n = self.embed.as_ref().map_or(0, t);
         for b in &self.blocks {
-            n += t(b.attn.qkv.weight()) + t(b.attn.o.weight());
-            n += t(b.mlp.gate_up.weight()) + t(b.mlp.down.weight());
+            n += b.attn.qkv.bytes() + b.attn.o.bytes();
+            n += b.mlp.gate_up.bytes() + b.mlp.down.bytes();
             n += t(&b.attn_norm.weight) + t(&b.mlp_norm.weight);
         }
         n += self.final_norm.as_ref().map_or(0, |f| t(&f.weight));
         if let Some(h) = &self.head {
             if !(self.cfg.tie_embeddings && self.embed.is_some()) {
-                n += t(h.weight());
+                n += h.bytes();
             }
         }
         n
@@ -513,7 +526,11 @@ impl Llama {
     /// Adds `delta` to element `index` of one weight (tests prove parity
     /// checks can fail).
     pub fn perturb(&self, layer: usize, delta: f64) {
-        let w = self.blocks[layer].mlp.down.weight();
+        let w = self.blocks[layer]
+            .mlp
+            .down
+            .dense_weight()
+            .expect("perturb a dense weight");
         let _guard = tch::no_grad_guard();
         let mut first = w.view([-1]).narrow(0, 0, 1);
         let _ = first.g_add_scalar_(delta);

@@ -25,6 +25,7 @@ fn opts() -> LoadOptions {
         kind: Kind::Float,
         device: Device::Cpu,
         seed: 11,
+        ..Default::default()
     }
 }
 

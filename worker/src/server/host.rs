@@ -16,6 +16,7 @@ use super::codec::{from_wire, to_wire};
 use crate::collective::{Collective, Rendezvous, TcpGroup};
 use crate::error::{Result, WorkerError};
 use crate::model::cpu_decode::PagedSeq;
+use crate::model::linear::Quantization;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
 use crate::paged::{BatchLayout, KvPool, SeqSlice};
@@ -242,6 +243,16 @@ impl Host {
             kind,
             device: Device::Cpu,
             seed: 0,
+            quantization: match pb::Quantization::try_from(spec.quantization) {
+                Ok(pb::Quantization::Int8) => Quantization::Int8,
+                Ok(pb::Quantization::Unspecified) => Quantization::None,
+                Err(_) => {
+                    return Err(WorkerError::InvalidRequest(format!(
+                        "unknown quantization code {}",
+                        spec.quantization
+                    )))
+                }
+            },
         };
         let mut model = Llama::load_tp(
             opened.weights.as_deref(),

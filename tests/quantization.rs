@@ -1,0 +1,132 @@
+//! The quality cost of int8 weight-only quantization on the embedded
+//! SmolLM2, against bf16 (the dtype int8 replaces) on a fixed text: logit
+//! error per position, perplexity, agreement of the most likely next token;
+//! f32 alongside as the precision ceiling. Printed, and bounded so a broken
+//! quantizer (wrong scale axis, lost sign, unscaled rows) fails.
+
+use llmos_tests::*;
+use llmos_worker::{Engine, Quantization};
+use tch::Kind;
+
+const TEXT: &str = "The history of the printing press begins in the fifteenth century, \
+when Johannes Gutenberg combined movable metal type, oil-based ink and a wooden screw press \
+into a system that could produce books quickly and at a reasonable cost. Before his work, \
+most books in Europe were copied by hand, a slow process that kept them rare and expensive. \
+Within a few decades, printing shops had opened in hundreds of cities, and millions of \
+volumes were in circulation. Scholars could compare identical copies of a text, merchants \
+could spread price lists and news, and reformers could reach readers far beyond their own \
+towns. The spread of printed material also encouraged people to learn to read, which in \
+turn created a larger market for books, pamphlets and newspapers. Historians still debate \
+how much the press caused these changes and how much it simply accelerated trends that \
+were already under way, but few doubt that it transformed the way knowledge was stored, \
+shared and questioned.";
+
+fn load(kind: Kind, quantization: Quantization) -> Engine {
+    let e = load_quantized("smollm2", kind, quantization);
+    tch::set_num_threads(2);
+    e
+}
+
+/// Perplexity of `ids[1..]` under per-position logits `[t, vocab]`.
+fn perplexity(logits: &[f32], ids: &[u32], vocab: usize) -> f64 {
+    let n = ids.len() - 1;
+    let nll: f64 = (0..n)
+        .map(|p| {
+            let row = &logits[p * vocab..(p + 1) * vocab];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+            -(row[ids[p + 1] as usize] as f64 - max - z.ln())
+        })
+        .sum();
+    (nll / n as f64).exp()
+}
+
+fn argmaxes(logits: &[f32], vocab: usize) -> Vec<usize> {
+    logits
+        .chunks_exact(vocab)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0
+        })
+        .collect()
+}
+
+#[test]
+fn int8_quality_cost_against_bf16_on_smollm2() {
+    let bf16 = load(Kind::BFloat16, Quantization::None);
+    let ids = bf16.tokenizer.as_ref().unwrap().encode(TEXT, true).unwrap();
+    assert!(ids.len() > 150, "the text is {} tokens", ids.len());
+    let vocab = bf16.model.config().vocab_size;
+    let l_bf16 = all_logits(&bf16, &ids);
+    let bytes_bf16 = bf16.model.weight_bytes();
+    drop(bf16);
+    let int8 = load(Kind::BFloat16, Quantization::Int8);
+    let l_int8 = all_logits(&int8, &ids);
+    let bytes_int8 = int8.model.weight_bytes();
+    drop(int8);
+    let l_f32 = all_logits(&load(Kind::Float, Quantization::None), &ids);
+
+    let mean_abs = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let agree = |a: &[usize], b: &[usize]| {
+        a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+    };
+    let (p_f32, p_bf16, p_int8) = (
+        perplexity(&l_f32, &ids, vocab),
+        perplexity(&l_bf16, &ids, vocab),
+        perplexity(&l_int8, &ids, vocab),
+    );
+    let (a_f32, a_bf16, a_int8) = (
+        argmaxes(&l_f32, vocab),
+        argmaxes(&l_bf16, vocab),
+        argmaxes(&l_int8, vocab),
+    );
+    let scale = l_bf16.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    println!(
+        "int8 weight-only quantization, SmolLM2-135M, {} tokens of fixed text:",
+        ids.len()
+    );
+    println!(
+        "  weights: bf16 {:.1} MB, int8 {:.1} MB ({:.2}x smaller; embedding/head stay bf16)",
+        bytes_bf16 as f64 / 1e6,
+        bytes_int8 as f64 / 1e6,
+        bytes_bf16 as f64 / bytes_int8 as f64
+    );
+    println!("  logits vs bf16: int8 max-abs {:.3}, mean-abs {:.4} (bf16 vs f32: max-abs {:.3}, mean-abs {:.4}; largest |logit| {:.1})",
+        max_abs_diff(&l_int8, &l_bf16), mean_abs(&l_int8, &l_bf16),
+        max_abs_diff(&l_bf16, &l_f32), mean_abs(&l_bf16, &l_f32), scale);
+    println!(
+        "  perplexity: f32 {p_f32:.3}, bf16 {p_bf16:.3}, int8 {p_int8:.3} ({:+.2}% vs bf16)",
+        (p_int8 / p_bf16 - 1.0) * 100.0
+    );
+    println!(
+        "  next-token argmax agreement with bf16: int8 {:.1}%, f32 {:.1}%",
+        agree(&a_int8, &a_bf16) * 100.0,
+        agree(&a_f32, &a_bf16) * 100.0
+    );
+
+    // Quantization happened: weights shrank and logits moved.
+    assert!(
+        bytes_int8 * 3 < bytes_bf16 * 2,
+        "{bytes_int8} vs {bytes_bf16} bytes"
+    );
+    assert!(mean_abs(&l_int8, &l_bf16) > 0.0);
+    // And cost little: within 3% perplexity of bf16, the same most likely
+    // token at 90% of positions or more. (A wrong scale axis or an
+    // unscaled row makes the model's output noise.)
+    assert!(
+        p_int8 < p_bf16 * 1.03,
+        "perplexity {p_int8} vs bf16 {p_bf16}"
+    );
+    assert!(agree(&a_int8, &a_bf16) >= 0.9);
+}
