@@ -18,19 +18,42 @@ pub struct ModelShape {
     pub tied_head: bool,
 }
 
-impl ModelShape {
-    pub fn from_config(c: &ModelConfig, dtype_bytes: u64) -> Self {
+/// Parameter counts of one layer.
+struct LayerParams {
+    /// Elements of q, k, v, o, gate, up and down.
+    linear: u64,
+    /// Output rows of those weights (one quantization scale each).
+    out_rows: u64,
+    /// Norm weights and q/k/v biases.
+    other: u64,
+}
+
+impl LayerParams {
+    fn of(c: &ModelConfig) -> Self {
         let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
         let (q, kv) = (
             (c.num_heads * c.head_dim) as u64,
             (c.num_kv_heads * c.head_dim) as u64,
         );
         let bias = if c.qkv_bias { q + 2 * kv } else { 0 };
-        let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h + bias;
-        let embed = c.vocab_size as u64 * h;
+        LayerParams {
+            linear: h * q + 2 * h * kv + q * h + 3 * h * i,
+            out_rows: q + 2 * kv + h + 2 * i + h,
+            other: 2 * h + bias,
+        }
+    }
+}
+
+impl ModelShape {
+    pub fn from_config(c: &ModelConfig, dtype_bytes: u64) -> Self {
+        let (h, embed) = (
+            c.hidden_size as u64,
+            c.vocab_size as u64 * c.hidden_size as u64,
+        );
+        let p = LayerParams::of(c);
         ModelShape {
             num_layers: c.num_layers as u32,
-            layer_bytes: layer * dtype_bytes,
+            layer_bytes: (p.linear + p.other) * dtype_bytes,
             embed_bytes: embed * dtype_bytes,
             head_bytes: (h + if c.tie_embeddings { 0 } else { embed }) * dtype_bytes,
             tied_head: c.tie_embeddings,
@@ -40,15 +63,8 @@ impl ModelShape {
     /// The layers' linear weights as int8 with an f32 scale per output row
     /// (norms and biases stay in the dtype); embedding and head unchanged.
     pub fn with_int8_layers(mut self, c: &ModelConfig, dtype_bytes: u64) -> Self {
-        let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-        let (q, kv) = (
-            (c.num_heads * c.head_dim) as u64,
-            (c.num_kv_heads * c.head_dim) as u64,
-        );
-        let bias = if c.qkv_bias { q + 2 * kv } else { 0 };
-        let linear = h * q + 2 * h * kv + q * h + 3 * h * i;
-        let rows = q + 2 * kv + h + 2 * i + h;
-        self.layer_bytes = linear + rows * 4 + (2 * h + bias) * dtype_bytes;
+        let p = LayerParams::of(c);
+        self.layer_bytes = p.linear + p.out_rows * 4 + p.other * dtype_bytes;
         self
     }
 

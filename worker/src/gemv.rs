@@ -135,76 +135,46 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let va = _mm256_loadu_ps(pa.add(i + 8 * k));
-                let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
-                *acc = _mm256_fmadd_ps(va, vb, *acc);
+    /// An AVX2/FMA dot product of weight elements `$t` with f32 `x`: `$load`
+    /// widens the 8 elements at `$p` to 8 f32 lanes; four accumulators, a
+    /// scalar tail through `WeightElem::widen`.
+    macro_rules! avx_dot {
+        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
+                let n = a.len().min(b.len());
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 32 <= n {
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        let $p = pa.add(i + 8 * k);
+                        let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
+                        *acc = _mm256_fmadd_ps($load, vb, *acc);
+                    }
+                    i += 32;
+                }
+                let sum =
+                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                let mut s = hsum(sum);
+                while i < n {
+                    s += <$t as super::WeightElem>::widen(*pa.add(i)) * *pb.add(i);
+                    i += 1;
+                }
+                s
             }
-            i += 32;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut s = hsum(sum);
-        while i < n {
-            s += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        s
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let raw = _mm_loadu_si128(pa.add(i + 8 * k) as *const __m128i);
-                let wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
-                let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
-                *acc = _mm256_fmadd_ps(_mm256_castsi256_ps(wide), vb, *acc);
-            }
-            i += 32;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut s = hsum(sum);
-        while i < n {
-            s += f32::from_bits((*pa.add(i) as u32) << 16) * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_i8(a: &[i8], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, acc) in acc.iter_mut().enumerate() {
-                let raw = _mm_loadl_epi64(pa.add(i + 8 * k) as *const __m128i);
-                let wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
-                *acc = _mm256_fmadd_ps(wide, vb, *acc);
-            }
-            i += 32;
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut s = hsum(sum);
-        while i < n {
-            s += *pa.add(i) as f32 * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
+    avx_dot!(dot_f32, f32, |p| _mm256_loadu_ps(p));
+    // bf16: the bit pattern shifted into the high half of an f32.
+    avx_dot!(dot_bf16, u16, |p| _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+        16
+    )));
+    avx_dot!(dot_i8, i8, |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(p as *const __m128i)
+    )));
 }
 
 static POOL: std::sync::OnceLock<SpinPool> = std::sync::OnceLock::new();
