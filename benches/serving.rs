@@ -4,9 +4,16 @@
 //!
 //! 1. idle: one request at a time (the TTFT and inter-token latency of an
 //!    idle system);
-//! 2. saturation: every request at once (peak throughput);
+//! 2. saturation: a closed loop of as many clients as requests in the
+//!    workload, each sending its next request as soon as its last one ends
+//!    (twice the workload in all), so the engine always has more work than
+//!    it can batch; throughput is counted over the steady state, from the
+//!    first request's end to the moment the first client finds nothing left
+//!    to send (the drain, where the batch shrinks to the longest outputs,
+//!    measures the workload's tail, not the engine);
 //! 3. Poisson arrivals at 1/4, 1/2 and 3/4 of the saturation request rate;
-//! 4. the same engine with batching off (`max_running` 1), saturated;
+//! 4. the same engine with batching off (`max_running` 1), saturated the
+//!    same way (two clients keep its queue non-empty);
 //! 5. Hugging Face transformers static batching of the same requests
 //!    (`serving_hf.py`, batches in arrival order, padded, run to the
 //!    batch's longest output), same thread count.
@@ -59,6 +66,8 @@ struct Sample {
     /// Gaps between consecutive tokens.
     gaps: Vec<f64>,
     tokens: usize,
+    /// When each token arrived.
+    arrivals: Vec<Instant>,
 }
 
 async fn one(mut c: InferenceClient<Channel>, model: String, prompt: Vec<u32>, out: u32) -> Sample {
@@ -80,9 +89,11 @@ async fn one(mut c: InferenceClient<Channel>, model: String, prompt: Vec<u32>, o
         .unwrap()
         .into_inner();
     let (mut first, mut last, mut gaps, mut tokens) = (None, sent, Vec::new(), 0);
+    let mut arrivals = Vec::new();
     while let Some(m) = s.message().await.unwrap() {
         let now = Instant::now();
         for _ in &m.tokens {
+            arrivals.push(now);
             if first.is_none() {
                 first = Some(now - sent);
             } else {
@@ -96,6 +107,7 @@ async fn one(mut c: InferenceClient<Channel>, model: String, prompt: Vec<u32>, o
         ttft: first.expect("a token").as_secs_f64(),
         gaps,
         tokens,
+        arrivals,
     }
 }
 
@@ -148,6 +160,72 @@ async fn run(ch: &Channel, model: &str, w: &Workload, offsets: &[f64]) -> Run {
     }
 }
 
+/// A saturated run: `clients` clients in a closed loop over the workload
+/// (each sends its next request when its last one has ended). Returns the
+/// run and the steady state's generated tokens/s and requests/s: from the
+/// first request's end to the first client finding no request left.
+async fn closed_loop(ch: &Channel, model: &str, w: &Workload, clients: usize) -> (Run, f64, f64) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let start = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let dry: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let ends: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (ch, model, next, dry, ends) = (
+            ch.clone(),
+            model.to_string(),
+            next.clone(),
+            dry.clone(),
+            ends.clone(),
+        );
+        let (prompts, outputs) = (w.prompts.clone(), w.outputs.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= prompts.len() {
+                    dry.lock().unwrap().get_or_insert_with(Instant::now);
+                    return mine;
+                }
+                let c = InferenceClient::new(ch.clone());
+                mine.push(one(c, model.clone(), prompts[i].clone(), outputs[i]).await);
+                ends.lock().unwrap().push(Instant::now());
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.unwrap());
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let ends = ends.lock().unwrap().clone();
+    let from = *ends.iter().min().expect("a request ended");
+    let to = dry.lock().unwrap().expect("the workload ran dry");
+    let window = (to - from).as_secs_f64();
+    let tokens = samples
+        .iter()
+        .flat_map(|s| &s.arrivals)
+        .filter(|&&t| t > from && t <= to)
+        .count();
+    let done = ends.iter().filter(|&&t| t > from && t <= to).count();
+    (
+        Run { wall, samples },
+        tokens as f64 / window,
+        done as f64 / window,
+    )
+}
+
+/// `n` chat-like requests twice over (two seeds), for a closed loop.
+fn doubled(n: usize, seed: u64) -> Workload {
+    let (a, b) = (workload(n, seed), workload(n, seed + 1000));
+    Workload {
+        prompts: [a.prompts, b.prompts].concat(),
+        outputs: [a.outputs, b.outputs].concat(),
+    }
+}
+
 /// Exponential gaps with mean `1 / rate`, from a seeded generator.
 fn poisson(n: usize, rate: f64, seed: u64) -> Vec<f64> {
     let mut x = seed;
@@ -166,9 +244,14 @@ fn poisson(n: usize, rate: f64, seed: u64) -> Vec<f64> {
 }
 
 fn row(name: &str, r: &Run) {
+    row_at(name, r, r.throughput())
+}
+
+/// A row with the given throughput (a saturated run's steady state).
+fn row_at(name: &str, r: &Run, tok_s: f64) {
     println!(
         "{name:<26}{:>9.1}{:>9.0}{:>9.0}{:>9.1}{:>9.1}{:>8.1}",
-        r.throughput(),
+        tok_s,
         r.ttft(0.5) * 1e3,
         r.ttft(0.99) * 1e3,
         r.itl(0.5) * 1e3,
@@ -227,10 +310,18 @@ fn main() {
     let hf_batch = arg("--hf-batch", 8);
     let threads = tch::get_num_threads();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let kv_blocks = arg("--kv-blocks", 1024) as u32;
+    let only_saturated = std::env::args().any(|a| a == "--only-saturated");
     let w = workload(n, 0);
     rt.block_on(async {
         let ch = llmos_benches::start_cluster(1).await;
-        llmos_benches::deploy_smollm2(&ch, "batched", 1, None).await;
+        // Enough KV blocks for every sequence of a saturated run (up to 287
+        // positions each): preemption would measure the cache size.
+        let batched = api::ServingOptions {
+            kv_cache_blocks: kv_blocks,
+            ..Default::default()
+        };
+        llmos_benches::deploy_smollm2(&ch, "batched", 1, Some(batched)).await;
         let off = api::ServingOptions {
             max_running: 1,
             max_waiting: n as u32,
@@ -240,13 +331,19 @@ fn main() {
         let prompt_tokens: usize = w.prompts.iter().map(Vec::len).sum();
         let out_tokens: u32 = w.outputs.iter().sum();
         println!(
-            "SmolLM2-135M f32, 1 worker, {threads} threads; {n} requests: prompts 16-127 tokens \
-             ({prompt_tokens} in all), outputs 32-160 tokens ({out_tokens} in all), seeded"
+            "SmolLM2-135M f32, 1 worker, {threads} threads, {kv_blocks} KV blocks; {n} requests: \
+             prompts 16-127 tokens ({prompt_tokens} in all), outputs 32-160 tokens \
+             ({out_tokens} in all), seeded"
         );
         // Warm-up (first-use allocations, thread pools).
         let _ = run(&ch, "batched", &workload(4, 100), &[0.0; 4]).await;
         let _ = run(&ch, "single", &workload(1, 101), &[0.0]).await;
 
+        if only_saturated {
+            let (sat, tok_s, _) = closed_loop(&ch, "batched", &doubled(n, 40), n).await;
+            row_at("saturated (closed loop)", &sat, tok_s);
+            return;
+        }
         let idle_n = 12.min(n);
         let wi = workload(idle_n, 1);
         let mut idle_samples = Vec::new();
@@ -259,8 +356,7 @@ fn main() {
             wall: t0.elapsed().as_secs_f64(),
             samples: idle_samples,
         };
-        let sat = run(&ch, "batched", &w, &vec![0.0; n]).await;
-        let sat_rate = n as f64 / sat.wall;
+        let (sat, sat_tok_s, sat_rate) = closed_loop(&ch, "batched", &doubled(n, 40), n).await;
         println!(
             "\n{:<26}{:>9}{:>9}{:>9}{:>9}{:>9}{:>8}",
             "run", "tok/s", "TTFT50", "TTFT99", "ITL50", "ITL99", "wall s"
@@ -270,7 +366,7 @@ fn main() {
             "", "", "ms", "ms", "ms", "ms"
         );
         row("idle (one at a time)", &idle);
-        row("saturated (all at once)", &sat);
+        row_at(&format!("saturated ({n} clients)"), &sat, sat_tok_s);
         let mut half = None;
         for (i, f) in [0.25, 0.5, 0.75].into_iter().enumerate() {
             let rate = f * sat_rate;
@@ -281,8 +377,8 @@ fn main() {
                 half = Some(r);
             }
         }
-        let single = run(&ch, "single", &w, &vec![0.0; n]).await;
-        row("batching off, saturated", &single);
+        let (single, single_tok_s, _) = closed_loop(&ch, "single", &workload(12, 60), 2).await;
+        row_at("batching off (2 clients)", &single, single_tok_s);
         let status = AdminClient::new(ch.clone())
             .cluster_status(api::ClusterStatusRequest {})
             .await
@@ -301,8 +397,16 @@ fn main() {
         }
         let half = half.expect("the 0.5x run");
         println!(
-            "\ncontinuous batching / batching off (saturated throughput): {:.2}x (target >= 4x)",
-            sat.throughput() / single.throughput()
+            "\ncontinuous batching / batching off (saturated throughput, steady state): {:.2}x \
+             (target >= 4x)",
+            sat_tok_s / single_tok_s
+        );
+        println!(
+            "saturated runs to the end (drain included): batched {:.1} tok/s over {:.1} s, \
+             batching off {:.1} tok/s",
+            sat.throughput(),
+            sat.wall,
+            single.throughput()
         );
         println!(
             "TTFT p99 at 0.5x saturation / idle TTFT p99: {:.2}x (target <= 2x)",
@@ -313,7 +417,7 @@ fn main() {
                 println!(
                     "transformers static batching (batch {hf_batch}): {hf:.1} tok/s; \
                      llmos saturated / transformers: {:.2}x",
-                    sat.throughput() / hf
+                    sat_tok_s / hf
                 );
             }
             None => println!("transformers static batching: not run (see stderr)"),

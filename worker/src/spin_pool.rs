@@ -76,6 +76,11 @@ impl SpinPool {
         }
     }
 
+    /// Participants: the caller and the helpers.
+    pub fn threads(&self) -> usize {
+        self.helpers + 1
+    }
+
     /// Runs `task(0..chunks)` across the pool and returns when all are done.
     /// `chunks` is at most `MAX_CHUNKS`.
     pub fn run(&self, chunks: usize, task: &(dyn Fn(usize) + Sync)) {
@@ -192,14 +197,17 @@ impl<T> SharedPtr<T> {
 
 /// An output pointer shared by a pool job's tasks, each writing only its
 /// own disjoint elements.
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+pub(crate) struct SharedSlot<T>(pub(crate) *mut T);
 // SAFETY: tasks write disjoint elements (each user states which).
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+unsafe impl<T: Send> Sync for SharedSlot<T> {}
+impl<T> SharedSlot<T> {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }
+
+/// The f32 output of a product or attention job.
+pub(crate) type SharedOut = SharedSlot<f32>;
 
 #[cfg(test)]
 mod tests {

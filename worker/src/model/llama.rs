@@ -440,6 +440,17 @@ impl Llama {
         self.device
     }
 
+    /// Whether every projection of a `rows`-token step (and the head, for
+    /// up to as many rows) runs on the `gemv` kernel's pool, so libtorch's
+    /// own threads have nothing worth waking for.
+    pub fn projections_on_pool(&self, rows: i64) -> bool {
+        self.blocks.iter().all(|b| {
+            [&b.attn.qkv, &b.attn.o, &b.mlp.gate_up, &b.mlp.down]
+                .iter()
+                .all(|l| l.uses_kernel(rows))
+        }) && self.head.as_ref().is_none_or(|h| h.uses_kernel(rows))
+    }
+
     /// Bytes of weights this shard holds (a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let t = |x: &Tensor| x.numel() * x.kind().elt_size_in_bytes();

@@ -466,9 +466,10 @@ impl Host {
                 (Some(Tensor::from_slice(&out).view([1, width])), Vec::new())
             }
         } else {
-            // A few rows run on the `gemv` kernels' pool: libtorch's
-            // threads would only spin against it.
-            let want = if t <= crate::model::linear::Linear::SMALL_BATCH {
+            // Steps whose products all run on the `gemv` kernels' pool
+            // leave libtorch only small element-wise work: its threads
+            // would spin against the pool's.
+            let want = if model.projections_on_pool(t) {
                 1
             } else {
                 self.threads
@@ -501,14 +502,19 @@ impl Host {
                 .position(|&i| i == seq)
                 .expect("a logit row")
         };
-        let tokens = samplers
-            .iter_mut()
-            .map(|(i, sampler, index)| {
-                let r = row_of(*i);
-                let (id, logprob) = sampler.sample_at(&logits[r * vocab..(r + 1) * vocab], *index);
-                pb::SampledToken { id, logprob }
-            })
-            .collect();
+        // Rows sample independently (each a pass over the vocabulary for
+        // its log-probability): across the decode pool.
+        let samplers: Vec<_> = samplers.into_iter().map(std::sync::Mutex::new).collect();
+        let mut tokens = vec![pb::SampledToken::default(); samplers.len()];
+        let picked = crate::spin_pool::SharedSlot(tokens.as_mut_ptr());
+        crate::gemv::pool().run(samplers.len(), &|n| {
+            let mut guard = samplers[n].lock().unwrap_or_else(|e| e.into_inner());
+            let (i, sampler, index) = &mut *guard;
+            let r = row_of(*i);
+            let (id, logprob) = sampler.sample_at(&logits[r * vocab..(r + 1) * vocab], *index);
+            // SAFETY: task `n` alone writes element `n`, which is in bounds.
+            unsafe { *picked.at(n) = pb::SampledToken { id, logprob } };
+        });
         let want: Vec<usize> = req
             .sequences
             .iter()
