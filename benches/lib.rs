@@ -1,7 +1,10 @@
 //! End-to-end benchmarks and their shared set-up: `pipeline.rs` (pipeline
-//! overhead), `serving.rs` (load generator: continuous batching against no
-//! batching and transformers static batching), `control_plane.rs` (Raft vs
-//! etcd); the single-process comparison with peers is `single_process.sh`.
+//! overhead), `tensor_parallel.rs` (tp=2 vs tp=1), `serving.rs` (load
+//! generator: continuous batching against no batching and transformers
+//! static batching), `small_gemm.rs` (the batched step's products against
+//! libtorch's), `gpu_kernels.rs` (CUDA kernels against libtorch chains),
+//! `control_plane.rs` (Raft vs etcd); the single-process comparison with
+//! peers is `single_process.sh`, int8 against bf16 `quantization.sh`.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,36 @@ pub async fn connect(url: &str) -> Channel {
             }
         }
     }
+}
+
+/// Streams `max_new_tokens` greedy tokens (EOS ignored) of `model` after the
+/// token ids `ids`; returns when the first token arrived and how many came.
+pub async fn stream_greedy(
+    ch: &Channel,
+    model: &str,
+    ids: Vec<u32>,
+    max_new_tokens: u32,
+) -> (Instant, usize) {
+    let req = api::GenerateRequest {
+        model: model.into(),
+        prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+            ids,
+        })),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut client = llmos_proto::v1::inference_client::InferenceClient::new(ch.clone());
+    let mut s = client.generate(req).await.unwrap().into_inner();
+    let (mut first, mut n) = (None, 0);
+    while let Some(m) = s.message().await.unwrap() {
+        n += m.tokens.len();
+        first.get_or_insert_with(Instant::now);
+    }
+    (first.expect("a token"), n)
 }
 
 /// A coordinator on loopback in this process (heartbeats every 200 ms);

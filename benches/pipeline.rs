@@ -8,8 +8,6 @@
 
 use std::time::Instant;
 
-use llmos_proto::v1 as api;
-use llmos_proto::v1::inference_client::InferenceClient;
 use llmos_proto::worker::v1 as wk;
 use prost::Message;
 use tonic::transport::Channel;
@@ -26,34 +24,15 @@ async fn cluster(workers: usize) -> Channel {
 
 /// (time to first token, seconds per decoded token), medians.
 async fn measure(ch: Channel) -> (f64, f64) {
-    let mut client = InferenceClient::new(ch);
     let prompt: Vec<u32> = (0..PROMPT_TOKENS as u32)
         .map(|i| 100 + (i * 37) % 40000)
         .collect();
     let mut ttft = Vec::new();
     let mut per_token = Vec::new();
     for i in 0..REPEAT + 1 {
-        let req = api::GenerateRequest {
-            model: "smol".into(),
-            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
-                ids: prompt.clone(),
-            })),
-            stopping: Some(api::StoppingCriteria {
-                max_new_tokens: DECODE_TOKENS + 1,
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let t0 = Instant::now();
-        let mut s = client.generate(req).await.unwrap().into_inner();
-        let mut first = None;
-        let mut n = 0;
-        while let Some(m) = s.message().await.unwrap() {
-            n += m.tokens.len();
-            first.get_or_insert_with(Instant::now);
-        }
-        let first = first.unwrap();
+        let (first, n) =
+            llmos_benches::stream_greedy(&ch, "smol", prompt.clone(), DECODE_TOKENS + 1).await;
         if i > 0 {
             ttft.push((first - t0).as_secs_f64());
             per_token.push(first.elapsed().as_secs_f64() / (n - 1) as f64);

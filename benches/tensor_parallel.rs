@@ -11,12 +11,10 @@
 //! cargo bench -p llmos-benches --bench tensor_parallel
 
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
 
 use llmos_benches::connect;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
-use llmos_proto::v1::inference_client::InferenceClient;
 use llmos_proto::worker::v1 as wk;
 use tonic::transport::Channel;
 
@@ -103,31 +101,13 @@ async fn collective_bytes(ch: &Channel) -> u64 {
 
 /// (median seconds per decoded token, collective bytes per decoded token).
 async fn measure(ch: &Channel) -> (f64, f64) {
-    let mut client = InferenceClient::new(ch.clone());
     let mut per_token = Vec::new();
     let mut bytes = Vec::new();
     for i in 0..REPEAT + 1 {
-        let req = api::GenerateRequest {
-            model: "m".into(),
-            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
-                ids: vec![1, 2, 3, 4, 5, 6, 7, 8],
-            })),
-            stopping: Some(api::StoppingCriteria {
-                max_new_tokens: DECODE_TOKENS + 1,
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let b0 = collective_bytes(ch).await;
-        let mut s = client.generate(req).await.unwrap().into_inner();
-        let mut first = None;
-        let mut n = 0;
-        while let Some(m) = s.message().await.unwrap() {
-            n += m.tokens.len();
-            first.get_or_insert_with(Instant::now);
-        }
-        let first = first.unwrap();
+        let (first, n) =
+            llmos_benches::stream_greedy(ch, "m", vec![1, 2, 3, 4, 5, 6, 7, 8], DECODE_TOKENS + 1)
+                .await;
         let secs = first.elapsed().as_secs_f64() / (n - 1) as f64;
         let b1 = collective_bytes(ch).await;
         if i > 0 {

@@ -18,8 +18,8 @@ pub fn supported(q: &Tensor, k: &Tensor) -> bool {
         && q.size()[2] == 1
 }
 
-/// `out_g = softmax(q_g . K^T * scale) . V` for the `q.len() / d` query
-/// heads `g` that share one KV head, over the key and value rows the
+/// `out_g = softmax(q_g . K^T * scale) . V` for the `group` query heads `g`
+/// (one after another in `q` and `out`) that share one KV head, over the key and value rows the
 /// iterators yield in position order; each cached row is read once for the
 /// whole group (grouped-query attention re-reads nothing). `scores` is
 /// scratch. Shared by the contiguous-cache and the paged kernels, which
@@ -42,26 +42,24 @@ pub(crate) fn attend_row<'a, T: WeightElem + 'a>(
             scores.push(T::dot(k, qg) * scale);
         }
     }
-    let mut norm = [0f32; 64];
-    assert!(group <= norm.len(), "{group} query heads per KV head");
-    let (max, total) = norm.split_at_mut(32);
-    max[..group].fill(f32::NEG_INFINITY);
-    for row in scores.chunks_exact(group) {
-        for (m, &s) in max.iter_mut().zip(row) {
-            *m = m.max(s);
+    // Softmax per query head: head g's scores are every group-th entry.
+    for g in 0..group {
+        let max = scores
+            .iter()
+            .skip(g)
+            .step_by(group)
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0f32;
+        for s in scores.iter_mut().skip(g).step_by(group) {
+            *s = (*s - max).exp();
+            total += *s;
         }
-    }
-    total[..group].fill(0.0);
-    for row in scores.chunks_exact_mut(group) {
-        for ((s, m), t) in row.iter_mut().zip(&*max).zip(total.iter_mut()) {
-            *s = (*s - m).exp();
-            *t += *s;
-        }
-    }
-    for row in scores.chunks_exact_mut(group) {
-        for (s, t) in row.iter_mut().zip(&*total) {
-            *s /= t;
-        }
+        let inv = 1.0 / total;
+        scores
+            .iter_mut()
+            .skip(g)
+            .step_by(group)
+            .for_each(|s| *s *= inv);
     }
     out.iter_mut().for_each(|a| *a = 0.0);
     for (p, v) in scores.chunks_exact(group).zip(values) {

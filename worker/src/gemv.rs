@@ -1,4 +1,5 @@
-//! CPU matrix-vector product for decode steps (one row through a weight).
+//! CPU products of a few activation rows through a weight, for decode
+//! steps and batched steps.
 //!
 //! libtorch's one-row `linear` (MKL sgemv) streams weights from memory at
 //! well under the machine's bandwidth with few threads; decode is nothing but
@@ -7,17 +8,20 @@
 //! split across a `SpinPool`. The tests below check it against
 //! `Tensor::linear`; `benches/single_process.sh` shows the end-to-end effect.
 //! (For f32 weights an AVX-512 variant and a four-rows-at-a-time variant
-//! were measured and brought nothing or lost: that loop is bound by memory
-//! bandwidth.)
+//! of the one-row loop were measured and brought nothing or lost: that loop
+//! is bound by memory bandwidth.) Two or more rows on an AVX-512 CPU take
+//! register tiles instead (`tile`), where arithmetic, not memory, bounds
+//! the product; `benches/small_gemm.rs` compares them with libtorch.
 //!
 //! bfloat16 weights multiply activations rounded to bfloat16, with f32
 //! accumulation: what a bf16 matrix product computes (Hugging Face's bf16
 //! model rounds every activation). On CPUs with AVX512-BF16 (AMD Zen 4,
-//! Intel Cooper Lake and later) the product is one `vdpbf16ps` per 32
-//! elements; widening bf16 to f32 for an FMA costs more instructions than
-//! the memory system leaves time for, so that path fell short of bandwidth.
-//! Other CPUs widen both operands; either way the result is the same up to
-//! summation order.
+//! Intel Cooper Lake and later) the one-row product is one `vdpbf16ps` per
+//! 32 elements, a quarter of the instructions of widening the weights for
+//! an FMA (measured: no faster end to end on this memory-bound loop, ~20
+//! GB/s a core either way). Other CPUs widen the weights and read the
+//! rounded activations as f32; the result is the same up to summation
+//! order.
 
 use std::borrow::Cow;
 
@@ -27,10 +31,11 @@ use crate::spin_pool::{SharedSlot, SpinPool};
 /// Tasks per pool thread in one product: a multiple of the thread count, so
 /// threads running at one speed finish together (with fixed 64-row tasks a
 /// 576-row projection was 5 tasks on one thread and 4 on the other, every
-/// layer), and small ones (~16 KB to 200 KB of weights on SmolLM2), so a
-/// thread that runs slower leaves only a short task for the other to wait
-/// on. Measured on 2 threads: waiting in the pool fell from ~19% of decode
-/// time with 4 tasks a thread to ~13% with 16-32.
+/// layer), and small ones (~35-110 KB of bf16 weights per task in SmolLM2's
+/// layers), so a thread that runs slower leaves only a short task for the
+/// other to wait on. Measured on 2 threads (time waiting in the pool during
+/// decode): ~19% with 4 tasks a thread, 13-15% with 16-32, ~14% with fixed
+/// 64-row tasks.
 const TASKS_PER_THREAD: usize = 16;
 /// Fewer rows than this per task cost more in claiming than they balance.
 const MIN_ROWS_PER_TASK: usize = 16;

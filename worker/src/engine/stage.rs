@@ -138,6 +138,19 @@ impl Stage for RemoteStage {
     }
 }
 
+/// The step's sequences as a stage runs them that neither samples nor
+/// returns logits (a pipeline stage before the last, a tensor-parallel
+/// follower rank).
+pub(crate) fn layout_only(seqs: &[pb::StepSequence]) -> Vec<pb::StepSequence> {
+    seqs.iter()
+        .map(|s| pb::StepSequence {
+            sample: None,
+            want_logits: false,
+            ..s.clone()
+        })
+        .collect()
+}
+
 /// Runs a step through every stage in order: token ids into the first,
 /// hidden states onward; the last stage's answer is the step's.
 pub async fn run_pipeline(
@@ -147,15 +160,7 @@ pub async fn run_pipeline(
     let n = stages.len();
     let mut input = req.input;
     // Only the last stage samples or returns logits.
-    let middle: Vec<pb::StepSequence> = req
-        .sequences
-        .iter()
-        .map(|s| pb::StepSequence {
-            sample: None,
-            want_logits: false,
-            ..s.clone()
-        })
-        .collect();
+    let middle = layout_only(&req.sequences);
     for (i, stage) in stages.iter().enumerate() {
         let step = pb::StepRequest {
             model: req.model.clone(),

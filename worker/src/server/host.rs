@@ -414,15 +414,7 @@ impl Host {
             // The step for the other ranks: the same layout, this input.
             let step = pb::StepRequest {
                 model: req.model.clone(),
-                sequences: req
-                    .sequences
-                    .iter()
-                    .map(|s| pb::StepSequence {
-                        sample: None,
-                        want_logits: false,
-                        ..s.clone()
-                    })
-                    .collect(),
+                sequences: crate::engine::stage::layout_only(&req.sequences),
                 input: Some(pb::step_request::Input::Hidden(to_wire(
                     &x.to_kind(Kind::Float),
                 ))),
