@@ -49,7 +49,7 @@ fn main() {
         for &(name, out_f, in_f) in &shapes {
             let w = Tensor::randn([out_f, in_f], (Kind::Float, Device::Cpu)).to_kind(kind);
             let n = (out_f * in_f) as usize;
-            for rows in [4i64, 16, 48, 128, 256] {
+            for rows in [4i64, 16, 48, 128, 256, 512] {
                 let x = Tensor::randn([rows, in_f], (Kind::Float, Device::Cpu));
                 let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
                 let mut y = vec![0f32; (rows * out_f) as usize];

@@ -744,9 +744,15 @@ async fn tensor_parallel_deployments_match_one_process() {
 /// One rank of a tp=2 group is a real process; SIGKILL it mid-generation:
 /// the stream ends with UNAVAILABLE within seconds (the surviving rank's
 /// collective sees the closed link; if the killed one led, the leader's
-/// stream is gone).
+/// stream is gone). Then the rank's process restarts under the same worker
+/// id: the coordinator reloads the stage on it, the group re-forms, and the
+/// model serves again with the single process's greedy tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_rank_mid_generation_is_unavailable_promptly() {
+async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_recovers() {
+    let prompt = [1u32, 5, 9, 13];
+    let tiny = load("synthetic:tiny", Kind::Float);
+    let want = llmos_tests::greedy(&tiny, &prompt, 24);
+    drop(tiny);
     let coordinator = start_coordinator().await;
     start_worker(&coordinator, "w0").await;
     let mut p1 = ProcWorker::start(&coordinator, "p1");
@@ -780,4 +786,39 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly() {
     let after = killed_at.expect("killed after 5 tokens").elapsed();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert!(after < Duration::from_secs(10), "took {after:?}");
+
+    // The same worker id comes back on a new port: requests fail until its
+    // rank is reloaded and the group re-formed, then serve again.
+    let _p1 = ProcWorker::start(&coordinator, "p1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = Vec::new();
+    let got = loop {
+        match collect(&mut inference, ids_request("tp", &prompt, 24)).await {
+            Ok(r) => break r,
+            // Never a wrong answer or an internal error while it recovers.
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                    ),
+                    "{e}"
+                );
+                failures.push(e);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving 60 s after the rank restarted: {failures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let ids: Vec<u32> = got.iter().flat_map(|m| m.tokens.iter().map(|t| t.id)).collect();
+    assert_eq!(ids, want, "after the restart ({} failed tries)", failures.len());
+    let workers = admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(workers.workers.len(), 2, "the restarted rank re-registered, not a third worker");
 }

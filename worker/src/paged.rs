@@ -13,9 +13,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::decode_attention::attend_row;
+use crate::decode_attention::{attend_row, KvElem};
 use crate::error::{Result, WorkerError};
-use crate::gemv::{pool, WeightElem};
+use crate::gemv::pool;
 use crate::spin_pool::{SharedOut, SharedPtr, SharedSlot};
 
 /// Shape of a stage's KV pool.
@@ -327,7 +327,7 @@ struct Dims {
     scale: f32,
 }
 
-fn run<T: WeightElem>(
+fn run<T: KvElem>(
     m: &Dims,
     queries: &[QueryRow<'_>],
     q: &SharedPtr<f32>,

@@ -221,8 +221,8 @@ impl BlockManager {
                 Some(k) if k.hash == h => {}
                 Some(_) => break, // holds other content: cannot be this prefix
                 None => {
-                    if !self.by_hash.contains_key(&h) {
-                        self.by_hash.insert(h, b);
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
+                        e.insert(b);
                         self.blocks[b as usize].cached = Some(CachedKey {
                             hash: h,
                             parent,

@@ -122,11 +122,20 @@ async fn batched_sequences_give_the_tokens_they_give_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempted_sequences_resume_with_the_same_tokens() {
-    // 12 blocks of 4 positions for 6 sequences of up to 41 positions.
+    // 12 blocks of 4 positions for 4 sequences of 27-34 positions (7-9
+    // blocks each). Short prompts are all admitted at once (a block or two
+    // each) and outlive the submissions by far (24-30 steps each), so they
+    // must outgrow the cache whatever the timing.
     let e = engine(12, 8, 64, 16).await;
+    let work: Vec<(Vec<u32>, usize, Option<u64>)> = (0..4u32)
+        .map(|i| {
+            let p: Vec<u32> = (0..3 + i).map(|j| (j * 53 + i * 7 + 2) % 512).collect();
+            (p, 24 + 2 * i as usize, (i % 2 == 1).then_some(70 + i as u64))
+        })
+        .collect();
     let mut runs = Vec::new();
-    for (p, n, seed) in prompts() {
-        runs.push(e.submit(sub(&p, n, seed)).await.unwrap().1);
+    for (p, n, seed) in &work {
+        runs.push(e.submit(sub(p, *n, *seed)).await.unwrap().1);
     }
     let mut preempted = 0;
     let mut outs = Vec::new();
@@ -136,7 +145,8 @@ async fn preempted_sequences_resume_with_the_same_tokens() {
         outs.push(t);
     }
     assert!(preempted > 0, "the cache was never short");
-    for ((p, n, seed), got) in prompts().into_iter().zip(&outs) {
+    for ((p, n, seed), got) in work.into_iter().zip(&outs) {
+        assert_eq!(got.len(), n);
         assert_eq!(got, &alone(&p, n, seed).await, "prompt {p:?}");
     }
     let s = e.stats().await.unwrap().scheduler;
