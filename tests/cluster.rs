@@ -813,12 +813,24 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_rec
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let ids: Vec<u32> = got.iter().flat_map(|m| m.tokens.iter().map(|t| t.id)).collect();
-    assert_eq!(ids, want, "after the restart ({} failed tries)", failures.len());
+    let ids: Vec<u32> = got
+        .iter()
+        .flat_map(|m| m.tokens.iter().map(|t| t.id))
+        .collect();
+    assert_eq!(
+        ids,
+        want,
+        "after the restart ({} failed tries)",
+        failures.len()
+    );
     let workers = admin
         .list_workers(api::ListWorkersRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(workers.workers.len(), 2, "the restarted rank re-registered, not a third worker");
+    assert_eq!(
+        workers.workers.len(),
+        2,
+        "the restarted rank re-registered, not a third worker"
+    );
 }

@@ -89,8 +89,24 @@ impl DecodeThreads {
     }
 
     fn decode_phase(&self) {
-        if tch::get_num_threads() != 1 {
-            tch::set_num_threads(1);
+        self.set(1);
+    }
+
+    /// A prompt of `rows` tokens: one libtorch thread when every product
+    /// runs on the `gemv` kernel's pool (libtorch's OpenMP workers would
+    /// spin against it: a 256-token f32 SmolLM2 prompt took 0.77-0.80 s with
+    /// two, 0.69-0.72 s with one), else the caller's count.
+    fn prompt_phase(&self, model: &Llama, rows: usize) {
+        self.set(if model.projections_on_pool(rows as i64) {
+            1
+        } else {
+            self.prefill
+        });
+    }
+
+    fn set(&self, n: i32) {
+        if tch::get_num_threads() != n {
+            tch::set_num_threads(n);
         }
     }
 }
@@ -208,6 +224,7 @@ impl Engine {
                 threads.decode_phase();
                 self.model.decode_step(input[0] as u32, &mut cache)?
             } else {
+                threads.prompt_phase(&self.model, input.len());
                 let tokens = Tensor::from_slice(&input).unsqueeze(0);
                 let hidden = self.model.forward(&tokens, &mut cache);
                 // After the prompt, steps are one token: run libtorch's small

@@ -130,7 +130,11 @@ async fn preempted_sequences_resume_with_the_same_tokens() {
     let work: Vec<(Vec<u32>, usize, Option<u64>)> = (0..4u32)
         .map(|i| {
             let p: Vec<u32> = (0..3 + i).map(|j| (j * 53 + i * 7 + 2) % 512).collect();
-            (p, 24 + 2 * i as usize, (i % 2 == 1).then_some(70 + i as u64))
+            (
+                p,
+                24 + 2 * i as usize,
+                (i % 2 == 1).then_some(70 + i as u64),
+            )
         })
         .collect();
     let mut runs = Vec::new();

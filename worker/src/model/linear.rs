@@ -182,14 +182,14 @@ impl Linear {
     /// f32 and int8 weights take the kernel's AVX-512 register tiles up to
     /// this many rows where the CPU has them: `benches/small_gemm.rs`
     /// measured them 1.0-2.1x faster than libtorch's f32 product from 16 to
-    /// 512 rows on SmolLM2's shapes (libtorch repacks the weight on every
-    /// call; at 512 rows 1.0-1.5x), and int8 through libtorch first widens
-    /// the whole weight. 512 is the engine's default step size
-    /// (`max_batch_tokens`), so a default engine's f32 steps never switch
-    /// between the pool and libtorch's threads. bf16 weights stay on
-    /// libtorch above `SMALL_BATCH`: its bf16 product uses the CPU's bf16
-    /// dot-product instructions and ran 1.4-2x faster.
-    pub const TILED_BATCH: i64 = 512;
+    /// 256 rows on SmolLM2's shapes (libtorch repacks the weight on every
+    /// call), and int8 through libtorch first widens the whole weight. Not
+    /// beyond: at 512 rows the bench still had them 1.0-1.5x ahead, but a
+    /// 512-token f32 prompt through the model took 1.40-1.60 s on the tiles
+    /// against 0.84-0.94 s on libtorch. bf16 weights stay on libtorch above
+    /// `SMALL_BATCH`: its bf16 product uses the CPU's bf16 dot-product
+    /// instructions and ran 1.4-2x faster.
+    pub const TILED_BATCH: i64 = 256;
 
     /// Whether a product of `rows` input rows runs on the `gemv` kernel's
     /// pool (not libtorch's threads).
