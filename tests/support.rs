@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: the Hugging Face reference
 //! script, reading its outputs, and running our engine the same way.
 
+#[path = "cluster_support.rs"]
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,0 +1,196 @@
+//! A cluster on loopback for the integration tests: a coordinator in this
+//! process, workers in this process or as `llmos-worker` processes, clients
+//! of the public API, and the requests the tests send.
+
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use llmos_worker::server::register::{registration_loop, Registration};
+use llmos_worker::server::{serve, HostHandle};
+use tonic::transport::Channel;
+
+pub async fn start_coordinator() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = llmos_coordinator::Config {
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_secs(3),
+        step_timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    tokio::spawn(llmos_coordinator::serve(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+/// A worker process stand-in: its server and registration tasks.
+/// An `llmos-worker serve` process registering as `id`.
+pub struct ProcWorker(std::process::Child);
+
+impl ProcWorker {
+    pub fn start(coordinator: &str, id: &str) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
+        assert!(
+            bin.exists(),
+            "{} is missing: build the binaries first",
+            bin.display()
+        );
+        let child = std::process::Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(["--coordinator", coordinator, "--worker-id", id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        ProcWorker(child)
+    }
+
+    /// SIGKILL: no goodbye, connections reset.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ProcWorker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Starts an in-process worker registering as `id` on a fresh port (its
+/// tasks live as long as the test's runtime).
+pub async fn start_worker(coordinator: &str, id: &str) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rv =
+        std::sync::Arc::new(llmos_worker::collective::Rendezvous::bind("127.0.0.1:0").unwrap());
+    tokio::spawn(registration_loop(Registration {
+        coordinator: coordinator.into(),
+        worker_id: id.into(),
+        address: format!("http://{addr}"),
+        device: "cpu".into(),
+        collective_address: rv.local_addr().to_string(),
+    }));
+    tokio::spawn(async move {
+        let _ = serve(
+            listener,
+            HostHandle::spawn_with(Some(rv)),
+            std::future::pending(),
+        )
+        .await;
+    });
+}
+
+pub async fn connect<T>(url: &str, make: impl Fn(Channel) -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(c) => return make(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{url}: {e}"),
+        }
+    }
+}
+
+pub async fn wait_for_workers(admin: &mut AdminClient<Channel>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let w = admin
+            .list_workers(api::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if w.iter().filter(|w| w.healthy).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "workers did not register: {w:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Admin and Inference clients of the coordinator at `url`, once
+/// `workers` workers have registered with it.
+pub async fn clients(
+    url: &str,
+    workers: usize,
+) -> (AdminClient<Channel>, InferenceClient<Channel>) {
+    let mut admin = connect(url, AdminClient::new).await;
+    let inference = connect(url, InferenceClient::new).await;
+    wait_for_workers(&mut admin, workers).await;
+    (admin, inference)
+}
+
+/// All streamed messages, or the status that ended the stream.
+pub async fn collect(
+    client: &mut InferenceClient<Channel>,
+    req: api::GenerateRequest,
+) -> Result<Vec<api::GenerateResponse>, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Token ids of one generation, or its status.
+pub async fn ids_of(
+    inference: &mut InferenceClient<Channel>,
+    req: api::GenerateRequest,
+) -> Result<Vec<u32>, tonic::Status> {
+    Ok(collect(inference, req)
+        .await?
+        .iter()
+        .flat_map(|m| m.tokens.iter().map(|t| t.id))
+        .collect())
+}
+
+pub async fn generated_ids(
+    client: &mut InferenceClient<Channel>,
+    req: api::GenerateRequest,
+) -> Vec<u32> {
+    ids_of(client, req).await.unwrap()
+}
+
+pub fn ids_request(model: &str, ids: &[u32], max: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
+        model: model.into(),
+        prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+            ids: ids.to_vec(),
+        })),
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: max,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn tp_deploy(name: &str, source: &str, stages: u32, tp: u32) -> api::DeployModelRequest {
+    api::DeployModelRequest {
+        name: name.into(),
+        source: source.into(),
+        stages,
+        tensor_parallel: tp,
+        serving: Some(api::ServingOptions {
+            kv_cache_blocks: 64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
