@@ -97,7 +97,7 @@ pub async fn start_cluster(workers: usize) -> Channel {
         }));
         tokio::spawn(serve(
             l,
-            HostHandle::spawn_with(Some(rv)),
+            HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
             std::future::pending(),
         ));
     }

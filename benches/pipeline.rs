@@ -1,14 +1,20 @@
 //! Pipeline overhead: SmolLM2 served by a coordinator over 1 worker and over
-//! 2 workers (layers 0-15 and 15-30) on loopback, in one process and one run.
-//! Prints prefill latency (time to first token of a 128-token prompt),
-//! decode per-token latency (64 tokens), their 2-stage / 1-stage ratios, and
-//! the bytes crossing each stage boundary per decoded token.
+//! 2 workers (layers 0-15 and 15-30) on loopback, in one process and one run:
+//! 2 stages with hidden states relayed by the engine over gRPC, and 2 stages
+//! joined by a direct TCP pipeline link. Prints prefill latency (time to
+//! first token of a 128-token prompt), decode per-token latency (64
+//! tokens), their ratios to 1 stage and to each other, and the bytes
+//! crossing the stage boundary per decoded token (the link's measured by
+//! the worker).
 //!
 //! cargo bench -p llmos-benches --bench pipeline
 
 use std::time::Instant;
 
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::worker::v1 as wk;
+use llmos_proto::worker::v1::worker_client::WorkerClient;
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -16,10 +22,30 @@ const PROMPT_TOKENS: usize = 128;
 const DECODE_TOKENS: u32 = 64;
 const REPEAT: usize = 5;
 
-async fn cluster(workers: usize) -> Channel {
+async fn cluster(workers: usize, transport: &str) -> Channel {
     let ch = llmos_benches::start_cluster(workers).await;
-    llmos_benches::deploy_smollm2(&ch, "smol", workers as u32, None).await;
+    // Every run sends the same prompt: without this the prefix cache
+    // would serve all but its last block from the second run on.
+    let serving = api::ServingOptions {
+        pipeline_transport: transport.into(),
+        disable_prefix_caching: true,
+        ..Default::default()
+    };
+    llmos_benches::deploy_smollm2(&ch, "smol", workers as u32, Some(serving)).await;
     ch
+}
+
+/// Bytes the first stage's worker has sent over its pipeline link.
+async fn link_bytes(ch: &Channel) -> u64 {
+    let status = AdminClient::new(ch.clone())
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = &status.models[0].stages[0];
+    let mut w = WorkerClient::new(llmos_benches::connect(&first.worker_address).await);
+    let stats = w.stats(wk::StatsRequest {}).await.unwrap().into_inner();
+    stats.shards.iter().map(|s| s.link_bytes_sent).sum()
 }
 
 /// (time to first token, seconds per decoded token), medians.
@@ -48,8 +74,22 @@ async fn measure(ch: Channel) -> (f64, f64) {
 fn main() {
     tch::set_num_threads(1);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (p1, d1) = rt.block_on(async { measure(cluster(1).await).await });
-    let (p2, d2) = rt.block_on(async { measure(cluster(2).await).await });
+    let (p1, d1) = rt.block_on(async { measure(cluster(1, "grpc").await).await });
+    let (p2, d2) = rt.block_on(async { measure(cluster(2, "grpc").await).await });
+    let (pl, dl, link_per_token) = rt.block_on(async {
+        let ch = cluster(2, "link").await;
+        let before = link_bytes(&ch).await;
+        let (p, d) = measure(ch.clone()).await;
+        // Every run: a 128-token prompt then 64 decoded tokens.
+        let runs = (REPEAT + 1) as u64;
+        let sent = link_bytes(&ch).await - before;
+        let prompt_bytes = runs * (PROMPT_TOKENS as u64 * 576 * 4 + 50);
+        (
+            p,
+            d,
+            (sent.saturating_sub(prompt_bytes)) as f64 / (runs * DECODE_TOKENS as u64) as f64,
+        )
+    });
     // What crosses the stage boundary for one decoded token: the step to
     // stage 2 (hidden state [1, 576] f32 and the block table) and, back from
     // it, the sampled token; stage 1 answers the engine with the hidden state.
@@ -69,6 +109,7 @@ fn main() {
             want_logits: false,
         }],
         input: Some(wk::step_request::Input::Hidden(hidden.clone())),
+        ..Default::default()
     }
     .encoded_len();
     let from_stage1 = wk::StepResponse {
@@ -77,22 +118,32 @@ fn main() {
         logits: None,
     }
     .encoded_len();
-    println!("SmolLM2-135M f32, 1 libtorch thread per stage, prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, median of {REPEAT}");
+    println!("SmolLM2-135M f32, 1 libtorch thread per stage, prompt {PROMPT_TOKENS} tokens (prefix cache off), decode {DECODE_TOKENS} tokens, median of {REPEAT}");
     println!(
-        "{:<10}{:>18}{:>22}",
+        "{:<16}{:>18}{:>22}",
         "stages", "prefill (TTFT) ms", "decode ms/token"
     );
-    println!("{:<10}{:>18.1}{:>22.2}", 1, p1 * 1e3, d1 * 1e3);
-    println!("{:<10}{:>18.1}{:>22.2}", 2, p2 * 1e3, d2 * 1e3);
+    println!("{:<16}{:>18.1}{:>22.2}", "1", p1 * 1e3, d1 * 1e3);
+    println!("{:<16}{:>18.1}{:>22.2}", "2, relayed", p2 * 1e3, d2 * 1e3);
+    println!("{:<16}{:>18.1}{:>22.2}", "2, linked", pl * 1e3, dl * 1e3);
     println!(
-        "ratio 2/1: prefill {:.3}x, decode {:.3}x (target: decode <= 1.15x)",
+        "ratio relayed/1: prefill {:.3}x, decode {:.3}x (target: decode <= 1.15x)",
         p2 / p1,
         d2 / d1
     );
     println!(
-        "bytes per decoded token across the stage boundary: {} (stage 1 -> coordinator) + {} (coordinator -> stage 2) protobuf, of which 2 x {} tensor payload",
+        "ratio linked/1: prefill {:.3}x, decode {:.3}x; linked/relayed: prefill {:.3}x, decode {:.3}x",
+        pl / p1,
+        dl / d1,
+        pl / p2,
+        dl / d2
+    );
+    println!(
+        "bytes per decoded token across the stage boundary: relayed {} (stage 1 -> engine) + {} (engine -> stage 2) protobuf, of which 2 x {} tensor payload; linked {:.0} measured (one {}-byte hidden state, a 32-byte header and 18 bytes of framing; no return trip)",
         from_stage1,
         to_stage2,
+        576 * 4,
+        link_per_token,
         576 * 4
     );
 }

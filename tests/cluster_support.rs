@@ -81,7 +81,7 @@ pub async fn start_worker(coordinator: &str, id: &str) {
     tokio::spawn(async move {
         let _ = serve(
             listener,
-            HostHandle::spawn_with(Some(rv)),
+            HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
             std::future::pending(),
         )
         .await;

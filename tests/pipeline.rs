@@ -46,6 +46,7 @@ fn shard(model: &str, layers: std::ops::Range<u32>, embed: bool, head: bool) -> 
         engine: None,
         tensor_parallel: None,
         quantization: 0,
+        ..Default::default()
     }
 }
 
@@ -153,6 +154,7 @@ impl Pipeline {
                 model: self.model.clone(),
                 sequences: vec![seq],
                 input: input.take(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -183,6 +185,7 @@ fn step_request(model: &str, n: u32, input: pb::step_request::Input) -> pb::Step
             ..Default::default()
         }],
         input: Some(input),
+        ..Default::default()
     }
 }
 

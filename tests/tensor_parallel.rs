@@ -1,7 +1,9 @@
 //! Tensor parallelism through the public API on loopback workers: tp, pp x
-//! tp and tp beyond the KV heads give the single process's tokens, a model
-//! that cannot be split is refused with the numbers, and a rank killed
-//! mid-generation is UNAVAILABLE promptly and serves again once restarted.
+//! tp and tp beyond the KV heads give the single process's tokens, with
+//! hidden states between stages relayed by the engine or sent over direct
+//! pipeline links; a model that cannot be split is refused with the
+//! numbers, and a rank or a linked stage killed mid-generation is
+//! UNAVAILABLE promptly and serves again once restarted.
 
 use std::time::{Duration, Instant};
 
@@ -11,11 +13,13 @@ use llmos_tests::load;
 use tch::Kind;
 
 /// Tensor parallelism through the public API on four in-process workers:
-/// tp=2, pp=2 x tp=2, and tp=4 (more ranks than the model's 2 KV heads) on
-/// the tiny model, and SmolLM2 from its Q4_1 GGUF over tp=3 (each rank
-/// dequantizing only its rows and columns): greedy tokens equal the single
-/// process, alone and batched. A model that cannot be split is refused
-/// with the numbers.
+/// tp=2, pp=2 x tp=2 (relayed, and over TCP pipeline links), and tp=4 (more
+/// ranks than the model's 2 KV heads) on the tiny model, and SmolLM2 from
+/// its Q4_1 GGUF over tp=3 (each rank dequantizing only its rows and
+/// columns) and over 3 linked stages (the middle one receives and sends):
+/// greedy tokens equal the single process, alone and batched, and linked
+/// stages' hidden states went over their links. A model that cannot be
+/// split is refused with the numbers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensor_parallel_deployments_match_one_process() {
     let prompts: [&[u32]; 3] = [&[1, 5, 9, 13], &[300, 2, 77, 41, 8, 19], &[7]];
@@ -32,9 +36,17 @@ async fn tensor_parallel_deployments_match_one_process() {
     }
     let (mut admin, mut inference) = clients(&coordinator, 4).await;
 
-    for (name, stages, tp) in [("tp2", 1, 2), ("pp2tp2", 2, 2), ("tp4", 1, 4)] {
+    for (name, stages, tp, transport) in [
+        ("tp2", 1, 2, "auto"),
+        ("pp2tp2", 2, 2, "auto"),
+        ("pp2tp2-link", 2, 2, "link"),
+        ("tp4", 1, 4, "auto"),
+    ] {
         let d = admin
-            .deploy_model(tp_deploy(name, "synthetic:tiny", stages, tp))
+            .deploy_model(with_transport(
+                tp_deploy(name, "synthetic:tiny", stages, tp),
+                transport,
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -68,6 +80,17 @@ async fn tensor_parallel_deployments_match_one_process() {
         }
         for (t, w) in tasks.into_iter().zip(&want) {
             assert_eq!(&t.await.unwrap(), w, "{name}: batched");
+        }
+        let (sent, shown) = link_bytes(&mut admin, name).await;
+        if stages > 1 {
+            // On CPU workers "auto" relays through the engine.
+            let want = if transport == "link" { "link" } else { "grpc" };
+            assert_eq!(shown, want, "{name}");
+        }
+        if transport == "link" {
+            assert!(sent[0] > 0, "{name}: stage 0 sent nothing over its link");
+        } else {
+            assert!(sent.iter().all(|&b| b == 0), "{name}: {sent:?}");
         }
         admin
             .undeploy_model(api::UndeployModelRequest { name: name.into() })
@@ -111,6 +134,64 @@ async fn tensor_parallel_deployments_match_one_process() {
         .unwrap();
     let got = generated_ids(&mut inference, ids_request("smol-tp3", &prompt, 16)).await;
     assert_eq!(got, want, "SmolLM2 over tp=3");
+    admin
+        .undeploy_model(api::UndeployModelRequest {
+            name: "smol-tp3".into(),
+        })
+        .await
+        .unwrap();
+    // And over 3 stages joined by links.
+    admin
+        .deploy_model(with_transport(
+            tp_deploy("smol-pp3", "smollm2", 3, 1),
+            "link",
+        ))
+        .await
+        .unwrap();
+    let got = generated_ids(&mut inference, ids_request("smol-pp3", &prompt, 16)).await;
+    assert_eq!(got, want, "SmolLM2 over 3 linked stages");
+    let (sent, shown) = link_bytes(&mut admin, "smol-pp3").await;
+    assert_eq!(shown, "link");
+    assert!(sent[0] > 0 && sent[1] > 0 && sent[2] == 0, "{sent:?}");
+}
+
+fn with_transport(mut d: api::DeployModelRequest, transport: &str) -> api::DeployModelRequest {
+    d.serving
+        .get_or_insert_with(Default::default)
+        .pipeline_transport = transport.into();
+    d
+}
+
+/// Bytes each stage's leader of `model` sent over its pipeline link, in
+/// stage order (from the workers' own Stats), and the transport the
+/// cluster status shows.
+async fn link_bytes(
+    admin: &mut llmos_proto::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    model: &str,
+) -> (Vec<u64>, String) {
+    use llmos_proto::worker::v1 as wk;
+    let models = admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let m = models
+        .iter()
+        .find(|m| m.name == model)
+        .unwrap_or_else(|| panic!("{model} is not deployed: {models:?}"));
+    let mut out = Vec::new();
+    for s in &m.stages {
+        let mut w = connect(&s.worker_address, wk::worker_client::WorkerClient::new).await;
+        let stats = w.stats(wk::StatsRequest {}).await.unwrap().into_inner();
+        let shard = stats
+            .shards
+            .iter()
+            .find(|x| x.shard.as_ref().is_some_and(|x| x.model == model))
+            .expect("the stage's shard");
+        out.push(shard.link_bytes_sent);
+    }
+    (out, m.pipeline_transport.clone())
 }
 
 /// One rank of a tp=2 group is a real process; SIGKILL it mid-generation:
@@ -121,6 +202,29 @@ async fn tensor_parallel_deployments_match_one_process() {
 /// model serves again with the single process's greedy tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_recovers() {
+    kill_mid_generation_then_recover(tp_deploy("tp", "synthetic:tiny", 1, 2), "").await;
+}
+
+/// The same with two pipeline stages joined by a TCP link, one of them a
+/// process: killing it fails the generation with UNAVAILABLE promptly;
+/// after its restart the neighbouring stage links up with it anew (keeping
+/// its weights) and the model serves the single process's tokens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_linked_stage_mid_generation_is_unavailable_promptly_and_a_restart_recovers() {
+    kill_mid_generation_then_recover(
+        with_transport(tp_deploy("pp", "synthetic:tiny", 2, 1), "link"),
+        "link",
+    )
+    .await;
+}
+
+/// Deploys `deploy` (the tiny model; its stages joined as `transport`
+/// says) over an in-process worker and a worker process, kills the process after 5 tokens of a long generation,
+/// checks the stream fails with UNAVAILABLE within 10 s, restarts the
+/// process under the same id, and retries until the model serves the
+/// single process's greedy tokens again.
+async fn kill_mid_generation_then_recover(deploy: api::DeployModelRequest, transport: &str) {
+    let model = deploy.name.clone();
     let prompt = [1u32, 5, 9, 13];
     let tiny = load("synthetic:tiny", Kind::Float);
     let want = llmos_tests::greedy(&tiny, &prompt, 24);
@@ -129,12 +233,10 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_rec
     start_worker(&coordinator, "w0").await;
     let mut p1 = ProcWorker::start(&coordinator, "p1");
     let (mut admin, mut inference) = clients(&coordinator, 2).await;
-    admin
-        .deploy_model(tp_deploy("tp", "synthetic:tiny", 1, 2))
-        .await
-        .unwrap();
+    admin.deploy_model(deploy).await.unwrap();
+    assert_eq!(link_bytes(&mut admin, &model).await.1, transport);
     let mut stream = inference
-        .generate(ids_request("tp", &[1, 2, 3], 1000))
+        .generate(ids_request(&model, &[1, 2, 3], 1000))
         .await
         .unwrap()
         .into_inner();
@@ -158,12 +260,12 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_rec
     assert!(after < Duration::from_secs(10), "took {after:?}");
 
     // The same worker id comes back on a new port: requests fail until its
-    // rank is reloaded and the group re-formed, then serve again.
+    // shard is reloaded and its group or links re-formed, then serve again.
     let _p1 = ProcWorker::start(&coordinator, "p1");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut failures = Vec::new();
     let ids = loop {
-        match ids_of(&mut inference, ids_request("tp", &prompt, 24)).await {
+        match ids_of(&mut inference, ids_request(&model, &prompt, 24)).await {
             Ok(r) => break r,
             // Never a wrong answer or an internal error while it recovers.
             Err(e) => {
@@ -179,7 +281,7 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_rec
         }
         assert!(
             Instant::now() < deadline,
-            "not serving 60 s after the rank restarted: {failures:?}"
+            "not serving 60 s after the worker restarted: {failures:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -197,6 +299,11 @@ async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_rec
     assert_eq!(
         workers.workers.len(),
         2,
-        "the restarted rank re-registered, not a third worker"
+        "the restarted worker re-registered, not a third worker"
     );
+    let (sent, transport) = link_bytes(&mut admin, &model).await;
+    if transport == "link" {
+        // The re-formed link carried the answer's hidden states.
+        assert!(sent[0] > 0, "{sent:?}");
+    }
 }

@@ -155,6 +155,11 @@ struct DeployArgs {
     max_waiting: u32,
     #[arg(long)]
     no_prefix_caching: bool,
+    /// How hidden states travel between pipeline stages: auto (direct NCCL
+    /// links when every stage is on a GPU, else through the engine's gRPC
+    /// calls), grpc, or link (direct links on any device: NCCL or TCP).
+    #[arg(long, default_value = "auto")]
+    pipeline_transport: String,
 }
 
 fn coordinators(list: &str) -> Vec<String> {
@@ -409,6 +414,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                         max_running: a.max_running,
                         max_waiting: a.max_waiting,
                         disable_prefix_caching: a.no_prefix_caching,
+                        pipeline_transport: a.pipeline_transport,
                     }),
                 })
                 .await

@@ -146,6 +146,11 @@ impl Placement {
     pub fn group_name(&self, model: &str, i: usize) -> String {
         format!("{model}/stage{i}/{:016x}", self.group_nonce)
     }
+
+    /// The name of the pipeline link between stage `i` and stage `i + 1`.
+    pub fn link_name(&self, model: &str, i: usize) -> String {
+        format!("{model}/link{i}/{:016x}", self.group_nonce)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

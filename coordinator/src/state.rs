@@ -21,6 +21,10 @@ pub struct WorkerInfo {
     /// host:port of its collective listener (tensor-parallel groups).
     #[serde(default)]
     pub collective_address: String,
+    /// When it last registered (a restart registers again): names its
+    /// pipeline links, so a restarted stage links up anew.
+    #[serde(default)]
+    pub registered_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +58,10 @@ pub struct Serving {
     pub max_running: u32,
     pub max_waiting: u32,
     pub prefix_caching: bool,
+    /// "auto", "grpc" or "link" (see `ServingOptions.pipeline_transport`);
+    /// "" in logs from before it: auto.
+    #[serde(default)]
+    pub pipeline_transport: String,
 }
 
 impl Default for Serving {
@@ -65,6 +73,7 @@ impl Default for Serving {
             max_running: 64,
             max_waiting: 256,
             prefix_caching: true,
+            pipeline_transport: "auto".into(),
         }
     }
 }
@@ -178,6 +187,7 @@ impl ClusterState {
                         healthy: true,
                         last_heartbeat_ms: *at_ms,
                         collective_address: collective_address.clone(),
+                        registered_at_ms: *at_ms,
                     },
                 );
             }

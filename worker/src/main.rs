@@ -55,6 +55,11 @@ struct ServeArgs {
     /// the listen address's interface (0: any free port).
     #[arg(long, env = "LLMOS_COLLECTIVE_PORT", default_value_t = 0)]
     collective_port: u16,
+    /// Where served shards live: cpu or cuda (one GPU per worker process;
+    /// pick it with CUDA_VISIBLE_DEVICES). Tensor-parallel groups and
+    /// pipeline links of CUDA workers use NCCL.
+    #[arg(long, env = "LLMOS_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -304,6 +309,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
+    let device = parse_device(&args.device)?;
+    if !matches!(device, tch::Device::Cpu | tch::Device::Cuda(0)) {
+        anyhow::bail!(
+            "--device {}: a serving worker drives its process's first visible GPU \
+             (NCCL and the kernels run on the current device); select the GPU with \
+             CUDA_VISIBLE_DEVICES and pass --device cuda",
+            args.device
+        );
+    }
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -345,7 +359,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                         .clone()
                         .unwrap_or_else(|| format!("worker-{}", addr.port())),
                     address: advertised.clone(),
-                    device: "cpu".into(),
+                    device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
                     collective_address: collective_address.clone(),
                 },
             ))
@@ -356,7 +370,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         llmos_worker::server::serve(
             listener,
-            llmos_worker::server::HostHandle::spawn_with(Some(rendezvous)),
+            llmos_worker::server::HostHandle::spawn_with(Some(rendezvous), device),
             shutdown,
         )
         .await?;

@@ -11,15 +11,20 @@
 //!   the unique id.
 //! - [`SoloGroup`]: world size 1, every collective a no-op.
 //!
+//! [`PipelineLink`] uses a two-rank group of either backend to pass hidden
+//! states from one pipeline stage straight to the next.
+//!
 //! Every operation has a deadline: a peer that dies or stops answering fails
 //! the operation (and the group: it is `broken` afterwards) within it, so a
 //! request waiting on a dead rank ends with UNAVAILABLE instead of hanging.
 //! Sums are taken in rank order on every rank, so all ranks hold bitwise
 //! equal results.
 
+mod link;
 mod nccl;
 mod tcp;
 
+pub use link::PipelineLink;
 pub use nccl::{nccl_available, NcclGroup};
 pub use tcp::{Rendezvous, TcpGroup};
 
@@ -50,6 +55,11 @@ pub trait Collective: Send + Sync {
     fn all_reduce_host(&self, buf: &mut [f32]) -> Result<()>;
     /// Bytes this rank has sent so far (benchmarks report them per token).
     fn bytes_sent(&self) -> u64;
+    /// An operation failed: the group's framing or communicator is gone and
+    /// only a new group helps.
+    fn is_broken(&self) -> bool {
+        false
+    }
 }
 
 /// World size 1: nothing to exchange.

@@ -309,4 +309,8 @@ impl Collective for NcclGroup {
     fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
+
+    fn is_broken(&self) -> bool {
+        self.broken.lock().map(|b| b.is_some()).unwrap_or(true)
+    }
 }

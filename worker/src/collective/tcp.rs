@@ -608,4 +608,8 @@ impl Collective for TcpGroup {
     fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
+
+    fn is_broken(&self) -> bool {
+        TcpGroup::is_broken(self)
+    }
 }

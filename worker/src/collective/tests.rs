@@ -219,3 +219,117 @@ fn gpu_nccl_world_of_one_all_reduces() {
     assert_eq!(nccl.bytes_sent(), 4000 + 2000);
     nccl.barrier().unwrap();
 }
+
+/// Both ends of a TCP pipeline link formed in this process: (sender,
+/// receiver).
+fn link_pair(name: &str, op_timeout: Duration) -> (PipelineLink, PipelineLink) {
+    use llmos_proto::worker::v1 as pb;
+    let rvs: Vec<Arc<Rendezvous>> = (0..2)
+        .map(|_| Arc::new(Rendezvous::bind("127.0.0.1:0").unwrap()))
+        .collect();
+    let peers: Vec<String> = rvs.iter().map(|r| r.local_addr().to_string()).collect();
+    let hs: Vec<_> = (0..2u32)
+        .map(|rank| {
+            let spec = pb::PipelineLink {
+                rank,
+                peers: peers.clone(),
+                group: name.into(),
+                backend: pb::LinkBackend::Tcp as i32,
+                timeout_ms: op_timeout.as_millis() as u32,
+            };
+            let rv = rvs[rank as usize].clone();
+            std::thread::spawn(move || {
+                PipelineLink::form(&rv, &spec, Device::Cpu, Duration::from_secs(10), op_timeout)
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut ends = hs.into_iter().map(|h| h.join().unwrap());
+    (ends.next().unwrap(), ends.next().unwrap())
+}
+
+fn hidden(step: u64, rows: i64, kind: Kind) -> Tensor {
+    (Tensor::arange(rows * 8, (Kind::Float, Device::Cpu)) + step as f64)
+        .view([rows, 8])
+        .to_kind(kind)
+}
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
+}
+
+/// A pipeline link carries each step's hidden states in their dtype, and
+/// stays in step when either side fails a step: a step the sender failed
+/// fails at the receiver at once (reported, or skipped), a step the
+/// receiver failed before reading is drained, a shape the receiver did not
+/// expect fails that step only. A sender that goes away fails the receiver
+/// promptly and breaks the link.
+#[test]
+fn pipeline_link_keeps_stages_in_step_through_failures() {
+    let (tx, rx) = link_pair("link-steps", Duration::from_secs(5));
+    assert_eq!(tx.backend(), "tcp");
+    // Plain steps, f32 and bf16.
+    for (step, kind) in [(10u64, Kind::Float), (11, Kind::BFloat16)] {
+        tx.send(step, &hidden(step, 3, kind)).unwrap();
+        let got = rx.recv(step, 3, 8).unwrap();
+        assert!(same(&got, &hidden(step, 3, kind)), "step {step}");
+    }
+    // The sender failed step 12 and said so.
+    tx.send_failed(12).unwrap();
+    let e = rx.recv(12, 3, 8).unwrap_err();
+    assert!(e.to_string().contains("previous stage failed it"), "{e}");
+    // The receiver failed step 13 before reading it: step 14 drains it.
+    tx.send(13, &hidden(13, 2, Kind::Float)).unwrap();
+    tx.send(14, &hidden(14, 5, Kind::Float)).unwrap();
+    assert!(same(
+        &rx.recv(14, 5, 8).unwrap(),
+        &hidden(14, 5, Kind::Float)
+    ));
+    // The sender never got to step 15: it fails, and step 16 still gets
+    // its own hidden states.
+    tx.send(16, &hidden(16, 1, Kind::Float)).unwrap();
+    let e = rx.recv(15, 4, 8).unwrap_err();
+    assert!(e.to_string().contains("sent nothing for it"), "{e}");
+    assert!(same(
+        &rx.recv(16, 1, 8).unwrap(),
+        &hidden(16, 1, Kind::Float)
+    ));
+    // A shape the step does not have fails that step only.
+    tx.send(17, &hidden(17, 2, Kind::Float)).unwrap();
+    let e = rx.recv(17, 3, 8).unwrap_err();
+    assert!(
+        e.to_string().contains("[2, 8] where the step has [3, 8]"),
+        "{e}"
+    );
+    tx.send(18, &hidden(18, 3, Kind::Float)).unwrap();
+    assert!(same(
+        &rx.recv(18, 3, 8).unwrap(),
+        &hidden(18, 3, Kind::Float)
+    ));
+    assert!(!tx.is_broken() && !rx.is_broken());
+    assert!(tx.bytes_sent() > 0);
+    // The sender goes away: the receiver fails at once, not at its
+    // deadline, and the link is broken for good.
+    drop(tx);
+    let t0 = Instant::now();
+    assert!(rx.recv(19, 3, 8).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(rx.is_broken());
+    assert!(rx.recv(20, 3, 8).is_err());
+}
+
+/// A receiver whose sender stays silent fails at the link's deadline.
+#[test]
+fn pipeline_link_times_out_on_a_silent_sender() {
+    let (_tx, rx) = link_pair("link-silent", Duration::from_millis(300));
+    let t0 = Instant::now();
+    let e = rx.recv(1, 1, 8).unwrap_err();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(e.to_string().contains("did not answer"), "{e}");
+    assert!(rx.is_broken());
+}

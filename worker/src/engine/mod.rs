@@ -6,7 +6,7 @@
 //! - [`scheduler`]: iteration-level batching, chunked prefill, priorities,
 //!   preemption by recompute, deadlines, the bounded queue.
 //! - [`stage`]: the `Stage` seam (this worker's host, another worker's `Step`
-//!   stream) and `run_pipeline`.
+//!   stream) and `Pipeline` (relayed or linked steps).
 //!
 //! With `p` stages up to `p` steps are in flight (each with its own
 //! sequences), so while stage 2 runs one micro-batch, stage 1 runs the next.
@@ -31,7 +31,7 @@ use scheduler::Scheduler;
 pub use scheduler::{
     Finish, Finished, Refusal, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams, StepPlan,
 };
-pub use stage::{LocalStage, RemoteStage, Stage};
+pub use stage::{LocalStage, Pipeline, RemoteStage, Stage};
 
 /// What one request asks of the engine.
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts an engine for `model` over `stages` (first to last).
-    pub fn spawn(model: String, cfg: SchedulerConfig, stages: Vec<Arc<dyn Stage>>) -> Result<Self> {
+    pub fn spawn(model: String, cfg: SchedulerConfig, stages: Pipeline) -> Result<Self> {
         cfg.validate().map_err(WorkerError::InvalidRequest)?;
         if stages.is_empty() {
             return Err(WorkerError::InvalidRequest(
@@ -155,7 +155,7 @@ struct Client {
 struct Engine {
     model: String,
     sched: Scheduler,
-    stages: Arc<Vec<Arc<dyn Stage>>>,
+    stages: Arc<Pipeline>,
     clients: HashMap<u64, Client>,
     generated: u64,
     /// Moving average of request durations (ms): the retry hint of a full queue.
@@ -177,8 +177,10 @@ impl Engine {
                 };
                 let req = self.request(&plan);
                 let stages = self.stages.clone();
+                // Numbered here, in issue order (the tasks may start in any).
+                let ticket = stages.ticket();
                 in_flight.spawn(async move {
-                    let r = stage::run_pipeline(&stages, req).await;
+                    let r = stages.run(ticket, req).await;
                     (plan, r)
                 });
             }
@@ -316,6 +318,7 @@ impl Engine {
                 shape: vec![plan.tokens() as i64],
                 data,
             })),
+            ..Default::default()
         }
     }
 

@@ -31,6 +31,7 @@ async fn engine(
             engine: None,
             tensor_parallel: None,
             quantization: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -44,7 +45,12 @@ async fn engine(
         prefix_caching: true,
         max_context: loaded.max_context as usize,
     };
-    EngineHandle::spawn("m".into(), cfg, vec![Arc::new(LocalStage { host })]).unwrap()
+    EngineHandle::spawn(
+        "m".into(),
+        cfg,
+        Pipeline::new(vec![Arc::new(LocalStage { host })], false),
+    )
+    .unwrap()
 }
 
 fn sub(prompt: &[u32], max_new: usize, seed: Option<u64>) -> Submission {

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::codec::{from_wire, to_wire};
-use crate::collective::{Collective, Rendezvous, TcpGroup};
+use crate::collective::{Collective, NcclGroup, PipelineLink, Rendezvous, TcpGroup};
 use crate::error::{Result, WorkerError};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::linear::Quantization;
@@ -40,7 +40,21 @@ struct Hosted {
     weight_bytes: u64,
     /// The stage's tensor-parallel group (this shard is one rank of it).
     group: Option<Arc<TcpGroup>>,
+    /// Pipeline links to the neighbouring stages (a leader's).
+    links: Links,
 }
+
+/// A shard's pipeline links, shared with `HostHandle` (which receives a
+/// step's input before handing the step to the host thread).
+#[derive(Clone, Default)]
+struct Links {
+    prev: Option<Arc<PipelineLink>>,
+    next: Option<Arc<PipelineLink>>,
+    /// Columns of the hidden states that arrive.
+    hidden: i64,
+}
+
+type SharedLinks = Arc<std::sync::Mutex<HashMap<String, Links>>>;
 
 impl Drop for Hosted {
     fn drop(&mut self) {
@@ -58,26 +72,36 @@ enum Command {
         oneshot::Sender<Result<pb::LoadShardResponse>>,
     ),
     Unload(String, oneshot::Sender<Result<()>>),
-    Step(pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>),
+    /// A step, with its input when it arrived over the pipeline link.
+    Step(
+        pb::StepRequest,
+        Option<Tensor>,
+        oneshot::Sender<Result<pb::StepResponse>>,
+    ),
     Stats(oneshot::Sender<pb::StatsResponse>),
 }
 
 #[derive(Clone)]
 pub struct HostHandle {
     tx: std::sync::mpsc::Sender<Command>,
+    links: SharedLinks,
+    device: Device,
 }
 
 impl HostHandle {
     /// Starts the host thread; it ends when every handle is dropped. It
     /// cannot hold tensor-parallel shards (no collective listener).
     pub fn spawn() -> Self {
-        Self::spawn_with(None)
+        Self::spawn_with(None, Device::Cpu)
     }
 
     /// Starts the host thread with the worker's collective listener, which
-    /// tensor-parallel groups form over.
-    pub fn spawn_with(rendezvous: Option<Arc<Rendezvous>>) -> Self {
+    /// tensor-parallel groups and pipeline links form over; shards are
+    /// loaded on `device`.
+    pub fn spawn_with(rendezvous: Option<Arc<Rendezvous>>, device: Device) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
+        let links = SharedLinks::default();
+        let shared = links.clone();
         std::thread::Builder::new()
             .name("llmos-shard-host".into())
             .spawn(move || {
@@ -86,13 +110,20 @@ impl HostHandle {
                     shards: HashMap::new(),
                     threads: tch::get_num_threads(),
                     rendezvous,
+                    device,
+                    links: shared,
                 };
                 while let Ok(cmd) = rx.recv() {
                     host.handle(cmd);
                 }
             })
             .expect("spawn the shard host thread");
-        HostHandle { tx }
+        HostHandle { tx, links, device }
+    }
+
+    /// Where this worker's shards live.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -112,8 +143,61 @@ impl HostHandle {
         self.call(|tx| Command::Unload(model, tx)).await?
     }
 
+    /// Runs one step. In a linked pipeline its input first arrives over the
+    /// link from the previous stage (received here, off the host thread, so
+    /// a stage waiting for its input blocks no other model's steps), and a
+    /// step that fails is reported over the link to the next stage, which
+    /// then fails it at once.
     pub async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
-        self.call(|tx| Command::Step(req, tx)).await?
+        let links =
+            if req.to_next || matches!(req.input, Some(pb::step_request::Input::FromPrevious(_))) {
+                self.links
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&req.model)
+                    .cloned()
+                    .unwrap_or_default()
+            } else {
+                Links::default()
+            };
+        let (step, to_next) = (req.step_id, req.to_next);
+        let r = self.linked_step(req, &links).await;
+        if let (Err(e), true, Some(next)) = (&r, to_next, &links.next) {
+            if let Err(e2) = next.send_failed(step) {
+                tracing::warn!(error = %e, link_error = %e2, "cannot report a failed step to the next stage");
+            }
+        }
+        r
+    }
+
+    async fn linked_step(&self, req: pb::StepRequest, links: &Links) -> Result<pb::StepResponse> {
+        if req.to_next && links.next.is_none() {
+            return Err(WorkerError::InvalidRequest(format!(
+                "model {:?} has no pipeline link to a next stage on this worker",
+                req.model
+            )));
+        }
+        let input = match (&req.input, &links.prev) {
+            (Some(pb::step_request::Input::FromPrevious(_)), None) => {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "model {:?} has no pipeline link from a previous stage on this worker",
+                    req.model
+                )))
+            }
+            (Some(pb::step_request::Input::FromPrevious(_)), Some(prev)) => {
+                let rows: i64 = req.sequences.iter().map(|s| s.tokens as i64).sum();
+                let (prev, step, cols) = (prev.clone(), req.step_id, links.hidden);
+                let t = tokio::task::spawn_blocking(move || {
+                    let _no_grad = tch::no_grad_guard();
+                    prev.recv(step, rows, cols)
+                })
+                .await
+                .map_err(|e| WorkerError::StepFailed(format!("the link receiver died: {e}")))??;
+                Some(t)
+            }
+            _ => None,
+        };
+        self.call(|tx| Command::Step(req, input, tx)).await?
     }
 
     pub async fn stats(&self) -> Result<pb::StatsResponse> {
@@ -127,6 +211,8 @@ struct Host {
     /// step runs on its own pool with libtorch at one thread).
     threads: i32,
     rendezvous: Option<Arc<Rendezvous>>,
+    device: Device,
+    links: SharedLinks,
 }
 
 /// The spec with its defaults filled in.
@@ -146,13 +232,17 @@ impl Host {
         match cmd {
             Command::Load(spec, me, tx) => drop(tx.send(self.load(spec, me))),
             Command::Unload(model, tx) => {
+                self.links
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&model);
                 let r = match self.shards.remove(&model) {
                     Some(_) => Ok(()),
                     None => Err(WorkerError::UnknownModel(model)),
                 };
                 drop(tx.send(r));
             }
-            Command::Step(req, tx) => drop(tx.send(self.step(req))),
+            Command::Step(req, input, tx) => drop(tx.send(self.step(req, input))),
             Command::Stats(tx) => drop(tx.send(self.stats())),
         }
     }
@@ -164,22 +254,47 @@ impl Host {
     ) -> Result<pb::LoadShardResponse> {
         let started = Instant::now();
         let spec = normalized(spec);
-        let intact = |h: &&Hosted| h.group.as_ref().is_none_or(|g| !g.is_broken());
-        if let Some(h) = self
-            .shards
-            .get(&spec.model)
-            .filter(|h| h.spec == spec)
-            .filter(intact)
-        {
-            // Asked again (a coordinator replica after re-registration):
-            // keep the weights and the cache.
+        let intact = |h: &&mut Hosted| h.group.as_ref().is_none_or(|g| !g.is_broken());
+        let same = |h: &&mut Hosted| without_links(&h.spec) == without_links(&spec);
+        if let Some(h) = self.shards.get_mut(&spec.model).filter(same).filter(intact) {
+            // Asked again (a coordinator replica after re-registration, or a
+            // neighbouring stage restarted): keep the weights and the cache;
+            // links whose spec changed or that broke are formed anew.
+            let hidden = h.model.config().hidden_size as i64;
+            let links = relink(
+                self.rendezvous.as_deref(),
+                self.device,
+                &spec,
+                std::mem::take(&mut h.links),
+                hidden,
+            );
+            let links = match links {
+                Ok(l) => l,
+                Err(e) => {
+                    self.links
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&spec.model);
+                    return Err(e);
+                }
+            };
+            h.links = links.clone();
+            h.spec = spec.clone();
+            self.links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.model.clone(), links);
             return Ok(pb::LoadShardResponse {
                 weight_bytes: h.weight_bytes,
-                load_seconds: 0.0,
+                load_seconds: started.elapsed().as_secs_f64(),
                 max_context: h.model.config().max_position as u32,
             });
         }
         // Replacing a shard: free the old one first.
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&spec.model);
         self.shards.remove(&spec.model);
         let kind = match pb::DType::try_from(spec.dtype).unwrap_or(pb::DType::Unspecified) {
             pb::DType::Unspecified | pb::DType::F32 => Kind::Float,
@@ -234,6 +349,14 @@ impl Host {
             }
             None => None,
         };
+        // So are the pipeline links.
+        let links = relink(
+            self.rendezvous.as_deref(),
+            self.device,
+            &spec,
+            Links::default(),
+            opened.config.hidden_size as i64,
+        )?;
         let shard = ShardSpec {
             layers: spec.layer_start as usize..spec.layer_end as usize,
             embed: spec.embed,
@@ -241,7 +364,7 @@ impl Host {
         };
         let opts = LoadOptions {
             kind,
-            device: Device::Cpu,
+            device: self.device,
             seed: 0,
             quantization: match pb::Quantization::try_from(spec.quantization) {
                 Ok(pb::Quantization::Int8) => Quantization::Int8,
@@ -263,7 +386,19 @@ impl Host {
             &mut |_, _| {},
         )?;
         if let Some(g) = &group {
-            model.set_collective(g.clone())?;
+            if self.device.is_cuda() {
+                // Activations stay on the GPU: NCCL sums them; the TCP group
+                // keeps carrying the leader's steps.
+                let op_timeout = Duration::from_millis(
+                    tp.as_ref()
+                        .map(|t| t.timeout_ms)
+                        .filter(|&t| t > 0)
+                        .unwrap_or(DEFAULT_COLLECTIVE_TIMEOUT_MS) as u64,
+                );
+                model.set_collective(Arc::new(NcclGroup::form(g, op_timeout)?))?;
+            } else {
+                model.set_collective(g.clone())?;
+            }
         }
         let shape = model.pool_shape(spec.kv_blocks as usize, spec.block_size as usize);
         let bytes = shape.num_blocks * shape.block_bytes(kind);
@@ -287,6 +422,10 @@ impl Host {
         if let Some(g) = group.as_ref().filter(|g| g.rank() > 0) {
             spawn_follower(spec.model.clone(), g.clone(), me);
         }
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.model.clone(), links.clone());
         self.shards.insert(
             spec.model.clone(),
             Hosted {
@@ -295,6 +434,7 @@ impl Host {
                 pool,
                 weight_bytes,
                 group,
+                links,
             },
         );
         Ok(pb::LoadShardResponse {
@@ -304,8 +444,9 @@ impl Host {
         })
     }
 
-    /// One batched step of one model's shard.
-    fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse> {
+    /// One batched step of one model's shard; `input` holds the hidden
+    /// states that arrived over the pipeline link.
+    fn step(&mut self, req: pb::StepRequest, input: Option<Tensor>) -> Result<pb::StepResponse> {
         let h = self
             .shards
             .get_mut(&req.model)
@@ -375,12 +516,16 @@ impl Host {
                 }
                 Some(ids)
             }
-            Some(pb::step_request::Input::Hidden(_)) if model.shard().embed => {
+            Some(pb::step_request::Input::Hidden(_) | pb::step_request::Input::FromPrevious(_))
+                if model.shard().embed =>
+            {
                 return Err(WorkerError::InvalidRequest(
                     "this shard embeds tokens: send token ids".into(),
                 ))
             }
-            Some(pb::step_request::Input::Hidden(_)) => None,
+            Some(pb::step_request::Input::Hidden(_) | pb::step_request::Input::FromPrevious(_)) => {
+                None
+            }
             None => {
                 return Err(WorkerError::InvalidRequest(
                     "the request has no input".into(),
@@ -397,8 +542,15 @@ impl Host {
         let x: Option<Tensor> = match (&ids, &req.input) {
             (Some(_), _) if fused && leader.is_none() => None,
             (Some(ids), _) => Some(model.embed_packed(ids)?),
-            (None, Some(pb::step_request::Input::Hidden(w))) => {
-                let x = from_wire(w, "hidden")?;
+            (None, Some(input_kind)) => {
+                let x = match input_kind {
+                    pb::step_request::Input::Hidden(w) => from_wire(w, "hidden")?,
+                    _ => input.ok_or_else(|| {
+                        WorkerError::InvalidRequest(
+                            "no hidden states arrived over the pipeline link".into(),
+                        )
+                    })?,
+                };
                 if x.size() != [t, cfg.hidden_size as i64] {
                     return Err(WorkerError::InvalidRequest(format!(
                         "hidden must be [{t}, {}], got {:?}",
@@ -418,6 +570,7 @@ impl Host {
                 input: Some(pb::step_request::Input::Hidden(to_wire(
                     &x.to_kind(Kind::Float),
                 ))),
+                ..Default::default()
             };
             g.send_control(&step.encode_to_vec())?;
         }
@@ -477,7 +630,12 @@ impl Host {
                 let logits = if rows.is_empty() {
                     Vec::new()
                 } else {
-                    Vec::try_from(model.logits_rows(&out, &rows)?.reshape([-1]))?
+                    Vec::try_from(
+                        model
+                            .logits_rows(&out, &rows)?
+                            .to_device(Device::Cpu)
+                            .reshape([-1]),
+                    )?
                 };
                 (None, logits)
             } else {
@@ -486,6 +644,16 @@ impl Host {
         };
         if follower {
             // The leader answers for the group.
+            return Ok(pb::StepResponse::default());
+        }
+        if req.to_next {
+            let (Some(hidden), Some(next)) = (&hidden, &h.links.next) else {
+                return Err(WorkerError::InvalidRequest(
+                    "a step asked to pass hidden states on from a shard without a next stage"
+                        .into(),
+                ));
+            };
+            next.send(req.step_id, hidden)?;
             return Ok(pb::StepResponse::default());
         }
         let row_of = |seq: usize| {
@@ -538,6 +706,7 @@ impl Host {
                 kv_cache_bytes: h.pool.bytes() as u64,
                 engine: None,
                 collective_bytes_sent: h.group.as_ref().map_or(0, |g| g.bytes_sent()),
+                link_bytes_sent: h.links.next.as_ref().map_or(0, |l| l.bytes_sent()),
             })
             .collect();
         let (total, available) = meminfo();
@@ -571,7 +740,7 @@ fn spawn_follower(model: String, group: Arc<TcpGroup>, host: std::sync::mpsc::Se
             }
         };
         let (tx, rx) = oneshot::channel();
-        if host.send(Command::Step(req, tx)).is_err() {
+        if host.send(Command::Step(req, None, tx)).is_err() {
             return;
         }
         match rx.blocking_recv() {
@@ -591,6 +760,55 @@ fn spawn_follower(model: String, group: Arc<TcpGroup>, host: std::sync::mpsc::Se
     }
 }
 
+/// The spec without its pipeline links (which change when a neighbouring
+/// stage restarts, while this shard's weights and cache stay good).
+pub(crate) fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
+    pb::ShardSpec {
+        prev_link: None,
+        next_link: None,
+        ..spec.clone()
+    }
+}
+
+/// The links `spec` asks for: each kept from `old` when its spec is the
+/// same and it still works, else formed anew (the previous stage's link
+/// first: neighbours form theirs in the same order along the pipeline, so
+/// no two wait on each other).
+fn relink(
+    rendezvous: Option<&Rendezvous>,
+    device: Device,
+    spec: &pb::ShardSpec,
+    old: Links,
+    hidden: i64,
+) -> Result<Links> {
+    let form = |want: &Option<pb::PipelineLink>,
+                have: Option<Arc<PipelineLink>>|
+     -> Result<Option<Arc<PipelineLink>>> {
+        let Some(want) = want else {
+            return Ok(None);
+        };
+        if let Some(h) = have.filter(|h| h.spec() == want && !h.is_broken()) {
+            return Ok(Some(h));
+        }
+        let rv = rendezvous.ok_or_else(|| {
+            WorkerError::InvalidRequest(
+                "this worker has no collective listener: it cannot hold a linked pipeline stage"
+                    .into(),
+            )
+        })?;
+        Ok(Some(Arc::new(PipelineLink::form(
+            rv,
+            want,
+            device,
+            FORM_TIMEOUT,
+            Duration::from_millis(DEFAULT_COLLECTIVE_TIMEOUT_MS as u64),
+        )?)))
+    };
+    let prev = form(&spec.prev_link, old.prev)?;
+    let next = form(&spec.next_link, old.next)?;
+    Ok(Links { prev, next, hidden })
+}
+
 /// (MemTotal, MemAvailable) in bytes from /proc/meminfo.
 pub(crate) fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -602,4 +820,115 @@ pub(crate) fn meminfo() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (get("MemTotal:"), get("MemAvailable:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(model: &str) -> pb::ShardSpec {
+        pb::ShardSpec {
+            model: model.into(),
+            source: "synthetic:tiny".into(),
+            layer_start: 0,
+            layer_end: 2,
+            embed: true,
+            head: true,
+            dtype: pb::DType::F32 as i32,
+            kv_blocks: 16,
+            block_size: 4,
+            ..Default::default()
+        }
+    }
+
+    fn ids(v: &[u32]) -> Option<pb::step_request::Input> {
+        let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+        Some(pb::step_request::Input::Tokens(to_wire(
+            &Tensor::from_slice(&v),
+        )))
+    }
+
+    /// Logits rows of a step's answer.
+    fn rows(r: &pb::StepResponse) -> Vec<Vec<f32>> {
+        let t = from_wire(r.logits.as_ref().expect("logits"), "logits").unwrap();
+        let (n, v) = t.size2().unwrap();
+        let flat = Vec::<f32>::try_from(t.reshape([-1])).unwrap();
+        (0..n as usize)
+            .map(|i| flat[i * v as usize..(i + 1) * v as usize].to_vec())
+            .collect()
+    }
+
+    /// Two sequences on `host`: a prompt prefilled alone, then decoded
+    /// greedily one token per step (the one-token path), and from the
+    /// second step on a second prompt's chunk in the same batched steps.
+    /// Returns every step's logits rows.
+    async fn run(host: &HostHandle) -> Vec<Vec<f32>> {
+        let (a, b): (&[u32], &[u32]) = (&[1, 5, 9, 13, 200, 7], &[300, 2, 77]);
+        let seq = |position: u32, tokens: u32, first: u32| pb::StepSequence {
+            position,
+            tokens,
+            blocks: (first..first + 8).collect(),
+            want_logits: true,
+            ..Default::default()
+        };
+        let step = |sequences, input| pb::StepRequest {
+            model: "m".into(),
+            sequences,
+            input,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let r = host.step(step(vec![seq(0, 6, 0)], ids(a))).await.unwrap();
+        out.extend(rows(&r));
+        let mut next = crate::sampling::argmax(out.last().unwrap());
+        for i in 0..8u32 {
+            let r = if i == 1 {
+                // A decode row and a fresh prompt chunk in one step.
+                let mut input = vec![next];
+                input.extend_from_slice(b);
+                host.step(step(vec![seq(6 + i, 1, 0), seq(0, 3, 8)], ids(&input)))
+                    .await
+                    .unwrap()
+            } else {
+                host.step(step(vec![seq(6 + i, 1, 0)], ids(&[next])))
+                    .await
+                    .unwrap()
+            };
+            let r = rows(&r);
+            next = crate::sampling::argmax(&r[0]);
+            out.extend(r);
+        }
+        out
+    }
+
+    /// GPU: a shard served on CUDA (the batched path throughout, the paged
+    /// cache on the device) gives the CPU shard's logits (whose one-token
+    /// steps take the fused CPU path) and so its greedy tokens. Skipped
+    /// (with a message) without a GPU.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gpu_served_steps_on_cuda_match_cpu() {
+        if crate::device::load_torch_cuda().is_err() || tch::Cuda::device_count() == 0 {
+            eprintln!("skipped: no CUDA device");
+            return;
+        }
+        let cpu = HostHandle::spawn();
+        let gpu = HostHandle::spawn_with(None, Device::Cuda(0));
+        cpu.load(tiny("m")).await.unwrap();
+        gpu.load(tiny("m")).await.unwrap();
+        let (want, got) = (run(&cpu).await, run(&gpu).await);
+        assert_eq!(want.len(), got.len());
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let diff = w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-3, "row {i}: logits differ by {diff}");
+            assert_eq!(
+                crate::sampling::argmax(w),
+                crate::sampling::argmax(g),
+                "row {i}"
+            );
+        }
+    }
 }

@@ -17,8 +17,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{
-    EngineHandle, Finish, LocalStage, RemoteStage, SchedulerConfig, SeqEvent, SeqParams, Stage,
-    Submission,
+    EngineHandle, Finish, LocalStage, Pipeline, RemoteStage, SchedulerConfig, SeqEvent, SeqParams,
+    Stage, Submission,
 };
 use crate::error::{Result, WorkerError};
 pub use host::HostHandle;
@@ -97,7 +97,11 @@ impl WorkerService {
             engines.remove(&spec.model);
             return Ok(());
         };
-        if engines.get(&spec.model).is_some_and(|(s, _)| s == spec) {
+        // A neighbour's restart renames the links; the engine stays.
+        if engines
+            .get(&spec.model)
+            .is_some_and(|(s, _)| host::without_links(s) == host::without_links(spec))
+        {
             return Ok(());
         }
         let or = |v: u32, d: u32| if v == 0 { d } else { v } as usize;
@@ -123,7 +127,7 @@ impl WorkerService {
             max_context,
         };
         tracing::info!(model = %spec.model, ?cfg, "engine started");
-        let handle = EngineHandle::spawn(spec.model.clone(), cfg, stages)?;
+        let handle = EngineHandle::spawn(spec.model.clone(), cfg, Pipeline::new(stages, e.linked))?;
         engines.insert(spec.model.clone(), (spec.clone(), handle));
         Ok(())
     }
