@@ -389,8 +389,11 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             let models: Vec<_> = s
                 .models
                 .iter()
-                .map(|m| json!({"name": m.name, "source": m.source, "state": m.state,
-                    "stages": stages_json(&m.stages), "serving": m.serving.as_ref().map(serving_json)}))
+                .map(|m| {
+                    json!({"name": m.name, "source": m.source, "state": m.state,
+                    "stages": stages_json(&m.stages), "pipeline_transport": m.pipeline_transport,
+                    "serving": m.serving.as_ref().map(serving_json)})
+                })
                 .collect();
             print_json(
                 json!({"workers": workers_json(&s.workers), "models": models,

@@ -9,9 +9,12 @@
 //! payload (the next stage fails that step at once instead of waiting out
 //! its deadline), a header of an older step than the one expected is
 //! drained (the receiving stage failed that step before reading it), and a
-//! header of a later step is kept for the step it belongs to. A dead or
-//! silent peer breaks the link (the collective's deadline), and the
-//! coordinator's reload of the stage forms a new one.
+//! header of a later step is kept for the step it belongs to. Over TCP, a
+//! previous stage that sends nothing within the deadline fails that step
+//! only (its late header is drained later); a peer that goes away, a frame
+//! cut off mid-way or an NCCL deadline breaks the link, and the
+//! coordinator's reload of the stage (on the worker's re-registration)
+//! forms a new one.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,7 +170,15 @@ impl PipelineLink {
             return Ok(h);
         }
         let mut t = Tensor::zeros([4], (Kind::Int64, self.device));
-        self.comm.recv(&mut t, SENDER)?;
+        if self.comm.backend() == "tcp" {
+            // A previous stage slower than the deadline fails this step
+            // only: its header, when it comes, is drained by step id.
+            self.tcp.recv_when_sent(&mut t, SENDER)?;
+        } else {
+            // NCCL cannot take back a posted receive: past the deadline the
+            // communicator is aborted and the link broken.
+            self.comm.recv(&mut t, SENDER)?;
+        }
         let v = Vec::<i64>::try_from(t.to_device(Device::Cpu))?;
         Ok(Header {
             step: v[0] as u64,

@@ -324,8 +324,43 @@ impl TcpGroup {
     /// Reads one frame from `peer`; `deadline` None waits for ever (a
     /// follower waiting for its next step).
     fn recv_frame(&self, peer: usize, tag: u8, deadline: Option<Instant>) -> Result<Vec<u8>> {
+        self.recv_frame_from(peer, tag, deadline, false)
+    }
+
+    /// `recv_frame`; with `idle_ok`, a deadline that passes before the
+    /// frame's first byte arrived fails this call only (nothing of the
+    /// stream was consumed, so the framing is intact).
+    fn recv_frame_from(
+        &self,
+        peer: usize,
+        tag: u8,
+        deadline: Option<Instant>,
+        idle_ok: bool,
+    ) -> Result<Vec<u8>> {
         let link = self.link(peer)?;
         let mut r = &link.reader;
+        if idle_ok {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let waited = match left {
+                Some(Duration::ZERO) => Err(std::io::ErrorKind::TimedOut.into()),
+                _ => r
+                    .set_read_timeout(left)
+                    .and_then(|()| r.peek(&mut [0u8; 1])),
+            };
+            if let Err(e) = &waited {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && !self.closed.load(Ordering::Relaxed)
+                {
+                    return Err(WorkerError::StepFailed(format!(
+                        "group {}: rank {peer} sent nothing to rank {} within {:?}",
+                        self.group, self.rank, self.op_timeout
+                    )));
+                }
+            }
+            // Data, end of stream or another error: the reads below tell.
+        }
         let read = |r: &mut &TcpStream, buf: &mut [u8]| -> std::io::Result<()> {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
@@ -503,6 +538,28 @@ impl TcpGroup {
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
+
+    /// `recv`, except that a deadline passing before `peer` began sending
+    /// fails this call only and leaves the group intact: a pipeline link
+    /// waits for a step's header this way, since a previous stage that is
+    /// merely slow has not broken the link (its late frames are read, and
+    /// drained by step id, later).
+    pub fn recv_when_sent(&self, t: &mut Tensor, peer: usize) -> Result<()> {
+        self.recv_tensor(t, peer, true)
+    }
+
+    fn recv_tensor(&self, t: &mut Tensor, peer: usize, idle_ok: bool) -> Result<()> {
+        let got = self.run(|| self.recv_frame_from(peer, DATA, self.deadline(), idle_ok))?;
+        let want = t.numel() * t.kind().elt_size_in_bytes();
+        if got.len() != want {
+            return Err(self.fail(format!(
+                "rank {peer} sent {} bytes for a tensor of {want}",
+                got.len()
+            )));
+        }
+        t.copy_(&from_bytes(&got, t)?);
+        Ok(())
+    }
 }
 
 impl Drop for TcpGroup {
@@ -585,16 +642,7 @@ impl Collective for TcpGroup {
     }
 
     fn recv(&self, t: &mut Tensor, peer: usize) -> Result<()> {
-        let got = self.run(|| self.recv_frame(peer, DATA, self.deadline()))?;
-        let want = t.numel() * t.kind().elt_size_in_bytes();
-        if got.len() != want {
-            return Err(self.fail(format!(
-                "rank {peer} sent {} bytes for a tensor of {want}",
-                got.len()
-            )));
-        }
-        t.copy_(&from_bytes(&got, t)?);
-        Ok(())
+        self.recv_tensor(t, peer, false)
     }
 
     fn barrier(&self) -> Result<()> {

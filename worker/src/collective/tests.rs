@@ -318,10 +318,12 @@ fn pipeline_link_keeps_stages_in_step_through_failures() {
     assert!(rx.recv(20, 3, 8).is_err());
 }
 
-/// A receiver whose sender stays silent fails at the link's deadline.
+/// A receiver whose sender stays silent fails that step at the link's
+/// deadline, but the link survives: the late step's hidden states are
+/// drained when they come, and the next step gets its own.
 #[test]
-fn pipeline_link_times_out_on_a_silent_sender() {
-    let (_tx, rx) = link_pair("link-silent", Duration::from_millis(300));
+fn a_silent_sender_fails_the_step_at_the_deadline_not_the_link() {
+    let (tx, rx) = link_pair("link-silent", Duration::from_millis(300));
     let t0 = Instant::now();
     let e = rx.recv(1, 1, 8).unwrap_err();
     assert!(
@@ -330,6 +332,9 @@ fn pipeline_link_times_out_on_a_silent_sender() {
         t0.elapsed()
     );
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    assert!(e.to_string().contains("did not answer"), "{e}");
-    assert!(rx.is_broken());
+    assert!(e.to_string().contains("sent nothing"), "{e}");
+    assert!(!rx.is_broken());
+    tx.send(1, &hidden(1, 1, Kind::Float)).unwrap();
+    tx.send(2, &hidden(2, 4, Kind::Float)).unwrap();
+    assert!(same(&rx.recv(2, 4, 8).unwrap(), &hidden(2, 4, Kind::Float)));
 }

@@ -171,16 +171,18 @@ impl HostHandle {
     }
 
     async fn linked_step(&self, req: pb::StepRequest, links: &Links) -> Result<pb::StepResponse> {
+        // A link missing here is being (re)formed: the step is retried
+        // later, so UNAVAILABLE.
         if req.to_next && links.next.is_none() {
-            return Err(WorkerError::InvalidRequest(format!(
-                "model {:?} has no pipeline link to a next stage on this worker",
+            return Err(WorkerError::StepFailed(format!(
+                "model {:?} has no pipeline link to its next stage on this worker (not formed)",
                 req.model
             )));
         }
         let input = match (&req.input, &links.prev) {
             (Some(pb::step_request::Input::FromPrevious(_)), None) => {
-                return Err(WorkerError::InvalidRequest(format!(
-                    "model {:?} has no pipeline link from a previous stage on this worker",
+                return Err(WorkerError::StepFailed(format!(
+                    "model {:?} has no pipeline link from its previous stage on this worker (not formed)",
                     req.model
                 )))
             }
@@ -647,10 +649,14 @@ impl Host {
             return Ok(pb::StepResponse::default());
         }
         if req.to_next {
-            let (Some(hidden), Some(next)) = (&hidden, &h.links.next) else {
+            let Some(hidden) = &hidden else {
                 return Err(WorkerError::InvalidRequest(
-                    "a step asked to pass hidden states on from a shard without a next stage"
-                        .into(),
+                    "a step asked the last stage to pass hidden states on".into(),
+                ));
+            };
+            let Some(next) = &h.links.next else {
+                return Err(WorkerError::StepFailed(
+                    "this stage's pipeline link to the next stage is not formed".into(),
                 ));
             };
             next.send(req.step_id, hidden)?;
