@@ -532,6 +532,11 @@ impl TcpGroup {
         }
     }
 
+    /// How long an operation waits for a peer.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken
             .lock()

@@ -13,7 +13,8 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::codec::{from_wire, to_wire};
-use crate::collective::{Collective, NcclGroup, PipelineLink, Rendezvous, TcpGroup};
+use super::links::{relink, without_links, LinkTable, Links};
+use crate::collective::{Collective, NcclGroup, Rendezvous, TcpGroup};
 use crate::error::{Result, WorkerError};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::linear::Quantization;
@@ -31,7 +32,7 @@ pub const DEFAULT_KV_BLOCKS: u32 = 512;
 /// link up.
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// A collective without an answer fails after this when the spec says 0.
-const DEFAULT_COLLECTIVE_TIMEOUT_MS: u32 = 30_000;
+const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Hosted {
     spec: pb::ShardSpec,
@@ -39,22 +40,9 @@ struct Hosted {
     pool: KvPool,
     weight_bytes: u64,
     /// The stage's tensor-parallel group (this shard is one rank of it).
+    /// Its pipeline links are in the host's `LinkTable`.
     group: Option<Arc<TcpGroup>>,
-    /// Pipeline links to the neighbouring stages (a leader's).
-    links: Links,
 }
-
-/// A shard's pipeline links, shared with `HostHandle` (which receives a
-/// step's input before handing the step to the host thread).
-#[derive(Clone, Default)]
-struct Links {
-    prev: Option<Arc<PipelineLink>>,
-    next: Option<Arc<PipelineLink>>,
-    /// Columns of the hidden states that arrive.
-    hidden: i64,
-}
-
-type SharedLinks = Arc<std::sync::Mutex<HashMap<String, Links>>>;
 
 impl Drop for Hosted {
     fn drop(&mut self) {
@@ -84,8 +72,7 @@ enum Command {
 #[derive(Clone)]
 pub struct HostHandle {
     tx: std::sync::mpsc::Sender<Command>,
-    links: SharedLinks,
-    device: Device,
+    links: LinkTable,
 }
 
 impl HostHandle {
@@ -100,7 +87,7 @@ impl HostHandle {
     /// loaded on `device`.
     pub fn spawn_with(rendezvous: Option<Arc<Rendezvous>>, device: Device) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
-        let links = SharedLinks::default();
+        let links = LinkTable::default();
         let shared = links.clone();
         std::thread::Builder::new()
             .name("llmos-shard-host".into())
@@ -118,12 +105,7 @@ impl HostHandle {
                 }
             })
             .expect("spawn the shard host thread");
-        HostHandle { tx, links, device }
-    }
-
-    /// Where this worker's shards live.
-    pub fn device(&self) -> Device {
-        self.device
+        HostHandle { tx, links }
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -151,12 +133,7 @@ impl HostHandle {
     pub async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
         let links =
             if req.to_next || matches!(req.input, Some(pb::step_request::Input::FromPrevious(_))) {
-                self.links
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&req.model)
-                    .cloned()
-                    .unwrap_or_default()
+                self.links.get(&req.model)
             } else {
                 Links::default()
             };
@@ -214,7 +191,7 @@ struct Host {
     threads: i32,
     rendezvous: Option<Arc<Rendezvous>>,
     device: Device,
-    links: SharedLinks,
+    links: LinkTable,
 }
 
 /// The spec with its defaults filled in.
@@ -234,10 +211,7 @@ impl Host {
         match cmd {
             Command::Load(spec, me, tx) => drop(tx.send(self.load(spec, me))),
             Command::Unload(model, tx) => {
-                self.links
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&model);
+                self.links.remove(&model);
                 let r = match self.shards.remove(&model) {
                     Some(_) => Ok(()),
                     None => Err(WorkerError::UnknownModel(model)),
@@ -262,30 +236,18 @@ impl Host {
             // Asked again (a coordinator replica after re-registration, or a
             // neighbouring stage restarted): keep the weights and the cache;
             // links whose spec changed or that broke are formed anew.
-            let hidden = h.model.config().hidden_size as i64;
             let links = relink(
                 self.rendezvous.as_deref(),
                 self.device,
                 &spec,
-                std::mem::take(&mut h.links),
-                hidden,
-            );
-            let links = match links {
-                Ok(l) => l,
-                Err(e) => {
-                    self.links
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&spec.model);
-                    return Err(e);
-                }
-            };
-            h.links = links.clone();
-            h.spec = spec.clone();
-            self.links
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(spec.model.clone(), links);
+                self.links.get(&spec.model),
+                h.model.config().hidden_size as i64,
+                FORM_TIMEOUT,
+                DEFAULT_COLLECTIVE_TIMEOUT,
+            )
+            .inspect_err(|_| self.links.remove(&spec.model))?;
+            self.links.set(&spec.model, links);
+            h.spec = spec;
             return Ok(pb::LoadShardResponse {
                 weight_bytes: h.weight_bytes,
                 load_seconds: started.elapsed().as_secs_f64(),
@@ -293,10 +255,7 @@ impl Host {
             });
         }
         // Replacing a shard: free the old one first.
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&spec.model);
+        self.links.remove(&spec.model);
         self.shards.remove(&spec.model);
         let kind = match pb::DType::try_from(spec.dtype).unwrap_or(pb::DType::Unspecified) {
             pb::DType::Unspecified | pb::DType::F32 => Kind::Float,
@@ -336,11 +295,11 @@ impl Host {
                             .into(),
                     )
                 })?;
-                let op_timeout = Duration::from_millis(if t.timeout_ms == 0 {
-                    DEFAULT_COLLECTIVE_TIMEOUT_MS
+                let op_timeout = if t.timeout_ms == 0 {
+                    DEFAULT_COLLECTIVE_TIMEOUT
                 } else {
-                    t.timeout_ms
-                } as u64);
+                    Duration::from_millis(t.timeout_ms as u64)
+                };
                 Some(Arc::new(rv.form(
                     &t.group,
                     t.rank as usize,
@@ -358,6 +317,8 @@ impl Host {
             &spec,
             Links::default(),
             opened.config.hidden_size as i64,
+            FORM_TIMEOUT,
+            DEFAULT_COLLECTIVE_TIMEOUT,
         )?;
         let shard = ShardSpec {
             layers: spec.layer_start as usize..spec.layer_end as usize,
@@ -391,13 +352,7 @@ impl Host {
             if self.device.is_cuda() {
                 // Activations stay on the GPU: NCCL sums them; the TCP group
                 // keeps carrying the leader's steps.
-                let op_timeout = Duration::from_millis(
-                    tp.as_ref()
-                        .map(|t| t.timeout_ms)
-                        .filter(|&t| t > 0)
-                        .unwrap_or(DEFAULT_COLLECTIVE_TIMEOUT_MS) as u64,
-                );
-                model.set_collective(Arc::new(NcclGroup::form(g, op_timeout)?))?;
+                model.set_collective(Arc::new(NcclGroup::form(g, g.op_timeout())?))?;
             } else {
                 model.set_collective(g.clone())?;
             }
@@ -424,10 +379,7 @@ impl Host {
         if let Some(g) = group.as_ref().filter(|g| g.rank() > 0) {
             spawn_follower(spec.model.clone(), g.clone(), me);
         }
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(spec.model.clone(), links.clone());
+        self.links.set(&spec.model, links);
         self.shards.insert(
             spec.model.clone(),
             Hosted {
@@ -436,7 +388,6 @@ impl Host {
                 pool,
                 weight_bytes,
                 group,
-                links,
             },
         );
         Ok(pb::LoadShardResponse {
@@ -654,7 +605,7 @@ impl Host {
                     "a step asked the last stage to pass hidden states on".into(),
                 ));
             };
-            let Some(next) = &h.links.next else {
+            let Some(next) = self.links.get(&req.model).next else {
                 return Err(WorkerError::StepFailed(
                     "this stage's pipeline link to the next stage is not formed".into(),
                 ));
@@ -712,7 +663,11 @@ impl Host {
                 kv_cache_bytes: h.pool.bytes() as u64,
                 engine: None,
                 collective_bytes_sent: h.group.as_ref().map_or(0, |g| g.bytes_sent()),
-                link_bytes_sent: h.links.next.as_ref().map_or(0, |l| l.bytes_sent()),
+                link_bytes_sent: self
+                    .links
+                    .get(&h.spec.model)
+                    .next
+                    .map_or(0, |l| l.bytes_sent()),
             })
             .collect();
         let (total, available) = meminfo();
@@ -764,55 +719,6 @@ fn spawn_follower(model: String, group: Arc<TcpGroup>, host: std::sync::mpsc::Se
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a tensor-parallel follower thread");
     }
-}
-
-/// The spec without its pipeline links (which change when a neighbouring
-/// stage restarts, while this shard's weights and cache stay good).
-pub(crate) fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
-    pb::ShardSpec {
-        prev_link: None,
-        next_link: None,
-        ..spec.clone()
-    }
-}
-
-/// The links `spec` asks for: each kept from `old` when its spec is the
-/// same and it still works, else formed anew (the previous stage's link
-/// first: neighbours form theirs in the same order along the pipeline, so
-/// no two wait on each other).
-fn relink(
-    rendezvous: Option<&Rendezvous>,
-    device: Device,
-    spec: &pb::ShardSpec,
-    old: Links,
-    hidden: i64,
-) -> Result<Links> {
-    let form = |want: &Option<pb::PipelineLink>,
-                have: Option<Arc<PipelineLink>>|
-     -> Result<Option<Arc<PipelineLink>>> {
-        let Some(want) = want else {
-            return Ok(None);
-        };
-        if let Some(h) = have.filter(|h| h.spec() == want && !h.is_broken()) {
-            return Ok(Some(h));
-        }
-        let rv = rendezvous.ok_or_else(|| {
-            WorkerError::InvalidRequest(
-                "this worker has no collective listener: it cannot hold a linked pipeline stage"
-                    .into(),
-            )
-        })?;
-        Ok(Some(Arc::new(PipelineLink::form(
-            rv,
-            want,
-            device,
-            FORM_TIMEOUT,
-            Duration::from_millis(DEFAULT_COLLECTIVE_TIMEOUT_MS as u64),
-        )?)))
-    };
-    let prev = form(&spec.prev_link, old.prev)?;
-    let next = form(&spec.next_link, old.next)?;
-    Ok(Links { prev, next, hidden })
 }
 
 /// (MemTotal, MemAvailable) in bytes from /proc/meminfo.

@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod host;
+mod links;
 pub mod register;
 
 use std::collections::HashMap;
@@ -100,7 +101,7 @@ impl WorkerService {
         // A neighbour's restart renames the links; the engine stays.
         if engines
             .get(&spec.model)
-            .is_some_and(|(s, _)| host::without_links(s) == host::without_links(spec))
+            .is_some_and(|(s, _)| links::without_links(s) == links::without_links(spec))
         {
             return Ok(());
         }
