@@ -8,7 +8,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::gemv::{pool, WeightElem};
-use crate::spin_pool::{SharedOut, SharedPtr, SharedSlot};
+use crate::spin_pool::{SharedPtr, SharedSlot};
 
 /// Whether `decode_attention` handles these tensors (else use libtorch).
 pub fn supported(q: &Tensor, k: &Tensor) -> bool {
@@ -51,87 +51,122 @@ impl KvElem for u16 {
     }
 }
 
-/// `out_g = softmax(q_g . K^T * scale) . V` for the `group` query heads `g`
-/// (one after another in `q` and `out`) that share one KV head, over the key and value rows the
-/// iterators yield in position order; each cached row is read once for the
-/// whole group (grouped-query attention re-reads nothing). `scores` is
-/// scratch. Shared by the contiguous-cache and the paged kernels, which
-/// differ only in where each position's row lives.
-///
-/// On AVX-512 CPUs with head sizes of 16, 32, 64 or 128 the body is
-/// `x86::attend` (scores 16 keys at a time, the weighted sum of values with
-/// the group's outputs in registers); elsewhere a portable loop over
-/// `WeightElem::dot`/`axpy`.
-pub(crate) fn attend_row<'a, T: KvElem + 'a>(
-    q: &[f32],
-    group: usize,
-    keys: impl Iterator<Item = &'a [T]>,
-    values: impl Iterator<Item = &'a [T]>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let d = q.len() / group;
-    debug_assert_eq!(out.len(), q.len());
-    #[cfg(target_arch = "x86_64")]
-    if crate::gemv::tiles_available() && matches!(d, 16 | 32 | 64 | 128) {
-        let row = |r: &[T]| {
-            assert!(r.len() >= d, "a cached row shorter than the head size");
-            r.as_ptr()
-        };
-        let keys: Vec<*const T> = keys.map(row).collect();
-        let values: Vec<*const T> = values.map(row).collect();
-        assert_eq!(keys.len(), values.len());
-        // SAFETY: every pointer starts a row of at least `d` elements
-        // (checked above); the CPU features were checked.
-        unsafe { x86::attend(q, group, d, &keys, &values, scale, scores, out) };
-        return;
-    }
-    attend_portable(q, group, keys, values, scale, scores, out)
+/// Softmax statistics of one query head over a span of cached positions:
+/// the largest scaled score, and the sum of `exp(score - max)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SpanStats {
+    pub max: f32,
+    pub sum: f32,
 }
 
-/// `attend_row` on any CPU: `WeightElem::dot` per key and query head,
-/// `WeightElem::axpy` per value and query head.
-fn attend_portable<'a, T: KvElem + 'a>(
+/// `out_g = softmax(q_g . K^T * scale) . V` for the `group` query heads `g`
+/// (one after another in `q` and `out`) that share one KV head, over the
+/// `len` cached rows `key(j)`, `value(j)` (normalized over those rows).
+/// `stats[g]` gets head `g`'s softmax statistics, so that spans of one
+/// sequence attended separately can be merged (`merge_spans`). Each cached
+/// row is read once for the whole group. `scores` is scratch.
+///
+/// On AVX-512 CPUs with head sizes of 16, 32, 64 or 128 the body is
+/// `x86::attend` (scores 16 keys at a time, a vectorized softmax, the
+/// weighted sum of values with the group's outputs in registers); elsewhere
+/// a portable loop over `WeightElem::dot`/`axpy`.
+///
+/// # Safety
+/// For every `j < len`, `key(j)` and `value(j)` point at `q.len() / group`
+/// readable elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attend_span<T: KvElem>(
     q: &[f32],
     group: usize,
-    keys: impl Iterator<Item = &'a [T]>,
-    values: impl Iterator<Item = &'a [T]>,
+    len: usize,
+    key: impl Fn(usize) -> *const T,
+    value: impl Fn(usize) -> *const T,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    stats: &mut [SpanStats],
 ) {
     let d = q.len() / group;
-    // scores[j * group + g]
+    assert!(len > 0 && group * d == q.len() && out.len() == q.len() && stats.len() == group);
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemv::tiles_available() && matches!(d, 16 | 32 | 64 | 128) {
+        // SAFETY: the caller's rows; the CPU features were checked.
+        return x86::attend(q, group, d, len, &key, &value, scale, scores, out, stats);
+    }
+    attend_portable(q, group, len, &key, &value, scale, scores, out, stats)
+}
+
+/// `attend_span` on any CPU: `WeightElem::dot` per key and query head,
+/// `WeightElem::axpy` per value and query head.
+///
+/// # Safety
+/// As `attend_span`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_portable<T: KvElem>(
+    q: &[f32],
+    group: usize,
+    len: usize,
+    key: &impl Fn(usize) -> *const T,
+    value: &impl Fn(usize) -> *const T,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    stats: &mut [SpanStats],
+) {
+    let d = q.len() / group;
+    let row = |p: *const T| std::slice::from_raw_parts(p, d);
+    // scores[g * len + j]
     scores.clear();
-    for k in keys {
-        for qg in q.chunks_exact(d) {
-            scores.push(T::dot(k, qg) * scale);
+    scores.resize(group * len, 0.0);
+    for j in 0..len {
+        let k = row(key(j));
+        for (g, qg) in q.chunks_exact(d).enumerate() {
+            scores[g * len + j] = T::dot(k, qg) * scale;
         }
     }
-    // Softmax per query head: head g's scores are every group-th entry.
-    for g in 0..group {
-        let max = scores
-            .iter()
-            .skip(g)
-            .step_by(group)
-            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut total = 0f32;
-        for s in scores.iter_mut().skip(g).step_by(group) {
-            *s = (*s - max).exp();
-            total += *s;
+    for (g, s) in scores.chunks_exact_mut(len).enumerate() {
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sum = 0f32;
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
         }
-        let inv = 1.0 / total;
-        scores
-            .iter_mut()
-            .skip(g)
-            .step_by(group)
-            .for_each(|s| *s *= inv);
+        stats[g] = SpanStats { max, sum };
+        s.iter_mut().for_each(|x| *x /= sum);
     }
-    out.iter_mut().for_each(|a| *a = 0.0);
-    for (p, v) in scores.chunks_exact(group).zip(values) {
-        for (o, &p) in out.chunks_exact_mut(d).zip(p) {
-            T::axpy(o, p, v);
+    out.fill(0.0);
+    for j in 0..len {
+        let v = row(value(j));
+        for (g, o) in out.chunks_exact_mut(d).enumerate() {
+            T::axpy(o, scores[g * len + j], v);
+        }
+    }
+}
+
+/// Merges the outputs of `group` query heads attended over separate spans
+/// of one sequence: span `c`'s normalized outputs are `parts[c * group * d
+/// ..]` (`[group, d]`) with statistics `stats[c * group..]`. Each span's
+/// output is weighted by its share of the whole softmax's denominator.
+pub(crate) fn merge_spans(
+    parts: &[f32],
+    stats: &[SpanStats],
+    group: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let spans = stats.len() / group;
+    assert!(parts.len() == spans * group * d && out.len() == group * d && spans > 0);
+    for (g, o) in out.chunks_exact_mut(d).enumerate() {
+        let span = |c: usize| stats[c * group + g];
+        let max = (0..spans).fold(f32::NEG_INFINITY, |m, c| m.max(span(c).max));
+        let total: f32 = (0..spans)
+            .map(|c| span(c).sum * (span(c).max - max).exp())
+            .sum();
+        o.fill(0.0);
+        for c in 0..spans {
+            let w = span(c).sum * (span(c).max - max).exp() / total;
+            let p = &parts[(c * group + g) * d..][..d];
+            o.iter_mut().zip(p).for_each(|(o, p)| *o += w * p);
         }
     }
 }
@@ -140,7 +175,8 @@ fn attend_portable<'a, T: KvElem + 'a>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::KvElem;
+    use super::{KvElem, SpanStats};
+    use crate::vecmath::x86::{exp_in_place, lanes, max_of};
 
     /// Lane `j` of the result is the horizontal sum of `v[j]`: pairs of
     /// vectors merged by interleaving and adding, four levels (45
@@ -171,45 +207,50 @@ mod x86 {
         lanes(lanes(s[0], s[1]), lanes(s[2], s[3]))
     }
 
-    /// `out[j] = (q . keys[j]) * scale` for a `16 * C`-long query.
+    /// `out[j] = (q . key(j)) * scale` for `j < len`, a `16 * C`-long query.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn key_scores<T: KvElem, const C: usize>(
         q: *const f32,
-        keys: &[*const T],
+        len: usize,
+        key: &impl Fn(usize) -> *const T,
         scale: f32,
         out: *mut f32,
     ) {
         let qv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(q.add(16 * c)));
         let sc = _mm512_set1_ps(scale);
-        for (i, batch) in keys.chunks(16).enumerate() {
-            let n = batch.len();
+        let mut i = 0;
+        while i < len {
+            let n = (len - i).min(16);
             let mut acc = [_mm512_setzero_ps(); 16];
             for (j, a) in acc.iter_mut().enumerate() {
                 // A short last batch repeats its last key (results masked).
-                let k = batch[j.min(n - 1)];
+                let k = key(i + j.min(n - 1));
                 for (c, qc) in qv.iter().enumerate() {
                     *a = _mm512_fmadd_ps(T::load16(k.add(16 * c)), *qc, *a);
                 }
             }
             let s = _mm512_mul_ps(transpose_sum16(&acc), sc);
-            _mm512_mask_storeu_ps(out.add(16 * i), ((1u32 << n) - 1) as __mmask16, s);
+            _mm512_mask_storeu_ps(out.add(i), lanes(n), s);
+            i += 16;
         }
     }
 
-    /// `out_h = inv[h] * sum_j p[h * stride + j] * values[j]` for `H` heads
+    /// `out_h = inv[h] * sum_j p[h * stride + j] * value(j)` for `H` heads
     /// of `16 * C` lanes, their accumulators in registers.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn weighted_sum<T: KvElem, const C: usize, const H: usize>(
         p: *const f32,
         stride: usize,
-        values: &[*const T],
+        len: usize,
+        value: &impl Fn(usize) -> *const T,
         inv: *const f32,
         out: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); C]; H];
-        for (j, &v) in values.iter().enumerate() {
+        for j in 0..len {
+            let v = value(j);
             let vv: [__m512; C] = std::array::from_fn(|c| T::load16(v.add(16 * c)));
             for (h, acc) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*p.add(h * stride + j));
@@ -232,11 +273,11 @@ mod x86 {
     unsafe fn weighted_sums<T: KvElem, const C: usize>(
         p: &[f32],
         group: usize,
-        values: &[*const T],
+        len: usize,
+        value: &impl Fn(usize) -> *const T,
         inv: &[f32],
         out: &mut [f32],
     ) {
-        let len = values.len();
         let mut h = 0;
         while h < group {
             let n = (group - h).min((16 / C).clamp(1, 4));
@@ -246,63 +287,274 @@ mod x86 {
                 out.as_mut_ptr().add(h * 16 * C),
             );
             match n {
-                4 => weighted_sum::<T, C, 4>(pp, len, values, ip, op),
-                3 => weighted_sum::<T, C, 3>(pp, len, values, ip, op),
-                2 => weighted_sum::<T, C, 2>(pp, len, values, ip, op),
-                _ => weighted_sum::<T, C, 1>(pp, len, values, ip, op),
+                4 => weighted_sum::<T, C, 4>(pp, len, len, value, ip, op),
+                3 => weighted_sum::<T, C, 3>(pp, len, len, value, ip, op),
+                2 => weighted_sum::<T, C, 2>(pp, len, len, value, ip, op),
+                _ => weighted_sum::<T, C, 1>(pp, len, len, value, ip, op),
             }
             h += n;
         }
     }
 
-    /// `attend_row`'s body on AVX-512: per query head the scores (16 keys a
-    /// batch), a softmax, then the weighted sum of values for up to four
-    /// heads at once (each cached value row loaded once for them).
+    /// `attend_span`'s body on AVX-512: per query head the scores (16 keys
+    /// a batch) and a vectorized softmax, then the weighted sum of values
+    /// for up to four heads at once (each cached value row loaded once for
+    /// them).
     ///
     /// # Safety
-    /// Every pointer in `keys` and `values` starts `d` readable elements;
-    /// `d` is 16, 32, 64 or 128; the CPU has AVX-512 F, BW and VL.
+    /// As `attend_span`; `d` is 16, 32, 64 or 128; the CPU has AVX-512 F,
+    /// BW and VL.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn attend<T: KvElem>(
         q: &[f32],
         group: usize,
         d: usize,
-        keys: &[*const T],
-        values: &[*const T],
+        len: usize,
+        key: &impl Fn(usize) -> *const T,
+        value: &impl Fn(usize) -> *const T,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
+        stats: &mut [SpanStats],
     ) {
-        let len = keys.len();
-        assert!(q.len() == group * d && out.len() == q.len() && len > 0);
         // Each head's scores, then each head's 1 / (sum of exponentials).
         scores.clear();
         scores.resize(group * len + group, 0.0);
-        for g in 0..group {
+        for (g, st) in stats.iter_mut().enumerate() {
             let (qg, sg) = (q.as_ptr().add(g * d), scores.as_mut_ptr().add(g * len));
             match d {
-                16 => key_scores::<T, 1>(qg, keys, scale, sg),
-                32 => key_scores::<T, 2>(qg, keys, scale, sg),
-                64 => key_scores::<T, 4>(qg, keys, scale, sg),
-                _ => key_scores::<T, 8>(qg, keys, scale, sg),
+                16 => key_scores::<T, 1>(qg, len, key, scale, sg),
+                32 => key_scores::<T, 2>(qg, len, key, scale, sg),
+                64 => key_scores::<T, 4>(qg, len, key, scale, sg),
+                _ => key_scores::<T, 8>(qg, len, key, scale, sg),
             }
             let s = &mut scores[g * len..(g + 1) * len];
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut total = 0f32;
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                total += *x;
-            }
-            scores[group * len + g] = 1.0 / total;
+            let max = max_of(s);
+            let sum = exp_in_place(s, max);
+            *st = SpanStats { max, sum };
+            scores[group * len + g] = 1.0 / sum;
         }
         let (p, inv) = scores.split_at(group * len);
         match d {
-            16 => weighted_sums::<T, 1>(p, group, values, inv, out),
-            32 => weighted_sums::<T, 2>(p, group, values, inv, out),
-            64 => weighted_sums::<T, 4>(p, group, values, inv, out),
-            _ => weighted_sums::<T, 8>(p, group, values, inv, out),
+            16 => weighted_sums::<T, 1>(p, group, len, value, inv, out),
+            32 => weighted_sums::<T, 2>(p, group, len, value, inv, out),
+            64 => weighted_sums::<T, 4>(p, group, len, value, inv, out),
+            _ => weighted_sums::<T, 8>(p, group, len, value, inv, out),
         }
+    }
+}
+
+/// A span of a sequence's positions attended by one task shorter than this
+/// costs more in set-up and merging than it balances.
+const MIN_SPAN: usize = 64;
+/// Tasks per pool thread that splitting sequences aims at: tasks are
+/// claimed one at a time, so the threads finish within one short task of
+/// each other.
+const TASKS_PER_THREAD: usize = 8;
+
+/// Per-thread scratch of the attention tasks (scores and one group's
+/// statistics), kept between calls.
+struct Scratch {
+    scores: Vec<f32>,
+    stats: Vec<SpanStats>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch { scores: Vec::new(), stats: Vec::new() })
+    };
+}
+
+/// One task: query `query`'s KV head `kv_head` (its whole group of query
+/// heads) over positions `start..end`; `part` is where a span of a split
+/// sequence leaves its output for `merge_spans` (`None`: the whole
+/// sequence, written to `out`).
+struct Task {
+    query: usize,
+    kv_head: usize,
+    start: usize,
+    end: usize,
+    part: Option<usize>,
+}
+
+/// One attention call's queries: single query rows, each over its own
+/// cached positions.
+pub(crate) struct Queries<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Per query: its row of `q`/`out`, and how many positions it attends.
+    pub rows: &'a [(usize, usize)],
+    /// Park the pool's threads afterwards (libtorch's threads run next).
+    pub park: bool,
+}
+
+/// Attention of single query rows over their cached positions on the decode
+/// pool. `q`/`out` are `[rows, heads, head_dim]` (flat); query `i` is row
+/// `m.rows[i].0` and attends to its first `m.rows[i].1` positions, whose
+/// cached rows are `key(i, kv_head, pos)` and `value(i, kv_head, pos)`.
+///
+/// A task is one query's KV head with its whole group of query heads (each
+/// cached row read once per group). Where those are too few to keep the
+/// threads evenly busy (a lone decode step: 3 KV heads on 2 threads), each
+/// sequence's positions are split into spans attended by separate tasks and
+/// merged through their softmax statistics (the split-K of
+/// flash-decoding).
+///
+/// # Safety
+/// For every query `i`, KV head `h < m.kv_heads` and `pos < m.rows[i].1`,
+/// `key(i, h, pos)` and `value(i, h, pos)` point at `head_dim` readable
+/// elements; the rows named are distinct and inside `q`/`out`.
+pub(crate) unsafe fn attend_queries<T: KvElem>(
+    m: &Queries<'_>,
+    q: &[f32],
+    out: &mut [f32],
+    key: impl Fn(usize, usize, usize) -> *const T + Sync,
+    value: impl Fn(usize, usize, usize) -> *const T + Sync,
+) {
+    let Queries {
+        heads,
+        kv_heads,
+        head_dim: d,
+        scale,
+        rows: queries,
+        park,
+    } = *m;
+    let group = heads / kv_heads;
+    assert!(group * kv_heads == heads && q.len() == out.len());
+    for &(row, len) in queries {
+        assert!(len > 0 && (row + 1) * heads * d <= q.len());
+    }
+    let threads = pool().threads();
+    let want = TASKS_PER_THREAD * threads;
+    let span = if threads == 1 || queries.len() * kv_heads >= want {
+        usize::MAX
+    } else {
+        let total = queries.iter().map(|&(_, len)| len).sum::<usize>() * kv_heads;
+        total.div_ceil(want).next_multiple_of(16).max(MIN_SPAN)
+    };
+    let mut tasks = Vec::new();
+    // (query, KV head, first part, parts) of each split sequence.
+    let mut merges = Vec::new();
+    let mut parts = 0;
+    for (i, &(_, len)) in queries.iter().enumerate() {
+        for h in 0..kv_heads {
+            let n = len.div_ceil(span);
+            if n == 1 {
+                tasks.push(Task {
+                    query: i,
+                    kv_head: h,
+                    start: 0,
+                    end: len,
+                    part: None,
+                });
+                continue;
+            }
+            merges.push((i, h, parts, n));
+            for c in 0..n {
+                tasks.push(Task {
+                    query: i,
+                    kv_head: h,
+                    start: c * span,
+                    end: ((c + 1) * span).min(len),
+                    part: Some(parts + c),
+                });
+            }
+            parts += n;
+        }
+    }
+    let mut part_out = vec![0f32; parts * group * d];
+    let mut part_stats = vec![SpanStats::default(); parts * group];
+    let (op, pp, sp) = (
+        SharedSlot(out.as_mut_ptr()),
+        SharedSlot(part_out.as_mut_ptr()),
+        SharedSlot(part_stats.as_mut_ptr()),
+    );
+    let job = |t: usize| {
+        let task = &tasks[t];
+        let first = (queries[task.query].0 * heads + task.kv_head * group) * d;
+        let n = group * d;
+        // SAFETY: the caller's rows; each task writes only its own group's
+        // outputs in `out` or its own part.
+        unsafe {
+            let dst = match task.part {
+                None => std::slice::from_raw_parts_mut(op.at(first), n),
+                Some(p) => std::slice::from_raw_parts_mut(pp.at(p * n), n),
+            };
+            SCRATCH.with(|s| {
+                let s = &mut *s.borrow_mut();
+                s.stats.resize(group, SpanStats::default());
+                attend_span(
+                    &q[first..first + n],
+                    group,
+                    task.end - task.start,
+                    |j| key(task.query, task.kv_head, task.start + j),
+                    |j| value(task.query, task.kv_head, task.start + j),
+                    scale,
+                    &mut s.scores,
+                    dst,
+                    &mut s.stats,
+                );
+                if let Some(p) = task.part {
+                    std::ptr::copy_nonoverlapping(s.stats.as_ptr(), sp.at(p * group), group);
+                }
+            });
+        }
+    };
+    if park {
+        pool().run_then_park(tasks.len(), &job);
+    } else {
+        pool().run(tasks.len(), &job);
+    }
+    for (i, h, first, n) in merges {
+        let at = (queries[i].0 * heads + h * group) * d;
+        merge_spans(
+            &part_out[first * group * d..(first + n) * group * d],
+            &part_stats[first * group..(first + n) * group],
+            group,
+            d,
+            &mut out[at..at + group * d],
+        );
+    }
+}
+
+/// `attend_queries` over the cached rows of the f32 or bf16 tensors `k` and
+/// `v` at the element offsets `key_at(query, kv_head, pos)` and
+/// `value_at(..)`.
+///
+/// # Safety
+/// Every offset `attend_queries` asks for starts `head_dim` elements inside
+/// its tensor; as `attend_queries` for the query rows.
+pub(crate) unsafe fn attend_tensors(
+    m: &Queries<'_>,
+    q: &[f32],
+    out: &mut [f32],
+    k: &Tensor,
+    v: &Tensor,
+    key_at: impl Fn(usize, usize, usize) -> usize + Sync,
+    value_at: impl Fn(usize, usize, usize) -> usize + Sync,
+) {
+    macro_rules! go {
+        ($t:ty) => {{
+            let (kp, vp) = (
+                SharedPtr(k.data_ptr() as *const $t),
+                SharedPtr(v.data_ptr() as *const $t),
+            );
+            attend_queries::<$t>(
+                m,
+                q,
+                out,
+                |i, h, pos| kp.at(key_at(i, h, pos)),
+                |i, h, pos| vp.at(value_at(i, h, pos)),
+            )
+        }};
+    }
+    match k.kind() {
+        Kind::Float => go!(f32),
+        Kind::BFloat16 => go!(u16),
+        other => panic!("attention over a {other:?} KV cache (f32 or bf16 only)"),
     }
 }
 
@@ -338,85 +590,30 @@ pub fn attend_into(
 ) {
     let (b, kv_heads, cap, d) = k.size4().expect("k is [b, kv_heads, len, d]");
     assert!(len as i64 <= cap && k.stride()[3] == 1 && v.stride()[3] == 1);
+    assert_eq!(k.size(), v.size());
+    assert!(len > 0 && heads.is_multiple_of(kv_heads as usize));
     assert_eq!(q.len(), b as usize * heads * d as usize);
     assert_eq!(out.len(), q.len());
-    let (ks, vs) = (k.stride(), v.stride());
-    let dims = Dims {
-        group: heads / kv_heads as usize,
-        kv_heads: kv_heads as usize,
-        len,
-        d: d as usize,
-        k_strides: [ks[0] as usize, ks[1] as usize, ks[2] as usize],
-        v_strides: [vs[0] as usize, vs[1] as usize, vs[2] as usize],
-        scale: scale as f32,
+    let queries: Vec<(usize, usize)> = (0..b as usize).map(|i| (i, len)).collect();
+    let at = |t: &Tensor| {
+        let s = t.stride();
+        let (s0, s1, s2) = (s[0] as usize, s[1] as usize, s[2] as usize);
+        move |i: usize, h: usize, pos: usize| i * s0 + h * s1 + pos * s2
     };
-    let qp = SharedPtr(q.as_ptr());
-    let op = SharedSlot(out.as_mut_ptr());
-    match k.kind() {
-        Kind::Float => run::<f32>(
-            &dims,
-            b as usize,
-            &qp,
-            SharedPtr(k.data_ptr() as _),
-            SharedPtr(v.data_ptr() as _),
-            &op,
-        ),
-        _ => run::<u16>(
-            &dims,
-            b as usize,
-            &qp,
-            SharedPtr(k.data_ptr() as _),
-            SharedPtr(v.data_ptr() as _),
-            &op,
-        ),
+    let (ko, vo) = (at(k), at(v));
+    // SAFETY: every (batch, KV head, position < len <= cap) lies inside the
+    // views, as their sizes and strides give.
+    unsafe {
+        let m = Queries {
+            heads,
+            kv_heads: kv_heads as usize,
+            head_dim: d as usize,
+            scale: scale as f32,
+            rows: &queries,
+            park: false,
+        };
+        attend_tensors(&m, q, out, k, v, ko, vo)
     }
-}
-
-struct Dims {
-    group: usize,
-    kv_heads: usize,
-    len: usize,
-    d: usize,
-    k_strides: [usize; 3],
-    v_strides: [usize; 3],
-    scale: f32,
-}
-
-fn run<T: KvElem>(
-    m: &Dims,
-    batch: usize,
-    q: &SharedPtr<f32>,
-    k: SharedPtr<T>,
-    v: SharedPtr<T>,
-    out: &SharedOut,
-) {
-    // One task per query head (not per KV head): with few KV heads that
-    // balances the threads; a group's K/V rows are re-read from cache.
-    let heads = m.kv_heads * m.group;
-    pool().run(batch * heads, &|task| {
-        let (bi, head) = (task / heads, task % heads);
-        let h = head / m.group;
-        let kb = bi * m.k_strides[0] + h * m.k_strides[1];
-        let vb = bi * m.v_strides[0] + h * m.v_strides[1];
-        let qo = (bi * heads + head) * m.d;
-        let mut scores = Vec::with_capacity(m.len);
-        // SAFETY: all offsets stay inside the tensors' extents given by
-        // their sizes and strides; `out` rows are this task's alone.
-        unsafe {
-            let rows = |first: *const T, stride: usize| {
-                (0..m.len).map(move |j| std::slice::from_raw_parts(first.add(j * stride), m.d))
-            };
-            attend_row(
-                std::slice::from_raw_parts(q.at(qo), m.d),
-                1,
-                rows(k.at(kb), m.k_strides[2]),
-                rows(v.at(vb), m.v_strides[2]),
-                m.scale,
-                &mut scores,
-                std::slice::from_raw_parts_mut(out.at(qo), m.d),
-            );
-        }
-    });
 }
 
 #[cfg(test)]
@@ -428,7 +625,7 @@ mod tests {
     /// weighted sum), lengths around the 16-key batches, f32 and bf16
     /// rows, each row at its own address.
     #[test]
-    fn attend_row_bodies_agree() {
+    fn attend_span_bodies_agree() {
         if !crate::gemv::tiles_available() {
             eprintln!("no AVX-512 here: only the portable body runs");
             return;
@@ -462,13 +659,28 @@ mod tests {
                         d: usize,
                         scale: f32,
                     ) -> f32 {
-                        fn rows<T>(m: &[T], d: usize) -> impl Iterator<Item = &[T]> {
-                            m.chunks_exact(d + 3).map(move |r| &r[..d])
-                        }
+                        // Rows 3 elements apart beyond `d`.
+                        let len = k.len() / (d + 3);
+                        let (kp, vp) = (k.as_ptr(), v.as_ptr());
+                        let key = |j: usize| kp.wrapping_add(j * (d + 3));
+                        let value = |j: usize| vp.wrapping_add(j * (d + 3));
                         let (mut s, mut fast, mut slow) =
                             (Vec::new(), vec![0f32; q.len()], vec![1f32; q.len()]);
-                        attend_row(q, group, rows(k, d), rows(v, d), scale, &mut s, &mut fast);
-                        attend_portable(q, group, rows(k, d), rows(v, d), scale, &mut s, &mut slow);
+                        let mut sf = vec![SpanStats::default(); group];
+                        let mut ss = vec![SpanStats::default(); group];
+                        // SAFETY: `len` rows of `d + 3` elements.
+                        unsafe {
+                            attend_span(
+                                q, group, len, key, value, scale, &mut s, &mut fast, &mut sf,
+                            );
+                            attend_portable(
+                                q, group, len, &key, &value, scale, &mut s, &mut slow, &mut ss,
+                            );
+                        }
+                        for (a, b) in sf.iter().zip(&ss) {
+                            assert!((a.max - b.max).abs() <= 1e-5 * b.max.abs().max(1.0));
+                            assert!((a.sum - b.sum).abs() <= 1e-4 * b.sum, "{a:?} {b:?}");
+                        }
                         fast.iter()
                             .zip(&slow)
                             .map(|(a, b)| (a - b).abs())
@@ -489,7 +701,14 @@ mod tests {
     fn matches_sdpa_on_cache_views_f32_and_bf16() {
         tch::manual_seed(5);
         let opts = (Kind::Float, Device::Cpu);
-        for (b, heads, kv, len, d) in [(1, 9, 3, 37, 64), (2, 4, 4, 1, 16), (1, 8, 2, 130, 32)] {
+        // 600 positions over 3 KV heads: split into spans on a pool of 2+
+        // threads (merged through `merge_spans`).
+        for (b, heads, kv, len, d) in [
+            (1, 9, 3, 37, 64),
+            (2, 4, 4, 1, 16),
+            (1, 8, 2, 130, 32),
+            (1, 9, 3, 600, 64),
+        ] {
             // A cache with spare capacity, viewed up to `len`, as the model does.
             let cap = len + 5;
             let kc = Tensor::randn([b, kv, cap, d], opts);
@@ -515,6 +734,60 @@ mod tests {
                 let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
                 assert!(diff < tol, "{kind:?} b{b} h{heads} kv{kv} len{len}: {diff}");
             }
+        }
+    }
+
+    /// Attending to a sequence in spans and merging them gives what
+    /// attending to it whole gives, spans of any sizes (one of a single
+    /// position), f32 rows.
+    #[test]
+    fn merged_spans_equal_the_whole_sequence() {
+        let (group, d, len) = (3usize, 64usize, 150usize);
+        let mut x = 11u32;
+        let mut rnd = move || {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
+        };
+        let q: Vec<f32> = (0..group * d).map(|_| rnd()).collect();
+        let k: Vec<f32> = (0..len * d).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..len * d).map(|_| rnd()).collect();
+        let mut scores = Vec::new();
+        let attend = |start: usize, end: usize, scores: &mut Vec<f32>| {
+            let mut out = vec![0f32; group * d];
+            let mut stats = vec![SpanStats::default(); group];
+            let (kp, vp) = (k.as_ptr(), v.as_ptr());
+            // SAFETY: positions `start..end` of `len` rows of `d`.
+            unsafe {
+                attend_span(
+                    &q,
+                    group,
+                    end - start,
+                    |j| kp.add((start + j) * d),
+                    |j| vp.add((start + j) * d),
+                    0.125,
+                    scores,
+                    &mut out,
+                    &mut stats,
+                )
+            };
+            (out, stats)
+        };
+        let (whole, _) = attend(0, len, &mut scores);
+        for cuts in [vec![0, 75, 150], vec![0, 1, 64, 149, 150], vec![0, 150]] {
+            let (mut parts, mut stats) = (Vec::new(), Vec::new());
+            for w in cuts.windows(2) {
+                let (o, s) = attend(w[0], w[1], &mut scores);
+                parts.extend(o);
+                stats.extend(s);
+            }
+            let mut merged = vec![0f32; group * d];
+            merge_spans(&parts, &stats, group, d, &mut merged);
+            let diff = merged
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-5, "cuts {cuts:?}: {diff}");
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod paged;
 pub mod sampling;
 pub mod server;
 pub mod spin_pool;
+pub mod vecmath;
 pub mod weights;
 
 pub use error::{Result, WorkerError};

@@ -13,10 +13,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::decode_attention::{attend_row, KvElem};
+use crate::decode_attention::{attend_tensors, Queries};
 use crate::error::{Result, WorkerError};
-use crate::gemv::pool;
-use crate::spin_pool::{SharedOut, SharedPtr, SharedSlot};
 
 /// Shape of a stage's KV pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,101 +282,33 @@ pub fn paged_attention(
             .iter()
             .all(|&b| (b as usize + 1) * block_size <= slots));
     }
-    let m = Dims {
+    let row = kv_heads * d;
+    let q_rows: Vec<(usize, usize)> = queries.iter().map(|qr| (qr.row, qr.len)).collect();
+    // Position `pos` of query `i` at KV head `h`: its block's slot, no
+    // division where the block size is a power of two.
+    let shift = block_size
+        .is_power_of_two()
+        .then(|| block_size.trailing_zeros());
+    let at = move |i: usize, h: usize, pos: usize| {
+        let (b, o) = match shift {
+            Some(s) => (pos >> s, pos & (block_size - 1)),
+            None => (pos / block_size, pos % block_size),
+        };
+        (queries[i].blocks[b] as usize * block_size + o) * row + h * d
+    };
+    let m = Queries {
+        heads,
+        kv_heads,
+        head_dim: d,
+        scale,
+        rows: &q_rows,
         // When libtorch's threads run the next products, do not spin
         // against them after this.
         park: tch::get_num_threads() > 1,
-        heads,
-        group: heads / kv_heads,
-        kv_heads,
-        d,
-        block_size,
-        scale,
     };
-    let (qp, op) = (SharedPtr(q.as_ptr()), SharedSlot(out.as_mut_ptr()));
-    match keys.kind() {
-        Kind::Float => run::<f32>(
-            &m,
-            queries,
-            &qp,
-            SharedPtr(keys.data_ptr() as _),
-            SharedPtr(values.data_ptr() as _),
-            &op,
-        ),
-        Kind::BFloat16 => run::<u16>(
-            &m,
-            queries,
-            &qp,
-            SharedPtr(keys.data_ptr() as _),
-            SharedPtr(values.data_ptr() as _),
-            &op,
-        ),
-        other => panic!("paged_attention over a {other:?} pool"),
-    }
-}
-
-struct Dims {
-    park: bool,
-    heads: usize,
-    group: usize,
-    kv_heads: usize,
-    d: usize,
-    block_size: usize,
-    scale: f32,
-}
-
-fn run<T: KvElem>(
-    m: &Dims,
-    queries: &[QueryRow<'_>],
-    q: &SharedPtr<f32>,
-    k: SharedPtr<T>,
-    v: SharedPtr<T>,
-    out: &SharedOut,
-) {
-    // Many rows: one task per (row, KV head) for its whole group of query
-    // heads, so each cached row is read once per group. Few rows (a lone
-    // decode step): one task per query head, so the threads get even work.
-    let per = if queries.len() * m.kv_heads >= 4 * pool().threads() {
-        m.group
-    } else {
-        1
-    };
-    let tasks_per_row = m.heads / per;
-    let job = |task: usize| {
-        let (qr, head) = (&queries[task / tasks_per_row], task % tasks_per_row * per);
-        let kvh = head / m.group;
-        let row = m.kv_heads * m.d;
-        let qo = (qr.row * m.heads + head) * m.d;
-        let mut scores = Vec::with_capacity(qr.len * per);
-        // SAFETY: `paged_attention` checked that every block of every query
-        // lies inside the pool and every query row inside `q`/`out`; each
-        // task writes only its own (row, head) output.
-        unsafe {
-            // The cached rows block by block (no division per position).
-            let rows = |base: *const T| {
-                qr.blocks.iter().enumerate().flat_map(move |(i, &b)| {
-                    let n = m.block_size.min(qr.len.saturating_sub(i * m.block_size));
-                    let first = b as usize * m.block_size * row + kvh * m.d;
-                    (0..n).map(move |o| std::slice::from_raw_parts(base.add(first + o * row), m.d))
-                })
-            };
-            attend_row(
-                std::slice::from_raw_parts(q.at(qo), per * m.d),
-                per,
-                rows(k.at(0)),
-                rows(v.at(0)),
-                m.scale,
-                &mut scores,
-                std::slice::from_raw_parts_mut(out.at(qo), per * m.d),
-            );
-        }
-    };
-    let tasks = queries.len() * tasks_per_row;
-    if m.park {
-        pool().run_then_park(tasks, &job);
-    } else {
-        pool().run(tasks, &job);
-    }
+    // SAFETY: checked above: every block of every query lies inside the
+    // pool and every query row inside `q`/`out`.
+    unsafe { attend_tensors(&m, q, out, keys, values, at, at) }
 }
 
 #[cfg(test)]
@@ -398,9 +328,8 @@ mod tests {
             kv_heads: kv,
             head_dim: d,
         };
-        // Two sequences of 13 and 1 positions on non-contiguous blocks (one
-        // task per query head); twelve of 1..=12 positions on scattered
-        // blocks (one task per row and KV head, the group together).
+        // Two sequences of 13 and 1 positions on non-contiguous blocks;
+        // twelve of 1..=12 positions on scattered blocks.
         let mut next = (0..32u32).map(|i| (i * 13 + 5) % 32);
         let many: Vec<(Vec<u32>, usize)> = (1..=12usize)
             .map(|len| {
@@ -412,7 +341,12 @@ mod tests {
                 )
             })
             .collect();
+        // One sequence of 100 positions on 25 scattered blocks: split into
+        // spans across the pool's threads and merged.
+        let long: Vec<u32> = (0..25u32).map(|i| (i * 7 + 3) % 32).collect();
         for (kind, tables) in [
+            (Kind::Float, vec![(long.clone(), 100)]),
+            (Kind::BFloat16, vec![(long.clone(), 100)]),
             (Kind::Float, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
             (Kind::BFloat16, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
             (Kind::Float, many.clone()),

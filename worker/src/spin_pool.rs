@@ -206,9 +206,6 @@ impl<T> SharedSlot<T> {
     }
 }
 
-/// The f32 output of a product or attention job.
-pub(crate) type SharedOut = SharedSlot<f32>;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,9 +139,7 @@ pub fn rope_in_place(v: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
 /// `out = silu(gate) * up` where `gate_up = [gate; up]`.
 pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
     let (g, u) = gate_up.split_at(out.len());
-    for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
-        *o = g / (1.0 + (-g).exp()) * u;
-    }
+    crate::vecmath::silu_mul(g, u, out)
 }
 
 impl Llama {
