@@ -115,6 +115,24 @@ impl Linear {
         }
     }
 
+    /// The tensor the `gemv` kernel and libtorch read: the dense weight,
+    /// or the int8 values.
+    #[cfg(test)]
+    pub(crate) fn stored_weight(&self) -> &Tensor {
+        match &self.store {
+            Store::Dense { weight, .. } => weight,
+            Store::Int8 { q, .. } => q,
+        }
+    }
+
+    /// `stored_weight`, to move it (into a `WeightArena`).
+    pub(crate) fn stored_weight_mut(&mut self) -> &mut Tensor {
+        match &mut self.store {
+            Store::Dense { weight, .. } => weight,
+            Store::Int8 { q, .. } => q,
+        }
+    }
+
     /// Bytes the weight (and its scales) take.
     pub fn bytes(&self) -> usize {
         let t = |x: &Tensor| x.numel() * x.kind().elt_size_in_bytes();

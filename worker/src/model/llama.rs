@@ -16,6 +16,7 @@ use crate::collective::Collective;
 use crate::decode_attention;
 use crate::error::{Result, WorkerError};
 use crate::kv_cache::KvCache;
+use crate::model::arena::WeightArena;
 use crate::model::linear::{Linear, Quantization};
 use crate::weights::{Loader, Progress};
 
@@ -199,6 +200,34 @@ pub struct Llama {
     /// group; the row-parallel outputs are summed over `tp_group`.
     pub(super) tp: Option<TpSplit>,
     pub(super) tp_group: Option<Arc<dyn Collective>>,
+    /// Where the linear weights live on CPU: held, never read, because the
+    /// weight tensors point into it (declared last: dropped after them).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) weight_arena: Option<Arc<WeightArena>>,
+}
+
+/// Moves the layers' linear weights and the head, in the order a decode
+/// step reads them, into one `WeightArena`. Where the mapping cannot be
+/// made the weights stay where they are (logged).
+fn place_weights(blocks: &mut [Block], head: Option<&mut Linear>) -> Option<Arc<WeightArena>> {
+    let mut tensors: Vec<&mut Tensor> = blocks
+        .iter_mut()
+        .flat_map(|b| {
+            [
+                &mut b.attn.qkv,
+                &mut b.attn.o,
+                &mut b.mlp.gate_up,
+                &mut b.mlp.down,
+            ]
+        })
+        .map(Linear::stored_weight_mut)
+        .collect();
+    tensors.extend(head.map(Linear::stored_weight_mut));
+    WeightArena::place(tensors)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no mapping for the weight arena: weights stay where loading put them")
+        })
+        .ok()
 }
 
 /// Options for loading a model.
@@ -357,10 +386,29 @@ impl Llama {
         } else {
             (None, None)
         };
+        let mut embed = if shard.embed { embed } else { None };
+        let (mut blocks, mut head) = (blocks, head);
+        let weight_arena = if opts.device == Device::Cpu {
+            // A tied head is the embedding: let go of the embedding's handle
+            // so the original is released as soon as it is copied, then
+            // read the embedding from the head's copy.
+            let shared = tied && head.is_some() && embed.take().is_some();
+            let arena = place_weights(&mut blocks, head.as_mut());
+            if let (true, Some(h)) = (shared, &head) {
+                embed = Some(
+                    h.dense_weight()
+                        .expect("a tied head is dense")
+                        .shallow_clone(),
+                );
+            }
+            arena
+        } else {
+            None
+        };
         Ok(Llama {
             rope: Rope::new(cfg, opts.kind, opts.device),
             cfg: cfg.clone(),
-            embed: if shard.embed { embed } else { None },
+            embed,
             shard,
             blocks,
             final_norm,
@@ -369,6 +417,7 @@ impl Llama {
             device: opts.device,
             tp: split,
             tp_group: None,
+            weight_arena,
         })
     }
 

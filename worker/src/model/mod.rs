@@ -1,5 +1,6 @@
 //! Model architectures on libtorch. One file per architecture family.
 
+pub mod arena;
 pub mod batch;
 pub mod cpu_decode;
 pub mod linear;
