@@ -1,12 +1,14 @@
 """Single-process benchmark on SmolLM2: prefill of a 512-token prompt and
 batch-1 greedy decode, for llmos, Hugging Face transformers and llama.cpp, in
-float32 and bfloat16, with the same thread count, in one run. Prints every
-figure and the ratios.
+float32 and bfloat16, with the same thread count, in one run, the engines
+taking turns round by round. Prints every figure (medians over rounds) and
+the ratios.
 
-Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--threads 2] [--prompt 512] [--decode 128] [--repeat 3]
+Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -23,7 +25,7 @@ p.add_argument("bf16_gguf")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--prompt", type=int, default=512)
 p.add_argument("--decode", type=int, default=128)
-p.add_argument("--repeat", type=int, default=3)
+p.add_argument("--repeat", type=int, default=5)
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -48,18 +50,17 @@ def report(engine, dtype, prefill_s, decode_tps):
 
 
 def llmos(dtype, gguf):
+    """One run of `llmos-worker bench` (its own warm-up, one timed run)."""
     out = subprocess.run(
         [args.llmos_bin, "bench", "--model", gguf, "--dtype", dtype, "--threads", str(args.threads),
-         "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode),
-         "--repeat", str(args.repeat)],
+         "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode), "--repeat", "1"],
         check=True, capture_output=True, text=True,
     ).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    return report("llmos", dtype, r["prefill_s"], r["decode_tokens_per_s"])
+    return r["prefill_s"], r["decode_tokens_per_s"]
 
 
-@torch.no_grad()
-def transformers_run(dtype, gguf):
+def transformers_engine(dtype, gguf):
     from transformers import AutoModelForCausalLM
 
     d, f = os.path.split(gguf)
@@ -67,6 +68,7 @@ def transformers_run(dtype, gguf):
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).to(tdt).eval()
     ids = torch.tensor([prompt_ids(model.config.vocab_size)])
 
+    @torch.no_grad()
     def once(n):
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
@@ -80,12 +82,10 @@ def transformers_run(dtype, gguf):
         return t1 - t0, n / (time.perf_counter() - t1)
 
     once(4)
-    runs = [once(args.decode) for _ in range(args.repeat)]
-    return report("transformers", dtype, statistics.median(r[0] for r in runs),
-                  statistics.median(r[1] for r in runs))
+    return once
 
 
-def llama_cpp_run(dtype, gguf):
+def llama_cpp_engine(dtype, gguf):
     from llama_cpp import Llama
 
     # Logit rows are kept for n_batch positions: make it the whole context.
@@ -106,18 +106,31 @@ def llama_cpp_run(dtype, gguf):
         return t1 - t0, n / (time.perf_counter() - t1)
 
     once(4)
-    runs = [once(args.decode) for _ in range(args.repeat)]
-    return report("llama.cpp", dtype, statistics.median(r[0] for r in runs),
-                  statistics.median(r[1] for r in runs))
+    return once
 
 
+# This machine's speed drifts by 10-20% over minutes, so the engines take
+# turns: each round runs every engine once, and each figure is the median
+# over rounds (running one engine's repeats, then the next's, would charge
+# the drift to whichever ran in the slow minutes).
 rows = []
 for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
-    rows.append(llmos(dtype, gguf))
-    rows.append(transformers_run(dtype, gguf))
-    rows.append(llama_cpp_run(dtype, gguf))
+    engines = {
+        "llmos": lambda n, dtype=dtype, gguf=gguf: llmos(dtype, gguf),
+        "transformers": transformers_engine(dtype, gguf),
+        "llama.cpp": llama_cpp_engine(dtype, gguf),
+    }
+    runs = {name: [] for name in engines}
+    for _ in range(args.repeat):
+        for name, once in engines.items():
+            runs[name].append(once(args.decode))
+    for name, r in runs.items():
+        rows.append(report(name, dtype, statistics.median(x[0] for x in r),
+                           statistics.median(x[1] for x in r)))
+    del engines
+    gc.collect()
 
-print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat})")
+print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat} rounds, engines in turn)")
 print(f"{'engine':<13}{'dtype':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
 for r in rows:
     print(f"{r['engine']:<13}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}")
