@@ -24,6 +24,7 @@ pub mod error;
 pub mod etcd;
 pub mod inference;
 pub mod placement;
+pub mod shard_spec;
 pub mod state;
 pub mod store;
 

@@ -156,15 +156,17 @@ pub(crate) fn merge_spans(
 ) {
     let spans = stats.len() / group;
     assert!(parts.len() == spans * group * d && out.len() == group * d && spans > 0);
+    let mut weights = vec![0f32; spans];
     for (g, o) in out.chunks_exact_mut(d).enumerate() {
         let span = |c: usize| stats[c * group + g];
         let max = (0..spans).fold(f32::NEG_INFINITY, |m, c| m.max(span(c).max));
-        let total: f32 = (0..spans)
-            .map(|c| span(c).sum * (span(c).max - max).exp())
-            .sum();
+        for (c, w) in weights.iter_mut().enumerate() {
+            *w = span(c).sum * (span(c).max - max).exp();
+        }
+        let total: f32 = weights.iter().sum();
+        weights.iter_mut().for_each(|w| *w /= total);
         o.fill(0.0);
-        for c in 0..spans {
-            let w = span(c).sum * (span(c).max - max).exp() / total;
+        for (c, w) in weights.iter().enumerate() {
             let p = &parts[(c * group + g) * d..][..d];
             o.iter_mut().zip(p).for_each(|(o, p)| *o += w * p);
         }

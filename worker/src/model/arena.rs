@@ -75,11 +75,13 @@ impl WeightArena {
     }
 
     /// Bytes mapped.
+    #[cfg(test)]
     pub fn mapped_bytes(&self) -> usize {
         self.len
     }
 
     /// Whether `t`'s data lies in this arena.
+    #[cfg(test)]
     pub fn holds(&self, t: &Tensor) -> bool {
         let p = t.data_ptr() as usize;
         p >= self.base as usize && p < self.base as usize + self.len

@@ -392,7 +392,10 @@ impl Llama {
             // A tied head is the embedding: let go of the embedding's handle
             // so the original is released as soon as it is copied, then
             // read the embedding from the head's copy.
-            let shared = tied && head.is_some() && embed.take().is_some();
+            let shared = tied && head.is_some() && embed.is_some();
+            if shared {
+                embed = None;
+            }
             let arena = place_weights(&mut blocks, head.as_mut());
             if let (true, Some(h)) = (shared, &head) {
                 embed = Some(

@@ -1,0 +1,109 @@
+//! Tests of `host.rs`: served steps of a hosted shard.
+
+use super::*;
+
+fn tiny(model: &str) -> pb::ShardSpec {
+    pb::ShardSpec {
+        model: model.into(),
+        source: "synthetic:tiny".into(),
+        layer_start: 0,
+        layer_end: 2,
+        embed: true,
+        head: true,
+        dtype: pb::DType::F32 as i32,
+        kv_blocks: 16,
+        block_size: 4,
+        ..Default::default()
+    }
+}
+
+fn ids(v: &[u32]) -> Option<pb::step_request::Input> {
+    let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
+    Some(pb::step_request::Input::Tokens(to_wire(
+        &Tensor::from_slice(&v),
+    )))
+}
+
+/// Logits rows of a step's answer.
+fn rows(r: &pb::StepResponse) -> Vec<Vec<f32>> {
+    let t = from_wire(r.logits.as_ref().expect("logits"), "logits").unwrap();
+    let (n, v) = t.size2().unwrap();
+    let flat = Vec::<f32>::try_from(t.reshape([-1])).unwrap();
+    (0..n as usize)
+        .map(|i| flat[i * v as usize..(i + 1) * v as usize].to_vec())
+        .collect()
+}
+
+/// Two sequences on `host`: a prompt prefilled alone, then decoded
+/// greedily one token per step (the one-token path), and from the
+/// second step on a second prompt's chunk in the same batched steps.
+/// Returns every step's logits rows.
+async fn run(host: &HostHandle) -> Vec<Vec<f32>> {
+    let (a, b): (&[u32], &[u32]) = (&[1, 5, 9, 13, 200, 7], &[300, 2, 77]);
+    let seq = |position: u32, tokens: u32, first: u32| pb::StepSequence {
+        position,
+        tokens,
+        blocks: (first..first + 8).collect(),
+        want_logits: true,
+        ..Default::default()
+    };
+    let step = |sequences, input| pb::StepRequest {
+        model: "m".into(),
+        sequences,
+        input,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let r = host.step(step(vec![seq(0, 6, 0)], ids(a))).await.unwrap();
+    out.extend(rows(&r));
+    let mut next = crate::sampling::argmax(out.last().unwrap());
+    for i in 0..8u32 {
+        let r = if i == 1 {
+            // A decode row and a fresh prompt chunk in one step.
+            let mut input = vec![next];
+            input.extend_from_slice(b);
+            host.step(step(vec![seq(6 + i, 1, 0), seq(0, 3, 8)], ids(&input)))
+                .await
+                .unwrap()
+        } else {
+            host.step(step(vec![seq(6 + i, 1, 0)], ids(&[next])))
+                .await
+                .unwrap()
+        };
+        let r = rows(&r);
+        next = crate::sampling::argmax(&r[0]);
+        out.extend(r);
+    }
+    out
+}
+
+/// GPU: a shard served on CUDA (the batched path throughout, the paged
+/// cache on the device) gives the CPU shard's logits (whose one-token
+/// steps take the fused CPU path) and so its greedy tokens. Skipped
+/// (with a message) without a GPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_served_steps_on_cuda_match_cpu() {
+    if crate::device::load_torch_cuda().is_err() || tch::Cuda::device_count() == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let cpu = HostHandle::spawn();
+    let gpu = HostHandle::spawn_with(None, Device::Cuda(0));
+    cpu.load(tiny("m")).await.unwrap();
+    gpu.load(tiny("m")).await.unwrap();
+    let (want, got) = (run(&cpu).await, run(&gpu).await);
+    assert_eq!(want.len(), got.len());
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let diff = w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-3, "row {i}: logits differ by {diff}");
+        assert_eq!(
+            crate::sampling::argmax(w),
+            crate::sampling::argmax(g),
+            "row {i}"
+        );
+    }
+}
