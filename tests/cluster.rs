@@ -84,6 +84,35 @@ async fn deploy_generate_cancel_and_faults() {
         ),
         (0, 12, 30)
     );
+    // Options it left unset are in force at the one stated default each,
+    // and the status says so.
+    let status = admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let options = status.models[0].options.clone().expect("options in force");
+    {
+        use llmos_meta::serving as d;
+        assert_eq!(
+            (
+                options.kv_cache_blocks,
+                options.block_size,
+                options.max_batch_tokens,
+                options.max_running,
+                options.max_waiting,
+                options.pipeline_transport.as_str(),
+            ),
+            (
+                d::DEFAULT_KV_BLOCKS,
+                d::DEFAULT_BLOCK_SIZE,
+                d::DEFAULT_MAX_BATCH_TOKENS,
+                d::DEFAULT_MAX_RUNNING,
+                d::DEFAULT_MAX_WAITING,
+                d::DEFAULT_PIPELINE_TRANSPORT,
+            )
+        );
+    }
     assert_ne!(d.stages[0].worker_id, d.stages[1].worker_id);
     let models = inference
         .list_models(api::ListModelsRequest {})

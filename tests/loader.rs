@@ -10,7 +10,7 @@ use llmos_meta::gguf_writer::GgufWriter;
 use llmos_meta::quant::{dequantize_into, quantize, GgmlType};
 use llmos_meta::ModelSpec;
 use llmos_tests::{all_logits, max_abs_diff};
-use llmos_worker::{Engine, LoadOptions};
+use llmos_worker::{LoadOptions, LocalModel};
 use tch::{Device, Kind};
 
 const VOCAB: usize = 64;
@@ -148,7 +148,7 @@ struct Fixture {
     raw_type: Option<(String, u32)>,
 }
 
-fn load(path: &Path) -> Result<Engine, String> {
+fn load(path: &Path) -> Result<LocalModel, String> {
     let spec = ModelSpec::parse(path.to_str().unwrap()).map_err(|e| e.to_string())?;
     let opts = LoadOptions {
         kind: Kind::Float,
@@ -156,7 +156,7 @@ fn load(path: &Path) -> Result<Engine, String> {
         seed: 0,
         ..Default::default()
     };
-    Engine::load(&spec, &opts, &mut |_, _| {}).map_err(|e| e.to_string())
+    LocalModel::load(&spec, &opts, &mut |_, _| {}).map_err(|e| e.to_string())
 }
 
 fn load_err(path: &Path) -> String {

@@ -1,7 +1,11 @@
-//! Parity with Hugging Face transformers on the same weights, in float32:
-//! per-position logits within a stated tolerance and identical 64-token greedy
-//! continuations on 5 prompts. Each test also perturbs one weight and shows
-//! the same check then fails.
+//! Parity with Hugging Face transformers on the same weights, in float32,
+//! through the paged forward the server runs: per-position logits within a
+//! stated tolerance (whole prompts, prompts in two chunks, and every prompt
+//! and greedy continuation batched as the serving engine batches them:
+//! ragged steps mixing fresh prompts, chunks after cached positions and
+//! decode rows on one KV pool), and identical 64-token greedy continuations
+//! on 5 prompts. Each test also perturbs one weight and shows the same
+//! check then fails.
 
 use llmos_meta::Tokenizer;
 use llmos_tests::*;
@@ -32,6 +36,37 @@ fn check_model(spec: &str, r: &Reference) {
             greedy(&engine, &p.ids, 64),
             p.greedy,
             "{spec}: greedy continuation of {:?}",
+            p.ids
+        );
+    }
+    // Every prompt and its greedy continuation batched as the server runs
+    // them: ragged steps of at most 8 tokens on one pool, prompts chunked,
+    // fresh prompts beside chunks after cached positions beside decode
+    // rows, each row compared with the reference.
+    let b = batched_parity(&engine, r, 8);
+    eprintln!(
+        "{spec}: batched over {} steps ({} mixing a fresh prompt, a chunk and decode rows): \
+         prompt logits {:.3e}, decode-row logits {:.3e}",
+        b.steps, b.mixed_steps, b.prompt_diff, b.decode_diff
+    );
+    assert!(
+        b.mixed_steps > 0,
+        "{spec}: no step mixed the three kinds of rows"
+    );
+    assert!(
+        b.prompt_diff <= F32_LOGIT_TOL,
+        "{spec}: batched prompt logits differ by {}",
+        b.prompt_diff
+    );
+    assert!(
+        b.decode_diff <= F32_LOGIT_TOL,
+        "{spec}: decode-row logits differ by {}",
+        b.decode_diff
+    );
+    for (p, g) in r.prompts.iter().zip(&b.greedy) {
+        assert_eq!(
+            g, &p.greedy,
+            "{spec}: batched greedy continuation of {:?}",
             p.ids
         );
     }

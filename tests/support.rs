@@ -9,10 +9,11 @@ use std::process::Command;
 
 use llmos_meta::ModelSpec;
 use llmos_worker::{
-    Engine, GenerateRequest, LoadOptions, PromptInput, Quantization, SamplingParams,
+    GenerateRequest, LoadOptions, LocalModel, LocalSequence, PromptInput, Quantization,
+    SamplingParams,
 };
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(Debug, Deserialize)]
 pub struct RefPrompt {
@@ -22,6 +23,8 @@ pub struct RefPrompt {
     pub logits_file: PathBuf,
     pub logits_shape: Vec<usize>,
     pub greedy: Vec<u32>,
+    /// `[greedy.len(), vocab]`: the logits each greedy token was chosen from.
+    pub greedy_logits_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,11 +87,11 @@ pub fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-pub fn load(spec: &str, kind: Kind) -> Engine {
+pub fn load(spec: &str, kind: Kind) -> LocalModel {
     load_quantized(spec, kind, Quantization::None)
 }
 
-pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Engine {
+pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> LocalModel {
     tch::set_num_threads(1);
     let spec = ModelSpec::parse(spec).unwrap();
     let opts = LoadOptions {
@@ -97,36 +100,29 @@ pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Eng
         seed: 0,
         quantization,
     };
-    Engine::load(&spec, &opts, &mut |_, _| {}).unwrap()
+    LocalModel::load(&spec, &opts, &mut |_, _| {}).unwrap()
 }
 
-/// Float32 logits `[t, vocab]` for every prompt position, flattened.
-pub fn all_logits(engine: &Engine, ids: &[u32]) -> Vec<f32> {
-    let _g = tch::no_grad_guard();
-    let mut cache = engine.model.new_cache(1, ids.len());
-    let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let hidden = engine
-        .model
-        .forward(&Tensor::from_slice(&x).unsqueeze(0), &mut cache)
-        .unwrap();
-    let logits = engine.model.logits(&hidden).unwrap();
-    Vec::try_from(logits.view([-1])).unwrap()
+/// Float32 logits `[t, vocab]` for every prompt position, flattened: the
+/// prompt in one step of the paged forward the server runs.
+pub fn all_logits(engine: &LocalModel, ids: &[u32]) -> Vec<f32> {
+    chunked_logits(engine, ids, ids.len())
 }
 
-/// Logits of `ids` computed in two chunks (`..split`, then `split..`
-/// against the cache of the first): exercises attention over cached
-/// positions with a partial causal mask. Returns all positions, flattened.
-pub fn chunked_logits(engine: &Engine, ids: &[u32], split: usize) -> Vec<f32> {
+/// Logits of `ids` computed in two steps (`..split`, then `split..`
+/// attending to the blocks the first wrote): exercises attention over
+/// cached positions with a partial causal mask. Returns all positions,
+/// flattened.
+pub fn chunked_logits(engine: &LocalModel, ids: &[u32], split: usize) -> Vec<f32> {
     let _g = tch::no_grad_guard();
-    let mut cache = engine.model.new_cache(1, ids.len());
-    let x: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let mut seq = LocalSequence::new(&engine.model, ids.len()).unwrap();
     let mut out = Vec::new();
-    for chunk in [&x[..split], &x[split..]] {
-        let hidden = engine
-            .model
-            .forward(&Tensor::from_slice(chunk).unsqueeze(0), &mut cache)
-            .unwrap();
-        out.extend(Vec::<f32>::try_from(engine.model.logits(&hidden).unwrap().view([-1])).unwrap());
+    for chunk in [&ids[..split], &ids[split..]] {
+        if chunk.is_empty() {
+            continue;
+        }
+        let logits = seq.forward(&engine.model, chunk, true).unwrap();
+        out.extend(Vec::<f32>::try_from(logits.view([-1])).unwrap());
     }
     out
 }
@@ -137,7 +133,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Greedy continuation of `n` tokens, ignoring EOS (as the reference does).
-pub fn greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
+pub fn greedy(engine: &LocalModel, ids: &[u32], n: usize) -> Vec<u32> {
     let req = GenerateRequest {
         prompt: PromptInput::Tokens(ids.to_vec()),
         sampling: SamplingParams::default(),
@@ -149,7 +145,7 @@ pub fn greedy(engine: &Engine, ids: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// Largest per-position logit difference over all reference prompts.
-pub fn worst_logit_diff(engine: &Engine, r: &Reference) -> f32 {
+pub fn worst_logit_diff(engine: &LocalModel, r: &Reference) -> f32 {
     r.prompts
         .iter()
         .map(|p| {
@@ -159,4 +155,151 @@ pub fn worst_logit_diff(engine: &Engine, r: &Reference) -> f32 {
             max_abs_diff(&ours, &theirs)
         })
         .fold(0f32, f32::max)
+}
+
+/// What a batched run through the served forward found against the
+/// reference.
+#[derive(Debug, Default)]
+pub struct BatchedParity {
+    /// Largest max-abs logit difference over every prompt position.
+    pub prompt_diff: f32,
+    /// Largest max-abs logit difference over every decode row.
+    pub decode_diff: f32,
+    /// Steps that held a fresh prompt, a prompt chunk after cached
+    /// positions and a decode row at once.
+    pub mixed_steps: usize,
+    pub steps: usize,
+    /// Per prompt: the greedy tokens our logits choose (first from the
+    /// prompt's last position, then from each decode row).
+    pub greedy: Vec<Vec<u32>>,
+}
+
+/// Runs every reference prompt and its greedy continuation through the
+/// paged forward the server runs, as the serving engine batches them: the
+/// sequences share one KV pool on scattered blocks of 16; sequence `i`
+/// arrives at step `2 i`; each step holds at most `budget` tokens: one
+/// decode row per running sequence (fed the reference's greedy token, so
+/// every row is compared with the logits the reference chose its next
+/// token from), then prompt chunks. Every prompt position and every decode
+/// row is compared with the reference.
+pub fn batched_parity(engine: &LocalModel, r: &Reference, budget: usize) -> BatchedParity {
+    use llmos_worker::paged::{BatchLayout, SeqSlice};
+    let _g = tch::no_grad_guard();
+    let m = &engine.model;
+    let bs = 16usize;
+    let need: Vec<usize> = r
+        .prompts
+        .iter()
+        .map(|p| (p.ids.len() + p.greedy.len()).div_ceil(bs))
+        .collect();
+    let total: usize = need.iter().sum();
+    // Block ids handed out in a scattered order (7 is prime to the count
+    // unless the count is a multiple of 7: then one more block).
+    let num_blocks = if total % 7 == 0 { total + 1 } else { total };
+    let mut order = (0..num_blocks).map(|i| ((i * 7 + 3) % num_blocks) as u32);
+    let tables: Vec<Vec<u32>> = need
+        .iter()
+        .map(|&n| order.by_ref().take(n).collect())
+        .collect();
+    let mut pool = m.new_pool(num_blocks, bs).unwrap();
+    let refs: Vec<(Vec<f32>, Vec<f32>)> = r
+        .prompts
+        .iter()
+        .map(|p| (read_f32(&p.logits_file), read_f32(&p.greedy_logits_file)))
+        .collect();
+    let vocab = m.config().vocab_size;
+    // Per sequence: positions cached, decode rows done.
+    let mut cached = vec![0usize; r.prompts.len()];
+    let mut decoded = vec![0usize; r.prompts.len()];
+    let mut out = BatchedParity {
+        greedy: vec![Vec::new(); r.prompts.len()],
+        ..Default::default()
+    };
+    let row_diff = |got: &[f32], want: &[f32]| max_abs_diff(got, want);
+    loop {
+        let mut seqs = Vec::new();
+        let mut ids: Vec<i64> = Vec::new();
+        // (sequence, first position, tokens, decode row)
+        let mut parts = Vec::new();
+        let mut left = budget;
+        for (i, p) in r.prompts.iter().enumerate() {
+            let prompt_done = cached[i] >= p.ids.len();
+            // The last greedy token's own logits are not in the reference.
+            if out.steps < 2 * i || left == 0 || (prompt_done && decoded[i] + 1 >= p.greedy.len()) {
+                continue;
+            }
+            let (tokens, decode) = if prompt_done {
+                ids.push(p.greedy[decoded[i]] as i64);
+                (1, true)
+            } else {
+                let n = (p.ids.len() - cached[i]).min(left);
+                ids.extend(p.ids[cached[i]..cached[i] + n].iter().map(|&t| t as i64));
+                (n, false)
+            };
+            left -= tokens;
+            seqs.push(SeqSlice {
+                position: cached[i],
+                tokens,
+                blocks: tables[i].clone(),
+            });
+            parts.push((i, cached[i], tokens, decode));
+        }
+        if seqs.is_empty() {
+            if out.steps > 2 * r.prompts.len() {
+                break;
+            }
+            out.steps += 1;
+            continue;
+        }
+        let fresh = parts.iter().any(|&(_, at, _, d)| !d && at == 0);
+        let chunk = parts.iter().any(|&(_, at, _, d)| !d && at > 0);
+        let decode = parts.iter().any(|&(_, _, _, d)| d);
+        out.mixed_steps += (fresh && chunk && decode) as usize;
+        let layout = BatchLayout {
+            seqs,
+            block_size: bs,
+        };
+        let x = m.embed_packed(&tch::Tensor::from_slice(&ids)).unwrap();
+        let hidden = m.forward_batch(&x, &layout, &mut pool).unwrap();
+        let logits: Vec<f32> = Vec::try_from(m.logits(&hidden).unwrap().view([-1])).unwrap();
+        let mut row = 0;
+        for (i, at, n, decode) in parts {
+            let p = &r.prompts[i];
+            let (prompt_ref, greedy_ref) = &refs[i];
+            for k in 0..n {
+                let got = &logits[(row + k) * vocab..(row + k + 1) * vocab];
+                let pos = at + k;
+                if decode {
+                    // Fed greedy[j]: the logits greedy[j + 1] was chosen from.
+                    let j = decoded[i] + 1;
+                    let want = &greedy_ref[j * vocab..(j + 1) * vocab];
+                    out.decode_diff = out.decode_diff.max(row_diff(got, want));
+                    out.greedy[i].push(argmax(got));
+                } else {
+                    let want = &prompt_ref[pos * vocab..(pos + 1) * vocab];
+                    out.prompt_diff = out.prompt_diff.max(row_diff(got, want));
+                    if pos + 1 == p.ids.len() {
+                        out.greedy[i].push(argmax(got));
+                    }
+                }
+            }
+            row += n;
+            cached[i] += n;
+            if decode {
+                decoded[i] += 1;
+            }
+        }
+        out.steps += 1;
+    }
+    out
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    x.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
 }

@@ -392,7 +392,8 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                 .map(|m| {
                     json!({"name": m.name, "source": m.source, "state": m.state,
                     "stages": stages_json(&m.stages), "pipeline_transport": m.pipeline_transport,
-                    "serving": m.serving.as_ref().map(serving_json)})
+                    "serving": m.serving.as_ref().map(serving_json),
+                    "options": m.options.as_ref().map(options_json)})
                 })
                 .collect();
             print_json(
@@ -502,6 +503,13 @@ async fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn options_json(o: &api::ServingOptions) -> serde_json::Value {
+    json!({"kv_cache_blocks": o.kv_cache_blocks, "block_size": o.block_size,
+        "max_batch_tokens": o.max_batch_tokens, "max_running": o.max_running,
+        "max_waiting": o.max_waiting, "prefix_caching": !o.disable_prefix_caching,
+        "pipeline_transport": o.pipeline_transport})
 }
 
 fn serving_json(s: &api::ServingStatus) -> serde_json::Value {

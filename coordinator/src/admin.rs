@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 use crate::placement::{plan_tp, ModelShape, PlacementRequest, Stage, WorkerCapacity};
+use crate::settings::validate_setting;
 use crate::shard_spec::{pipeline_linked, shard_spec};
 use crate::state::{ClusterState, Command, Deployment, ModelState, Serving, StateError};
 
@@ -453,6 +454,7 @@ impl api::admin_server::Admin for AdminService {
                     (_, false) => "grpc",
                 }
                 .into(),
+                options: Some(serving_options(&m.serving)),
             });
         }
         Ok(Response::new(api::ClusterStatusResponse {
@@ -553,36 +555,17 @@ impl api::admin_server::Admin for AdminService {
     }
 }
 
-/// The setting that overrides `max_new_tokens` of requests that give none.
-pub const SETTING_DEFAULT_MAX_NEW_TOKENS: &str = "generate.default_max_new_tokens";
-const MAX_SETTING_KEY: usize = 128;
-const MAX_SETTING_VALUE: usize = 4096;
-
-fn validate_setting(key: &str, value: &str) -> Result<()> {
-    let key_ok = !key.is_empty()
-        && key.len() <= MAX_SETTING_KEY
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b));
-    if !key_ok {
-        return Err(CoordError::Invalid(format!(
-            "setting key {key:?}: 1 to {MAX_SETTING_KEY} characters of a-z, 0-9, '.', '_', '-', '/'"
-        )));
+/// A deployment's serving options as the API states them.
+fn serving_options(s: &Serving) -> api::ServingOptions {
+    api::ServingOptions {
+        kv_cache_blocks: s.kv_blocks,
+        block_size: s.block_size,
+        max_batch_tokens: s.max_batch_tokens,
+        max_running: s.max_running,
+        max_waiting: s.max_waiting,
+        disable_prefix_caching: !s.prefix_caching,
+        pipeline_transport: s.pipeline_transport.clone(),
     }
-    if value.len() > MAX_SETTING_VALUE {
-        return Err(CoordError::Limit {
-            what: format!("value of setting {key:?}"),
-            limit_name: "maximum bytes",
-            limit: MAX_SETTING_VALUE,
-            got: value.len(),
-        });
-    }
-    if key == SETTING_DEFAULT_MAX_NEW_TOKENS && value.parse::<u32>().map_or(true, |v| v == 0) {
-        return Err(CoordError::Invalid(format!(
-            "{key} must be a positive integer, got {value:?}"
-        )));
-    }
-    Ok(())
 }
 
 fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {

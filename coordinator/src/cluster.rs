@@ -101,7 +101,7 @@ impl Cluster {
     pub fn default_max_new_tokens(&self) -> usize {
         self.read()
             .settings
-            .get(crate::admin::SETTING_DEFAULT_MAX_NEW_TOKENS)
+            .get(crate::settings::SETTING_DEFAULT_MAX_NEW_TOKENS)
             .and_then(|v| v.parse().ok())
             .unwrap_or(self.config.default_max_new_tokens)
     }

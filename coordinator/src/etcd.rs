@@ -17,32 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::state::{ClusterState, Command, StateError};
-use crate::store::{ControlPlane, MemberInfo, MetaStore, StoreError};
-
-#[derive(Debug, Clone)]
-pub struct EtcdSettings {
-    pub endpoints: Vec<String>,
-    pub cluster_id: String,
-    /// This coordinator's name in the election (its address, typically).
-    pub name: String,
-    pub lease_ttl: Duration,
-    pub request_timeout: Duration,
-    /// Applied log entries between snapshots.
-    pub snapshot_entries: u64,
-}
-
-impl EtcdSettings {
-    pub fn new(endpoints: Vec<String>, cluster_id: &str, name: &str) -> Self {
-        EtcdSettings {
-            endpoints,
-            cluster_id: cluster_id.to_string(),
-            name: name.to_string(),
-            lease_ttl: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-            snapshot_entries: 1000,
-        }
-    }
-}
+use crate::store::{ControlPlane, EtcdSettings, MemberInfo, MetaStore, StoreError};
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {

@@ -13,6 +13,7 @@
 //! - [`cluster`]: the shared coordinator state (the store behind
 //!   `propose`, model tokenizers, worker clients) and its configuration.
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
+//! - [`settings`]: cluster settings' keys and the checks on their writes.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
 //!   Generate queues with the model's engine on its first-stage worker.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod etcd;
 pub mod inference;
 pub mod placement;
+pub mod settings;
 pub mod shard_spec;
 pub mod state;
 pub mod store;

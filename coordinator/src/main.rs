@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use llmos_coordinator::etcd::EtcdSettings;
+use llmos_coordinator::store::EtcdSettings;
 use llmos_coordinator::store::{parse_peers, RaftSettings, StoreConfig};
 
 #[derive(Parser)]

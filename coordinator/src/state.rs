@@ -66,14 +66,15 @@ pub struct Serving {
 
 impl Default for Serving {
     fn default() -> Self {
+        use llmos_meta::serving as d;
         Serving {
-            kv_blocks: 1024,
-            block_size: 16,
-            max_batch_tokens: 512,
-            max_running: 64,
-            max_waiting: 256,
+            kv_blocks: d::DEFAULT_KV_BLOCKS,
+            block_size: d::DEFAULT_BLOCK_SIZE,
+            max_batch_tokens: d::DEFAULT_MAX_BATCH_TOKENS,
+            max_running: d::DEFAULT_MAX_RUNNING,
+            max_waiting: d::DEFAULT_MAX_WAITING,
             prefix_caching: true,
-            pipeline_transport: "auto".into(),
+            pipeline_transport: d::DEFAULT_PIPELINE_TRANSPORT.into(),
         }
     }
 }

@@ -74,12 +74,38 @@ pub trait MetaStore: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Raft(RaftSettings),
-    Etcd(crate::etcd::EtcdSettings),
+    Etcd(EtcdSettings),
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig::Raft(RaftSettings::default())
+    }
+}
+
+/// An etcd-backed control plane (`--store etcd`): `etcd.rs`.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    pub cluster_id: String,
+    /// This coordinator's name in the election (its address, typically).
+    pub name: String,
+    pub lease_ttl: Duration,
+    pub request_timeout: Duration,
+    /// Applied log entries between snapshots.
+    pub snapshot_entries: u64,
+}
+
+impl EtcdSettings {
+    pub fn new(endpoints: Vec<String>, cluster_id: &str, name: &str) -> Self {
+        EtcdSettings {
+            endpoints,
+            cluster_id: cluster_id.to_string(),
+            name: name.to_string(),
+            lease_ttl: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            snapshot_entries: 1000,
+        }
     }
 }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmos_coordinator::consensus::{Bootstrap, MemNetwork, RaftConfig, RaftNode};
-use llmos_coordinator::etcd::{EtcdSettings, EtcdStore};
+use llmos_coordinator::etcd::EtcdStore;
 use llmos_coordinator::placement::{Placement, Stage};
 use llmos_coordinator::state::{ClusterState, Command, StateError};
+use llmos_coordinator::store::EtcdSettings;
 use llmos_coordinator::store::{MetaStore, RaftStore};
 
 fn register(id: &str, at: u64) -> Command {

@@ -37,7 +37,7 @@ pub mod sampling;
 #[cfg(test)]
 mod gpu_tests;
 
-pub use runtime::{cuda_available, load_torch_cuda, Arg, Kernels, Launch};
+pub use runtime::{cuda_available, device_memory, load_torch_cuda, Arg, Kernels, Launch};
 
 /// The kernel sources, compiled one module each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -116,6 +116,29 @@ pub fn cuda_available() -> bool {
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
 }
 
+/// `(total, free)` bytes of memory of CUDA device `ordinal`, as the driver
+/// reports them (`cuMemGetInfo` on the device's primary context, the one
+/// libtorch uses).
+pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
+    // SAFETY: only tries to open the library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(KernelError::Unavailable(
+            "libcuda (the NVIDIA driver) is not installed".into(),
+        ));
+    }
+    let count = CudaContext::device_count().map_err(driver("counting devices"))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(KernelError::Unavailable(format!(
+            "cuda:{ordinal} asked for, the driver sees {count} device(s)"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening cuda:{ordinal}")))?;
+    let (free, total) = ctx
+        .mem_get_info()
+        .map_err(driver(format!("memory of cuda:{ordinal}")))?;
+    Ok((total as u64, free as u64))
+}
+
 /// The kernels of one CUDA device.
 pub struct Kernels {
     ctx: Arc<CudaContext>,

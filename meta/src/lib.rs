@@ -9,6 +9,7 @@
 //! - [`chat`]: chat-template rendering.
 //! - [`source`]: resolving a model name or path and opening it.
 //! - [`streamer`]: token ids to streamed text and a finish reason.
+//! - [`serving`]: the serving options' defaults, stated once.
 
 pub mod chat;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod gguf;
 pub mod gguf_writer;
 pub mod quant;
+pub mod serving;
 pub mod source;
 pub mod streamer;
 pub mod tokenizer;

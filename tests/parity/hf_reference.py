@@ -6,9 +6,10 @@ Usage:
                                              (KIND: llama = GQA + untied + llama3 rope scaling,
                                              qwen2 = q/k/v bias + tied) and its outputs
 
-Writes OUT_DIR/manifest.json and one little-endian float32 file of logits
-[tokens, vocab] per prompt, computed in float32 with transformers' own forward
-pass and a greedy loop over its KV cache.
+Writes OUT_DIR/manifest.json and, per prompt, little-endian float32 files of
+the logits [tokens, vocab] of every prompt position and of the logits
+[64, vocab] each greedy token was chosen from, computed in float32 with
+transformers' own forward pass and a greedy loop over its KV cache.
 """
 
 import json
@@ -47,13 +48,20 @@ def run(model, prompt_ids, out_dir):
         past = out.past_key_values
         nxt = int(out.logits[0, -1].argmax())
         greedy = [nxt]
+        # The logits each greedy token was chosen from: the prompt's last
+        # position, then each decode step's.
+        chosen_from = [out.logits[0, -1].float().numpy()]
         for _ in range(GREEDY_TOKENS - 1):
             out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             nxt = int(out.logits[0, -1].argmax())
             greedy.append(nxt)
+            chosen_from.append(out.logits[0, -1].float().numpy())
+        greedy_path = os.path.join(out_dir, f"greedy_logits{i}.f32")
+        np.stack(chosen_from).astype("<f4").tofile(greedy_path)
         entries.append(
-            {"ids": ids, "logits_file": path, "logits_shape": list(logits.shape), "greedy": greedy}
+            {"ids": ids, "logits_file": path, "logits_shape": list(logits.shape), "greedy": greedy,
+             "greedy_logits_file": greedy_path}
         )
     return entries
 

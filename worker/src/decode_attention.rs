@@ -2,23 +2,15 @@
 //! `softmax(q . K^T * scale) . V` per query head, grouped-query aware. For a
 //! single query libtorch's general attention kernel (blocked flash attention
 //! through BLAS) spends more time in set-up than in arithmetic; this reads
-//! the cache views in place. Tests check it against
-//! `scaled_dot_product_attention`.
+//! the cached rows in place, wherever a caller's addressing puts them (the
+//! paged pool's block tables, `paged::paged_attention`). Tests there check
+//! it against `scaled_dot_product_attention`.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::gemv::{pool, WeightElem};
 use crate::spin_pool::{SharedPtr, SharedSlot};
 
-/// Whether `decode_attention` handles these tensors (else use libtorch).
-pub fn supported(q: &Tensor, k: &Tensor) -> bool {
-    q.device() == Device::Cpu
-        && matches!(k.kind(), Kind::Float | Kind::BFloat16)
-        && k.stride()[3] == 1
-        && q.size()[2] == 1
-}
-
-/// Cached key/value element types (f32, and bf16 as `u16`).
 pub(crate) trait KvElem: WeightElem {
     /// The 16 elements at `p` widened to f32 lanes.
     ///
@@ -560,64 +552,6 @@ pub(crate) unsafe fn attend_tensors(
     }
 }
 
-/// `q`: `[b, heads, 1, d]`; `k`, `v`: `[b, kv_heads, len, d]` (views with a
-/// unit innermost stride). Returns `[b, heads, 1, d]` in `q`'s dtype.
-pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
-    let (b, heads, _, d) = q.size4().expect("q is [b, heads, 1, d]");
-    let qf = q.to_kind(Kind::Float).contiguous();
-    let out = Tensor::empty([b, heads, 1, d], (Kind::Float, Device::Cpu));
-    let n = (b * heads * d) as usize;
-    // SAFETY: `qf` and `out` are contiguous f32 CPU tensors of `n` elements.
-    let (qs, os) = unsafe {
-        (
-            std::slice::from_raw_parts(qf.data_ptr() as *const f32, n),
-            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
-        )
-    };
-    attend_into(qs, heads as usize, k, v, k.size()[2] as usize, scale, os);
-    out.to_kind(q.kind())
-}
-
-/// Attention of `q` (`[b, heads, d]` as a flat slice) over the first `len`
-/// positions of `k`, `v` (`[b, kv_heads, >= len, d]`, unit innermost
-/// stride, f32 or bf16), written to `out` (same layout as `q`).
-pub fn attend_into(
-    q: &[f32],
-    heads: usize,
-    k: &Tensor,
-    v: &Tensor,
-    len: usize,
-    scale: f64,
-    out: &mut [f32],
-) {
-    let (b, kv_heads, cap, d) = k.size4().expect("k is [b, kv_heads, len, d]");
-    assert!(len as i64 <= cap && k.stride()[3] == 1 && v.stride()[3] == 1);
-    assert_eq!(k.size(), v.size());
-    assert!(len > 0 && heads.is_multiple_of(kv_heads as usize));
-    assert_eq!(q.len(), b as usize * heads * d as usize);
-    assert_eq!(out.len(), q.len());
-    let queries: Vec<(usize, usize)> = (0..b as usize).map(|i| (i, len)).collect();
-    let at = |t: &Tensor| {
-        let s = t.stride();
-        let (s0, s1, s2) = (s[0] as usize, s[1] as usize, s[2] as usize);
-        move |i: usize, h: usize, pos: usize| i * s0 + h * s1 + pos * s2
-    };
-    let (ko, vo) = (at(k), at(v));
-    // SAFETY: every (batch, KV head, position < len <= cap) lies inside the
-    // views, as their sizes and strides give.
-    unsafe {
-        let m = Queries {
-            heads,
-            kv_heads: kv_heads as usize,
-            head_dim: d as usize,
-            scale: scale as f32,
-            rows: &queries,
-            park: false,
-        };
-        attend_tensors(&m, q, out, k, v, ko, vo)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,14 +578,8 @@ mod tests {
                     // Rows 3 elements apart beyond `d`: not one contiguous block.
                     let kf: Vec<f32> = (0..len * (d + 3)).map(|_| rnd()).collect();
                     let vf: Vec<f32> = (0..len * (d + 3)).map(|_| rnd()).collect();
-                    let kb: Vec<u16> = kf
-                        .iter()
-                        .map(|&v| crate::kv_cache::f32_to_bf16(v))
-                        .collect();
-                    let vb: Vec<u16> = vf
-                        .iter()
-                        .map(|&v| crate::kv_cache::f32_to_bf16(v))
-                        .collect();
+                    let kb: Vec<u16> = kf.iter().map(|&v| crate::vecmath::f32_to_bf16(v)).collect();
+                    let vb: Vec<u16> = vf.iter().map(|&v| crate::vecmath::f32_to_bf16(v)).collect();
                     let scale = 1.0 / (d as f32).sqrt();
                     fn both<T: KvElem>(
                         q: &[f32],
@@ -695,46 +623,6 @@ mod tests {
                         "d {d} group {group} len {len}: f32 {ef}, bf16 {eb}"
                     );
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn matches_sdpa_on_cache_views_f32_and_bf16() {
-        tch::manual_seed(5);
-        let opts = (Kind::Float, Device::Cpu);
-        // 600 positions over 3 KV heads: split into spans on a pool of 2+
-        // threads (merged through `merge_spans`).
-        for (b, heads, kv, len, d) in [
-            (1, 9, 3, 37, 64),
-            (2, 4, 4, 1, 16),
-            (1, 8, 2, 130, 32),
-            (1, 9, 3, 600, 64),
-        ] {
-            // A cache with spare capacity, viewed up to `len`, as the model does.
-            let cap = len + 5;
-            let kc = Tensor::randn([b, kv, cap, d], opts);
-            let vc = Tensor::randn([b, kv, cap, d], opts);
-            let q = Tensor::randn([b, heads, 1, d], opts);
-            for kind in [Kind::Float, Kind::BFloat16] {
-                let (kc, vc, q) = (kc.to_kind(kind), vc.to_kind(kind), q.to_kind(kind));
-                let (k, v) = (kc.narrow(2, 0, len), vc.narrow(2, 0, len));
-                assert!(supported(&q, &k));
-                let scale = 1.0 / (d as f64).sqrt();
-                let got = decode_attention(&q, &k, &v, scale).to_kind(Kind::Float);
-                let want = Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q.to_kind(Kind::Float),
-                    &k.to_kind(Kind::Float),
-                    &v.to_kind(Kind::Float),
-                    None,
-                    0.0,
-                    false,
-                    None,
-                    true,
-                );
-                let diff = (got - want).abs().max().double_value(&[]);
-                let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-                assert!(diff < tol, "{kind:?} b{b} h{heads} kv{kv} len{len}: {diff}");
             }
         }
     }

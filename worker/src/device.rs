@@ -46,6 +46,44 @@ pub fn parse_device(s: &str) -> Result<Device> {
     Ok(Device::Cuda(idx))
 }
 
+/// Memory a worker offers for shards on `device`, `(total, available)`
+/// bytes: the host's (`MemTotal`, `MemAvailable`) for the CPU, the GPU's
+/// (total, free) as the CUDA driver reports them for a GPU. Zeros where it
+/// cannot be read (logged), which placement treats as unknown.
+pub fn memory(device: Device) -> (u64, u64) {
+    match device {
+        Device::Cuda(i) => llmos_kernels::device_memory(i).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the GPU's memory");
+            (0, 0)
+        }),
+        _ => host_memory(),
+    }
+}
+
+/// `memory` for a device named as a worker registers it (`cpu`, `cuda`,
+/// `cuda:N`).
+pub fn memory_of(name: &str) -> (u64, u64) {
+    let device = match name.strip_prefix("cuda") {
+        Some("") => Device::Cuda(0),
+        Some(n) => Device::Cuda(n.trim_start_matches(':').parse().unwrap_or(0)),
+        None => Device::Cpu,
+    };
+    memory(device)
+}
+
+/// (MemTotal, MemAvailable) in bytes from /proc/meminfo.
+pub fn host_memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let get = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (get("MemTotal:"), get("MemAvailable:"))
+}
+
 /// Peak resident memory of this process in bytes (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -73,6 +111,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("cpu, cuda, cuda:N"));
+        let (total, free) = memory(Device::Cpu);
+        assert!(total > 0 && free > 0 && free <= total, "{total} {free}");
+        assert_eq!(memory_of("cpu").0, total);
+        if n == 0 {
+            // No GPU: the CUDA figures are unknown, not the host's.
+            assert_eq!(memory(Device::Cuda(0)), (0, 0));
+        } else {
+            let (t, f) = memory(Device::Cuda(0));
+            assert!(t > 0 && f <= t && t != total, "GPU memory {t} {f}");
+        }
         assert!(parse_dtype("f8")
             .unwrap_err()
             .to_string()

@@ -25,8 +25,8 @@
 
 use std::borrow::Cow;
 
-use crate::kv_cache::f32_to_bf16;
 use crate::spin_pool::{SharedSlot, SpinPool};
+use crate::vecmath::f32_to_bf16;
 
 /// Tasks per pool thread in one product: a multiple of the thread count, so
 /// threads running at one speed finish together (with fixed 64-row tasks a

@@ -4,13 +4,16 @@
 
 use std::time::Instant;
 
+use llmos_meta::serving::{DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH_TOKENS};
 use llmos_meta::{render_chat, ChatMessage, ModelSpec, OpenedModel, TextStreamer, Tokenizer};
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Result, WorkerError};
+use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
+use crate::paged::{BatchLayout, KvPool, SeqSlice};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::weights::Progress;
 
@@ -117,14 +120,118 @@ impl Drop for DecodeThreads {
     }
 }
 
+/// One sequence on a model in this process: a paged KV pool holding just
+/// its blocks (block table `0..n`), driven through the forward the server
+/// runs.
+pub struct LocalSequence {
+    pool: KvPool,
+    blocks: Vec<u32>,
+    /// Positions cached so far.
+    position: usize,
+    /// libtorch's thread count per phase, restored when the sequence ends.
+    threads: DecodeThreads,
+}
+
+impl LocalSequence {
+    /// Room for `positions` positions in blocks of the serving default's
+    /// size.
+    pub fn new(model: &Llama, positions: usize) -> Result<Self> {
+        let bs = DEFAULT_BLOCK_SIZE as usize;
+        let n = positions.max(1).div_ceil(bs);
+        Ok(LocalSequence {
+            pool: model.new_pool(n, bs)?,
+            blocks: (0..n as u32).collect(),
+            position: 0,
+            threads: DecodeThreads::new(),
+        })
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.position
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.position == 0
+    }
+
+    fn layout(&self, tokens: usize) -> BatchLayout {
+        BatchLayout {
+            seqs: vec![SeqSlice {
+                position: self.position,
+                tokens,
+                blocks: self.blocks.clone(),
+            }],
+            block_size: self.pool.shape().block_size,
+        }
+    }
+
+    /// Runs `ids` through the model after what is cached, in chunks of at
+    /// most the serving default's step size; returns float32 logits `[ids,
+    /// vocab]` of every position when `all` is set, else of the last one.
+    pub fn forward(&mut self, model: &Llama, ids: &[u32], all: bool) -> Result<Tensor> {
+        let chunk = DEFAULT_MAX_BATCH_TOKENS as usize;
+        let mut out = Vec::new();
+        for (i, part) in ids.chunks(chunk).enumerate() {
+            let last = (i + 1) * chunk >= ids.len();
+            let x: Vec<i64> = part.iter().map(|&t| t as i64).collect();
+            let layout = self.layout(part.len());
+            let hidden = model.forward_batch(
+                &model.embed_packed(&Tensor::from_slice(&x))?,
+                &layout,
+                &mut self.pool,
+            )?;
+            self.position += part.len();
+            if all {
+                out.push(model.logits(&hidden)?);
+            } else if last {
+                out.push(model.logits_rows(&hidden, &[part.len() as i64 - 1])?);
+            }
+        }
+        Ok(Tensor::cat(&out, 0))
+    }
+
+    /// The prompt's forward: logits of its last position.
+    pub fn prefill(&mut self, model: &Llama, ids: &[u32]) -> Result<Vec<f32>> {
+        self.threads
+            .prompt_phase(model, ids.len().min(DEFAULT_MAX_BATCH_TOKENS as usize));
+        let logits = self.forward(model, ids, false);
+        // After the prompt, steps are one token: libtorch's small ops run
+        // on one thread (the decode kernels use their own pool) so its
+        // OpenMP workers do not spin against them.
+        self.threads.decode_phase();
+        Ok(Vec::try_from(logits?.view([-1]))?)
+    }
+
+    /// One token: the fused CPU step over this sequence's blocks where it
+    /// applies, else the batched forward with one row. Float32 logits.
+    pub fn decode(&mut self, model: &Llama, token: u32) -> Result<Vec<f32>> {
+        if model.fused_decode_supported() {
+            self.threads.decode_phase();
+            let mut seq = PagedSeq {
+                pool: &mut self.pool,
+                blocks: &self.blocks,
+                position: self.position,
+            };
+            let logits = model.decode_step(token, &mut seq)?;
+            self.position += 1;
+            return Ok(logits);
+        }
+        self.threads.prompt_phase(model, 1);
+        Ok(Vec::try_from(
+            self.forward(model, &[token], false)?.view([-1]),
+        )?)
+    }
+}
+
 /// A whole model in one process, with its tokenizer.
-pub struct Engine {
+pub struct LocalModel {
     pub name: String,
     pub model: Llama,
     pub tokenizer: Option<Tokenizer>,
 }
 
-impl Engine {
+impl LocalModel {
     pub fn load(spec: &ModelSpec, opts: &LoadOptions, progress: Progress<'_>) -> Result<Self> {
         let opened = OpenedModel::open(spec)?;
         let shard = ShardSpec::full(&opened.config);
@@ -135,7 +242,7 @@ impl Engine {
             opts,
             progress,
         )?;
-        Ok(Engine {
+        Ok(LocalModel {
             name: opened.name,
             model,
             tokenizer: opened.tokenizer,
@@ -179,6 +286,11 @@ impl Engine {
 
     /// Runs one generation. `on_token` sees each token as it is produced and
     /// returns `false` to cancel.
+    ///
+    /// The sequence runs through the same forward the server runs: a paged
+    /// KV pool holding just this sequence's blocks, the prompt prefilled in
+    /// chunks of the serving default's step size, then one token a step
+    /// (the fused CPU step over the same blocks where it applies).
     pub fn generate(
         &self,
         req: &GenerateRequest,
@@ -206,7 +318,7 @@ impl Engine {
         }
         let _guard = tch::no_grad_guard();
         let started = Instant::now();
-        let mut cache = self.model.new_cache(1, ids.len() + req.max_new_tokens);
+        let mut seq = LocalSequence::new(&self.model, ids.len() + req.max_new_tokens)?;
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut streamer = TextStreamer::new(
             self.tokenizer.as_ref(),
@@ -217,23 +329,8 @@ impl Engine {
         let mut out_ids = Vec::new();
         let mut text = String::new();
         let mut first_token_at = None;
-        let mut input: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let threads = DecodeThreads::new();
+        let mut logits = seq.prefill(&self.model, &ids)?;
         let finish = loop {
-            let logits: Vec<f32> = if input.len() == 1 && self.model.cpu_decode_supported(&cache) {
-                threads.decode_phase();
-                self.model.decode_step(input[0] as u32, &mut cache)?
-            } else {
-                threads.prompt_phase(&self.model, input.len());
-                let tokens = Tensor::from_slice(&input).unsqueeze(0);
-                let hidden = self.model.forward(&tokens, &mut cache);
-                // After the prompt, steps are one token: run libtorch's small
-                // ops on one thread (the decode kernels use their own pool) so
-                // its OpenMP workers do not spin against them.
-                threads.decode_phase();
-                let last = hidden?.select(1, -1);
-                Vec::try_from(self.model.logits(&last)?.to_kind(Kind::Float).view([-1]))?
-            };
             let (id, logprob) = sampler.sample(&logits);
             first_token_at.get_or_insert_with(Instant::now);
             out_ids.push(id);
@@ -250,7 +347,7 @@ impl Engine {
             if !keep_going {
                 break FinishReason::Cancelled;
             }
-            input = vec![id as i64];
+            logits = seq.decode(&self.model, id)?;
         };
         let first = first_token_at.expect("at least one token");
         Ok(Completion {

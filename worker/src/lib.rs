@@ -7,10 +7,9 @@
 //! - [`gemv`]: CPU matrix-vector kernel for decode steps (AVX2/FMA).
 //! - [`spin_pool`]: the fork-join pool decode kernels run on.
 //! - [`decode_attention`]: CPU attention for one query over the KV cache.
-//! - [`kv_cache`]: the contiguous per-sequence KV cache (single-process runs).
 //! - [`paged`]: the paged KV pool, batch layouts, CPU paged attention.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
-//! - [`generate`]: the single-process generation loop (`Engine`).
+//! - [`generate`]: the single-process generation loop (`LocalModel`, `LocalSequence`).
 //! - [`engine`]: the serving engine (scheduler, block manager, stages).
 //! - [`device`]: device and dtype selection, CUDA backend loading.
 //! - [`server`]: the gRPC shard server (`llmos.worker.v1.Worker`) and its
@@ -23,7 +22,6 @@ pub mod engine;
 pub mod error;
 pub mod gemv;
 pub mod generate;
-pub mod kv_cache;
 pub mod model;
 pub mod paged;
 pub mod sampling;
@@ -33,7 +31,9 @@ pub mod vecmath;
 pub mod weights;
 
 pub use error::{Result, WorkerError};
-pub use generate::{Completion, Engine, FinishReason, GenerateRequest, PromptInput, TokenEvent};
+pub use generate::{
+    Completion, FinishReason, GenerateRequest, LocalModel, LocalSequence, PromptInput, TokenEvent,
+};
 pub use model::linear::Quantization;
 pub use model::llama::LoadOptions;
 pub use sampling::SamplingParams;

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use llmos_meta::{ChatMessage, ModelSpec};
 use llmos_worker::device::{parse_device, parse_dtype, peak_rss_bytes};
 use llmos_worker::{
-    Engine, GenerateRequest, LoadOptions, PromptInput, Quantization, SamplingParams,
+    GenerateRequest, LoadOptions, LocalModel, PromptInput, Quantization, SamplingParams,
 };
 use serde_json::json;
 
@@ -137,7 +137,7 @@ struct BenchArgs {
     repeat: usize,
 }
 
-fn load(args: &ModelArgs, show_progress: bool) -> Result<Engine> {
+fn load(args: &ModelArgs, show_progress: bool) -> Result<LocalModel> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
@@ -160,7 +160,7 @@ fn load(args: &ModelArgs, show_progress: bool) -> Result<Engine> {
     );
     bar.set_message(args.model.clone());
     let started = Instant::now();
-    let engine = Engine::load(&spec, &opts, &mut |done, total| {
+    let engine = LocalModel::load(&spec, &opts, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

@@ -107,7 +107,7 @@ impl KvPool {
             assert!(t.device() == Device::Cpu);
             // SAFETY: pool tensors are contiguous CPU tensors owned by `self`
             // (borrowed mutably); `slot * row + row` is within their extent.
-            unsafe { crate::kv_cache::store_row(t, slot * row, src) };
+            unsafe { store_row(t, slot * row, src) };
         }
     }
 }
@@ -311,59 +311,59 @@ pub fn paged_attention(
     unsafe { attend_tensors(&m, q, out, keys, values, at, at) }
 }
 
+/// Writes f32 `src` at element `off` of a contiguous CPU f32 or bf16 tensor,
+/// converting to its dtype.
+///
+/// # Safety
+/// `t` is contiguous on the CPU, `off + src.len()` is within it, and no
+/// other reference reads or writes those elements meanwhile.
+pub(crate) unsafe fn store_row(t: &Tensor, off: usize, src: &[f32]) {
+    match t.kind() {
+        Kind::Float => {
+            let dst = (t.data_ptr() as *mut f32).add(off);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+        }
+        Kind::BFloat16 => {
+            let dst = (t.data_ptr() as *mut u16).add(off);
+            for (i, x) in src.iter().enumerate() {
+                *dst.add(i) = crate::vecmath::f32_to_bf16(*x);
+            }
+        }
+        other => panic!("store_row into a {other:?} tensor"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Scattered block tables read through the pool give libtorch's
-    /// attention over the same keys and values laid out contiguously.
-    #[test]
-    fn paged_attention_matches_sdpa_f32_and_bf16() {
-        tch::manual_seed(11);
-        let (heads, kv, d, bs) = (9usize, 3usize, 16usize, 4usize);
+    /// Attention of one query per table (blocks, length) over a pool of
+    /// `num_blocks` blocks filled with random keys and values, against
+    /// libtorch's attention over the same keys and values laid out
+    /// contiguously, in f32 and bf16 pools.
+    fn check_against_sdpa(
+        (heads, kv, d, bs, num_blocks): (usize, usize, usize, usize, usize),
+        tables: &[(Vec<u32>, usize)],
+    ) {
         let shape = PoolShape {
             layers: 1,
-            num_blocks: 32,
+            num_blocks,
             block_size: bs,
             kv_heads: kv,
             head_dim: d,
         };
-        // Two sequences of 13 and 1 positions on non-contiguous blocks;
-        // twelve of 1..=12 positions on scattered blocks.
-        let mut next = (0..32u32).map(|i| (i * 13 + 5) % 32);
-        let many: Vec<(Vec<u32>, usize)> = (1..=12usize)
-            .map(|len| {
-                (
-                    (0..len.div_ceil(bs))
-                        .map(|_| next.next().unwrap())
-                        .collect(),
-                    len,
-                )
-            })
-            .collect();
-        // One sequence of 100 positions on 25 scattered blocks: split into
-        // spans across the pool's threads and merged.
-        let long: Vec<u32> = (0..25u32).map(|i| (i * 7 + 3) % 32).collect();
-        for (kind, tables) in [
-            (Kind::Float, vec![(long.clone(), 100)]),
-            (Kind::BFloat16, vec![(long.clone(), 100)]),
-            (Kind::Float, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
-            (Kind::BFloat16, vec![(vec![7, 2, 30, 11], 13), (vec![5], 1)]),
-            (Kind::Float, many.clone()),
-            (Kind::BFloat16, many.clone()),
-        ] {
+        for kind in [Kind::Float, Kind::BFloat16] {
             let mut pool = KvPool::new(shape, kind, Device::Cpu).unwrap();
             let n = tables.len() as i64;
             let mut ctx = Vec::new();
-            for (blocks, len) in &tables {
-                let k = Tensor::randn(
-                    [*len as i64, kv as i64, d as i64],
-                    (Kind::Float, Device::Cpu),
-                );
-                let v = Tensor::randn(
-                    [*len as i64, kv as i64, d as i64],
-                    (Kind::Float, Device::Cpu),
-                );
+            for (blocks, len) in tables {
+                let rand = || {
+                    Tensor::randn(
+                        [*len as i64, kv as i64, d as i64],
+                        (Kind::Float, Device::Cpu),
+                    )
+                };
+                let (k, v) = (rand(), rand());
                 let slots: Vec<i64> = (0..*len).map(|p| slot(blocks, bs, p) as i64).collect();
                 pool.write(0, &Tensor::from_slice(&slots), &k, &v);
                 ctx.push((k.to_kind(kind), v.to_kind(kind)));
@@ -393,8 +393,58 @@ mod tests {
                 )
                 .view([heads as i64, d as i64]);
                 let diff = (got.get(row as i64) - want).abs().max().double_value(&[]);
-                assert!(diff < 1e-4, "{kind:?} row {row}: {diff}");
+                assert!(
+                    diff < 1e-4,
+                    "{kind:?} heads {heads} kv {kv} d {d} row {row} of {}: {diff}",
+                    tables[row].1
+                );
             }
+        }
+    }
+
+    /// `n` distinct blocks of a pool of `num_blocks` (prime to 13),
+    /// scattered.
+    fn scattered(n: usize, num_blocks: usize) -> Vec<u32> {
+        (0..n).map(|i| ((i * 13 + 5) % num_blocks) as u32).collect()
+    }
+
+    /// Scattered block tables read through the pool give libtorch's
+    /// attention over the same keys and values laid out contiguously.
+    #[test]
+    fn paged_attention_matches_sdpa_f32_and_bf16() {
+        tch::manual_seed(11);
+        let bs = 4;
+        // Two sequences of 13 and 1 positions on non-contiguous blocks;
+        // twelve of 1..=12 positions on scattered blocks.
+        check_against_sdpa(
+            (9, 3, 16, bs, 32),
+            &[(vec![7, 2, 30, 11], 13), (vec![5], 1)],
+        );
+        // Distinct blocks for all twelve (a block written twice would
+        // hold only the later sequence's keys).
+        let mut next = (0..32u32).map(|i| (i * 13 + 5) % 32);
+        let many: Vec<(Vec<u32>, usize)> = (1..=12usize)
+            .map(|len| {
+                let blocks = next.by_ref().take(len.div_ceil(bs)).collect();
+                (blocks, len)
+            })
+            .collect();
+        check_against_sdpa((9, 3, 16, bs, 32), &many);
+        // One sequence of 100 positions on 25 scattered blocks: split into
+        // spans across the pool's threads and merged.
+        let long: Vec<u32> = (0..25u32).map(|i| (i * 7 + 3) % 32).collect();
+        check_against_sdpa((9, 3, 16, bs, 32), &[(long, 100)]);
+        // Head sizes and groups of the models served: SmolLM2's 9 heads
+        // over 3 KV heads of 64 (37 positions, and 600 split into spans),
+        // no grouping, groups of 4; blocks of 16 as served.
+        for (heads, kv, d, len) in [
+            (9, 3, 64, 37),
+            (4, 4, 16, 1),
+            (8, 2, 32, 130),
+            (9, 3, 64, 600),
+        ] {
+            let n = (len as usize).div_ceil(16);
+            check_against_sdpa((heads, kv, d, 16, 64), &[(scattered(n, 64), len)]);
         }
     }
 

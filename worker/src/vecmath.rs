@@ -3,6 +3,16 @@
 //! exponentials over the whole vocabulary, once per token). AVX-512 where
 //! the CPU has it (chosen at run time), plain loops otherwise.
 
+/// Round-to-nearest-even f32 to bfloat16 bits (as libtorch converts).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
 /// The largest element of `s` (negative infinity for an empty `s`).
 pub fn max(s: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]

@@ -4,8 +4,9 @@
 //!   compaction) behind `raft::Storage`.
 //! - [`node`]: the Ready loop owning `RawNode`, the state machine and the
 //!   waiters of writes and ReadIndex reads; [`RaftNode`] is its handle.
-//! - [`transport`]: [`RaftTransport`], over gRPC (batched, per-peer queues)
-//!   or an in-memory network with faults for tests.
+//! - [`RaftTransport`] (the seam between the node and the network) and
+//!   [`transport`]: it over gRPC (batched, per-peer queues) or an in-memory
+//!   network with faults for tests.
 
 pub mod log_store;
 pub mod node;
@@ -15,7 +16,17 @@ pub mod transport;
 mod tests;
 
 pub use node::{Bootstrap, RaftConfig, RaftError, RaftNode, View};
-pub use transport::{GrpcTransport, MemNetwork, PeerService, RaftTransport};
+pub use transport::{GrpcTransport, MemNetwork, PeerService};
+
+use raft::prelude::Message;
+
+/// Best-effort delivery of raft messages; raft retries what is lost.
+pub trait RaftTransport: Send + Sync + 'static {
+    fn send(&self, msgs: Vec<Message>);
+    /// Where peer `id` listens (from the peer list, membership, or a batch).
+    fn set_peer(&self, id: u64, address: &str);
+    fn remove_peer(&self, id: u64);
+}
 
 /// raft-rs logs through slog; this drain forwards to `tracing`.
 struct TracingDrain;

@@ -23,7 +23,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use super::log_store::{DiskStorage, LogError};
-use super::transport::RaftTransport;
+use super::RaftTransport;
 use crate::state::{ClusterState, Command, StateError};
 
 #[derive(Debug, Clone)]

@@ -16,14 +16,7 @@ use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use super::node::RaftNode;
-
-/// Best-effort delivery of raft messages; raft retries what is lost.
-pub trait RaftTransport: Send + Sync + 'static {
-    fn send(&self, msgs: Vec<Message>);
-    /// Where peer `id` listens (from the peer list, membership, or a batch).
-    fn set_peer(&self, id: u64, address: &str);
-    fn remove_peer(&self, id: u64);
-}
+use super::RaftTransport;
 
 /// Most messages in one gRPC batch.
 const MAX_BATCH: usize = 1024;

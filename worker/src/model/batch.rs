@@ -220,7 +220,7 @@ mod tests {
 
     /// A ragged batch (a fresh prompt, a prompt chunk after cached
     /// positions, decode tokens) on scattered blocks gives, row for row, the
-    /// logits of each sequence run alone on the contiguous-cache path.
+    /// logits of each sequence run alone, whole, in a pool of its own.
     #[test]
     fn ragged_batch_matches_sequences_alone() {
         for (kind, tol) in [(Kind::Float, 2e-4), (Kind::BFloat16, 0.15)] {
@@ -286,18 +286,29 @@ mod tests {
             let x = m.embed_packed(&Tensor::from_slice(&ids)).unwrap();
             let hid = m.forward_batch(&x, &layout, &mut pool).unwrap();
             let got = m.logits_rows(&hid, &layout.last_rows()).unwrap();
-            // Alone: each sequence's tokens through the contiguous cache.
+            // Alone: each sequence's tokens in one step of its own, in a
+            // pool of its own on contiguous blocks.
             let alone = [
                 [&prompts[0][..], &[next[0]]].concat(),
                 prompts[1].clone(),
                 [&prompts[2][..], &[next[2]]].concat(),
             ];
             for (i, toks) in alone.iter().enumerate() {
-                let mut cache = m.new_cache(1, 16);
-                let h = m
-                    .forward(&Tensor::from_slice(toks).unsqueeze(0), &mut cache)
-                    .unwrap();
-                let want = m.logits(&h.select(1, -1)).unwrap().view([-1]);
+                let mut own = m.new_pool(4, bs).unwrap();
+                let layout = BatchLayout {
+                    seqs: vec![SeqSlice {
+                        position: 0,
+                        tokens: toks.len(),
+                        blocks: vec![0, 1, 2, 3],
+                    }],
+                    block_size: bs,
+                };
+                let x = m.embed_packed(&Tensor::from_slice(toks)).unwrap();
+                let h = m.forward_batch(&x, &layout, &mut own).unwrap();
+                let want = m
+                    .logits_rows(&h, &[toks.len() as i64 - 1])
+                    .unwrap()
+                    .view([-1]);
                 let diff = (got.get(i as i64) - want).abs().max().double_value(&[]);
                 assert!(diff < tol, "{kind:?} sequence {i}: {diff}");
             }
@@ -305,10 +316,29 @@ mod tests {
     }
 
     /// The fused one-token step over a paged sequence equals the batched
-    /// path's logits for that token.
+    /// path's logits for that token, in f32 (tight) and bf16 (bf16
+    /// activations there), with and without q/k/v biases.
     #[test]
     fn fused_step_on_pages_matches_batched_path() {
-        let m = tiny(Kind::Float);
+        for (kind, bias, tol) in [
+            (Kind::Float, false, 1e-4),
+            (Kind::Float, true, 1e-4),
+            (Kind::BFloat16, true, 0.1),
+        ] {
+            fused_step_matches_batched(kind, bias, tol);
+        }
+    }
+
+    fn fused_step_matches_batched(kind: Kind, bias: bool, tol: f32) {
+        let mut cfg = ModelConfig::preset("tiny").unwrap();
+        cfg.qkv_bias = bias;
+        let opts = LoadOptions {
+            kind,
+            device: Device::Cpu,
+            seed: 7,
+            ..Default::default()
+        };
+        let m = Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap();
         let _g = tch::no_grad_guard();
         let bs = 4;
         let (mut p1, mut p2) = (m.new_pool(16, bs).unwrap(), m.new_pool(16, bs).unwrap());
@@ -346,7 +376,7 @@ mod tests {
                 .iter()
                 .zip(&want)
                 .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(diff < 1e-4, "token {tok}: {diff}");
+            assert!(diff < tol, "{kind:?} bias {bias} token {tok}: {diff}");
         }
     }
 }

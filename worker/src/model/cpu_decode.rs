@@ -1,6 +1,7 @@
 //! The single-sequence decode step on CPU, fused: one token through every
 //! layer on f32 activations in host buffers, with the `gemv` kernel for the
-//! projections, `decode_attention::attend_into` over the KV cache, and plain
+//! projections, paged attention over the sequence's blocks of the KV pool
+//! (the same pool and kernel the batched forward uses), and plain
 //! loops for RMSNorm, rotary embedding, SiLU-and-multiply and residuals.
 //! libtorch's per-op dispatch (~45 small ops a layer) would otherwise cost
 //! as much as the weight reads on small models. The free functions here are
@@ -9,60 +10,8 @@
 use tch::{Device, Kind};
 
 use super::llama::Llama;
-use crate::decode_attention::attend_into;
 use crate::error::{Result, WorkerError};
-use crate::kv_cache::KvCache;
 use crate::paged::{paged_attention, slot, KvPool, QueryRow};
-
-/// Where the fused decode step keeps keys and values: a contiguous
-/// per-sequence `KvCache`, or one sequence's blocks of a paged `KvPool`.
-pub trait DecodeKv {
-    /// Position the next token takes.
-    fn position(&self) -> usize;
-    /// Checks that one more position fits.
-    fn reserve_one(&self) -> Result<()>;
-    /// Writes the token's keys and values (f32 `[kv_heads * head_dim]`).
-    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]);
-    /// Attention of `q` (`[heads * head_dim]`) over positions `0..len`.
-    fn attend(
-        &self,
-        layer: usize,
-        q: &[f32],
-        heads: usize,
-        len: usize,
-        scale: f64,
-        out: &mut [f32],
-    );
-    /// Marks the position written in every layer.
-    fn advance(&mut self);
-}
-
-impl DecodeKv for KvCache {
-    fn position(&self) -> usize {
-        self.len()
-    }
-    fn reserve_one(&self) -> Result<()> {
-        self.reserve(1)
-    }
-    fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        self.write_position(layer, pos, k, v)
-    }
-    fn attend(
-        &self,
-        layer: usize,
-        q: &[f32],
-        heads: usize,
-        len: usize,
-        scale: f64,
-        out: &mut [f32],
-    ) {
-        let (kc, vc) = self.layer(layer);
-        attend_into(q, heads, kc, vc, len, scale, out)
-    }
-    fn advance(&mut self) {
-        KvCache::advance(self, 1)
-    }
-}
 
 /// One sequence of a paged pool: its block table and cached length.
 pub struct PagedSeq<'a> {
@@ -71,10 +20,8 @@ pub struct PagedSeq<'a> {
     pub position: usize,
 }
 
-impl DecodeKv for PagedSeq<'_> {
-    fn position(&self) -> usize {
-        self.position
-    }
+impl PagedSeq<'_> {
+    /// Checks that one more position fits in the sequence's blocks.
     fn reserve_one(&self) -> Result<()> {
         let cap = self.blocks.len() * self.pool.shape().block_size;
         if self.position >= cap {
@@ -86,10 +33,14 @@ impl DecodeKv for PagedSeq<'_> {
         }
         Ok(())
     }
+
+    /// Writes the token's keys and values (f32 `[kv_heads * head_dim]`).
     fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let s = slot(self.blocks, self.pool.shape().block_size, pos);
         self.pool.write_slot(layer, s, k, v)
     }
+
+    /// Attention of `q` (`[heads * head_dim]`) over positions `0..len`.
     fn attend(
         &self,
         layer: usize,
@@ -107,9 +58,6 @@ impl DecodeKv for PagedSeq<'_> {
         }];
         let bs = self.pool.shape().block_size;
         paged_attention(q, heads, k, v, bs, &rows, scale as f32, out)
-    }
-    fn advance(&mut self) {
-        self.position += 1;
     }
 }
 
@@ -143,11 +91,6 @@ pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
 }
 
 impl Llama {
-    /// Whether `decode_step` can run this model with this cache.
-    pub fn cpu_decode_supported(&self, cache: &KvCache) -> bool {
-        self.fused_decode_supported() && cache.layer(0).0.size()[0] == 1
-    }
-
     /// Whether `decode_step` can run this model (whole model, CPU, f32 or
     /// bf16 weights the `gemv` kernel reads).
     pub fn fused_decode_supported(&self) -> bool {
@@ -166,9 +109,9 @@ impl Llama {
                 .all(|b| b.attn.qkv.has_gemv() && b.attn.o.has_gemv())
     }
 
-    /// One token of one sequence at position `cache.position()`: appends to
+    /// One token of one sequence at position `cache.position`: appends to
     /// the cache and returns the float32 logits.
-    pub fn decode_step(&self, token: u32, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
+    pub fn decode_step(&self, token: u32, cache: &mut PagedSeq<'_>) -> Result<Vec<f32>> {
         if !self.shard.head {
             return Err(WorkerError::InvalidRequest(
                 "this shard holds no LM head".into(),
@@ -221,10 +164,10 @@ impl Llama {
     }
 
     /// One token's hidden state `x` through this shard's layers at position
-    /// `cache.position()`: the float32 logits if the shard holds the head,
+    /// `cache.position`: the float32 logits if the shard holds the head,
     /// else the hidden state after its last layer. On a tensor-parallel
     /// rank the attention and MLP outputs are summed over the group.
-    pub fn decode_hidden(&self, mut x: Vec<f32>, cache: &mut impl DecodeKv) -> Result<Vec<f32>> {
+    pub fn decode_hidden(&self, mut x: Vec<f32>, cache: &mut PagedSeq<'_>) -> Result<Vec<f32>> {
         cache.reserve_one()?;
         let cfg = &self.cfg;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
@@ -236,7 +179,7 @@ impl Llama {
         }
         let heads = self.tp.map_or(cfg.num_heads, |t| t.heads);
         let (nq, nkv) = (heads * d, self.local_kv_heads() * d);
-        let pos = cache.position();
+        let pos = cache.position;
         let eps = cfg.rms_norm_eps as f32;
         let angles: Vec<f32> = self.rope.inv_freq.iter().map(|f| pos as f32 * f).collect();
         let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
@@ -270,7 +213,7 @@ impl Llama {
             self.reduce_host(&mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
-        cache.advance();
+        cache.position += 1;
         let (Some(norm), Some(head)) = (self.final_norm.as_ref(), self.head.as_ref()) else {
             return Ok(x);
         };
@@ -284,46 +227,7 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::LoadOptions;
-    use crate::model::ShardSpec;
-    use llmos_meta::ModelConfig;
     use tch::Tensor;
-
-    /// The fused step gives the logits of libtorch's forward pass, step by
-    /// step after a prompt, in f32 (tight) and bf16 (bf16 activations there).
-    #[test]
-    fn fused_step_matches_tensor_path() {
-        let mut cfg = ModelConfig::preset("tiny").unwrap();
-        cfg.qkv_bias = true; // exercise the bias path too
-        for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 0.1)] {
-            let opts = LoadOptions {
-                kind,
-                device: Device::Cpu,
-                seed: 7,
-                ..Default::default()
-            };
-            let m = Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap();
-            let _g = tch::no_grad_guard();
-            let prompt = Tensor::from_slice(&[5i64, 17, 99, 3]).unsqueeze(0);
-            let mut c1 = m.new_cache(1, 16);
-            let mut c2 = m.new_cache(1, 16);
-            let _ = m.forward(&prompt, &mut c1).unwrap();
-            let _ = m.forward(&prompt, &mut c2).unwrap();
-            for tok in [42u32, 7, 300, 511, 0] {
-                let fused = m.decode_step(tok, &mut c1).unwrap();
-                let h = m
-                    .forward(&Tensor::from_slice(&[tok as i64]).unsqueeze(0), &mut c2)
-                    .unwrap();
-                let want: Vec<f32> = Vec::try_from(m.logits(&h).unwrap().view([-1])).unwrap();
-                let diff = fused
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                assert!(diff < tol, "{kind:?} token {tok}: {diff}");
-            }
-            assert_eq!(c1.len(), c2.len());
-        }
-    }
 
     #[test]
     fn elementwise_kernels_match_libtorch() {

@@ -4,8 +4,10 @@
 //!
 //! A `Llama` may hold only a contiguous range of layers (`ShardSpec`), with or
 //! without the embedding and the final norm + head, so pipeline stages load
-//! just their part of the weights. Weights are immutable; the KV cache is
-//! passed in.
+//! just their part of the weights. Weights are immutable; the paged KV pool
+//! is passed in. The forward itself (`batch.rs`: prompts, prompt chunks and
+//! decode rows of many sequences in one step) and its fused one-token CPU
+//! fast path (`cpu_decode.rs`) run over that one pool.
 
 use std::sync::Arc;
 
@@ -13,9 +15,7 @@ use llmos_meta::{LayerPart, ModelConfig, Slice, TpSplit, WeightKey, WeightSource
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::Collective;
-use crate::decode_attention;
 use crate::error::{Result, WorkerError};
-use crate::kv_cache::KvCache;
 use crate::model::arena::WeightArena;
 use crate::model::linear::{Linear, Quantization};
 use crate::weights::{Loader, Progress};
@@ -108,72 +108,6 @@ impl Rope {
             sin: table(sin),
             inv_freq: Vec::<f32>::try_from(&inv).expect("inv_freq"),
         }
-    }
-
-    /// Rotates `x` (`[b, t, heads, head_dim]`) for positions `start..start+t`.
-    fn apply(&self, x: &Tensor, start: i64) -> Tensor {
-        let t = x.size()[1];
-        let half = x.size()[3] / 2;
-        let cos = self.cos.narrow(0, start, t);
-        let sin = self.sin.narrow(0, start, t);
-        (x * cos).addcmul(&x.roll([half], [-1]), &sin)
-    }
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        start: i64,
-        rope: &Rope,
-        layer: usize,
-        cache: &mut KvCache,
-    ) -> Tensor {
-        let (b, t, _) = x.size3().expect("hidden is [b, t, h]");
-        let (h, hkv) = (self.heads, self.kv_heads);
-        let qkv = self.qkv.forward(x).view([b, t, h + 2 * hkv, self.head_dim]);
-        // Rotate q and k together, in the `[b, t, heads, head_dim]` layout.
-        let qk = rope.apply(&qkv.narrow(2, 0, h + hkv), start);
-        let q = qk.narrow(2, 0, h).transpose(1, 2);
-        let k = qk.narrow(2, h, hkv).transpose(1, 2);
-        let v = qkv.narrow(2, h + hkv, hkv).transpose(1, 2);
-        let hq = h * self.head_dim;
-        let (k_all, v_all) = cache.append(layer, &k, &v);
-        let total = start + t;
-        let y = if t == 1 && decode_attention::supported(&q, &k_all) {
-            let scale = 1.0 / (self.head_dim as f64).sqrt();
-            decode_attention::decode_attention(&q, &k_all, &v_all, scale)
-        } else if t == 1 {
-            // One query per sequence: fold each KV head's group of query heads
-            // into the query axis, so no K/V head is repeated and no mask is
-            // needed (query heads h*g..(h+1)*g share KV head h).
-            let g = self.heads / self.kv_heads;
-            let qg = q.reshape([b, self.kv_heads, g, self.head_dim]);
-            let y = Tensor::scaled_dot_product_attention::<Tensor>(
-                &qg, &k_all, &v_all, None, 0.0, false, None, false,
-            );
-            y.reshape([b, self.heads, 1, self.head_dim])
-        } else {
-            // A fresh prompt is plainly causal; a chunk after cached positions
-            // sees all of them plus its own causal part.
-            let mask = (start > 0).then(|| {
-                let q_pos =
-                    Tensor::arange_start(start, total, (Kind::Int64, x.device())).unsqueeze(1);
-                let k_pos = Tensor::arange(total, (Kind::Int64, x.device())).unsqueeze(0);
-                k_pos.le_tensor(&q_pos)
-            });
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k_all,
-                &v_all,
-                mask,
-                0.0,
-                start == 0,
-                None,
-                true,
-            )
-        };
-        self.o.forward(&y.transpose(1, 2).reshape([b, t, hq]))
     }
 }
 
@@ -521,19 +455,6 @@ impl Llama {
         n
     }
 
-    /// A KV cache for this shard's layers.
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
-        KvCache::new(
-            self.blocks.len(),
-            batch,
-            self.local_kv_heads(),
-            self.cfg.head_dim,
-            capacity.min(self.cfg.max_position),
-            self.kind,
-            self.device,
-        )
-    }
-
     /// Token ids `[b, t]` to embeddings `[b, t, hidden]` (first stage only).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let e = self
@@ -547,34 +468,6 @@ impl Llama {
             false,
             false,
         ))
-    }
-
-    /// Runs this shard's layers over `hidden` (`[b, t, hidden]`) at positions
-    /// `cache.len()..`, appending to the cache; applies the final norm if this
-    /// shard holds the head.
-    pub fn forward_hidden(&self, hidden: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let t = hidden.size()[1] as usize;
-        cache.reserve(t)?;
-        let start = cache.len() as i64;
-        let mut x = hidden.shallow_clone();
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let h = blk
-                .attn
-                .forward(&blk.attn_norm.forward(&x), start, &self.rope, i, cache);
-            x = &x + self.reduce(h)?;
-            x = &x + self.reduce(blk.mlp.forward(&blk.mlp_norm.forward(&x)))?;
-        }
-        cache.advance(t);
-        Ok(match &self.final_norm {
-            Some(n) => n.forward(&x),
-            None => x,
-        })
-    }
-
-    /// Full forward from token ids: `[b, t]` ids to normed hidden states.
-    pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = self.embed(tokens)?;
-        self.forward_hidden(&x, cache)
     }
 
     /// Normed hidden states to float32 logits `[.., vocab]` (last stage only).

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llmos_meta::serving::{DEFAULT_BLOCK_SIZE, DEFAULT_KV_BLOCKS};
 use llmos_meta::{ModelSpec, OpenedModel};
 use llmos_proto::worker::v1 as pb;
 use prost::Message;
@@ -22,11 +23,6 @@ use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
 use crate::paged::{BatchLayout, KvPool, SeqSlice};
 use crate::sampling::{Sampler, SamplingParams};
-
-/// Positions per KV block when the spec leaves it at 0.
-pub const DEFAULT_BLOCK_SIZE: u32 = 16;
-/// KV blocks when the spec leaves it at 0.
-pub const DEFAULT_KV_BLOCKS: u32 = 512;
 
 /// How long the ranks of a tensor-parallel group wait for each other to
 /// link up.
@@ -194,7 +190,7 @@ struct Host {
     links: LinkTable,
 }
 
-/// The spec with its defaults filled in.
+/// The spec with the serving defaults filled in where it says 0.
 pub fn normalized(mut spec: pb::ShardSpec) -> pb::ShardSpec {
     if spec.block_size == 0 {
         spec.block_size = DEFAULT_BLOCK_SIZE;
@@ -359,7 +355,7 @@ impl Host {
         }
         let shape = model.pool_shape(spec.kv_blocks as usize, spec.block_size as usize);
         let bytes = shape.num_blocks * shape.block_bytes(kind);
-        let (_, available) = meminfo();
+        let (_, available) = crate::device::memory(self.device);
         if available > 0 && bytes as u64 > available {
             return Err(WorkerError::LimitExceeded {
                 what: format!(
@@ -670,7 +666,7 @@ impl Host {
                     .map_or(0, |l| l.bytes_sent()),
             })
             .collect();
-        let (total, available) = meminfo();
+        let (total, available) = crate::device::memory(self.device);
         pb::StatsResponse {
             shards,
             memory_total_bytes: total,
@@ -719,19 +715,6 @@ fn spawn_follower(model: String, group: Arc<TcpGroup>, host: std::sync::mpsc::Se
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a tensor-parallel follower thread");
     }
-}
-
-/// (MemTotal, MemAvailable) in bytes from /proc/meminfo.
-pub(crate) fn meminfo() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let get = |key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (get("MemTotal:"), get("MemAvailable:"))
 }
 
 #[cfg(test)]

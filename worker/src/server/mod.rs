@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use llmos_meta::serving::{DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING};
 use llmos_proto::worker::v1 as pb;
 use pb::worker_server::{Worker, WorkerServer};
 use tokio_stream::{Stream, StreamExt};
@@ -62,10 +63,9 @@ impl From<WorkerError> for Status {
     }
 }
 
-/// Engine limits when the spec leaves them at 0.
-pub const DEFAULT_MAX_BATCH_TOKENS: u32 = 512;
-pub const DEFAULT_MAX_RUNNING: u32 = 64;
-pub const DEFAULT_MAX_WAITING: u32 = 256;
+/// A remote stage that does not answer a step within this (when the spec
+/// leaves it at 0) is unavailable. Engine limits left at 0 take the serving
+/// defaults of `llmos_meta::serving`.
 pub const DEFAULT_STEP_TIMEOUT_MS: u32 = 30_000;
 
 pub struct WorkerService {

@@ -11,7 +11,7 @@ use llmos_proto::worker::v1 as pb;
 use pb::registry_client::RegistryClient;
 use tonic::Request;
 
-use super::host::meminfo;
+use crate::device::memory_of;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);
@@ -71,7 +71,7 @@ pub async fn registration_loop(reg: Registration) {
                 continue;
             }
         };
-        let (total, free) = meminfo();
+        let (total, free) = memory_of(&reg.device);
         if registered {
             // Known to the cluster already: carry on heartbeating here.
             if !heartbeats(&mut client, &reg, &coordinator, Duration::ZERO, interval).await {
@@ -115,7 +115,7 @@ async fn heartbeats(
     loop {
         tokio::time::sleep(wait).await;
         wait = interval;
-        let (_, free) = meminfo();
+        let (_, free) = memory_of(&reg.device);
         match client
             .heartbeat(with_deadline(pb::HeartbeatRequest {
                 worker_id: reg.worker_id.clone(),
