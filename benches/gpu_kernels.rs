@@ -8,9 +8,9 @@
 
 use std::time::Instant;
 
-use llmos_kernels::paged_attention::PagedBatch;
-use llmos_kernels::sampling::SampleParams;
-use llmos_kernels::{cuda_available, int8, load_torch_cuda, rotary, Kernels};
+use llmos_kernels::cuda::paged_attention::PagedBatch;
+use llmos_kernels::cuda::sampling::SampleParams;
+use llmos_kernels::cuda::{cuda_available, int8, load_torch_cuda, rotary, Kernels};
 use tch::{Device, Kind, Tensor};
 
 const ITERS: u32 = 200;

@@ -5,6 +5,11 @@ taking turns round by round. Prints every figure (medians over rounds) and
 the ratios.
 
 Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
+                         [--baseline OTHER_LLMOS_BIN]
+
+With --baseline, a second llmos binary (e.g. built from an earlier commit)
+takes its turn in every round too, and the ratios of llmos to it are
+printed: a before/after comparison on the same machine in the same minutes.
 """
 
 import argparse
@@ -26,6 +31,7 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--prompt", type=int, default=512)
 p.add_argument("--decode", type=int, default=128)
 p.add_argument("--repeat", type=int, default=5)
+p.add_argument("--baseline", default=None, help="another llmos-worker binary to compare with")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -49,10 +55,10 @@ def report(engine, dtype, prefill_s, decode_tps):
     }
 
 
-def llmos(dtype, gguf):
+def llmos(dtype, gguf, binary=None):
     """One run of `llmos-worker bench` (its own warm-up, one timed run)."""
     out = subprocess.run(
-        [args.llmos_bin, "bench", "--model", gguf, "--dtype", dtype, "--threads", str(args.threads),
+        [binary or args.llmos_bin, "bench", "--model", gguf, "--dtype", dtype, "--threads", str(args.threads),
          "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode), "--repeat", "1"],
         check=True, capture_output=True, text=True,
     ).stdout
@@ -120,6 +126,8 @@ for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
         "transformers": transformers_engine(dtype, gguf),
         "llama.cpp": llama_cpp_engine(dtype, gguf),
     }
+    if args.baseline:
+        engines["llmos-baseline"] = lambda n, dtype=dtype, gguf=gguf: llmos(dtype, gguf, args.baseline)
     runs = {name: [] for name in engines}
     for _ in range(args.repeat):
         for name, once in engines.items():
@@ -131,9 +139,9 @@ for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
     gc.collect()
 
 print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat} rounds, engines in turn)")
-print(f"{'engine':<13}{'dtype':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
+print(f"{'engine':<15}{'dtype':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
 for r in rows:
-    print(f"{r['engine']:<13}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}")
+    print(f"{r['engine']:<15}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}")
 print("\nratios (llmos / peer; >1 means llmos is faster)")
 for dtype in ("f32", "bf16"):
     mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
@@ -141,4 +149,11 @@ for dtype in ("f32", "bf16"):
         o = next(r for r in rows if r["engine"] == peer and r["dtype"] == dtype)
         print(f"  {dtype:<5} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
               f"   prefill {o['prefill_s'] / mine['prefill_s']:.2f}x")
+if args.baseline:
+    print(f"\nagainst the baseline binary {args.baseline} (llmos / baseline; >1 means faster now)")
+    for dtype in ("f32", "bf16"):
+        mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
+        base = next(r for r in rows if r["engine"] == "llmos-baseline" and r["dtype"] == dtype)
+        print(f"  {dtype:<5} decode {mine['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f}x"
+              f"   prefill {base['prefill_s'] / mine['prefill_s']:.3f}x")
 print(json.dumps(rows))

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use llmos_worker::gemv::{gemv_batch, pool, tiles_available};
+use llmos_kernels::cpu::gemv::{gemv_batch, pool, tiles_available};
 use tch::{Device, Kind, Tensor};
 
 /// Median seconds of `f` over `reps` runs after one warm-up.

@@ -214,9 +214,19 @@ async fn deploy_generate_cancel_and_faults() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
-    assert!(
-        e.message().contains("w1") || e.message().contains("w0"),
-        "{e}"
+    assert!(e.message().contains("w1"), "{e}");
+    // Classified by code and metadata, not by the message: the first
+    // stage's worker answered that the stage behind it is unavailable.
+    let detail = |key| e.metadata().get(key).and_then(|v| v.to_str().ok());
+    assert_eq!(
+        detail(llmos_meta::failure::FAILURE_KEY),
+        Some("stage-unavailable"),
+        "{e:?}"
+    );
+    assert_eq!(
+        detail(llmos_meta::failure::FAILED_WORKER_KEY),
+        Some("w1"),
+        "{e:?}"
     );
     assert!(
         t0.elapsed() < Duration::from_secs(10),

@@ -195,7 +195,11 @@ pub fn batched_parity(engine: &LocalModel, r: &Reference, budget: usize) -> Batc
     let total: usize = need.iter().sum();
     // Block ids handed out in a scattered order (7 is prime to the count
     // unless the count is a multiple of 7: then one more block).
-    let num_blocks = if total % 7 == 0 { total + 1 } else { total };
+    let num_blocks = if total.is_multiple_of(7) {
+        total + 1
+    } else {
+        total
+    };
     let mut order = (0..num_blocks).map(|i| ((i * 7 + 3) % num_blocks) as u32);
     let tables: Vec<Vec<u32>> = need
         .iter()

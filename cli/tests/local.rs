@@ -73,7 +73,7 @@ fn ctrl_c_stops_every_process() {
             "2000",
             "--ignore-eos",
         ])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -88,12 +88,23 @@ fn ctrl_c_stops_every_process() {
         );
         seen.push_str(&line);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Mid-generation, not before it: wait for the first streamed text (the
+    // 2000-token budget cannot be spent before the signal).
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut stdout, &mut first).unwrap(),
+        1,
+        "no generated text before the signal: {seen}"
+    );
+    // Keep draining stdout so the child never blocks on a full pipe.
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(t0.elapsed() < Duration::from_secs(10));
+    let _ = drain.join();
     all_closed(&addresses(&seen));
 }

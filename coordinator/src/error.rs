@@ -56,8 +56,20 @@ impl From<CoordError> for Status {
             CoordError::Plan(PlanError::Insufficient { .. }) => Status::failed_precondition(msg),
             CoordError::State(StateError::ModelExists(_)) => Status::already_exists(msg),
             CoordError::State(_) => Status::failed_precondition(msg),
-            CoordError::ModelNotReady { .. } | CoordError::WorkerUnavailable { .. } => {
-                Status::unavailable(msg)
+            CoordError::ModelNotReady { .. } => Status::unavailable(msg),
+            CoordError::WorkerUnavailable { worker, .. } => {
+                use llmos_meta::failure::{FailureKind, FAILED_WORKER_KEY, FAILURE_KEY};
+                let mut s = Status::unavailable(msg);
+                s.metadata_mut().insert(
+                    FAILURE_KEY,
+                    tonic::metadata::MetadataValue::from_static(
+                        FailureKind::StageUnavailable.as_str(),
+                    ),
+                );
+                if let Ok(v) = worker.parse() {
+                    s.metadata_mut().insert(FAILED_WORKER_KEY, v);
+                }
+                s
             }
             CoordError::Store(StoreError::Raft(RaftError::Membership(_)))
             | CoordError::Store(StoreError::Unsupported(_)) => Status::failed_precondition(msg),
@@ -67,9 +79,16 @@ impl From<CoordError> for Status {
                     status.code(),
                     format!("worker {worker}: {}", status.message()),
                 );
-                // The engine's retry hint (a full queue) reaches the client.
-                if let Some(v) = status.metadata().get("retry-after-ms") {
-                    s.metadata_mut().insert("retry-after-ms", v.clone());
+                // The engine's retry hint (a full queue) and the failure's
+                // kind (and failed worker) reach the client.
+                for key in [
+                    "retry-after-ms",
+                    llmos_meta::failure::FAILURE_KEY,
+                    llmos_meta::failure::FAILED_WORKER_KEY,
+                ] {
+                    if let Some(v) = status.metadata().get(key) {
+                        s.metadata_mut().insert(key, v.clone());
+                    }
                 }
                 s
             }

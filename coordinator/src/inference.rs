@@ -82,14 +82,20 @@ impl InferenceService {
     }
 }
 
-/// A worker's status as the client should see it: transport failures are
+/// A worker's status as the client should see it: transport failures (no
+/// failure kind in the metadata: the worker did not answer) are
 /// UNAVAILABLE naming the worker; the engine's own answers (queue full with
-/// its retry hint, deadline, bad input) keep their code and metadata.
+/// its retry hint, deadline, bad input, a stage behind it unavailable) keep
+/// their code and metadata.
 fn stage_error(worker: &str, address: &str, status: Status, cluster: &Cluster) -> CoordError {
-    if matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) && !status.message().contains("is unavailable")
+    let answered = status
+        .metadata()
+        .contains_key(llmos_meta::failure::FAILURE_KEY);
+    if !answered
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
     {
         cluster.forget_client(address);
         return CoordError::WorkerUnavailable {
@@ -219,11 +225,9 @@ impl api::inference_server::Inference for InferenceService {
         } else {
             r.request_id
         };
-        let seed = s.seed.unwrap_or_else(|| {
-            request_id.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            })
-        });
+        let seed = s
+            .seed
+            .unwrap_or_else(|| llmos_meta::hash::fnv1a(request_id.as_bytes()));
         let sampling = wk::Sampling {
             temperature: s.temperature,
             top_k: s.top_k,

@@ -10,12 +10,18 @@
 //! - [`source`]: resolving a model name or path and opening it.
 //! - [`streamer`]: token ids to streamed text and a finish reason.
 //! - [`serving`]: the serving options' defaults, stated once.
+//! - [`failure`]: a failure's kind as it crosses processes (status code +
+//!   metadata detail).
+//! - [`hash`]: the project's one stable hash (FNV-1a): prefix-cache block
+//!   names, default seeds, kernel cache keys.
 
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod failure;
 pub mod gguf;
 pub mod gguf_writer;
+pub mod hash;
 pub mod quant;
 pub mod serving;
 pub mod source;

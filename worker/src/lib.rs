@@ -1,13 +1,12 @@
 //! llmos worker: runs a Llama-family model, or a pipeline shard of it, on
-//! libtorch (CPU, or CUDA where libtorch sees a GPU).
+//! libtorch (CPU, or CUDA where libtorch sees a GPU). Every kernel it runs
+//! beyond libtorch's (CPU products, attention, element-wise ops, the pool
+//! they run on; the CUDA kernels) lives in `llmos_kernels`.
 //!
 //! - [`collective`]: tensor-parallel groups (TCP mesh, NCCL, solo).
 //! - [`model`]: architectures (`Llama`), loadable by layer range (`ShardSpec`).
 //! - [`weights`]: host tensors from a `WeightSource` (or seeded random) to libtorch.
-//! - [`gemv`]: CPU matrix-vector kernel for decode steps (AVX2/FMA).
-//! - [`spin_pool`]: the fork-join pool decode kernels run on.
-//! - [`decode_attention`]: CPU attention for one query over the KV cache.
-//! - [`paged`]: the paged KV pool, batch layouts, CPU paged attention.
+//! - [`paged`]: the paged KV pool and the layout of a batched step.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
 //! - [`generate`]: the single-process generation loop (`LocalModel`, `LocalSequence`).
 //! - [`engine`]: the serving engine (scheduler, block manager, stages).
@@ -16,18 +15,14 @@
 //!   shard host (one thread owning shards and KV caches).
 
 pub mod collective;
-pub mod decode_attention;
 pub mod device;
 pub mod engine;
 pub mod error;
-pub mod gemv;
 pub mod generate;
 pub mod model;
 pub mod paged;
 pub mod sampling;
 pub mod server;
-pub mod spin_pool;
-pub mod vecmath;
 pub mod weights;
 
 pub use error::{Result, WorkerError};

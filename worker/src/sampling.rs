@@ -59,10 +59,10 @@ pub struct Sampler {
 
 /// log-softmax of `logits` at `id`.
 pub fn logprob(logits: &[f32], id: u32) -> f32 {
-    let max = crate::vecmath::max(logits);
+    let max = llmos_kernels::cpu::vecmath::max(logits);
     // f32 exponentials (16 lanes at a time over a 49k vocabulary, once per
     // token), summed in f64.
-    let sum = crate::vecmath::sum_exp(logits, max);
+    let sum = llmos_kernels::cpu::vecmath::sum_exp(logits, max);
     (logits[id as usize] - max) - sum.ln() as f32
 }
 

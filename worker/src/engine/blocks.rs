@@ -13,19 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Hash of a full block: its parent's hash and its token ids.
-fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    // FNV-1a over the parent hash and the ids: stable across processes and
-    // runs (the hash is also checked against the stored tokens on a hit).
-    let mut h = 0xcbf29ce484222325u64;
-    let mut feed = |b: u8| h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-    parent.to_le_bytes().into_iter().for_each(&mut feed);
-    tokens
-        .iter()
-        .flat_map(|t| t.to_le_bytes())
-        .for_each(&mut feed);
-    h
-}
+use llmos_meta::hash::block_hash;
 
 #[derive(Debug, Clone, Default)]
 struct Block {
@@ -308,6 +296,36 @@ mod tests {
         assert_eq!(m.stats().evictions, 2);
         m.release(&all);
         assert_eq!(m.used(), 0);
+    }
+
+    /// Evictable blocks go least recently released first: with room for
+    /// one block fewer than asked, the prefix released earlier is evicted
+    /// (its block reused) and the one released later still hits.
+    #[test]
+    fn eviction_takes_the_least_recently_released_block_first() {
+        let mut m = BlockManager::new(4, 2, true);
+        let (pa, pb) = ([1, 2, 3], [5, 6, 7]);
+        let a = m.allocate_prompt(&pa, 3).unwrap();
+        m.register_full(&pa, &a.blocks, 3);
+        let b = m.allocate_prompt(&pb, 3).unwrap();
+        m.register_full(&pb, &b.blocks, 3);
+        // B's prefix released before A's, then A's: A is the newer.
+        m.release(&b.blocks);
+        m.release(&a.blocks);
+        assert_eq!((m.used(), m.cached()), (0, 2));
+        // Two never-cached blocks are free; the third allocation evicts.
+        let mut taken: Vec<u32> = (0..2).map(|_| m.allocate().unwrap()).collect();
+        assert_eq!(m.stats().evictions, 0, "free blocks go before cached ones");
+        taken.push(m.allocate().unwrap());
+        assert_eq!(m.stats().evictions, 1);
+        assert_eq!(
+            taken[2], b.blocks[0],
+            "the least recently released is evicted"
+        );
+        m.release(&taken);
+        assert_eq!(m.allocate_prompt(&pb, 3).unwrap().cached_tokens, 0);
+        let again = m.allocate_prompt(&pa, 3).unwrap();
+        assert_eq!(again.cached_tokens, 2, "the newer prefix survived");
     }
 
     #[test]

@@ -197,12 +197,20 @@ async fn cancellation_and_deadlines_return_every_block() {
     // Cancel once it is running.
     assert!(matches!(ev.recv().await, Some(Ok(SeqEvent::Token { .. }))));
     e.cancel(id);
+    // A deadline that falls mid-generation: far enough for the first token
+    // on a loaded machine, far too near for 8000 tokens.
     let mut deadline = sub(&[9, 8, 7], 8000, None);
-    deadline.params.deadline = Some(Instant::now() + Duration::from_millis(30));
-    let (_, dev) = e.submit(deadline).await.unwrap();
+    let due = Instant::now() + Duration::from_millis(500);
+    deadline.params.deadline = Some(due);
+    let (_, mut dev) = e.submit(deadline).await.unwrap();
+    assert!(
+        matches!(dev.recv().await, Some(Ok(SeqEvent::Token { .. }))),
+        "the first token did not arrive before the deadline"
+    );
     match collect(dev).await {
         Err(WorkerError::DeadlineExceeded { generated, .. }) => {
-            assert!(generated > 0 && generated < 8000)
+            assert!(Instant::now() >= due, "expired before its deadline");
+            assert!(generated > 0 && generated < 8000, "{generated}")
         }
         other => panic!("expected DEADLINE_EXCEEDED, got {other:?}"),
     }

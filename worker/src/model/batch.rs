@@ -7,11 +7,12 @@
 //! `paged_attention`, prompt chunks run libtorch's attention over their
 //! gathered context (causal within the chunk).
 
+use llmos_kernels::cpu::attention::{paged_attention, QueryRow};
 use tch::{Device, Kind, Tensor};
 
 use super::llama::Llama;
 use crate::error::{Result, WorkerError};
-use crate::paged::{paged_attention, BatchLayout, KvPool, QueryRow};
+use crate::paged::{BatchLayout, KvPool};
 
 impl Llama {
     /// The pool shape this shard needs for `num_blocks` blocks of

@@ -4,14 +4,16 @@
 //! (the same pool and kernel the batched forward uses), and plain
 //! loops for RMSNorm, rotary embedding, SiLU-and-multiply and residuals.
 //! libtorch's per-op dispatch (~45 small ops a layer) would otherwise cost
-//! as much as the weight reads on small models. The free functions here are
-//! also the CPU references of the CUDA kernels of the same names.
+//! as much as the weight reads on small models. Its kernels live in
+//! `llmos_kernels::cpu`.
 
+use llmos_kernels::cpu::attention::{paged_attention, QueryRow};
+use llmos_kernels::cpu::elementwise::{rms_norm, rope_in_place, silu_mul};
 use tch::{Device, Kind};
 
 use super::llama::Llama;
 use crate::error::{Result, WorkerError};
-use crate::paged::{paged_attention, slot, KvPool, QueryRow};
+use crate::paged::{slot, KvPool};
 
 /// One sequence of a paged pool: its block table and cached length.
 pub struct PagedSeq<'a> {
@@ -59,35 +61,6 @@ impl PagedSeq<'_> {
         let bs = self.pool.shape().block_size;
         paged_attention(q, heads, k, v, bs, &rows, scale as f32, out)
     }
-}
-
-/// `out = x / rms(x) * w` (float32 statistics, as Hugging Face).
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (ms + eps).sqrt();
-    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
-        *o = v * inv * w;
-    }
-}
-
-/// Rotates each `d`-wide head of `v` in place (rotate-half convention) by
-/// angles `pos * inv_freq`.
-pub fn rope_in_place(v: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
-    let half = d / 2;
-    for head in v.chunks_exact_mut(d) {
-        let (a, b) = head.split_at_mut(half);
-        for i in 0..half {
-            let (x1, x2) = (a[i], b[i]);
-            a[i] = x1 * cos[i] - x2 * sin[i];
-            b[i] = x2 * cos[i] + x1 * sin[i];
-        }
-    }
-}
-
-/// `out = silu(gate) * up` where `gate_up = [gate; up]`.
-pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
-    let (g, u) = gate_up.split_at(out.len());
-    crate::vecmath::silu_mul(g, u, out)
 }
 
 impl Llama {
@@ -221,28 +194,5 @@ impl Llama {
         let mut logits = vec![0f32; head.out_features()];
         head.gemv_into(&normed, &mut logits);
         Ok(logits)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tch::Tensor;
-
-    #[test]
-    fn elementwise_kernels_match_libtorch() {
-        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 64.0).collect();
-        let mut out = vec![0f32; 64];
-        rms_norm(&x, &w, 1e-5, &mut out);
-        let t = Tensor::from_slice(&x).rms_norm([64], Some(&Tensor::from_slice(&w)), 1e-5);
-        let want: Vec<f32> = Vec::try_from(t).unwrap();
-        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
-
-        let mut out = vec![0f32; 32];
-        silu_mul(&x, &mut out);
-        let g = Tensor::from_slice(&x[..32]);
-        let want: Vec<f32> = Vec::try_from(g.silu() * Tensor::from_slice(&x[32..])).unwrap();
-        assert!(out.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6));
     }
 }

@@ -14,7 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, WorkerError};
-use crate::gemv::{gemv_batch, pool};
+use llmos_kernels::cpu::gemv::{gemv_batch, pool};
 
 /// How a model's linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,7 +84,7 @@ impl Linear {
                 Store::Dense { weight, fast }
             }
             Quantization::Int8 => {
-                let (q, scales) = llmos_kernels::int8::quantize_per_channel(&weight)
+                let (q, scales) = llmos_kernels::cuda::int8::quantize_per_channel(&weight)
                     .map_err(|e| WorkerError::InvalidRequest(e.to_string()))?;
                 let scales_f32 = Vec::<f32>::try_from(scales.to_device(Device::Cpu))?;
                 Store::Int8 {
@@ -222,7 +222,7 @@ impl Linear {
             Store::Dense { weight, .. } => weight.kind() == Kind::Float,
             Store::Int8 { .. } => true,
         };
-        rows <= Self::TILED_BATCH && tileable && crate::gemv::tiles_available()
+        rows <= Self::TILED_BATCH && tileable && llmos_kernels::cpu::gemv::tiles_available()
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -285,8 +285,8 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16] {
             let lin =
                 Linear::with(w.to_kind(kind), Some(b.to_kind(kind)), Quantization::Int8).unwrap();
-            let (q, s) = llmos_kernels::int8::quantize_per_channel(&w.to_kind(kind)).unwrap();
-            let deq = llmos_kernels::int8::dequantize(&q, &s, Kind::Float);
+            let (q, s) = llmos_kernels::cuda::int8::quantize_per_channel(&w.to_kind(kind)).unwrap();
+            let deq = llmos_kernels::cuda::int8::dequantize(&q, &s, Kind::Float);
             assert!(lin.dense_weight().is_none());
             assert_eq!(lin.bytes(), 96 * 64 + 96 * 4);
             for rows in [1i64, 5, 40, 200] {

@@ -368,7 +368,7 @@ impl Host {
             });
         }
         let pool = model.new_pool(spec.kv_blocks as usize, spec.block_size as usize)?;
-        crate::gemv::pool();
+        llmos_kernels::cpu::gemv::pool();
         let weight_bytes = model.weight_bytes() as u64;
         let max_context = model.config().max_position as u32;
         tracing::info!(model = %spec.model, layers = ?(spec.layer_start..spec.layer_end), weight_bytes, kv_bytes = pool.bytes(), "shard loaded");
@@ -619,8 +619,8 @@ impl Host {
         // its log-probability): across the decode pool.
         let samplers: Vec<_> = samplers.into_iter().map(std::sync::Mutex::new).collect();
         let mut tokens = vec![pb::SampledToken::default(); samplers.len()];
-        let picked = crate::spin_pool::SharedSlot(tokens.as_mut_ptr());
-        crate::gemv::pool().run(samplers.len(), &|n| {
+        let picked = llmos_kernels::cpu::spin_pool::SharedSlot(tokens.as_mut_ptr());
+        llmos_kernels::cpu::gemv::pool().run(samplers.len(), &|n| {
             let mut guard = samplers[n].lock().unwrap_or_else(|e| e.into_inner());
             let (i, sampler, index) = &mut *guard;
             let r = row_of(*i);

@@ -26,40 +26,67 @@ use crate::error::{Result, WorkerError};
 pub use host::HostHandle;
 
 impl From<WorkerError> for Status {
+    /// The one mapping of the worker's errors to gRPC: a code, and the
+    /// failure's kind (and the failed worker, where one is named) in the
+    /// metadata for callers to classify it by (`llmos_meta::failure`).
     fn from(e: WorkerError) -> Status {
+        use llmos_meta::failure::{FailureKind as K, FAILED_WORKER_KEY, FAILURE_KEY};
         use llmos_meta::MetaError;
         let msg = e.to_string();
-        match e {
+        let (mut s, kind, failed) = match e {
             WorkerError::InvalidRequest(_)
             | WorkerError::LimitExceeded { .. }
-            | WorkerError::NoTokenizer { .. } => Status::invalid_argument(msg),
+            | WorkerError::NoTokenizer { .. } => {
+                (Status::invalid_argument(msg), K::InvalidRequest, None)
+            }
             WorkerError::UnknownModel(_) | WorkerError::Meta(MetaError::ModelNotFound { .. }) => {
-                Status::not_found(msg)
+                (Status::not_found(msg), K::NotFound, None)
             }
             WorkerError::Meta(MetaError::Io { ref source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                Status::not_found(msg)
+                (Status::not_found(msg), K::NotFound, None)
             }
-            WorkerError::Meta(_) => Status::invalid_argument(msg),
+            WorkerError::Meta(_) => (Status::invalid_argument(msg), K::InvalidRequest, None),
+            WorkerError::StageUnavailable { worker, .. } => {
+                (Status::unavailable(msg), K::StageUnavailable, Some(worker))
+            }
             WorkerError::DeviceUnavailable(..)
             | WorkerError::HostStopped
             | WorkerError::Transport(_)
-            | WorkerError::StageUnavailable { .. }
             | WorkerError::StepFailed(_)
-            | WorkerError::Collective(_) => Status::unavailable(msg),
-            WorkerError::Torch(_) => Status::internal(msg),
+            | WorkerError::Collective(_) => (Status::unavailable(msg), K::StageUnavailable, None),
+            WorkerError::Torch(_) => (Status::internal(msg), K::Internal, None),
             WorkerError::QueueFull { retry_after_ms, .. } => {
                 let mut s = Status::resource_exhausted(msg);
                 if let Ok(v) = retry_after_ms.to_string().parse() {
                     s.metadata_mut().insert("retry-after-ms", v);
                 }
-                s
+                (s, K::QueueFull, None)
             }
-            WorkerError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
-            WorkerError::StageFailed { status, .. } => Status::new(status.code(), msg),
-            WorkerError::Status(s) => s,
+            WorkerError::DeadlineExceeded { .. } => {
+                (Status::deadline_exceeded(msg), K::DeadlineExceeded, None)
+            }
+            WorkerError::StageFailed { status, worker } => {
+                let kind = status
+                    .metadata()
+                    .get(FAILURE_KEY)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(K::parse)
+                    .unwrap_or(K::Internal);
+                (Status::new(status.code(), msg), kind, Some(worker))
+            }
+            // Already mapped (shared by the sequences of a failed step).
+            WorkerError::Status(s) => return s,
+        };
+        s.metadata_mut().insert(
+            FAILURE_KEY,
+            tonic::metadata::MetadataValue::from_static(kind.as_str()),
+        );
+        if let Some(w) = failed.and_then(|w| w.parse().ok()) {
+            s.metadata_mut().insert(FAILED_WORKER_KEY, w);
         }
+        s
     }
 }
 

@@ -4,9 +4,10 @@
 
 use tch::Tensor;
 
-use crate::check::{self, ptr, FLOATS};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{KernelError, Module, Result};
+use crate::cuda::check::{self, ptr, FLOATS};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 pub fn plan_silu_and_mul(out: &Tensor, input: &Tensor) -> Result<Launch> {
     const OP: &str = "silu_and_mul";
@@ -61,22 +62,36 @@ impl Kernels {
     }
 }
 
-/// CPU reference: f32 arithmetic; the activation rounded to the dtype before
-/// the product, as Hugging Face's `act(gate) * up`.
+/// The CPU kernel (`cpu::vecmath::silu_mul`) over tensors: f32
+/// arithmetic; the activation rounded to the dtype before the product, as
+/// Hugging Face's `act(gate) * up` (one step in f32).
 pub mod reference {
     use super::*;
-    use crate::check::{round, tensor, values};
+    use crate::cpu::vecmath::silu_mul;
+    use crate::cuda::check::{round, tensor, values};
+    use tch::Kind;
 
     pub fn silu_and_mul(input: &Tensor) -> Tensor {
         let kind = input.kind();
         let (rows, cols) = (input.size()[0], input.size()[1]);
         let inter = (cols / 2) as usize;
         let v = values(input);
-        let mut act = Vec::with_capacity(v.len() / 2);
+        let mut act = vec![0f32; v.len() / 2];
         let mut up = Vec::with_capacity(v.len() / 2);
-        for row in v.chunks_exact(cols as usize) {
-            act.extend(row[..inter].iter().map(|&g| g / (1.0 + (-g).exp())));
+        let ones = vec![1f32; inter];
+        for (row, a) in v
+            .chunks_exact(cols as usize)
+            .zip(act.chunks_exact_mut(inter))
+        {
+            if kind == Kind::Float {
+                silu_mul(&row[..inter], &row[inter..], a);
+                continue;
+            }
+            silu_mul(&row[..inter], &ones, a);
             up.extend_from_slice(&row[inter..]);
+        }
+        if kind == Kind::Float {
+            return tensor(&act, &[rows, inter as i64], kind);
         }
         let out: Vec<f32> = round(kind, &act)
             .iter()

@@ -197,11 +197,11 @@ impl<T> SharedPtr<T> {
 
 /// An output pointer shared by a pool job's tasks, each writing only its
 /// own disjoint elements.
-pub(crate) struct SharedSlot<T>(pub(crate) *mut T);
+pub struct SharedSlot<T>(pub *mut T);
 // SAFETY: tasks write disjoint elements (each user states which).
 unsafe impl<T: Send> Sync for SharedSlot<T> {}
 impl<T> SharedSlot<T> {
-    pub(crate) fn at(&self, i: usize) -> *mut T {
+    pub fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }

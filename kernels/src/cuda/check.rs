@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::runtime::Arg;
+use crate::cuda::runtime::Arg;
 use crate::{KernelError, Result};
 
 fn invalid(op: &'static str, arg: &'static str, problem: String) -> KernelError {

@@ -17,8 +17,9 @@ use cudarc::driver::{
 };
 use tch::Device;
 
-use crate::compile::{compile, default_cache_dir};
-use crate::{KernelError, Module, Result};
+use crate::cuda::compile::{compile, default_cache_dir};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 /// One kernel parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,10 +117,9 @@ pub fn cuda_available() -> bool {
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
 }
 
-/// `(total, free)` bytes of memory of CUDA device `ordinal`, as the driver
-/// reports them (`cuMemGetInfo` on the device's primary context, the one
-/// libtorch uses).
-pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
+/// The primary context of `cuda:ordinal`, checking first that the driver
+/// is installed (cudarc panics where it is absent) and sees that device.
+fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
     // SAFETY: only tries to open the library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(KernelError::Unavailable(
@@ -132,7 +132,14 @@ pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
             "cuda:{ordinal} asked for, the driver sees {count} device(s)"
         )));
     }
-    let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening cuda:{ordinal}")))?;
+    CudaContext::new(ordinal).map_err(driver(format!("opening cuda:{ordinal}")))
+}
+
+/// `(total, free)` bytes of memory of CUDA device `ordinal`, as the driver
+/// reports them (`cuMemGetInfo` on the device's primary context, the one
+/// libtorch uses).
+pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
+    let ctx = open_device(ordinal)?;
     let (free, total) = ctx
         .mem_get_info()
         .map_err(driver(format!("memory of cuda:{ordinal}")))?;
@@ -157,19 +164,7 @@ impl Kernels {
     }
 
     pub fn with_cache(ordinal: usize, cache: PathBuf) -> Result<Self> {
-        // SAFETY: only tries to open the library.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(KernelError::Unavailable(
-                "libcuda (the NVIDIA driver) is not installed".into(),
-            ));
-        }
-        let count = CudaContext::device_count().map_err(driver("counting devices"))?;
-        if ordinal >= count.max(0) as usize {
-            return Err(KernelError::Unavailable(format!(
-                "cuda:{ordinal} asked for, the driver sees {count} device(s)"
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(driver(format!("opening cuda:{ordinal}")))?;
+        let ctx = open_device(ordinal)?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(driver("reading the compute capability"))?;

@@ -10,9 +10,10 @@
 
 use tch::{Kind, Tensor};
 
-use crate::check::{self, ptr, FLOATS};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{KernelError, Module, Result};
+use crate::cuda::check::{self, ptr, FLOATS};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 /// Input rows the kernel takes (decode batches; larger ones go through a
 /// dequantized matrix product).
@@ -109,10 +110,13 @@ impl Kernels {
     }
 }
 
-/// CPU reference: f64 dot products of the int8 rows, scaled, rounded once.
+/// The CPU kernel (`cpu::gemv::gemv_batch` over int8 rows, as the worker's
+/// int8 decode rows run) over tensors: f32 accumulation, the row's scale
+/// applied after, rounded once.
 pub mod reference {
     use super::*;
-    use crate::check::{round, tensor, values};
+    use crate::cpu::gemv::{gemv_batch, pool};
+    use crate::cuda::check::{round, tensor, values};
 
     pub fn int8_linear(x: &Tensor, q: &Tensor, scales: &Tensor) -> Tensor {
         let kind = x.kind();
@@ -123,15 +127,9 @@ pub mod reference {
             .expect("int8");
         let sv = values(scales);
         let mut y = vec![0f32; m * n];
-        for i in 0..m {
-            for r in 0..n {
-                let dot: f64 = qv[r * k..(r + 1) * k]
-                    .iter()
-                    .zip(&xv[i * k..(i + 1) * k])
-                    .map(|(&w, &x)| w as f64 * x as f64)
-                    .sum();
-                y[i * n + r] = (dot * sv[r] as f64) as f32;
-            }
+        gemv_batch(pool(), &qv, k, &xv, &mut y);
+        for row in y.chunks_exact_mut(n) {
+            row.iter_mut().zip(&sv).for_each(|(y, s)| *y *= s);
         }
         tensor(&round(kind, &y), &[m as i64, n as i64], kind)
     }

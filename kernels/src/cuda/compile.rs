@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{KernelError, Module, Result};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 /// Options every module is compiled with (besides the architecture).
 const OPTIONS: &[&str] = &["--std=c++17", "--fmad=true"];
@@ -75,18 +76,15 @@ pub fn normalize_arch(arch: &str) -> Result<String> {
     Ok(format!("compute_{digits}"))
 }
 
-/// 64-bit FNV-1a: stable across runs and platforms (unlike `DefaultHasher`).
+/// FNV-1a (the project's stable hash) over `parts`, each followed by a
+/// 0xff separator.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut h = llmos_meta::hash::Fnv1a::new();
     for part in parts {
-        for &b in *part {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
+        h.write(part);
+        h.write(&[0xff]);
     }
-    h
+    h.finish()
 }
 
 /// A module's PTX and where it is cached.

@@ -16,7 +16,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 /// The largest element of `s` (negative infinity for an empty `s`).
 pub fn max(s: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::gemv::tiles_available() && !s.is_empty() {
+    if crate::cpu::gemv::tiles_available() && !s.is_empty() {
         // SAFETY: AVX-512 F was detected.
         return unsafe { x86::max_of(s) };
     }
@@ -27,7 +27,7 @@ pub fn max(s: &[f32]) -> f32 {
 /// 1,024 terms).
 pub fn sum_exp(s: &[f32], shift: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if crate::gemv::tiles_available() {
+    if crate::cpu::gemv::tiles_available() {
         // SAFETY: AVX-512 F was detected.
         return s
             .chunks(1024)
@@ -41,7 +41,7 @@ pub fn sum_exp(s: &[f32], shift: f32) -> f64 {
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::gemv::tiles_available() {
+    if crate::cpu::gemv::tiles_available() {
         // SAFETY: AVX-512 F was detected; the lengths were checked.
         return unsafe { x86::silu_mul(gate, up, out) };
     }
@@ -171,8 +171,11 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_exp_matches_libm() {
-        if !crate::gemv::tiles_available() {
-            eprintln!("no AVX-512 here: the portable loops use libm");
+        if !crate::cpu::gemv::tiles_available() {
+            crate::cpu::skip_line(
+                "vector_exp_matches_libm",
+                "no AVX-512 on this CPU: the 16-lane exponential does not run here",
+            );
             return;
         }
         use std::arch::x86_64::*;

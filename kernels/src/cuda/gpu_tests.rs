@@ -1,19 +1,20 @@
-//! GPU tests: each kernel against its CPU reference and against the
+//! GPU tests: each kernel against the CPU kernel of its op and against the
 //! libtorch op chain it replaces, on ragged batches, in bf16, fp16 and f32.
-//! Skipped (with a message) where no CUDA device is present; run on a GPU
-//! machine with `cargo test -p llmos-kernels gpu_`.
+//! Ignored by default (the test summary counts them); run them on a GPU
+//! machine with `cargo test --release -- --ignored gpu_`, where a missing
+//! GPU fails them.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::paged_attention::tests::{case, dense};
-use crate::sampling::SampleParams;
-use crate::{cuda_available, int8, load_torch_cuda, Kernels};
+use crate::cuda::paged_attention::tests::{case, dense};
+use crate::cuda::sampling::SampleParams;
+use crate::cuda::{cuda_available, int8, load_torch_cuda, Kernels};
 
 fn gpu() -> Option<(Kernels, Device)> {
-    if !cuda_available() {
-        eprintln!("skipped: no CUDA device");
-        return None;
-    }
+    assert!(
+        cuda_available(),
+        "a GPU test ran without a CUDA device (they are #[ignore]d: run them with --ignored on a GPU machine)"
+    );
     load_torch_cuda().expect("libtorch_cuda.so");
     assert!(
         tch::Cuda::is_available(),
@@ -45,6 +46,7 @@ fn tol(kind: Kind) -> f64 {
 const KINDS: [Kind; 3] = [Kind::BFloat16, Kind::Half, Kind::Float];
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_rms_norm_matches_reference_and_libtorch() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(11);
@@ -56,7 +58,7 @@ fn gpu_rms_norm_matches_reference_and_libtorch() {
         let mut r = Tensor::randn([37, 2048], (Kind::Float, dev)).to_kind(kind);
         let w = (Tensor::rand([2048], (Kind::Float, dev)) + 0.5).to_kind(kind);
         let plain = k.rms_norm(&x, &w, 1e-5).unwrap();
-        let want = crate::rms_norm::reference::rms_norm(&x, &w, 1e-5);
+        let want = crate::cuda::rms_norm::reference::rms_norm(&x, &w, 1e-5);
         assert!(
             rel(&plain, &want) < tol(kind),
             "{kind:?} rms_norm vs reference"
@@ -66,7 +68,8 @@ fn gpu_rms_norm_matches_reference_and_libtorch() {
             rel(&plain, &chain) < 2.0 * tol(kind),
             "{kind:?} rms_norm vs libtorch"
         );
-        let (want_x, want_r) = crate::rms_norm::reference::fused_add_rms_norm(&x, &r, &w, 1e-5);
+        let (want_x, want_r) =
+            crate::cuda::rms_norm::reference::fused_add_rms_norm(&x, &r, &w, 1e-5);
         let chain_r = &x + &r;
         let chain_x = chain_r.rms_norm([2048], Some(&w), 1e-5);
         k.fused_add_rms_norm(&mut x, &mut r, &w, 1e-5).unwrap();
@@ -85,6 +88,7 @@ fn gpu_rms_norm_matches_reference_and_libtorch() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_rotary_matches_reference_and_libtorch() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(12);
@@ -92,13 +96,13 @@ fn gpu_rotary_matches_reference_and_libtorch() {
     let inv: Vec<f32> = (0..d / 2)
         .map(|i| 500000f32.powf(-2.0 * i as f32 / d as f32))
         .collect();
-    let table = crate::rotary::cos_sin_table(&inv, 8192, dev);
+    let table = crate::cuda::rotary::cos_sin_table(&inv, 8192, dev);
     let positions = Tensor::from_slice(&[0i64, 5, 6, 7, 100, 101, 4000, 8191, 17]).to_device(dev);
     for kind in KINDS {
         let qkv = Tensor::randn([9, (heads + 2 * kv) * d], (Kind::Float, dev)).to_kind(kind);
         let mut q = qkv.narrow(1, 0, heads * d).view([9, heads, d]);
         let mut kk = qkv.narrow(1, heads * d, kv * d).view([9, kv, d]);
-        let (want_q, want_k) = crate::rotary::reference::rotary(&q, &kk, &positions, &table);
+        let (want_q, want_k) = crate::cuda::rotary::reference::rotary(&q, &kk, &positions, &table);
         let rope = |x: &Tensor| {
             let cs = table.index_select(0, &positions).unsqueeze(1);
             let (cos, sin) = (cs.narrow(2, 0, d / 2), cs.narrow(2, d / 2, d / 2));
@@ -128,6 +132,7 @@ fn gpu_rotary_matches_reference_and_libtorch() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_silu_and_mul_matches_reference_and_libtorch() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(13);
@@ -136,7 +141,7 @@ fn gpu_silu_and_mul_matches_reference_and_libtorch() {
             let x = (Tensor::randn([rows, 2 * 8192], (Kind::Float, dev)) * 3).to_kind(kind);
             let got = k.silu_and_mul(&x).unwrap();
             assert!(
-                rel(&got, &crate::activation::reference::silu_and_mul(&x)) < tol(kind),
+                rel(&got, &crate::cuda::activation::reference::silu_and_mul(&x)) < tol(kind),
                 "{kind:?}"
             );
             let chain = x.narrow(1, 0, 8192).silu() * x.narrow(1, 8192, 8192);
@@ -146,6 +151,7 @@ fn gpu_silu_and_mul_matches_reference_and_libtorch() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_paged_attention_matches_reference_and_dense_attention() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(14);
@@ -155,7 +161,8 @@ fn gpu_paged_attention_matches_reference_and_dense_attention() {
             let c = case(kind, dev, &[1, 15, 16, 17, 100, 1000, 2049], heads, kv, d);
             let scale = 1.0 / (d as f64).sqrt();
             let got = k.paged_attention(&c.batch(scale)).unwrap();
-            let want = crate::paged_attention::reference::paged_attention(&c.batch(scale)).unwrap();
+            let want =
+                crate::cuda::paged_attention::reference::paged_attention(&c.batch(scale)).unwrap();
             assert!(
                 rel(&got, &want) < tol(kind),
                 "{kind:?} {heads}/{kv}/{d} vs reference"
@@ -169,6 +176,7 @@ fn gpu_paged_attention_matches_reference_and_dense_attention() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_sampling_matches_reference() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(15);
@@ -200,7 +208,8 @@ fn gpu_sampling_matches_reference() {
     let (ids, lps) = k.sample(&logits, &params).unwrap();
     let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu)).unwrap();
     let lps = Vec::<f32>::try_from(lps.to_device(Device::Cpu)).unwrap();
-    let (want_ids, want_lps) = crate::sampling::reference::sample_rows(&logits, &params).unwrap();
+    let (want_ids, want_lps) =
+        crate::cuda::sampling::reference::sample_rows(&logits, &params).unwrap();
     let host = Vec::<f32>::try_from(logits.to_device(Device::Cpu).view([-1])).unwrap();
     let mut same = 0;
     for r in 0..rows as usize {
@@ -209,7 +218,7 @@ fn gpu_sampling_matches_reference() {
             assert_eq!(ids[r], want_ids[r], "row {r}: greedy differs");
         } else {
             assert!(
-                crate::sampling::reference::candidates(row, &params[r])[ids[r] as usize],
+                crate::cuda::sampling::reference::candidates(row, &params[r])[ids[r] as usize],
                 "row {r}: not a candidate"
             );
         }
@@ -227,6 +236,7 @@ fn gpu_sampling_matches_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_int8_linear_matches_reference_and_dequantized_matmul() {
     let Some((k, dev)) = gpu() else { return };
     tch::manual_seed(16);
@@ -252,6 +262,7 @@ fn gpu_int8_linear_matches_reference_and_dequantized_matmul() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_kernels_reject_host_tensors_and_reuse_cached_ptx() {
     let Some((k, _dev)) = gpu() else { return };
     let x = Tensor::zeros([2, 64], (Kind::BFloat16, Device::Cpu));
@@ -262,10 +273,10 @@ fn gpu_kernels_reject_host_tensors_and_reuse_cached_ptx() {
         "{err}"
     );
     // preload() compiled (or read) every module: compiling again hits the cache.
-    let again = crate::compile::compile(
-        crate::Module::PagedAttention,
+    let again = crate::cuda::compile::compile(
+        crate::cuda::Module::PagedAttention,
         k.arch(),
-        &crate::compile::default_cache_dir(),
+        &crate::cuda::compile::default_cache_dir(),
     )
     .unwrap();
     assert!(again.cache_hit);

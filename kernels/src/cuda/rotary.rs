@@ -9,9 +9,10 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::check::{self, ptr, FLOATS};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{Module, Result};
+use crate::cuda::check::{self, ptr, FLOATS};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::Result;
 
 /// `[max_position, d]` f32: `cos(p * inv_freq)` then `sin(p * inv_freq)`.
 pub fn cos_sin_table(inv_freq: &[f32], max_position: i64, device: Device) -> Tensor {
@@ -93,10 +94,12 @@ impl Kernels {
     }
 }
 
-/// CPU reference: f32 arithmetic, one rounding to the storage dtype.
+/// The CPU kernel (`cpu::elementwise::rope_in_place`) over tensors: f32
+/// arithmetic, one rounding to the storage dtype.
 pub mod reference {
     use super::*;
-    use crate::check::{round, tensor, values};
+    use crate::cpu::elementwise::rope_in_place;
+    use crate::cuda::check::{round, tensor, values};
 
     fn rotate(x: &Tensor, positions: &[i64], table: &[f32], d: usize) -> Tensor {
         let kind = x.kind();
@@ -105,14 +108,9 @@ pub mod reference {
         let half = d / 2;
         let per_token = (size[1] as usize) * d;
         for (t, &p) in positions.iter().enumerate() {
-            let cs = &table[p as usize * d..(p as usize + 1) * d];
-            for head in v[t * per_token..(t + 1) * per_token].chunks_exact_mut(d) {
-                for j in 0..half {
-                    let (x1, x2) = (head[j], head[j + half]);
-                    head[j] = x1 * cs[j] - x2 * cs[half + j];
-                    head[j + half] = x2 * cs[j] + x1 * cs[half + j];
-                }
-            }
+            // A table row is `[cos; sin]` of the position's angles.
+            let (cos, sin) = table[p as usize * d..(p as usize + 1) * d].split_at(half);
+            rope_in_place(&mut v[t * per_token..(t + 1) * per_token], d, cos, sin);
         }
         tensor(&round(kind, &v), &size, kind)
     }

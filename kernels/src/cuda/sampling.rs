@@ -12,9 +12,10 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::check::{self, ptr};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{KernelError, Module, Result};
+use crate::cuda::check::{self, ptr};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 /// One row's sampling parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]

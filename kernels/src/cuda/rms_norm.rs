@@ -7,9 +7,10 @@
 
 use tch::{Kind, Tensor};
 
-use crate::check::{self, ptr, FLOATS};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{Module, Result};
+use crate::cuda::check::{self, ptr, FLOATS};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::Result;
 
 fn rows_and_hidden(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(Kind, i64, i64, i64)> {
     let kind = check::kind(op, "x", x, &FLOATS)?;
@@ -106,18 +107,26 @@ impl Kernels {
     }
 }
 
-/// CPU references: f32 statistics, rounding to the storage dtype where the
-/// kernels round.
+/// The CPU kernel (`cpu::elementwise`) over tensors, rounding to the
+/// storage dtype where the CUDA kernels round (the normalized row before
+/// the weight, as Hugging Face); exact in f32.
 pub mod reference {
     use super::*;
-    use crate::check::{round, tensor, values};
+    use crate::cpu::elementwise::{inv_rms, rms_norm as cpu_rms_norm};
+    use crate::cuda::check::{round, tensor, values};
 
     fn norm_rows(kind: Kind, r: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
         let h = w.len();
-        let mut out = Vec::with_capacity(r.len());
+        let mut out = vec![0f32; r.len()];
+        if kind == Kind::Float {
+            for (row, o) in r.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+                cpu_rms_norm(row, w, eps as f32, o);
+            }
+            return out;
+        }
+        out.clear();
         for row in r.chunks_exact(h) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let inv = 1.0 / (ms + eps as f32).sqrt();
+            let inv = inv_rms(row, eps as f32);
             let normed = round(kind, &row.iter().map(|v| v * inv).collect::<Vec<_>>());
             out.extend(normed.iter().zip(w).map(|(n, w)| n * w));
         }

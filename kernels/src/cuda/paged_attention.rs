@@ -13,9 +13,10 @@
 
 use tch::{Kind, Tensor};
 
-use crate::check::{self, ptr};
-use crate::runtime::{Arg, Kernels, Launch};
-use crate::{KernelError, Module, Result};
+use crate::cuda::check::{self, ptr};
+use crate::cuda::runtime::{Arg, Kernels, Launch};
+use crate::cuda::Module;
+use crate::{KernelError, Result};
 
 /// Head dimensions the kernel takes: multiples of 32 up to this.
 pub const MAX_HEAD_DIM: i64 = 256;
@@ -145,11 +146,14 @@ impl Kernels {
     }
 }
 
-/// CPU reference: two-pass softmax in f64 per (sequence, head), reading
-/// through the block table; checks the table and lengths.
+/// The CPU kernel (`cpu::attention::paged_attention`, what the worker's
+/// decode rows run) over tensors: checks the tables and lengths the CUDA
+/// kernel trusts, reads f32 or bf16 caches in place (an f16 cache is
+/// widened first), rounds the output to `q`'s dtype.
 pub mod reference {
     use super::*;
-    use crate::check::{round, tensor, values};
+    use crate::cpu::attention::{paged_attention as cpu_paged_attention, QueryRow};
+    use crate::cuda::check::{round, tensor, values};
 
     pub fn paged_attention(b: &PagedBatch<'_>) -> Result<Tensor> {
         let PagedBatch {
@@ -163,10 +167,9 @@ pub mod reference {
         } = *b;
         let kind = q.kind();
         let (qs, ks) = (q.size(), k_cache.size());
-        let (seqs, heads, d) = (qs[0] as usize, qs[1] as usize, qs[2] as usize);
-        let (slots, kv_heads) = (ks[0] as usize, ks[1] as usize);
+        let (seqs, heads) = (qs[0] as usize, qs[1] as usize);
+        let slots = ks[0] as usize;
         let bs = block_size as usize;
-        let (qv, kv, vv) = (values(q), values(k_cache), values(v_cache));
         let max_blocks = block_tables.size()[1] as usize;
         let tables = Vec::<i32>::try_from(
             block_tables
@@ -175,10 +178,9 @@ pub mod reference {
                 .view([-1]),
         )?;
         let lens = Vec::<i32>::try_from(context_lens.to_device(tch::Device::Cpu))?;
-        let mut out = vec![0f32; qv.len()];
+        let mut rows = Vec::with_capacity(seqs);
         for s in 0..seqs {
             let len = lens[s];
-            let table = &tables[s * max_blocks..(s + 1) * max_blocks];
             if len < 1 || len as usize > max_blocks * bs {
                 return Err(KernelError::Invalid {
                     op: "paged_attention",
@@ -189,47 +191,46 @@ pub mod reference {
                     ),
                 });
             }
-            let slot_of = |p: usize| -> Result<usize> {
-                let b = table[p / bs];
-                if b < 0 || (b as usize + 1) * bs > slots {
-                    return Err(KernelError::Invalid {
-                        op: "paged_attention",
-                        arg: "block_tables",
-                        problem: format!(
-                            "sequence {s} names block {b}, the pool has {}",
-                            slots / bs
-                        ),
-                    });
-                }
-                Ok(b as usize * bs + p % bs)
-            };
-            let slots_of: Vec<usize> = (0..len as usize).map(slot_of).collect::<Result<_>>()?;
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                let qrow = &qv[(s * heads + h) * d..(s * heads + h + 1) * d];
-                let scores: Vec<f64> = slots_of
-                    .iter()
-                    .map(|&slot| {
-                        let k = &kv[(slot * kv_heads + kvh) * d..][..d];
-                        qrow.iter()
-                            .zip(k)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                let o = &mut out[(s * heads + h) * d..(s * heads + h + 1) * d];
-                for (w, &slot) in weights.iter().zip(&slots_of) {
-                    let v = &vv[(slot * kv_heads + kvh) * d..][..d];
-                    for (o, v) in o.iter_mut().zip(v) {
-                        *o += (w / total * *v as f64) as f32;
+            let used = (len as usize).div_ceil(bs);
+            let table: Vec<u32> = tables[s * max_blocks..s * max_blocks + used]
+                .iter()
+                .map(|&b| {
+                    if b < 0 || (b as usize + 1) * bs > slots {
+                        return Err(KernelError::Invalid {
+                            op: "paged_attention",
+                            arg: "block_tables",
+                            problem: format!(
+                                "sequence {s} names block {b}, the pool has {}",
+                                slots / bs
+                            ),
+                        });
                     }
-                }
-            }
+                    Ok(b as u32)
+                })
+                .collect::<Result<_>>()?;
+            rows.push((table, len as usize));
         }
+        let queries: Vec<QueryRow> = rows
+            .iter()
+            .enumerate()
+            .map(|(row, (blocks, len))| QueryRow {
+                row,
+                blocks,
+                len: *len,
+            })
+            .collect();
+        // The kernel reads f32 and bf16 pools in place.
+        let host = |t: &Tensor| {
+            let t = t.to_device(tch::Device::Cpu).contiguous();
+            match t.kind() {
+                Kind::Float | Kind::BFloat16 => t,
+                _ => t.to_kind(Kind::Float),
+            }
+        };
+        let (k, v) = (host(k_cache), host(v_cache));
+        let qv = values(q);
+        let mut out = vec![0f32; qv.len()];
+        cpu_paged_attention(&qv, heads, &k, &v, bs, &queries, scale as f32, &mut out);
         Ok(tensor(&round(kind, &out), &qs, kind))
     }
 }

@@ -25,8 +25,8 @@
 
 use std::borrow::Cow;
 
-use crate::spin_pool::{SharedSlot, SpinPool};
-use crate::vecmath::f32_to_bf16;
+use crate::cpu::spin_pool::{SharedSlot, SpinPool};
+use crate::cpu::vecmath::f32_to_bf16;
 
 /// Tasks per pool thread in one product: a multiple of the thread count, so
 /// threads running at one speed finish together (with fixed 64-row tasks a
@@ -44,7 +44,7 @@ const MIN_ROWS_PER_TASK: usize = 16;
 fn rows_per_task(threads: usize, rows: usize) -> usize {
     let tasks = (threads * TASKS_PER_THREAD)
         .min(rows.div_ceil(MIN_ROWS_PER_TASK))
-        .max(rows.div_ceil(crate::spin_pool::MAX_CHUNKS));
+        .max(rows.div_ceil(crate::cpu::spin_pool::MAX_CHUNKS));
     rows.div_ceil(tasks.max(1))
 }
 
@@ -601,6 +601,14 @@ mod tests {
         let avx512 = std::is_x86_feature_detected!("avx512bf16")
             && std::is_x86_feature_detected!("avx512bw");
         let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        for (has, body) in [(avx512, "AVX512-BF16"), (avx2, "AVX2/FMA")] {
+            if !has {
+                crate::cpu::skip_line(
+                    "bf16_dot_bodies_agree_at_every_tail_length",
+                    &format!("no {body} on this CPU: its bf16 body is not compared"),
+                );
+            }
+        }
         for n in (0..300).chain([576, 1536, 1537]) {
             let a: Vec<u16> = (0..n)
                 .map(|i| f32_to_bf16(((i * 7 % 13) as f32 - 6.0) * 0.37))
@@ -663,6 +671,12 @@ mod tests {
     /// 16-column steps, many activation-row blocks.
     #[test]
     fn batch_of_rows_matches_libtorch_linear() {
+        if !tiles_available() {
+            crate::cpu::skip_line(
+                "batch_of_rows_matches_libtorch_linear",
+                "no AVX-512 on this CPU: the register tiles are not compared, only row-by-row",
+            );
+        }
         tch::manual_seed(4);
         for (rows, cols, b) in [
             (130i64, 576i64, 3i64),

@@ -1,0 +1,36 @@
+//! The CPU kernels: the one CPU implementation of each op. The worker runs
+//! them (decode rows, batched steps, the fused one-token step, sampling),
+//! and the CUDA kernel of the same op (`crate::cuda`) is tested against
+//! them.
+//!
+//! - [`gemv`]: products of a few activation rows through a weight (f32,
+//!   bf16, int8 rows; AVX2/FMA, AVX-512 register tiles), and the process's
+//!   pool for them.
+//! - [`attention`]: one query row per sequence over its cached positions,
+//!   split-K across threads, read in place through block tables
+//!   ([`attention::paged_attention`]).
+//! - [`elementwise`]: RMSNorm, rotary embedding, SiLU-and-multiply on f32
+//!   rows.
+//! - [`vecmath`]: 16-lane exponential, max, sums of exponentials, bf16
+//!   rounding.
+//! - [`spin_pool`]: the fork-join pool every kernel here runs on.
+//!
+//! CPU features (AVX2/FMA, AVX-512, AVX512-BF16) are detected at run time;
+//! tests of a feature's body run where the CPU has it and print a skip line
+//! where it does not.
+
+pub mod attention;
+pub mod elementwise;
+pub mod gemv;
+pub mod spin_pool;
+pub mod vecmath;
+
+/// Tells the test output that part of a test did not run on this machine
+/// and why. Written to the process's standard error directly, past
+/// libtest's capture (which holds back a passing test's `eprintln!`), so
+/// the line shows in every run's output.
+#[cfg(test)]
+pub(crate) fn skip_line(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED (part of) {test}: {reason}");
+}
