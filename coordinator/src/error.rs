@@ -23,6 +23,8 @@ pub enum CoordError {
         got: usize,
     },
     #[error(transparent)]
+    Request(#[from] llmos_meta::request::RequestError),
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -50,6 +52,7 @@ impl From<CoordError> for Status {
             CoordError::State(StateError::UnknownWorker(_)) => Status::not_found(msg),
             CoordError::Meta(llmos_meta::MetaError::ModelNotFound { .. }) => Status::not_found(msg),
             CoordError::Invalid(_)
+            | CoordError::Request(_)
             | CoordError::Limit { .. }
             | CoordError::Plan(PlanError::Invalid(_)) => Status::invalid_argument(msg),
             CoordError::Meta(_) => Status::invalid_argument(msg),

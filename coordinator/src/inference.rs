@@ -158,15 +158,7 @@ fn prompt_ids(
             )?
         }
     };
-    if ids.is_empty() {
-        return Err(CoordError::Invalid("the prompt is empty".into()));
-    }
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= rt.config.vocab_size) {
-        return Err(CoordError::Invalid(format!(
-            "token id {bad} is outside the vocabulary of {} tokens",
-            rt.config.vocab_size
-        )));
-    }
+    llmos_meta::request::check_prompt(&ids, rt.config.vocab_size)?;
     Ok(ids)
 }
 
@@ -199,27 +191,17 @@ impl api::inference_server::Inference for InferenceService {
                 .min(rt.config.max_position.saturating_sub(ids.len())),
             n => n,
         };
-        if max_new == 0 || ids.len() + max_new > rt.config.max_position {
-            return Err(CoordError::Limit {
-                what: format!(
-                    "prompt of {} tokens plus max_new_tokens {max_new}",
-                    ids.len()
-                ),
-                limit_name: "the model's context length",
-                limit: rt.config.max_position,
-                got: ids.len() + max_new.max(1),
-            }
-            .into());
-        }
+        llmos_meta::request::check_generation(ids.len(), max_new, rt.config.max_position)
+            .map_err(CoordError::from)?;
         let s = r.sampling.unwrap_or_default();
-        let valid =
-            s.temperature >= 0.0 && s.temperature.is_finite() && (0.0..=1.0).contains(&s.top_p);
-        if !valid {
-            return Err(Status::invalid_argument(format!(
-                "temperature must be >= 0 and top_p in [0, 1]; got {} and {}",
-                s.temperature, s.top_p
-            )));
-        }
+        llmos_meta::request::SamplingParams::from_wire(
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.seed.unwrap_or(0),
+        )
+        .validate()
+        .map_err(CoordError::from)?;
         let request_id = if r.request_id.is_empty() {
             format!("req-{}-{}", self.cluster.now_ms(), std::process::id())
         } else {

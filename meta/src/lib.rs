@@ -9,6 +9,8 @@
 //! - [`chat`]: chat-template rendering.
 //! - [`source`]: resolving a model name or path and opening it.
 //! - [`streamer`]: token ids to streamed text and a finish reason.
+//! - [`request`]: the checks every generation request passes (prompt,
+//!   vocabulary, context length), stated once.
 //! - [`serving`]: the serving options' defaults, stated once.
 //! - [`failure`]: a failure's kind as it crosses processes (status code +
 //!   metadata detail).
@@ -23,6 +25,7 @@ pub mod gguf;
 pub mod gguf_writer;
 pub mod hash;
 pub mod quant;
+pub mod request;
 pub mod serving;
 pub mod source;
 pub mod streamer;

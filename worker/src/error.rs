@@ -4,6 +4,8 @@
 pub enum WorkerError {
     #[error(transparent)]
     Meta(#[from] llmos_meta::MetaError),
+    #[error(transparent)]
+    Request(#[from] llmos_meta::request::RequestError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("invalid request: {0}")]

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use llmos_meta::request::{check_generation, check_prompt, RequestError};
 use llmos_meta::serving::{DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH_TOKENS};
 use llmos_meta::{render_chat, ChatMessage, ModelSpec, OpenedModel, TextStreamer, Tokenizer};
 use serde::Serialize;
@@ -272,15 +273,7 @@ impl LocalModel {
                 tok.encode(&text, false)?
             }
         };
-        if ids.is_empty() {
-            return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
-        }
-        let vocab = self.model.config().vocab_size;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(WorkerError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary of {vocab} tokens"
-            )));
-        }
+        check_prompt(&ids, self.model.config().vocab_size)?;
         Ok(ids)
     }
 
@@ -298,24 +291,14 @@ impl LocalModel {
     ) -> Result<Completion> {
         req.sampling.validate()?;
         if req.max_new_tokens == 0 {
-            return Err(WorkerError::InvalidRequest(
-                "max_new_tokens must be at least 1".into(),
-            ));
+            return Err(RequestError::NoNewTokens.into());
         }
         let ids = self.prompt_ids(&req.prompt)?;
-        let ctx = self.model.config().max_position;
-        if ids.len() + req.max_new_tokens > ctx {
-            return Err(WorkerError::LimitExceeded {
-                what: format!(
-                    "prompt of {} tokens plus max_new_tokens {}",
-                    ids.len(),
-                    req.max_new_tokens
-                ),
-                limit_name: "the model's context length",
-                limit: ctx,
-                got: ids.len() + req.max_new_tokens,
-            });
-        }
+        check_generation(
+            ids.len(),
+            req.max_new_tokens,
+            self.model.config().max_position,
+        )?;
         let _guard = tch::no_grad_guard();
         let started = Instant::now();
         let mut seq = LocalSequence::new(&self.model, ids.len() + req.max_new_tokens)?;

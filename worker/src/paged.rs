@@ -162,14 +162,9 @@ impl BatchLayout {
                     "sequence {i} of the step adds no tokens"
                 )));
             }
-            if s.len_after() > max_position {
-                return Err(WorkerError::LimitExceeded {
-                    what: format!("sequence {i} of the step"),
-                    limit_name: "the model's context length",
-                    limit: max_position,
-                    got: s.len_after(),
-                });
-            }
+            llmos_meta::request::check_context(s.len_after(), max_position, || {
+                format!("sequence {i} of the step")
+            })?;
             let need = s.len_after().div_ceil(self.block_size);
             if s.blocks.len() < need {
                 return Err(WorkerError::InvalidRequest(format!(

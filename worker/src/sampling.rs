@@ -8,47 +8,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::{Result, WorkerError};
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 selects greedy decoding.
-    pub temperature: f32,
-    /// 0 disables top-k.
-    pub top_k: usize,
-    /// 1 disables top-p.
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(WorkerError::InvalidRequest(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(WorkerError::InvalidRequest(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
-        }
-        Ok(())
-    }
-}
+pub use llmos_meta::request::SamplingParams;
 
 pub struct Sampler {
     params: SamplingParams,

@@ -273,12 +273,7 @@ impl Engine {
     fn refusal(&self, r: Refusal) -> WorkerError {
         match r {
             Refusal::QueueFull { waiting, limit } => self.queue_full(waiting, limit),
-            Refusal::ContextTooLong { positions, limit } => WorkerError::LimitExceeded {
-                what: "prompt plus max_new_tokens".into(),
-                limit_name: "the model's context length",
-                limit,
-                got: positions,
-            },
+            Refusal::Invalid(e) => e.into(),
             Refusal::TooLong { blocks, limit } => WorkerError::LimitExceeded {
                 what: "prompt plus max_new_tokens".into(),
                 limit_name: "the KV cache in blocks",

@@ -18,6 +18,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
+use llmos_meta::FinishReason;
+
 use super::blocks::{BlockManager, PrefixStats};
 
 /// Limits of one model's scheduler.
@@ -75,11 +77,13 @@ pub struct SeqParams {
     pub deadline: Option<Instant>,
 }
 
+/// How a sequence left the scheduler: it finished (the one finish reason
+/// type of the project, `llmos_meta::FinishReason`: length, EOS, or
+/// cancelled by its client; stop sequences are matched on text, outside the
+/// engine), or it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
-    Length,
-    Eos,
-    Cancelled,
+    Done(FinishReason),
     DeadlineExceeded,
     /// Pushed out of a full queue by a request of higher priority.
     Displaced,
@@ -156,7 +160,7 @@ pub struct Finished {
 }
 
 /// Why a request was not queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     QueueFull {
         waiting: usize,
@@ -167,11 +171,9 @@ pub enum Refusal {
         blocks: usize,
         limit: usize,
     },
-    /// Prompt plus new tokens exceed the model's context.
-    ContextTooLong {
-        positions: usize,
-        limit: usize,
-    },
+    /// The request fails a check every request passes (no new tokens,
+    /// prompt plus new tokens beyond the model's context).
+    Invalid(llmos_meta::request::RequestError),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -241,12 +243,12 @@ impl Scheduler {
         params: SeqParams,
     ) -> Result<Option<(u64, Finished)>, Refusal> {
         let positions = params.prompt.len() + params.max_new_tokens;
-        if positions > self.cfg.max_context {
-            return Err(Refusal::ContextTooLong {
-                positions,
-                limit: self.cfg.max_context,
-            });
-        }
+        llmos_meta::request::check_generation(
+            params.prompt.len(),
+            params.max_new_tokens,
+            self.cfg.max_context,
+        )
+        .map_err(Refusal::Invalid)?;
         let blocks = self.blocks.blocks_for(positions);
         if blocks > self.blocks.num_blocks() {
             return Err(Refusal::TooLong {
@@ -293,7 +295,7 @@ impl Scheduler {
             seq.cancelled = true;
             return None;
         }
-        Some(self.finish(id, Finish::Cancelled))
+        Some(self.finish(id, Finish::Done(FinishReason::Cancelled)))
     }
 
     /// Ends sequences (not in a step) whose deadline has passed.
@@ -487,7 +489,7 @@ impl Scheduler {
             s.computed = p.position + p.tokens.len();
             self.blocks.register_full(&s.tokens, &s.blocks, s.computed);
             if s.cancelled {
-                let f = self.finish(p.id, Finish::Cancelled);
+                let f = self.finish(p.id, Finish::Done(FinishReason::Cancelled));
                 events.push((p.id, SeqEvent::Finished(f)));
                 continue;
             }
@@ -496,9 +498,9 @@ impl Scheduler {
             s.generated += 1;
             events.push((p.id, SeqEvent::Token { id, logprob }));
             let reason = if s.params.stop_ids.contains(&id) {
-                Some(Finish::Eos)
+                Some(Finish::Done(FinishReason::Eos))
             } else if s.generated >= s.params.max_new_tokens {
-                Some(Finish::Length)
+                Some(Finish::Done(FinishReason::Length))
             } else {
                 None
             };
@@ -589,10 +591,12 @@ mod tests {
         assert!(ev
             .iter()
             .any(|(id, e)| *id == 2
-                && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Length)));
+                && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Length))));
         let (plan, ev) = step(&mut s, 0);
         assert_eq!(plan.seqs.len(), 1, "2 left the batch");
-        assert!(matches!(ev[1].1, SeqEvent::Finished(f) if f.reason == Finish::Eos));
+        assert!(
+            matches!(ev[1].1, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Eos))
+        );
         assert!(s.is_idle());
         assert_eq!(s.stats().blocks_used, 0);
     }
@@ -695,11 +699,14 @@ mod tests {
         assert_eq!(s.cancel(1), None);
         let ev = s.complete(&plan, &[(4, 0.0), (4, 0.0), (4, 0.0)]);
         assert!(ev.iter().any(|(id, e)| *id == 1
-            && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Cancelled)));
+            && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Cancelled))));
         let expired = s.expire(now + std::time::Duration::from_millis(20));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].1.reason, Finish::DeadlineExceeded);
-        assert_eq!(s.cancel(3).unwrap().reason, Finish::Cancelled);
+        assert_eq!(
+            s.cancel(3).unwrap().reason,
+            Finish::Done(FinishReason::Cancelled)
+        );
         assert!(s.is_idle());
         assert_eq!(s.stats().blocks_used, 0);
     }

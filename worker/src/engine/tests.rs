@@ -217,7 +217,7 @@ async fn cancellation_and_deadlines_return_every_block() {
     // The cancelled one ends (cancelled) or its channel closes.
     while let Some(e) = ev.recv().await {
         if let Ok(SeqEvent::Finished(f)) = e {
-            assert_eq!(f.reason, Finish::Cancelled);
+            assert_eq!(f.reason, Finish::Done(llmos_meta::FinishReason::Cancelled));
         }
     }
     let s = e.stats().await.unwrap().scheduler;

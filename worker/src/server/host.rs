@@ -419,12 +419,7 @@ impl Host {
         let mut samplers = Vec::new();
         for (i, s) in req.sequences.iter().enumerate() {
             if let Some(p) = &s.sample {
-                let params = SamplingParams {
-                    temperature: p.temperature,
-                    top_k: p.top_k as usize,
-                    top_p: if p.top_p == 0.0 { 1.0 } else { p.top_p },
-                    seed: p.seed,
-                };
+                let params = SamplingParams::from_wire(p.temperature, p.top_k, p.top_p, p.seed);
                 params.validate()?;
                 samplers.push((i, Sampler::new(params), s.sample_index));
             }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llmos_meta::serving::{DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING};
+use llmos_meta::FinishReason;
 use llmos_proto::worker::v1 as pb;
 use pb::worker_server::{Worker, WorkerServer};
 use tokio_stream::{Stream, StreamExt};
@@ -35,6 +36,7 @@ impl From<WorkerError> for Status {
         let msg = e.to_string();
         let (mut s, kind, failed) = match e {
             WorkerError::InvalidRequest(_)
+            | WorkerError::Request(_)
             | WorkerError::LimitExceeded { .. }
             | WorkerError::NoTokenizer { .. } => {
                 (Status::invalid_argument(msg), K::InvalidRequest, None)
@@ -181,8 +183,8 @@ impl Drop for CancelOnDrop {
 
 fn engine_finish(f: Finish) -> pb::EngineFinish {
     match f {
-        Finish::Length => pb::EngineFinish::Length,
-        Finish::Eos => pb::EngineFinish::Eos,
+        Finish::Done(FinishReason::Length) => pb::EngineFinish::Length,
+        Finish::Done(FinishReason::Eos) => pb::EngineFinish::Eos,
         _ => pb::EngineFinish::Cancelled,
     }
 }

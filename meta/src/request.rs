@@ -1,0 +1,131 @@
+//! The checks every generation request passes, wherever it enters: the
+//! coordinator's `Generate`, single-process generation, a step's layout on
+//! a worker. One place, so the limits and their messages never disagree.
+
+/// A request that cannot be served as asked; each names the limit and the
+/// numbers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfVocabulary { id: u32, vocab: usize },
+    #[error("max_new_tokens must be at least 1")]
+    NoNewTokens,
+    #[error("{what}: the model's context length is {limit}, got {got}")]
+    ContextExceeded {
+        what: String,
+        limit: usize,
+        got: usize,
+    },
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0} (0 on the wire means 1)")]
+    TopP(f32),
+}
+
+/// How the next token is chosen: the project's one sampling-parameter
+/// type (the wire's `Sampling` messages are converted to it where they
+/// arrive).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 selects greedy decoding.
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1 disables top-p.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// From the wire's fields, where an unset (0) `top_p` means 1.
+    pub fn from_wire(temperature: f32, top_k: u32, top_p: f32, seed: u64) -> Self {
+        SamplingParams {
+            temperature,
+            top_k: top_k as usize,
+            top_p: if top_p == 0.0 { 1.0 } else { top_p },
+            seed,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(RequestError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(RequestError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// A prompt's token ids: at least one, each inside the vocabulary.
+pub fn check_prompt(ids: &[u32], vocab: usize) -> Result<(), RequestError> {
+    if ids.is_empty() {
+        return Err(RequestError::EmptyPrompt);
+    }
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(&id) => Err(RequestError::TokenOutOfVocabulary { id, vocab }),
+        None => Ok(()),
+    }
+}
+
+/// `positions` positions of one sequence within the model's context of
+/// `limit`; `what` says what they are, for the message.
+pub fn check_context(
+    positions: usize,
+    limit: usize,
+    what: impl FnOnce() -> String,
+) -> Result<(), RequestError> {
+    if positions > limit {
+        return Err(RequestError::ContextExceeded {
+            what: what(),
+            limit,
+            got: positions,
+        });
+    }
+    Ok(())
+}
+
+/// A prompt of `prompt` tokens plus `max_new` new ones: at least one new
+/// token, and all of them within the context.
+pub fn check_generation(prompt: usize, max_new: usize, limit: usize) -> Result<(), RequestError> {
+    if max_new == 0 {
+        return Err(RequestError::NoNewTokens);
+    }
+    check_context(prompt + max_new, limit, || {
+        format!("prompt of {prompt} tokens plus max_new_tokens {max_new}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_limit_names_its_numbers() {
+        assert_eq!(check_prompt(&[], 10), Err(RequestError::EmptyPrompt));
+        let e = check_prompt(&[1, 10, 3], 10).unwrap_err().to_string();
+        assert_eq!(e, "token id 10 is outside the vocabulary of 10 tokens");
+        check_prompt(&[0, 9], 10).unwrap();
+        assert_eq!(check_generation(5, 0, 100), Err(RequestError::NoNewTokens));
+        let e = check_generation(60, 41, 100).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "prompt of 60 tokens plus max_new_tokens 41: the model's context length is 100, got 101"
+        );
+        check_generation(60, 40, 100).unwrap();
+    }
+}
