@@ -152,8 +152,8 @@ impl Llama {
                 // A fresh prompt: its own keys and values, plainly causal.
                 Tensor::scaled_dot_product_attention::<Tensor>(
                     &qi,
-                    &heads_first(&k.narrow(0, off as i64, n)),
-                    &heads_first(&v.narrow(0, off as i64, n)),
+                    &heads_first(&k.narrow(0, off as i64, n)).contiguous(),
+                    &heads_first(&v.narrow(0, off as i64, n)).contiguous(),
                     None,
                     0.0,
                     true,
