@@ -147,15 +147,6 @@ impl LocalSequence {
         })
     }
 
-    /// Positions cached so far.
-    pub fn len(&self) -> usize {
-        self.position
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.position == 0
-    }
-
     fn layout(&self, tokens: usize) -> BatchLayout {
         BatchLayout {
             seqs: vec![SeqSlice {

@@ -9,7 +9,7 @@
 //! Layout `[slot, kv_head, head_dim]` (token-major): a step writes its new
 //! positions with one `index_copy_` per layer, a prompt chunk gathers its
 //! context with one `index_select`, and decode rows are read in place by
-//! `llmos_kernels::cpu::attention::paged_attention` (the CPU kernel the
+//! `llmos_kernels::cpu::paged_attention::paged_attention` (the CPU kernel the
 //! CUDA paged-attention kernel is tested against).
 
 use tch::{Device, Kind, Tensor};

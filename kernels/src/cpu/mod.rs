@@ -7,8 +7,9 @@
 //!   bf16, int8 rows; AVX2/FMA, AVX-512 register tiles), and the process's
 //!   pool for them.
 //! - [`attention`]: one query row per sequence over its cached positions,
-//!   split-K across threads, read in place through block tables
-//!   ([`attention::paged_attention`]).
+//!   split-K across threads, wherever the caller's addressing puts them.
+//! - [`paged_attention`]: that attention through block tables of the
+//!   paged KV pool.
 //! - [`elementwise`]: RMSNorm, rotary embedding, SiLU-and-multiply on f32
 //!   rows.
 //! - [`vecmath`]: 16-lane exponential, max, sums of exponentials, bf16
@@ -22,6 +23,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod gemv;
+pub mod paged_attention;
 pub mod spin_pool;
 pub mod vecmath;
 

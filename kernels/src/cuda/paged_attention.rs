@@ -146,13 +146,13 @@ impl Kernels {
     }
 }
 
-/// The CPU kernel (`cpu::attention::paged_attention`, what the worker's
+/// The CPU kernel (`cpu::paged_attention::paged_attention`, what the worker's
 /// decode rows run) over tensors: checks the tables and lengths the CUDA
 /// kernel trusts, reads f32 or bf16 caches in place (an f16 cache is
 /// widened first), rounds the output to `q`'s dtype.
 pub mod reference {
     use super::*;
-    use crate::cpu::attention::{paged_attention as cpu_paged_attention, QueryRow};
+    use crate::cpu::paged_attention::{paged_attention as cpu_paged_attention, QueryRow};
     use crate::cuda::check::{round, tensor, values};
 
     pub fn paged_attention(b: &PagedBatch<'_>) -> Result<Tensor> {

@@ -107,24 +107,19 @@ impl Kernels {
     }
 }
 
-/// The CPU kernel (`cpu::elementwise`) over tensors, rounding to the
-/// storage dtype where the CUDA kernels round (the normalized row before
-/// the weight, as Hugging Face); exact in f32.
+/// The CPU kernel's arithmetic (`cpu::elementwise`: its `inv_rms`, then
+/// row times inverse times weight) over tensors, rounding to the storage
+/// dtype where the CUDA kernels round (the normalized row before the
+/// weight, as Hugging Face); in f32 it is `cpu::elementwise::rms_norm`.
 pub mod reference {
     use super::*;
-    use crate::cpu::elementwise::{inv_rms, rms_norm as cpu_rms_norm};
+    use crate::cpu::elementwise::inv_rms;
     use crate::cuda::check::{round, tensor, values};
 
     fn norm_rows(kind: Kind, r: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
         let h = w.len();
-        let mut out = vec![0f32; r.len()];
-        if kind == Kind::Float {
-            for (row, o) in r.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-                cpu_rms_norm(row, w, eps as f32, o);
-            }
-            return out;
-        }
-        out.clear();
+        let mut out = Vec::with_capacity(r.len());
+        // In f32 the rounding is the identity: `cpu::elementwise::rms_norm`.
         for row in r.chunks_exact(h) {
             let inv = inv_rms(row, eps as f32);
             let normed = round(kind, &row.iter().map(|v| v * inv).collect::<Vec<_>>());

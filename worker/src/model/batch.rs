@@ -7,7 +7,7 @@
 //! `paged_attention`, prompt chunks run libtorch's attention over their
 //! gathered context (causal within the chunk).
 
-use llmos_kernels::cpu::attention::{paged_attention, QueryRow};
+use llmos_kernels::cpu::paged_attention::{paged_attention, QueryRow};
 use tch::{Device, Kind, Tensor};
 
 use super::llama::Llama;

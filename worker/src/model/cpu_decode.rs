@@ -7,8 +7,8 @@
 //! as much as the weight reads on small models. Its kernels live in
 //! `llmos_kernels::cpu`.
 
-use llmos_kernels::cpu::attention::{paged_attention, QueryRow};
 use llmos_kernels::cpu::elementwise::{rms_norm, rope_in_place, silu_mul};
+use llmos_kernels::cpu::paged_attention::{paged_attention, QueryRow};
 use tch::{Device, Kind};
 
 use super::llama::Llama;
