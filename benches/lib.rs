@@ -86,8 +86,7 @@ pub async fn start_cluster(workers: usize) -> Channel {
     for i in 0..workers {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let rv =
-            std::sync::Arc::new(llmos_worker::collective::Rendezvous::bind("127.0.0.1:0").unwrap());
+        let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
         tokio::spawn(registration_loop(Registration {
             coordinator: url.clone(),
             worker_id: format!("w{i}"),

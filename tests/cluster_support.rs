@@ -69,8 +69,7 @@ impl Drop for ProcWorker {
 pub async fn start_worker(coordinator: &str, id: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let rv =
-        std::sync::Arc::new(llmos_worker::collective::Rendezvous::bind("127.0.0.1:0").unwrap());
+    let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
     tokio::spawn(registration_loop(Registration {
         coordinator: coordinator.into(),
         worker_id: id.into(),

@@ -9,8 +9,8 @@ use llmos_meta::gguf::Value;
 use llmos_meta::gguf_writer::GgufWriter;
 use llmos_meta::quant::{dequantize_into, quantize, GgmlType};
 use llmos_meta::ModelSpec;
-use llmos_tests::{all_logits, max_abs_diff};
-use llmos_worker::{LoadOptions, LocalModel};
+use llmos_tests::{all_logits, max_abs_diff, try_load, TestModel};
+use llmos_worker::LoadOptions;
 use tch::{Device, Kind};
 
 const VOCAB: usize = 64;
@@ -148,7 +148,7 @@ struct Fixture {
     raw_type: Option<(String, u32)>,
 }
 
-fn load(path: &Path) -> Result<LocalModel, String> {
+fn load(path: &Path) -> Result<TestModel, String> {
     let spec = ModelSpec::parse(path.to_str().unwrap()).map_err(|e| e.to_string())?;
     let opts = LoadOptions {
         kind: Kind::Float,
@@ -156,7 +156,7 @@ fn load(path: &Path) -> Result<LocalModel, String> {
         seed: 0,
         ..Default::default()
     };
-    LocalModel::load(&spec, &opts, &mut |_, _| {}).map_err(|e| e.to_string())
+    try_load(&spec, &opts)
 }
 
 fn load_err(path: &Path) -> String {

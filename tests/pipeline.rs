@@ -311,11 +311,11 @@ async fn bad_input_gets_its_code() {
         ),
         (
             step_request("m", 3, pb::step_request::Input::Tokens(packed(&[1, 2]))),
-            "int64 [3]",
+            "3 tokens in its sequences but 2 token ids",
         ),
         (
             step_request("m", 2, pb::step_request::Input::Tokens(packed(&[1, 60000]))),
-            "0..49152",
+            "token id 60000 is outside the vocabulary of 49152",
         ),
         (short_table, "block table has 2 blocks"),
         (outside, "names block 64"),

@@ -5,7 +5,7 @@
 //! quantizer (wrong scale axis, lost sign, unscaled rows) fails.
 
 use llmos_tests::*;
-use llmos_worker::{LocalModel, Quantization};
+use llmos_worker::Quantization;
 use tch::Kind;
 
 const TEXT: &str = "The history of the printing press begins in the fifteenth century, \
@@ -21,7 +21,7 @@ how much the press caused these changes and how much it simply accelerated trend
 were already under way, but few doubt that it transformed the way knowledge was stored, \
 shared and questioned.";
 
-fn load(kind: Kind, quantization: Quantization) -> LocalModel {
+fn load(kind: Kind, quantization: Quantization) -> TestModel {
     let e = load_quantized("smollm2", kind, quantization);
     tch::set_num_threads(2);
     e

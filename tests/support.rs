@@ -7,7 +7,8 @@ pub mod cluster;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use llmos_meta::ModelSpec;
+use llmos_meta::{ModelSpec, OpenedModel};
+use llmos_worker::model::{Llama, ShardSpec};
 use llmos_worker::{
     GenerateRequest, LoadOptions, LocalModel, LocalSequence, PromptInput, Quantization,
     SamplingParams,
@@ -87,11 +88,27 @@ pub fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-pub fn load(spec: &str, kind: Kind) -> LocalModel {
+/// A model loaded twice: `local` generates as `llmos-worker generate` does
+/// (the engine over this process's shard host), `model` is the same
+/// weights for driving the forward directly (`LocalSequence`, batched
+/// steps) and for perturbing.
+pub struct TestModel {
+    pub local: LocalModel,
+    pub model: Llama,
+}
+
+impl std::ops::Deref for TestModel {
+    type Target = LocalModel;
+    fn deref(&self) -> &LocalModel {
+        &self.local
+    }
+}
+
+pub fn load(spec: &str, kind: Kind) -> TestModel {
     load_quantized(spec, kind, Quantization::None)
 }
 
-pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> LocalModel {
+pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> TestModel {
     tch::set_num_threads(1);
     let spec = ModelSpec::parse(spec).unwrap();
     let opts = LoadOptions {
@@ -100,12 +117,27 @@ pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Loc
         seed: 0,
         quantization,
     };
-    LocalModel::load(&spec, &opts, &mut |_, _| {}).unwrap()
+    try_load(&spec, &opts).unwrap()
+}
+
+/// Both loads of `spec`; the error is `LocalModel::load`'s message.
+pub fn try_load(spec: &ModelSpec, opts: &LoadOptions) -> Result<TestModel, String> {
+    let local = LocalModel::load(spec, opts, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    let opened = OpenedModel::open(spec).map_err(|e| e.to_string())?;
+    let model = Llama::load(
+        opened.weights.as_deref(),
+        &opened.config,
+        ShardSpec::full(&opened.config),
+        opts,
+        &mut |_, _| {},
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(TestModel { local, model })
 }
 
 /// Float32 logits `[t, vocab]` for every prompt position, flattened: the
 /// prompt in one step of the paged forward the server runs.
-pub fn all_logits(engine: &LocalModel, ids: &[u32]) -> Vec<f32> {
+pub fn all_logits(engine: &TestModel, ids: &[u32]) -> Vec<f32> {
     chunked_logits(engine, ids, ids.len())
 }
 
@@ -113,7 +145,7 @@ pub fn all_logits(engine: &LocalModel, ids: &[u32]) -> Vec<f32> {
 /// attending to the blocks the first wrote): exercises attention over
 /// cached positions with a partial causal mask. Returns all positions,
 /// flattened.
-pub fn chunked_logits(engine: &LocalModel, ids: &[u32], split: usize) -> Vec<f32> {
+pub fn chunked_logits(engine: &TestModel, ids: &[u32], split: usize) -> Vec<f32> {
     let _g = tch::no_grad_guard();
     let mut seq = LocalSequence::new(&engine.model, ids.len()).unwrap();
     let mut out = Vec::new();
@@ -133,7 +165,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Greedy continuation of `n` tokens, ignoring EOS (as the reference does).
-pub fn greedy(engine: &LocalModel, ids: &[u32], n: usize) -> Vec<u32> {
+pub fn greedy(engine: &TestModel, ids: &[u32], n: usize) -> Vec<u32> {
     let req = GenerateRequest {
         prompt: PromptInput::Tokens(ids.to_vec()),
         sampling: SamplingParams::default(),
@@ -145,7 +177,7 @@ pub fn greedy(engine: &LocalModel, ids: &[u32], n: usize) -> Vec<u32> {
 }
 
 /// Largest per-position logit difference over all reference prompts.
-pub fn worst_logit_diff(engine: &LocalModel, r: &Reference) -> f32 {
+pub fn worst_logit_diff(engine: &TestModel, r: &Reference) -> f32 {
     r.prompts
         .iter()
         .map(|p| {
@@ -182,8 +214,8 @@ pub struct BatchedParity {
 /// every row is compared with the logits the reference chose its next
 /// token from), then prompt chunks. Every prompt position and every decode
 /// row is compared with the reference.
-pub fn batched_parity(engine: &LocalModel, r: &Reference, budget: usize) -> BatchedParity {
-    use llmos_worker::paged::{BatchLayout, SeqSlice};
+pub fn batched_parity(engine: &TestModel, r: &Reference, budget: usize) -> BatchedParity {
+    use llmos_worker::kv::{BatchLayout, SeqSlice};
     let _g = tch::no_grad_guard();
     let m = &engine.model;
     let bs = 16usize;

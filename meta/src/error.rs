@@ -64,6 +64,19 @@ pub enum MetaError {
 }
 
 impl MetaError {
+    /// How a caller should see this failure: a model or file that is not
+    /// there, else a request that names something unusable.
+    pub fn failure_kind(&self) -> crate::failure::FailureKind {
+        use crate::failure::FailureKind;
+        match self {
+            MetaError::ModelNotFound { .. } => FailureKind::NotFound,
+            MetaError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                FailureKind::NotFound
+            }
+            _ => FailureKind::InvalidRequest,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         MetaError::Io {
             path: path.into(),

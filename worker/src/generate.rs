@@ -1,22 +1,49 @@
-//! Single-process generation: prompt (text, chat messages or token ids) to a
-//! stream of token events, with the model's EOS, stop sequences, a token
-//! budget and the context limit enforced.
+//! Single-process generation (`llmos-worker generate`): prompt (text, chat
+//! messages or token ids) to a stream of token events, with the model's
+//! EOS, stop sequences, a token budget and the context limit enforced. It
+//! is the serving engine over a one-stage pipeline whose stage is this
+//! process's shard host: the path a served request takes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use llmos_meta::request::{check_generation, check_prompt, RequestError};
 use llmos_meta::serving::{DEFAULT_BLOCK_SIZE, DEFAULT_MAX_BATCH_TOKENS};
-use llmos_meta::{render_chat, ChatMessage, ModelSpec, OpenedModel, TextStreamer, Tokenizer};
+use llmos_meta::{
+    render_chat, ChatMessage, ModelConfig, ModelSpec, OpenedModel, TextStreamer, Tokenizer,
+};
 use serde::Serialize;
-use tch::Tensor;
 
-use crate::error::{Result, WorkerError};
-use crate::model::cpu_decode::PagedSeq;
+use crate::engine::{
+    EngineError, EngineHandle, Finish, LocalStage, Pipeline, SchedulerConfig, SeqEvent, SeqParams,
+    Stage, Submission,
+};
 use crate::model::llama::LoadOptions;
-use crate::model::{Llama, ShardSpec};
-use crate::paged::{BatchLayout, KvPool, SeqSlice};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::weights::Progress;
+use crate::model::weights::Progress;
+use crate::model::{Llama, ModelError, ShardSpec};
+use crate::runtime::{HostHandle, RuntimeError, ShardConfig};
+use crate::sampling::SamplingParams;
+
+/// Why a single-process generation cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("model {model} has no tokenizer: pass token ids instead of text")]
+    NoTokenizer { model: String },
+    #[error("model {model} has no chat template")]
+    NoChatTemplate { model: String },
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Meta(#[from] llmos_meta::MetaError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+pub type Result<T, E = GenerateError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone)]
 pub enum PromptInput {
@@ -79,148 +106,28 @@ impl Completion {
     }
 }
 
-/// Lowers libtorch's intra-op threads to one for decode steps and restores
-/// the previous count when dropped.
-struct DecodeThreads {
-    prefill: i32,
-}
-
-impl DecodeThreads {
-    fn new() -> Self {
-        DecodeThreads {
-            prefill: tch::get_num_threads(),
-        }
-    }
-
-    fn decode_phase(&self) {
-        self.set(1);
-    }
-
-    /// A prompt of `rows` tokens: one libtorch thread when every product
-    /// runs on the `gemv` kernel's pool (libtorch's OpenMP workers would
-    /// spin against it: a 256-token f32 SmolLM2 prompt took 0.77-0.80 s with
-    /// two, 0.69-0.72 s with one), else the caller's count.
-    fn prompt_phase(&self, model: &Llama, rows: usize) {
-        self.set(if model.projections_on_pool(rows as i64) {
-            1
-        } else {
-            self.prefill
-        });
-    }
-
-    fn set(&self, n: i32) {
-        if tch::get_num_threads() != n {
-            tch::set_num_threads(n);
-        }
-    }
-}
-
-impl Drop for DecodeThreads {
-    fn drop(&mut self) {
-        tch::set_num_threads(self.prefill);
-    }
-}
-
-/// One sequence on a model in this process: a paged KV pool holding just
-/// its blocks (block table `0..n`), driven through the forward the server
-/// runs.
-pub struct LocalSequence {
-    pool: KvPool,
-    blocks: Vec<u32>,
-    /// Positions cached so far.
-    position: usize,
-    /// libtorch's thread count per phase, restored when the sequence ends.
-    threads: DecodeThreads,
-}
-
-impl LocalSequence {
-    /// Room for `positions` positions in blocks of the serving default's
-    /// size.
-    pub fn new(model: &Llama, positions: usize) -> Result<Self> {
-        let bs = DEFAULT_BLOCK_SIZE as usize;
-        let n = positions.max(1).div_ceil(bs);
-        Ok(LocalSequence {
-            pool: model.new_pool(n, bs)?,
-            blocks: (0..n as u32).collect(),
-            position: 0,
-            threads: DecodeThreads::new(),
-        })
-    }
-
-    fn layout(&self, tokens: usize) -> BatchLayout {
-        BatchLayout {
-            seqs: vec![SeqSlice {
-                position: self.position,
-                tokens,
-                blocks: self.blocks.clone(),
-            }],
-            block_size: self.pool.shape().block_size,
-        }
-    }
-
-    /// Runs `ids` through the model after what is cached, in chunks of at
-    /// most the serving default's step size; returns float32 logits `[ids,
-    /// vocab]` of every position when `all` is set, else of the last one.
-    pub fn forward(&mut self, model: &Llama, ids: &[u32], all: bool) -> Result<Tensor> {
-        let chunk = DEFAULT_MAX_BATCH_TOKENS as usize;
-        let mut out = Vec::new();
-        for (i, part) in ids.chunks(chunk).enumerate() {
-            let last = (i + 1) * chunk >= ids.len();
-            let x: Vec<i64> = part.iter().map(|&t| t as i64).collect();
-            let layout = self.layout(part.len());
-            let hidden = model.forward_batch(
-                &model.embed_packed(&Tensor::from_slice(&x))?,
-                &layout,
-                &mut self.pool,
-            )?;
-            self.position += part.len();
-            if all {
-                out.push(model.logits(&hidden)?);
-            } else if last {
-                out.push(model.logits_rows(&hidden, &[part.len() as i64 - 1])?);
-            }
-        }
-        Ok(Tensor::cat(&out, 0))
-    }
-
-    /// The prompt's forward: logits of its last position.
-    pub fn prefill(&mut self, model: &Llama, ids: &[u32]) -> Result<Vec<f32>> {
-        self.threads
-            .prompt_phase(model, ids.len().min(DEFAULT_MAX_BATCH_TOKENS as usize));
-        let logits = self.forward(model, ids, false);
-        // After the prompt, steps are one token: libtorch's small ops run
-        // on one thread (the decode kernels use their own pool) so its
-        // OpenMP workers do not spin against them.
-        self.threads.decode_phase();
-        Ok(Vec::try_from(logits?.view([-1]))?)
-    }
-
-    /// One token: the fused CPU step over this sequence's blocks where it
-    /// applies, else the batched forward with one row. Float32 logits.
-    pub fn decode(&mut self, model: &Llama, token: u32) -> Result<Vec<f32>> {
-        if model.fused_decode_supported() {
-            self.threads.decode_phase();
-            let mut seq = PagedSeq {
-                pool: &mut self.pool,
-                blocks: &self.blocks,
-                position: self.position,
-            };
-            let logits = model.decode_step(token, &mut seq)?;
-            self.position += 1;
-            return Ok(logits);
-        }
-        self.threads.prompt_phase(model, 1);
-        Ok(Vec::try_from(
-            self.forward(model, &[token], false)?.view([-1]),
-        )?)
-    }
-}
-
-/// A whole model in one process, with its tokenizer.
+/// A whole model in one process, with its tokenizer: the serving engine
+/// over a one-stage pipeline whose stage is this process's shard host.
+/// A generation runs the path a served request runs (the scheduler, the
+/// host's step, the forward over the paged pool, the fused one-token CPU
+/// step, the sampler), one sequence at a time.
 pub struct LocalModel {
     pub name: String,
-    pub model: Llama,
     pub tokenizer: Option<Tokenizer>,
+    config: ModelConfig,
+    weight_bytes: usize,
+    host: HostHandle,
+    /// Runs the engine (one worker thread of its own, so `generate` works
+    /// from any thread, inside another runtime too); shut down on drop.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for LocalModel {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl LocalModel {
@@ -230,21 +137,65 @@ impl LocalModel {
         let model = Llama::load(
             opened.weights.as_deref(),
             &opened.config,
-            shard,
+            shard.clone(),
             opts,
             progress,
         )?;
+        let weight_bytes = model.weight_bytes();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("llmos-local-engine")
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                GenerateError::Runtime(RuntimeError::Invalid(format!(
+                    "cannot start a runtime: {e}"
+                )))
+            })?;
+        let host = HostHandle::spawn_with(None, opts.device);
+        let config = ShardConfig {
+            model: opened.name.clone(),
+            source: match spec {
+                ModelSpec::Gguf(p) | ModelSpec::HfDir(p) => p.display().to_string(),
+                ModelSpec::Synthetic { name, .. } => format!("synthetic:{name}"),
+            },
+            layers: shard.layers,
+            embed: true,
+            head: true,
+            kind: opts.kind,
+            quantization: opts.quantization,
+            // Grown to each request's length as it comes.
+            kv_blocks: 1,
+            block_size: DEFAULT_BLOCK_SIZE as usize,
+            tensor_parallel: None,
+            prev_link: None,
+            next_link: None,
+        };
+        let adopting = host.clone();
+        run_on(&rt, async move { adopting.adopt(config, model).await })?;
         Ok(LocalModel {
             name: opened.name,
-            model,
             tokenizer: opened.tokenizer,
+            config: opened.config,
+            weight_bytes,
+            host,
+            rt: Some(rt),
         })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Bytes of weights the model holds.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
     }
 
     fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer
             .as_ref()
-            .ok_or_else(|| WorkerError::NoTokenizer {
+            .ok_or_else(|| GenerateError::NoTokenizer {
                 model: self.name.clone(),
             })
     }
@@ -256,25 +207,29 @@ impl LocalModel {
             PromptInput::Text(text) => self.tokenizer()?.encode(text, true)?,
             PromptInput::Chat(messages) => {
                 let tok = self.tokenizer()?;
-                let template = tok.chat_template.as_deref().ok_or_else(|| {
-                    WorkerError::InvalidRequest(format!("model {} has no chat template", self.name))
-                })?;
+                let template =
+                    tok.chat_template
+                        .as_deref()
+                        .ok_or_else(|| GenerateError::NoChatTemplate {
+                            model: self.name.clone(),
+                        })?;
                 let text =
                     render_chat(template, messages, true, &tok.bos_token(), &tok.eos_token())?;
                 tok.encode(&text, false)?
             }
         };
-        check_prompt(&ids, self.model.config().vocab_size)?;
+        check_prompt(&ids, self.config.vocab_size)?;
         Ok(ids)
     }
 
     /// Runs one generation. `on_token` sees each token as it is produced and
     /// returns `false` to cancel.
     ///
-    /// The sequence runs through the same forward the server runs: a paged
-    /// KV pool holding just this sequence's blocks, the prompt prefilled in
-    /// chunks of the serving default's step size, then one token a step
-    /// (the fused CPU step over the same blocks where it applies).
+    /// The sequence is submitted to an engine over this process's shard
+    /// host, as a served request is: the prompt prefilled in chunks of the
+    /// serving default's step size, then one token a step (the fused CPU
+    /// step where it applies), EOS and the token budget enforced by the
+    /// engine, stop sequences by the text streamer.
     pub fn generate(
         &self,
         req: &GenerateRequest,
@@ -285,27 +240,84 @@ impl LocalModel {
             return Err(RequestError::NoNewTokens.into());
         }
         let ids = self.prompt_ids(&req.prompt)?;
-        check_generation(
-            ids.len(),
-            req.max_new_tokens,
-            self.model.config().max_position,
-        )?;
-        let _guard = tch::no_grad_guard();
+        check_generation(ids.len(), req.max_new_tokens, self.config.max_position)?;
         let started = Instant::now();
-        let mut seq = LocalSequence::new(&self.model, ids.len() + req.max_new_tokens)?;
-        let mut sampler = Sampler::new(req.sampling.clone());
         let mut streamer = TextStreamer::new(
             self.tokenizer.as_ref(),
             req.max_new_tokens,
             req.stop.clone(),
             req.ignore_eos,
         );
+        let stop_ids = match (&self.tokenizer, req.ignore_eos) {
+            (Some(t), false) => t.eos_token_ids.clone(),
+            _ => Vec::new(),
+        };
         let mut out_ids = Vec::new();
         let mut text = String::new();
         let mut first_token_at = None;
-        let mut logits = seq.prefill(&self.model, &ids)?;
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("the runtime lives as long as the model");
+        let bs = DEFAULT_BLOCK_SIZE as usize;
+        let want = (ids.len() + req.max_new_tokens).div_ceil(bs) + 1;
+        let cfg = SchedulerConfig {
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS as usize,
+            max_running: 1,
+            max_waiting: 1,
+            max_in_flight: 1,
+            num_blocks: want,
+            block_size: bs,
+            prefix_caching: false,
+            max_context: self.config.max_position,
+        };
+        let sub = Submission {
+            request_id: "local".into(),
+            params: SeqParams {
+                prompt: ids.clone(),
+                max_new_tokens: req.max_new_tokens,
+                stop_ids,
+                priority: 0,
+                deadline: None,
+            },
+            sampling: req.sampling.clone(),
+        };
+        let (host, name) = (self.host.clone(), self.name.clone());
+        // The engine runs on the model's runtime; its events come back over
+        // a channel this thread blocks on.
+        let (engine, seq, events) = run_on(rt, async move {
+            let blocks = host.reserve_blocks(&name, want).await?;
+            let stage: Arc<dyn Stage> = Arc::new(LocalStage { host });
+            let cfg = SchedulerConfig {
+                num_blocks: blocks,
+                ..cfg
+            };
+            let engine = EngineHandle::spawn(name, cfg, Pipeline::new(vec![stage], false))?;
+            let (seq, mut events) = engine.submit(sub).await?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            tokio::spawn(async move {
+                while let Some(ev) = events.recv().await {
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok::<_, GenerateError>((engine, seq, rx))
+        })?;
         let finish = loop {
-            let (id, logprob) = sampler.sample(&logits);
+            let (id, logprob) = match events.recv() {
+                Ok(Ok(SeqEvent::Token { id, logprob })) => (id, logprob),
+                // The engine ended the sequence after the streamer's last
+                // token: its reason.
+                Ok(Ok(SeqEvent::Finished(f))) => {
+                    break match f.reason {
+                        Finish::Done(r) => r,
+                        _ => FinishReason::Cancelled,
+                    }
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(EngineError::Stopped(self.name.clone()).into()),
+            };
             first_token_at.get_or_insert_with(Instant::now);
             out_ids.push(id);
             let (piece, finish) = streamer.push(id)?;
@@ -315,13 +327,18 @@ impl LocalModel {
                 text: piece,
                 logprob,
             });
+            let finish = match finish {
+                Some(f) => Some(f),
+                None if !keep_going => Some(FinishReason::Cancelled),
+                None => None,
+            };
             if let Some(f) = finish {
+                // The engine ends at EOS and the token budget itself; a stop
+                // sequence or the caller ends it here, and its blocks go
+                // back now.
+                engine.cancel(seq);
                 break f;
             }
-            if !keep_going {
-                break FinishReason::Cancelled;
-            }
-            logits = seq.decode(&self.model, id)?;
         };
         let first = first_token_at.expect("at least one token");
         Ok(Completion {
@@ -337,4 +354,18 @@ impl LocalModel {
             decode_s: first.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Runs `fut` on `rt` and waits for it on this thread (which may itself be
+/// inside another runtime: it only blocks on a channel).
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .expect("the model's runtime finishes what it starts")
 }

@@ -1,34 +1,41 @@
 //! llmos worker: runs a Llama-family model, or a pipeline shard of it, on
 //! libtorch (CPU, or CUDA where libtorch sees a GPU). Every kernel it runs
-//! beyond libtorch's (CPU products, attention, element-wise ops, the pool
-//! they run on; the CUDA kernels) lives in `llmos_kernels`.
+//! beyond libtorch's (CPU products, attention, element-wise ops, sampling,
+//! the pool they run on; the CUDA kernels) lives in `llmos_kernels`.
 //!
-//! - [`collective`]: tensor-parallel groups (TCP mesh, NCCL, solo).
-//! - [`model`]: architectures (`Llama`), loadable by layer range (`ShardSpec`).
-//! - [`weights`]: host tensors from a `WeightSource` (or seeded random) to libtorch.
-//! - [`paged`]: the paged KV pool and the layout of a batched step.
+//! Layers, top to bottom; each imports only the layers below it:
+//!
+//! - [`server`]: gRPC (`llmos.worker.v1.Worker`), the remote stage, the
+//!   wire codec, registration, the one error-to-status mapping. The only
+//!   layer that sees protobuf or tonic.
+//! - [`engine`]: the serving engine of a model (scheduler, block manager,
+//!   the `Stage` seam and the pipeline), over the runtime's step types.
+//! - [`runtime`]: the shard host (load, step, tensor-parallel follower,
+//!   device memory probe) and its types (`ShardConfig`, `Step`,
+//!   `StepOutput`).
+//! - [`model`], [`kv`], [`comm`]: architectures over the paged KV pool,
+//!   the pool and a step's layout, collectives and pipeline links.
 //! - [`sampling`]: greedy and seeded temperature/top-k/top-p sampling.
-//! - [`generate`]: the single-process generation loop (`LocalModel`, `LocalSequence`).
-//! - [`engine`]: the serving engine (scheduler, block manager, stages).
-//! - [`device`]: device and dtype selection, CUDA backend loading.
-//! - [`server`]: the gRPC shard server (`llmos.worker.v1.Worker`) and its
-//!   shard host (one thread owning shards and KV caches).
+//!
+//! [`generate`] (single-process generation, `llmos-worker generate`) sits
+//! beside the server and runs the same forward over the same pool.
+//! Each layer has its own error (`CommError`, `KvError`, `ModelError`,
+//! `RuntimeError`, `EngineError`), classified by a failure kind that the
+//! server turns into a status code.
 
-pub mod collective;
-pub mod device;
+pub mod comm;
 pub mod engine;
-pub mod error;
 pub mod generate;
+pub mod kv;
 pub mod model;
-pub mod paged;
+pub mod runtime;
 pub mod sampling;
 pub mod server;
-pub mod weights;
 
-pub use error::{Result, WorkerError};
 pub use generate::{
-    Completion, FinishReason, GenerateRequest, LocalModel, LocalSequence, PromptInput, TokenEvent,
+    Completion, FinishReason, GenerateError, GenerateRequest, LocalModel, PromptInput, TokenEvent,
 };
 pub use model::linear::Quantization;
 pub use model::llama::LoadOptions;
+pub use model::LocalSequence;
 pub use sampling::SamplingParams;

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llmos_meta::{ChatMessage, ModelSpec};
-use llmos_worker::device::{parse_device, parse_dtype, peak_rss_bytes};
+use llmos_worker::runtime::device::{parse_device, parse_dtype, peak_rss_bytes};
 use llmos_worker::{
     GenerateRequest, LoadOptions, LocalModel, PromptInput, Quantization, SamplingParams,
 };
@@ -255,7 +255,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let engine = load(&args.model, false)?;
-    let vocab = engine.model.config().vocab_size as u64;
+    let vocab = engine.config().vocab_size as u64;
     // Deterministic pseudo-random prompt (an LCG), the same for every run.
     let mut x = 0x2545F4914F6CDD1Du64;
     let prompt: Vec<u32> = (0..args.prompt_tokens)
@@ -328,7 +328,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("listening on {addr}");
         tracing::info!(%addr, "llmos-worker serving");
         let rendezvous = std::sync::Arc::new(
-            llmos_worker::collective::Rendezvous::bind(&format!(
+            llmos_worker::comm::Rendezvous::bind(&format!(
                 "{}:{}",
                 args.listen.ip(),
                 args.collective_port

@@ -1,49 +1,35 @@
-//! Token selection from logits: greedy, or temperature + top-k + top-p with a
-//! seeded ChaCha generator, so a seed reproduces a generation exactly. The
-//! draw for the `n`-th token of a sequence uses ChaCha stream `n` of the
-//! seed: it depends on the seed and the index alone, so a stage that samples
-//! keeps no per-sequence state, and a sequence preempted and recomputed (or
-//! batched with others) draws exactly what it would have alone.
+//! Token selection for a sequence: its `SamplingParams` (the wire's, from
+//! `llmos_meta::request`) over the one sampler of `llmos_kernels::cpu::
+//! sampling`, whose draw for the `n`-th token is `uniform(seed, n)`. The
+//! draw depends on the seed and the index alone, so a stage that samples
+//! keeps no per-sequence state, and a sequence preempted and recomputed
+//! (or batched with others, or sampled by the CUDA kernel) draws exactly
+//! what it would have alone.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use llmos_kernels::cpu::sampling::{self as kernel, SampleParams};
 
+pub use kernel::{argmax, logprob};
 pub use llmos_meta::request::SamplingParams;
+
+/// The kernel's parameters of a sequence's token `index`.
+pub fn params_at(p: &SamplingParams, index: u64) -> SampleParams {
+    SampleParams {
+        temperature: p.temperature,
+        top_k: p.top_k.min(i32::MAX as usize) as i32,
+        top_p: p.top_p,
+        uniform: kernel::uniform(p.seed, index),
+    }
+}
 
 pub struct Sampler {
     params: SamplingParams,
     /// Index of the next token.
     index: u64,
-    scratch: Vec<(f32, u32)>,
-}
-
-/// log-softmax of `logits` at `id`.
-pub fn logprob(logits: &[f32], id: u32) -> f32 {
-    let max = llmos_kernels::cpu::vecmath::max(logits);
-    // f32 exponentials (16 lanes at a time over a 49k vocabulary, once per
-    // token), summed in f64.
-    let sum = llmos_kernels::cpu::vecmath::sum_exp(logits, max);
-    (logits[id as usize] - max) - sum.ln() as f32
-}
-
-/// Index of the largest logit (the first one on ties, as `torch.argmax`).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Sampler {
-            params,
-            index: 0,
-            scratch: Vec::new(),
-        }
+        Sampler { params, index: 0 }
     }
 
     /// Picks the next token; returns it with its log-probability under the
@@ -56,61 +42,8 @@ impl Sampler {
 
     /// Picks token number `index` of the sequence (0 for the first
     /// generated token), independent of what was drawn before.
-    pub fn sample_at(&mut self, logits: &[f32], index: u64) -> (u32, f32) {
-        let id = if self.params.temperature <= 0.0 {
-            argmax(logits)
-        } else {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.params.seed);
-            rng.set_stream(index);
-            self.sample_random(logits, &mut rng)
-        };
-        (id, logprob(logits, id))
-    }
-
-    fn sample_random(&mut self, logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
-        let inv_t = 1.0 / self.params.temperature;
-        let c = &mut self.scratch;
-        c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l * inv_t, i as u32)),
-        );
-        let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if self.params.top_k > 0 && self.params.top_k < c.len() {
-            c.select_nth_unstable_by(self.params.top_k - 1, desc);
-            c.truncate(self.params.top_k);
-        }
-        c.sort_unstable_by(desc);
-        let max = c[0].0;
-        let mut total = 0f64;
-        for e in c.iter_mut() {
-            e.0 = (e.0 - max).exp();
-            total += e.0 as f64;
-        }
-        if self.params.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p.
-            let mut cum = 0f64;
-            let mut keep = c.len();
-            for (i, e) in c.iter().enumerate() {
-                cum += e.0 as f64 / total;
-                if cum >= self.params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-            total = c.iter().map(|e| e.0 as f64).sum();
-        }
-        let mut r = rng.gen::<f64>() * total;
-        for e in c.iter() {
-            r -= e.0 as f64;
-            if r <= 0.0 {
-                return e.1;
-            }
-        }
-        c.last().expect("at least one candidate").1
+    pub fn sample_at(&self, logits: &[f32], index: u64) -> (u32, f32) {
+        kernel::sample(logits, &params_at(&self.params, index))
     }
 }
 
@@ -145,7 +78,7 @@ mod tests {
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         // Draw n depends on (seed, n) alone: out of order gives the same.
-        let mut s = Sampler::new(p(0, 7));
+        let s = Sampler::new(p(0, 7));
         let backwards: Vec<u32> = (0..20).rev().map(|i| s.sample_at(&logits, i).0).collect();
         assert_eq!(backwards.into_iter().rev().collect::<Vec<_>>(), run(7));
     }

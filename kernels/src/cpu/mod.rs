@@ -12,6 +12,8 @@
 //!   paged KV pool.
 //! - [`elementwise`]: RMSNorm, rotary embedding, SiLU-and-multiply on f32
 //!   rows.
+//! - [`sampling`]: token selection (greedy, temperature, top-k, top-p)
+//!   and the counter-based uniform draw every sampler uses.
 //! - [`vecmath`]: 16-lane exponential, max, sums of exponentials, bf16
 //!   rounding.
 //! - [`spin_pool`]: the fork-join pool every kernel here runs on.
@@ -24,6 +26,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod gemv;
 pub mod paged_attention;
+pub mod sampling;
 pub mod spin_pool;
 pub mod vecmath;
 

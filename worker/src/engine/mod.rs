@@ -5,8 +5,12 @@
 //! - [`blocks`]: KV block allocator with prefix caching (content hash, LRU).
 //! - [`scheduler`]: iteration-level batching, chunked prefill, priorities,
 //!   preemption by recompute, deadlines, the bounded queue.
-//! - [`stage`]: the `Stage` seam (this worker's host, another worker's `Step`
-//!   stream) and `Pipeline` (relayed or linked steps).
+//! - [`stage`]: the `Stage` seam (this worker's host; the server's remote
+//!   stage is another worker's) and `Pipeline` (relayed or linked steps).
+//! - [`error`]: the engine's error type, `EngineError`.
+//!
+//! It speaks the runtime's types (`Step`, `StepOutput`); protobuf stays in
+//! the server.
 //!
 //! With `p` stages up to `p` steps are in flight (each with its own
 //! sequences), so while stage 2 runs one micro-batch, stage 1 runs the next.
@@ -14,6 +18,7 @@
 //! away cancels its sequence, which frees its blocks.
 
 pub mod blocks;
+pub mod error;
 pub mod scheduler;
 pub mod stage;
 
@@ -22,23 +27,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llmos_proto::worker::v1 as pb;
+use llmos_meta::request::SamplingParams;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::error::{Result, WorkerError};
+use crate::runtime::{SampleAt, SeqStep, Step, StepInput, StepOutput};
+pub use error::{EngineError, Result};
 use scheduler::Scheduler;
 pub use scheduler::{
     Finish, Finished, Refusal, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams, StepPlan,
 };
-pub use stage::{LocalStage, Pipeline, RemoteStage, Stage};
+pub use stage::{LocalStage, Pipeline, Stage};
 
 /// What one request asks of the engine.
 #[derive(Debug, Clone)]
 pub struct Submission {
     pub request_id: String,
     pub params: SeqParams,
-    pub sampling: pb::Sampling,
+    pub sampling: SamplingParams,
 }
 
 /// Events of one sequence: tokens, then `Finished`, or an error.
@@ -61,28 +67,10 @@ pub struct EngineStats {
     pub generated_tokens: u64,
 }
 
-impl EngineStats {
-    pub fn to_proto(&self) -> pb::EngineStats {
-        let s = &self.scheduler;
-        pb::EngineStats {
-            running: s.running as u32,
-            waiting: s.waiting as u32,
-            kv_blocks_total: s.blocks_total as u32,
-            kv_blocks_used: s.blocks_used as u32,
-            kv_blocks_cached: s.blocks_cached as u32,
-            prefix_queried_tokens: s.prefix.queried_tokens,
-            prefix_hit_tokens: s.prefix.hit_tokens,
-            prefix_evictions: s.prefix.evictions,
-            preemptions: s.preemptions,
-            steps: s.steps,
-            generated_tokens: self.generated_tokens,
-        }
-    }
-}
-
 /// A handle to a running engine; the engine stops when the last is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
+    model: Arc<str>,
     tx: mpsc::UnboundedSender<Cmd>,
     next_id: Arc<AtomicU64>,
 }
@@ -90,13 +78,12 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Starts an engine for `model` over `stages` (first to last).
     pub fn spawn(model: String, cfg: SchedulerConfig, stages: Pipeline) -> Result<Self> {
-        cfg.validate().map_err(WorkerError::InvalidRequest)?;
+        cfg.validate().map_err(EngineError::Invalid)?;
         if stages.is_empty() {
-            return Err(WorkerError::InvalidRequest(
-                "an engine needs a stage".into(),
-            ));
+            return Err(EngineError::Invalid("an engine needs a stage".into()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let name: Arc<str> = model.as_str().into();
         let engine = Engine {
             model,
             sched: Scheduler::new(cfg),
@@ -107,6 +94,7 @@ impl EngineHandle {
         };
         tokio::spawn(engine.run(rx));
         Ok(EngineHandle {
+            model: name,
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
         })
@@ -125,8 +113,8 @@ impl EngineHandle {
                 events,
                 accepted,
             })
-            .map_err(|_| WorkerError::HostStopped)?;
-        ok.await.map_err(|_| WorkerError::HostStopped)??;
+            .map_err(|_| self.stopped())?;
+        ok.await.map_err(|_| self.stopped())??;
         Ok((id, rx))
     }
 
@@ -137,16 +125,18 @@ impl EngineHandle {
 
     pub async fn stats(&self) -> Result<EngineStats> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Stats(tx))
-            .map_err(|_| WorkerError::HostStopped)?;
-        rx.await.map_err(|_| WorkerError::HostStopped)
+        self.tx.send(Cmd::Stats(tx)).map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    fn stopped(&self) -> EngineError {
+        EngineError::Stopped(self.model.to_string())
     }
 }
 
 struct Client {
     events: mpsc::UnboundedSender<Result<SeqEvent>>,
-    sampling: pb::Sampling,
+    sampling: SamplingParams,
     request_id: String,
     started: Instant,
     timeout: Option<Duration>,
@@ -162,7 +152,7 @@ struct Engine {
     recent_ms: f64,
 }
 
-type StepResult = (StepPlan, Result<pb::StepResponse>);
+type StepResult = (StepPlan, Result<StepOutput>);
 
 impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -261,8 +251,8 @@ impl Engine {
     }
 
     /// A full queue, with the recent request duration as the retry hint.
-    fn queue_full(&self, waiting: usize, limit: usize) -> WorkerError {
-        WorkerError::QueueFull {
+    fn queue_full(&self, waiting: usize, limit: usize) -> EngineError {
+        EngineError::QueueFull {
             model: self.model.clone(),
             waiting,
             limit,
@@ -270,11 +260,11 @@ impl Engine {
         }
     }
 
-    fn refusal(&self, r: Refusal) -> WorkerError {
+    fn refusal(&self, r: Refusal) -> EngineError {
         match r {
             Refusal::QueueFull { waiting, limit } => self.queue_full(waiting, limit),
             Refusal::Invalid(e) => e.into(),
-            Refusal::TooLong { blocks, limit } => WorkerError::LimitExceeded {
+            Refusal::TooLong { blocks, limit } => EngineError::LimitExceeded {
                 what: "prompt plus max_new_tokens".into(),
                 limit_name: "the KV cache in blocks",
                 limit,
@@ -283,57 +273,55 @@ impl Engine {
         }
     }
 
-    /// The step's request: packed token ids and each sequence's slice.
-    fn request(&self, plan: &StepPlan) -> pb::StepRequest {
-        let mut data = Vec::with_capacity(plan.tokens() * 8);
-        for p in &plan.seqs {
-            p.tokens
-                .iter()
-                .for_each(|&t| data.extend((t as i64).to_le_bytes()));
-        }
-        let sequences = plan
+    /// The step: packed token ids and each sequence's slice.
+    fn request(&self, plan: &StepPlan) -> Step {
+        let tokens = plan
             .seqs
             .iter()
-            .map(|p| pb::StepSequence {
-                position: p.position as u32,
-                tokens: p.tokens.len() as u32,
+            .flat_map(|p| p.tokens.iter().copied())
+            .collect();
+        let seqs = plan
+            .seqs
+            .iter()
+            .map(|p| SeqStep {
+                position: p.position,
+                tokens: p.tokens.len(),
                 blocks: p.blocks.clone(),
-                sample: p
-                    .sample_index
-                    .and_then(|_| self.clients.get(&p.id).map(|c| c.sampling)),
-                sample_index: p.sample_index.unwrap_or(0),
+                sample: p.sample_index.and_then(|index| {
+                    self.clients.get(&p.id).map(|c| SampleAt {
+                        params: c.sampling.clone(),
+                        index,
+                    })
+                }),
                 want_logits: false,
             })
             .collect();
-        pb::StepRequest {
+        Step {
             model: self.model.clone(),
-            sequences,
-            input: Some(pb::step_request::Input::Tokens(pb::Tensor {
-                dtype: pb::DType::I64 as i32,
-                shape: vec![plan.tokens() as i64],
-                data,
-            })),
-            ..Default::default()
+            id: 0,
+            seqs,
+            input: StepInput::Tokens(tokens),
+            to_next: false,
         }
     }
 
-    fn completed(&mut self, plan: StepPlan, r: Result<pb::StepResponse>) {
+    fn completed(&mut self, plan: StepPlan, r: Result<StepOutput>) {
         match r {
-            Ok(resp) => {
+            Ok(out) => {
                 let want = plan
                     .seqs
                     .iter()
                     .filter(|p| p.sample_index.is_some())
                     .count();
-                if resp.tokens.len() != want {
-                    let e = WorkerError::InvalidRequest(format!(
+                if out.tokens.len() != want {
+                    let e = EngineError::Invalid(format!(
                         "the last stage sampled {} tokens for {want} sequences",
-                        resp.tokens.len()
+                        out.tokens.len()
                     ));
                     return self.failed(&plan, e);
                 }
                 let sampled: Vec<(u32, f32)> =
-                    resp.tokens.iter().map(|t| (t.id, t.logprob)).collect();
+                    out.tokens.iter().map(|t| (t.id, t.logprob)).collect();
                 for (id, ev) in self.sched.complete(&plan, &sampled) {
                     match ev {
                         SeqEvent::Finished(f) => self.finished(id, f),
@@ -350,12 +338,12 @@ impl Engine {
         }
     }
 
-    fn failed(&mut self, plan: &StepPlan, e: WorkerError) {
+    fn failed(&mut self, plan: &StepPlan, e: EngineError) {
         tracing::warn!(model = %self.model, error = %e, sequences = plan.seqs.len(), "step failed");
-        let status = tonic::Status::from(e);
+        let e = Arc::new(e);
         for (id, _) in self.sched.fail(plan) {
             if let Some(c) = self.clients.remove(&id) {
-                let _ = c.events.send(Err(WorkerError::Status(status.clone())));
+                let _ = c.events.send(Err(EngineError::Step(e.clone())));
             }
         }
     }
@@ -366,7 +354,7 @@ impl Engine {
         };
         let ms = c.started.elapsed().as_secs_f64() * 1e3;
         let ev = match f.reason {
-            Finish::DeadlineExceeded => Err(WorkerError::DeadlineExceeded {
+            Finish::DeadlineExceeded => Err(EngineError::DeadlineExceeded {
                 request_id: c.request_id,
                 after: c.timeout.unwrap_or_default(),
                 generated: f.generated,
@@ -374,10 +362,7 @@ impl Engine {
             Finish::Displaced => {
                 Err(self.queue_full(self.sched.stats().waiting, self.sched.config().max_waiting))
             }
-            Finish::Failed => Err(WorkerError::StepFailed(format!(
-                "the engine of model {} stopped",
-                self.model
-            ))),
+            Finish::Failed => Err(EngineError::Stopped(self.model.clone())),
             _ => {
                 self.recent_ms = 0.8 * self.recent_ms + 0.2 * ms;
                 Ok(SeqEvent::Finished(f))

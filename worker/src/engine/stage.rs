@@ -1,6 +1,6 @@
 //! How the engine reaches a pipeline stage: the `Stage` seam. `LocalStage`
-//! is this worker's own shard host; `RemoteStage` is another worker's `Step`
-//! stream over gRPC. A stage runs one step at a time in arrival order, so
+//! is this worker's own shard host; another worker's stage is the server's
+//! `RemoteStage` (its `Step` stream over gRPC). A stage runs one step at a time in arrival order, so
 //! steps of different micro-batches overlap across stages.
 //!
 //! [`Pipeline`] moves a step through the stages in one of two ways:
@@ -12,22 +12,18 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use llmos_proto::worker::v1 as pb;
-use pb::worker_client::WorkerClient;
-use tokio::sync::{mpsc, watch, Mutex};
-use tonic::Streaming;
+use tokio::sync::watch;
 
-use crate::error::{Result, WorkerError};
-use crate::server::HostHandle;
+use super::error::{EngineError, Result};
+use crate::runtime::{HostHandle, SeqStep, Step, StepInput, StepOutput};
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait Stage: Send + Sync {
     /// The worker, for messages.
     fn worker(&self) -> &str;
     /// Runs one step; a stage that does not answer in time is unavailable.
-    async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse>;
+    async fn step(&self, step: Step) -> Result<StepOutput>;
 }
 
 /// This worker's own shard.
@@ -35,128 +31,15 @@ pub struct LocalStage {
     pub host: HostHandle,
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Stage for LocalStage {
     fn worker(&self) -> &str {
         "this worker"
     }
 
-    async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
-        self.host.step(req).await
+    async fn step(&self, step: Step) -> Result<StepOutput> {
+        Ok(self.host.step(step).await?)
     }
-}
-
-type Link = (mpsc::Sender<pb::StepRequest>, Streaming<pb::StepResponse>);
-
-/// Another worker's shard, over one `Step` stream (reopened after a fault).
-pub struct RemoteStage {
-    worker: String,
-    address: String,
-    timeout: Duration,
-    link: Mutex<Option<Link>>,
-}
-
-impl RemoteStage {
-    pub fn new(worker: String, address: String, timeout: Duration) -> Self {
-        RemoteStage {
-            worker,
-            address,
-            timeout,
-            link: Mutex::new(None),
-        }
-    }
-
-    fn unavailable(&self, reason: impl Into<String>) -> WorkerError {
-        WorkerError::StageUnavailable {
-            worker: self.worker.clone(),
-            address: self.address.clone(),
-            reason: reason.into(),
-        }
-    }
-
-    async fn open(&self) -> Result<Link> {
-        let url = if self.address.contains("://") {
-            self.address.clone()
-        } else {
-            format!("http://{}", self.address)
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| self.unavailable(e.to_string()))?
-            .connect_timeout(self.timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| self.unavailable(format!("cannot connect: {e}")))?;
-        let mut client = WorkerClient::new(channel)
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
-        let (tx, rx) = mpsc::channel(4);
-        let resp = tokio::time::timeout(
-            self.timeout,
-            client.step(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await
-        .map_err(|_| self.unavailable(format!("no answer to Step within {:?}", self.timeout)))?
-        .map_err(|s| self.unavailable(s.message().to_string()))?;
-        Ok((tx, resp.into_inner()))
-    }
-}
-
-#[tonic::async_trait]
-impl Stage for RemoteStage {
-    fn worker(&self) -> &str {
-        &self.worker
-    }
-
-    async fn step(&self, req: pb::StepRequest) -> Result<pb::StepResponse> {
-        let mut guard = self.link.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.open().await?);
-        }
-        let (tx, rx) = guard.as_mut().expect("opened above");
-        let answer = async {
-            tx.send(req)
-                .await
-                .map_err(|_| self.unavailable("its stream closed"))?;
-            match tokio::time::timeout(self.timeout, rx.message()).await {
-                Err(_) => Err(self.unavailable(format!("no answer within {:?}", self.timeout))),
-                Ok(Ok(Some(r))) => Ok(r),
-                Ok(Ok(None)) => Err(self.unavailable("its stream ended")),
-                Ok(Err(s))
-                    if matches!(
-                        s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) =>
-                {
-                    Err(self.unavailable(s.message().to_string()))
-                }
-                Ok(Err(status)) => Err(WorkerError::StageFailed {
-                    worker: self.worker.clone(),
-                    status,
-                }),
-            }
-        }
-        .await;
-        if answer.is_err() {
-            // The stream ends with the first error: open a new one next time.
-            *guard = None;
-        }
-        answer
-    }
-}
-
-/// The step's sequences as a stage runs them that neither samples nor
-/// returns logits (a pipeline stage before the last, a tensor-parallel
-/// follower rank).
-pub(crate) fn layout_only(seqs: &[pb::StepSequence]) -> Vec<pb::StepSequence> {
-    seqs.iter()
-        .map(|s| pb::StepSequence {
-            sample: None,
-            want_logits: false,
-            ..s.clone()
-        })
-        .collect()
 }
 
 /// A model's stages, first to last, and how steps move through them.
@@ -217,24 +100,22 @@ impl Pipeline {
 
     /// Runs step `ticket` through the stages; the last stage's answer is
     /// the step's.
-    pub async fn run(&self, ticket: u64, req: pb::StepRequest) -> Result<pb::StepResponse> {
+    pub async fn run(&self, ticket: u64, step: Step) -> Result<StepOutput> {
         if !self.is_linked() {
-            return run_relayed(&self.stages, req).await;
+            return run_relayed(&self.stages, step).await;
         }
         let n = self.stages.len();
-        let middle = layout_only(&req.sequences);
+        let middle = step.layout_only();
         let calls = self.stages.iter().enumerate().map(|(i, stage)| {
             let input = if i == 0 {
-                req.input.clone()
+                step.input.clone()
             } else {
-                Some(pb::step_request::Input::FromPrevious(
-                    pb::FromPreviousStage {},
-                ))
+                StepInput::FromPrevious
             };
-            let step = pb::StepRequest {
-                step_id: ticket,
+            let step = Step {
+                id: ticket,
                 to_next: i + 1 < n,
-                ..stage_request(&req, i, n, &middle, input)
+                ..stage_step(&step, i, n, &middle, input)
             };
             let turn = &self.turns[i];
             async move {
@@ -255,50 +136,41 @@ impl Pipeline {
     }
 }
 
-/// Stage `i` of `n`'s part of `req`: only the last stage samples or
+/// Stage `i` of `n`'s part of `step`: only the last stage samples or
 /// returns logits (the others get `middle`, the layout alone).
-fn stage_request(
-    req: &pb::StepRequest,
-    i: usize,
-    n: usize,
-    middle: &[pb::StepSequence],
-    input: Option<pb::step_request::Input>,
-) -> pb::StepRequest {
-    pb::StepRequest {
-        model: req.model.clone(),
-        sequences: if i + 1 == n {
-            req.sequences.clone()
+fn stage_step(step: &Step, i: usize, n: usize, middle: &[SeqStep], input: StepInput) -> Step {
+    Step {
+        model: step.model.clone(),
+        id: 0,
+        seqs: if i + 1 == n {
+            step.seqs.clone()
         } else {
             middle.to_vec()
         },
         input,
-        ..Default::default()
+        to_next: false,
     }
 }
 
 /// Runs a step through every stage in order: token ids into the first,
 /// hidden states onward; the last stage's answer is the step's.
-async fn run_relayed(
-    stages: &[Arc<dyn Stage>],
-    mut req: pb::StepRequest,
-) -> Result<pb::StepResponse> {
+async fn run_relayed(stages: &[Arc<dyn Stage>], step: Step) -> Result<StepOutput> {
     let n = stages.len();
-    let mut input = req.input.take();
+    let mut input = Some(step.input.clone());
     // Only the last stage samples or returns logits.
-    let middle = layout_only(&req.sequences);
+    let middle = step.layout_only();
     for (i, stage) in stages.iter().enumerate() {
-        let step = stage_request(&req, i, n, &middle, input.take());
-        let resp = stage.step(step).await?;
+        let part = stage_step(&step, i, n, &middle, input.take().expect("an input"));
+        let out = stage.step(part).await?;
         if i + 1 == n {
-            return Ok(resp);
+            return Ok(out);
         }
-        let hidden = resp.hidden.ok_or_else(|| WorkerError::StageFailed {
+        let hidden = out.hidden.ok_or_else(|| EngineError::StageFailed {
             worker: stage.worker().to_string(),
-            status: tonic::Status::internal("a middle stage answered without hidden states"),
+            kind: llmos_meta::failure::FailureKind::Internal,
+            message: "a middle stage answered without hidden states".into(),
         })?;
-        input = Some(pb::step_request::Input::Hidden(hidden));
+        input = Some(StepInput::Hidden(hidden));
     }
-    Err(WorkerError::InvalidRequest(
-        "a pipeline without stages".into(),
-    ))
+    Err(EngineError::Invalid("a pipeline without stages".into()))
 }

@@ -5,10 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use llmos_proto::worker::v1 as pb;
-
 use super::*;
-use crate::server::HostHandle;
+use crate::runtime::{HostHandle, ShardConfig};
 
 async fn engine(
     num_blocks: u32,
@@ -18,21 +16,7 @@ async fn engine(
 ) -> EngineHandle {
     let host = HostHandle::spawn();
     let loaded = host
-        .load(pb::ShardSpec {
-            model: "m".into(),
-            source: "synthetic:tiny".into(),
-            layer_start: 0,
-            layer_end: 2,
-            embed: true,
-            head: true,
-            dtype: pb::DType::F32 as i32,
-            kv_blocks: num_blocks,
-            block_size: 4,
-            engine: None,
-            tensor_parallel: None,
-            quantization: 0,
-            ..Default::default()
-        })
+        .load(ShardConfig::tiny("m", num_blocks as usize, 4))
         .await
         .unwrap();
     let cfg = SchedulerConfig {
@@ -43,7 +27,7 @@ async fn engine(
         num_blocks: num_blocks as usize,
         block_size: 4,
         prefix_caching: true,
-        max_context: loaded.max_context as usize,
+        max_context: loaded.max_context,
     };
     EngineHandle::spawn(
         "m".into(),
@@ -63,12 +47,12 @@ fn sub(prompt: &[u32], max_new: usize, seed: Option<u64>) -> Submission {
             priority: 0,
             deadline: None,
         },
-        sampling: pb::Sampling {
-            temperature: if seed.is_some() { 0.8 } else { 0.0 },
-            top_k: 0,
-            top_p: 0.0,
-            seed: seed.unwrap_or(0),
-        },
+        sampling: SamplingParams::from_wire(
+            if seed.is_some() { 0.8 } else { 0.0 },
+            0,
+            0.0,
+            seed.unwrap_or(0),
+        ),
     }
 }
 
@@ -208,7 +192,7 @@ async fn cancellation_and_deadlines_return_every_block() {
         "the first token did not arrive before the deadline"
     );
     match collect(dev).await {
-        Err(WorkerError::DeadlineExceeded { generated, .. }) => {
+        Err(EngineError::DeadlineExceeded { generated, .. }) => {
             assert!(Instant::now() >= due, "expired before its deadline");
             assert!(generated > 0 && generated < 8000, "{generated}")
         }
@@ -233,10 +217,9 @@ async fn a_full_queue_is_resource_exhausted_with_a_retry_hint() {
         held.push(e.submit(sub(&[1, 2, 3], 300, None)).await.unwrap());
     }
     let err = e.submit(sub(&[4, 5], 4, None)).await.unwrap_err();
-    let status = tonic::Status::from(err);
-    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-    assert!(status.message().contains("limit 2"), "{status}");
-    assert!(status.metadata().get("retry-after-ms").is_some());
+    assert_eq!(err.kind(), llmos_meta::failure::FailureKind::QueueFull);
+    assert!(err.to_string().contains("limit 2"), "{err}");
+    assert!(err.retry_after_ms().is_some_and(|ms| ms >= 50), "{err:?}");
     // A higher priority displaces a waiting one instead of being refused.
     let mut urgent = sub(&[6], 2, None);
     urgent.params.priority = 3;

@@ -186,7 +186,12 @@ mod tests {
             let m = Llama::load(None, &cfg, ShardSpec::full(&cfg), &opts, &mut |_, _| {}).unwrap();
             let arena = m.weight_arena.as_ref().expect("an arena on CPU");
             for b in &m.blocks {
-                for l in [&b.attn.qkv, &b.attn.o, &b.mlp.gate_up, &b.mlp.down] {
+                for l in [
+                    &b.attn.qkv.linear,
+                    &b.attn.o.linear,
+                    &b.mlp.gate_up.linear,
+                    &b.mlp.down.linear,
+                ] {
                     assert!(arena.holds(l.stored_weight()));
                 }
             }

@@ -11,14 +11,14 @@ use llmos_kernels::cpu::paged_attention::{paged_attention, QueryRow};
 use tch::{Device, Kind, Tensor};
 
 use super::llama::Llama;
-use crate::error::{Result, WorkerError};
-use crate::paged::{BatchLayout, KvPool};
+use super::{ModelError, Result};
+use crate::kv::{BatchLayout, KvPool};
 
 impl Llama {
     /// The pool shape this shard needs for `num_blocks` blocks of
     /// `block_size` positions.
-    pub fn pool_shape(&self, num_blocks: usize, block_size: usize) -> crate::paged::PoolShape {
-        crate::paged::PoolShape {
+    pub fn pool_shape(&self, num_blocks: usize, block_size: usize) -> crate::kv::PoolShape {
+        crate::kv::PoolShape {
             layers: self.blocks.len(),
             num_blocks,
             block_size,
@@ -29,11 +29,11 @@ impl Llama {
 
     /// A paged KV pool for this shard's layers.
     pub fn new_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
-        KvPool::new(
+        Ok(KvPool::new(
             self.pool_shape(num_blocks, block_size),
             self.kind,
             self.device,
-        )
+        )?)
     }
 
     /// Runs this shard's layers over the packed `x` (`[tokens, hidden]`),
@@ -48,14 +48,14 @@ impl Llama {
         layout.validate(&pool.shape(), self.cfg.max_position)?;
         let t = layout.total_tokens() as i64;
         if x.size() != [t, self.cfg.hidden_size as i64] {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "the step packs {t} tokens of width {}, the input is {:?}",
                 self.cfg.hidden_size,
                 x.size()
             )));
         }
         if pool.shape().layers != self.blocks.len() {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "the KV pool has {} layers, the shard {}",
                 pool.shape().layers,
                 self.blocks.len()
@@ -80,8 +80,8 @@ impl Llama {
             let v = qkv.narrow(1, h + hkv, hkv);
             pool.write(i, &slots, &k, &v);
             let y = self.attend_batch(i, &q, &k, &v, layout, pool);
-            x = &x + self.reduce(a.o.forward(&y.reshape([t, h * d])))?;
-            x = &x + self.reduce(blk.mlp.forward(&blk.mlp_norm.forward(&x)))?;
+            x = &x + a.o.forward(&y.reshape([t, h * d]))?;
+            x = &x + blk.mlp.forward(&blk.mlp_norm.forward(&x))?;
         }
         Ok(match &self.final_norm {
             Some(n) => n.forward(&x),
@@ -203,9 +203,9 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::SeqSlice;
     use crate::model::llama::LoadOptions;
     use crate::model::ShardSpec;
-    use crate::paged::SeqSlice;
     use llmos_meta::ModelConfig;
 
     fn tiny(kind: Kind) -> Llama {

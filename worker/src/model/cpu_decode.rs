@@ -12,8 +12,8 @@ use llmos_kernels::cpu::paged_attention::{paged_attention, QueryRow};
 use tch::{Device, Kind};
 
 use super::llama::Llama;
-use crate::error::{Result, WorkerError};
-use crate::paged::{slot, KvPool};
+use super::{ModelError, Result};
+use crate::kv::{slot, KvPool};
 
 /// One sequence of a paged pool: its block table and cached length.
 pub struct PagedSeq<'a> {
@@ -27,7 +27,7 @@ impl PagedSeq<'_> {
     fn reserve_one(&self) -> Result<()> {
         let cap = self.blocks.len() * self.pool.shape().block_size;
         if self.position >= cap {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "position {} is beyond the sequence's {} blocks",
                 self.position,
                 self.blocks.len()
@@ -79,16 +79,14 @@ impl Llama {
             && self
                 .blocks
                 .iter()
-                .all(|b| b.attn.qkv.has_gemv() && b.attn.o.has_gemv())
+                .all(|b| b.attn.qkv.linear.has_gemv() && b.attn.o.linear.has_gemv())
     }
 
     /// One token of one sequence at position `cache.position`: appends to
     /// the cache and returns the float32 logits.
     pub fn decode_step(&self, token: u32, cache: &mut PagedSeq<'_>) -> Result<Vec<f32>> {
         if !self.shard.head {
-            return Err(WorkerError::InvalidRequest(
-                "this shard holds no LM head".into(),
-            ));
+            return Err(ModelError::Invalid("this shard holds no LM head".into()));
         }
         let x = self.embed_row(token)?;
         self.decode_hidden(x, cache)
@@ -100,15 +98,15 @@ impl Llama {
         let embed = self
             .embed
             .as_ref()
-            .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no embedding".into()))?;
+            .ok_or_else(|| ModelError::Invalid("this shard holds no embedding".into()))?;
         if token as usize >= self.cfg.vocab_size {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "token id {token} is outside the vocabulary of {} tokens",
                 self.cfg.vocab_size
             )));
         }
         if embed.device() != Device::Cpu || !matches!(embed.kind(), Kind::Float | Kind::BFloat16) {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "the fused step reads CPU f32/bf16 embeddings, not {:?} on {:?}",
                 embed.kind(),
                 embed.device()
@@ -145,7 +143,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         if x.len() != h {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "a hidden state of {} values, the model's width is {h}",
                 x.len()
             )));
@@ -168,22 +166,20 @@ impl Llama {
         let mut act = vec![0f32; inter];
         for (layer, blk) in self.blocks.iter().enumerate() {
             rms_norm(&x, &blk.attn_norm.w32, eps, &mut normed);
-            blk.attn.qkv.gemv_into(&normed, &mut qkv);
+            blk.attn.qkv.linear.gemv_into(&normed, &mut qkv);
             let (q, kv) = qkv.split_at_mut(nq);
             let (k, v) = kv.split_at_mut(nkv);
             rope_in_place(q, d, &cos, &sin);
             rope_in_place(k, d, &cos, &sin);
             cache.write(layer, pos, k, v);
             cache.attend(layer, q, heads, pos + 1, scale, &mut attn);
-            blk.attn.o.gemv_into(&attn, &mut proj);
-            self.reduce_host(&mut proj)?;
+            blk.attn.o.forward_host(&attn, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
 
             rms_norm(&x, &blk.mlp_norm.w32, eps, &mut normed);
-            blk.mlp.gate_up.gemv_into(&normed, &mut gate_up);
+            blk.mlp.gate_up.linear.gemv_into(&normed, &mut gate_up);
             silu_mul(&gate_up, &mut act);
-            blk.mlp.down.gemv_into(&act, &mut proj);
-            self.reduce_host(&mut proj)?;
+            blk.mlp.down.forward_host(&act, &mut proj)?;
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
         }
         cache.position += 1;

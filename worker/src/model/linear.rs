@@ -13,7 +13,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Result, WorkerError};
+use super::{ModelError, Result};
 use llmos_kernels::cpu::gemv::{gemv_batch, pool};
 
 /// How a model's linear weights are stored.
@@ -33,7 +33,7 @@ impl Quantization {
         match s {
             "" | "none" => Ok(Quantization::None),
             "int8" => Ok(Quantization::Int8),
-            other => Err(WorkerError::InvalidRequest(format!(
+            other => Err(ModelError::Invalid(format!(
                 "unknown quantization {other:?} (supported: none, int8)"
             ))),
         }
@@ -85,7 +85,7 @@ impl Linear {
             }
             Quantization::Int8 => {
                 let (q, scales) = llmos_kernels::cuda::int8::quantize_per_channel(&weight)
-                    .map_err(|e| WorkerError::InvalidRequest(e.to_string()))?;
+                    .map_err(|e| ModelError::Invalid(e.to_string()))?;
                 let scales_f32 = Vec::<f32>::try_from(scales.to_device(Device::Cpu))?;
                 Store::Int8 {
                     q: q.contiguous(),

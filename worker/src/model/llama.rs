@@ -11,14 +11,15 @@
 
 use std::sync::Arc;
 
-use llmos_meta::{LayerPart, ModelConfig, Slice, TpSplit, WeightKey, WeightSource};
+use llmos_meta::{LayerPart, ModelConfig, TpSplit, WeightKey, WeightSource};
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::Collective;
-use crate::error::{Result, WorkerError};
-use crate::model::arena::WeightArena;
-use crate::model::linear::{Linear, Quantization};
-use crate::weights::{Loader, Progress};
+use super::arena::WeightArena;
+use super::linear::{Linear, Quantization};
+use super::parallel::{ColumnParallel, RowParallel};
+use super::weights::{Loader, Progress};
+use super::{ModelError, Result};
+use crate::comm::Collective;
 
 /// Which part of the model a process holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,18 +63,20 @@ impl RmsNorm {
 }
 
 pub(super) struct Attention {
-    /// Fused `[q; k; v]` projection, `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    pub(super) qkv: Linear,
-    pub(super) o: Linear,
+    /// Fused `[q; k; v]` projection, `[(heads + 2 kv_heads) * head_dim,
+    /// hidden]` (this rank's heads).
+    pub(super) qkv: ColumnParallel,
+    pub(super) o: RowParallel,
     pub(super) heads: i64,
     pub(super) kv_heads: i64,
     pub(super) head_dim: i64,
 }
 
 pub(super) struct Mlp {
-    /// Fused `[gate; up]`, `[2 * intermediate, hidden]`.
-    pub(super) gate_up: Linear,
-    pub(super) down: Linear,
+    /// Fused `[gate; up]`, `[2 * intermediate, hidden]` (this rank's
+    /// columns).
+    pub(super) gate_up: ColumnParallel,
+    pub(super) down: RowParallel,
     pub(super) intermediate: i64,
 }
 
@@ -112,7 +115,8 @@ impl Rope {
 }
 
 impl Mlp {
-    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
+    /// The MLP's output, summed over the tensor-parallel group.
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up.forward(x);
         let g = gu.narrow(-1, 0, self.intermediate);
         let u = gu.narrow(-1, self.intermediate, self.intermediate);
@@ -131,9 +135,8 @@ pub struct Llama {
     pub(super) kind: Kind,
     pub(super) device: Device,
     /// This rank's part when the layers are split over a tensor-parallel
-    /// group; the row-parallel outputs are summed over `tp_group`.
+    /// group (each layer's row-parallel projections sum over the group).
     pub(super) tp: Option<TpSplit>,
-    pub(super) tp_group: Option<Arc<dyn Collective>>,
     /// Where the linear weights live on CPU: held, never read, because the
     /// weight tensors point into it (declared last: dropped after them).
     #[cfg_attr(not(test), allow(dead_code))]
@@ -148,10 +151,10 @@ fn place_weights(blocks: &mut [Block], head: Option<&mut Linear>) -> Option<Arc<
         .iter_mut()
         .flat_map(|b| {
             [
-                &mut b.attn.qkv,
-                &mut b.attn.o,
-                &mut b.mlp.gate_up,
-                &mut b.mlp.down,
+                &mut b.attn.qkv.linear,
+                &mut b.attn.o.linear,
+                &mut b.mlp.gate_up.linear,
+                &mut b.mlp.down.linear,
             ]
         })
         .map(Linear::stored_weight_mut)
@@ -214,33 +217,28 @@ impl Llama {
         progress: Progress<'_>,
     ) -> Result<Self> {
         if let Some(t) = tp {
-            let check = cfg
-                .tp_split(t.rank, t.size)
-                .map_err(WorkerError::InvalidRequest)?;
+            let check = cfg.tp_split(t.rank, t.size).map_err(ModelError::Invalid)?;
             debug_assert_eq!(check, t);
         }
         let split = tp.filter(|t| t.size > 1);
         let d = cfg.head_dim;
-        let rows = |start: usize, len: usize| split.map(|_| Slice { dim: 0, start, len });
-        let cols = |start: usize, len: usize| split.map(|_| Slice { dim: 1, start, len });
         let (heads, kv_heads, inter) = match split {
             Some(t) => (t.heads, t.kv_heads, t.intermediate),
             None => (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size),
         };
-        let (q_part, kv_part, o_part, up_part, down_part) = match split {
+        // This rank's query heads, KV heads and MLP columns (all: `None`).
+        let part = |start: usize, len: usize| split.map(|_| start..start + len);
+        let (q_part, kv_part, inter_part) = match split {
             Some(t) => (
-                rows(t.head_start * d, heads * d),
-                rows(t.kv_head_start * d, kv_heads * d),
-                cols(t.head_start * d, heads * d),
-                rows(t.inter_start, inter),
-                cols(t.inter_start, inter),
+                part(t.head_start * d, heads * d),
+                part(t.kv_head_start * d, kv_heads * d),
+                part(t.inter_start, inter),
             ),
-            None => (None, None, None, None, None),
+            None => (None, None, None),
         };
-        // Biases are 1-D: their rows are their elements.
-        let bias = |p: Option<Slice>| p.map(|s| Slice { dim: 0, ..s });
+        let ranks = split.map(|t| (t.rank, t.size));
         if shard.layers.end > cfg.num_layers || shard.layers.start > shard.layers.end {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "layer range {:?} is outside the model's {} layers",
                 shard.layers, cfg.num_layers
             )));
@@ -259,49 +257,50 @@ impl Llama {
         };
         let mut blocks = Vec::with_capacity(shard.layers.len());
         for i in shard.layers.clone() {
-            let mut w = |p, part| ld.get_part(WeightKey::Layer(i, p), part);
-            let attn_norm = w(LayerPart::AttnNorm, None)?;
-            let qkv = Tensor::cat(
+            let key = |p| WeightKey::Layer(i, p);
+            let q = opts.quantization;
+            let attn_norm = ld.get(key(LayerPart::AttnNorm))?;
+            let qkv = ColumnParallel::load(
+                &mut ld,
                 &[
-                    w(LayerPart::Q, q_part)?,
-                    w(LayerPart::K, kv_part)?,
-                    w(LayerPart::V, kv_part)?,
+                    (key(LayerPart::Q), q_part.clone()),
+                    (key(LayerPart::K), kv_part.clone()),
+                    (key(LayerPart::V), kv_part.clone()),
                 ],
-                0,
-            );
-            let qkv_bias = if cfg.qkv_bias {
-                Some(Tensor::cat(
-                    &[
-                        w(LayerPart::QBias, bias(q_part))?,
-                        w(LayerPart::KBias, bias(kv_part))?,
-                        w(LayerPart::VBias, bias(kv_part))?,
-                    ],
-                    0,
-                ))
-            } else {
-                None
-            };
-            let o = w(LayerPart::O, o_part)?;
-            let mlp_norm = w(LayerPart::MlpNorm, None)?;
-            let gate_up = Tensor::cat(
-                &[w(LayerPart::Gate, up_part)?, w(LayerPart::Up, up_part)?],
-                0,
-            );
-            let down = w(LayerPart::Down, down_part)?;
+                cfg.qkv_bias.then_some(&[
+                    key(LayerPart::QBias),
+                    key(LayerPart::KBias),
+                    key(LayerPart::VBias),
+                ]),
+                q,
+            )?;
+            let o = RowParallel::load(&mut ld, key(LayerPart::O), q_part.clone(), ranks, q)?;
+            let mlp_norm = ld.get(key(LayerPart::MlpNorm))?;
+            let gate_up = ColumnParallel::load(
+                &mut ld,
+                &[
+                    (key(LayerPart::Gate), inter_part.clone()),
+                    (key(LayerPart::Up), inter_part.clone()),
+                ],
+                None,
+                q,
+            )?;
+            let down =
+                RowParallel::load(&mut ld, key(LayerPart::Down), inter_part.clone(), ranks, q)?;
             let norm = |weight| RmsNorm::new(weight, cfg.rms_norm_eps);
             blocks.push(Block {
                 attn_norm: norm(attn_norm),
                 attn: Attention {
-                    qkv: Linear::with(qkv, qkv_bias, opts.quantization)?,
-                    o: Linear::with(o, None, opts.quantization)?,
+                    qkv,
+                    o,
                     heads: heads as i64,
                     kv_heads: kv_heads as i64,
                     head_dim: cfg.head_dim as i64,
                 },
                 mlp_norm: norm(mlp_norm),
                 mlp: Mlp {
-                    gate_up: Linear::with(gate_up, None, opts.quantization)?,
-                    down: Linear::with(down, None, opts.quantization)?,
+                    gate_up,
+                    down,
                     intermediate: inter as i64,
                 },
             });
@@ -353,22 +352,24 @@ impl Llama {
             kind: opts.kind,
             device: opts.device,
             tp: split,
-            tp_group: None,
             weight_arena,
         })
     }
 
-    /// The group the row-parallel outputs are summed over (a tensor-parallel
+    /// The group the row-parallel projections sum over (a tensor-parallel
     /// shard cannot run without one).
     pub fn set_collective(&mut self, group: Arc<dyn Collective>) -> Result<()> {
         let want = self.tp.map_or(1, |t| t.size);
         if group.world_size() != want {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(ModelError::Invalid(format!(
                 "the shard is split {want} ways but its group has {} ranks",
                 group.world_size()
             )));
         }
-        self.tp_group = Some(group);
+        for b in &mut self.blocks {
+            b.attn.o.set_group(group.clone())?;
+            b.mlp.down.set_group(group.clone())?;
+        }
         Ok(())
     }
 
@@ -379,35 +380,6 @@ impl Llama {
     /// KV heads this shard holds (all, or its tensor-parallel share).
     pub fn local_kv_heads(&self) -> usize {
         self.tp.map_or(self.cfg.num_kv_heads, |t| t.kv_heads)
-    }
-
-    /// The group row-parallel outputs are summed over: `None` for a shard
-    /// that is not split; an error for a split one without its group.
-    fn reduce_group(&self) -> Result<Option<&dyn Collective>> {
-        match (&self.tp_group, self.tp) {
-            (_, None) => Ok(None),
-            (Some(g), Some(_)) => Ok(Some(g.as_ref())),
-            (None, Some(t)) => Err(WorkerError::InvalidRequest(format!(
-                "rank {} of a {}-way split has no group",
-                t.rank, t.size
-            ))),
-        }
-    }
-
-    /// Sums a row-parallel output over the tensor-parallel group.
-    pub(super) fn reduce(&self, mut t: Tensor) -> Result<Tensor> {
-        if let Some(g) = self.reduce_group()? {
-            g.all_reduce_sum(&mut t)?;
-        }
-        Ok(t)
-    }
-
-    /// `reduce` for the fused step's host buffers.
-    pub(super) fn reduce_host(&self, buf: &mut [f32]) -> Result<()> {
-        match self.reduce_group()? {
-            Some(g) => g.all_reduce_host(buf),
-            None => Ok(()),
-        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -431,9 +403,14 @@ impl Llama {
     /// own threads have nothing worth waking for.
     pub fn projections_on_pool(&self, rows: i64) -> bool {
         self.blocks.iter().all(|b| {
-            [&b.attn.qkv, &b.attn.o, &b.mlp.gate_up, &b.mlp.down]
-                .iter()
-                .all(|l| l.uses_kernel(rows))
+            [
+                &b.attn.qkv.linear,
+                &b.attn.o.linear,
+                &b.mlp.gate_up.linear,
+                &b.mlp.down.linear,
+            ]
+            .iter()
+            .all(|l| l.uses_kernel(rows))
         }) && self.head.as_ref().is_none_or(|h| h.uses_kernel(rows))
     }
 
@@ -442,8 +419,8 @@ impl Llama {
         let t = |x: &Tensor| x.numel() * x.kind().elt_size_in_bytes();
         let mut n = self.embed.as_ref().map_or(0, t);
         for b in &self.blocks {
-            n += b.attn.qkv.bytes() + b.attn.o.bytes();
-            n += b.mlp.gate_up.bytes() + b.mlp.down.bytes();
+            n += b.attn.qkv.linear.bytes() + b.attn.o.linear.bytes();
+            n += b.mlp.gate_up.linear.bytes() + b.mlp.down.linear.bytes();
             n += t(&b.attn_norm.weight) + t(&b.mlp_norm.weight);
         }
         n += self.final_norm.as_ref().map_or(0, |f| t(&f.weight));
@@ -460,7 +437,7 @@ impl Llama {
         let e = self
             .embed
             .as_ref()
-            .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no embedding".into()))?;
+            .ok_or_else(|| ModelError::Invalid("this shard holds no embedding".into()))?;
         Ok(Tensor::embedding(
             e,
             &tokens.to_device(self.device),
@@ -475,7 +452,7 @@ impl Llama {
         let head = self
             .head
             .as_ref()
-            .ok_or_else(|| WorkerError::InvalidRequest("this shard holds no LM head".into()))?;
+            .ok_or_else(|| ModelError::Invalid("this shard holds no LM head".into()))?;
         Ok(head.forward(hidden).to_kind(Kind::Float))
     }
 
@@ -485,6 +462,7 @@ impl Llama {
         let w = self.blocks[layer]
             .mlp
             .down
+            .linear
             .dense_weight()
             .expect("perturb a dense weight");
         let _guard = tch::no_grad_guard();

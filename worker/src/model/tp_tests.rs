@@ -8,11 +8,11 @@ use std::time::Duration;
 use llmos_meta::ModelConfig;
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, Rendezvous};
+use crate::comm::{Collective, Rendezvous};
+use crate::kv::{BatchLayout, SeqSlice};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
-use crate::paged::{BatchLayout, SeqSlice};
 
 fn cfg() -> ModelConfig {
     let mut cfg = ModelConfig::preset("tiny").unwrap(); // 4 heads, 2 KV heads

@@ -1,11 +1,18 @@
 //! The worker's gRPC server (`llmos.worker.v1.Worker`), with gRPC health
-//! checking and server reflection. `WorkerError` maps to `tonic::Status` here
-//! and nowhere else.
+//! checking and server reflection. The only layer that speaks protobuf
+//! (with the remote stage): it converts the wire's messages to the
+//! engine's and runtime's types (`codec`) and their errors to
+//! `tonic::Status` (`status`, the one mapping).
+//!
+//! - [`codec`]: wire <-> engine types, checked on the way in.
+//! - [`status`]: errors to gRPC status codes and failure metadata.
+//! - [`remote`]: another worker's stage (its `Step` stream).
+//! - [`register`]: registration with the coordinator and heartbeats.
 
 pub mod codec;
-pub mod host;
-mod links;
 pub mod register;
+pub mod remote;
+pub mod status;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,75 +27,19 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{
-    EngineHandle, Finish, LocalStage, Pipeline, RemoteStage, SchedulerConfig, SeqEvent, SeqParams,
-    Stage, Submission,
+    EngineHandle, Finish, LocalStage, Pipeline, SchedulerConfig, SeqEvent, SeqParams, Stage,
+    Submission,
 };
-use crate::error::{Result, WorkerError};
-pub use host::HostHandle;
+pub use crate::runtime::HostHandle;
+use remote::RemoteStage;
 
-impl From<WorkerError> for Status {
-    /// The one mapping of the worker's errors to gRPC: a code, and the
-    /// failure's kind (and the failed worker, where one is named) in the
-    /// metadata for callers to classify it by (`llmos_meta::failure`).
-    fn from(e: WorkerError) -> Status {
-        use llmos_meta::failure::{FailureKind as K, FAILED_WORKER_KEY, FAILURE_KEY};
-        use llmos_meta::MetaError;
-        let msg = e.to_string();
-        let (mut s, kind, failed) = match e {
-            WorkerError::InvalidRequest(_)
-            | WorkerError::Request(_)
-            | WorkerError::LimitExceeded { .. }
-            | WorkerError::NoTokenizer { .. } => {
-                (Status::invalid_argument(msg), K::InvalidRequest, None)
-            }
-            WorkerError::UnknownModel(_) | WorkerError::Meta(MetaError::ModelNotFound { .. }) => {
-                (Status::not_found(msg), K::NotFound, None)
-            }
-            WorkerError::Meta(MetaError::Io { ref source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                (Status::not_found(msg), K::NotFound, None)
-            }
-            WorkerError::Meta(_) => (Status::invalid_argument(msg), K::InvalidRequest, None),
-            WorkerError::StageUnavailable { worker, .. } => {
-                (Status::unavailable(msg), K::StageUnavailable, Some(worker))
-            }
-            WorkerError::DeviceUnavailable(..)
-            | WorkerError::HostStopped
-            | WorkerError::Transport(_)
-            | WorkerError::StepFailed(_)
-            | WorkerError::Collective(_) => (Status::unavailable(msg), K::StageUnavailable, None),
-            WorkerError::Torch(_) => (Status::internal(msg), K::Internal, None),
-            WorkerError::QueueFull { retry_after_ms, .. } => {
-                let mut s = Status::resource_exhausted(msg);
-                if let Ok(v) = retry_after_ms.to_string().parse() {
-                    s.metadata_mut().insert("retry-after-ms", v);
-                }
-                (s, K::QueueFull, None)
-            }
-            WorkerError::DeadlineExceeded { .. } => {
-                (Status::deadline_exceeded(msg), K::DeadlineExceeded, None)
-            }
-            WorkerError::StageFailed { status, worker } => {
-                let kind = status
-                    .metadata()
-                    .get(FAILURE_KEY)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(K::parse)
-                    .unwrap_or(K::Internal);
-                (Status::new(status.code(), msg), kind, Some(worker))
-            }
-            // Already mapped (shared by the sequences of a failed step).
-            WorkerError::Status(s) => return s,
-        };
-        s.metadata_mut().insert(
-            FAILURE_KEY,
-            tonic::metadata::MetadataValue::from_static(kind.as_str()),
-        );
-        if let Some(w) = failed.and_then(|w| w.parse().ok()) {
-            s.metadata_mut().insert(FAILED_WORKER_KEY, w);
-        }
-        s
+/// The spec without its pipeline links (which change when a neighbouring
+/// stage restarts, while the engine stays good).
+fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
+    pb::ShardSpec {
+        prev_link: None,
+        next_link: None,
+        ..spec.clone()
     }
 }
 
@@ -121,7 +72,7 @@ impl WorkerService {
     }
 
     /// Starts (or keeps, or replaces) the engine a first-stage spec asks for.
-    fn start_engine(&self, spec: &pb::ShardSpec, max_context: usize) -> Result<()> {
+    fn start_engine(&self, spec: &pb::ShardSpec, max_context: usize) -> Result<(), Status> {
         let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = spec.engine.as_ref().filter(|_| spec.embed) else {
             engines.remove(&spec.model);
@@ -130,7 +81,7 @@ impl WorkerService {
         // A neighbour's restart renames the links; the engine stays.
         if engines
             .get(&spec.model)
-            .is_some_and(|(s, _)| links::without_links(s) == links::without_links(spec))
+            .is_some_and(|(s, _)| without_links(s) == without_links(spec))
         {
             return Ok(());
         }
@@ -198,19 +149,22 @@ impl Worker for WorkerService {
         let shard = req
             .into_inner()
             .shard
-            .ok_or_else(|| Status::invalid_argument("LoadShardRequest.shard is required"))?;
-        let shard = host::normalized(shard);
+            .ok_or_else(|| status::invalid("LoadShardRequest.shard is required"))?;
         // The host holds weights and cache; the engine part of the spec
         // (later stages' addresses, limits) only restarts the engine.
-        let resp = self
-            .host
-            .load(pb::ShardSpec {
-                engine: None,
-                ..shard.clone()
-            })
-            .await?;
-        self.start_engine(&shard, resp.max_context as usize)?;
-        Ok(Response::new(resp))
+        let config = codec::shard_config(&shard)?;
+        let shard = pb::ShardSpec {
+            kv_blocks: config.kv_blocks as u32,
+            block_size: config.block_size as u32,
+            ..shard
+        };
+        let loaded = self.host.load(config).await?;
+        self.start_engine(&shard, loaded.max_context)?;
+        Ok(Response::new(pb::LoadShardResponse {
+            weight_bytes: loaded.weight_bytes,
+            load_seconds: loaded.load_seconds,
+            max_context: loaded.max_context as u32,
+        }))
     }
 
     async fn unload_shard(
@@ -239,8 +193,12 @@ impl Worker for WorkerService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
-                let r = match msg {
-                    Ok(req) => host.step(req).await.map_err(Status::from),
+                let r = match msg.map(codec::step) {
+                    Ok(Ok(step)) => match host.step(step).await {
+                        Ok(out) => Ok(codec::output_to_wire(&out)),
+                        Err(e) => Err(Status::from(e)),
+                    },
+                    Ok(Err(e)) => Err(Status::from(e)),
                     Err(s) => Err(s),
                 };
                 let failed = r.is_err();
@@ -262,17 +220,20 @@ impl Worker for WorkerService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = req.into_inner();
         let engine = self.engine(&r.model).ok_or_else(|| {
-            Status::not_found(format!(
+            status::not_found(format!(
                 "model {:?} has no engine on this worker (it does not hold its first stage)",
                 r.model
             ))
         })?;
         if r.prompt.is_empty() || r.max_new_tokens == 0 {
-            return Err(Status::invalid_argument(
+            return Err(status::invalid(
                 "a request needs a prompt and max_new_tokens of at least 1",
             ));
         }
-        let sampling = r.sampling.unwrap_or_default();
+        let sampling = codec::sampling(&r.sampling.unwrap_or_default());
+        sampling
+            .validate()
+            .map_err(|e| status::invalid(e.to_string()))?;
         let sub = Submission {
             request_id: r.request_id,
             params: SeqParams {
@@ -344,7 +305,7 @@ impl Worker for WorkerService {
         &self,
         _req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let mut resp = self.host.stats().await?;
+        let mut resp = codec::host_stats(&self.host.stats().await?);
         for shard in &mut resp.shards {
             let model = shard
                 .shard
@@ -352,7 +313,7 @@ impl Worker for WorkerService {
                 .map(|s| s.model.clone())
                 .unwrap_or_default();
             if let Some(e) = self.engine(&model) {
-                shard.engine = Some(e.stats().await?.to_proto());
+                shard.engine = Some(codec::engine_stats(&e.stats().await?));
             }
         }
         Ok(Response::new(resp))
@@ -364,7 +325,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     host: HostHandle,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<()> {
+) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<WorkerServer<WorkerService>>()
@@ -372,7 +333,7 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| WorkerError::Transport(e.to_string()))?;
+        .map_err(|e| ServeError(e.to_string()))?;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
@@ -386,5 +347,10 @@ pub async fn serve(
             shutdown,
         )
         .await
-        .map_err(|e| WorkerError::Transport(e.to_string()))
+        .map_err(|e| ServeError(e.to_string()))
 }
+
+/// The server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("worker server: {0}")]
+pub struct ServeError(String);

@@ -11,7 +11,7 @@ use llmos_proto::worker::v1 as pb;
 use pb::registry_client::RegistryClient;
 use tonic::Request;
 
-use crate::device::memory_of;
+use crate::runtime::device::memory_of;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);

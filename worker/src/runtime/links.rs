@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llmos_proto::worker::v1 as pb;
 use tch::Device;
 
-use crate::collective::{PipelineLink, Rendezvous};
-use crate::error::{Result, WorkerError};
+use super::error::{Result, RuntimeError};
+use super::step::ShardConfig;
+use crate::comm::{LinkSpec, PipelineLink, Rendezvous};
 
 /// A shard's links to its neighbouring stages (a stage leader's).
 #[derive(Clone, Default)]
@@ -45,16 +45,6 @@ impl LinkTable {
     }
 }
 
-/// The spec without its pipeline links (which change when a neighbouring
-/// stage restarts, while this shard's weights and cache stay good).
-pub(crate) fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
-    pb::ShardSpec {
-        prev_link: None,
-        next_link: None,
-        ..spec.clone()
-    }
-}
-
 /// The links `spec` asks for: each kept from `old` when its spec is the
 /// same and it still works, else formed anew within `form_timeout` (the
 /// previous stage's link first: neighbours form theirs in the same order
@@ -62,13 +52,13 @@ pub(crate) fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
 pub(super) fn relink(
     rendezvous: Option<&Rendezvous>,
     device: Device,
-    spec: &pb::ShardSpec,
+    spec: &ShardConfig,
     old: Links,
     hidden: i64,
     form_timeout: Duration,
     op_timeout: Duration,
 ) -> Result<Links> {
-    let form = |want: &Option<pb::PipelineLink>,
+    let form = |want: &Option<LinkSpec>,
                 have: Option<Arc<PipelineLink>>|
      -> Result<Option<Arc<PipelineLink>>> {
         let Some(want) = want else {
@@ -78,7 +68,7 @@ pub(super) fn relink(
             return Ok(Some(h));
         }
         let rv = rendezvous.ok_or_else(|| {
-            WorkerError::InvalidRequest(
+            RuntimeError::Invalid(
                 "this worker has no collective listener: it cannot hold a linked pipeline stage"
                     .into(),
             )

@@ -24,13 +24,34 @@ mod link;
 mod nccl;
 mod tcp;
 
-pub use link::PipelineLink;
+pub use link::{LinkBackend, LinkSpec, PipelineLink};
 pub use nccl::{nccl_available, NcclGroup};
 pub use tcp::{Rendezvous, TcpGroup};
 
 use tch::Tensor;
 
-use crate::error::Result;
+/// A collective's or a link's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A peer failed, closed its link or did not answer in time; the group
+    /// (or link) is broken afterwards.
+    #[error("collective: {0}")]
+    Failed(String),
+    /// A peer is alive but did not take part: it failed the step on its
+    /// side (a pipeline link's previous stage, a rank that sent nothing).
+    #[error("{0}")]
+    PeerStepFailed(String),
+    /// What was asked cannot be done with this group or link (a rank, a
+    /// dtype, a backend, a shape).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("device {0:?} is not available: {1}")]
+    DeviceUnavailable(String, String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = CommError> = std::result::Result<T, E>;
 
 /// A group of ranks that run collectives together. Every rank calls the
 /// same operations in the same order with the same shapes.
@@ -103,15 +124,15 @@ impl Collective for SoloGroup {
 
 fn check_rank(r: usize, world: usize) -> Result<()> {
     if r >= world {
-        return Err(crate::WorkerError::InvalidRequest(format!(
+        return Err(CommError::Invalid(format!(
             "rank {r} is outside a group of {world}"
         )));
     }
     Ok(())
 }
 
-fn no_peer(peer: usize, me: usize) -> crate::WorkerError {
-    crate::WorkerError::InvalidRequest(format!(
+fn no_peer(peer: usize, me: usize) -> CommError {
+    CommError::Invalid(format!(
         "rank {me} cannot exchange with rank {peer}: not another rank of its group"
     ))
 }

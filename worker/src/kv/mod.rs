@@ -14,7 +14,18 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Result, WorkerError};
+/// A pool that cannot be made or a step layout that does not fit it.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("{0}")]
+    Layout(String),
+    #[error(transparent)]
+    Request(#[from] llmos_meta::request::RequestError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = KvError> = std::result::Result<T, E>;
 
 /// Shape of a stage's KV pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +53,7 @@ pub struct KvPool {
 impl KvPool {
     pub fn new(shape: PoolShape, kind: Kind, device: Device) -> Result<Self> {
         if shape.block_size == 0 || shape.num_blocks == 0 {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(KvError::Layout(format!(
                 "a KV pool needs at least one block of at least one position, got {} blocks of {}",
                 shape.num_blocks, shape.block_size
             )));
@@ -146,19 +157,17 @@ impl BatchLayout {
     /// table covers its positions with blocks that exist.
     pub fn validate(&self, shape: &PoolShape, max_position: usize) -> Result<()> {
         if self.block_size != shape.block_size {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(KvError::Layout(format!(
                 "block size {} does not match the pool's {}",
                 self.block_size, shape.block_size
             )));
         }
         if self.seqs.is_empty() {
-            return Err(WorkerError::InvalidRequest(
-                "a step without sequences".into(),
-            ));
+            return Err(KvError::Layout("a step without sequences".into()));
         }
         for (i, s) in self.seqs.iter().enumerate() {
             if s.tokens == 0 {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(KvError::Layout(format!(
                     "sequence {i} of the step adds no tokens"
                 )));
             }
@@ -167,7 +176,7 @@ impl BatchLayout {
             })?;
             let need = s.len_after().div_ceil(self.block_size);
             if s.blocks.len() < need {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(KvError::Layout(format!(
                     "sequence {i} reaches position {} but its block table has {} blocks of {}",
                     s.len_after(),
                     s.blocks.len(),
@@ -175,7 +184,7 @@ impl BatchLayout {
                 )));
             }
             if let Some(b) = s.blocks.iter().find(|&&b| b as usize >= shape.num_blocks) {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(KvError::Layout(format!(
                     "sequence {i} names block {b}; the pool has {} blocks",
                     shape.num_blocks
                 )));

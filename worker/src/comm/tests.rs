@@ -135,7 +135,7 @@ fn a_dead_rank_fails_the_operation_promptly_and_breaks_the_group() {
     // Later operations fail at once, saying why.
     let e = g0.barrier().unwrap_err();
     assert!(e.to_string().contains("broken"), "{e}");
-    assert!(matches!(e, crate::WorkerError::Collective(_)));
+    assert!(matches!(e, super::CommError::Failed(_)));
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn solo_group_is_a_no_op() {
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 fn gpu_nccl_world_of_one_all_reduces() {
-    crate::device::load_torch_cuda().expect("libtorch_cuda.so loads");
+    llmos_kernels::load_torch_cuda().expect("libtorch_cuda.so loads");
     assert!(
         tch::Cuda::device_count() > 0,
         "a GPU test ran without a CUDA device (run it with --ignored on a GPU machine)"
@@ -225,19 +225,18 @@ fn gpu_nccl_world_of_one_all_reduces() {
 /// Both ends of a TCP pipeline link formed in this process: (sender,
 /// receiver).
 fn link_pair(name: &str, op_timeout: Duration) -> (PipelineLink, PipelineLink) {
-    use llmos_proto::worker::v1 as pb;
     let rvs: Vec<Arc<Rendezvous>> = (0..2)
         .map(|_| Arc::new(Rendezvous::bind("127.0.0.1:0").unwrap()))
         .collect();
     let peers: Vec<String> = rvs.iter().map(|r| r.local_addr().to_string()).collect();
     let hs: Vec<_> = (0..2u32)
         .map(|rank| {
-            let spec = pb::PipelineLink {
-                rank,
+            let spec = LinkSpec {
+                rank: rank as usize,
                 peers: peers.clone(),
                 group: name.into(),
-                backend: pb::LinkBackend::Tcp as i32,
-                timeout_ms: op_timeout.as_millis() as u32,
+                backend: LinkBackend::Tcp,
+                timeout: Some(op_timeout),
             };
             let rv = rvs[rank as usize].clone();
             std::thread::spawn(move || {

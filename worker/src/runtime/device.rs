@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind};
 
-use crate::error::{Result, WorkerError};
+use super::error::{Result, RuntimeError};
 
 /// Parses `f32` / `bf16` / `f16`.
 pub fn parse_dtype(s: &str) -> Result<Kind> {
@@ -10,7 +10,7 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
         "f16" | "float16" => Ok(Kind::Half),
-        _ => Err(WorkerError::InvalidRequest(format!(
+        _ => Err(RuntimeError::Invalid(format!(
             "unknown dtype {s:?} (supported: f32, bf16, f16)"
         ))),
     }
@@ -19,7 +19,7 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
 /// Loads libtorch's CUDA backend (see [`llmos_kernels::load_torch_cuda`]).
 pub fn load_torch_cuda() -> Result<()> {
     llmos_kernels::load_torch_cuda().map_err(|e| {
-        WorkerError::DeviceUnavailable("cuda".into(), format!("cannot load libtorch_cuda.so: {e}"))
+        RuntimeError::DeviceUnavailable("cuda".into(), format!("cannot load libtorch_cuda.so: {e}"))
     })
 }
 
@@ -32,13 +32,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| {
-                WorkerError::InvalidRequest(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))
+                RuntimeError::Invalid(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))
             })?,
     };
     load_torch_cuda()?;
     let n = tch::Cuda::device_count() as usize;
     if idx >= n {
-        return Err(WorkerError::DeviceUnavailable(
+        return Err(RuntimeError::DeviceUnavailable(
             s.into(),
             format!("libtorch sees {n} CUDA devices"),
         ));

@@ -18,7 +18,7 @@ use cudarc::nccl::{result, sys};
 use tch::{Kind, Tensor};
 
 use super::{check_rank, no_peer, Collective, TcpGroup};
-use crate::error::{Result, WorkerError};
+use super::{CommError, Result};
 
 /// Whether both the CUDA driver and NCCL can be loaded (cudarc panics on
 /// first use of a library that is absent, so ask before).
@@ -43,8 +43,8 @@ pub struct NcclGroup {
     sent: AtomicU64,
 }
 
-fn nccl_err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
-    WorkerError::Collective(format!("nccl {what}: {e:?}"))
+fn nccl_err(what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Failed(format!("nccl {what}: {e:?}"))
 }
 
 /// An enqueue call's status as this crate's error.
@@ -60,7 +60,7 @@ impl NcclGroup {
     /// current CUDA device).
     pub fn form(tcp: &TcpGroup, op_timeout: Duration) -> Result<Self> {
         if !nccl_available() {
-            return Err(WorkerError::DeviceUnavailable(
+            return Err(CommError::DeviceUnavailable(
                 "nccl".into(),
                 "libcuda.so or libnccl.so cannot be loaded (the pip NCCL ships libnccl.so.2: \
                  link it as libnccl.so on the library path)"
@@ -77,7 +77,7 @@ impl NcclGroup {
         id = tcp.broadcast_bytes(&id, 0)?;
         let mut uid = sys::ncclUniqueId { internal: [0; 128] };
         if id.len() != 128 {
-            return Err(WorkerError::Collective(format!(
+            return Err(CommError::Failed(format!(
                 "nccl unique id of {} bytes from rank 0",
                 id.len()
             )));
@@ -103,7 +103,7 @@ impl NcclGroup {
 
     fn dtype(t: &Tensor) -> Result<sys::ncclDataType_t> {
         if !t.device().is_cuda() || !t.is_contiguous() {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(CommError::Invalid(format!(
                 "nccl needs a contiguous CUDA tensor, got {:?} on {:?}",
                 t.size(),
                 t.device()
@@ -115,7 +115,7 @@ impl NcclGroup {
             Kind::Half => sys::ncclDataType_t::ncclFloat16,
             Kind::Int64 => sys::ncclDataType_t::ncclInt64,
             k => {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(CommError::Invalid(format!(
                     "nccl collectives on {k:?} tensors are not supported"
                 )))
             }
@@ -132,9 +132,7 @@ impl NcclGroup {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            return Err(WorkerError::Collective(format!(
-                "nccl group is broken: {why}"
-            )));
+            return Err(CommError::Failed(format!("nccl group is broken: {why}")));
         }
         enqueue()?;
         self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -157,14 +155,14 @@ impl NcclGroup {
         }
     }
 
-    fn abort(&self, why: String) -> WorkerError {
+    fn abort(&self, why: String) -> CommError {
         // SAFETY: aborting a live communicator ends its pending kernels.
         unsafe {
             let _ = result::comm_abort(self.comm.0);
         }
         let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
         b.get_or_insert_with(|| why.clone());
-        WorkerError::Collective(format!("nccl: {why}"))
+        CommError::Failed(format!("nccl: {why}"))
     }
 }
 
@@ -301,7 +299,7 @@ impl Collective for NcclGroup {
     }
 
     fn all_reduce_host(&self, _buf: &mut [f32]) -> Result<()> {
-        Err(WorkerError::InvalidRequest(
+        Err(CommError::Invalid(
             "the nccl group reduces device tensors, not host buffers".into(),
         ))
     }

@@ -19,11 +19,37 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llmos_proto::worker::v1 as pb;
 use tch::{Device, Kind, Tensor};
 
 use super::{Collective, NcclGroup, Rendezvous, TcpGroup};
-use crate::error::{Result, WorkerError};
+use super::{CommError, Result};
+
+/// What carries a link's transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkBackend {
+    /// A TCP connection between the two workers' collective listeners
+    /// (host memory; any device).
+    Tcp,
+    /// NCCL send/recv between the two workers' GPUs (the NCCL id travels
+    /// over the TCP connection).
+    Nccl,
+}
+
+/// One end of a link as the coordinator placed it: rank 0 is the earlier
+/// stage (it sends), rank 1 the later one (it receives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub rank: usize,
+    /// Collective addresses (host:port) of rank 0 and rank 1.
+    pub peers: Vec<String>,
+    /// Names the link on the listeners (new when either worker
+    /// re-registers).
+    pub group: String,
+    pub backend: LinkBackend,
+    /// A transfer without an answer for this long fails (`None`: the
+    /// caller's default).
+    pub timeout: Option<Duration>,
+}
 
 /// The sending side of a link is rank 0, the receiving side rank 1.
 const SENDER: usize = 0;
@@ -44,7 +70,7 @@ fn kind_code(k: Kind) -> Result<i64> {
         Kind::BFloat16 => 2,
         Kind::Half => 3,
         k => {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(CommError::Invalid(format!(
                 "pipeline links carry float hidden states, not {k:?}"
             )))
         }
@@ -62,7 +88,7 @@ fn code_kind(c: i64) -> Option<Kind> {
 
 /// One end of a link between neighbouring stages.
 pub struct PipelineLink {
-    spec: pb::PipelineLink,
+    spec: LinkSpec,
     /// The connection (and the NCCL id's way when the backend is NCCL).
     tcp: Arc<TcpGroup>,
     /// What carries the transfers: `tcp` itself, or NCCL over it.
@@ -78,50 +104,37 @@ impl PipelineLink {
     /// spec but their own rank) within `form_timeout`.
     pub fn form(
         rendezvous: &Rendezvous,
-        spec: &pb::PipelineLink,
+        spec: &LinkSpec,
         device: Device,
         form_timeout: Duration,
         default_timeout: Duration,
     ) -> Result<Self> {
         if spec.peers.len() != 2 || spec.rank > 1 {
-            return Err(WorkerError::InvalidRequest(format!(
+            return Err(CommError::Invalid(format!(
                 "a pipeline link has 2 ranks, got rank {} with {} peer addresses",
                 spec.rank,
                 spec.peers.len()
             )));
         }
-        let op_timeout = if spec.timeout_ms == 0 {
-            default_timeout
-        } else {
-            Duration::from_millis(spec.timeout_ms as u64)
-        };
+        let op_timeout = spec.timeout.unwrap_or(default_timeout);
         let tcp = Arc::new(rendezvous.form(
             &spec.group,
-            spec.rank as usize,
+            spec.rank,
             &spec.peers,
             form_timeout,
             op_timeout,
         )?);
-        let (comm, device): (Arc<dyn Collective>, Device) =
-            match pb::LinkBackend::try_from(spec.backend) {
-                Ok(pb::LinkBackend::Nccl) => {
-                    if !device.is_cuda() {
-                        return Err(WorkerError::InvalidRequest(format!(
-                            "an NCCL pipeline link on a worker whose shards live on {device:?}"
-                        )));
-                    }
-                    (Arc::new(NcclGroup::form(&tcp, op_timeout)?), device)
+        let (comm, device): (Arc<dyn Collective>, Device) = match spec.backend {
+            LinkBackend::Nccl => {
+                if !device.is_cuda() {
+                    return Err(CommError::Invalid(format!(
+                        "an NCCL pipeline link on a worker whose shards live on {device:?}"
+                    )));
                 }
-                Ok(pb::LinkBackend::Tcp | pb::LinkBackend::Unspecified) => {
-                    (tcp.clone(), Device::Cpu)
-                }
-                Err(_) => {
-                    return Err(WorkerError::InvalidRequest(format!(
-                        "unknown pipeline link backend {}",
-                        spec.backend
-                    )))
-                }
-            };
+                (Arc::new(NcclGroup::form(&tcp, op_timeout)?), device)
+            }
+            LinkBackend::Tcp => (tcp.clone(), Device::Cpu),
+        };
         tracing::info!(group = %spec.group, rank = spec.rank, backend = comm.backend(), "pipeline link formed");
         Ok(PipelineLink {
             spec: spec.clone(),
@@ -132,7 +145,7 @@ impl PipelineLink {
         })
     }
 
-    pub fn spec(&self) -> &pb::PipelineLink {
+    pub fn spec(&self) -> &LinkSpec {
         &self.spec
     }
 
@@ -191,14 +204,14 @@ impl PipelineLink {
     fn recv_payload(&self, h: &Header) -> Result<Tensor> {
         let kind = code_kind(h.kind).ok_or_else(|| {
             self.close();
-            WorkerError::Collective(format!(
+            CommError::Failed(format!(
                 "pipeline link {}: a header with dtype code {} (the stages are out of step)",
                 self.spec.group, h.kind
             ))
         })?;
         if h.rows < 0 || h.cols < 0 {
             self.close();
-            return Err(WorkerError::Collective(format!(
+            return Err(CommError::Failed(format!(
                 "pipeline link {}: a header of shape [{}, {}]",
                 self.spec.group, h.rows, h.cols
             )));
@@ -249,18 +262,18 @@ impl PipelineLink {
                 // The previous stage never got to this step (it failed it
                 // before sending): keep what arrived for its own step.
                 *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
-                return Err(WorkerError::StepFailed(format!(
+                return Err(CommError::PeerStepFailed(format!(
                     "step {step}: the previous stage sent nothing for it (it failed the step)"
                 )));
             }
             if h.kind == 0 {
-                return Err(WorkerError::StepFailed(format!(
+                return Err(CommError::PeerStepFailed(format!(
                     "step {step}: the previous stage failed it"
                 )));
             }
             let t = self.recv_payload(&h)?;
             if (h.rows, h.cols) != (rows, cols) {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(CommError::Invalid(format!(
                     "step {step}: the previous stage sent hidden states [{}, {}] where the step has [{rows}, {cols}]",
                     h.rows, h.cols
                 )));

@@ -5,7 +5,7 @@
 use llmos_meta::{HostDType, LayerPart, ModelConfig, Slice, WeightKey, WeightSource};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::Result;
+use super::Result;
 
 /// Progress of a load: tensors done and total.
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 use super::{check_rank, no_peer, Collective};
-use crate::error::{Result, WorkerError};
+use super::{CommError, Result};
 
 const MAGIC: &[u8; 8] = b"LLMOSCL1";
 /// Frames of data (collectives) and of control (the leader's steps).
@@ -104,7 +104,7 @@ impl Rendezvous {
                     .filter(|r| !map.get(&key).is_some_and(|m| m.contains_key(r)))
                     .collect();
                 map.remove(&key);
-                return Err(WorkerError::Collective(format!(
+                return Err(CommError::Failed(format!(
                     "group {group}: ranks {missing:?} did not connect to rank {rank} within {timeout:?}"
                 )));
             }
@@ -173,7 +173,7 @@ fn dial(
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| {
-                WorkerError::Collective(format!(
+                CommError::Failed(format!(
                     "group {group}: rank {to}'s address {addr:?} does not resolve"
                 ))
             })?;
@@ -186,7 +186,7 @@ fn dial(
                     hello.extend((n as u32).to_le_bytes());
                 }
                 s.write_all(&hello).map_err(|e| {
-                    WorkerError::Collective(format!("group {group}: rank {to} at {addr}: {e}"))
+                    CommError::Failed(format!("group {group}: rank {to} at {addr}: {e}"))
                 })?;
                 return Ok(s);
             }
@@ -196,7 +196,7 @@ fn dial(
             }
         }
     }
-    Err(WorkerError::Collective(format!(
+    Err(CommError::Failed(format!(
         "group {group}: rank {from} could not reach rank {to} at {addr}: {last}"
     )))
 }
@@ -232,7 +232,7 @@ impl TcpGroup {
         op_timeout: Duration,
     ) -> Result<Self> {
         let sent = Arc::new(AtomicU64::new(0));
-        let io = |e: std::io::Error| WorkerError::Collective(format!("group {group}: {e}"));
+        let io = |e: std::io::Error| CommError::Failed(format!("group {group}: {e}"));
         let mut links = Vec::with_capacity(streams.len());
         for (peer, s) in streams.into_iter().enumerate() {
             let Some(s) = s else {
@@ -285,7 +285,7 @@ impl TcpGroup {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            return Err(WorkerError::Collective(format!(
+            return Err(CommError::Failed(format!(
                 "group {} is broken: {why}",
                 self.group
             )));
@@ -293,10 +293,10 @@ impl TcpGroup {
         Ok(())
     }
 
-    fn fail(&self, why: String) -> WorkerError {
+    fn fail(&self, why: String) -> CommError {
         let mut b = self.broken.lock().unwrap_or_else(|e| e.into_inner());
         b.get_or_insert_with(|| why.clone());
-        WorkerError::Collective(format!("group {}: {why}", self.group))
+        CommError::Failed(format!("group {}: {why}", self.group))
     }
 
     fn link(&self, peer: usize) -> Result<&Link> {
@@ -353,7 +353,7 @@ impl TcpGroup {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) && !self.closed.load(Ordering::Relaxed)
                 {
-                    return Err(WorkerError::StepFailed(format!(
+                    return Err(CommError::PeerStepFailed(format!(
                         "group {}: rank {peer} sent nothing to rank {} within {:?}",
                         self.group, self.rank, self.op_timeout
                     )));

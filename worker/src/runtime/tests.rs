@@ -2,31 +2,13 @@
 
 use super::*;
 
-fn tiny(model: &str) -> pb::ShardSpec {
-    pb::ShardSpec {
-        model: model.into(),
-        source: "synthetic:tiny".into(),
-        layer_start: 0,
-        layer_end: 2,
-        embed: true,
-        head: true,
-        dtype: pb::DType::F32 as i32,
-        kv_blocks: 16,
-        block_size: 4,
-        ..Default::default()
-    }
-}
-
-fn ids(v: &[u32]) -> Option<pb::step_request::Input> {
-    let v: Vec<i64> = v.iter().map(|&i| i as i64).collect();
-    Some(pb::step_request::Input::Tokens(to_wire(
-        &Tensor::from_slice(&v),
-    )))
+fn tiny(model: &str) -> ShardConfig {
+    ShardConfig::tiny(model, 16, 4)
 }
 
 /// Logits rows of a step's answer.
-fn rows(r: &pb::StepResponse) -> Vec<Vec<f32>> {
-    let t = from_wire(r.logits.as_ref().expect("logits"), "logits").unwrap();
+fn rows(r: &StepOutput) -> Vec<Vec<f32>> {
+    let t = r.logits.as_ref().expect("logits");
     let (n, v) = t.size2().unwrap();
     let flat = Vec::<f32>::try_from(t.reshape([-1])).unwrap();
     (0..n as usize)
@@ -40,33 +22,34 @@ fn rows(r: &pb::StepResponse) -> Vec<Vec<f32>> {
 /// Returns every step's logits rows.
 async fn run(host: &HostHandle) -> Vec<Vec<f32>> {
     let (a, b): (&[u32], &[u32]) = (&[1, 5, 9, 13, 200, 7], &[300, 2, 77]);
-    let seq = |position: u32, tokens: u32, first: u32| pb::StepSequence {
+    let seq = |position: usize, tokens: usize, first: u32| SeqStep {
         position,
         tokens,
         blocks: (first..first + 8).collect(),
         want_logits: true,
         ..Default::default()
     };
-    let step = |sequences, input| pb::StepRequest {
+    let step = |seqs, ids: &[u32]| Step {
         model: "m".into(),
-        sequences,
-        input,
-        ..Default::default()
+        id: 0,
+        seqs,
+        input: StepInput::Tokens(ids.to_vec()),
+        to_next: false,
     };
     let mut out = Vec::new();
-    let r = host.step(step(vec![seq(0, 6, 0)], ids(a))).await.unwrap();
+    let r = host.step(step(vec![seq(0, 6, 0)], a)).await.unwrap();
     out.extend(rows(&r));
     let mut next = crate::sampling::argmax(out.last().unwrap());
-    for i in 0..8u32 {
+    for i in 0..8usize {
         let r = if i == 1 {
             // A decode row and a fresh prompt chunk in one step.
             let mut input = vec![next];
             input.extend_from_slice(b);
-            host.step(step(vec![seq(6 + i, 1, 0), seq(0, 3, 8)], ids(&input)))
+            host.step(step(vec![seq(6 + i, 1, 0), seq(0, 3, 8)], &input))
                 .await
                 .unwrap()
         } else {
-            host.step(step(vec![seq(6 + i, 1, 0)], ids(&[next])))
+            host.step(step(vec![seq(6 + i, 1, 0)], &[next]))
                 .await
                 .unwrap()
         };
@@ -84,7 +67,7 @@ async fn run(host: &HostHandle) -> Vec<Vec<f32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a CUDA GPU: cargo test --release -- --ignored gpu_ on a GPU machine"]
 async fn gpu_served_steps_on_cuda_match_cpu() {
-    crate::device::load_torch_cuda().expect("libtorch_cuda.so loads");
+    crate::runtime::device::load_torch_cuda().expect("libtorch_cuda.so loads");
     assert!(
         tch::Cuda::device_count() > 0,
         "a GPU test ran without a CUDA device (run it with --ignored on a GPU machine)"
