@@ -117,6 +117,9 @@ pub struct LocalModel {
     config: ModelConfig,
     weight_bytes: usize,
     host: HostHandle,
+    /// One generation at a time: they share the host's shard and its pool,
+    /// and each starts its own engine (whose block allocator starts empty).
+    busy: std::sync::Mutex<()>,
     /// Runs the engine (one worker thread of its own, so `generate` works
     /// from any thread, inside another runtime too); shut down on drop.
     rt: Option<tokio::runtime::Runtime>,
@@ -179,6 +182,7 @@ impl LocalModel {
             config: opened.config,
             weight_bytes,
             host,
+            busy: std::sync::Mutex::new(()),
             rt: Some(rt),
         })
     }
@@ -241,6 +245,8 @@ impl LocalModel {
         }
         let ids = self.prompt_ids(&req.prompt)?;
         check_generation(ids.len(), req.max_new_tokens, self.config.max_position)?;
+        // A panic in another caller's `on_token` leaves nothing to repair.
+        let _one_at_a_time = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let mut streamer = TextStreamer::new(
             self.tokenizer.as_ref(),

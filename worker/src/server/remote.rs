@@ -104,7 +104,9 @@ impl Stage for RemoteStage {
                 {
                     Err(self.unavailable(s.message().to_string()))
                 }
-                // The stage answered: its failure kind is in the metadata.
+                // The stage answered: its failure kind is in the metadata
+                // (or, from a status without it, such as tonic's own, read
+                // from the code).
                 Ok(Err(status)) => Err(EngineError::StageFailed {
                     worker: self.worker.clone(),
                     kind: status
@@ -112,7 +114,7 @@ impl Stage for RemoteStage {
                         .get(FAILURE_KEY)
                         .and_then(|v| v.to_str().ok())
                         .and_then(FailureKind::parse)
-                        .unwrap_or(FailureKind::Internal),
+                        .unwrap_or_else(|| kind_of_code(status.code())),
                     message: status.message().to_string(),
                 }),
             }
@@ -123,5 +125,35 @@ impl Stage for RemoteStage {
             *guard = None;
         }
         answer
+    }
+}
+
+/// The kind of a status that carries none: the code's, where one kind has
+/// that code (`status::code` is its inverse there), else internal.
+fn kind_of_code(code: tonic::Code) -> FailureKind {
+    FailureKind::ALL
+        .into_iter()
+        .find(|&k| super::status::code(k) == code)
+        .unwrap_or(FailureKind::Internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_without_a_kind_keeps_its_code() {
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::NotFound,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::ResourceExhausted,
+        ] {
+            assert_eq!(super::super::status::code(kind_of_code(code)), code);
+        }
+        assert_eq!(
+            kind_of_code(tonic::Code::Unimplemented),
+            FailureKind::Internal
+        );
     }
 }
