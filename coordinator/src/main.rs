@@ -76,6 +76,8 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("bind {}", cli.listen))?;
+    // Handlers first: a signal after the announcement stops us gracefully.
+    let signals = llmos_meta::shutdown::Signals::install().context("install signal handlers")?;
     println!("listening on {}", listener.local_addr()?);
     let listen = listener.local_addr()?;
     let advertise = cli
@@ -111,7 +113,8 @@ async fn main() -> Result<()> {
         ..Default::default()
     };
     llmos_coordinator::serve(listener, config, async {
-        let _ = tokio::signal::ctrl_c().await;
+        let why = signals.recv().await;
+        tracing::info!(signal = why, "shutting down");
     })
     .await?;
     Ok(())

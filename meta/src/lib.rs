@@ -12,6 +12,7 @@
 //! - [`request`]: the checks every generation request passes (prompt,
 //!   vocabulary, context length), stated once.
 //! - [`serving`]: the serving options' defaults, stated once.
+//! - [`shutdown`]: SIGINT or SIGTERM, the signals every process stops on.
 //! - [`failure`]: a failure's kind as it crosses processes (status code +
 //!   metadata detail).
 //! - [`hash`]: the project's one stable hash (FNV-1a): prefix-cache block
@@ -27,6 +28,7 @@ pub mod hash;
 pub mod quant;
 pub mod request;
 pub mod serving;
+pub mod shutdown;
 pub mod source;
 pub mod streamer;
 pub mod tokenizer;

@@ -324,6 +324,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("bind {}", args.listen))?;
         let addr = listener.local_addr()?;
+        // Handlers first: a signal after the announcement stops us gracefully.
+        let signals =
+            llmos_meta::shutdown::Signals::install().context("install signal handlers")?;
         // One line on stdout so a parent process can read the chosen port.
         println!("listening on {addr}");
         tracing::info!(%addr, "llmos-worker serving");
@@ -365,8 +368,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             ))
         });
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+            let why = signals.recv().await;
+            tracing::info!(signal = why, "shutting down");
         };
         llmos_worker::server::serve(
             listener,

@@ -157,3 +157,42 @@ fn bad_model_file_is_a_clean_error() {
         "{stderr}"
     );
 }
+
+/// `serve` stops on SIGTERM (what Kubernetes sends a pod; `llmos local`
+/// its children) the way it stops on Ctrl-C: exit 0, the port closed.
+#[test]
+fn sigterm_stops_serve_cleanly() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmos-worker"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run llmos-worker serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().trim_start_matches("listening on ").to_string();
+    assert!(std::net::TcpStream::connect(&addr).is_ok(), "{line:?}");
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(s) => break s,
+            None if std::time::Instant::now() > deadline => {
+                panic!("still running 15 s after SIGTERM")
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "{addr} still accepts"
+    );
+}
