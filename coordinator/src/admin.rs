@@ -421,7 +421,7 @@ impl api::admin_server::Admin for AdminService {
         _req: Request<api::ListWorkersRequest>,
     ) -> Result<Response<api::ListWorkersResponse>, Status> {
         Ok(Response::new(api::ListWorkersResponse {
-            workers: worker_statuses(&self.cluster.read_fresh().await?),
+            workers: worker_statuses(&*self.cluster.read_fresh().await?),
         }))
     }
 
@@ -549,7 +549,8 @@ impl api::admin_server::Admin for AdminService {
                 .read_fresh()
                 .await?
                 .settings
-                .into_iter()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         }))
     }

@@ -86,13 +86,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// The state as applied on this replica (request routing).
-    pub fn read(&self) -> ClusterState {
+    /// The state as applied on this replica (request routing): shared and
+    /// immutable, so a request costs an `Arc` clone, not a deep copy.
+    pub fn read(&self) -> Arc<ClusterState> {
         self.store.local()
     }
 
     /// The state including every write committed before the call.
-    pub async fn read_fresh(&self) -> Result<ClusterState> {
+    pub async fn read_fresh(&self) -> Result<Arc<ClusterState>> {
         self.store.sync().await?;
         Ok(self.store.local())
     }

@@ -26,7 +26,8 @@ struct Snapshot {
 }
 
 struct Applied {
-    state: ClusterState,
+    /// Shared with readers; a write copies it only while one holds it.
+    state: Arc<ClusterState>,
     revision: i64,
     snapshot_revision: i64,
     since_snapshot: u64,
@@ -70,7 +71,7 @@ impl EtcdStore {
         let (tx, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             applied: Mutex::new(Applied {
-                state: ClusterState::default(),
+                state: Arc::default(),
                 revision: 0,
                 snapshot_revision: 0,
                 since_snapshot: 0,
@@ -174,7 +175,7 @@ async fn load(client: &Client, prefix: &str, shared: &Shared) -> Result<(), etcd
     let n = log.kvs().len() as u64;
     {
         let mut a = shared.applied.lock().unwrap();
-        a.state = state;
+        a.state = Arc::new(state);
         a.revision = revision;
         a.snapshot_revision = snap_rev;
         a.since_snapshot = n;
@@ -235,7 +236,7 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                             if kv.mod_revision() <= a.revision {
                                 continue;
                             }
-                            let r = apply_value(&mut a.state, kv.value());
+                            let r = apply_value(Arc::make_mut(&mut a.state), kv.value());
                             a.results.insert(kv.mod_revision(), r);
                             while a.results.len() > KEEP_RESULTS {
                                 a.results.pop_first();
@@ -250,7 +251,7 @@ async fn watch_log(client: Client, prefix: String, shared: Arc<Shared>, snapshot
                             a.since_snapshot = 0;
                             compact = Some(Snapshot {
                                 revision: a.revision,
-                                state: a.state.clone(),
+                                state: (*a.state).clone(),
                             });
                         }
                     }
@@ -438,7 +439,7 @@ impl MetaStore for EtcdStore {
         self.wait_applied(latest).await
     }
 
-    fn local(&self) -> ClusterState {
+    fn local(&self) -> Arc<ClusterState> {
         self.shared.applied.lock().unwrap().state.clone()
     }
 

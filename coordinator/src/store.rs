@@ -58,8 +58,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Waits until this coordinator has applied every write committed
     /// before the call (linearizable read point).
     async fn sync(&self) -> Result<(), StoreError>;
-    /// The state as applied here (may trail the leader slightly).
-    fn local(&self) -> ClusterState;
+    /// The state as applied here (may trail the leader slightly): a shared,
+    /// immutable view (an `Arc` clone, not a copy).
+    fn local(&self) -> Arc<ClusterState>;
     /// Whether this coordinator runs the leader-only duties (heartbeat
     /// watchdog).
     fn is_leader(&self) -> bool;
@@ -244,7 +245,7 @@ impl MetaStore for RaftStore {
         Ok(self.node.read_index().await?)
     }
 
-    fn local(&self) -> ClusterState {
+    fn local(&self) -> Arc<ClusterState> {
         self.node.state()
     }
 

@@ -66,7 +66,7 @@ async fn synced(replicas: &[Arc<dyn MetaStore>]) -> Vec<ClusterState> {
     let mut out = Vec::new();
     for r in replicas {
         r.sync().await.expect("fresh read");
-        out.push(comparable(r.local()));
+        out.push(comparable((*r.local()).clone()));
     }
     out
 }
@@ -98,7 +98,10 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
         let got = writer.propose(cmd.clone()).await.expect("committed");
         assert_eq!(got, want, "verdict of command {i} ({cmd:?})");
         // The writer reads its own write at once.
-        assert_eq!(comparable(writer.local()).applied, expected.applied);
+        assert_eq!(
+            comparable((*writer.local()).clone()).applied,
+            expected.applied
+        );
     }
     assert!(matches!(
         replicas[0].propose(deploy("m", "zz")).await.unwrap(),

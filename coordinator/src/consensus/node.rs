@@ -115,7 +115,9 @@ pub enum RaftError {
 /// What readers see, refreshed by the Ready loop.
 #[derive(Debug, Clone, Default)]
 pub struct View {
-    pub state: ClusterState,
+    /// Shared, immutable: readers clone the `Arc`, the Ready loop swaps in
+    /// a new one (copying only while a reader still holds the old).
+    pub state: Arc<ClusterState>,
     pub node_id: u64,
     pub leader_id: u64,
     pub term: u64,
@@ -250,14 +252,14 @@ impl RaftNode {
         })?;
         let (tx, rx) = mpsc::channel();
         let view = Arc::new(RwLock::new(View {
-            state: state.clone(),
+            state: Arc::new(state.clone()),
             node_id: cfg.node_id,
             ..Default::default()
         }));
         let lp = Loop {
             id: cfg.node_id,
             raw,
-            state,
+            state: Arc::new(state),
             transport,
             view: view.clone(),
             incarnation: rand::random(),
@@ -384,7 +386,7 @@ impl RaftNode {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn state(&self) -> ClusterState {
+    pub fn state(&self) -> Arc<ClusterState> {
         self.view
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -425,7 +427,7 @@ enum Done {
 struct Loop {
     id: u64,
     raw: RawNode<DiskStorage>,
-    state: ClusterState,
+    state: Arc<ClusterState>,
     transport: Arc<dyn RaftTransport>,
     view: Arc<RwLock<View>>,
     incarnation: u64,
@@ -628,7 +630,7 @@ impl Loop {
                     what: e.to_string(),
                 })?;
             self.raw.mut_store().apply_snapshot(snap)?;
-            self.state = state;
+            self.state = Arc::new(state);
             for (id, addr) in &self.state.members {
                 self.transport.set_peer(*id, addr);
             }
@@ -698,11 +700,11 @@ impl Loop {
                 match e.get_entry_type() {
                     EntryType::EntryNormal => {
                         let result = match serde_json::from_slice::<Command>(&e.data) {
-                            Ok(cmd) => self.state.apply(&cmd),
+                            Ok(cmd) => Arc::make_mut(&mut self.state).apply(&cmd),
                             Err(err) => {
                                 // Deterministic on every replica: counted, not applied.
                                 tracing::error!(node = self.id, index, error = %err, "undecodable command in the log");
-                                self.state.applied += 1;
+                                Arc::make_mut(&mut self.state).applied += 1;
                                 Ok(())
                             }
                         };
@@ -724,12 +726,14 @@ impl Loop {
                                 let addr = String::from_utf8_lossy(&cc.context).into_owned();
                                 match cc.get_change_type() {
                                     ConfChangeType::RemoveNode => {
-                                        self.state.members.remove(&cc.node_id);
+                                        Arc::make_mut(&mut self.state).members.remove(&cc.node_id);
                                         self.transport.remove_peer(cc.node_id);
                                     }
                                     _ => {
                                         self.transport.set_peer(cc.node_id, &addr);
-                                        self.state.members.insert(cc.node_id, addr);
+                                        Arc::make_mut(&mut self.state)
+                                            .members
+                                            .insert(cc.node_id, addr);
                                     }
                                 }
                                 tracing::info!(node = self.id, change = ?cc.get_change_type(), member = cc.node_id, "membership changed");
@@ -763,7 +767,7 @@ impl Loop {
         let applied = self.raw.raft.raft_log.applied;
         let snap = self.raw.store().snapshot_ref().get_metadata().index;
         if applied >= snap + self.snapshot_entries {
-            let data = serde_json::to_vec(&self.state).expect("state json");
+            let data = serde_json::to_vec(&*self.state).expect("state json");
             self.raw.mut_store().compact(applied, data)?;
             tracing::info!(
                 node = self.id,

@@ -99,7 +99,8 @@ impl Group {
     async fn converged(&self) -> ClusterState {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let states: Vec<ClusterState> = self.nodes.values().map(|n| n.state()).collect();
+            let states: Vec<ClusterState> =
+                self.nodes.values().map(|n| (*n.state()).clone()).collect();
             if states.windows(2).all(|w| w[0] == w[1]) {
                 return states[0].clone();
             }
