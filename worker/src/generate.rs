@@ -267,16 +267,6 @@ impl LocalModel {
             .expect("the runtime lives as long as the model");
         let bs = DEFAULT_BLOCK_SIZE as usize;
         let want = (ids.len() + req.max_new_tokens).div_ceil(bs) + 1;
-        let cfg = SchedulerConfig {
-            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS as usize,
-            max_running: 1,
-            max_waiting: 1,
-            max_in_flight: 1,
-            num_blocks: want,
-            block_size: bs,
-            prefix_caching: false,
-            max_context: self.config.max_position,
-        };
         let sub = Submission {
             request_id: "local".into(),
             params: SeqParams {
@@ -288,15 +278,25 @@ impl LocalModel {
             },
             sampling: req.sampling.clone(),
         };
-        let (host, name) = (self.host.clone(), self.name.clone());
+        let (host, name, max_context) = (
+            self.host.clone(),
+            self.name.clone(),
+            self.config.max_position,
+        );
         // The engine runs on the model's runtime; its events come back over
         // a channel this thread blocks on.
         let (engine, seq, events) = run_on(rt, async move {
             let blocks = host.reserve_blocks(&name, want).await?;
             let stage: Arc<dyn Stage> = Arc::new(LocalStage { host });
             let cfg = SchedulerConfig {
+                max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS as usize,
+                max_running: 1,
+                max_waiting: 1,
+                max_in_flight: 1,
                 num_blocks: blocks,
-                ..cfg
+                block_size: bs,
+                prefix_caching: false,
+                max_context,
             };
             let engine = EngineHandle::spawn(name, cfg, Pipeline::new(vec![stage], false))?;
             let (seq, mut events) = engine.submit(sub).await?;

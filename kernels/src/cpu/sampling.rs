@@ -196,19 +196,21 @@ pub fn sample(logits: &[f32], p: &SampleParams) -> (u32, f32) {
         let first_top = logits.iter().position(|&l| l == top).unwrap_or(0);
         let tau = threshold(logits, p, top);
         let inv_t = 1.0 / p.temperature as f64;
-        let w = |l: f32| {
-            if order_key(l) >= tau {
-                ((l - top) as f64 * inv_t).exp()
-            } else {
-                0.0
-            }
-        };
-        let total: f64 = logits.iter().map(|&l| w(l)).sum();
-        let mut rest = p.uniform as f64 * total;
+        // Each candidate's weight, once (the draw's two passes read it).
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| {
+                if order_key(l) >= tau {
+                    ((l - top) as f64 * inv_t).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut rest = p.uniform as f64 * w.iter().sum::<f64>();
         let mut last = first_top;
         let mut pick = None;
-        for (i, &l) in logits.iter().enumerate() {
-            let wi = w(l);
+        for (i, &wi) in w.iter().enumerate() {
             if wi <= 0.0 {
                 continue;
             }
