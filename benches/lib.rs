@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
-use llmos_worker::server::register::{registration_loop, Registration};
-use llmos_worker::server::{serve, HostHandle};
+use llmos_worker::server::register::Registration;
+use llmos_worker::server::{serve_registered, HostHandle};
 use tonic::transport::Channel;
 
 /// A channel to `url`, retrying for up to 20 s while the server starts.
@@ -87,16 +87,17 @@ pub async fn start_cluster(workers: usize) -> Channel {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
-        tokio::spawn(registration_loop(Registration {
+        let registration = Registration {
             coordinator: url.clone(),
             worker_id: format!("w{i}"),
             address: format!("http://{addr}"),
             device: "cpu".into(),
             collective_address: rv.local_addr().to_string(),
-        }));
-        tokio::spawn(serve(
+        };
+        tokio::spawn(serve_registered(
             l,
             HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
+            Some(registration),
             std::future::pending(),
         ));
     }

@@ -162,11 +162,14 @@ async fn deploy_generate_cancel_and_faults() {
         e.message().contains("context length") && e.message().contains("8192"),
         "{e}"
     );
+    // A split that does not cover the model is refused at once (more
+    // stages than workers is not: the reconciler waits for workers).
     let e = admin
-        .deploy_model(deploy("three", vec![10, 10, 10]))
+        .deploy_model(deploy("short", vec![10, 10]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("20 layers"), "{e}");
     let e = admin
         .deploy_model(deploy("smol", vec![]))
         .await
@@ -235,8 +238,12 @@ async fn deploy_generate_cancel_and_faults() {
     );
 }
 
+/// A deploy that does not fit is recorded and waits, saying what for
+/// (the shortfall, in `ClusterStatus`); a caller that waits gets
+/// DEADLINE_EXCEEDED with that reason; and it completes by itself when a
+/// worker with room registers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_little_memory_is_failed_precondition_with_the_shortfall() {
+async fn a_deploy_that_does_not_fit_waits_and_completes_when_room_appears() {
     let coordinator = start_coordinator().await;
     let mut reg = connect(&coordinator, wk::registry_client::RegistryClient::new).await;
     for id in ["tiny0", "tiny1"] {
@@ -251,27 +258,101 @@ async fn too_little_memory_is_failed_precondition_with_the_shortfall() {
         .await
         .unwrap();
     }
+    // They stay alive (heartbeats) with 1 MiB free each.
+    let beats = tokio::spawn(async move {
+        loop {
+            for id in ["tiny0", "tiny1"] {
+                let _ = reg
+                    .heartbeat(wk::HeartbeatRequest {
+                        worker_id: id.into(),
+                        memory_free_bytes: 1 << 20,
+                        shards: vec![],
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     let mut admin = connect(&coordinator, AdminClient::new).await;
-    let e = admin
-        .deploy_model(api::DeployModelRequest {
-            name: "smol".into(),
-            source: "smollm2".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains("short by"), "{e}");
+    let req = |wait, wait_timeout_ms| api::DeployModelRequest {
+        name: "smol".into(),
+        source: "smollm2".into(),
+        wait,
+        wait_timeout_ms,
+        ..Default::default()
+    };
+    let e = admin.deploy_model(req(None, 1500)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    assert!(
+        e.message().contains("waiting for") && e.message().contains("short by"),
+        "{e}"
+    );
+    // It stays deployed, Pending, with the shortfall as its reason.
     let status = admin
         .cluster_status(api::ClusterStatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        status.models.is_empty(),
-        "nothing half-deployed: {status:?}"
-    );
-    assert_eq!(status.workers.len(), 2);
+    let m = &status.models[0];
+    assert_eq!(m.state, "Pending", "{m:?}");
+    assert!(m.reason.starts_with("stage 0: waiting for"), "{m:?}");
+    assert!(m.stages.is_empty(), "{m:?}");
+    // Deploying it again is refused: it exists.
+    let e = admin.deploy_model(req(Some(false), 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    // A worker with room registers: the model converges on it.
+    start_worker(&coordinator, "big").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let status = admin
+            .cluster_status(api::ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let m = status.models[0].clone();
+        if m.state == "Ready" {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "not Ready: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(m.reason.is_empty(), "{m:?}");
+    assert_eq!(m.stages.len(), 1, "{m:?}");
+    assert_eq!(m.stages[0].worker_id, "big");
+    assert_eq!(m.stages[0].ranks_loaded, 1);
+    let mut inference = connect(&coordinator, InferenceClient::new).await;
+    let msgs = collect(&mut inference, text_request("smol", "Hello", 3))
+        .await
+        .unwrap();
+    assert!(msgs.iter().map(|m| m.tokens.len()).sum::<usize>() >= 1);
+    // Undeploy: the worker unloads it.
+    admin
+        .undeploy_model(api::UndeployModelRequest {
+            name: "smol".into(),
+            wait: None,
+        })
+        .await
+        .unwrap();
+    let workers = admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let big = workers.iter().find(|w| w.id == "big").unwrap();
+    let mut worker = connect(
+        &big.address,
+        llmos_proto::worker::v1::worker_client::WorkerClient::new,
+    )
+    .await;
+    let held = worker
+        .stats(wk::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards;
+    assert!(held.is_empty(), "{held:?}");
+    beats.abort();
 }
 
 fn serving_deploy(name: &str, serving: api::ServingOptions) -> api::DeployModelRequest {

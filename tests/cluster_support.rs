@@ -7,19 +7,27 @@ use std::time::{Duration, Instant};
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
-use llmos_worker::server::register::{registration_loop, Registration};
-use llmos_worker::server::{serve, HostHandle};
+use llmos_worker::server::register::Registration;
+use llmos_worker::server::{serve_registered, HostHandle};
 use tonic::transport::Channel;
 
-pub async fn start_coordinator() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = llmos_coordinator::Config {
+/// The coordinator configuration of the tests: quick heartbeats.
+pub fn test_config() -> llmos_coordinator::Config {
+    llmos_coordinator::Config {
         heartbeat_interval: Duration::from_millis(200),
         heartbeat_timeout: Duration::from_secs(3),
         step_timeout: Duration::from_secs(20),
         ..Default::default()
-    };
+    }
+}
+
+pub async fn start_coordinator() -> String {
+    start_coordinator_with(test_config()).await
+}
+
+pub async fn start_coordinator_with(config: llmos_coordinator::Config) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(llmos_coordinator::serve(
         listener,
         config,
@@ -56,10 +64,25 @@ impl ProcWorker {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// Sends `sig` (`-STOP` freezes it: it neither answers nor
+    /// heartbeats, and keeps what it holds; `-CONT` thaws it).
+    pub fn signal(&self, sig: &str) {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
 }
 
 impl Drop for ProcWorker {
     fn drop(&mut self) {
+        // A frozen process must thaw to die; a dead one ignores this.
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
         self.kill9();
     }
 }
@@ -70,17 +93,18 @@ pub async fn start_worker(coordinator: &str, id: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
-    tokio::spawn(registration_loop(Registration {
+    let registration = Registration {
         coordinator: coordinator.into(),
         worker_id: id.into(),
         address: format!("http://{addr}"),
         device: "cpu".into(),
         collective_address: rv.local_addr().to_string(),
-    }));
+    };
     tokio::spawn(async move {
-        let _ = serve(
+        let _ = serve_registered(
             listener,
             HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
+            Some(registration),
             std::future::pending(),
         )
         .await;

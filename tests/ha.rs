@@ -7,232 +7,18 @@
 //! generation that keeps working through a leader change.
 //!
 //! Needs `llmos-coordinator` built beside the test binary
-//! (`cargo build --release --bins`, as `scripts/test.sh` does).
+//! (`cargo build --release --bins`, as `scripts/test.sh` does); the
+//! process helpers are in `group_support.rs`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use llmos_proto::v1 as api;
-use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
-use llmos_worker::server::register::{registration_loop, Registration};
-use llmos_worker::server::{serve, HostHandle};
 use tonic::transport::Channel;
 
-const TICK_MS: u64 = 50;
-/// Raft's election timeout is 10 to 20 ticks.
-const ELECTION_TIMEOUT: Duration = Duration::from_millis(TICK_MS * 20);
-
-fn coordinator_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("llmos-coordinator");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the binaries first (cargo build --release --bins)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Node {
-    id: u64,
-    port: u16,
-    dir: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-    starts: u32,
-}
-
-impl Node {
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn start(&mut self) {
-        self.starts += 1;
-        let log =
-            std::fs::File::create(self.dir.with_extension(format!("{}.log", self.starts))).unwrap();
-        let child = Command::new(coordinator_bin())
-            .args(&self.args)
-            .env("LLMOS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// SIGKILL: no shutdown path runs.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        assert!(Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal("-CONT");
-        }
-        self.kill9();
-    }
-}
-
-struct Group {
-    _root: tempfile::TempDir,
-    nodes: BTreeMap<u64, Node>,
-}
-
-fn node(root: &Path, id: u64, port: u16, extra: &[String]) -> Node {
-    let dir = root.join(format!("n{id}"));
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--node-id".into(),
-        id.to_string(),
-        "--cluster-id".into(),
-        "ha".into(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--raft-tick-ms".into(),
-        TICK_MS.to_string(),
-        "--snapshot-entries".into(),
-        "40".into(),
-        "--heartbeat-timeout-s".into(),
-        "5".into(),
-    ];
-    args.extend_from_slice(extra);
-    Node {
-        id,
-        port,
-        dir,
-        args,
-        child: None,
-        starts: 0,
-    }
-}
-
-impl Group {
-    /// `n` founding replicas from a static peer list.
-    fn founded(n: u64) -> Group {
-        let root = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peers = (1..=n)
-            .map(|i| format!("{i}=http://127.0.0.1:{}", ports[i as usize - 1]))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut nodes = BTreeMap::new();
-        for i in 1..=n {
-            let mut nd = node(
-                root.path(),
-                i,
-                ports[i as usize - 1],
-                &["--peers".into(), peers.clone()],
-            );
-            nd.start();
-            nodes.insert(i, nd);
-        }
-        Group { _root: root, nodes }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.nodes
-            .values()
-            .filter(|n| n.child.is_some())
-            .map(Node::url)
-            .collect()
-    }
-}
-
-async fn admin(url: &str) -> AdminClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match tonic::transport::Endpoint::from_shared(url.to_string())
-            .unwrap()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-        {
-            Ok(c) => return AdminClient::new(c),
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{url}: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
-/// One connection attempt (a replica that is down gives None).
-async fn try_admin(url: &str) -> Option<AdminClient<Channel>> {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .ok()
-        .map(AdminClient::new)
-}
-
-async fn control_plane(url: &str) -> Option<api::ControlPlaneStatus> {
-    let mut a = try_admin(url).await?;
-    a.list_members(api::ListMembersRequest {})
-        .await
-        .ok()?
-        .into_inner()
-        .control_plane
-}
-
-/// Waits until the replicas at `urls` agree on a leader; returns its id.
-async fn leader(urls: &[String], within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut ids = Vec::new();
-        let mut leading = Vec::new();
-        for u in urls {
-            let cp = control_plane(u).await;
-            ids.push(cp.as_ref().map(|c| c.leader_id).unwrap_or(0));
-            if let Some(c) = cp.filter(|c| c.role == "Leader") {
-                leading.push(c.node_id);
-            }
-        }
-        // One of these replicas leads, and all of them know it.
-        if leading.len() == 1 && ids.iter().all(|&i| i == leading[0]) {
-            return ids[0];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agreed leader among {urls:?}: {ids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use llmos_tests::group::*;
 
 /// Sets `key`, trying each coordinator in turn (as the CLI does). Returns
 /// whether the write was acknowledged.
@@ -545,20 +331,8 @@ async fn generation_keeps_working_through_a_leader_change() {
     let urls = g.urls();
     let first = leader(&urls, Duration::from_secs(15)).await;
     // Two in-process workers that know every coordinator.
-    let mut workers = Vec::new();
     for id in ["w0", "w1"] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        workers.push(tokio::spawn(registration_loop(Registration {
-            coordinator: urls.join(","),
-            worker_id: id.into(),
-            address: format!("http://{addr}"),
-            device: "cpu".into(),
-            collective_address: String::new(),
-        })));
-        workers.push(tokio::spawn(async move {
-            let _ = serve(listener, HostHandle::spawn(), std::future::pending()).await;
-        }));
+        llmos_tests::cluster::start_worker(&urls.join(","), id).await;
     }
     let follower = g.nodes.values().find(|n| n.id != first).unwrap().url();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -632,9 +406,6 @@ async fn generation_keeps_working_through_a_leader_change() {
         assert_eq!(got, baseline);
     }
     assert!(set(&rest, "after", "failover").await);
-    for w in workers {
-        w.abort();
-    }
 }
 
 async fn collect_ids(c: &mut InferenceClient<Channel>, req: api::GenerateRequest) -> Vec<u32> {

@@ -9,14 +9,19 @@ use llmos_proto::worker::v1 as pb;
 use llmos_proto::worker::v1::worker_client::WorkerClient;
 use llmos_tests::{all_logits, greedy, load, max_abs_diff};
 use llmos_worker::server::codec::{from_wire, to_wire};
-use llmos_worker::server::{serve, HostHandle};
+use llmos_worker::server::{serve_registered, HostHandle};
 use tch::{Kind, Tensor};
 use tonic::transport::Channel;
 
 async fn start_worker() -> WorkerClient<Channel> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, HostHandle::spawn(), std::future::pending()));
+    tokio::spawn(serve_registered(
+        listener,
+        HostHandle::spawn(),
+        None,
+        std::future::pending(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match WorkerClient::connect(format!("http://{addr}")).await {
@@ -252,6 +257,7 @@ async fn one_two_three_stages_match_single_process() {
             workers[i]
                 .unload_shard(pb::UnloadShardRequest {
                     model: model.clone(),
+                    epoch: 0,
                 })
                 .await
                 .unwrap();

@@ -3,6 +3,8 @@
 
 #[path = "cluster_support.rs"]
 pub mod cluster;
+#[path = "group_support.rs"]
+pub mod group;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

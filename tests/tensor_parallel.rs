@@ -93,7 +93,10 @@ async fn tensor_parallel_deployments_match_one_process() {
             assert!(sent.iter().all(|&b| b == 0), "{name}: {sent:?}");
         }
         admin
-            .undeploy_model(api::UndeployModelRequest { name: name.into() })
+            .undeploy_model(api::UndeployModelRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
@@ -109,15 +112,27 @@ async fn tensor_parallel_deployments_match_one_process() {
             .contains("2 does not divide the model's 9 attention heads"),
         "{e}"
     );
-    // Asking for more ranks than there are workers names both counts.
+    // Asking for more ranks than there are workers waits for workers,
+    // naming both counts.
     let e = admin
-        .deploy_model(tp_deploy("tiny-big", "synthetic:tiny", 3, 2))
+        .deploy_model(api::DeployModelRequest {
+            wait_timeout_ms: 1000,
+            ..tp_deploy("tiny-big", "synthetic:tiny", 3, 2)
+        })
         .await
         .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
     assert!(
-        e.message().contains("need 6 workers, 4 are registered"),
+        e.message().contains("waiting for workers: 6 needed") && e.message().contains("4 healthy"),
         "{e}"
     );
+    admin
+        .undeploy_model(api::UndeployModelRequest {
+            name: "tiny-big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
     // SmolLM2 from the GGUF over 3 ranks.
     let smol = load("smollm2", Kind::Float);
@@ -137,6 +152,7 @@ async fn tensor_parallel_deployments_match_one_process() {
     admin
         .undeploy_model(api::UndeployModelRequest {
             name: "smol-tp3".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -160,6 +160,14 @@ struct DeployArgs {
     /// calls), grpc, or link (direct links on any device: NCCL or TCP).
     #[arg(long, default_value = "auto")]
     pipeline_transport: String,
+    /// Return once the deploy is recorded instead of waiting for Ready
+    /// (`llmos status` shows the progress).
+    #[arg(long)]
+    no_wait: bool,
+    /// Seconds to wait for Ready; the model stays deployed (and keeps
+    /// converging) when it passes.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
 }
 
 fn coordinators(list: &str) -> Vec<String> {
@@ -303,7 +311,7 @@ fn workers_json(ws: &[api::WorkerStatus]) -> serde_json::Value {
     json!(ws
         .iter()
         .map(|w| json!({"id": w.id, "address": w.address, "device": w.device, "healthy": w.healthy,
-            "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes, "shards": w.shards}))
+            "gone": w.gone, "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes, "shards": w.shards}))
         .collect::<Vec<_>>())
 }
 
@@ -311,8 +319,87 @@ fn stages_json(ss: &[api::StagePlacement]) -> serde_json::Value {
     json!(ss
         .iter()
         .map(|s| json!({"worker": s.worker_id, "address": s.worker_address, "layers": format!("{}-{}", s.layer_start, s.layer_end),
-            "embed": s.embed, "head": s.head, "weight_bytes": s.weight_bytes}))
+            "embed": s.embed, "head": s.head, "weight_bytes": s.weight_bytes,
+            "ranks": 1 + s.tensor_parallel_workers.len(), "ranks_loaded": s.ranks_loaded}))
         .collect::<Vec<_>>())
+}
+
+/// Polls the cluster status until `name` is Ready, drawing a progress bar
+/// per stage (ranks loaded) with what the model waits for; fails with the
+/// reason when it failed or `timeout` passed.
+async fn wait_ready(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<api::ModelStatus> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let deadline = std::time::Instant::now() + timeout;
+    let bars = MultiProgress::new();
+    let status_line = bars.add(ProgressBar::new_spinner());
+    let style =
+        ProgressStyle::with_template("stage {prefix:>2} [{bar:20}] {pos}/{len} ranks {msg}")
+            .expect("template")
+            .progress_chars("=> ");
+    let mut stage_bars: Vec<ProgressBar> = Vec::new();
+    let mut epoch = 0;
+    loop {
+        let s = admin
+            .cluster_status(api::ClusterStatusRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let m = s
+            .models
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| anyhow::anyhow!("model {name:?} was undeployed while waiting"))?;
+        if m.epoch != epoch {
+            // Placed (anew): one bar per stage of this placement.
+            epoch = m.epoch;
+            for b in stage_bars.drain(..) {
+                bars.remove(&b);
+            }
+            for (i, st) in m.stages.iter().enumerate() {
+                let b = bars.add(ProgressBar::new(
+                    1 + st.tensor_parallel_workers.len() as u64,
+                ));
+                b.set_style(style.clone());
+                b.set_prefix(i.to_string());
+                b.set_message(format!(
+                    "layers {}-{} on {}",
+                    st.layer_start, st.layer_end, st.worker_id
+                ));
+                stage_bars.push(b);
+            }
+        }
+        for (b, st) in stage_bars.iter().zip(&m.stages) {
+            b.set_position(st.ranks_loaded as u64);
+        }
+        status_line.set_message(if m.reason.is_empty() {
+            format!("{name}: {}", m.state)
+        } else {
+            format!("{name}: {} ({})", m.state, m.reason)
+        });
+        status_line.tick();
+        if m.state == "Ready" {
+            bars.clear().ok();
+            return Ok(m);
+        }
+        if m.state.starts_with("Failed") {
+            bars.clear().ok();
+            anyhow::bail!("model {name:?} failed: {}", m.reason);
+        }
+        if std::time::Instant::now() >= deadline {
+            bars.clear().ok();
+            anyhow::bail!(
+                "model {name:?} is not ready after {}s ({}: {}); it stays deployed and keeps converging (`llmos undeploy {name}` cancels)",
+                timeout.as_secs(),
+                m.state,
+                m.reason
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn control_plane_json(c: &Option<api::ControlPlaneStatus>) -> serde_json::Value {
@@ -393,7 +480,8 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     json!({"name": m.name, "source": m.source, "state": m.state,
                     "stages": stages_json(&m.stages), "pipeline_transport": m.pipeline_transport,
                     "serving": m.serving.as_ref().map(serving_json),
-                    "options": m.options.as_ref().map(options_json)})
+                    "options": m.options.as_ref().map(options_json), "reason": m.reason,
+                    "generation": m.generation, "epoch": m.epoch, "state_since_ms": m.state_since_ms})
                 })
                 .collect();
             print_json(
@@ -402,7 +490,10 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             );
         }
         Command::Deploy(a) => {
-            let r = AdminClient::new(ch)
+            let started = std::time::Instant::now();
+            let (name, wait, timeout) = (a.name.clone(), !a.no_wait, a.timeout);
+            let mut admin = AdminClient::new(ch);
+            admin
                 .deploy_model(api::DeployModelRequest {
                     name: a.name,
                     source: a.source,
@@ -420,15 +511,26 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                         disable_prefix_caching: a.no_prefix_caching,
                         pipeline_transport: a.pipeline_transport,
                     }),
+                    // The CLI waits itself, drawing the progress.
+                    wait: Some(false),
+                    wait_timeout_ms: 0,
                 })
                 .await
-                .map_err(status_error)?
-                .into_inner();
-            print_json(json!({"stages": stages_json(&r.stages), "load_seconds": r.load_seconds}));
+                .map_err(status_error)?;
+            if !wait {
+                print_json(json!({"recorded": name}));
+                return Ok(());
+            }
+            let m = wait_ready(&mut admin, &name, std::time::Duration::from_secs(timeout)).await?;
+            print_json(json!({"stages": stages_json(&m.stages),
+                "load_seconds": started.elapsed().as_secs_f64()}));
         }
         Command::Undeploy { name } => {
             AdminClient::new(ch)
-                .undeploy_model(api::UndeployModelRequest { name })
+                .undeploy_model(api::UndeployModelRequest {
+                    name,
+                    wait: Some(true),
+                })
                 .await
                 .map_err(status_error)?;
         }

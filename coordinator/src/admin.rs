@@ -2,7 +2,7 @@
 //! undeploy, workers, status).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
@@ -10,10 +10,14 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
-use crate::placement::{plan_tp, ModelShape, PlacementRequest, Stage, WorkerCapacity};
+use crate::leases::Report;
+use crate::placement::{plan_tp, PlacementRequest, PlanError, WorkerCapacity};
+use crate::reconciler::rank_shape;
 use crate::settings::validate_setting;
-use crate::shard_spec::{pipeline_linked, shard_spec};
-use crate::state::{ClusterState, Command, Deployment, ModelState, Serving, StateError};
+use crate::shard_spec::pipeline_linked;
+use crate::state::{
+    ClusterState, Command, Deployment, ModelState, ParallelShape, Serving, StateError,
+};
 
 pub struct RegistryService {
     pub cluster: Arc<Cluster>,
@@ -44,64 +48,59 @@ impl wk::registry_server::Registry for RegistryService {
             })
             .await?;
         tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
-        // A restarted worker gets its shards back; the first stage of a
-        // model it serves learns its (possibly new) address; a stage's
-        // tensor-parallel group links up again (every rank reloads), and so
-        // do the pipeline links of its neighbouring stages (they keep their
-        // weights and cache).
-        let state = self.cluster.read();
-        for m in state.models.values() {
-            let stages = &m.placement.stages;
-            let linked = pipeline_linked(&state, m);
-            let near = |i: usize| {
-                stages[i].holds(&r.worker_id)
-                    || (linked
-                        && (i > 0 && stages[i - 1].holds(&r.worker_id)
-                            || stages.get(i + 1).is_some_and(|s| s.holds(&r.worker_id))))
-            };
-            for (i, s) in stages.iter().enumerate().filter(|(i, _)| {
-                near(*i) || (*i == 0 && stages.iter().any(|o| o.holds(&r.worker_id)))
-            }) {
-                for (rank, worker) in s.workers().enumerate() {
-                    let (cluster, spec) = (
-                        self.cluster.clone(),
-                        shard_spec(&state, m, i, rank, self.cluster.config.step_timeout),
-                    );
-                    let worker = worker.to_string();
-                    tokio::spawn(async move {
-                        if let Err(e) = load_stage(&cluster, &worker, spec).await {
-                            tracing::error!(%worker, error = %e, "reloading a shard after re-registration failed");
-                        }
-                    });
-                }
-            }
-        }
+        // A restarted worker lost its shards (the state machine marked them
+        // and what linked to them not loaded): the reconciler loads them.
+        self.cluster.leases.forget(&r.worker_id);
+        self.cluster.wake.notify_one();
         Ok(Response::new(wk::RegisterResponse {
             heartbeat_interval_ms: self.cluster.config.heartbeat_interval.as_millis() as u32,
         }))
     }
 
+    /// Renews the worker's lease on the leader (no log write); a follower
+    /// passes it to the leader.
     async fn heartbeat(
         &self,
         req: Request<wk::HeartbeatRequest>,
     ) -> Result<Response<wk::HeartbeatResponse>, Status> {
+        let c = &self.cluster;
+        if !c.store.is_leader() {
+            if req.metadata().contains_key(FORWARDED) {
+                return Err(Status::unavailable(
+                    "not the leader (leadership is changing); heartbeat another coordinator",
+                ));
+            }
+            let mut leader = c.leader_registry().ok_or_else(|| {
+                Status::unavailable("no leader is known yet; heartbeat another coordinator")
+            })?;
+            let mut fwd = Request::new(req.into_inner());
+            fwd.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            fwd.set_timeout(c.config.connect_timeout);
+            return leader.heartbeat(fwd).await;
+        }
         let r = req.into_inner();
-        let known = match self
-            .cluster
-            .propose(Command::Heartbeat {
-                id: r.worker_id,
-                memory_free_bytes: r.memory_free_bytes,
-                at_ms: self.cluster.now_ms(),
-            })
-            .await
-        {
-            Ok(()) => true,
-            Err(CoordError::State(StateError::UnknownWorker(_))) => false,
-            Err(e) => return Err(e.into()),
+        let Some(healthy) = c.read().workers.get(&r.worker_id).map(|w| w.healthy) else {
+            return Ok(Response::new(wk::HeartbeatResponse { known: false }));
         };
-        Ok(Response::new(wk::HeartbeatResponse { known }))
+        c.leases.renew(
+            &r.worker_id,
+            Report {
+                memory_free_bytes: r.memory_free_bytes,
+                shards: r.shards.into_iter().map(|s| (s.model, s.epoch)).collect(),
+            },
+            Instant::now(),
+        );
+        if !healthy {
+            c.wake.notify_one();
+        }
+        Ok(Response::new(wk::HeartbeatResponse { known: true }))
     }
 }
+
+/// Marks a heartbeat a follower passed on (the receiver does not pass it
+/// further).
+const FORWARDED: &str = "llmos-forwarded";
 
 /// Serving options with defaults filled in, checked.
 fn serving(o: Option<api::ServingOptions>) -> Result<Serving> {
@@ -172,7 +171,7 @@ async fn engine_stats(cluster: &Cluster, dep: &Deployment) -> Option<api::Servin
         .map(serving_status)
 }
 
-async fn load_stage(
+pub(crate) async fn load_stage(
     cluster: &Cluster,
     worker: &str,
     spec: wk::ShardSpec,
@@ -190,21 +189,53 @@ async fn load_stage(
         })
 }
 
-/// Best effort: a worker that is down has lost the shard anyway.
-async fn unload_everywhere(cluster: &Cluster, model: &str, stages: &[Stage]) {
-    for w in stages.iter().flat_map(|s| s.workers()) {
-        if let Ok(mut c) = cluster.worker(w).await {
-            let _ = c
-                .unload_shard(wk::UnloadShardRequest {
-                    model: model.to_string(),
-                })
-                .await;
-        }
+/// Unloads `model`'s shard of `epoch` (0: any) from `worker`; one it does
+/// not hold is no error.
+pub(crate) async fn unload_shard(
+    cluster: &Cluster,
+    worker: &str,
+    model: &str,
+    epoch: u64,
+) -> Result<()> {
+    let mut client = cluster.worker(worker).await?;
+    let mut req = Request::new(wk::UnloadShardRequest {
+        model: model.to_string(),
+        epoch,
+    });
+    req.set_timeout(cluster.config.load_timeout);
+    match client.unload_shard(req).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        Err(status) => Err(CoordError::WorkerFailed {
+            worker: worker.to_string(),
+            status,
+        }),
     }
 }
 
-fn stage_status(state: &ClusterState, s: &Stage) -> api::StagePlacement {
+/// Best effort, at once (the reconciler unloads what a worker that is down
+/// now still reports when it comes back).
+async fn unload_everywhere(cluster: &Arc<Cluster>, dep: &Deployment) {
+    let mut unloads = tokio::task::JoinSet::new();
+    for w in dep.placement.stages.iter().flat_map(|s| s.workers()) {
+        let (c, w, name, epoch) = (cluster.clone(), w.to_string(), dep.name.clone(), dep.epoch);
+        unloads.spawn(async move {
+            if let Err(e) = unload_shard(&c, &w, &name, epoch).await {
+                tracing::debug!(worker = %w, error = %e, "unloading at undeploy failed");
+            }
+        });
+    }
+    unloads.join_all().await;
+}
+
+fn stage_status(state: &ClusterState, dep: &Deployment, i: usize) -> api::StagePlacement {
+    let s = &dep.placement.stages[i];
     api::StagePlacement {
+        ranks_loaded: dep
+            .loaded
+            .iter()
+            .filter(|(st, _)| *st as usize == i)
+            .count() as u32,
         worker_id: s.worker.clone(),
         worker_address: state
             .workers
@@ -220,7 +251,10 @@ fn stage_status(state: &ClusterState, s: &Stage) -> api::StagePlacement {
     }
 }
 
-fn worker_statuses(state: &ClusterState) -> Vec<api::WorkerStatus> {
+/// Workers as the state has them; free memory from the last heartbeat
+/// where this coordinator holds the leases (the leader), else as
+/// registered.
+fn worker_statuses(cluster: &Cluster, state: &ClusterState) -> Vec<api::WorkerStatus> {
     state
         .workers
         .values()
@@ -229,8 +263,12 @@ fn worker_statuses(state: &ClusterState) -> Vec<api::WorkerStatus> {
             address: w.address.clone(),
             device: w.device.clone(),
             healthy: w.healthy,
+            gone: w.gone,
             memory_total_bytes: w.memory_total_bytes,
-            memory_free_bytes: w.memory_free_bytes,
+            memory_free_bytes: cluster
+                .leases
+                .report(&w.id)
+                .map_or(w.memory_free_bytes, |r| r.memory_free_bytes),
             shards: state
                 .models
                 .values()
@@ -251,8 +289,12 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// Records the deploy as desired state (after checking it against the
+    /// model, not against the cluster's free memory: the reconciler waits
+    /// for room), then waits for Ready unless told not to.
     async fn deploy(&self, r: api::DeployModelRequest) -> Result<api::DeployModelResponse> {
         let started = Instant::now();
+        let c = &self.cluster;
         if r.name.is_empty() || r.source.is_empty() {
             return Err(CoordError::Invalid("name and source are required".into()));
         }
@@ -274,115 +316,117 @@ impl AdminService {
                 )))
             }
         };
-        if self
-            .cluster
-            .read_fresh()
-            .await?
-            .models
-            .contains_key(&r.name)
-        {
+        if c.read_fresh().await?.models.contains_key(&r.name) {
             return Err(StateError::ModelExists(r.name).into());
         }
         let serving = serving(r.serving)?;
-        let rt = self.cluster.open_model(&r.name, &r.source)?;
-        let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
-        let mut shape = ModelShape::from_config(&rt.config, dtype_bytes);
-        if quantization == "int8" {
-            shape = shape.with_int8_layers(&rt.config, dtype_bytes);
-        }
-        let c = &rt.config;
-        let tp = r.tensor_parallel.max(1);
-        // Refused here, with the numbers, rather than by every worker.
-        let split = c.tp_split(0, tp as usize).map_err(CoordError::Invalid)?;
-        // A rank holds a tp-th of each layer's weights, and `kv_blocks`
-        // blocks of its own KV heads for each of its layers.
-        shape.layer_bytes = shape.layer_bytes.div_ceil(tp as u64)
-            + serving.kv_blocks as u64
-                * serving.block_size as u64
-                * 2
-                * (split.kv_heads * c.head_dim) as u64
-                * dtype_bytes;
-        let workers: Vec<WorkerCapacity> = self
-            .cluster
-            .read()
-            .workers
-            .values()
-            .filter(|w| w.healthy)
-            .map(|w| WorkerCapacity {
-                id: w.id.clone(),
-                free_bytes: w.memory_free_bytes,
-            })
-            .collect();
-        let req = PlacementRequest {
-            stages: (r.stages > 0).then_some(r.stages),
-            split: (!r.layer_split.is_empty()).then(|| r.layer_split.clone()),
-            reserve_bytes: 0,
+        let rt = c.open_model(&r.name, &r.source)?;
+        let shape = ParallelShape {
+            stages: r.stages,
+            layer_split: r.layer_split.clone(),
+            tensor_parallel: r.tensor_parallel.max(1),
         };
-        let mut placement = plan_tp(&shape, &workers, &req, tp)?;
-        placement.group_nonce = self.cluster.now_ms();
-        self.cluster
-            .propose(Command::DeployModel {
-                name: r.name.clone(),
-                source: r.source.clone(),
-                dtype: dtype.into(),
-                quantization: quantization.into(),
-                placement: placement.clone(),
-                serving,
-            })
-            .await?;
-        let mut loads = tokio::task::JoinSet::new();
-        let state = self.cluster.read();
-        let dep = state
-            .models
-            .get(&r.name)
-            .cloned()
-            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
-        // All ranks of all stages at once: a group links up while loading.
-        for (i, s) in placement.stages.iter().enumerate() {
-            for (rank, w) in s.workers().enumerate() {
-                let (cluster, worker) = (self.cluster.clone(), w.to_string());
-                let spec = shard_spec(&state, &dep, i, rank, self.cluster.config.step_timeout);
-                loads.spawn(
-                    async move { (worker.clone(), load_stage(&cluster, &worker, spec).await) },
-                );
-            }
+        check_shape(&rt.config, dtype, quantization, &serving, &shape)?;
+        c.propose(Command::DeployModel {
+            name: r.name.clone(),
+            source: r.source.clone(),
+            dtype: dtype.into(),
+            quantization: quantization.into(),
+            placement: Default::default(),
+            serving,
+            shape,
+            at_ms: c.now_ms(),
+        })
+        .await?;
+        c.wake.notify_one();
+        tracing::info!(model = %r.name, "deploy recorded");
+        let generation = c.read().models.get(&r.name).map_or(0, |d| d.generation);
+        if r.wait == Some(false) {
+            return Ok(api::DeployModelResponse {
+                stages: Vec::new(),
+                load_seconds: 0.0,
+            });
         }
-        let mut failure = None;
-        while let Some(joined) = loads.join_next().await {
-            let (worker, result) = joined.expect("load task");
-            if let Err(e) = result {
-                tracing::error!(%worker, error = %e, "loading a shard failed");
-                failure.get_or_insert(e);
-            }
-        }
-        if let Some(e) = failure {
-            // Roll back: no half-deployed model stays behind.
-            unload_everywhere(&self.cluster, &r.name, &placement.stages).await;
-            let _ = self
-                .cluster
-                .propose(Command::UndeployModel {
-                    name: r.name.clone(),
-                })
-                .await;
-            self.cluster.forget_model(&r.name);
-            return Err(e);
-        }
-        self.cluster
-            .propose(Command::SetModelState {
-                name: r.name.clone(),
-                state: ModelState::Ready,
-            })
-            .await?;
-        let state = self.cluster.read();
-        tracing::info!(model = %r.name, stages = placement.stages.len(), "model deployed");
+        let timeout = if r.wait_timeout_ms > 0 {
+            Duration::from_millis(r.wait_timeout_ms as u64)
+        } else {
+            c.config.load_timeout
+        };
+        let (state, dep) = wait_ready(c, &r.name, generation, timeout).await?;
         Ok(api::DeployModelResponse {
-            stages: placement
-                .stages
-                .iter()
-                .map(|s| stage_status(&state, s))
+            stages: (0..dep.placement.stages.len())
+                .map(|i| stage_status(&state, &dep, i))
                 .collect(),
             load_seconds: started.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// Refuses, with the numbers, a parallel shape the model cannot take
+/// however many workers there are (a split that does not cover its layers,
+/// heads that do not divide by the tensor-parallel size). Too few workers
+/// or too little memory now is no error: the reconciler waits.
+fn check_shape(
+    config: &llmos_meta::ModelConfig,
+    dtype: &str,
+    quantization: &str,
+    serving: &Serving,
+    shape: &ParallelShape,
+) -> Result<()> {
+    let tp = shape.tensor_parallel.max(1);
+    let rank = rank_shape(config, dtype, quantization, serving, tp)?;
+    let unbounded: Vec<WorkerCapacity> = (0..(rank.num_layers * tp).max(1))
+        .map(|i| WorkerCapacity {
+            id: format!("any-{i:05}"),
+            free_bytes: u64::MAX >> 16,
+        })
+        .collect();
+    let req = PlacementRequest {
+        stages: (shape.stages > 0).then_some(shape.stages),
+        split: (!shape.layer_split.is_empty()).then(|| shape.layer_split.clone()),
+        reserve_bytes: 0,
+    };
+    match plan_tp(&rank, &unbounded, &req, tp) {
+        Err(e @ PlanError::Invalid(_)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Waits until generation `generation` of `name` is Ready (returning the
+/// state it is Ready in), Failed, replaced or gone, or `timeout` passes.
+async fn wait_ready(
+    c: &Cluster,
+    name: &str,
+    generation: u64,
+    timeout: Duration,
+) -> Result<(Arc<ClusterState>, Deployment)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = c.read();
+        let dep = state
+            .models
+            .get(name)
+            .filter(|d| d.generation == generation)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownModel(name.to_string()))?;
+        match &dep.state {
+            ModelState::Ready => return Ok((state, dep)),
+            ModelState::Failed(reason) => {
+                return Err(CoordError::DeployFailed {
+                    model: name.to_string(),
+                    reason: reason.clone(),
+                })
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(CoordError::NotReadyInTime {
+                    model: name.to_string(),
+                    waited: timeout,
+                    state: format!("{:?}", dep.state),
+                    reason: dep.reason.clone(),
+                })
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -399,20 +443,29 @@ impl api::admin_server::Admin for AdminService {
         &self,
         req: Request<api::UndeployModelRequest>,
     ) -> Result<Response<api::UndeployModelResponse>, Status> {
-        let name = req.into_inner().name;
+        let r = req.into_inner();
         let dep = self
             .cluster
             .read_fresh()
             .await?
             .models
-            .get(&name)
+            .get(&r.name)
             .cloned()
-            .ok_or_else(|| CoordError::UnknownModel(name.clone()))?;
-        unload_everywhere(&self.cluster, &name, &dep.placement.stages).await;
+            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
         self.cluster
-            .propose(Command::UndeployModel { name: name.clone() })
+            .propose(Command::UndeployModel {
+                name: r.name.clone(),
+            })
             .await?;
-        self.cluster.forget_model(&name);
+        self.cluster.forget_model(&r.name);
+        // The reconciler unloads whatever a worker still reports holding;
+        // this only does it sooner.
+        if r.wait == Some(false) {
+            let c = self.cluster.clone();
+            tokio::spawn(async move { unload_everywhere(&c, &dep).await });
+        } else {
+            unload_everywhere(&self.cluster, &dep).await;
+        }
         Ok(Response::new(api::UndeployModelResponse {}))
     }
 
@@ -421,7 +474,7 @@ impl api::admin_server::Admin for AdminService {
         _req: Request<api::ListWorkersRequest>,
     ) -> Result<Response<api::ListWorkersResponse>, Status> {
         Ok(Response::new(api::ListWorkersResponse {
-            workers: worker_statuses(&*self.cluster.read_fresh().await?),
+            workers: worker_statuses(&self.cluster, &*self.cluster.read_fresh().await?),
         }))
     }
 
@@ -441,11 +494,8 @@ impl api::admin_server::Admin for AdminService {
                 name: m.name.clone(),
                 source: m.source.clone(),
                 state: format!("{:?}", m.state),
-                stages: m
-                    .placement
-                    .stages
-                    .iter()
-                    .map(|s| stage_status(&state, s))
+                stages: (0..m.placement.stages.len())
+                    .map(|i| stage_status(&state, m, i))
                     .collect(),
                 serving,
                 pipeline_transport: match (m.placement.stages.len(), pipeline_linked(&state, m)) {
@@ -455,10 +505,14 @@ impl api::admin_server::Admin for AdminService {
                 }
                 .into(),
                 options: Some(serving_options(&m.serving)),
+                reason: m.reason.clone(),
+                generation: m.generation,
+                epoch: m.epoch,
+                state_since_ms: m.since_ms,
             });
         }
         Ok(Response::new(api::ClusterStatusResponse {
-            workers: worker_statuses(&state),
+            workers: worker_statuses(&self.cluster, &state),
             models,
             control_plane: Some(control_plane(&self.cluster)),
         }))

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llmos_meta::{ModelConfig, ModelSpec, OpenedModel, Tokenizer};
+use llmos_proto::worker::v1::registry_client::RegistryClient;
 use llmos_proto::worker::v1::worker_client::WorkerClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{CoordError, Result};
+use crate::leases::Leases;
 use crate::state::{ClusterState, Command, StateError};
 use crate::store::{MetaStore, StoreConfig};
 
@@ -19,8 +21,15 @@ use crate::store::{MetaStore, StoreConfig};
 pub struct Config {
     /// How often workers heartbeat.
     pub heartbeat_interval: Duration,
-    /// Missed-heartbeat time after which a worker is marked unhealthy.
+    /// A worker's lease: without a heartbeat for this long it is marked
+    /// unhealthy.
     pub heartbeat_timeout: Duration,
+    /// How long a worker stays unhealthy before its shards are placed on
+    /// other workers (it is gone).
+    pub worker_grace_period: Duration,
+    /// How often the reconciler passes over the state (it also runs at
+    /// once after a deploy and after each load).
+    pub reconcile_interval: Duration,
     /// Deadline of one forward step on one stage.
     pub step_timeout: Duration,
     /// Deadline of loading one shard.
@@ -38,6 +47,8 @@ impl Default for Config {
         Config {
             heartbeat_interval: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(10),
+            worker_grace_period: Duration::from_secs(30),
+            reconcile_interval: Duration::from_millis(500),
             step_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(3),
@@ -56,8 +67,14 @@ pub struct ModelRuntime {
 pub struct Cluster {
     pub config: Config,
     pub store: Arc<dyn MetaStore>,
+    /// Worker leases (kept on the leader).
+    pub leases: Leases,
+    /// Wakes the reconciler before its next tick.
+    pub wake: tokio::sync::Notify,
     models: Mutex<HashMap<String, Arc<ModelRuntime>>>,
     clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
+    /// The leader's registry, for heartbeats a follower receives.
+    leader_registry: Mutex<Option<(String, RegistryClient<Channel>)>>,
 }
 
 impl Cluster {
@@ -65,8 +82,11 @@ impl Cluster {
         Arc::new(Cluster {
             config,
             store,
+            leases: Leases::default(),
+            wake: tokio::sync::Notify::new(),
             models: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            leader_registry: Mutex::new(None),
         })
     }
 
@@ -175,25 +195,25 @@ impl Cluster {
         self.clients.lock().unwrap().remove(address);
     }
 
-    /// Marks workers unhealthy whose heartbeats stopped (leader only).
-    pub async fn check_heartbeats(&self) {
-        if !self.store.is_leader() {
-            return;
+    /// A client of the leader's registry (heartbeats reach the leader's
+    /// leases through a follower); None when no leader is known or this
+    /// coordinator is it.
+    pub fn leader_registry(&self) -> Option<RegistryClient<Channel>> {
+        let leader = self.store.status().leader;
+        if leader.is_empty() || self.store.is_leader() {
+            return None;
         }
-        let now = self.now_ms();
-        let timeout = self.config.heartbeat_timeout.as_millis() as u64;
-        let stale: Vec<String> = self
-            .read()
-            .workers
-            .values()
-            .filter(|w| w.healthy && now.saturating_sub(w.last_heartbeat_ms) > timeout)
-            .map(|w| w.id.clone())
-            .collect();
-        for id in stale {
-            tracing::warn!(worker = %id, "missed heartbeats: marking unhealthy");
-            let _ = self
-                .propose(Command::SetWorkerHealth { id, healthy: false })
-                .await;
+        let mut cached = self.leader_registry.lock().unwrap();
+        if let Some((a, c)) = cached.as_ref().filter(|(a, _)| *a == leader) {
+            let _ = a;
+            return Some(c.clone());
         }
+        let channel = Endpoint::from_shared(leader.clone())
+            .ok()?
+            .connect_timeout(self.config.connect_timeout)
+            .connect_lazy();
+        let client = RegistryClient::new(channel);
+        *cached = Some((leader, client.clone()));
+        Some(client)
     }
 }

@@ -40,6 +40,15 @@ pub enum CoordError {
     WorkerFailed { worker: String, status: Status },
     #[error("control plane: {0}")]
     Store(#[from] StoreError),
+    #[error("model {model:?} failed: {reason} (undeploy it, fix the cause, deploy again)")]
+    DeployFailed { model: String, reason: String },
+    #[error("model {model:?} is not ready after {waited:?} ({state}: {reason}); it stays deployed and keeps converging (undeploy to cancel)")]
+    NotReadyInTime {
+        model: String,
+        waited: std::time::Duration,
+        state: String,
+        reason: String,
+    },
 }
 
 impl From<CoordError> for Status {
@@ -56,7 +65,24 @@ impl From<CoordError> for Status {
             | CoordError::Limit { .. }
             | CoordError::Plan(PlanError::Invalid(_)) => Status::invalid_argument(msg),
             CoordError::Meta(_) => Status::invalid_argument(msg),
-            CoordError::Plan(PlanError::Insufficient { .. }) => Status::failed_precondition(msg),
+            CoordError::Plan(PlanError::Insufficient { .. } | PlanError::TooFewWorkers { .. })
+            | CoordError::DeployFailed { .. } => Status::failed_precondition(msg),
+            CoordError::NotReadyInTime { .. } => Status::deadline_exceeded(msg),
+            // The first stage's worker holds the model under another
+            // placement: it is moving; retrying is right.
+            CoordError::WorkerFailed { ref status, .. }
+                if status
+                    .metadata()
+                    .get(llmos_meta::failure::FAILURE_KEY)
+                    .is_some_and(|v| {
+                        v.as_bytes()
+                            == llmos_meta::failure::FailureKind::StaleEpoch
+                                .as_str()
+                                .as_bytes()
+                    }) =>
+            {
+                Status::unavailable(msg)
+            }
             CoordError::State(StateError::ModelExists(_)) => Status::already_exists(msg),
             CoordError::State(_) => Status::failed_precondition(msg),
             CoordError::ModelNotReady { .. } => Status::unavailable(msg),

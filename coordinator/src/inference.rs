@@ -37,7 +37,11 @@ impl InferenceService {
         if dep.state != ModelState::Ready {
             return Err(CoordError::ModelNotReady {
                 model: model.to_string(),
-                state: format!("{:?}", dep.state),
+                state: if dep.reason.is_empty() {
+                    format!("{:?}", dep.state)
+                } else {
+                    format!("{:?} ({})", dep.state, dep.reason)
+                },
             });
         }
         let rt = self
@@ -244,6 +248,7 @@ impl api::inference_server::Inference for InferenceService {
             stop_token_ids,
             priority,
             timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u32),
+            epoch: dep.epoch,
         };
         let (worker, mut events) = self.open_engine(&dep, engine_req).await?;
         let address = self

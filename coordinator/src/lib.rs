@@ -1,8 +1,8 @@
 //! llmos coordinator: the control plane. Links no libtorch.
 //!
-//! - [`state`]: the cluster state (workers, models, placements) and the
-//!   commands that change it, applied deterministically: the seam a
-//!   replicated log (Raft, etcd) sits behind.
+//! - [`state`]: the cluster state (workers; models as desired and as
+//!   observed) and the commands that change it, applied deterministically:
+//!   the seam a replicated log (Raft, etcd) sits behind.
 //! - [`placement`]: plans contiguous layer ranges over workers in proportion
 //!   to their free memory, or checks an explicit split.
 //! - [`store`]: [`store::MetaStore`], where the state machine lives:
@@ -11,7 +11,12 @@
 //! - [`consensus`]: raft-rs driven by a Ready loop, durable storage,
 //!   gRPC and in-memory transports.
 //! - [`cluster`]: the shared coordinator state (the store behind
-//!   `propose`, model tokenizers, worker clients) and its configuration.
+//!   `propose`, worker leases, model tokenizers, worker clients) and its
+//!   configuration.
+//! - [`leases`]: worker liveness as leases in the leader's memory; only
+//!   transitions reach the log.
+//! - [`reconciler`]: the leader's loop converging placements and loaded
+//!   shards to what deployments ask for.
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
 //! - [`settings`]: cluster settings' keys and the checks on their writes.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
@@ -24,7 +29,9 @@ pub mod consensus;
 pub mod error;
 pub mod etcd;
 pub mod inference;
+pub mod leases;
 pub mod placement;
+pub mod reconciler;
 pub mod settings;
 pub mod shard_spec;
 pub mod state;
@@ -62,16 +69,10 @@ pub async fn serve(
         StoreConfig::Etcd(s) => (etcd::EtcdStore::start(s.clone()).await?, None),
     };
     let cluster = Cluster::new(config, store.clone());
-    let watchdog = {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(cluster.config.heartbeat_interval);
-            loop {
-                tick.tick().await;
-                cluster.check_heartbeats().await;
-            }
-        })
-    };
+    let (stop_reconciler, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reconciler = tokio::spawn(reconciler::Reconciler::new(cluster.clone()).run(async {
+        let _ = stopped.await;
+    }));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<llmos_proto::v1::inference_server::InferenceServer<inference::InferenceService>>()
@@ -106,7 +107,8 @@ pub async fn serve(
             shutdown,
         )
         .await;
-    watchdog.abort();
+    let _ = stop_reconciler.send(());
+    let _ = reconciler.await;
     store.shutdown().await;
     Ok(result?)
 }

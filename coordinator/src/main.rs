@@ -19,9 +19,19 @@ struct Cli {
         default_value = "127.0.0.1:50051"
     )]
     listen: std::net::SocketAddr,
-    /// Seconds without a heartbeat after which a worker is marked unhealthy.
-    #[arg(long, default_value_t = 10)]
+    /// How often workers heartbeat (they learn it when they register), in
+    /// milliseconds.
+    #[arg(long, env = "LLMOS_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
+    heartbeat_interval_ms: u64,
+    /// Seconds without a heartbeat after which a worker is marked unhealthy
+    /// (its lease).
+    #[arg(long, env = "LLMOS_HEARTBEAT_TIMEOUT_S", default_value_t = 10)]
     heartbeat_timeout_s: u64,
+    /// Seconds a worker stays unhealthy before its shards are loaded on
+    /// other workers with room (and it is told to unload them if it
+    /// returns).
+    #[arg(long, env = "LLMOS_WORKER_GRACE_PERIOD_S", default_value_t = 30)]
+    worker_grace_period_s: u64,
     /// Deadline of one forward step on one stage, in seconds.
     #[arg(long, default_value_t = 30)]
     step_timeout_s: u64,
@@ -107,7 +117,9 @@ async fn main() -> Result<()> {
         }),
     };
     let config = llmos_coordinator::Config {
+        heartbeat_interval: std::time::Duration::from_millis(cli.heartbeat_interval_ms.max(50)),
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
+        worker_grace_period: std::time::Duration::from_secs(cli.worker_grace_period_s),
         step_timeout: std::time::Duration::from_secs(cli.step_timeout_s),
         store,
         ..Default::default()

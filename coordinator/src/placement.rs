@@ -157,12 +157,23 @@ impl Placement {
 pub enum PlanError {
     #[error("invalid placement request: {0}")]
     Invalid(String),
-    #[error("not enough memory: the model needs {needed} bytes over {stages} stage(s) but the workers have {available} bytes free (short by {short} bytes)")]
+    #[error("not enough memory: the model needs {needed} bytes over {stages} stage(s) but the workers have {available} bytes free (short by {short} bytes); stage {stage}: waiting for {stage_short} more bytes free on a worker")]
     Insufficient {
         needed: u64,
         available: u64,
         short: u64,
         stages: usize,
+        /// The first stage that does not fit, and by how much.
+        stage: usize,
+        stage_short: u64,
+    },
+    /// The shape asks for more workers than are healthy now (a reconciler
+    /// waits for them).
+    #[error("waiting for workers: {needed} needed ({what}), {available} healthy")]
+    TooFewWorkers {
+        needed: usize,
+        available: usize,
+        what: String,
     },
 }
 
@@ -173,7 +184,11 @@ pub fn plan(
     req: &PlacementRequest,
 ) -> Result<Placement, PlanError> {
     if workers.is_empty() {
-        return Err(PlanError::Invalid("no workers are registered".into()));
+        return Err(PlanError::TooFewWorkers {
+            needed: req.split.as_ref().map_or(1, Vec::len).max(1),
+            available: 0,
+            what: "at least one".into(),
+        });
     }
     // Most free memory first; ties by id for determinism.
     let mut ws: Vec<&WorkerCapacity> = workers.iter().collect();
@@ -198,10 +213,11 @@ pub fn plan(
             )));
         }
         if n > ws.len() {
-            return Err(PlanError::Invalid(format!(
-                "split has {n} stages but {} workers are registered",
-                ws.len()
-            )));
+            return Err(PlanError::TooFewWorkers {
+                needed: n,
+                available: ws.len(),
+                what: format!("a split of {n} stages"),
+            });
         }
         return check(model, &ws[..n], split, req.reserve_bytes);
     }
@@ -214,10 +230,11 @@ pub fn plan(
             )))
         }
         Some(s) if s as usize > ws.len() => {
-            return Err(PlanError::Invalid(format!(
-                "{s} stages asked for but {} workers are registered",
-                ws.len()
-            )))
+            return Err(PlanError::TooFewWorkers {
+                needed: s as usize,
+                available: ws.len(),
+                what: format!("{s} stages"),
+            })
         }
         Some(s) => vec![s as usize],
         None => (1..=ws.len().min(model.num_layers as usize)).collect(),
@@ -257,11 +274,11 @@ pub fn plan_tp(
         .unwrap_or(1)
         .max(1);
     if stages * tp > ws.len() {
-        return Err(PlanError::Invalid(format!(
-            "{stages} stage(s) x {tp} tensor-parallel ranks need {} workers, {} are registered",
-            stages * tp,
-            ws.len()
-        )));
+        return Err(PlanError::TooFewWorkers {
+            needed: stages * tp,
+            available: ws.len(),
+            what: format!("{stages} stage(s) x {tp} tensor-parallel ranks"),
+        });
     }
     let groups: Vec<&[&WorkerCapacity]> = ws.chunks_exact(tp).collect();
     let virt: Vec<WorkerCapacity> = groups
@@ -336,12 +353,17 @@ fn check(
     let mut start = 0;
     let mut stages = Vec::with_capacity(n);
     let (mut needed, mut available, mut short) = (0u64, 0u64, 0u64);
+    let mut first_short = None;
     for (i, (&layers, w)) in split.iter().zip(ws).enumerate() {
         let (first, last) = (i == 0, i + 1 == n);
         let bytes = model.stage_bytes(layers, first, last);
         needed += bytes + reserve;
         available += w.free_bytes;
-        short += (bytes + reserve).saturating_sub(w.free_bytes);
+        let lacking = (bytes + reserve).saturating_sub(w.free_bytes);
+        if lacking > 0 && first_short.is_none() {
+            first_short = Some((i, lacking));
+        }
+        short += lacking;
         stages.push(Stage {
             worker: w.id.clone(),
             layer_start: start,
@@ -353,12 +375,14 @@ fn check(
         });
         start += layers;
     }
-    if short > 0 {
+    if let Some((stage, stage_short)) = first_short {
         return Err(PlanError::Insufficient {
             needed,
             available,
             short,
             stages: n,
+            stage,
+            stage_short,
         });
     }
     Ok(Placement {
@@ -426,10 +450,13 @@ mod tests {
             2,
         )
         .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("3 stage(s) x 2 tensor-parallel ranks need 6 workers, 5 are registered"),
-            "{e}"
+        assert_eq!(
+            e,
+            PlanError::TooFewWorkers {
+                needed: 6,
+                available: 5,
+                what: "3 stage(s) x 2 tensor-parallel ranks".into()
+            }
         );
     }
 
@@ -485,10 +512,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("20 layers") && e.contains("30"), "{e}");
-        let e = plan(&shape(), &workers(&[40]), &req(vec![10, 20]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("2 stages") && e.contains("1 workers"), "{e}");
+        let e = plan(&shape(), &workers(&[40]), &req(vec![10, 20])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PlanError::TooFewWorkers {
+                    needed: 2,
+                    available: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -505,10 +540,13 @@ mod tests {
                 needed,
                 available,
                 short,
+                stage,
+                stage_short,
                 ..
             } => {
                 assert_eq!(available, 30 * GB);
                 assert!(needed >= 34 * GB && short >= 4 * GB, "{e}");
+                assert!(stage < 3 && stage_short > 0 && stage_short <= short, "{e}");
             }
             other => panic!("{other}"),
         }

@@ -148,6 +148,7 @@ pub(crate) fn shard_spec(
         tensor_parallel,
         prev_link,
         next_link,
+        epoch: dep.epoch,
     }
 }
 
@@ -189,22 +190,38 @@ mod tests {
             source: "smollm2".into(),
             dtype: "f32".into(),
             quantization: "none".into(),
-            placement: Placement {
-                stages,
-                group_nonce: 7,
-                ..Default::default()
-            },
+            placement: Placement::default(),
             serving: Serving {
                 pipeline_transport: transport.into(),
                 ..Default::default()
             },
+            shape: Default::default(),
+            at_ms: 1,
         })
         .unwrap();
-        s.apply(&Command::SetModelState {
+        let generation = s.models["m"].generation;
+        s.apply(&Command::PlaceModel {
             name: "m".into(),
-            state: ModelState::Ready,
+            generation,
+            placement: Placement {
+                stages,
+                ..Default::default()
+            },
+            at_ms: 2,
         })
         .unwrap();
+        let epoch = s.models["m"].epoch;
+        for stage in 0..3 {
+            s.apply(&Command::ShardLoaded {
+                name: "m".into(),
+                epoch,
+                stage,
+                rank: 0,
+                at_ms: 3,
+            })
+            .unwrap();
+        }
+        assert_eq!(s.models["m"].state, ModelState::Ready);
         s
     }
 
@@ -270,13 +287,8 @@ mod tests {
         assert_eq!(backend(&sp[1].next_link), wk::LinkBackend::Tcp as i32);
     }
 
-    /// A worker that registers again (a restart) renames the links it is
-    /// an end of, and only those, so both ends form new ones.
-    #[test]
-    fn a_re_registered_worker_renames_its_links() {
-        let mut s = cluster(["cpu"; 3], "link");
-        let before = specs(&s);
-        s.apply(&Command::RegisterWorker {
+    fn restart_w2() -> Command {
+        Command::RegisterWorker {
             id: "w2".into(),
             address: "http://w2:50099".into(),
             device: "cpu".into(),
@@ -284,8 +296,18 @@ mod tests {
             memory_free_bytes: 90,
             at_ms: 5000,
             collective_address: "w2:7099".into(),
-        })
-        .unwrap();
+        }
+    }
+
+    /// A worker that registers again (a restart) renames the links it is
+    /// an end of, and only those, so both ends form new ones; the shards
+    /// that must load again (its own, its linked neighbour's, the first
+    /// stage's engine) are no longer counted loaded.
+    #[test]
+    fn a_re_registered_worker_renames_its_links() {
+        let mut s = cluster(["cpu"; 3], "link");
+        let before = specs(&s);
+        s.apply(&restart_w2()).unwrap();
         let after = specs(&s);
         assert_eq!(before[0].next_link, after[0].next_link);
         let (b, a) = (
@@ -295,5 +317,12 @@ mod tests {
         assert_ne!(b.group, a.group);
         assert_eq!(a.peers[1], "w2:7099");
         assert_eq!(after[2].prev_link.as_ref().unwrap().group, a.group);
+        let m = &s.models["m"];
+        assert_eq!(m.state, ModelState::Loading);
+        assert!(m.loaded.is_empty(), "{:?}", m.loaded);
+        // Over gRPC (no links) the middle stage keeps its shard.
+        let mut s = cluster(["cpu"; 3], "grpc");
+        s.apply(&restart_w2()).unwrap();
+        assert_eq!(s.models["m"].loaded, [(1, 0)].into());
     }
 }

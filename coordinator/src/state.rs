@@ -3,7 +3,7 @@
 //! replicas applying the same committed log agree: this is the seam a Raft
 //! group or an etcd log backs. Commands are serde-serializable log entries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,27 +25,96 @@ pub struct WorkerInfo {
     /// pipeline links, so a restarted stage links up anew.
     #[serde(default)]
     pub registered_at_ms: u64,
+    /// Unix ms since it has been unhealthy (its lease expired).
+    #[serde(default)]
+    pub unhealthy_since_ms: u64,
+    /// Unhealthy for longer than the grace period: its shards are placed
+    /// elsewhere, and it holds nothing until it registers again.
+    #[serde(default)]
+    pub gone: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModelState {
+    /// Asked for, not placed yet (`Deployment::reason` says what it waits
+    /// for).
+    Pending,
+    /// Placed; shards are loading.
     Loading,
     Ready,
+    /// Will not converge without an edit (a shard the workers refuse to
+    /// load); undeploy it.
     Failed(String),
 }
 
+/// How the operator asked for a model to be split (0 / empty: automatic).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParallelShape {
+    pub stages: u32,
+    pub layer_split: Vec<u32>,
+    pub tensor_parallel: u32,
+}
+
+/// One deployed model: what the operator asked for (desired) beside what
+/// the reconciler has made of it so far (observed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
     pub name: String,
+    // --- desired ---
     pub source: String,
     pub dtype: String,
     /// "none" or "int8" ("" in logs from before quantization: none).
     #[serde(default)]
     pub quantization: String,
-    pub placement: Placement,
-    pub state: ModelState,
     #[serde(default)]
     pub serving: Serving,
+    #[serde(default)]
+    pub shape: ParallelShape,
+    /// Changes on every edit of the desired part (the log index of the
+    /// edit).
+    #[serde(default)]
+    pub generation: u64,
+    // --- observed ---
+    /// Empty until placed.
+    pub placement: Placement,
+    /// The log index of the current placement: carried by every shard
+    /// command, so a worker tells a stale command (or a stale request)
+    /// from a current one. 0: not placed.
+    #[serde(default)]
+    pub epoch: u64,
+    /// (stage, rank) pairs loaded under `epoch`.
+    #[serde(default)]
+    pub loaded: BTreeSet<(u32, u32)>,
+    pub state: ModelState,
+    /// What it waits for, or why the last attempt failed; empty when Ready.
+    #[serde(default)]
+    pub reason: String,
+    /// Unix ms since `state` (as stamped by the leader).
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+impl Deployment {
+    /// Every (stage, rank) of the placement.
+    pub fn shards(&self) -> impl Iterator<Item = (u32, u32, &str)> {
+        self.placement.stages.iter().enumerate().flat_map(|(i, s)| {
+            s.workers()
+                .enumerate()
+                .map(move |(r, w)| (i as u32, r as u32, w))
+        })
+    }
+
+    pub fn placed(&self) -> bool {
+        !self.placement.stages.is_empty()
+    }
+
+    fn set_state(&mut self, state: ModelState, reason: String, at_ms: u64) {
+        if self.state != state {
+            self.since_ms = at_ms;
+        }
+        self.state = state;
+        self.reason = reason;
+    }
 }
 
 /// How a deployed model is served: its KV cache and engine limits (0 in a
@@ -79,9 +148,14 @@ impl Default for Serving {
     }
 }
 
+/// A replicated log entry. Liveness is not in the log beyond its
+/// transitions: heartbeats renew a lease in the leader's memory
+/// (`crate::leases`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// A worker joins, or rejoins after a restart (same id, new details).
+    /// A worker joins, or rejoins after a restart (same id, new details):
+    /// the shards it held are lost, and so is whatever its pipeline
+    /// neighbours linked to it (they reload).
     RegisterWorker {
         id: String,
         address: String,
@@ -92,29 +166,72 @@ pub enum Command {
         #[serde(default)]
         collective_address: String,
     },
+    /// Only in logs from before leases (a heartbeat per entry); applied as
+    /// before, never proposed now.
     Heartbeat {
         id: String,
         memory_free_bytes: u64,
         at_ms: u64,
     },
-    /// Decided by the leader from missed heartbeats; applied as a fact.
+    /// A lease transition decided by the leader: expired (unhealthy) or
+    /// renewed after expiring (healthy again).
     SetWorkerHealth {
         id: String,
         healthy: bool,
+        #[serde(default)]
+        at_ms: u64,
+    },
+    /// Unhealthy for longer than the grace period (decided by the leader).
+    WorkerGone {
+        id: String,
     },
     RemoveWorker {
         id: String,
     },
+    /// Records what the operator asks for; the reconciler places it. (Logs
+    /// from before the reconciler carry a placement, applied as placed.)
     DeployModel {
         name: String,
         source: String,
         dtype: String,
         #[serde(default)]
         quantization: String,
+        #[serde(default)]
         placement: Placement,
         #[serde(default)]
         serving: Serving,
+        #[serde(default)]
+        shape: ParallelShape,
+        #[serde(default)]
+        at_ms: u64,
     },
+    /// The reconciler's placement of generation `generation`: a new epoch,
+    /// nothing loaded under it yet.
+    PlaceModel {
+        name: String,
+        generation: u64,
+        placement: Placement,
+        at_ms: u64,
+    },
+    /// A worker answered a load of (stage, rank) under `epoch`; the model
+    /// is Ready when every shard is.
+    ShardLoaded {
+        name: String,
+        epoch: u64,
+        stage: u32,
+        rank: u32,
+        at_ms: u64,
+    },
+    /// What the reconciler waits for, or why an attempt failed; `failed`:
+    /// it will not retry (Failed).
+    ModelProgress {
+        name: String,
+        generation: u64,
+        reason: String,
+        failed: bool,
+        at_ms: u64,
+    },
+    /// Only in logs from before the reconciler.
     SetModelState {
         name: String,
         state: ModelState,
@@ -145,6 +262,20 @@ pub enum StateError {
     UnknownSetting(String),
     #[error("worker {id:?} holds shards of {models:?}: undeploy them first")]
     WorkerInUse { id: String, models: Vec<String> },
+    #[error("model {name:?} is at generation {current}, not {got}")]
+    StaleGeneration {
+        name: String,
+        current: u64,
+        got: u64,
+    },
+    #[error("model {name:?} is at placement epoch {current}, not {got}")]
+    StaleEpoch {
+        name: String,
+        current: u64,
+        got: u64,
+    },
+    #[error("placement of {name:?}: stage {stage} rank {rank} does not exist")]
+    NoSuchShard { name: String, stage: u32, rank: u32 },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -167,6 +298,7 @@ impl ClusterState {
     /// unchanged (except the applied count) and returns why.
     pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
         self.applied += 1;
+        let index = self.applied;
         match cmd {
             Command::RegisterWorker {
                 id,
@@ -177,6 +309,7 @@ impl ClusterState {
                 at_ms,
                 collective_address,
             } => {
+                let rejoined = self.workers.contains_key(id);
                 self.workers.insert(
                     id.clone(),
                     WorkerInfo {
@@ -189,8 +322,13 @@ impl ClusterState {
                         last_heartbeat_ms: *at_ms,
                         collective_address: collective_address.clone(),
                         registered_at_ms: *at_ms,
+                        unhealthy_since_ms: 0,
+                        gone: false,
                     },
                 );
+                if rejoined {
+                    self.lose_shards_of(id, *at_ms);
+                }
             }
             Command::Heartbeat {
                 id,
@@ -202,7 +340,22 @@ impl ClusterState {
                 w.last_heartbeat_ms = w.last_heartbeat_ms.max(*at_ms);
                 w.healthy = true;
             }
-            Command::SetWorkerHealth { id, healthy } => self.worker_mut(id)?.healthy = *healthy,
+            Command::SetWorkerHealth { id, healthy, at_ms } => {
+                let w = self.worker_mut(id)?;
+                if w.healthy && !healthy {
+                    w.unhealthy_since_ms = *at_ms;
+                }
+                w.healthy = *healthy;
+                if *healthy {
+                    w.gone = false;
+                    w.unhealthy_since_ms = 0;
+                }
+            }
+            Command::WorkerGone { id } => {
+                let w = self.worker_mut(id)?;
+                w.healthy = false;
+                w.gone = true;
+            }
             Command::RemoveWorker { id } => {
                 if !self.workers.contains_key(id) {
                     return Err(StateError::UnknownWorker(id.clone()));
@@ -223,31 +376,89 @@ impl ClusterState {
                 quantization,
                 placement,
                 serving,
+                shape,
+                at_ms,
             } => {
                 if self.models.contains_key(name) {
                     return Err(StateError::ModelExists(name.clone()));
                 }
-                for id in placement.stages.iter().flat_map(|s| s.workers()) {
-                    let w = self
-                        .workers
-                        .get(id)
-                        .ok_or_else(|| StateError::UnknownWorker(id.to_string()))?;
-                    if !w.healthy {
-                        return Err(StateError::UnhealthyWorker { id: w.id.clone() });
-                    }
+                if !placement.stages.is_empty() {
+                    self.check_placement(placement)?;
                 }
-                self.models.insert(
-                    name.clone(),
-                    Deployment {
+                let mut dep = Deployment {
+                    name: name.clone(),
+                    source: source.clone(),
+                    dtype: dtype.clone(),
+                    quantization: quantization.clone(),
+                    serving: serving.clone(),
+                    shape: shape.clone(),
+                    generation: index,
+                    placement: Placement::default(),
+                    epoch: 0,
+                    loaded: BTreeSet::new(),
+                    state: ModelState::Pending,
+                    reason: String::new(),
+                    since_ms: *at_ms,
+                };
+                if !placement.stages.is_empty() {
+                    dep.placement = placement.clone();
+                    dep.epoch = index;
+                    dep.state = ModelState::Loading;
+                }
+                self.models.insert(name.clone(), dep);
+            }
+            Command::PlaceModel {
+                name,
+                generation,
+                placement,
+                at_ms,
+            } => {
+                self.model_of(name, *generation)?;
+                self.check_placement(placement)?;
+                let dep = self.models.get_mut(name).expect("checked above");
+                dep.placement = Placement {
+                    group_nonce: index,
+                    ..placement.clone()
+                };
+                dep.epoch = index;
+                dep.loaded.clear();
+                dep.set_state(ModelState::Loading, String::new(), *at_ms);
+            }
+            Command::ShardLoaded {
+                name,
+                epoch,
+                stage,
+                rank,
+                at_ms,
+            } => {
+                let dep = self.model_at(name, *epoch)?;
+                if !dep.shards().any(|(s, r, _)| (s, r) == (*stage, *rank)) {
+                    return Err(StateError::NoSuchShard {
                         name: name.clone(),
-                        source: source.clone(),
-                        dtype: dtype.clone(),
-                        quantization: quantization.clone(),
-                        placement: placement.clone(),
-                        state: ModelState::Loading,
-                        serving: serving.clone(),
-                    },
-                );
+                        stage: *stage,
+                        rank: *rank,
+                    });
+                }
+                let dep = self.models.get_mut(name).expect("checked above");
+                dep.loaded.insert((*stage, *rank));
+                if dep.loaded.len() == dep.shards().count() {
+                    dep.set_state(ModelState::Ready, String::new(), *at_ms);
+                }
+            }
+            Command::ModelProgress {
+                name,
+                generation,
+                reason,
+                failed,
+                at_ms,
+            } => {
+                self.model_of(name, *generation)?;
+                let dep = self.models.get_mut(name).expect("checked above");
+                if *failed {
+                    dep.set_state(ModelState::Failed(reason.clone()), reason.clone(), *at_ms);
+                } else {
+                    dep.reason = reason.clone();
+                }
             }
             Command::SetModelState { name, state } => {
                 self.models
@@ -272,6 +483,81 @@ impl ClusterState {
         Ok(())
     }
 
+    fn model(&self, name: &str) -> Result<&Deployment, StateError> {
+        self.models
+            .get(name)
+            .ok_or_else(|| StateError::UnknownModel(name.to_string()))
+    }
+
+    /// The model, if `generation` is its current one.
+    fn model_of(&self, name: &str, generation: u64) -> Result<&Deployment, StateError> {
+        let dep = self.model(name)?;
+        if dep.generation != generation {
+            return Err(StateError::StaleGeneration {
+                name: name.to_string(),
+                current: dep.generation,
+                got: generation,
+            });
+        }
+        Ok(dep)
+    }
+
+    fn model_at(&self, name: &str, epoch: u64) -> Result<&Deployment, StateError> {
+        let dep = self.model(name)?;
+        if dep.epoch != epoch {
+            return Err(StateError::StaleEpoch {
+                name: name.to_string(),
+                current: dep.epoch,
+                got: epoch,
+            });
+        }
+        Ok(dep)
+    }
+
+    /// A placement names registered, healthy workers.
+    fn check_placement(&self, placement: &Placement) -> Result<(), StateError> {
+        for id in placement.stages.iter().flat_map(|s| s.workers()) {
+            let w = self
+                .workers
+                .get(id)
+                .ok_or_else(|| StateError::UnknownWorker(id.to_string()))?;
+            if !w.healthy {
+                return Err(StateError::UnhealthyWorker { id: w.id.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Worker `id` restarted: its shards are gone; so are the engine of a
+    /// model whose later stage it holds (it names the stage's address) and
+    /// the pipeline links of its neighbouring stages (named by its
+    /// registration), and every rank of a tensor-parallel group it is in
+    /// (the group forms anew). Those shards load again.
+    fn lose_shards_of(&mut self, id: &str, at_ms: u64) {
+        let names: Vec<String> = self.models_on(id);
+        for name in names {
+            let linked = crate::shard_spec::pipeline_linked(self, &self.models[&name]);
+            let dep = self.models.get_mut(&name).expect("listed above");
+            let stages = &dep.placement.stages;
+            let near = |i: usize| {
+                stages[i].holds(id)
+                    || i == 0
+                    || (linked
+                        && (i > 0 && stages[i - 1].holds(id)
+                            || stages.get(i + 1).is_some_and(|s| s.holds(id))))
+            };
+            let lost: Vec<usize> = (0..stages.len()).filter(|&i| near(i)).collect();
+            dep.loaded.retain(|(s, _)| !lost.contains(&(*s as usize)));
+            if dep.state == ModelState::Ready {
+                dep.set_state(
+                    ModelState::Loading,
+                    format!("worker {id:?} restarted: reloading its shards"),
+                    at_ms,
+                );
+            }
+        }
+    }
+
     fn worker_mut(&mut self, id: &str) -> Result<&mut WorkerInfo, StateError> {
         self.workers
             .get_mut(id)
@@ -289,132 +575,5 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::placement::Stage;
-
-    fn register(id: &str, at_ms: u64) -> Command {
-        Command::RegisterWorker {
-            id: id.into(),
-            address: format!("http://{id}:50061"),
-            device: "cpu".into(),
-            memory_total_bytes: 100,
-            memory_free_bytes: 90,
-            at_ms,
-            collective_address: String::new(),
-        }
-    }
-
-    fn deploy(name: &str, workers: &[&str]) -> Command {
-        let stages = workers
-            .iter()
-            .enumerate()
-            .map(|(i, w)| Stage {
-                worker: w.to_string(),
-                layer_start: i as u32 * 10,
-                layer_end: (i as u32 + 1) * 10,
-                embed: i == 0,
-                head: i + 1 == workers.len(),
-                bytes: 10,
-                ..Default::default()
-            })
-            .collect();
-        Command::DeployModel {
-            name: name.into(),
-            source: "smollm2".into(),
-            dtype: "f32".into(),
-            quantization: "none".into(),
-            placement: Placement {
-                stages,
-                ..Default::default()
-            },
-            serving: Serving::default(),
-        }
-    }
-
-    fn log() -> Vec<Command> {
-        vec![
-            register("a", 1),
-            register("b", 2),
-            Command::Heartbeat {
-                id: "a".into(),
-                memory_free_bytes: 50,
-                at_ms: 10,
-            },
-            deploy("m", &["a", "b"]),
-            Command::SetModelState {
-                name: "m".into(),
-                state: ModelState::Ready,
-            },
-            Command::SetWorkerHealth {
-                id: "b".into(),
-                healthy: false,
-            },
-            deploy("n", &["b"]),
-            Command::RemoveWorker { id: "a".into() },
-            register("b", 20),
-        ]
-    }
-
-    #[test]
-    fn replicas_applying_the_same_serialized_log_agree() {
-        let wire: Vec<String> = log()
-            .iter()
-            .map(|c| serde_json::to_string(c).unwrap())
-            .collect();
-        let run = || {
-            let mut s = ClusterState::default();
-            let results: Vec<_> = wire
-                .iter()
-                .map(|j| s.apply(&serde_json::from_str(j).unwrap()))
-                .collect();
-            (s, results)
-        };
-        let (a, ra) = run();
-        let (b, rb) = run();
-        assert_eq!(a, b);
-        assert_eq!(ra, rb);
-        assert_eq!(a.applied, 9);
-        // Deploying on the unhealthy worker and removing a busy one were refused.
-        assert_eq!(ra[6], Err(StateError::UnhealthyWorker { id: "b".into() }));
-        assert_eq!(
-            ra[7],
-            Err(StateError::WorkerInUse {
-                id: "a".into(),
-                models: vec!["m".into()]
-            })
-        );
-        assert_eq!(a.models["m"].state, ModelState::Ready);
-        assert!(!a.models.contains_key("n"));
-        // A restarted worker re-registers healthy with its new details.
-        assert!(a.workers["b"].healthy);
-        assert_eq!(a.workers["b"].last_heartbeat_ms, 20);
-        assert_eq!(a.workers["a"].memory_free_bytes, 50);
-    }
-
-    #[test]
-    fn unknown_names_are_errors_that_leave_the_state_unchanged() {
-        let mut s = ClusterState::default();
-        s.apply(&register("a", 1)).unwrap();
-        let before = s.clone();
-        assert_eq!(
-            s.apply(&Command::UndeployModel { name: "x".into() }),
-            Err(StateError::UnknownModel("x".into()))
-        );
-        assert_eq!(
-            s.apply(&deploy("m", &["zz"])),
-            Err(StateError::UnknownWorker("zz".into()))
-        );
-        assert_eq!(s.workers, before.workers);
-        assert_eq!(s.models, before.models);
-        s.apply(&deploy("m", &["a"])).unwrap();
-        assert_eq!(
-            s.apply(&deploy("m", &["a"])),
-            Err(StateError::ModelExists("m".into()))
-        );
-        s.apply(&Command::UndeployModel { name: "m".into() })
-            .unwrap();
-        s.apply(&Command::RemoveWorker { id: "a".into() }).unwrap();
-        assert!(s.workers.is_empty() && s.models.is_empty());
-    }
-}
+#[path = "state_tests.rs"]
+mod tests;

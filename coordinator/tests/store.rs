@@ -45,6 +45,8 @@ fn deploy(name: &str, worker: &str) -> Command {
             ..Default::default()
         },
         serving: Default::default(),
+        shape: Default::default(),
+        at_ms: 3,
     }
 }
 
@@ -80,16 +82,52 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
         deploy("m", "a"),
         deploy("m", "b"),                         // exists: refused
         Command::RemoveWorker { id: "a".into() }, // busy: refused
+        // The reconciler's commands: m (generation 3) placed anew on b,
+        // one of them stale.
+        Command::PlaceModel {
+            name: "m".into(),
+            generation: 3,
+            placement: Placement {
+                stages: vec![Stage {
+                    worker: "b".into(),
+                    layer_end: 2,
+                    embed: true,
+                    head: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            at_ms: 4,
+        },
+        Command::ShardLoaded {
+            name: "m".into(),
+            epoch: 3, // stale: the placement above is epoch 6
+            stage: 0,
+            rank: 0,
+            at_ms: 5,
+        },
+        Command::ShardLoaded {
+            name: "m".into(),
+            epoch: 6,
+            stage: 0,
+            rank: 0,
+            at_ms: 5,
+        },
+        Command::RemoveWorker { id: "a".into() }, // no longer busy
+        register("a", 7),
         Command::SetWorkerHealth {
             id: "b".into(),
             healthy: false,
+            at_ms: 8,
         },
+        Command::WorkerGone { id: "b".into() },
         deploy("n", "b"),                             // unhealthy: refused
         Command::UndeployModel { name: "zz".into() }, // unknown: refused
         put("generate.default_max_new_tokens", "64"),
         Command::DeleteSetting { key: "nope".into() }, // unknown: refused
         Command::UndeployModel { name: "m".into() },
         Command::RemoveWorker { id: "a".into() },
+        Command::RemoveWorker { id: "b".into() },
     ];
     let mut expected = ClusterState::default();
     for (i, cmd) in log.iter().enumerate() {

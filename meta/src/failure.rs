@@ -23,17 +23,22 @@ pub enum FailureKind {
     QueueFull,
     /// The request's deadline passed.
     DeadlineExceeded,
+    /// The worker holds the model under another placement epoch than the
+    /// command or request carries (it was away while the model moved, or
+    /// the command is older than what it holds).
+    StaleEpoch,
     /// Anything else inside the worker.
     Internal,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 6] = [
+    pub const ALL: [FailureKind; 7] = [
         FailureKind::InvalidRequest,
         FailureKind::NotFound,
         FailureKind::StageUnavailable,
         FailureKind::QueueFull,
         FailureKind::DeadlineExceeded,
+        FailureKind::StaleEpoch,
         FailureKind::Internal,
     ];
 
@@ -44,6 +49,7 @@ impl FailureKind {
             FailureKind::StageUnavailable => "stage-unavailable",
             FailureKind::QueueFull => "queue-full",
             FailureKind::DeadlineExceeded => "deadline-exceeded",
+            FailureKind::StaleEpoch => "stale-epoch",
             FailureKind::Internal => "internal",
         }
     }

@@ -354,32 +354,28 @@ fn serve(args: ServeArgs) -> Result<()> {
         let collective_address = format!("{host}:{}", rendezvous.local_addr().port());
         tracing::info!(%collective_address, "collective listener");
         let registration = args.coordinator.clone().map(|coordinator| {
-            tokio::spawn(llmos_worker::server::register::registration_loop(
-                llmos_worker::server::register::Registration {
-                    coordinator,
-                    worker_id: args
-                        .worker_id
-                        .clone()
-                        .unwrap_or_else(|| format!("worker-{}", addr.port())),
-                    address: advertised.clone(),
-                    device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
-                    collective_address: collective_address.clone(),
-                },
-            ))
+            llmos_worker::server::register::Registration {
+                coordinator,
+                worker_id: args
+                    .worker_id
+                    .clone()
+                    .unwrap_or_else(|| format!("worker-{}", addr.port())),
+                address: advertised.clone(),
+                device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
+                collective_address: collective_address.clone(),
+            }
         });
         let shutdown = async {
             let why = signals.recv().await;
             tracing::info!(signal = why, "shutting down");
         };
-        llmos_worker::server::serve(
+        llmos_worker::server::serve_registered(
             listener,
             llmos_worker::server::HostHandle::spawn_with(Some(rendezvous), device),
+            registration,
             shutdown,
         )
         .await?;
-        if let Some(r) = registration {
-            r.abort();
-        }
         Ok(())
     })
 }

@@ -207,6 +207,8 @@ pub fn shard_spec(c: &ShardConfig) -> pb::ShardSpec {
         } as i32,
         prev_link: c.prev_link.as_ref().map(link_to_wire),
         next_link: c.next_link.as_ref().map(link_to_wire),
+        // The runtime knows no epochs: the server fills in what it holds.
+        epoch: 0,
     }
 }
 

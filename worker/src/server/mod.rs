@@ -14,7 +14,7 @@ pub mod register;
 pub mod remote;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,18 +48,48 @@ fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
 /// defaults of `llmos_meta::serving`.
 pub const DEFAULT_STEP_TIMEOUT_MS: u32 = 30_000;
 
+/// The shards this worker holds and the placement epoch each was loaded
+/// under: shared by the server (which fences commands by it) and the
+/// heartbeats (which report it to the coordinator's reconciler).
+#[derive(Clone, Default)]
+pub struct HeldShards(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl HeldShards {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The epoch `model` is held under, if held.
+    pub fn epoch(&self, model: &str) -> Option<u64> {
+        self.lock().get(model).copied()
+    }
+
+    /// What heartbeats report.
+    pub fn report(&self) -> Vec<pb::HeldShard> {
+        self.lock()
+            .iter()
+            .map(|(model, &epoch)| pb::HeldShard {
+                model: model.clone(),
+                epoch,
+            })
+            .collect()
+    }
+}
+
 pub struct WorkerService {
     host: HostHandle,
     /// Engines of the models whose first stage this worker holds, with the
     /// spec they were started from.
     engines: Arc<Mutex<HashMap<String, (pb::ShardSpec, EngineHandle)>>>,
+    held: HeldShards,
 }
 
 impl WorkerService {
-    pub fn new(host: HostHandle) -> Self {
+    pub fn new(host: HostHandle, held: HeldShards) -> Self {
         WorkerService {
             host,
             engines: Arc::default(),
+            held,
         }
     }
 
@@ -150,6 +180,17 @@ impl Worker for WorkerService {
             .into_inner()
             .shard
             .ok_or_else(|| status::invalid("LoadShardRequest.shard is required"))?;
+        // Fencing: a command from an older placement than the one held
+        // (a coordinator that lost leadership, a retry that arrived late)
+        // changes nothing.
+        if let Some(held) = self.held.epoch(&shard.model) {
+            if shard.epoch != 0 && shard.epoch < held {
+                return Err(status::stale_epoch(format!(
+                    "model {:?} is held here under placement epoch {held}; this load is for the older epoch {}",
+                    shard.model, shard.epoch
+                )));
+            }
+        }
         // The host holds weights and cache; the engine part of the spec
         // (later stages' addresses, limits) only restarts the engine.
         let config = codec::shard_config(&shard)?;
@@ -160,6 +201,7 @@ impl Worker for WorkerService {
         };
         let loaded = self.host.load(config).await?;
         self.start_engine(&shard, loaded.max_context)?;
+        self.held.lock().insert(shard.model.clone(), shard.epoch);
         Ok(Response::new(pb::LoadShardResponse {
             weight_bytes: loaded.weight_bytes,
             load_seconds: loaded.load_seconds,
@@ -171,12 +213,17 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::UnloadShardRequest>,
     ) -> Result<Response<pb::UnloadShardResponse>, Status> {
-        let model = req.into_inner().model;
+        let r = req.into_inner();
+        // Only the epoch asked for: a newer placement loaded since stays.
+        if r.epoch != 0 && self.held.epoch(&r.model).is_some_and(|e| e != r.epoch) {
+            return Ok(Response::new(pb::UnloadShardResponse {}));
+        }
         self.engines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&model);
-        self.host.unload(model).await?;
+            .remove(&r.model);
+        self.held.lock().remove(&r.model);
+        self.host.unload(r.model).await?;
         Ok(Response::new(pb::UnloadShardResponse {}))
     }
 
@@ -219,6 +266,14 @@ impl Worker for WorkerService {
         req: Request<pb::EngineRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let r = req.into_inner();
+        if r.epoch != 0 {
+            if let Some(held) = self.held.epoch(&r.model).filter(|&e| e != r.epoch) {
+                return Err(status::stale_epoch(format!(
+                    "model {:?} is held here under placement epoch {held}, not {} (the cluster placed it anew)",
+                    r.model, r.epoch
+                )));
+            }
+        }
         let engine = self.engine(&r.model).ok_or_else(|| {
             status::not_found(format!(
                 "model {:?} has no engine on this worker (it does not hold its first stage)",
@@ -312,6 +367,9 @@ impl Worker for WorkerService {
                 .as_ref()
                 .map(|s| s.model.clone())
                 .unwrap_or_default();
+            if let (Some(spec), Some(epoch)) = (shard.shard.as_mut(), self.held.epoch(&model)) {
+                spec.epoch = epoch;
+            }
             if let Some(e) = self.engine(&model) {
                 shard.engine = Some(codec::engine_stats(&e.stats().await?));
             }
@@ -324,6 +382,7 @@ impl Worker for WorkerService {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     host: HostHandle,
+    held: HeldShards,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -338,7 +397,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            WorkerServer::new(WorkerService::new(host))
+            WorkerServer::new(WorkerService::new(host, held))
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
         )
@@ -348,6 +407,24 @@ pub async fn serve(
         )
         .await
         .map_err(|e| ServeError(e.to_string()))
+}
+
+/// Serves like [`serve`] and, given a registration, registers with the
+/// coordinators and heartbeats (reporting the shards held) while serving.
+pub async fn serve_registered(
+    listener: tokio::net::TcpListener,
+    host: HostHandle,
+    registration: Option<register::Registration>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let held = HeldShards::default();
+    let registration =
+        registration.map(|r| tokio::spawn(register::registration_loop(r, held.clone())));
+    let r = serve(listener, host, held, shutdown).await;
+    if let Some(t) = registration {
+        t.abort();
+    }
+    r
 }
 
 /// The server could not start or stopped with an error.

@@ -36,8 +36,8 @@ fn with_deadline<T>(msg: T) -> Request<T> {
     r
 }
 
-/// Runs until the task is dropped.
-pub async fn registration_loop(reg: Registration) {
+/// Runs until the task is dropped. Heartbeats report the shards `held`.
+pub async fn registration_loop(reg: Registration, held: super::HeldShards) {
     let addresses: Vec<String> = reg
         .coordinator
         .split(',')
@@ -74,7 +74,16 @@ pub async fn registration_loop(reg: Registration) {
         let (total, free) = memory_of(&reg.device);
         if registered {
             // Known to the cluster already: carry on heartbeating here.
-            if !heartbeats(&mut client, &reg, &coordinator, Duration::ZERO, interval).await {
+            if !heartbeats(
+                &mut client,
+                &reg,
+                &held,
+                &coordinator,
+                Duration::ZERO,
+                interval,
+            )
+            .await
+            {
                 registered = false;
             }
             continue;
@@ -98,7 +107,7 @@ pub async fn registration_loop(reg: Registration) {
             }
         };
         tracing::info!(worker = %reg.worker_id, %coordinator, "registered");
-        registered = heartbeats(&mut client, &reg, &coordinator, interval, interval).await;
+        registered = heartbeats(&mut client, &reg, &held, &coordinator, interval, interval).await;
     }
 }
 
@@ -107,6 +116,7 @@ pub async fn registration_loop(reg: Registration) {
 async fn heartbeats(
     client: &mut RegistryClient<tonic::transport::Channel>,
     reg: &Registration,
+    held: &super::HeldShards,
     coordinator: &str,
     first_wait: Duration,
     interval: Duration,
@@ -120,6 +130,7 @@ async fn heartbeats(
             .heartbeat(with_deadline(pb::HeartbeatRequest {
                 worker_id: reg.worker_id.clone(),
                 memory_free_bytes: free,
+                shards: held.report(),
             }))
             .await
         {

@@ -18,6 +18,7 @@ pub fn code(kind: FailureKind) -> Code {
         FailureKind::StageUnavailable => Code::Unavailable,
         FailureKind::QueueFull => Code::ResourceExhausted,
         FailureKind::DeadlineExceeded => Code::DeadlineExceeded,
+        FailureKind::StaleEpoch => Code::FailedPrecondition,
         FailureKind::Internal => Code::Internal,
     }
 }
@@ -66,6 +67,11 @@ impl From<WireError> for Status {
 /// A request the server itself refuses (a missing field).
 pub fn invalid(message: impl Into<String>) -> Status {
     status(FailureKind::InvalidRequest, message.into(), None, None)
+}
+
+/// The model is held here under another placement epoch.
+pub fn stale_epoch(message: impl Into<String>) -> Status {
+    status(FailureKind::StaleEpoch, message.into(), None, None)
 }
 
 /// No such model here.

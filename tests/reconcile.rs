@@ -1,0 +1,232 @@
+//! The reconciling control plane end to end over loopback: a worker that
+//! goes away has its shards placed on a spare worker after the grace period
+//! (and, when it comes back, unloads what it no longer owns), and a deploy
+//! whose leader is killed half-way is finished by the next leader.
+//!
+//! Needs `llmos-worker` and `llmos-coordinator` built beside the test
+//! binary (`cargo build --release --bins`, as `scripts/test.sh` does).
+
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use llmos_proto::worker::v1 as wk;
+use llmos_tests::cluster::*;
+use llmos_tests::group::{self, Group};
+use tonic::transport::Channel;
+
+/// The token ids SmolLM2 gives greedily for this prompt, and the request.
+fn request(model: &str) -> api::GenerateRequest {
+    ids_request(model, &[1, 504, 3458, 282, 4649, 314], 12)
+}
+
+async fn model_status(admin: &mut AdminClient<Channel>, name: &str) -> Option<api::ModelStatus> {
+    admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+}
+
+/// Polls until `done` holds for the model's status; returns that status.
+async fn wait_model(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&api::ModelStatus) -> bool,
+) -> api::ModelStatus {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    loop {
+        if let Some(m) = model_status(admin, name).await {
+            if done(&m) {
+                return m;
+            }
+            last = Some(m);
+        }
+        assert!(Instant::now() < deadline, "{what}: {last:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn workers_of(admin: &mut AdminClient<Channel>) -> Vec<api::WorkerStatus> {
+    admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+}
+
+async fn held_by(address: &str) -> Vec<wk::HeldShard> {
+    let mut w = connect(address, wk::worker_client::WorkerClient::new).await;
+    let stats = w.stats(wk::StatsRequest {}).await.unwrap().into_inner();
+    stats
+        .shards
+        .iter()
+        .filter_map(|s| s.shard.as_ref())
+        .map(|s| wk::HeldShard {
+            model: s.model.clone(),
+            epoch: s.epoch,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_worker_is_replaced_by_a_spare_and_unloads_its_stale_shard_when_it_returns() {
+    let coordinator = start_coordinator_with(llmos_coordinator::Config {
+        heartbeat_timeout: Duration::from_secs(1),
+        worker_grace_period: Duration::from_secs(2),
+        reconcile_interval: Duration::from_millis(200),
+        ..test_config()
+    })
+    .await;
+    let late = ProcWorker::start(&coordinator, "late");
+    start_worker(&coordinator, "steady").await;
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "smol".into(),
+            source: "smollm2".into(),
+            layer_split: vec![15, 15],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    let before = model_status(&mut admin, "smol").await.unwrap();
+    assert!(
+        before.stages.iter().any(|s| s.worker_id == "late"),
+        "{before:?}"
+    );
+    let late_address = before
+        .stages
+        .iter()
+        .find(|s| s.worker_id == "late")
+        .unwrap()
+        .worker_address
+        .clone();
+    start_worker(&coordinator, "spare").await;
+    wait_for_workers(&mut admin, 3).await;
+
+    // Frozen: no answers, no heartbeats, and it keeps its shard.
+    late.signal("-STOP");
+    let t0 = Instant::now();
+    let after = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "not re-placed and Ready",
+        |m| m.epoch != before.epoch && m.state == "Ready",
+    )
+    .await;
+    let moved_after = t0.elapsed();
+    assert!(
+        moved_after >= Duration::from_secs(3),
+        "moved before lease (1 s) + grace (2 s): {moved_after:?}"
+    );
+    let workers: Vec<&str> = after.stages.iter().map(|s| s.worker_id.as_str()).collect();
+    assert!(
+        workers.contains(&"spare") && !workers.contains(&"late"),
+        "{after:?}"
+    );
+    let listed = workers_of(&mut admin).await;
+    assert!(
+        listed.iter().any(|w| w.id == "late" && w.gone),
+        "{listed:?}"
+    );
+    // The same greedy tokens from the new placement.
+    assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
+
+    // It returns holding the old epoch's shard: it is healthy again and is
+    // told to unload what it no longer owns.
+    late.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = held_by(&late_address).await;
+        if held.is_empty() {
+            break;
+        }
+        assert!(held.iter().all(|h| h.epoch == before.epoch), "{held:?}");
+        assert!(Instant::now() < deadline, "still holds {held:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = workers_of(&mut admin).await;
+    assert!(
+        listed
+            .iter()
+            .any(|w| w.id == "late" && w.healthy && !w.gone),
+        "{listed:?}"
+    );
+    assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_half_done_when_its_leader_is_killed_is_finished_by_the_next_leader() {
+    let mut g = Group::founded(3);
+    let urls = g.urls();
+    let first = group::leader(&urls, Duration::from_secs(15)).await;
+    for id in ["w0", "w1"] {
+        start_worker(&urls.join(","), id).await;
+    }
+    let leader_url = g.nodes[&first].url();
+    let mut admin = group::admin(&leader_url).await;
+    wait_for_workers(&mut admin, 2).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "smol".into(),
+            source: "smollm2".into(),
+            layer_split: vec![15, 15],
+            wait: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Recorded, not loaded, when the leader dies.
+    let recorded = model_status(&mut admin, "smol").await.unwrap();
+    assert_ne!(recorded.state, "Ready", "{recorded:?}");
+    g.nodes.get_mut(&first).unwrap().kill9();
+    let rest: Vec<String> = g.urls();
+    let second = group::leader(&rest, Duration::from_secs(15)).await;
+    assert_ne!(second, first);
+    let mut admin = group::admin(&rest[0]).await;
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "the new leader did not finish the deploy",
+        |m| m.state == "Ready",
+    )
+    .await;
+    assert_eq!(m.stages.len(), 2, "{m:?}");
+    assert!(m.stages.iter().all(|s| s.ranks_loaded == 1), "{m:?}");
+    // Served, with no operator action, the tokens one process gives.
+    let want = {
+        let engine = llmos_tests::load("smollm2", tch::Kind::Float);
+        engine
+            .generate(
+                &llmos_worker::GenerateRequest {
+                    prompt: llmos_worker::PromptInput::Tokens(vec![1, 504, 3458, 282, 4649, 314]),
+                    sampling: Default::default(),
+                    max_new_tokens: 12,
+                    stop: vec![],
+                    ignore_eos: true,
+                },
+                &mut |_| true,
+            )
+            .unwrap()
+            .token_ids
+    };
+    let ch = tonic::transport::Endpoint::from_shared(rest[1].clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut inference = InferenceClient::new(ch);
+    assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
+}
