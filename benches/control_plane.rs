@@ -10,6 +10,15 @@
 //! follower forwarding to the leader, commit, apply, answer); etcd writes
 //! are `Put`s to its leader. Latency: one writer, one write at a time.
 //! Throughput: 32 concurrent writers.
+//!
+//! Idle workers: 8 workers registered and heartbeating at the interval the
+//! coordinator asks for (2 s), half of them through a follower, holding
+//! nothing; the Raft log's growth over a 30 s window, as writes per minute
+//! (leases: near zero; a replicated heartbeat each: ~240).
+//!
+//! `-- --baseline PATH` runs every llmos phase with another
+//! `llmos-coordinator` binary too (e.g. one built from an older commit), in
+//! the same invocation.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -104,8 +113,9 @@ where
     }
 }
 
-async fn llmos(dir: &Path) -> Figures {
-    let bin = bin_dir().join("llmos-coordinator");
+/// A 3-replica Raft group of `bin` on loopback: the processes, the ports,
+/// and the leader's port.
+async fn group(bin: &Path, dir: &Path) -> (Procs, Vec<u16>, u16) {
     assert!(
         bin.exists(),
         "{} missing: cargo build --release --bins",
@@ -119,7 +129,7 @@ async fn llmos(dir: &Path) -> Figures {
     let mut procs = Procs(Vec::new());
     for i in 0..3 {
         procs.0.push(
-            Command::new(&bin)
+            Command::new(bin)
                 .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
                 .args(["--node-id", &(i + 1).to_string(), "--peers", &peers])
                 .args([
@@ -132,25 +142,35 @@ async fn llmos(dir: &Path) -> Figures {
                 .unwrap(),
         );
     }
-    // Find the leader; writers talk to it (as an operator's client would
-    // after its first redirect-free try), and separately to a follower.
     let mut leader = None;
     let deadline = Instant::now() + Duration::from_secs(20);
     while leader.is_none() {
         for p in &ports {
-            let mut a =
-                AdminClient::new(llmos_benches::connect(&format!("http://127.0.0.1:{p}")).await);
-            if let Ok(r) = a.list_members(api::ListMembersRequest {}).await {
-                let cp = r.into_inner().control_plane.unwrap();
-                if cp.role == "Leader" {
-                    leader = Some(*p);
-                }
+            if let Some(cp) = control_plane(*p).await.filter(|c| c.role == "Leader") {
+                leader = Some(cp.node_id as usize);
             }
         }
         assert!(Instant::now() < deadline, "no leader");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ch = llmos_benches::connect(&format!("http://127.0.0.1:{}", leader.unwrap())).await;
+    let leader = ports[leader.unwrap() - 1];
+    (procs, ports, leader)
+}
+
+async fn control_plane(port: u16) -> Option<api::ControlPlaneStatus> {
+    let mut a = AdminClient::new(llmos_benches::connect(&format!("http://127.0.0.1:{port}")).await);
+    a.list_members(api::ListMembersRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .control_plane
+}
+
+async fn llmos(bin: &Path, dir: &Path) -> Figures {
+    let (procs, _, leader) = group(bin, dir).await;
+    // Writers talk to the leader (as an operator's client would after its
+    // first redirect-free try).
+    let ch = llmos_benches::connect(&format!("http://127.0.0.1:{leader}")).await;
     let f = measure(move |i| {
         let mut a = AdminClient::new(ch.clone());
         async move {
@@ -165,6 +185,61 @@ async fn llmos(dir: &Path) -> Figures {
     .await;
     drop(procs);
     f
+}
+
+const IDLE_WORKERS: usize = 8;
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Raft log entries per minute while `IDLE_WORKERS` idle workers heartbeat.
+async fn idle_writes_per_minute(bin: &Path, dir: &Path) -> f64 {
+    use llmos_proto::worker::v1 as wk;
+    let (procs, ports, leader) = group(bin, dir).await;
+    let follower = *ports.iter().find(|&&p| p != leader).unwrap();
+    let mut beats = Vec::new();
+    for i in 0..IDLE_WORKERS {
+        let port = if i % 2 == 0 { leader } else { follower };
+        let ch = llmos_benches::connect(&format!("http://127.0.0.1:{port}")).await;
+        let mut reg = wk::registry_client::RegistryClient::new(ch);
+        let id = format!("idle{i}");
+        let interval = reg
+            .register(wk::RegisterRequest {
+                worker_id: id.clone(),
+                address: format!("http://127.0.0.{}:9", i + 2),
+                device: "cpu".into(),
+                memory_total_bytes: 1 << 34,
+                memory_free_bytes: 1 << 33,
+                collective_address: String::new(),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .heartbeat_interval_ms;
+        beats.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(interval as u64));
+            loop {
+                tick.tick().await;
+                let r = reg
+                    .heartbeat(wk::HeartbeatRequest {
+                        worker_id: id.clone(),
+                        memory_free_bytes: 1 << 33,
+                        shards: vec![],
+                    })
+                    .await;
+                assert!(r.is_ok_and(|r| r.into_inner().known), "heartbeat of {id}");
+            }
+        }));
+    }
+    // Let registrations settle, then count what the log grows by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let commit = |cp: Option<api::ControlPlaneStatus>| cp.expect("leader answers").commit_index;
+    let before = commit(control_plane(leader).await);
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let after = commit(control_plane(leader).await);
+    for b in beats {
+        b.abort();
+    }
+    drop(procs);
+    (after - before) as f64 * 60.0 / IDLE_WINDOW.as_secs_f64()
 }
 
 async fn etcd(dir: &Path) -> Option<Figures> {
@@ -251,29 +326,61 @@ async fn etcd(dir: &Path) -> Option<Figures> {
 
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let dir = tempfile::tempdir().unwrap();
     println!(
         "control plane: 3 replicas over loopback, fsync on, data in {}",
         dir.path().display()
     );
     println!("sequential: {SEQUENTIAL} writes, one at a time; concurrent: {CONCURRENT_WRITES} writes from {CONCURRENT_WRITERS} writers");
-    let l = llmos(dir.path()).await;
-    println!(
-        "llmos raft   : commit latency p50 {:.2} ms  p99 {:.2} ms  | {:.0} writes/s",
-        l.p50_ms, l.p99_ms, l.writes_per_s
-    );
+    let mut runs = vec![("llmos raft", bin_dir().join("llmos-coordinator"))];
+    if let Some(b) = baseline {
+        runs.push(("baseline  ", b));
+    }
+    let mut figures = Vec::new();
+    for (n, (name, bin)) in runs.iter().enumerate() {
+        let l = llmos(bin, &dir.path().join(format!("w{n}"))).await;
+        println!(
+            "{name}   : commit latency p50 {:.2} ms  p99 {:.2} ms  | {:.0} writes/s",
+            l.p50_ms, l.p99_ms, l.writes_per_s
+        );
+        figures.push(l);
+    }
+    for (n, (name, bin)) in runs.iter().enumerate() {
+        let w = idle_writes_per_minute(bin, &dir.path().join(format!("i{n}"))).await;
+        println!(
+            "{name}   : {IDLE_WORKERS} idle workers heartbeating: {w:.1} Raft writes/min ({}s window)",
+            IDLE_WINDOW.as_secs()
+        );
+    }
+    if let [now, base] = &figures[..] {
+        println!(
+            "ratio llmos/baseline: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
+            now.writes_per_s / base.writes_per_s,
+            now.p50_ms / base.p50_ms,
+            now.p99_ms / base.p99_ms
+        );
+    }
     match etcd(dir.path()).await {
         Some(e) => {
             println!(
                 "etcd 3.4     : commit latency p50 {:.2} ms  p99 {:.2} ms  | {:.0} writes/s",
                 e.p50_ms, e.p99_ms, e.writes_per_s
             );
-            println!(
-                "ratio llmos/etcd: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
-                l.writes_per_s / e.writes_per_s,
-                l.p50_ms / e.p50_ms,
-                l.p99_ms / e.p99_ms
-            );
+            for ((name, _), l) in runs.iter().zip(&figures) {
+                println!(
+                    "ratio {}/etcd: throughput {:.2}x, p50 latency {:.2}x, p99 latency {:.2}x",
+                    name.trim(),
+                    l.writes_per_s / e.writes_per_s,
+                    l.p50_ms / e.p50_ms,
+                    l.p99_ms / e.p99_ms
+                );
+            }
         }
         None => println!("etcd not installed (scripts/setup.sh installs it): no peer figures"),
     }

@@ -102,6 +102,12 @@ pub struct Group {
 }
 
 pub fn node(root: &Path, id: u64, port: u16, extra: &[String]) -> Node {
+    node_ticking(root, id, port, TICK_MS, extra)
+}
+
+/// A replica whose Raft ticks every `tick_ms` (elections time out after
+/// 10 to 20 ticks).
+pub fn node_ticking(root: &Path, id: u64, port: u16, tick_ms: u64, extra: &[String]) -> Node {
     let dir = root.join(format!("n{id}"));
     let mut args: Vec<String> = vec![
         "--listen".into(),
@@ -113,7 +119,7 @@ pub fn node(root: &Path, id: u64, port: u16, extra: &[String]) -> Node {
         "--data-dir".into(),
         dir.display().to_string(),
         "--raft-tick-ms".into(),
-        TICK_MS.to_string(),
+        tick_ms.to_string(),
         "--snapshot-entries".into(),
         "40".into(),
         "--heartbeat-timeout-s".into(),
@@ -133,6 +139,11 @@ pub fn node(root: &Path, id: u64, port: u16, extra: &[String]) -> Node {
 impl Group {
     /// `n` founding replicas from a static peer list.
     pub fn founded(n: u64) -> Group {
+        Group::founded_ticking(n, TICK_MS)
+    }
+
+    /// `n` founding replicas ticking every `tick_ms`.
+    pub fn founded_ticking(n: u64, tick_ms: u64) -> Group {
         let root = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = (1..=n)
@@ -141,10 +152,11 @@ impl Group {
             .join(",");
         let mut nodes = BTreeMap::new();
         for i in 1..=n {
-            let mut nd = node(
+            let mut nd = node_ticking(
                 root.path(),
                 i,
                 ports[i as usize - 1],
+                tick_ms,
                 &["--peers".into(), peers.clone()],
             );
             nd.start();

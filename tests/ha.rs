@@ -145,6 +145,75 @@ async fn kill_9_of_the_leader_loses_no_acknowledged_write_and_it_rejoins_through
     );
 }
 
+/// Writes resume when a new leader does: a steady writer (every write
+/// through a follower first, as a client behind a load balancer might
+/// land) sees the gap between its last acknowledged write before a kill -9
+/// of the leader and its first after it stay under 2 s: a write a follower
+/// had forwarded to the dead leader is answered UNAVAILABLE as soon as the
+/// follower stops following it, and the retry reaches the new leader. No
+/// acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_within_an_election_after_the_leader_is_killed() {
+    let mut g = Group::founded(3);
+    let urls = g.urls();
+    let first = leader(&urls, Duration::from_secs(15)).await;
+    let followers_first: Vec<String> = {
+        let leader_url = g.nodes[&first].url();
+        let mut v: Vec<String> = urls.iter().filter(|u| **u != leader_url).cloned().collect();
+        v.push(leader_url);
+        v
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (order, stop) = (followers_first.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked: Vec<(Instant, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 5000 {
+                let key = format!("w{i:05}");
+                if set(&order, &key, "v").await {
+                    acked.push((Instant::now(), key));
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    g.nodes.get_mut(&first).unwrap().kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let acked = writer.await.unwrap();
+    assert!(
+        acked.iter().any(|(t, _)| *t < killed_at)
+            && acked.last().unwrap().0 > killed_at + Duration::from_secs(2),
+        "writes before and well after the kill"
+    );
+    // The longest stretch without an acknowledged write around the kill.
+    let (gap, from) = acked
+        .windows(2)
+        .filter(|w| w[1].0 > killed_at)
+        .map(|w| (w[1].0 - w[0].0, w[0].0))
+        .max()
+        .unwrap();
+    println!(
+        "{} writes acknowledged; longest gap {gap:?}, from {:?} after the kill",
+        acked.len(),
+        from.saturating_duration_since(killed_at)
+    );
+    assert!(gap < Duration::from_secs(2), "writes stalled {gap:?}");
+    let rest = g.urls();
+    leader(&rest, Duration::from_secs(10)).await;
+    let have = settings(&rest[0]).await.unwrap();
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(_, k)| k)
+        .filter(|k| !have.contains_key(*k))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
     let mut g = Group::founded(3);

@@ -424,14 +424,18 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let addresses = coordinators(&cli.coordinator);
     anyhow::ensure!(!addresses.is_empty(), "no coordinator address given");
+    // Twice round the list: a write that met a change of leader is
+    // answered UNAVAILABLE at once, and the next try (perhaps on the
+    // coordinator that answered) reaches the new leader.
+    let tries = 2 * addresses.len();
     let mut last = None;
-    for (i, url) in addresses.iter().enumerate() {
+    for (i, url) in addresses.iter().cycle().take(tries).enumerate() {
         let r = match channel(url).await {
             Ok(ch) => run_on(ch, cli.command.clone()).await,
             Err(e) => Err(e),
         };
         match r {
-            Err(e) if try_next(&e) && i + 1 < addresses.len() => {
+            Err(e) if try_next(&e) && i + 1 < tries => {
                 eprintln!("coordinator {url}: {e:#}; trying the next");
                 last = Some(e);
             }

@@ -269,6 +269,7 @@ impl RaftNode {
             read_waits: Vec::new(),
             snapshot_entries: cfg.snapshot_entries,
             was_leader: false,
+            known_leader: 0,
             campaign_alone: true,
             awaiting_leader: Vec::new(),
             leader_wait: cfg.request_timeout.mul_f64(0.9),
@@ -437,6 +438,8 @@ struct Loop {
     read_waits: Vec<(u64, Reply<()>)>,
     snapshot_entries: u64,
     was_leader: bool,
+    /// The leader as of the last soft state (0: none known).
+    known_leader: u64,
     /// Requests that arrived while no leader was known, with deadlines:
     /// served once one is elected, else answered "no leader".
     awaiting_leader: Vec<(Instant, Input)>,
@@ -653,7 +656,7 @@ impl Loop {
         let hs = ready.hs().cloned();
         self.raw.mut_store().persist(ready.entries(), hs.as_ref())?;
         if let Some(ss) = ready.ss() {
-            self.on_role(ss.raft_state);
+            self.on_role(ss.raft_state, ss.leader_id);
         }
         // 6. Messages that must wait for persistence (votes, append acks).
         self.send(ready.take_persisted_messages());
@@ -679,18 +682,31 @@ impl Loop {
         Ok(())
     }
 
-    fn on_role(&mut self, role: StateRole) {
+    fn on_role(&mut self, role: StateRole, leader_id: u64) {
         let leader = role == StateRole::Leader;
-        if self.was_leader && !leader {
-            // Proposals made as leader may never commit now.
+        // A leader that is no longer the one (it stepped down, or this
+        // follower stopped hearing from it) may never commit what was
+        // proposed through it: a follower's proposals were forwarded to it
+        // and are lost with it. Answer them at once, retryably, instead of
+        // letting them wait out the request timeout; re-forwarding a write
+        // could apply it twice, so the caller decides (the CLI retries).
+        // Reads are idempotent: they are asked again of the next leader.
+        let lost = (self.was_leader && !leader)
+            || (self.known_leader != 0 && leader_id != self.known_leader);
+        if lost {
             for (_, p) in self.proposals.drain() {
                 match p {
                     Pending::Write(r) => drop(r.send(Err(RaftError::LeaderChanged))),
                     Pending::Conf(r) => drop(r.send(Err(RaftError::LeaderChanged))),
                 }
             }
+            let deadline = Instant::now() + self.leader_wait;
+            for (_, r) in self.reads.drain() {
+                self.awaiting_leader.push((deadline, Input::ReadIndex(r)));
+            }
         }
         self.was_leader = leader;
+        self.known_leader = leader_id;
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), LogError> {
