@@ -214,6 +214,37 @@ async fn writes_resume_within_an_election_after_the_leader_is_killed() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
 }
 
+/// A leader stopped with SIGTERM (what Kubernetes sends) hands leadership
+/// over before it exits: a new leader leads well inside the 1-2 s election
+/// timeout of the default 100 ms tick, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_over_leadership() {
+    let mut g = Group::founded_ticking(3, 100);
+    let urls = g.urls();
+    let first = leader(&urls, Duration::from_secs(15)).await;
+    assert!(set(&urls, "before", "term").await);
+    let t0 = Instant::now();
+    g.nodes[&first].signal("-TERM");
+    let mut child = g.nodes.get_mut(&first).unwrap().child.take().unwrap();
+    let rest: Vec<String> = g
+        .nodes
+        .values()
+        .filter(|n| n.id != first)
+        .map(|n| n.url())
+        .collect();
+    let second = leader(&rest, Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert_ne!(second, first);
+    println!("leader {second} after SIGTERM of leader {first}: {took:?}");
+    assert!(
+        took < Duration::from_millis(900),
+        "no hand-over: a new leader took {took:?} (an election takes 1 s or more)"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit: {status}");
+    assert!(set(&rest, "after", "term").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_replaced_and_a_minority_refuses_writes() {
     let mut g = Group::founded(3);
@@ -381,17 +412,15 @@ async fn corrupt_or_foreign_data_directories_refuse_to_start() {
     foreign[at] = "other".into();
     let (ok, err) = run_to_exit(&foreign);
     assert!(!ok && err.contains("belongs to cluster \"ha\""), "{err}");
-    // One flipped byte in the log.
+    // One flipped byte in the log, in a record others follow (a torn last
+    // record is a write a crash cut short: dropped, see log_store's tests).
     let wal = n.dir.join("raft.wal");
     let mut b = std::fs::read(&wal).unwrap();
-    let i = b.len() - 3;
+    let i = 8 + 12;
     b[i] ^= 0x20;
     std::fs::write(&wal, &b).unwrap();
     let (ok, err) = run_to_exit(&n.args);
-    assert!(
-        !ok && err.contains("raft.wal is corrupt") && err.contains("checksum"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("raft.wal is corrupt"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

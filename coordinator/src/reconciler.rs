@@ -38,6 +38,11 @@ use crate::placement::{
 use crate::shard_spec::shard_spec;
 use crate::state::{ClusterState, Command, Deployment, ModelState, Serving};
 
+/// A model's reason is written at most this often while it only changes
+/// figures (free memory moves with every heartbeat); a failure is written
+/// at once.
+const REASON_EVERY: Duration = Duration::from_secs(10);
+
 /// First retry after a failed load; doubles per attempt up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -97,6 +102,8 @@ pub struct Reconciler {
     loading: Mutex<HashSet<ShardKey>>,
     unloading: Mutex<HashSet<(String, String, u64)>>,
     backoff: Mutex<HashMap<String, Backoff>>,
+    /// When each model's reason was last written.
+    reasons: Mutex<HashMap<String, Instant>>,
 }
 
 impl Reconciler {
@@ -106,6 +113,7 @@ impl Reconciler {
             loading: Mutex::default(),
             unloading: Mutex::default(),
             backoff: Mutex::default(),
+            reasons: Mutex::default(),
         })
     }
 
@@ -479,6 +487,27 @@ impl Reconciler {
 
     async fn progress(&self, dep: &Deployment, reason: String, failed: bool) {
         let c = &self.cluster;
+        {
+            let mut last = self.reasons.lock().unwrap();
+            let now = Instant::now();
+            // Same kind of wait (the text before the figures) written lately:
+            // not again yet.
+            let kind = |r: &str| {
+                r.split(|ch: char| ch.is_ascii_digit())
+                    .take(2)
+                    .collect::<String>()
+            };
+            if !failed
+                && !dep.reason.is_empty()
+                && kind(&dep.reason) == kind(&reason)
+                && last
+                    .get(&dep.name)
+                    .is_some_and(|t| now.duration_since(*t) < REASON_EVERY)
+            {
+                return;
+            }
+            last.insert(dep.name.clone(), now);
+        }
         if let Err(e) = c
             .propose(Command::ModelProgress {
                 name: dep.name.clone(),

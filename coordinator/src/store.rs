@@ -297,6 +297,9 @@ impl MetaStore for RaftStore {
     }
 
     async fn shutdown(&self) {
+        // A leader hands over first: the others need not wait out an
+        // election timeout (a Kubernetes rollout stops pods one by one).
+        self.node.step_down(Duration::from_secs(2)).await;
         let node = self.node.clone();
         let _ = tokio::task::spawn_blocking(move || node.stop()).await;
     }

@@ -92,6 +92,22 @@ pub struct DiskStorage {
     entries: Vec<Entry>,
     /// Bytes in the WAL, for status.
     wal_bytes: u64,
+    /// Where replay found a torn last record (cut there at open).
+    torn_at: Option<usize>,
+    /// fsyncs of the WAL so far.
+    fsyncs: u64,
+}
+
+/// The offset of a whole record (length, checksum and body that check out)
+/// starting after `from`, if any.
+fn record_after(bytes: &[u8], from: usize) -> Option<usize> {
+    (from + 1..bytes.len().saturating_sub(8)).find(|&p| {
+        let len = u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(bytes[p + 4..p + 8].try_into().unwrap());
+        len > 0
+            && bytes.len() - (p + 8) >= len
+            && crc32fast::hash(&bytes[p + 8..p + 8 + len]) == crc
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -207,15 +223,26 @@ impl DiskStorage {
             snapshot,
             entries: Vec::new(),
             wal_bytes: 0,
+            torn_at: None,
+            fsyncs: 0,
         };
         s.hard_state.term = s.snapshot.get_metadata().term;
         s.hard_state.commit = s.snapshot.get_metadata().index;
         s.replay()?;
+        // A commit index is written without an fsync; one lost in a crash
+        // is never below the snapshot (compaction rewrites the log durably
+        // with the commit index it had).
+        s.hard_state.commit = s.hard_state.commit.max(s.snapshot.get_metadata().index);
         let wal_path = dir.join("raft.wal");
         s.wal = OpenOptions::new()
             .append(true)
             .open(&wal_path)
             .map_err(io(&wal_path))?;
+        if let Some(at) = s.torn_at {
+            s.wal.set_len(at as u64).map_err(io(&wal_path))?;
+            s.wal.sync_all().map_err(io(&wal_path))?;
+            s.wal_bytes = at as u64;
+        }
         Ok(Recovered { fresh, storage: s })
     }
 
@@ -233,23 +260,49 @@ impl DiskStorage {
         }
         let mut off = 8;
         while off < bytes.len() {
+            // A record cut short at the end, or the last record failing its
+            // checksum, is a write a crash interrupted: it was never
+            // acknowledged (raft is told only after the fsync that covers
+            // it), so it is dropped and the log continues before it, as
+            // raft-engine does. Damage anywhere else refuses to start.
+            // Torn only if nothing valid follows: a damaged length in the
+            // middle of the log must not pass for a torn tail (it would cut
+            // acknowledged entries).
+            let torn = |what: String| -> Result<usize, LogError> {
+                if let Some(at) = record_after(&bytes, off) {
+                    return Err(corrupt(
+                        off,
+                        format!("{what}, with a valid record at byte {at} after it"),
+                    ));
+                }
+                tracing::warn!(path = %path.display(), offset = off, %what, "dropping a torn record at the end of the raft log (a write a crash interrupted)");
+                Ok(off)
+            };
             if bytes.len() - off < 8 {
-                return Err(corrupt(off, "truncated record header".into()));
+                self.torn_at = Some(torn("truncated record header".into())?);
+                break;
             }
             let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
             let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap());
             let body = off + 8;
-            if len == 0 || bytes.len() - body < len {
-                return Err(corrupt(
-                    off,
-                    format!(
-                        "truncated record: {len} bytes announced, {} left",
-                        bytes.len() - body
-                    ),
-                ));
+            if len == 0 {
+                return Err(corrupt(off, "a record of 0 bytes".into()));
+            }
+            if bytes.len() - body < len {
+                self.torn_at = Some(torn(format!(
+                    "truncated record: {len} bytes announced, {} left",
+                    bytes.len() - body
+                ))?);
+                break;
             }
             let rec = &bytes[body..body + len];
             if crc32fast::hash(rec) != crc {
+                if body + len == bytes.len() {
+                    self.torn_at = Some(torn(format!(
+                        "checksum mismatch in the last record ({len} bytes)"
+                    ))?);
+                    break;
+                }
                 return Err(corrupt(
                     off,
                     format!("checksum mismatch in a record of {len} bytes"),
@@ -301,18 +354,22 @@ impl DiskStorage {
         self.entries.extend_from_slice(ents);
     }
 
-    fn write_wal(&mut self, buf: &[u8]) -> Result<(), LogError> {
+    fn write_wal(&mut self, buf: &[u8], durable: bool) -> Result<(), LogError> {
         let path = self.dir.join("raft.wal");
         self.wal.write_all(buf).map_err(io(&path))?;
-        if self.sync {
+        if self.sync && durable {
             self.wal.sync_data().map_err(io(&path))?;
+            self.fsyncs += 1;
         }
         self.wal_bytes += buf.len() as u64;
         Ok(())
     }
 
     /// Persists new entries and the hard state with one write and one
-    /// fsync; raft-rs may only be told after this returns.
+    /// fsync; raft-rs may only be told after this returns. A hard state
+    /// that changes only the commit index is written without an fsync (as
+    /// etcd does): a commit index lost in a crash is learned again from the
+    /// leader, while entries, term and vote must survive.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), LogError> {
         let mut buf = Vec::new();
         if !entries.is_empty() {
@@ -328,7 +385,9 @@ impl DiskStorage {
         if buf.is_empty() {
             return Ok(());
         }
-        self.write_wal(&buf)?;
+        let durable = !entries.is_empty()
+            || hs.is_some_and(|h| h.term != self.hard_state.term || h.vote != self.hard_state.vote);
+        self.write_wal(&buf, durable)?;
         self.append_in_memory(entries);
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
@@ -349,7 +408,7 @@ impl DiskStorage {
             &cs.write_to_bytes().expect("encode"),
             &mut buf,
         );
-        self.write_wal(&buf)?;
+        self.write_wal(&buf, true)?;
         self.conf_state = cs;
         Ok(())
     }
@@ -620,8 +679,69 @@ mod tests {
         assert_eq!(s.initial_state().unwrap().hard_state.commit, 10);
     }
 
+    /// Entries, term and vote are fsynced before raft is told; a new commit
+    /// index alone is written without one.
     #[test]
-    fn a_flipped_byte_or_a_cut_tail_refuses_to_start() {
+    fn only_entries_term_and_vote_are_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path()).unwrap().storage;
+        s.persist(&[entry(1, 1, "a")], Some(&hs(1, 1, 0))).unwrap();
+        assert_eq!(s.fsyncs, 1);
+        s.set_commit(1).unwrap();
+        s.persist(&[], Some(&hs(1, 1, 1))).unwrap();
+        assert_eq!(s.fsyncs, 1, "a commit index alone is not fsynced");
+        s.persist(&[], Some(&hs(2, 1, 1))).unwrap();
+        s.persist(&[], Some(&hs(2, 3, 1))).unwrap();
+        assert_eq!(s.fsyncs, 3, "a new term and a new vote are");
+        drop(s);
+        let s = open(dir.path()).unwrap().storage;
+        assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 1));
+    }
+
+    /// A crash in the middle of a write leaves a torn last record (cut
+    /// short, or whole length with bad bytes): it was never acknowledged,
+    /// so the log opens without it, cut there, and takes new writes after.
+    #[test]
+    fn a_torn_last_record_is_dropped_and_the_log_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path()).unwrap().storage;
+        s.persist(&[entry(1, 1, "hello")], Some(&hs(1, 1, 1)))
+            .unwrap();
+        let intact = fs::metadata(dir.path().join("raft.wal")).unwrap().len() as usize;
+        s.persist(&[entry(2, 1, "world")], None).unwrap();
+        drop(s);
+        let wal = dir.path().join("raft.wal");
+        let good = fs::read(&wal).unwrap();
+        for torn in [
+            good[..good.len() - 5].to_vec(),
+            good[..intact + 3].to_vec(),
+            {
+                let mut b = good.clone();
+                let last = b.len() - 2;
+                b[last] ^= 0x40;
+                b
+            },
+        ] {
+            fs::write(&wal, &torn).unwrap();
+            let mut s = open(dir.path()).unwrap().storage;
+            assert_eq!(s.last_index().unwrap(), 1);
+            assert_eq!(fs::metadata(&wal).unwrap().len() as usize, intact);
+            s.persist(&[entry(2, 1, "again")], Some(&hs(1, 1, 2)))
+                .unwrap();
+            drop(s);
+            let s = open(dir.path()).unwrap().storage;
+            assert_eq!(s.last_index().unwrap(), 2);
+            assert_eq!(
+                &s.entries(2, 3, None, GetEntriesContext::empty(false))
+                    .unwrap()[0]
+                    .data[..],
+                b"again"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path()).unwrap().storage;
         s.persist(
@@ -646,12 +766,25 @@ mod tests {
             "{e}"
         );
 
-        fs::write(&wal, &good[..good.len() - 5]).unwrap();
+        // A damaged length in the middle does not pass for a torn tail.
+        let mut long = good.clone();
+        long[8 + 1] ^= 0x20;
+        fs::write(&wal, &long).unwrap();
         let e = open(dir.path())
             .err()
-            .expect("truncated log must be refused")
+            .expect("a damaged length must be refused")
             .to_string();
-        assert!(e.contains("truncated record"), "{e}");
+        assert!(e.contains("with a valid record at byte"), "{e}");
+
+        // Damage before the last record refuses to start.
+        let mut early = good.clone();
+        early[8 + 10] ^= 0x40;
+        fs::write(&wal, &early).unwrap();
+        let e = open(dir.path())
+            .err()
+            .expect("a damaged record followed by others must be refused")
+            .to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
 
         fs::write(&wal, &good).unwrap();
         let snap = dir.path().join("snapshot");

@@ -5,18 +5,26 @@
 //! - [`node`]: the Ready loop owning `RawNode`, the state machine and the
 //!   waiters of writes and ReadIndex reads; [`RaftNode`] is its handle.
 //! - [`RaftTransport`] (the seam between the node and the network) and
-//!   [`transport`]: it over gRPC (batched, per-peer queues) or an in-memory
-//!   network with faults for tests.
+//!   [`transport`]: it over gRPC (batched, per-peer queues); `mem` (tests
+//!   and the `test-util` feature only): an in-memory network with faults.
+//! - `sim` (tests only): the deterministic harness that steps replicas'
+//!   Ready loops over a simulated network under a seed.
 
 pub mod log_store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod mem;
 pub mod node;
 pub mod transport;
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
+#[cfg(any(test, feature = "test-util"))]
+pub use mem::MemNetwork;
 pub use node::{Bootstrap, RaftConfig, RaftError, RaftNode, View};
-pub use transport::{GrpcTransport, MemNetwork, PeerService};
+pub use transport::{GrpcTransport, PeerService};
 
 use raft::prelude::Message;
 

@@ -49,6 +49,10 @@ pub struct RaftConfig {
     pub request_timeout: Duration,
     /// fsync the log (off only in benchmarks that measure without it).
     pub sync: bool,
+    /// Elections time out after exactly `election_ticks` instead of a
+    /// random 1-2x (the deterministic test harness: raft-rs draws that
+    /// randomness from the thread's generator, not from a seed).
+    pub fixed_election_timeout: bool,
 }
 
 impl RaftConfig {
@@ -64,6 +68,7 @@ impl RaftConfig {
             snapshot_entries: 1000,
             request_timeout: Duration::from_secs(5),
             sync: true,
+            fixed_election_timeout: false,
         }
     }
 
@@ -131,9 +136,9 @@ pub struct View {
     pub wal_bytes: u64,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, RaftError>>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, RaftError>>;
 
-enum Input {
+pub(super) enum Input {
     Propose(Vec<u8>, Reply<Result<(), StateError>>),
     ConfChange(ConfChange, Reply<()>),
     ReadIndex(Reply<()>),
@@ -176,107 +181,9 @@ impl RaftNode {
         cfg: RaftConfig,
         transport: Arc<dyn RaftTransport>,
     ) -> Result<Arc<RaftNode>, LogError> {
-        let initial = match &cfg.bootstrap {
-            Bootstrap::Peers(peers) => {
-                let mut cs = ConfState::default();
-                cs.voters = peers.keys().copied().collect();
-                let entries = peers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (id, addr))| {
-                        let mut cc = ConfChange::default();
-                        cc.set_change_type(ConfChangeType::AddNode);
-                        cc.node_id = *id;
-                        cc.context = addr.as_bytes().to_vec().into();
-                        let mut e = Entry::default();
-                        e.set_entry_type(EntryType::EntryConfChange);
-                        e.term = 1;
-                        e.index = i as u64 + 1;
-                        e.data = cc.write_to_bytes().expect("encode").into();
-                        e
-                    })
-                    .collect();
-                Some((cs, entries))
-            }
-            Bootstrap::Join => None,
-        };
-        let recovered = DiskStorage::open(
-            &cfg.data_dir,
-            &cfg.cluster_id,
-            cfg.node_id,
-            initial,
-            cfg.sync,
-        )?;
-        let storage = recovered.storage;
-        let snap = storage.snapshot_ref().clone();
-        let state: ClusterState = if snap.data.is_empty() {
-            ClusterState::default()
-        } else {
-            serde_json::from_slice(&snap.data).map_err(|e| LogError::Corrupt {
-                path: cfg.data_dir.join("snapshot"),
-                offset: 0,
-                what: format!("state machine does not decode: {e}"),
-            })?
-        };
-        tracing::info!(
-            node = cfg.node_id,
-            fresh = recovered.fresh,
-            snapshot_index = snap.get_metadata().index,
-            commit = storage.hard_state().commit,
-            "raft storage opened"
-        );
-        for (id, addr) in &state.members {
-            transport.set_peer(*id, addr);
-        }
-        if let Bootstrap::Peers(peers) = &cfg.bootstrap {
-            for (id, addr) in peers {
-                transport.set_peer(*id, addr);
-            }
-        }
-        let raft_cfg = raft::Config {
-            id: cfg.node_id,
-            election_tick: cfg.election_ticks,
-            heartbeat_tick: cfg.heartbeat_ticks,
-            applied: snap.get_metadata().index,
-            check_quorum: true,
-            pre_vote: true,
-            max_size_per_msg: 1 << 20,
-            max_inflight_msgs: 256,
-            ..Default::default()
-        };
-        let logger = super::tracing_logger(cfg.node_id);
-        let raw = RawNode::new(&raft_cfg, storage, &logger).map_err(|e| LogError::Corrupt {
-            path: cfg.data_dir.clone(),
-            offset: 0,
-            what: format!("raft refused the stored state: {e}"),
-        })?;
+        let lp = Loop::open(&cfg, transport)?;
+        let view = lp.view.clone();
         let (tx, rx) = mpsc::channel();
-        let view = Arc::new(RwLock::new(View {
-            state: Arc::new(state.clone()),
-            node_id: cfg.node_id,
-            ..Default::default()
-        }));
-        let lp = Loop {
-            id: cfg.node_id,
-            raw,
-            state: Arc::new(state),
-            transport,
-            view: view.clone(),
-            incarnation: rand::random(),
-            next_proposal: 0,
-            proposals: HashMap::new(),
-            reads: HashMap::new(),
-            read_waits: Vec::new(),
-            snapshot_entries: cfg.snapshot_entries,
-            was_leader: false,
-            known_leader: 0,
-            campaign_alone: true,
-            awaiting_leader: Vec::new(),
-            leader_wait: cfg.request_timeout.mul_f64(0.9),
-            done: Vec::new(),
-            failed: None,
-        };
-        lp.publish();
         let tick = cfg.tick;
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.node_id))
@@ -340,6 +247,30 @@ impl RaftNode {
         cc.context = address.as_bytes().to_vec().into();
         self.call("membership change", |r| Input::ConfChange(cc, r))
             .await
+    }
+
+    /// Hands leadership to another voter (the one with the most of the
+    /// log) before this replica stops, so writes do not wait out an
+    /// election; returns once another leads or `within` passes.
+    pub async fn step_down(&self, within: Duration) {
+        let v = self.view();
+        if v.leader_id != self.id {
+            return;
+        }
+        let Some(to) = v.voters.iter().copied().find(|&i| i != self.id) else {
+            return;
+        };
+        let _ = self.tx.send(Input::TransferLeader(to));
+        let deadline = Instant::now() + within;
+        while self.view().leader_id == self.id && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(
+            node = self.id,
+            to,
+            led_by = self.view().leader_id,
+            "stepped down before stopping"
+        );
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<(), RaftError> {
@@ -425,10 +356,10 @@ enum Done {
     Read(Reply<()>),
 }
 
-struct Loop {
+pub(super) struct Loop {
     id: u64,
-    raw: RawNode<DiskStorage>,
-    state: Arc<ClusterState>,
+    pub(super) raw: RawNode<DiskStorage>,
+    pub(super) state: Arc<ClusterState>,
     transport: Arc<dyn RaftTransport>,
     view: Arc<RwLock<View>>,
     incarnation: u64,
@@ -450,7 +381,128 @@ struct Loop {
     /// Answers held until the view that shows their effect is published.
     done: Vec<Done>,
     /// Set when storage failed: the replica stops taking part.
-    failed: Option<String>,
+    pub(super) failed: Option<String>,
+}
+
+impl Loop {
+    /// Opens the data directory and builds the replica's loop (not yet
+    /// running: `RaftNode::start` runs it on a thread, the deterministic
+    /// harness steps it).
+    pub(super) fn open(
+        cfg: &RaftConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Loop, LogError> {
+        let initial = match &cfg.bootstrap {
+            Bootstrap::Peers(peers) => {
+                let mut cs = ConfState::default();
+                cs.voters = peers.keys().copied().collect();
+                let entries = peers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, addr))| {
+                        let mut cc = ConfChange::default();
+                        cc.set_change_type(ConfChangeType::AddNode);
+                        cc.node_id = *id;
+                        cc.context = addr.as_bytes().to_vec().into();
+                        let mut e = Entry::default();
+                        e.set_entry_type(EntryType::EntryConfChange);
+                        e.term = 1;
+                        e.index = i as u64 + 1;
+                        e.data = cc.write_to_bytes().expect("encode").into();
+                        e
+                    })
+                    .collect();
+                Some((cs, entries))
+            }
+            Bootstrap::Join => None,
+        };
+        let recovered = DiskStorage::open(
+            &cfg.data_dir,
+            &cfg.cluster_id,
+            cfg.node_id,
+            initial,
+            cfg.sync,
+        )?;
+        let storage = recovered.storage;
+        let snap = storage.snapshot_ref().clone();
+        let state: ClusterState = if snap.data.is_empty() {
+            ClusterState::default()
+        } else {
+            serde_json::from_slice(&snap.data).map_err(|e| LogError::Corrupt {
+                path: cfg.data_dir.join("snapshot"),
+                offset: 0,
+                what: format!("state machine does not decode: {e}"),
+            })?
+        };
+        tracing::info!(
+            node = cfg.node_id,
+            fresh = recovered.fresh,
+            snapshot_index = snap.get_metadata().index,
+            commit = storage.hard_state().commit,
+            "raft storage opened"
+        );
+        for (id, addr) in &state.members {
+            transport.set_peer(*id, addr);
+        }
+        if let Bootstrap::Peers(peers) = &cfg.bootstrap {
+            for (id, addr) in peers {
+                transport.set_peer(*id, addr);
+            }
+        }
+        let raft_cfg = raft::Config {
+            id: cfg.node_id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: snap.get_metadata().index,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        let raft_cfg = if cfg.fixed_election_timeout {
+            raft::Config {
+                min_election_tick: cfg.election_ticks,
+                max_election_tick: cfg.election_ticks + 1,
+                ..raft_cfg
+            }
+        } else {
+            raft_cfg
+        };
+        let logger = super::tracing_logger(cfg.node_id);
+        let raw = RawNode::new(&raft_cfg, storage, &logger).map_err(|e| LogError::Corrupt {
+            path: cfg.data_dir.clone(),
+            offset: 0,
+            what: format!("raft refused the stored state: {e}"),
+        })?;
+        let view = Arc::new(RwLock::new(View {
+            state: Arc::new(state.clone()),
+            node_id: cfg.node_id,
+            ..Default::default()
+        }));
+        let lp = Loop {
+            id: cfg.node_id,
+            raw,
+            state: Arc::new(state),
+            transport,
+            view: view.clone(),
+            incarnation: rand::random(),
+            next_proposal: 0,
+            proposals: HashMap::new(),
+            reads: HashMap::new(),
+            read_waits: Vec::new(),
+            snapshot_entries: cfg.snapshot_entries,
+            was_leader: false,
+            known_leader: 0,
+            campaign_alone: true,
+            awaiting_leader: Vec::new(),
+            leader_wait: cfg.request_timeout.mul_f64(0.9),
+            done: Vec::new(),
+            failed: None,
+        };
+        lp.publish();
+        Ok(lp)
+    }
 }
 
 impl Loop {
@@ -485,7 +537,7 @@ impl Loop {
 
     /// One round: Ready, then the sole-voter campaign, then requests that
     /// waited for a leader (each followed by the Ready it produces).
-    fn step_once(&mut self) {
+    pub(super) fn step_once(&mut self) {
         self.ready_or_fail();
         if self.campaign_alone {
             let raft = &self.raw.raft;
@@ -542,7 +594,7 @@ impl Loop {
         self.raw.raft.leader_id
     }
 
-    fn handle(&mut self, input: Input) {
+    pub(super) fn handle(&mut self, input: Input) {
         if let Some(e) = &self.failed {
             input.fail(RaftError::Storage(e.clone()));
             return;

@@ -98,8 +98,12 @@ async fn batched_sequences_give_the_tokens_they_give_alone() {
     }
     let stats = e.stats().await.unwrap();
     let tokens: usize = batched.iter().map(Vec::len).sum();
+    // One at a time takes a step per token or more; fewer steps than
+    // tokens means steps carried several sequences. (Not "< tokens / 2":
+    // how many requests arrive before the first step depends on the
+    // machine's load.)
     assert!(
-        (stats.scheduler.steps as usize) < tokens / 2,
+        (stats.scheduler.steps as usize) < tokens,
         "{} steps for {tokens} tokens: not batched",
         stats.scheduler.steps
     );
