@@ -26,6 +26,8 @@ struct Net {
     drop_rate: f64,
     delay: Duration,
     rng: Option<rand_chacha::ChaCha8Rng>,
+    /// Snapshot outcomes by sender: (to, delivered).
+    snapshots: HashMap<u64, Vec<(u64, bool)>>,
 }
 
 impl MemNetwork {
@@ -95,11 +97,14 @@ impl MemNetwork {
             let mut n = self.inner.lock().unwrap();
             delay = n.delay;
             for m in msgs {
-                if n.cut.contains(&(from, m.to)) {
-                    continue;
-                }
                 let rate = n.drop_rate;
-                if rate > 0.0 && n.rng.as_mut().expect("seeded").gen_bool(rate) {
+                let lost = n.cut.contains(&(from, m.to))
+                    || (rate > 0.0 && n.rng.as_mut().expect("seeded").gen_bool(rate))
+                    || !n.nodes.get(&m.to).is_some_and(|w| w.strong_count() > 0);
+                if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                    n.snapshots.entry(from).or_default().push((m.to, !lost));
+                }
+                if lost {
                     continue;
                 }
                 groups.entry(m.to).or_default().push(m);
@@ -134,6 +139,11 @@ pub struct MemTransport {
 }
 
 impl RaftTransport for MemTransport {
+    fn snapshot_outcomes(&self) -> Vec<(u64, bool)> {
+        let mut n = self.net.inner.lock().unwrap();
+        n.snapshots.remove(&self.from).unwrap_or_default()
+    }
+
     fn send(&self, msgs: Vec<Message>) {
         self.net.deliver(self.from, msgs);
     }

@@ -31,6 +31,10 @@ use raft::prelude::Message;
 /// Best-effort delivery of raft messages; raft retries what is lost.
 pub trait RaftTransport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+    /// Snapshots sent since the last call, by peer, and whether each
+    /// reached it: raft is told only then (a leader waits for the outcome
+    /// before sending that peer anything else).
+    fn snapshot_outcomes(&self) -> Vec<(u64, bool)>;
     /// Where peer `id` listens (from the peer list, membership, or a batch).
     fn set_peer(&self, id: u64, address: &str);
     fn remove_peer(&self, id: u64);

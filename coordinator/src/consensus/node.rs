@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
-use raft::prelude::{
-    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType,
-};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
@@ -538,6 +536,7 @@ impl Loop {
     /// One round: Ready, then the sole-voter campaign, then requests that
     /// waited for a leader (each followed by the Ready it produces).
     pub(super) fn step_once(&mut self) {
+        self.report_snapshots();
         self.ready_or_fail();
         if self.campaign_alone {
             let raft = &self.raw.raft;
@@ -640,6 +639,20 @@ impl Loop {
         }
     }
 
+    /// Tells raft which snapshots reached their peer (it then probes and
+    /// appends from the snapshot) and which were lost (it sends another).
+    fn report_snapshots(&mut self) {
+        for (to, delivered) in self.transport.snapshot_outcomes() {
+            let status = if delivered {
+                raft::SnapshotStatus::Finish
+            } else {
+                raft::SnapshotStatus::Failure
+            };
+            tracing::debug!(node = self.id, to, delivered, "snapshot outcome");
+            self.raw.report_snapshot(to, status);
+        }
+    }
+
     /// Drops waiters whose callers gave up (deadline passed).
     fn sweep(&mut self) {
         self.proposals.retain(|_, p| match p {
@@ -664,17 +677,9 @@ impl Loop {
         }
         let mut ready = self.raw.ready();
         // 1. Messages a leader may send before persisting (appends to peers).
-        let snapshots: Vec<u64> = ready
-            .messages()
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.to)
-            .collect();
+        // Snapshots are reported to raft when the transport knows their
+        // fate (below, in `report_snapshots`), not when handed to it.
         self.send(ready.take_messages());
-        for to in snapshots {
-            // Delivery is best effort; a lost snapshot is re-sent after probing.
-            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
-        }
         // 2. A snapshot from the leader replaces the state machine.
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();

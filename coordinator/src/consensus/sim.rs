@@ -25,12 +25,16 @@ use super::node::{Input, Loop};
 use super::{Bootstrap, RaftConfig, RaftError, RaftTransport};
 use crate::state::{ClusterState, Command, StateError};
 
-/// Collects what a replica sends.
+/// Collects what a replica sends (the harness reports the fate of each
+/// snapshot to its sender itself, when it delivers or drops it).
 struct Outbox(Arc<Mutex<Vec<Message>>>);
 
 impl RaftTransport for Outbox {
     fn send(&self, msgs: Vec<Message>) {
         self.0.lock().unwrap().extend(msgs);
+    }
+    fn snapshot_outcomes(&self) -> Vec<(u64, bool)> {
+        Vec::new()
     }
     fn set_peer(&self, _: u64, _: &str) {}
     fn remove_peer(&self, _: u64) {}
@@ -52,6 +56,8 @@ struct Sim {
     writes: Vec<(String, WriteReply)>,
     acked: BTreeSet<String>,
     next_key: usize,
+    /// Snapshots delivered or lost.
+    snapshots: usize,
 }
 
 const IDS: [u64; 3] = [1, 2, 3];
@@ -81,6 +87,7 @@ impl Sim {
             writes: Vec::new(),
             acked: BTreeSet::new(),
             next_key: 0,
+            snapshots: 0,
         };
         for id in IDS {
             sim.dirs.insert(id, tempfile::tempdir().unwrap());
@@ -158,14 +165,26 @@ impl Sim {
         let i = self.rng.gen_range(0..self.network.len());
         let m = self.network.swap_remove(i);
         let roll: u32 = self.rng.gen_range(0..100);
-        if faults && roll < 10 {
-            return; // dropped
+        let lost = (faults && roll < 10)
+            || self.cut_off(m.from, step)
+            || self.cut_off(m.to, step)
+            || self.nodes.get(&m.to).is_none_or(Option::is_none);
+        if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+            let status = if lost {
+                raft::SnapshotStatus::Failure
+            } else {
+                raft::SnapshotStatus::Finish
+            };
+            if let Some(lp) = self.nodes.get_mut(&m.from).and_then(Option::as_mut) {
+                lp.raw.report_snapshot(m.to, status);
+            }
+            self.snapshots += 1;
+        }
+        if lost {
+            return;
         }
         if faults && roll < 13 {
             self.network.push(m.clone()); // duplicated
-        }
-        if self.cut_off(m.from, step) || self.cut_off(m.to, step) {
-            return;
         }
         let to = m.to;
         if let Some(lp) = self.nodes.get_mut(&to).and_then(Option::as_mut) {
@@ -274,7 +293,7 @@ fn equal(a: &ClusterState, b: &ClusterState) -> bool {
     a.settings == b.settings && a.workers == b.workers && a.models == b.models
 }
 
-fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
+fn run(seed: u64, steps: usize) -> (usize, usize, usize, usize) {
     let mut sim = Sim::new(seed);
     for step in 0..steps {
         sim.event(step, true);
@@ -288,15 +307,20 @@ fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
         );
     }
     println!(
-        "seed {seed}: {} of {} writes acknowledged, {} terms with a leader (last term {}), {} in flight, final commit {}",
+        "seed {seed}: {} of {} writes acknowledged, {} terms with a leader (last term {}), {} snapshots sent, final commit {}",
         sim.acked.len(),
         sim.next_key,
         sim.leaders.len(),
         sim.nodes.values().flatten().map(|lp| lp.raw.raft.term).max().unwrap_or(0),
-        sim.network.len(),
+        sim.snapshots,
         sim.nodes.values().flatten().map(|lp| lp.raw.raft.raft_log.committed).max().unwrap_or(0)
     );
-    (sim.acked.len(), sim.next_key, sim.leaders.len())
+    (
+        sim.acked.len(),
+        sim.next_key,
+        sim.leaders.len(),
+        sim.snapshots,
+    )
 }
 
 #[test]
@@ -306,10 +330,11 @@ fn seeded_runs_with_loss_reordering_partitions_and_crashes_stay_safe() {
         Ok(s) => vec![s.parse().expect("LLMOS_SIM_SEED is a number")],
         Err(_) => (1..=12).collect(),
     };
-    let (mut acked, mut elections) = (0, 0);
+    let (mut acked, mut elections, mut snapshots) = (0, 0, 0);
     let n = seeds.len();
     for seed in seeds {
-        let (a, proposed, terms) = run(seed, 3000);
+        let (a, proposed, terms, snaps) = run(seed, 3000);
+        snapshots += snaps;
         assert!(
             a > 0,
             "seed {seed}: no write of {proposed} was acknowledged"
@@ -317,7 +342,9 @@ fn seeded_runs_with_loss_reordering_partitions_and_crashes_stay_safe() {
         acked += a;
         elections += terms;
     }
-    // The faults did their work: leaders changed, writes went through.
+    // The faults did their work: leaders changed, a replica caught up
+    // through a snapshot, writes went through.
+    assert!(snapshots > 0, "no snapshot was sent in {n} runs");
     assert!(elections >= 2 * n, "only {elections} leaders in {n} runs");
     assert!(
         acked > 10 * n,

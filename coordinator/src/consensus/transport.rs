@@ -32,6 +32,8 @@ pub struct GrpcTransport {
     timeout: Duration,
     peers: Mutex<HashMap<u64, PeerQueue>>,
     rt: tokio::runtime::Handle,
+    /// Outcomes of snapshots sent, for the Ready loop to report.
+    snapshots: Arc<Mutex<Vec<(u64, bool)>>>,
 }
 
 impl GrpcTransport {
@@ -44,6 +46,7 @@ impl GrpcTransport {
             timeout: Duration::from_secs(3),
             peers: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
+            snapshots: Arc::default(),
         })
     }
 
@@ -54,6 +57,7 @@ impl GrpcTransport {
             self.self_address.clone(),
             self.timeout,
         );
+        let snapshots = self.snapshots.clone();
         self.rt.spawn(async move {
             let channel = match Endpoint::from_shared(address.clone()) {
                 Ok(e) => e
@@ -87,7 +91,14 @@ impl GrpcTransport {
                         .map(|m| m.write_to_bytes().expect("encode raft message"))
                         .collect(),
                 };
-                if let Err(status) = client.raft(req).await {
+                let sent = client.raft(req).await;
+                let ok = sent.is_ok();
+                for m in &batch {
+                    if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                        snapshots.lock().unwrap().push((to, ok));
+                    }
+                }
+                if let Err(status) = sent {
                     // Raft retries; say so now and then, not per message.
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                         tracing::warn!(peer = to, %address, code = ?status.code(), error = %status.message(), "raft messages to peer lost");
@@ -100,6 +111,10 @@ impl GrpcTransport {
 }
 
 impl RaftTransport for GrpcTransport {
+    fn snapshot_outcomes(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.snapshots.lock().unwrap())
+    }
+
     fn send(&self, msgs: Vec<Message>) {
         let peers = self.peers.lock().unwrap();
         for m in msgs {
@@ -107,7 +122,12 @@ impl RaftTransport for GrpcTransport {
                 Some(q) => {
                     let _ = q.tx.send(m);
                 }
-                None => tracing::debug!(to = m.to, "no address for raft peer; message dropped"),
+                None => {
+                    if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                        self.snapshots.lock().unwrap().push((m.to, false));
+                    }
+                    tracing::debug!(to = m.to, "no address for raft peer; message dropped")
+                }
             }
         }
     }
