@@ -407,7 +407,7 @@ fn control_plane_json(c: &Option<api::ControlPlaneStatus>) -> serde_json::Value 
     json!({"store": c.store, "node_id": c.node_id, "role": c.role, "leader_id": c.leader_id, "leader": c.leader,
         "term": c.term, "commit_index": c.commit_index, "applied_index": c.applied_index,
         "snapshot_index": c.snapshot_index,
-        "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader})).collect::<Vec<_>>()})
+        "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader, "learner": m.learner})).collect::<Vec<_>>()})
 }
 
 /// Whether another coordinator may succeed where this one failed.
@@ -569,7 +569,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             };
             print_json(json!(members
                 .iter()
-                .map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader}))
+                .map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader, "learner": m.learner}))
                 .collect::<Vec<_>>()));
         }
         Command::Settings(c) => {

@@ -642,6 +642,7 @@ fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
                 id: m.id,
                 address: m.address,
                 leader: m.leader,
+                learner: m.learner,
             })
             .collect(),
     }

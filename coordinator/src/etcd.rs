@@ -474,6 +474,7 @@ impl MetaStore for EtcdStore {
                     id: i as u64 + 1,
                     address: e.clone(),
                     leader: false,
+                    learner: false,
                 })
                 .collect(),
         }

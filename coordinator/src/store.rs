@@ -33,6 +33,8 @@ pub struct MemberInfo {
     pub id: u64,
     pub address: String,
     pub leader: bool,
+    /// Catching up; promoted to voter by the leader once it has.
+    pub learner: bool,
 }
 
 /// What `ClusterStatus` reports about the store.
@@ -278,13 +280,15 @@ impl MetaStore for RaftStore {
                     id,
                     address: a.clone(),
                     leader: id == v.leader_id,
+                    learner: v.learners.contains(&id),
                 })
                 .collect(),
         }
     }
 
     async fn add_member(&self, id: u64, address: &str) -> Result<(), StoreError> {
-        if self.node.view().voters.contains(&id) {
+        let v = self.node.view();
+        if v.voters.contains(&id) || v.learners.contains(&id) {
             return Err(StoreError::Raft(RaftError::Membership(format!(
                 "{id} is already a member"
             ))));

@@ -100,7 +100,7 @@ impl MemNetwork {
                 let rate = n.drop_rate;
                 let lost = n.cut.contains(&(from, m.to))
                     || (rate > 0.0 && n.rng.as_mut().expect("seeded").gen_bool(rate))
-                    || !n.nodes.get(&m.to).is_some_and(|w| w.strong_count() > 0);
+                    || n.nodes.get(&m.to).is_none_or(|w| w.strong_count() == 0);
                 if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
                     n.snapshots.entry(from).or_default().push((m.to, !lost));
                 }

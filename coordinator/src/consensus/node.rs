@@ -97,6 +97,8 @@ impl RaftConfig {
 pub enum RaftError {
     #[error("no leader is known to coordinator {node} (election in progress, or this node is cut off from a majority)")]
     NoLeader { node: u64 },
+    #[error("another membership change (perhaps a learner's promotion) is not applied yet; retry shortly")]
+    ChangePending,
     #[error("leadership changed while the write was in flight: it may or may not have been applied; read the state before retrying")]
     LeaderChanged,
     #[error("{what} not committed within {after:?}: no quorum reachable from coordinator {node}")]
@@ -131,6 +133,8 @@ pub struct View {
     pub last_index: u64,
     pub snapshot_index: u64,
     pub voters: Vec<u64>,
+    /// Members catching up before they vote.
+    pub learners: Vec<u64>,
     pub wal_bytes: u64,
 }
 
@@ -239,12 +243,29 @@ impl RaftNode {
                 "a member needs an id of at least 1 and an address".into(),
             ));
         }
+        // A new member joins as a learner: it receives the log (or a
+        // snapshot) without voting, and the leader promotes it to a voter
+        // once it has caught up (`Loop::promote_learners`), so adding a
+        // member never stalls commits on a replica that is still far
+        // behind.
         let mut cc = ConfChange::default();
-        cc.set_change_type(ConfChangeType::AddNode);
+        cc.set_change_type(ConfChangeType::AddLearnerNode);
         cc.node_id = id;
         cc.context = address.as_bytes().to_vec().into();
-        self.call("membership change", |r| Input::ConfChange(cc, r))
-            .await
+        // A promotion in flight is applied within a round trip or two.
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let cc = cc.clone();
+            match self
+                .call("membership change", |r| Input::ConfChange(cc, r))
+                .await
+            {
+                Err(RaftError::ChangePending) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Hands leadership to another voter (the one with the most of the
@@ -273,10 +294,10 @@ impl RaftNode {
 
     pub async fn remove_member(&self, id: u64) -> Result<(), RaftError> {
         let v = self.view();
-        if !v.voters.contains(&id) {
+        if !v.voters.contains(&id) && !v.learners.contains(&id) {
             return Err(RaftError::Membership(format!(
-                "{id} is not a member (members: {:?})",
-                v.voters
+                "{id} is not a member (voters: {:?}, learners: {:?})",
+                v.voters, v.learners
             )));
         }
         if v.voters.len() == 1 {
@@ -537,6 +558,7 @@ impl Loop {
     /// waited for a leader (each followed by the Ready it produces).
     pub(super) fn step_once(&mut self) {
         self.report_snapshots();
+        self.promote_learners();
         self.ready_or_fail();
         if self.campaign_alone {
             let raft = &self.raw.raft;
@@ -614,6 +636,12 @@ impl Loop {
                 }
             }
             Input::ConfChange(cc, reply) => {
+                // raft-rs would turn a second pending change into an empty
+                // entry and the caller would wait for nothing.
+                if self.raw.raft.has_pending_conf() {
+                    let _ = reply.send(Err(RaftError::ChangePending));
+                    return;
+                }
                 let ctx = self.context();
                 match self.raw.propose_conf_change(ctx.clone(), cc) {
                     Ok(()) => {
@@ -636,6 +664,46 @@ impl Loop {
             }
             Input::TransferLeader(to) => self.raw.transfer_leader(to),
             Input::Stop => {}
+        }
+    }
+
+    /// On the leader: proposes the first learner that has caught up (has
+    /// every committed entry) as a voter; one membership change at a time.
+    fn promote_learners(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader || raft.has_pending_conf() {
+            return;
+        }
+        let committed = raft.raft_log.committed;
+        let caught_up = self
+            .raw
+            .store()
+            .conf_state()
+            .learners
+            .iter()
+            .copied()
+            .find(|id| raft.prs().get(*id).is_some_and(|p| p.matched >= committed));
+        let Some(id) = caught_up else { return };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        cc.context = self
+            .state
+            .members
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+            .into_bytes()
+            .into();
+        match self.raw.propose_conf_change(b"promote".to_vec(), cc) {
+            Ok(()) => tracing::info!(
+                node = self.id,
+                learner = id,
+                "learner caught up: promoting it to voter"
+            ),
+            Err(e) => {
+                tracing::debug!(node = self.id, learner = id, error = %e, "promotion not proposed")
+            }
         }
     }
 
@@ -867,6 +935,11 @@ impl Loop {
             snapshot_index: store.snapshot_ref().get_metadata().index,
             voters: {
                 let mut v: Vec<u64> = store.conf_state().voters.clone();
+                v.sort();
+                v
+            },
+            learners: {
+                let mut v: Vec<u64> = store.conf_state().learners.clone();
                 v.sort();
                 v
             },

@@ -277,15 +277,26 @@ async fn members_are_added_and_removed_at_run_time() {
         .unwrap();
     for id in [2, 3] {
         g.start(id, Bootstrap::Join);
+        // Joins as a learner; the leader promotes it once it caught up.
         g.nodes[&1]
             .add_member(id, &format!("mem://{id}"))
             .await
             .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !g.nodes[&1].view().voters.contains(&id) {
+            assert!(
+                Instant::now() < deadline,
+                "{id} not promoted: {:?}",
+                g.nodes[&1].view().learners
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let s = g.converged().await;
     assert_eq!(s.settings["before"], "join");
     assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(g.nodes[&3].view().voters, vec![1, 2, 3]);
+    assert!(g.nodes[&3].view().learners.is_empty());
     // Removing the leader hands leadership over first.
     g.nodes[&2].remove_member(1).await.unwrap();
     g.stop(1);
