@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 use crate::leases::Report;
-use crate::placement::{plan_tp, PlacementRequest, PlanError, WorkerCapacity};
-use crate::reconciler::rank_shape;
+use crate::placement::{plan_tp, PlanError, WorkerCapacity};
+use crate::reconciler::{placement_request, rank_shape};
 use crate::settings::validate_setting;
 use crate::shard_spec::pipeline_linked;
 use crate::state::{
@@ -381,12 +381,7 @@ fn check_shape(
             free_bytes: u64::MAX >> 16,
         })
         .collect();
-    let req = PlacementRequest {
-        stages: (shape.stages > 0).then_some(shape.stages),
-        split: (!shape.layer_split.is_empty()).then(|| shape.layer_split.clone()),
-        reserve_bytes: 0,
-    };
-    match plan_tp(&rank, &unbounded, &req, tp) {
+    match plan_tp(&rank, &unbounded, &placement_request(shape), tp) {
         Err(e @ PlanError::Invalid(_)) => Err(e.into()),
         _ => Ok(()),
     }

@@ -204,8 +204,7 @@ impl Cluster {
             return None;
         }
         let mut cached = self.leader_registry.lock().unwrap();
-        if let Some((a, c)) = cached.as_ref().filter(|(a, _)| *a == leader) {
-            let _ = a;
+        if let Some((_, c)) = cached.as_ref().filter(|(a, _)| *a == leader) {
             return Some(c.clone());
         }
         let channel = Endpoint::from_shared(leader.clone())

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::state::WorkerInfo;
+
 /// What one heartbeat reports.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
@@ -32,16 +34,6 @@ pub enum Transition {
     Unhealthy(String),
     Healthy(String),
     Gone(String),
-}
-
-/// A worker as the state machine has it (id, healthy, gone, unhealthy
-/// since).
-#[derive(Debug, Clone)]
-pub struct Known<'a> {
-    pub id: &'a str,
-    pub healthy: bool,
-    pub gone: bool,
-    pub unhealthy_since_ms: u64,
 }
 
 #[derive(Default)]
@@ -114,9 +106,9 @@ impl Leases {
     /// how long a worker stays unhealthy before it is gone (measured from
     /// the logged `unhealthy_since_ms`, against `now_ms`, so it survives a
     /// change of leader; a new leader still waits one lease first).
-    pub fn transitions(
+    pub fn transitions<'a>(
         &self,
-        workers: &[Known<'_>],
+        workers: impl IntoIterator<Item = &'a WorkerInfo>,
         now: Instant,
         now_ms: u64,
         timeout: Duration,
@@ -157,12 +149,19 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(10);
     const GRACE: Duration = Duration::from_secs(30);
 
-    fn known(id: &str, healthy: bool, gone: bool, since_ms: u64) -> Known<'_> {
-        Known {
-            id,
+    fn known(id: &str, healthy: bool, gone: bool, since_ms: u64) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            address: String::new(),
+            device: "cpu".into(),
+            memory_total_bytes: 0,
+            memory_free_bytes: 0,
             healthy,
-            gone,
+            last_heartbeat_ms: 0,
+            collective_address: String::new(),
+            registered_at_ms: 0,
             unhealthy_since_ms: since_ms,
+            gone,
         }
     }
 

@@ -31,12 +31,12 @@ use tonic::Code;
 
 use crate::cluster::Cluster;
 use crate::error::CoordError;
-use crate::leases::{Known, Transition};
+use crate::leases::Transition;
 use crate::placement::{
     plan_tp, ModelShape, Placement, PlacementRequest, PlanError, WorkerCapacity,
 };
 use crate::shard_spec::shard_spec;
-use crate::state::{ClusterState, Command, Deployment, ModelState, Serving};
+use crate::state::{ClusterState, Command, Deployment, ModelState, ParallelShape, Serving};
 
 /// A model's reason is written at most this often while it only changes
 /// figures (free memory moves with every heartbeat); a failure is written
@@ -76,10 +76,10 @@ pub(crate) fn rank_shape(
 }
 
 /// What the operator's shape asks of the planner.
-pub(crate) fn placement_request(dep: &Deployment) -> PlacementRequest {
+pub(crate) fn placement_request(shape: &ParallelShape) -> PlacementRequest {
     PlacementRequest {
-        stages: (dep.shape.stages > 0).then_some(dep.shape.stages),
-        split: (!dep.shape.layer_split.is_empty()).then(|| dep.shape.layer_split.clone()),
+        stages: (shape.stages > 0).then_some(shape.stages),
+        split: (!shape.layer_split.is_empty()).then(|| shape.layer_split.clone()),
         reserve_bytes: 0,
     }
 }
@@ -160,18 +160,8 @@ impl Reconciler {
     /// Writes due liveness transitions; whether it wrote any.
     async fn liveness(&self, state: &ClusterState, now: Instant) -> bool {
         let c = &self.cluster;
-        let known: Vec<Known<'_>> = state
-            .workers
-            .values()
-            .map(|w| Known {
-                id: &w.id,
-                healthy: w.healthy,
-                gone: w.gone,
-                unhealthy_since_ms: w.unhealthy_since_ms,
-            })
-            .collect();
         let due = c.leases.transitions(
-            &known,
+            state.workers.values(),
             now,
             c.now_ms(),
             c.config.heartbeat_timeout,
@@ -179,19 +169,12 @@ impl Reconciler {
         );
         for t in &due {
             let cmd = match t {
-                Transition::Unhealthy(id) => {
-                    tracing::warn!(worker = %id, "lease expired: unhealthy");
+                Transition::Unhealthy(id) | Transition::Healthy(id) => {
+                    let healthy = matches!(t, Transition::Healthy(_));
+                    tracing::warn!(worker = %id, healthy, "lease transition");
                     Command::SetWorkerHealth {
                         id: id.clone(),
-                        healthy: false,
-                        at_ms: c.now_ms(),
-                    }
-                }
-                Transition::Healthy(id) => {
-                    tracing::info!(worker = %id, "lease renewed: healthy again");
-                    Command::SetWorkerHealth {
-                        id: id.clone(),
-                        healthy: true,
+                        healthy,
                         at_ms: c.now_ms(),
                     }
                 }
@@ -398,13 +381,8 @@ impl Reconciler {
                     }
                 }
             }
-            if ok
-                && !p
-                    .stages
-                    .iter()
-                    .flat_map(|s| s.workers())
-                    .any(|w| state.workers.get(w).is_none_or(|w| !usable(&w)))
-            {
+            // Every slot now names a usable worker: kept, or a spare.
+            if ok {
                 return Ok(p);
             }
         }
@@ -420,7 +398,7 @@ impl Reconciler {
         plan_tp(
             shape,
             &workers,
-            &placement_request(dep),
+            &placement_request(&dep.shape),
             dep.shape.tensor_parallel.max(1),
         )
     }

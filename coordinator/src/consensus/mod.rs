@@ -2,8 +2,10 @@
 //!
 //! - [`log_store`]: durable storage (checksummed WAL, atomic snapshots,
 //!   compaction) behind `raft::Storage`.
-//! - [`node`]: the Ready loop owning `RawNode`, the state machine and the
-//!   waiters of writes and ReadIndex reads; [`RaftNode`] is its handle.
+//! - [`node`]: [`RaftNode`], the handle callers use (config, errors, the
+//!   published view); `ready_loop`: the Ready loop it runs on a thread,
+//!   owning `RawNode`, the state machine and the waiters of writes and
+//!   ReadIndex reads.
 //! - [`RaftTransport`] (the seam between the node and the network) and
 //!   [`transport`]: it over gRPC (batched, per-peer queues); `mem` (tests
 //!   and the `test-util` feature only): an in-memory network with faults.
@@ -14,6 +16,7 @@ pub mod log_store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod mem;
 pub mod node;
+mod ready_loop;
 pub mod transport;
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ use raft::StateRole;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-use super::node::{Input, Loop};
+use super::node::Input;
+use super::ready_loop::Loop;
 use super::{Bootstrap, RaftConfig, RaftError, RaftTransport};
 use crate::state::{ClusterState, Command, StateError};
 

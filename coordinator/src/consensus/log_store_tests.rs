@@ -1,0 +1,218 @@
+use super::*;
+use raft::Storage;
+
+fn entry(index: u64, term: u64, data: &str) -> Entry {
+    let mut e = Entry::default();
+    e.index = index;
+    e.term = term;
+    e.data = data.as_bytes().to_vec().into();
+    e
+}
+
+fn voters(ids: &[u64]) -> ConfState {
+    let mut cs = ConfState::default();
+    cs.voters = ids.to_vec();
+    cs
+}
+
+fn open(dir: &Path) -> Result<Recovered, LogError> {
+    DiskStorage::open(dir, "c1", 1, Some((voters(&[1, 2, 3]), vec![])), true)
+}
+
+fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+    let mut h = HardState::default();
+    h.term = term;
+    h.vote = vote;
+    h.commit = commit;
+    h
+}
+
+#[test]
+fn entries_hard_state_and_conflicts_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = open(dir.path()).unwrap();
+    assert!(r.fresh);
+    let mut s = r.storage;
+    s.persist(
+        &[entry(1, 1, "a"), entry(2, 1, "b"), entry(3, 1, "c")],
+        Some(&hs(1, 1, 1)),
+    )
+    .unwrap();
+    // A new leader overwrites the uncommitted suffix from index 2.
+    s.persist(&[entry(2, 2, "B")], Some(&hs(2, 2, 2))).unwrap();
+    drop(s);
+    let r = open(dir.path()).unwrap();
+    assert!(!r.fresh);
+    let s = r.storage;
+    assert_eq!(s.last_index().unwrap(), 2);
+    assert_eq!(s.term(2).unwrap(), 2);
+    assert_eq!(
+        &s.entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap()[1]
+            .data[..],
+        b"B"
+    );
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.hard_state, hs(2, 2, 2));
+    assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+}
+
+#[test]
+fn compaction_keeps_the_tail_and_the_snapshot_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap().storage;
+    let ents: Vec<_> = (1..=10)
+        .map(|i| entry(i, 1 + i / 5, &i.to_string()))
+        .collect();
+    s.persist(&ents, Some(&hs(3, 1, 10))).unwrap();
+    s.compact(7, b"state@7".to_vec()).unwrap();
+    assert_eq!(s.first_index().unwrap(), 8);
+    assert_eq!(s.term(7).unwrap(), 2);
+    assert!(matches!(
+        s.term(6),
+        Err(raft::Error::Store(StorageError::Compacted))
+    ));
+    s.persist(&[entry(11, 3, "11")], None).unwrap();
+    drop(s);
+    let s = open(dir.path()).unwrap().storage;
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (8, 11));
+    let snap = s.snapshot(0, 2).unwrap();
+    assert_eq!(&snap.data[..], b"state@7");
+    assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+    assert_eq!(s.initial_state().unwrap().hard_state.commit, 10);
+}
+
+/// Entries, term and vote are fsynced before raft is told; a new commit
+/// index alone is written without one.
+#[test]
+fn only_entries_term_and_vote_are_fsynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap().storage;
+    s.persist(&[entry(1, 1, "a")], Some(&hs(1, 1, 0))).unwrap();
+    assert_eq!(s.fsyncs, 1);
+    s.set_commit(1).unwrap();
+    s.persist(&[], Some(&hs(1, 1, 1))).unwrap();
+    assert_eq!(s.fsyncs, 1, "a commit index alone is not fsynced");
+    s.persist(&[], Some(&hs(2, 1, 1))).unwrap();
+    s.persist(&[], Some(&hs(2, 3, 1))).unwrap();
+    assert_eq!(s.fsyncs, 3, "a new term and a new vote are");
+    drop(s);
+    let s = open(dir.path()).unwrap().storage;
+    assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 1));
+}
+
+/// A crash in the middle of a write leaves a torn last record (cut
+/// short, or whole length with bad bytes): it was never acknowledged,
+/// so the log opens without it, cut there, and takes new writes after.
+#[test]
+fn a_torn_last_record_is_dropped_and_the_log_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap().storage;
+    s.persist(&[entry(1, 1, "hello")], Some(&hs(1, 1, 1)))
+        .unwrap();
+    let intact = fs::metadata(dir.path().join("raft.wal")).unwrap().len() as usize;
+    s.persist(&[entry(2, 1, "world")], None).unwrap();
+    drop(s);
+    let wal = dir.path().join("raft.wal");
+    let good = fs::read(&wal).unwrap();
+    for torn in [
+        good[..good.len() - 5].to_vec(),
+        good[..intact + 3].to_vec(),
+        {
+            let mut b = good.clone();
+            let last = b.len() - 2;
+            b[last] ^= 0x40;
+            b
+        },
+    ] {
+        fs::write(&wal, &torn).unwrap();
+        let mut s = open(dir.path()).unwrap().storage;
+        assert_eq!(s.last_index().unwrap(), 1);
+        assert_eq!(fs::metadata(&wal).unwrap().len() as usize, intact);
+        s.persist(&[entry(2, 1, "again")], Some(&hs(1, 1, 2)))
+            .unwrap();
+        drop(s);
+        let s = open(dir.path()).unwrap().storage;
+        assert_eq!(s.last_index().unwrap(), 2);
+        assert_eq!(
+            &s.entries(2, 3, None, GetEntriesContext::empty(false))
+                .unwrap()[0]
+                .data[..],
+            b"again"
+        );
+    }
+}
+
+#[test]
+fn a_flipped_byte_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap().storage;
+    s.persist(
+        &[entry(1, 1, "hello"), entry(2, 1, "world")],
+        Some(&hs(1, 1, 2)),
+    )
+    .unwrap();
+    drop(s);
+    let wal = dir.path().join("raft.wal");
+    let good = fs::read(&wal).unwrap();
+
+    let mut flipped = good.clone();
+    let at = good.len() - 30;
+    flipped[at] ^= 0x40;
+    fs::write(&wal, &flipped).unwrap();
+    let e = open(dir.path())
+        .err()
+        .expect("corrupt log must be refused")
+        .to_string();
+    assert!(
+        e.contains("raft.wal is corrupt") && e.contains("checksum mismatch"),
+        "{e}"
+    );
+
+    // A damaged length in the middle does not pass for a torn tail.
+    let mut long = good.clone();
+    long[8 + 1] ^= 0x20;
+    fs::write(&wal, &long).unwrap();
+    let e = open(dir.path())
+        .err()
+        .expect("a damaged length must be refused")
+        .to_string();
+    assert!(e.contains("with a valid record at byte"), "{e}");
+
+    // Damage before the last record refuses to start.
+    let mut early = good.clone();
+    early[8 + 10] ^= 0x40;
+    fs::write(&wal, &early).unwrap();
+    let e = open(dir.path())
+        .err()
+        .expect("a damaged record followed by others must be refused")
+        .to_string();
+    assert!(e.contains("checksum mismatch"), "{e}");
+
+    fs::write(&wal, &good).unwrap();
+    let snap = dir.path().join("snapshot");
+    let mut b = fs::read(&snap).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    fs::write(&snap, &b).unwrap();
+    let e = open(dir.path())
+        .err()
+        .expect("corrupt snapshot must be refused")
+        .to_string();
+    assert!(e.contains("snapshot is corrupt"), "{e}");
+}
+
+#[test]
+fn a_directory_of_another_cluster_or_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()).unwrap());
+    let e = DiskStorage::open(dir.path(), "other", 1, None, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("belongs to cluster \"c1\"") && e.contains("\"other\""),
+        "{e}"
+    );
+    assert!(DiskStorage::open(dir.path(), "c1", 2, None, true).is_err());
+}
