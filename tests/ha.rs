@@ -412,15 +412,15 @@ async fn corrupt_or_foreign_data_directories_refuse_to_start() {
     foreign[at] = "other".into();
     let (ok, err) = run_to_exit(&foreign);
     assert!(!ok && err.contains("belongs to cluster \"ha\""), "{err}");
-    // One flipped byte in the log, in a record others follow (a torn last
-    // record is a write a crash cut short: dropped, see log_store's tests).
-    let wal = n.dir.join("raft.wal");
-    let mut b = std::fs::read(&wal).unwrap();
-    let i = 8 + 12;
+    // One flipped byte in the snapshot (a torn tail of the log is a write
+    // a crash cut short: dropped, see log_store's tests).
+    let snap = n.dir.join("snapshot");
+    let mut b = std::fs::read(&snap).unwrap();
+    let i = b.len() - 1;
     b[i] ^= 0x20;
-    std::fs::write(&wal, &b).unwrap();
+    std::fs::write(&snap, &b).unwrap();
     let (ok, err) = run_to_exit(&n.args);
-    assert!(!ok && err.contains("raft.wal is corrupt"), "{err}");
+    assert!(!ok && err.contains("snapshot is corrupt"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,33 +1,45 @@
-//! Durable Raft storage: a write-ahead log of entries, hard state and
-//! conf state (every record length-prefixed and CRC-32 checked, fsynced
-//! before raft-rs is told it is persisted), a snapshot file written
-//! atomically (temp file, fsync, rename, fsync of the folder), and the
-//! in-memory view raft-rs reads through [`raft::Storage`].
+//! Durable Raft storage on TiKV's log engine (the `raft-engine` crate):
+//! entries, hard state and conf state go to the engine (one write batch
+//! per Ready, `fdatasync`ed before raft-rs is told it is persisted); the
+//! state-machine snapshot is a file written atomically (temp file, fsync,
+//! rename, fsync of the folder); raft-rs reads an in-memory view through
+//! [`raft::Storage`].
 //!
 //! Layout of a data directory:
 //! - `meta.json`: cluster id and node id; a directory of another cluster or
 //!   node is refused.
 //! - `snapshot`: magic, CRC, protobuf `Snapshot` (state machine + conf state).
-//! - `raft.wal`: magic, then records `[len u32][crc32 u32][kind u8][payload]`.
+//! - `raft-engine/`: the engine's log files (one Raft group, id 1; entries,
+//!   and the keys `hard_state` and `conf_state`).
 //!
-//! Compaction writes a snapshot, drops the entries it covers from memory
-//! and rewrites the WAL with what remains (temp file + rename), so a crash
-//! at any point leaves either the old or the new log, both complete.
+//! Compaction writes the snapshot file first, then tells the engine to drop
+//! the entries it covers and purges its expired files, so a crash at any
+//! point leaves a snapshot and a log that together hold every entry (entries
+//! at or below the snapshot are skipped on open).
+//!
+//! A crash in the middle of a write leaves a torn tail in the engine's last
+//! file: the engine cuts it at open and logs the fact (its
+//! `TolerateTailCorruption` recovery mode); such a write was never
+//! acknowledged, as raft-rs is told only after the sync that covers it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use raft_engine::{Command, Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
 use serde::{Deserialize, Serialize};
 
-const WAL_MAGIC: &[u8; 8] = b"LLMOSWL1";
 const SNAP_MAGIC: &[u8; 8] = b"LLMOSSN1";
-const KIND_ENTRIES: u8 = 1;
-const KIND_HARD_STATE: u8 = 2;
-const KIND_CONF_STATE: u8 = 3;
+/// The one Raft group this engine holds.
+const GROUP: u64 = 1;
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+const ENGINE_DIR: &str = "raft-engine";
+/// The log file of llmos before it moved to raft-engine.
+const OLD_WAL: &str = "raft.wal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -46,6 +58,8 @@ pub enum LogError {
         offset: u64,
         what: String,
     },
+    #[error("raft log in {path}: {what}; refusing to start")]
+    Engine { path: PathBuf, what: String },
     #[error(
         "data directory {dir} belongs to cluster {found:?} (node {found_node}), but this node \
          is configured as node {node} of cluster {expected:?}; refusing to start"
@@ -57,12 +71,35 @@ pub enum LogError {
         expected: String,
         node: u64,
     },
+    #[error(
+        "{path} is a raft log of an older llmos (before raft-engine) that this version does \
+         not read; refusing to start. Remove the data directory and add this node back as a \
+         new member (the others send it a snapshot)"
+    )]
+    OldFormat { path: PathBuf },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     move |source| LogError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+fn engine_err(path: &Path) -> impl FnOnce(raft_engine::Error) -> LogError + '_ {
+    move |e| LogError::Engine {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    }
+}
+
+/// How raft-engine finds the index of our entries.
+struct RaftEntries;
+
+impl MessageExt for RaftEntries {
+    type Entry = Entry;
+    fn index(e: &Entry) -> u64 {
+        e.index
     }
 }
 
@@ -82,32 +119,19 @@ pub struct Recovered {
 /// raft-rs storage backed by a data directory.
 pub struct DiskStorage {
     dir: PathBuf,
-    wal: File,
-    /// Whether `fsync` is called (always, except in benchmarks that say so).
+    engine: Engine,
+    /// Whether writes are synced (always, except in benchmarks that say so).
     sync: bool,
     hard_state: HardState,
     conf_state: ConfState,
     snapshot: Snapshot,
-    /// `entries[i].index == snapshot index + 1 + i`.
+    /// `entries[i].index == snapshot index + 1 + i`: the log since the
+    /// snapshot, kept in memory as well (raft-rs reads terms and entries
+    /// on every Ready; the state machine's log is compacted every few
+    /// thousand entries).
     entries: Vec<Entry>,
-    /// Bytes in the WAL, for status.
-    wal_bytes: u64,
-    /// Where replay found a torn last record (cut there at open).
-    torn_at: Option<usize>,
-    /// fsyncs of the WAL so far.
+    /// Synced writes so far.
     fsyncs: u64,
-}
-
-/// The offset of a whole record (length, checksum and body that check out)
-/// starting after `from`, if any.
-fn record_after(bytes: &[u8], from: usize) -> Option<usize> {
-    (from + 1..bytes.len().saturating_sub(8)).find(|&p| {
-        let len = u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(bytes[p + 4..p + 8].try_into().unwrap());
-        len > 0
-            && bytes.len() - (p + 8) >= len
-            && crc32fast::hash(&bytes[p + 8..p + 8 + len]) == crc
-    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -129,24 +153,19 @@ fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), LogError> {
     Ok(())
 }
 
-fn record(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[kind]);
-    h.update(payload);
-    out.extend_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
-    out.extend_from_slice(&h.finalize().to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(payload);
-}
-
-fn encode_entries(entries: &[Entry], out: &mut Vec<u8>) {
-    let mut payload = Vec::new();
-    for e in entries {
-        let b = e.write_to_bytes().expect("encode entry");
-        payload.extend_from_slice(&(b.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&b);
-    }
-    record(KIND_ENTRIES, &payload, out);
+fn open_engine(dir: &Path) -> Result<Engine, LogError> {
+    let path = dir.join(ENGINE_DIR);
+    let cfg = raft_engine::Config {
+        dir: path.to_string_lossy().into_owned(),
+        recovery_mode: RecoveryMode::TolerateTailCorruption,
+        recovery_threads: 1,
+        // The control plane's log is small: files of 16 MB, purged (and
+        // recycled) once the snapshot covers them.
+        target_file_size: ReadableSize::mb(16),
+        purge_threshold: ReadableSize::mb(64),
+        ..Default::default()
+    };
+    Engine::open(cfg).map_err(engine_err(&path))
 }
 
 impl DiskStorage {
@@ -164,6 +183,10 @@ impl DiskStorage {
         sync: bool,
     ) -> Result<Recovered, LogError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
+        let old = dir.join(OLD_WAL);
+        if old.exists() {
+            return Err(LogError::OldFormat { path: old });
+        }
         let meta_path = dir.join("meta.json");
         let want = Meta {
             cluster_id: cluster_id.to_string(),
@@ -171,28 +194,37 @@ impl DiskStorage {
         };
         let fresh = !meta_path.exists();
         if fresh {
-            let snapshot = Snapshot::default();
-            write_atomic(&dir.join("snapshot"), &encode_snapshot(&snapshot), sync)?;
-            let mut wal = WAL_MAGIC.to_vec();
+            // A directory a crash left half made (no meta.json yet) starts
+            // over.
+            let engine_dir = dir.join(ENGINE_DIR);
+            if engine_dir.exists() {
+                fs::remove_dir_all(&engine_dir).map_err(io(&engine_dir))?;
+            }
+            write_atomic(
+                &dir.join("snapshot"),
+                &encode_snapshot(&Snapshot::default()),
+                sync,
+            )?;
+            let engine = open_engine(dir)?;
             if let Some((cs, entries)) = initial {
-                record(
-                    KIND_CONF_STATE,
-                    &cs.write_to_bytes().expect("encode"),
-                    &mut wal,
-                );
+                let mut batch = LogBatch::default();
+                batch
+                    .put_message(GROUP, KEY_CONF_STATE.to_vec(), &cs)
+                    .map_err(engine_err(dir))?;
                 if let Some(last) = entries.last() {
                     let mut hs = HardState::default();
                     hs.term = last.term;
                     hs.commit = last.index;
-                    encode_entries(&entries, &mut wal);
-                    record(
-                        KIND_HARD_STATE,
-                        &hs.write_to_bytes().expect("encode"),
-                        &mut wal,
-                    );
+                    batch
+                        .add_entries::<RaftEntries>(GROUP, &entries)
+                        .map_err(engine_err(dir))?;
+                    batch
+                        .put_message(GROUP, KEY_HARD_STATE.to_vec(), &hs)
+                        .map_err(engine_err(dir))?;
                 }
+                engine.write(&mut batch, sync).map_err(engine_err(dir))?;
             }
-            write_atomic(&dir.join("raft.wal"), &wal, sync)?;
+            drop(engine);
             let json = serde_json::to_vec_pretty(&want).expect("meta json");
             write_atomic(&meta_path, &json, sync)?;
         } else {
@@ -214,130 +246,57 @@ impl DiskStorage {
         }
         let snap_path = dir.join("snapshot");
         let snapshot = decode_snapshot(&snap_path, &fs::read(&snap_path).map_err(io(&snap_path))?)?;
-        let mut s = DiskStorage {
-            dir: dir.to_path_buf(),
-            wal: File::open(&snap_path).map_err(io(&snap_path))?, // replaced below
-            sync,
-            hard_state: HardState::default(),
-            conf_state: snapshot.get_metadata().get_conf_state().clone(),
-            snapshot,
-            entries: Vec::new(),
-            wal_bytes: 0,
-            torn_at: None,
-            fsyncs: 0,
-        };
-        s.hard_state.term = s.snapshot.get_metadata().term;
-        s.hard_state.commit = s.snapshot.get_metadata().index;
-        s.replay()?;
-        // A commit index is written without an fsync; one lost in a crash
-        // is never below the snapshot (compaction rewrites the log durably
-        // with the commit index it had).
-        s.hard_state.commit = s.hard_state.commit.max(s.snapshot.get_metadata().index);
-        let wal_path = dir.join("raft.wal");
-        s.wal = OpenOptions::new()
-            .append(true)
-            .open(&wal_path)
-            .map_err(io(&wal_path))?;
-        if let Some(at) = s.torn_at {
-            s.wal.set_len(at as u64).map_err(io(&wal_path))?;
-            s.wal.sync_all().map_err(io(&wal_path))?;
-            s.wal_bytes = at as u64;
+        let engine = open_engine(dir)?;
+        let epath = dir.join(ENGINE_DIR);
+        let mut hard_state: HardState = engine
+            .get_message(GROUP, KEY_HARD_STATE)
+            .map_err(engine_err(&epath))?
+            .unwrap_or_default();
+        let conf_state: ConfState = engine
+            .get_message(GROUP, KEY_CONF_STATE)
+            .map_err(engine_err(&epath))?
+            .unwrap_or_else(|| snapshot.get_metadata().get_conf_state().clone());
+        let snap_index = snapshot.get_metadata().index;
+        let mut entries = Vec::new();
+        if let (Some(first), Some(last)) = (engine.first_index(GROUP), engine.last_index(GROUP)) {
+            // Entries the snapshot covers may remain when a crash came
+            // between the snapshot and the compaction of the log.
+            let from = first.max(snap_index + 1);
+            if from <= last {
+                if from > snap_index + 1 {
+                    return Err(LogError::Engine {
+                        path: epath,
+                        what: format!(
+                            "the log starts at entry {first} but the snapshot ends at \
+                             {snap_index}: entries {} to {} are missing",
+                            snap_index + 1,
+                            from - 1
+                        ),
+                    });
+                }
+                engine
+                    .fetch_entries_to::<RaftEntries>(GROUP, from, last + 1, None, &mut entries)
+                    .map_err(engine_err(&epath))?;
+            }
         }
-        Ok(Recovered { fresh, storage: s })
-    }
-
-    fn replay(&mut self) -> Result<(), LogError> {
-        let path = self.dir.join("raft.wal");
-        let bytes = fs::read(&path).map_err(io(&path))?;
-        self.wal_bytes = bytes.len() as u64;
-        let corrupt = |offset: usize, what: String| LogError::Corrupt {
-            path: path.clone(),
-            offset: offset as u64,
-            what,
-        };
-        if bytes.len() < 8 || &bytes[..8] != WAL_MAGIC {
-            return Err(corrupt(0, "not an llmos raft log (bad magic)".into()));
-        }
-        let mut off = 8;
-        while off < bytes.len() {
-            // A record cut short at the end, or the last record failing its
-            // checksum, is a write a crash interrupted: it was never
-            // acknowledged (raft is told only after the fsync that covers
-            // it), so it is dropped and the log continues before it, as
-            // raft-engine does. Damage anywhere else refuses to start.
-            // Torn only if nothing valid follows: a damaged length in the
-            // middle of the log must not pass for a torn tail (it would cut
-            // acknowledged entries).
-            let torn = |what: String| -> Result<usize, LogError> {
-                if let Some(at) = record_after(&bytes, off) {
-                    return Err(corrupt(
-                        off,
-                        format!("{what}, with a valid record at byte {at} after it"),
-                    ));
-                }
-                tracing::warn!(path = %path.display(), offset = off, %what, "dropping a torn record at the end of the raft log (a write a crash interrupted)");
-                Ok(off)
-            };
-            if bytes.len() - off < 8 {
-                self.torn_at = Some(torn("truncated record header".into())?);
-                break;
-            }
-            let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
-            let crc = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap());
-            let body = off + 8;
-            if len == 0 {
-                return Err(corrupt(off, "a record of 0 bytes".into()));
-            }
-            if bytes.len() - body < len {
-                self.torn_at = Some(torn(format!(
-                    "truncated record: {len} bytes announced, {} left",
-                    bytes.len() - body
-                ))?);
-                break;
-            }
-            let rec = &bytes[body..body + len];
-            if crc32fast::hash(rec) != crc {
-                if body + len == bytes.len() {
-                    self.torn_at = Some(torn(format!(
-                        "checksum mismatch in the last record ({len} bytes)"
-                    ))?);
-                    break;
-                }
-                return Err(corrupt(
-                    off,
-                    format!("checksum mismatch in a record of {len} bytes"),
-                ));
-            }
-            let (kind, payload) = (rec[0], &rec[1..]);
-            let bad = |e: protobuf::ProtobufError| corrupt(off, format!("undecodable record: {e}"));
-            match kind {
-                KIND_ENTRIES => {
-                    let mut p = 0;
-                    let mut ents = Vec::new();
-                    while p < payload.len() {
-                        if payload.len() - p < 4 {
-                            return Err(corrupt(off, "truncated entry batch".into()));
-                        }
-                        let n = u32::from_le_bytes(payload[p..p + 4].try_into().unwrap()) as usize;
-                        let e = payload
-                            .get(p + 4..p + 4 + n)
-                            .ok_or_else(|| corrupt(off, "truncated entry batch".into()))?;
-                        ents.push(Entry::parse_from_bytes(e).map_err(bad)?);
-                        p += 4 + n;
-                    }
-                    self.append_in_memory(&ents);
-                }
-                KIND_HARD_STATE => {
-                    self.hard_state = HardState::parse_from_bytes(payload).map_err(bad)?
-                }
-                KIND_CONF_STATE => {
-                    self.conf_state = ConfState::parse_from_bytes(payload).map_err(bad)?
-                }
-                k => return Err(corrupt(off, format!("unknown record kind {k}"))),
-            }
-            off = body + len;
-        }
-        Ok(())
+        hard_state.term = hard_state.term.max(snapshot.get_metadata().term);
+        // A commit index is written without a sync; one lost in a crash is
+        // never below the snapshot (compaction syncs the commit index it
+        // had).
+        hard_state.commit = hard_state.commit.max(snap_index);
+        Ok(Recovered {
+            fresh,
+            storage: DiskStorage {
+                dir: dir.to_path_buf(),
+                engine,
+                sync,
+                hard_state,
+                conf_state,
+                snapshot,
+                entries,
+                fsyncs: 0,
+            },
+        })
     }
 
     fn append_in_memory(&mut self, ents: &[Entry]) {
@@ -354,40 +313,44 @@ impl DiskStorage {
         self.entries.extend_from_slice(ents);
     }
 
-    fn write_wal(&mut self, buf: &[u8], durable: bool) -> Result<(), LogError> {
-        let path = self.dir.join("raft.wal");
-        self.wal.write_all(buf).map_err(io(&path))?;
-        if self.sync && durable {
-            self.wal.sync_data().map_err(io(&path))?;
+    fn write(&mut self, batch: &mut LogBatch, durable: bool) -> Result<(), LogError> {
+        let sync = self.sync && durable;
+        self.engine
+            .write(batch, sync)
+            .map_err(engine_err(&self.dir.join(ENGINE_DIR)))?;
+        if sync {
             self.fsyncs += 1;
         }
-        self.wal_bytes += buf.len() as u64;
         Ok(())
     }
 
     /// Persists new entries and the hard state with one write and one
-    /// fsync; raft-rs may only be told after this returns. A hard state
-    /// that changes only the commit index is written without an fsync (as
+    /// sync; raft-rs may only be told after this returns. A hard state
+    /// that changes only the commit index is written without a sync (as
     /// etcd does): a commit index lost in a crash is learned again from the
     /// leader, while entries, term and vote must survive.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), LogError> {
-        let mut buf = Vec::new();
+        let mut batch = LogBatch::default();
+        let bad = |e| LogError::Engine {
+            path: self.dir.join(ENGINE_DIR),
+            what: format!("{e}"),
+        };
         if !entries.is_empty() {
-            encode_entries(entries, &mut buf);
+            batch
+                .add_entries::<RaftEntries>(GROUP, entries)
+                .map_err(bad)?;
         }
         if let Some(hs) = hs {
-            record(
-                KIND_HARD_STATE,
-                &hs.write_to_bytes().expect("encode"),
-                &mut buf,
-            );
+            batch
+                .put_message(GROUP, KEY_HARD_STATE.to_vec(), hs)
+                .map_err(bad)?;
         }
-        if buf.is_empty() {
+        if batch.is_empty() {
             return Ok(());
         }
         let durable = !entries.is_empty()
             || hs.is_some_and(|h| h.term != self.hard_state.term || h.vote != self.hard_state.vote);
-        self.write_wal(&buf, durable)?;
+        self.write(&mut batch, durable)?;
         self.append_in_memory(entries);
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
@@ -402,18 +365,17 @@ impl DiskStorage {
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {
-        let mut buf = Vec::new();
-        record(
-            KIND_CONF_STATE,
-            &cs.write_to_bytes().expect("encode"),
-            &mut buf,
-        );
-        self.write_wal(&buf, true)?;
+        let mut batch = LogBatch::default();
+        batch
+            .put_message(GROUP, KEY_CONF_STATE.to_vec(), &cs)
+            .map_err(engine_err(&self.dir.join(ENGINE_DIR)))?;
+        self.write(&mut batch, true)?;
         self.conf_state = cs;
         Ok(())
     }
 
-    /// Installs a snapshot received from the leader.
+    /// Installs a snapshot received from the leader: the snapshot file
+    /// first, then the whole log replaced by the hard and conf state.
     pub fn apply_snapshot(&mut self, snap: Snapshot) -> Result<(), LogError> {
         let m = snap.get_metadata();
         self.hard_state.term = self.hard_state.term.max(m.term);
@@ -421,7 +383,22 @@ impl DiskStorage {
         self.conf_state = m.get_conf_state().clone();
         self.entries.clear();
         self.snapshot = snap;
-        self.rewrite()
+        write_atomic(
+            &self.dir.join("snapshot"),
+            &encode_snapshot(&self.snapshot),
+            self.sync,
+        )?;
+        let epath = self.dir.join(ENGINE_DIR);
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, Command::Clean);
+        batch
+            .put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)
+            .map_err(engine_err(&epath))?;
+        batch
+            .put_message(GROUP, KEY_CONF_STATE.to_vec(), &self.conf_state)
+            .map_err(engine_err(&epath))?;
+        self.write(&mut batch, true)?;
+        self.purge()
     }
 
     /// Takes a snapshot of the state machine at `index` (applied) and drops
@@ -438,39 +415,29 @@ impl DiskStorage {
         m.index = index;
         m.term = term;
         m.set_conf_state(self.conf_state.clone());
-        self.entries.drain(..(index - snap_index) as usize);
-        self.snapshot = snap;
-        self.rewrite()
-    }
-
-    /// Writes the snapshot file, then a new WAL holding what remains.
-    fn rewrite(&mut self) -> Result<(), LogError> {
         write_atomic(
             &self.dir.join("snapshot"),
-            &encode_snapshot(&self.snapshot),
+            &encode_snapshot(&snap),
             self.sync,
         )?;
-        let mut wal = WAL_MAGIC.to_vec();
-        record(
-            KIND_CONF_STATE,
-            &self.conf_state.write_to_bytes().expect("encode"),
-            &mut wal,
-        );
-        record(
-            KIND_HARD_STATE,
-            &self.hard_state.write_to_bytes().expect("encode"),
-            &mut wal,
-        );
-        if !self.entries.is_empty() {
-            encode_entries(&self.entries, &mut wal);
-        }
-        let path = self.dir.join("raft.wal");
-        write_atomic(&path, &wal, self.sync)?;
-        self.wal = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        self.wal_bytes = wal.len() as u64;
+        self.entries.drain(..(index - snap_index) as usize);
+        self.snapshot = snap;
+        let epath = self.dir.join(ENGINE_DIR);
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, Command::Compact { index: index + 1 });
+        // The commit index the snapshot needs, durably.
+        batch
+            .put_message(GROUP, KEY_HARD_STATE.to_vec(), &self.hard_state)
+            .map_err(engine_err(&epath))?;
+        self.write(&mut batch, true)?;
+        self.purge()
+    }
+
+    /// Lets the engine delete (or recycle) files that hold nothing live.
+    fn purge(&mut self) -> Result<(), LogError> {
+        self.engine
+            .purge_expired_files()
+            .map_err(engine_err(&self.dir.join(ENGINE_DIR)))?;
         Ok(())
     }
 
@@ -486,8 +453,9 @@ impl DiskStorage {
         &self.hard_state
     }
 
-    pub fn wal_bytes(&self) -> u64 {
-        self.wal_bytes
+    /// Bytes the engine's log files take on disk.
+    pub fn log_bytes(&self) -> u64 {
+        self.engine.get_used_size() as u64
     }
 
     fn first(&self) -> u64 {
@@ -498,7 +466,6 @@ impl DiskStorage {
         self.snapshot.get_metadata().index + self.entries.len() as u64
     }
 }
-
 fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     let body = s.write_to_bytes().expect("encode snapshot");
     let mut out = SNAP_MAGIC.to_vec();

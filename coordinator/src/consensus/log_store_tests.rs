@@ -101,20 +101,34 @@ fn only_entries_term_and_vote_are_fsynced() {
     assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 1));
 }
 
-/// A crash in the middle of a write leaves a torn last record (cut
-/// short, or whole length with bad bytes): it was never acknowledged,
-/// so the log opens without it, cut there, and takes new writes after.
+/// The engine's one log file (a fresh directory writes fewer than 16 MB).
+fn log_file(dir: &Path) -> std::path::PathBuf {
+    let mut files: Vec<_> = fs::read_dir(dir.join(ENGINE_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.pop().unwrap()
+}
+
+/// A crash in the middle of a write leaves a torn tail (cut short, or
+/// whole length with bad bytes): it was never acknowledged, so the log
+/// opens without it and takes new writes after.
 #[test]
-fn a_torn_last_record_is_dropped_and_the_log_continues() {
+fn a_torn_last_write_is_dropped_and_the_log_continues() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path()).unwrap().storage;
     s.persist(&[entry(1, 1, "hello")], Some(&hs(1, 1, 1)))
         .unwrap();
-    let intact = fs::metadata(dir.path().join("raft.wal")).unwrap().len() as usize;
+    drop(s);
+    let file = log_file(dir.path());
+    let intact = fs::metadata(&file).unwrap().len() as usize;
+    let mut s = open(dir.path()).unwrap().storage;
     s.persist(&[entry(2, 1, "world")], None).unwrap();
     drop(s);
-    let wal = dir.path().join("raft.wal");
-    let good = fs::read(&wal).unwrap();
+    let good = fs::read(&file).unwrap();
+    assert!(good.len() > intact);
     for torn in [
         good[..good.len() - 5].to_vec(),
         good[..intact + 3].to_vec(),
@@ -125,10 +139,10 @@ fn a_torn_last_record_is_dropped_and_the_log_continues() {
             b
         },
     ] {
-        fs::write(&wal, &torn).unwrap();
+        fs::write(&file, &torn).unwrap();
         let mut s = open(dir.path()).unwrap().storage;
         assert_eq!(s.last_index().unwrap(), 1);
-        assert_eq!(fs::metadata(&wal).unwrap().len() as usize, intact);
+        assert_eq!(s.initial_state().unwrap().hard_state, hs(1, 1, 1));
         s.persist(&[entry(2, 1, "again")], Some(&hs(1, 1, 2)))
             .unwrap();
         drop(s);
@@ -143,55 +157,46 @@ fn a_torn_last_record_is_dropped_and_the_log_continues() {
     }
 }
 
+/// A snapshot received from the leader replaces the whole log, across a
+/// restart too.
 #[test]
-fn a_flipped_byte_refuses_to_start() {
+fn an_installed_snapshot_replaces_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path()).unwrap().storage;
-    s.persist(
-        &[entry(1, 1, "hello"), entry(2, 1, "world")],
-        Some(&hs(1, 1, 2)),
-    )
-    .unwrap();
+    let ents: Vec<_> = (1..=5).map(|i| entry(i, 1, "old")).collect();
+    s.persist(&ents, Some(&hs(1, 1, 3))).unwrap();
+    let mut snap = Snapshot::default();
+    snap.data = b"state@9".to_vec().into();
+    snap.mut_metadata().index = 9;
+    snap.mut_metadata().term = 4;
+    snap.mut_metadata().set_conf_state(voters(&[1, 2]));
+    s.apply_snapshot(snap).unwrap();
+    assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (10, 9));
+    s.persist(&[entry(10, 4, "new")], Some(&hs(4, 2, 10)))
+        .unwrap();
     drop(s);
-    let wal = dir.path().join("raft.wal");
-    let good = fs::read(&wal).unwrap();
-
-    let mut flipped = good.clone();
-    let at = good.len() - 30;
-    flipped[at] ^= 0x40;
-    fs::write(&wal, &flipped).unwrap();
-    let e = open(dir.path())
-        .err()
-        .expect("corrupt log must be refused")
-        .to_string();
-    assert!(
-        e.contains("raft.wal is corrupt") && e.contains("checksum mismatch"),
-        "{e}"
+    let s = open(dir.path()).unwrap().storage;
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (10, 10)
     );
+    assert_eq!(s.term(9).unwrap(), 4);
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.hard_state, hs(4, 2, 10));
+    assert_eq!(st.conf_state.voters, vec![1, 2]);
+    assert_eq!(&s.snapshot(0, 2).unwrap().data[..], b"state@9");
+}
 
-    // A damaged length in the middle does not pass for a torn tail.
-    let mut long = good.clone();
-    long[8 + 1] ^= 0x20;
-    fs::write(&wal, &long).unwrap();
-    let e = open(dir.path())
-        .err()
-        .expect("a damaged length must be refused")
-        .to_string();
-    assert!(e.contains("with a valid record at byte"), "{e}");
-
-    // Damage before the last record refuses to start.
-    let mut early = good.clone();
-    early[8 + 10] ^= 0x40;
-    fs::write(&wal, &early).unwrap();
-    let e = open(dir.path())
-        .err()
-        .expect("a damaged record followed by others must be refused")
-        .to_string();
-    assert!(e.contains("checksum mismatch"), "{e}");
-
-    fs::write(&wal, &good).unwrap();
+#[test]
+fn a_damaged_snapshot_or_an_old_log_format_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path()).unwrap().storage;
+    s.persist(&[entry(1, 1, "hello")], Some(&hs(1, 1, 1)))
+        .unwrap();
+    drop(s);
     let snap = dir.path().join("snapshot");
-    let mut b = fs::read(&snap).unwrap();
+    let good = fs::read(&snap).unwrap();
+    let mut b = good.clone();
     let last = b.len() - 1;
     b[last] ^= 1;
     fs::write(&snap, &b).unwrap();
@@ -200,6 +205,17 @@ fn a_flipped_byte_refuses_to_start() {
         .expect("corrupt snapshot must be refused")
         .to_string();
     assert!(e.contains("snapshot is corrupt"), "{e}");
+    fs::write(&snap, &good).unwrap();
+
+    fs::write(dir.path().join("raft.wal"), b"LLMOSWL1").unwrap();
+    let e = open(dir.path())
+        .err()
+        .expect("a log of the old format must be refused")
+        .to_string();
+    assert!(
+        e.contains("raft.wal is a raft log of an older llmos") && e.contains("new member"),
+        "{e}"
+    );
 }
 
 #[test]

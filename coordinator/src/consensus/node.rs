@@ -135,7 +135,7 @@ pub struct View {
     pub voters: Vec<u64>,
     /// Members catching up before they vote.
     pub learners: Vec<u64>,
-    pub wal_bytes: u64,
+    pub log_bytes: u64,
 }
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, RaftError>>;

@@ -598,7 +598,7 @@ impl Loop {
                 v.sort();
                 v
             },
-            wal_bytes: store.wal_bytes(),
+            log_bytes: store.log_bytes(),
         };
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = v;
     }
