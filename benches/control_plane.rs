@@ -209,6 +209,7 @@ async fn idle_writes_per_minute(bin: &Path, dir: &Path) -> f64 {
                 memory_total_bytes: 1 << 34,
                 memory_free_bytes: 1 << 33,
                 collective_address: String::new(),
+                ..Default::default()
             })
             .await
             .expect("register")

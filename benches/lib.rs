@@ -93,6 +93,7 @@ pub async fn start_cluster(workers: usize) -> Channel {
             address: format!("http://{addr}"),
             device: "cpu".into(),
             collective_address: rv.local_addr().to_string(),
+            ..Default::default()
         };
         tokio::spawn(serve_registered(
             l,

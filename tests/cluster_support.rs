@@ -42,6 +42,11 @@ pub struct ProcWorker(std::process::Child);
 
 impl ProcWorker {
     pub fn start(coordinator: &str, id: &str) -> Self {
+        Self::start_with(coordinator, id, &[])
+    }
+
+    /// With more `llmos-worker serve` arguments (e.g. a drain timeout).
+    pub fn start_with(coordinator: &str, id: &str, extra: &[&str]) -> Self {
         let exe = std::env::current_exe().unwrap();
         let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
         assert!(
@@ -52,11 +57,26 @@ impl ProcWorker {
         let child = std::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
             .args(["--coordinator", coordinator, "--worker-id", id])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         ProcWorker(child)
+    }
+
+    /// Waits up to `within` for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no goodbye, connections reset.
@@ -90,6 +110,11 @@ impl Drop for ProcWorker {
 /// Starts an in-process worker registering as `id` on a fresh port (its
 /// tasks live as long as the test's runtime).
 pub async fn start_worker(coordinator: &str, id: &str) {
+    start_worker_in(coordinator, id, "", &[]).await
+}
+
+/// An in-process worker of worker pool `pool` with `labels` (k, v).
+pub async fn start_worker_in(coordinator: &str, id: &str, pool: &str, labels: &[(&str, &str)]) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
@@ -99,6 +124,12 @@ pub async fn start_worker(coordinator: &str, id: &str) {
         address: format!("http://{addr}"),
         device: "cpu".into(),
         collective_address: rv.local_addr().to_string(),
+        pool: pool.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
     };
     tokio::spawn(async move {
         let _ = serve_registered(
@@ -215,5 +246,42 @@ pub fn tp_deploy(name: &str, source: &str, stages: u32, tp: u32) -> api::DeployM
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// The status of model `name`, if deployed (and the call succeeded).
+pub async fn model_status(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+) -> Option<api::ModelStatus> {
+    admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.name == name)
+}
+
+/// Polls until `done` holds for the model's status; returns that status.
+pub async fn wait_model(
+    admin: &mut AdminClient<Channel>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&api::ModelStatus) -> bool,
+) -> api::ModelStatus {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    loop {
+        if let Some(m) = model_status(admin, name).await {
+            if done(&m) {
+                return m;
+            }
+            last = Some(m);
+        }
+        assert!(Instant::now() < deadline, "{what}: {last:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

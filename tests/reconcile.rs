@@ -21,39 +21,6 @@ fn request(model: &str) -> api::GenerateRequest {
     ids_request(model, &[1, 504, 3458, 282, 4649, 314], 12)
 }
 
-async fn model_status(admin: &mut AdminClient<Channel>, name: &str) -> Option<api::ModelStatus> {
-    admin
-        .cluster_status(api::ClusterStatusRequest {})
-        .await
-        .ok()?
-        .into_inner()
-        .models
-        .into_iter()
-        .find(|m| m.name == name)
-}
-
-/// Polls until `done` holds for the model's status; returns that status.
-async fn wait_model(
-    admin: &mut AdminClient<Channel>,
-    name: &str,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&api::ModelStatus) -> bool,
-) -> api::ModelStatus {
-    let deadline = Instant::now() + within;
-    let mut last = None;
-    loop {
-        if let Some(m) = model_status(admin, name).await {
-            if done(&m) {
-                return m;
-            }
-            last = Some(m);
-        }
-        assert!(Instant::now() < deadline, "{what}: {last:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn workers_of(admin: &mut AdminClient<Channel>) -> Vec<api::WorkerStatus> {
     admin
         .list_workers(api::ListWorkersRequest {})
@@ -73,6 +40,7 @@ async fn held_by(address: &str) -> Vec<wk::HeldShard> {
         .map(|s| wk::HeldShard {
             model: s.model.clone(),
             epoch: s.epoch,
+            engine: None,
         })
         .collect()
 }

@@ -47,6 +47,31 @@ enum Command {
     Deploy(DeployArgs),
     /// Remove a deployed model.
     Undeploy { name: String },
+    /// Set how many replicas of a model serve.
+    Scale {
+        name: String,
+        #[arg(long)]
+        replicas: u32,
+        /// Return once recorded instead of waiting until exactly that many
+        /// replicas serve.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Move every replica off a worker (a replacement first, then the old
+    /// one drains and unloads) and place nothing new there.
+    Drain {
+        worker: String,
+        /// Return once recorded instead of waiting until the worker holds
+        /// nothing.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Make a drained worker schedulable again.
+    Uncordon { worker: String },
     /// Coordinator replicas (Raft membership).
     #[command(subcommand)]
     Members(MembersCommand),
@@ -168,6 +193,15 @@ struct DeployArgs {
     /// converging) when it passes.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Full copies of the model, each on workers of its own.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Only workers of this pool.
+    #[arg(long, default_value = "")]
+    pool: String,
+    /// Only workers with this label, as key=value (repeatable).
+    #[arg(long = "label", value_parser = llmos_proto::parse_label)]
+    labels: Vec<(String, String)>,
 }
 
 fn coordinators(list: &str) -> Vec<String> {
@@ -307,11 +341,50 @@ fn print_json(v: serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
 
+/// Workers grouped by pool ("default" for workers that named none).
 fn workers_json(ws: &[api::WorkerStatus]) -> serde_json::Value {
-    json!(ws
+    let mut pools: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    for w in ws {
+        let pool = if w.pool.is_empty() {
+            "default"
+        } else {
+            &w.pool
+        };
+        let labels: std::collections::BTreeMap<_, _> = w.labels.iter().collect();
+        pools
+            .entry(pool.to_string())
+            .or_default()
+            .push(json!({"id": w.id, "address": w.address,
+            "device": w.device, "healthy": w.healthy, "gone": w.gone, "cordoned": w.cordoned,
+            "labels": labels, "memory_total_bytes": w.memory_total_bytes,
+            "memory_free_bytes": w.memory_free_bytes, "shards": w.shards}));
+    }
+    json!(pools)
+}
+
+/// One line per stage: "worker: layers a-b (tp ranks ...)".
+fn placement_line(ss: &[api::StagePlacement]) -> String {
+    ss.iter()
+        .map(|s| {
+            let tp = if s.tensor_parallel_workers.is_empty() {
+                String::new()
+            } else {
+                format!(" +tp {}", s.tensor_parallel_workers.join(","))
+            };
+            format!("{}: {}-{}{tp}", s.worker_id, s.layer_start, s.layer_end)
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn replicas_json(rs: &[api::ReplicaStatus]) -> serde_json::Value {
+    json!(rs
         .iter()
-        .map(|w| json!({"id": w.id, "address": w.address, "device": w.device, "healthy": w.healthy,
-            "gone": w.gone, "memory_total_bytes": w.memory_total_bytes, "memory_free_bytes": w.memory_free_bytes, "shards": w.shards}))
+        .map(|r| json!({"id": r.id, "state": r.state, "reason": r.reason, "epoch": r.epoch,
+            "placement": placement_line(&r.stages), "running": r.running, "waiting": r.waiting,
+            "in_flight": r.in_flight, "kv_blocks_free": r.kv_blocks_free, "routed": r.routed,
+            "prefix_routed_rate": if r.routed > 0 { r.routed_for_prefix as f64 / r.routed as f64 } else { 0.0 },
+            "state_since_ms": r.state_since_ms}))
         .collect::<Vec<_>>())
 }
 
@@ -485,7 +558,9 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     "stages": stages_json(&m.stages), "pipeline_transport": m.pipeline_transport,
                     "serving": m.serving.as_ref().map(serving_json),
                     "options": m.options.as_ref().map(options_json), "reason": m.reason,
-                    "generation": m.generation, "epoch": m.epoch, "state_since_ms": m.state_since_ms})
+                    "generation": m.generation, "epoch": m.epoch, "state_since_ms": m.state_since_ms,
+                    "replicas_desired": m.replicas_desired, "replicas": replicas_json(&m.replicas),
+                    "pool": m.pool})
                 })
                 .collect();
             print_json(
@@ -518,6 +593,9 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     // The CLI waits itself, drawing the progress.
                     wait: Some(false),
                     wait_timeout_ms: 0,
+                    replicas: a.replicas,
+                    pool: a.pool,
+                    labels: a.labels.into_iter().collect(),
                 })
                 .await
                 .map_err(status_error)?;
@@ -528,6 +606,50 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             let m = wait_ready(&mut admin, &name, std::time::Duration::from_secs(timeout)).await?;
             print_json(json!({"stages": stages_json(&m.stages),
                 "load_seconds": started.elapsed().as_secs_f64()}));
+        }
+        Command::Scale {
+            name,
+            replicas,
+            no_wait,
+            timeout,
+        } => {
+            let started = std::time::Instant::now();
+            let r = AdminClient::new(ch)
+                .scale_model(api::ScaleModelRequest {
+                    name: name.clone(),
+                    replicas,
+                    wait: Some(!no_wait),
+                    wait_timeout_ms: (timeout * 1000).min(u32::MAX as u64) as u32,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_json(
+                json!({"model": name, "previous": r.previous, "replicas": replicas,
+                "seconds": started.elapsed().as_secs_f64()}),
+            );
+        }
+        Command::Drain {
+            worker,
+            no_wait,
+            timeout,
+        } => {
+            let r = AdminClient::new(ch)
+                .drain_worker(api::DrainWorkerRequest {
+                    worker_id: worker.clone(),
+                    wait: Some(!no_wait),
+                    wait_timeout_ms: (timeout * 1000).min(u32::MAX as u64) as u32,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_json(json!({"worker": worker, "moved": r.replicas, "done": !no_wait}));
+        }
+        Command::Uncordon { worker } => {
+            AdminClient::new(ch)
+                .uncordon_worker(api::UncordonWorkerRequest { worker_id: worker })
+                .await
+                .map_err(status_error)?;
         }
         Command::Undeploy { name } => {
             AdminClient::new(ch)

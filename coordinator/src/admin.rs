@@ -13,10 +13,11 @@ use crate::error::{CoordError, Result};
 use crate::leases::Report;
 use crate::placement::{plan_tp, PlanError, WorkerCapacity};
 use crate::reconciler::{placement_request, rank_shape};
+use crate::router::EngineLoad;
 use crate::settings::validate_setting;
 use crate::shard_spec::pipeline_linked;
 use crate::state::{
-    ClusterState, Command, Deployment, ModelState, ParallelShape, Serving, StateError,
+    ClusterState, Command, Deployment, ModelState, ParallelShape, Replica, Serving, StateError,
 };
 
 pub struct RegistryService {
@@ -45,6 +46,8 @@ impl wk::registry_server::Registry for RegistryService {
                 memory_free_bytes: r.memory_free_bytes,
                 at_ms: self.cluster.now_ms(),
                 collective_address: r.collective_address.clone(),
+                pool: r.pool.clone(),
+                labels: r.labels.into_iter().collect(),
             })
             .await?;
         tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
@@ -64,6 +67,22 @@ impl wk::registry_server::Registry for RegistryService {
         req: Request<wk::HeartbeatRequest>,
     ) -> Result<Response<wk::HeartbeatResponse>, Status> {
         let c = &self.cluster;
+        // Every coordinator the report passes routes with it.
+        let at_ms = c.now_ms();
+        for s in &req.get_ref().shards {
+            if let Some(e) = &s.engine {
+                c.router.report(
+                    &s.model,
+                    s.epoch,
+                    EngineLoad {
+                        running: e.running,
+                        waiting: e.waiting,
+                        kv_blocks_free: e.kv_blocks_total.saturating_sub(e.kv_blocks_used),
+                    },
+                    at_ms,
+                );
+            }
+        }
         if !c.store.is_leader() {
             if req.metadata().contains_key(FORWARDED) {
                 return Err(Status::unavailable(
@@ -156,10 +175,13 @@ fn serving_status(e: &wk::EngineStats) -> api::ServingStatus {
     }
 }
 
-/// The engine's figures from the worker holding the model's first stage.
-async fn engine_stats(cluster: &Cluster, dep: &Deployment) -> Option<api::ServingStatus> {
-    let first = dep.placement.stages.first()?;
-    let mut client = cluster.worker(&first.worker).await.ok()?;
+/// The engine's figures from the worker running a replica's engine.
+async fn engine_stats(
+    cluster: &Cluster,
+    dep: &Deployment,
+    r: &Replica,
+) -> Option<api::ServingStatus> {
+    let mut client = cluster.worker(r.engine_worker()?).await.ok()?;
     let mut req = Request::new(wk::StatsRequest {});
     req.set_timeout(cluster.config.connect_timeout);
     let stats = client.stats(req).await.ok()?.into_inner();
@@ -217,8 +239,12 @@ pub(crate) async fn unload_shard(
 /// now still reports when it comes back).
 async fn unload_everywhere(cluster: &Arc<Cluster>, dep: &Deployment) {
     let mut unloads = tokio::task::JoinSet::new();
-    for w in dep.placement.stages.iter().flat_map(|s| s.workers()) {
-        let (c, w, name, epoch) = (cluster.clone(), w.to_string(), dep.name.clone(), dep.epoch);
+    for (r, (_, _, w)) in dep
+        .instances
+        .values()
+        .flat_map(|r| r.shards().map(move |s| (r, s)))
+    {
+        let (c, w, name, epoch) = (cluster.clone(), w.to_string(), dep.name.clone(), r.epoch);
         unloads.spawn(async move {
             if let Err(e) = unload_shard(&c, &w, &name, epoch).await {
                 tracing::debug!(worker = %w, error = %e, "unloading at undeploy failed");
@@ -228,14 +254,10 @@ async fn unload_everywhere(cluster: &Arc<Cluster>, dep: &Deployment) {
     unloads.join_all().await;
 }
 
-fn stage_status(state: &ClusterState, dep: &Deployment, i: usize) -> api::StagePlacement {
-    let s = &dep.placement.stages[i];
+fn stage_status(state: &ClusterState, r: &Replica, i: usize) -> api::StagePlacement {
+    let s = &r.placement.stages[i];
     api::StagePlacement {
-        ranks_loaded: dep
-            .loaded
-            .iter()
-            .filter(|(st, _)| *st as usize == i)
-            .count() as u32,
+        ranks_loaded: r.loaded.iter().filter(|(st, _)| *st as usize == i).count() as u32,
         worker_id: s.worker.clone(),
         worker_address: state
             .workers
@@ -273,13 +295,20 @@ fn worker_statuses(cluster: &Cluster, state: &ClusterState) -> Vec<api::WorkerSt
                 .models
                 .values()
                 .flat_map(|m| {
-                    m.placement
-                        .stages
-                        .iter()
-                        .filter(|s| s.holds(&w.id))
-                        .map(|s| format!("{}:{}-{}", m.name, s.layer_start, s.layer_end))
+                    m.instances.values().flat_map(move |r| {
+                        r.placement
+                            .stages
+                            .iter()
+                            .filter(|s| s.holds(&w.id))
+                            .map(move |s| {
+                                format!("{}/{}:{}-{}", m.name, r.id, s.layer_start, s.layer_end)
+                            })
+                    })
                 })
                 .collect(),
+            pool: w.pool.clone(),
+            labels: w.labels.clone().into_iter().collect(),
+            cordoned: w.cordoned,
         })
         .collect()
 }
@@ -332,9 +361,11 @@ impl AdminService {
             source: r.source.clone(),
             dtype: dtype.into(),
             quantization: quantization.into(),
-            placement: Default::default(),
             serving,
             shape,
+            replicas: r.replicas.max(1),
+            pool: r.pool.clone(),
+            labels: r.labels.into_iter().collect(),
             at_ms: c.now_ms(),
         })
         .await?;
@@ -353,10 +384,15 @@ impl AdminService {
             c.config.load_timeout
         };
         let (state, dep) = wait_ready(c, &r.name, generation, timeout).await?;
+        let first = dep.primary();
         Ok(api::DeployModelResponse {
-            stages: (0..dep.placement.stages.len())
-                .map(|i| stage_status(&state, &dep, i))
-                .collect(),
+            stages: first
+                .map(|r| {
+                    (0..r.placement.stages.len())
+                        .map(|i| stage_status(&state, r, i))
+                        .collect()
+                })
+                .unwrap_or_default(),
             load_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -387,13 +423,27 @@ fn check_shape(
     }
 }
 
-/// Waits until generation `generation` of `name` is Ready (returning the
-/// state it is Ready in), Failed, replaced or gone, or `timeout` passes.
+/// Waits until generation `generation` of `name` is Ready (every replica
+/// asked for serves; with `settled`, none drains either), returning the
+/// state it is Ready in; or Failed, replaced or gone, or `timeout` passes.
 async fn wait_ready(
     c: &Cluster,
     name: &str,
     generation: u64,
     timeout: Duration,
+) -> Result<(Arc<ClusterState>, Deployment)> {
+    wait_until(c, name, generation, timeout, |d| {
+        d.state == ModelState::Ready
+    })
+    .await
+}
+
+async fn wait_until(
+    c: &Cluster,
+    name: &str,
+    generation: u64,
+    timeout: Duration,
+    done: impl Fn(&Deployment) -> bool,
 ) -> Result<(Arc<ClusterState>, Deployment)> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -404,8 +454,10 @@ async fn wait_ready(
             .filter(|d| d.generation == generation)
             .cloned()
             .ok_or_else(|| CoordError::UnknownModel(name.to_string()))?;
+        if done(&dep) {
+            return Ok((state, dep));
+        }
         match &dep.state {
-            ModelState::Ready => return Ok((state, dep)),
             ModelState::Failed(reason) => {
                 return Err(CoordError::DeployFailed {
                     model: name.to_string(),
@@ -416,8 +468,13 @@ async fn wait_ready(
                 return Err(CoordError::NotReadyInTime {
                     model: name.to_string(),
                     waited: timeout,
-                    state: format!("{:?}", dep.state),
-                    reason: dep.reason.clone(),
+                    state: format!(
+                        "{:?}, {} of {} replicas serving",
+                        dep.state,
+                        dep.serving().count(),
+                        dep.replicas
+                    ),
+                    reason: model_reason(&dep),
                 })
             }
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -480,30 +537,71 @@ impl api::admin_server::Admin for AdminService {
         let state = self.cluster.read_fresh().await?;
         let mut models = Vec::new();
         for m in state.models.values() {
-            let serving = if m.state == ModelState::Ready {
-                engine_stats(&self.cluster, m).await
-            } else {
-                None
+            let primary = m.primary();
+            let serving = match primary.filter(|r| r.state == ModelState::Ready) {
+                Some(r) => engine_stats(&self.cluster, m, r).await,
+                None => None,
+            };
+            let stages = |r: &Replica| -> Vec<api::StagePlacement> {
+                (0..r.placement.stages.len())
+                    .map(|i| stage_status(&state, r, i))
+                    .collect()
             };
             models.push(api::ModelStatus {
                 name: m.name.clone(),
                 source: m.source.clone(),
                 state: format!("{:?}", m.state),
-                stages: (0..m.placement.stages.len())
-                    .map(|i| stage_status(&state, m, i))
-                    .collect(),
+                stages: primary.map(&stages).unwrap_or_default(),
                 serving,
-                pipeline_transport: match (m.placement.stages.len(), pipeline_linked(&state, m)) {
-                    (0 | 1, _) => "",
-                    (_, true) => "link",
-                    (_, false) => "grpc",
+                pipeline_transport: match primary {
+                    Some(r) if r.placement.stages.len() > 1 => {
+                        if pipeline_linked(&state, m, &r.placement) {
+                            "link"
+                        } else {
+                            "grpc"
+                        }
+                    }
+                    _ => "",
                 }
                 .into(),
                 options: Some(serving_options(&m.serving)),
-                reason: m.reason.clone(),
+                reason: model_reason(m),
                 generation: m.generation,
-                epoch: m.epoch,
+                epoch: primary.map_or(0, |r| r.epoch),
                 state_since_ms: m.since_ms,
+                replicas_desired: m.replicas,
+                replicas: m
+                    .instances
+                    .values()
+                    .map(|r| {
+                        let load = self.cluster.router.load(&m.name, r.epoch);
+                        let reported = load.reported.unwrap_or_default();
+                        api::ReplicaStatus {
+                            id: r.id,
+                            state: if r.draining() {
+                                "Draining".into()
+                            } else {
+                                format!("{:?}", r.state)
+                            },
+                            reason: r.reason.clone(),
+                            epoch: r.epoch,
+                            stages: stages(r),
+                            running: reported.running,
+                            waiting: reported.waiting,
+                            in_flight: load.in_flight,
+                            kv_blocks_free: reported.kv_blocks_free,
+                            routed: load.routed,
+                            routed_for_prefix: load.routed_for_prefix,
+                            state_since_ms: if r.draining() {
+                                r.draining_since_ms
+                            } else {
+                                r.since_ms
+                            },
+                        }
+                    })
+                    .collect(),
+                pool: m.pool.clone(),
+                labels: m.labels.clone().into_iter().collect(),
             });
         }
         Ok(Response::new(api::ClusterStatusResponse {
@@ -588,6 +686,111 @@ impl api::admin_server::Admin for AdminService {
         Ok(Response::new(api::DeleteSettingResponse {}))
     }
 
+    async fn scale_model(
+        &self,
+        req: Request<api::ScaleModelRequest>,
+    ) -> Result<Response<api::ScaleModelResponse>, Status> {
+        let r = req.into_inner();
+        let c = &self.cluster;
+        if r.replicas == 0 {
+            return Err(CoordError::Invalid(format!(
+                "replicas must be at least 1 (got 0); undeploy {:?} to remove it",
+                r.name
+            ))
+            .into());
+        }
+        let previous = c
+            .read_fresh()
+            .await?
+            .models
+            .get(&r.name)
+            .map(|d| d.replicas)
+            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
+        c.propose(Command::ScaleModel {
+            name: r.name.clone(),
+            replicas: r.replicas,
+            at_ms: c.now_ms(),
+        })
+        .await?;
+        c.wake.notify_one();
+        tracing::info!(model = %r.name, previous, replicas = r.replicas, "scale recorded");
+        if r.wait == Some(true) {
+            let generation = c.read().models.get(&r.name).map_or(0, |d| d.generation);
+            let timeout = match r.wait_timeout_ms {
+                0 => c.config.load_timeout,
+                ms => Duration::from_millis(ms as u64),
+            };
+            wait_until(c, &r.name, generation, timeout, |d| {
+                d.state == ModelState::Ready
+                    && d.instances.len() == d.replicas as usize
+                    && d.instances.values().all(|r| r.serving())
+            })
+            .await?;
+        }
+        Ok(Response::new(api::ScaleModelResponse { previous }))
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<api::DrainWorkerRequest>,
+    ) -> Result<Response<api::DrainWorkerResponse>, Status> {
+        let r = req.into_inner();
+        let c = &self.cluster;
+        c.propose(Command::CordonWorker {
+            id: r.worker_id.clone(),
+            cordoned: true,
+        })
+        .await?;
+        c.wake.notify_one();
+        let state = c.read();
+        let replicas: Vec<String> = state
+            .models
+            .values()
+            .filter_map(|m| {
+                m.replica_on(&r.worker_id)
+                    .map(|x| format!("{}/{}", m.name, x.id))
+            })
+            .collect();
+        tracing::info!(worker = %r.worker_id, ?replicas, "drain recorded");
+        if r.wait == Some(true) {
+            let timeout = match r.wait_timeout_ms {
+                0 => c.config.drain_timeout + c.config.load_timeout,
+                ms => Duration::from_millis(ms as u64),
+            };
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = c.read().models_on(&r.worker_id);
+                if left.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Status::deadline_exceeded(format!(
+                        "worker {:?} still holds replicas of {left:?} after {timeout:?}; the drain goes on",
+                        r.worker_id
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(Response::new(api::DrainWorkerResponse { replicas }))
+    }
+
+    async fn uncordon_worker(
+        &self,
+        req: Request<api::UncordonWorkerRequest>,
+    ) -> Result<Response<api::UncordonWorkerResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        self.cluster
+            .propose(Command::CordonWorker {
+                id: id.clone(),
+                cordoned: false,
+            })
+            .await?;
+        self.cluster.wake.notify_one();
+        tracing::info!(worker = %id, "uncordoned");
+        Ok(Response::new(api::UncordonWorkerResponse {}))
+    }
+
     async fn list_settings(
         &self,
         _req: Request<api::ListSettingsRequest>,
@@ -603,6 +806,19 @@ impl api::admin_server::Admin for AdminService {
                 .collect(),
         }))
     }
+}
+
+/// Why a model is not Ready: its own reason (the next replica's wait, or
+/// its failure), else the first replica's that has one.
+fn model_reason(m: &Deployment) -> String {
+    if !m.reason.is_empty() || m.state == ModelState::Ready {
+        return m.reason.clone();
+    }
+    m.instances
+        .values()
+        .find(|r| !r.reason.is_empty() && !r.draining())
+        .map(|r| format!("replica {}: {}", r.id, r.reason))
+        .unwrap_or_default()
 }
 
 /// A deployment's serving options as the API states them.

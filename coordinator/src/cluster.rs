@@ -14,6 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{CoordError, Result};
 use crate::leases::Leases;
+use crate::router::Router;
 use crate::state::{ClusterState, Command, StateError};
 use crate::store::{MetaStore, StoreConfig};
 
@@ -38,6 +39,11 @@ pub struct Config {
     /// `max_new_tokens` when a request gives none (the cluster setting
     /// `generate.default_max_new_tokens` overrides it).
     pub default_max_new_tokens: usize,
+    /// How long a replica being removed (scale-down, drain) may take to
+    /// finish its requests before it is unloaded anyway.
+    pub drain_timeout: Duration,
+    /// Route round-robin instead of by load and prefix (for comparisons).
+    pub round_robin: bool,
     /// Where the cluster state is kept.
     pub store: StoreConfig,
 }
@@ -53,6 +59,8 @@ impl Default for Config {
             load_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(3),
             default_max_new_tokens: 256,
+            drain_timeout: Duration::from_secs(300),
+            round_robin: false,
             store: StoreConfig::default(),
         }
     }
@@ -71,6 +79,8 @@ pub struct Cluster {
     pub leases: Leases,
     /// Wakes the reconciler before its next tick.
     pub wake: tokio::sync::Notify,
+    /// Which replica serves a request (this coordinator's view).
+    pub router: Arc<Router>,
     models: Mutex<HashMap<String, Arc<ModelRuntime>>>,
     clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
     /// The leader's registry, for heartbeats a follower receives.
@@ -80,6 +90,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(config: Config, store: Arc<dyn MetaStore>) -> Arc<Self> {
         Arc::new(Cluster {
+            router: Arc::new(Router::new(config.round_robin)),
             config,
             store,
             leases: Leases::default(),

@@ -17,7 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ModelRuntime};
 use crate::error::{CoordError, Result};
-use crate::state::ModelState;
+use crate::router::{block_hashes, InFlight};
+use crate::state::Replica;
 
 pub struct InferenceService {
     pub cluster: Arc<Cluster>,
@@ -34,7 +35,7 @@ impl InferenceService {
             .get(model)
             .cloned()
             .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
-        if dep.state != ModelState::Ready {
+        if dep.serving().next().is_none() {
             return Err(CoordError::ModelNotReady {
                 model: model.to_string(),
                 state: if dep.reason.is_empty() {
@@ -51,37 +52,121 @@ impl InferenceService {
         Ok((rt, dep))
     }
 
-    /// Opens the sequence's token stream on the engine of the worker that
-    /// holds the model's first stage.
+    /// Opens the sequence's token stream on the engine of a replica and
+    /// waits for its first event.
     async fn open_engine(
         &self,
-        dep: &crate::state::Deployment,
+        replica: &Replica,
         req: wk::EngineRequest,
-    ) -> Result<(String, tonic::Streaming<wk::EngineEvent>)> {
-        let first = dep
-            .placement
-            .stages
-            .first()
-            .ok_or_else(|| CoordError::Invalid("a deployment without stages".into()))?;
+    ) -> Result<(String, wk::EngineEvent, tonic::Streaming<wk::EngineEvent>)> {
+        let worker = replica
+            .engine_worker()
+            .ok_or_else(|| CoordError::Invalid("a replica without stages".into()))?
+            .to_string();
         let address = self
             .cluster
             .read()
             .workers
-            .get(&first.worker)
+            .get(&worker)
             .map(|w| w.address.clone())
             .unwrap_or_default();
-        let mut client = self.cluster.worker(&first.worker).await?;
+        let mut client = self.cluster.worker(&worker).await?;
         let answer =
             tokio::time::timeout(self.cluster.config.connect_timeout, client.generate(req))
                 .await
                 .map_err(|_| CoordError::WorkerUnavailable {
-                    worker: first.worker.clone(),
+                    worker: worker.clone(),
                     address: address.clone(),
                     reason: "no answer to Generate".into(),
                 })?;
-        match answer {
-            Ok(stream) => Ok((first.worker.clone(), stream.into_inner())),
-            Err(status) => Err(stage_error(&first.worker, &address, status, &self.cluster)),
+        let mut events = match answer {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => return Err(stage_error(&worker, &address, status, &self.cluster)),
+        };
+        match events.message().await {
+            Ok(Some(first)) => Ok((worker, first, events)),
+            Ok(None) => Err(CoordError::WorkerUnavailable {
+                worker,
+                address,
+                reason: "its token stream ended before the first token".into(),
+            }),
+            Err(status) => Err(stage_error(&worker, &address, status, &self.cluster)),
+        }
+    }
+
+    /// Routes the request to a serving replica (`crate::router`); a replica
+    /// that fails or refuses before the first token is left for another,
+    /// the client seeing nothing of it. When every replica failed, the
+    /// client gets RESOURCE_EXHAUSTED (with the engine's retry hint) if one
+    /// of them was full, else the last failure.
+    async fn route(
+        &self,
+        model: &str,
+        mut req: wk::EngineRequest,
+    ) -> Result<(
+        String,
+        wk::EngineEvent,
+        tonic::Streaming<wk::EngineEvent>,
+        InFlight,
+    )> {
+        let router = &self.cluster.router;
+        let mut tried: Vec<u64> = Vec::new();
+        let mut full: Option<CoordError> = None;
+        let mut last: Option<CoordError> = None;
+        loop {
+            let state = self.cluster.read();
+            let dep = state
+                .models
+                .get(model)
+                .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
+            let hashes = block_hashes(&req.prompt, dep.serving.block_size as usize);
+            let epochs: Vec<u64> = dep
+                .serving()
+                .map(|r| r.epoch)
+                .filter(|e| !tried.contains(e))
+                .collect();
+            let Some(choice) = router.choose(model, &epochs, &hashes) else {
+                return Err(full.or(last).unwrap_or_else(|| CoordError::ModelNotReady {
+                    model: model.to_string(),
+                    state: "no replica serves".into(),
+                }));
+            };
+            let replica = dep
+                .at_epoch(choice.epoch)
+                .expect("chosen among them")
+                .clone();
+            drop(state);
+            let guard = router.start(model, choice, &hashes);
+            req.epoch = choice.epoch;
+            let e = match self.open_engine(&replica, req.clone()).await {
+                Ok((worker, first, events)) => return Ok((worker, first, events, guard)),
+                Err(e) => e,
+            };
+            use tonic::Code;
+            // Down, full, or no longer holding this replica (moved,
+            // removed): another replica may serve it. Bad input and
+            // deadlines would fail anywhere.
+            let code = match &e {
+                CoordError::WorkerUnavailable { .. } => Code::Unavailable,
+                CoordError::WorkerFailed { status, .. } => status.code(),
+                _ => return Err(e),
+            };
+            if !matches!(
+                code,
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::FailedPrecondition
+                    | Code::NotFound
+            ) {
+                return Err(e);
+            }
+            tracing::info!(model, replica = replica.id, error = %e, "a replica failed before the first token: trying another");
+            tried.push(choice.epoch);
+            if code == Code::ResourceExhausted {
+                full = Some(e);
+            } else {
+                last = Some(e);
+            }
         }
     }
 }
@@ -185,7 +270,7 @@ impl api::inference_server::Inference for InferenceService {
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
-        let (rt, dep) = self.runtime(&r.model)?;
+        let (rt, _) = self.runtime(&r.model)?;
         let ids = prompt_ids(&rt, &r.model, r.prompt)?;
         let stopping = r.stopping.unwrap_or_default();
         let max_new = match stopping.max_new_tokens as usize {
@@ -239,6 +324,7 @@ impl api::inference_server::Inference for InferenceService {
         .into_iter()
         .flatten()
         .min();
+        let started = Instant::now();
         let engine_req = wk::EngineRequest {
             model: r.model.clone(),
             request_id: request_id.clone(),
@@ -248,9 +334,9 @@ impl api::inference_server::Inference for InferenceService {
             stop_token_ids,
             priority,
             timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u32),
-            epoch: dep.epoch,
+            epoch: 0,
         };
-        let (worker, mut events) = self.open_engine(&dep, engine_req).await?;
+        let (worker, first_event, mut events, in_flight) = self.route(&r.model, engine_req).await?;
         let address = self
             .cluster
             .read()
@@ -262,7 +348,8 @@ impl api::inference_server::Inference for InferenceService {
         let (tx, rx) = mpsc::channel(16);
         let logprobs = r.logprobs;
         tokio::spawn(async move {
-            let started = Instant::now();
+            let _in_flight = in_flight;
+            let mut pending = Some(first_event);
             let mut streamer = TextStreamer::new(
                 rt.tokenizer.as_ref(),
                 max_new,
@@ -273,12 +360,15 @@ impl api::inference_server::Inference for InferenceService {
             let mut first_at = None;
             loop {
                 // A client that goes away cancels at once, not at the next token.
-                let next = tokio::select! {
-                    _ = tx.closed() => {
-                        tracing::info!(request_id = %request_id, "client went away: cancelling");
-                        return;
-                    }
-                    next = events.message() => next,
+                let next = match pending.take() {
+                    Some(ev) => Ok(Some(ev)),
+                    None => tokio::select! {
+                        _ = tx.closed() => {
+                            tracing::info!(request_id = %request_id, "client went away: cancelling");
+                            return;
+                        }
+                        next = events.message() => next,
+                    },
                 };
                 let ev = match next {
                     Ok(Some(ev)) => ev,

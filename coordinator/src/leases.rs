@@ -162,6 +162,9 @@ mod tests {
             registered_at_ms: 0,
             unhealthy_since_ms: since_ms,
             gone,
+            pool: String::new(),
+            labels: Default::default(),
+            cordoned: false,
         }
     }
 

@@ -20,7 +20,9 @@
 //! - [`admin`]: the `Registry` (workers) and `Admin` services.
 //! - [`settings`]: cluster settings' keys and the checks on their writes.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
-//!   Generate queues with the model's engine on its first-stage worker.
+//!   Generate queues with the engine of one of the model's replicas.
+//! - [`router`]: which replica serves a request (load and prompt-prefix
+//!   affinity, in this coordinator's memory).
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
@@ -32,6 +34,7 @@ pub mod inference;
 pub mod leases;
 pub mod placement;
 pub mod reconciler;
+pub mod router;
 pub mod settings;
 pub mod shard_spec;
 pub mod state;

@@ -36,7 +36,9 @@ use crate::placement::{
     plan_tp, ModelShape, Placement, PlacementRequest, PlanError, WorkerCapacity,
 };
 use crate::shard_spec::shard_spec;
-use crate::state::{ClusterState, Command, Deployment, ModelState, ParallelShape, Serving};
+use crate::state::{
+    ClusterState, Command, Deployment, ModelState, ParallelShape, Replica, Serving,
+};
 
 /// A model's reason is written at most this often while it only changes
 /// figures (free memory moves with every heartbeat); a failure is written
@@ -101,9 +103,10 @@ pub struct Reconciler {
     /// by the state machine when they land).
     loading: Mutex<HashSet<ShardKey>>,
     unloading: Mutex<HashSet<(String, String, u64)>>,
-    backoff: Mutex<HashMap<String, Backoff>>,
-    /// When each model's reason was last written.
-    reasons: Mutex<HashMap<String, Instant>>,
+    /// By (model, replica).
+    backoff: Mutex<HashMap<(String, u32), Backoff>>,
+    /// When each model's (or replica's) reason was last written.
+    reasons: Mutex<HashMap<(String, Option<u32>), Instant>>,
 }
 
 impl Reconciler {
@@ -198,29 +201,116 @@ impl Reconciler {
         if matches!(dep.state, ModelState::Failed(_)) {
             return Ok(());
         }
+        let c = &self.cluster;
+        let now_ms = c.now_ms();
+        // Draining replicas leave once their requests have finished (or the
+        // drain timeout passed).
+        for r in dep.instances.values().filter(|r| r.draining()) {
+            let timed_out = now_ms.saturating_sub(r.draining_since_ms)
+                >= c.config.drain_timeout.as_millis() as u64;
+            let idle = c.router.idle_since(&dep.name, r.epoch, r.draining_since_ms)
+                || !r
+                    .placement
+                    .stages
+                    .iter()
+                    .flat_map(|s| s.workers())
+                    .any(|w| state.workers.get(w).is_some_and(|w| w.healthy));
+            if idle || timed_out {
+                if timed_out && !idle {
+                    tracing::warn!(model = %dep.name, replica = r.id, timeout = ?c.config.drain_timeout, "drain timed out: removing the replica with requests still running");
+                }
+                tracing::info!(model = %dep.name, replica = r.id, "replica drained: removing it");
+                c.propose(Command::RemoveReplica {
+                    name: dep.name.clone(),
+                    replica: r.id,
+                    at_ms: now_ms,
+                })
+                .await?;
+            }
+        }
+        let on_cordoned = |r: &Replica| {
+            r.shards()
+                .any(|(_, _, w)| state.workers.get(w).is_some_and(|w| w.cordoned))
+        };
+        let active: Vec<&Replica> = dep.instances.values().filter(|r| !r.draining()).collect();
+        // Replicas that count towards the replica count: not on a drained
+        // worker (those are replaced first, then drained).
+        let mut keep: Vec<&Replica> = active.iter().copied().filter(|r| !on_cordoned(r)).collect();
+        let desired = dep.replicas as usize;
+        if keep.len() > desired {
+            // Scale down: the ones not serving yet first, then the newest.
+            keep.sort_by_key(|r| (r.serving(), std::cmp::Reverse(r.id)));
+            for r in &keep[..keep.len() - desired] {
+                self.drain(dep, r, format!("scaled down to {desired}"))
+                    .await?;
+            }
+        }
+        let serving_kept = keep.iter().filter(|r| r.serving()).count();
+        for r in active.iter().filter(|r| on_cordoned(r)) {
+            if serving_kept >= desired {
+                let w = r
+                    .shards()
+                    .map(|(_, _, w)| w)
+                    .find(|w| state.workers.get(*w).is_some_and(|w| w.cordoned))
+                    .unwrap_or_default();
+                self.drain(
+                    dep,
+                    r,
+                    format!("worker {w:?} drained; its replacement serves"),
+                )
+                .await?;
+            }
+        }
+        if keep.len() < desired {
+            self.place(state, dep, None).await?;
+        }
+        for r in active {
+            self.converge_replica(state, dep, r).await?;
+        }
+        Ok(())
+    }
+
+    async fn drain(&self, dep: &Deployment, r: &Replica, reason: String) -> Result<(), CoordError> {
+        tracing::info!(model = %dep.name, replica = r.id, %reason, "draining a replica");
+        let c = &self.cluster;
+        c.propose(Command::DrainReplica {
+            name: dep.name.clone(),
+            replica: r.id,
+            reason,
+            at_ms: c.now_ms(),
+        })
+        .await
+    }
+
+    /// Re-places a replica that lost a worker (or whose load failed, after
+    /// its backoff), or loads what it is missing.
+    async fn converge_replica(
+        self: &Arc<Self>,
+        state: &ClusterState,
+        dep: &Deployment,
+        r: &Replica,
+    ) -> Result<(), CoordError> {
         let now = Instant::now();
-        let backoff = self.backoff.lock().unwrap().get(&dep.name).cloned();
+        let bkey = (dep.name.clone(), r.id);
+        let backoff = self.backoff.lock().unwrap().get(&bkey).cloned();
         if backoff.as_ref().is_some_and(|b| b.until > now) {
             return Ok(());
         }
-        let lost = dep
-            .placement
-            .stages
-            .iter()
-            .flat_map(|s| s.workers())
-            .any(|w| state.workers.get(w).is_none_or(|w| w.gone));
-        let retry = backoff.as_ref().is_some_and(|b| b.epoch == dep.epoch);
-        if !dep.placed() || lost || retry {
-            return self.place(state, dep).await;
+        let lost = r
+            .shards()
+            .any(|(_, _, w)| state.workers.get(w).is_none_or(|w| w.gone));
+        let retry = backoff.as_ref().is_some_and(|b| b.epoch == r.epoch);
+        if lost || retry {
+            return self.place(state, dep, Some(r)).await;
         }
-        if dep.state == ModelState::Ready {
-            self.backoff.lock().unwrap().remove(&dep.name);
+        if r.state == ModelState::Ready {
+            self.backoff.lock().unwrap().remove(&bkey);
             return Ok(());
         }
         // Load what is missing, all at once.
         let mut waiting_on = None;
-        for (stage, rank, worker) in dep.shards() {
-            if dep.loaded.contains(&(stage, rank)) {
+        for (stage, rank, worker) in r.shards() {
+            if r.loaded.contains(&(stage, rank)) {
                 continue;
             }
             let w = &state.workers[worker];
@@ -231,32 +321,39 @@ impl Reconciler {
                 ));
                 continue;
             }
-            let key = (dep.name.clone(), dep.epoch, stage, rank);
+            let key = (dep.name.clone(), r.epoch, stage, rank);
             if !self.loading.lock().unwrap().insert(key.clone()) {
                 continue;
             }
             let spec = shard_spec(
                 state,
                 dep,
+                r,
                 stage as usize,
                 rank as usize,
                 self.cluster.config.step_timeout,
             );
-            let (me, worker, generation) = (self.clone(), worker.to_string(), dep.generation);
+            let (me, worker, replica) = (self.clone(), worker.to_string(), r.id);
             tokio::spawn(async move {
-                me.load(key.clone(), generation, worker, spec).await;
+                me.load(key.clone(), replica, worker, spec).await;
                 me.loading.lock().unwrap().remove(&key);
                 me.cluster.wake.notify_one();
             });
         }
-        if let Some(reason) = waiting_on.filter(|r| *r != dep.reason) {
-            self.progress(dep, reason, false).await;
+        if let Some(reason) = waiting_on.filter(|w| *w != r.reason) {
+            self.progress(dep, Some(r.id), reason, false).await;
         }
         Ok(())
     }
 
-    /// Places `dep` (anew), or records what it waits for.
-    async fn place(&self, state: &ClusterState, dep: &Deployment) -> Result<(), CoordError> {
+    /// Places a new replica of `dep` (`replica` None) or replica `replica`
+    /// anew, or records what it waits for.
+    async fn place(
+        &self,
+        state: &ClusterState,
+        dep: &Deployment,
+        replica: Option<&Replica>,
+    ) -> Result<(), CoordError> {
         let c = &self.cluster;
         let planned = match c.model(&dep.name) {
             Some(rt) => rank_shape(
@@ -266,12 +363,13 @@ impl Reconciler {
                 &dep.serving,
                 dep.shape.tensor_parallel,
             )
-            .and_then(|shape| Ok(self.plan(state, dep, &shape)?)),
+            .and_then(|shape| Ok(self.plan(state, dep, replica, &shape)?)),
             None => Err(CoordError::Invalid(format!(
                 "cannot open {:?} on the leader",
                 dep.source
             ))),
         };
+        let id = replica.map_or(dep.next_replica, |r| r.id);
         match planned {
             Ok(placement) => {
                 let workers: Vec<String> = placement
@@ -279,10 +377,11 @@ impl Reconciler {
                     .iter()
                     .map(|s| s.workers().collect::<Vec<_>>().join("+"))
                     .collect();
-                tracing::info!(model = %dep.name, ?workers, "placing");
+                tracing::info!(model = %dep.name, replica = id, ?workers, "placing");
                 c.propose(Command::PlaceModel {
                     name: dep.name.clone(),
                     generation: dep.generation,
+                    replica: id,
                     placement,
                     at_ms: c.now_ms(),
                 })
@@ -293,7 +392,17 @@ impl Reconciler {
                     e,
                     CoordError::Invalid(_) | CoordError::Plan(PlanError::Invalid(_))
                 );
-                let reason = match &e {
+                let serving = dep.serving().count();
+                let what = match replica {
+                    Some(r) => format!("replica {}", r.id),
+                    None if dep.replicas > 1 => format!(
+                        "replica {} of {} ({serving} serving)",
+                        dep.instances.len() + 1,
+                        dep.replicas
+                    ),
+                    None => String::new(),
+                };
+                let detail = match &e {
                     CoordError::Plan(PlanError::Insufficient {
                         stage, stage_short, ..
                     }) => format!(
@@ -302,22 +411,31 @@ impl Reconciler {
                     ),
                     _ => e.to_string(),
                 };
-                if reason != dep.reason || permanent {
-                    self.progress(dep, reason, permanent).await;
+                let reason = if what.is_empty() {
+                    detail
+                } else {
+                    format!("{what}: {detail}")
+                };
+                let current = replica.map_or(&dep.reason, |r| &r.reason);
+                if reason != *current || permanent {
+                    self.progress(dep, replica.map(|r| r.id), reason, permanent)
+                        .await;
                 }
                 Ok(())
             }
         }
     }
 
-    /// A placement over the healthy workers' free memory (less what loads
-    /// in flight will take). A placed model that lost workers keeps its
-    /// stages where it can, each lost worker's slot taken by a spare with
-    /// room.
+    /// A placement over the usable workers' free memory (less what loads
+    /// in flight will take): healthy, not drained, in the deployment's
+    /// pool with its labels, and holding no other replica of the model. A
+    /// replica that lost workers keeps its stages where it can, each lost
+    /// worker's slot taken by a spare with room.
     fn plan(
         &self,
         state: &ClusterState,
         dep: &Deployment,
+        replica: Option<&Replica>,
         shape: &ModelShape,
     ) -> Result<Placement, PlanError> {
         let free = |id: &str| -> u64 {
@@ -331,17 +449,18 @@ impl Reconciler {
             let pending: u64 = state
                 .models
                 .values()
-                .filter(|m| m.name != dep.name)
-                .flat_map(|m| {
-                    m.placement
+                .flat_map(|m| m.instances.values())
+                .filter(|r| replica.is_none_or(|me| me.epoch != r.epoch))
+                .flat_map(|r| {
+                    r.placement
                         .stages
                         .iter()
                         .enumerate()
                         .flat_map(move |(i, s)| {
                             s.workers()
                                 .enumerate()
-                                .filter(move |(r, w)| {
-                                    *w == id && !m.loaded.contains(&(i as u32, *r as u32))
+                                .filter(move |(k, w)| {
+                                    *w == id && !r.loaded.contains(&(i as u32, *k as u32))
                                 })
                                 .map(move |_| s.bytes)
                         })
@@ -349,9 +468,14 @@ impl Reconciler {
                 .sum();
             reported.saturating_sub(pending)
         };
-        let usable = |w: &&crate::state::WorkerInfo| w.healthy && !w.gone;
-        if dep.placed() {
-            let mut p = dep.placement.clone();
+        let mine = replica.map(|r| r.id);
+        let usable = |w: &&crate::state::WorkerInfo| {
+            w.schedulable()
+                && w.matches(&dep.pool, &dep.labels)
+                && dep.replica_on(&w.id).is_none_or(|r| Some(r.id) == mine)
+        };
+        if let Some(r) = replica {
+            let mut p = r.placement.clone();
             let mut taken: HashSet<String> = p
                 .stages
                 .iter()
@@ -395,16 +519,35 @@ impl Reconciler {
                 free_bytes: free(&w.id),
             })
             .collect();
-        plan_tp(
+        let r = plan_tp(
             shape,
             &workers,
             &placement_request(&dep.shape),
             dep.shape.tensor_parallel.max(1),
-        )
+        );
+        // Say where it looked when the pool or the other replicas limit it.
+        match r {
+            Err(PlanError::TooFewWorkers {
+                needed,
+                available,
+                what,
+            }) => Err(PlanError::TooFewWorkers {
+                needed,
+                available,
+                what: format!(
+                    "{what}; counting only healthy, undrained workers{} that hold no other replica of the model",
+                    if dep.pool.is_empty() && dep.labels.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in pool {:?} with labels {:?}", dep.pool, dep.labels)
+                    }
+                ),
+            }),
+            r => r,
+        }
     }
-
     /// Loads one shard and records the outcome.
-    async fn load(&self, key: ShardKey, generation: u64, worker: String, spec: wk::ShardSpec) {
+    async fn load(&self, key: ShardKey, replica: u32, worker: String, spec: wk::ShardSpec) {
         let c = &self.cluster;
         let (name, epoch, stage, rank) = key;
         match crate::admin::load_stage(c, &worker, spec).await {
@@ -420,7 +563,7 @@ impl Reconciler {
                     .await;
                 match r {
                     Ok(()) => {
-                        tracing::info!(model = %name, stage, rank, %worker, epoch, "shard loaded")
+                        tracing::info!(model = %name, replica, stage, rank, %worker, epoch, "shard loaded")
                     }
                     Err(e) => {
                         tracing::info!(model = %name, stage, rank, error = %e, "a load finished for a placement that changed")
@@ -435,12 +578,13 @@ impl Reconciler {
                 );
                 let attempts = {
                     let mut b = self.backoff.lock().unwrap();
-                    let attempts = b.get(&name).map_or(0, |b| b.attempts) + 1;
+                    let bkey = (name.clone(), replica);
+                    let attempts = b.get(&bkey).map_or(0, |b| b.attempts) + 1;
                     let wait = FIRST_BACKOFF
                         .saturating_mul(1 << (attempts - 1).min(10))
                         .min(MAX_BACKOFF);
                     b.insert(
-                        name.clone(),
+                        bkey,
                         Backoff {
                             attempts,
                             until: Instant::now() + wait,
@@ -450,21 +594,24 @@ impl Reconciler {
                     attempts
                 };
                 let reason = if permanent {
-                    format!("stage {stage} rank {rank} on worker {worker:?}: {e}")
+                    format!("replica {replica} stage {stage} rank {rank} on worker {worker:?}: {e}")
                 } else {
                     format!("stage {stage} rank {rank} on worker {worker:?}: load failed (attempt {attempts}; placing anew after a backoff): {e}")
                 };
                 tracing::warn!(model = %name, %reason, "load failed");
                 let dep = c.read().models.get(&name).cloned();
-                if let Some(dep) = dep.filter(|d| d.generation == generation && d.epoch == epoch) {
-                    self.progress(&dep, reason, permanent).await;
+                if let Some(dep) = dep.filter(|d| d.at_epoch(epoch).is_some()) {
+                    self.progress(&dep, Some(replica), reason, permanent).await;
                 }
             }
         }
     }
 
-    async fn progress(&self, dep: &Deployment, reason: String, failed: bool) {
+    async fn progress(&self, dep: &Deployment, replica: Option<u32>, reason: String, failed: bool) {
         let c = &self.cluster;
+        let current = replica
+            .and_then(|id| dep.instances.get(&id))
+            .map_or(&dep.reason, |r| &r.reason);
         {
             let mut last = self.reasons.lock().unwrap();
             let now = Instant::now();
@@ -475,21 +622,23 @@ impl Reconciler {
                     .take(2)
                     .collect::<String>()
             };
+            let key = (dep.name.clone(), replica);
             if !failed
-                && !dep.reason.is_empty()
-                && kind(&dep.reason) == kind(&reason)
+                && !current.is_empty()
+                && kind(current) == kind(&reason)
                 && last
-                    .get(&dep.name)
+                    .get(&key)
                     .is_some_and(|t| now.duration_since(*t) < REASON_EVERY)
             {
                 return;
             }
-            last.insert(dep.name.clone(), now);
+            last.insert(key, now);
         }
         if let Err(e) = c
             .propose(Command::ModelProgress {
                 name: dep.name.clone(),
                 generation: dep.generation,
+                replica,
                 reason,
                 failed,
                 at_ms: c.now_ms(),
@@ -504,12 +653,14 @@ impl Reconciler {
     fn collect_garbage(self: &Arc<Self>, state: &ClusterState) {
         for (worker, report) in self.cluster.leases.reports() {
             for (model, epoch) in report.shards {
-                // A worker of the current placement holding an older epoch
+                // A worker of a current replica holding an older epoch
                 // keeps it: the pending load replaces it (keeping weights
                 // that did not change).
-                let keep = state.models.get(&model).is_some_and(|d| {
-                    d.placement.stages.iter().any(|s| s.holds(&worker)) && epoch <= d.epoch
-                });
+                let keep = state
+                    .models
+                    .get(&model)
+                    .and_then(|d| d.replica_on(&worker))
+                    .is_some_and(|r| epoch <= r.epoch);
                 if keep {
                     continue;
                 }

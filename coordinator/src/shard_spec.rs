@@ -4,12 +4,13 @@
 
 use llmos_proto::worker::v1 as wk;
 
-use crate::state::{ClusterState, Deployment};
+use crate::placement::Placement;
+use crate::state::{ClusterState, Deployment, Replica};
 
-/// Whether a deployment's stages pass hidden states over direct pipeline
+/// Whether a replica's stages pass hidden states over direct pipeline
 /// links: asked for ("link"), or "auto" with every stage on a GPU (NCCL).
-pub(crate) fn pipeline_linked(state: &ClusterState, dep: &Deployment) -> bool {
-    let stages = &dep.placement.stages;
+pub(crate) fn pipeline_linked(state: &ClusterState, dep: &Deployment, p: &Placement) -> bool {
+    let stages = &p.stages;
     if stages.len() < 2 {
         return false;
     }
@@ -33,14 +34,12 @@ fn on_gpu(state: &ClusterState, worker: &str) -> bool {
 fn pipeline_link(
     state: &ClusterState,
     dep: &Deployment,
+    p: &Placement,
     i: usize,
     rank: u32,
     step_timeout: std::time::Duration,
 ) -> wk::PipelineLink {
-    let ends = [
-        &dep.placement.stages[i].worker,
-        &dep.placement.stages[i + 1].worker,
-    ];
+    let ends = [&p.stages[i].worker, &p.stages[i + 1].worker];
     let info = |w: &String| state.workers.get(w);
     wk::PipelineLink {
         rank,
@@ -54,7 +53,7 @@ fn pipeline_link(
             .collect(),
         group: format!(
             "{}/{:x}-{:x}",
-            dep.placement.link_name(&dep.name, i),
+            p.link_name(&dep.name, i),
             info(ends[0]).map_or(0, |w| w.registered_at_ms),
             info(ends[1]).map_or(0, |w| w.registered_at_ms),
         ),
@@ -74,19 +73,21 @@ fn dtype_code(dtype: &str) -> wk::DType {
     }
 }
 
-/// The spec of rank `rank` of stage `i` of a deployment; the first stage's
+/// The spec of rank `rank` of stage `i` of a replica; the first stage's
 /// leader also gets the engine, with the later stages' current addresses.
 /// Followers of a tensor-parallel group hold neither embedding nor head.
 pub(crate) fn shard_spec(
     state: &ClusterState,
     dep: &Deployment,
+    replica: &Replica,
     i: usize,
     rank: usize,
     step_timeout: std::time::Duration,
 ) -> wk::ShardSpec {
-    let s = &dep.placement.stages[i];
+    let p = &replica.placement;
+    let s = &p.stages[i];
     let v = &dep.serving;
-    let tp = dep.placement.tensor_parallel.max(1);
+    let tp = p.tensor_parallel.max(1);
     let tensor_parallel = (tp > 1).then(|| wk::TensorParallel {
         rank: rank as u32,
         world_size: tp,
@@ -100,18 +101,18 @@ pub(crate) fn shard_spec(
                     .unwrap_or_default()
             })
             .collect(),
-        group: dep.placement.group_name(&dep.name, i),
+        group: p.group_name(&dep.name, i),
         timeout_ms: step_timeout.as_millis() as u32,
     });
     let leader = rank == 0;
-    let linked = pipeline_linked(state, dep);
-    let n = dep.placement.stages.len();
+    let linked = pipeline_linked(state, dep, p);
+    let n = p.stages.len();
     let prev_link =
-        (linked && leader && i > 0).then(|| pipeline_link(state, dep, i - 1, 1, step_timeout));
+        (linked && leader && i > 0).then(|| pipeline_link(state, dep, p, i - 1, 1, step_timeout));
     let next_link =
-        (linked && leader && i + 1 < n).then(|| pipeline_link(state, dep, i, 0, step_timeout));
+        (linked && leader && i + 1 < n).then(|| pipeline_link(state, dep, p, i, 0, step_timeout));
     let engine = (i == 0 && leader).then(|| wk::EngineSpec {
-        next_stages: dep.placement.stages[1..]
+        next_stages: p.stages[1..]
             .iter()
             .map(|n| wk::StageRef {
                 worker_id: n.worker.clone(),
@@ -148,7 +149,7 @@ pub(crate) fn shard_spec(
         tensor_parallel,
         prev_link,
         next_link,
-        epoch: dep.epoch,
+        epoch: replica.epoch,
     }
 }
 
@@ -171,6 +172,8 @@ mod tests {
                 memory_free_bytes: 90,
                 at_ms: 1000 + i as u64,
                 collective_address: format!("w{i}:7000"),
+                pool: String::new(),
+                labels: Default::default(),
             })
             .unwrap();
         }
@@ -190,12 +193,14 @@ mod tests {
             source: "smollm2".into(),
             dtype: "f32".into(),
             quantization: "none".into(),
-            placement: Placement::default(),
             serving: Serving {
                 pipeline_transport: transport.into(),
                 ..Default::default()
             },
             shape: Default::default(),
+            replicas: 1,
+            pool: String::new(),
+            labels: Default::default(),
             at_ms: 1,
         })
         .unwrap();
@@ -203,6 +208,7 @@ mod tests {
         s.apply(&Command::PlaceModel {
             name: "m".into(),
             generation,
+            replica: 0,
             placement: Placement {
                 stages,
                 ..Default::default()
@@ -210,7 +216,7 @@ mod tests {
             at_ms: 2,
         })
         .unwrap();
-        let epoch = s.models["m"].epoch;
+        let epoch = s.models["m"].instances[&0].epoch;
         for stage in 0..3 {
             s.apply(&Command::ShardLoaded {
                 name: "m".into(),
@@ -228,7 +234,16 @@ mod tests {
     fn specs(s: &ClusterState) -> Vec<wk::ShardSpec> {
         let dep = &s.models["m"];
         (0..3)
-            .map(|i| shard_spec(s, dep, i, 0, std::time::Duration::from_secs(9)))
+            .map(|i| {
+                shard_spec(
+                    s,
+                    dep,
+                    &dep.instances[&0],
+                    i,
+                    0,
+                    std::time::Duration::from_secs(9),
+                )
+            })
             .collect()
     }
 
@@ -296,6 +311,8 @@ mod tests {
             memory_free_bytes: 90,
             at_ms: 5000,
             collective_address: "w2:7099".into(),
+            pool: String::new(),
+            labels: Default::default(),
         }
     }
 
@@ -319,10 +336,15 @@ mod tests {
         assert_eq!(after[2].prev_link.as_ref().unwrap().group, a.group);
         let m = &s.models["m"];
         assert_eq!(m.state, ModelState::Loading);
-        assert!(m.loaded.is_empty(), "{:?}", m.loaded);
+        assert_eq!(m.instances[&0].state, ModelState::Loading);
+        assert!(
+            m.instances[&0].loaded.is_empty(),
+            "{:?}",
+            m.instances[&0].loaded
+        );
         // Over gRPC (no links) the middle stage keeps its shard.
         let mut s = cluster(["cpu"; 3], "grpc");
         s.apply(&restart_w2()).unwrap();
-        assert_eq!(s.models["m"].loaded, [(1, 0)].into());
+        assert_eq!(s.models["m"].instances[&0].loaded, [(1, 0)].into());
     }
 }

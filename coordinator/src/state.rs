@@ -32,6 +32,27 @@ pub struct WorkerInfo {
     /// elsewhere, and it holds nothing until it registers again.
     #[serde(default)]
     pub gone: bool,
+    /// The pool it registered in ("": the default pool) and its labels.
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Drained by an operator: nothing new is placed on it.
+    #[serde(default)]
+    pub cordoned: bool,
+}
+
+impl WorkerInfo {
+    /// Whether a deployment asking for `pool` and `labels` may use it.
+    pub fn matches(&self, pool: &str, labels: &BTreeMap<String, String>) -> bool {
+        (pool.is_empty() || self.pool == pool)
+            && labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+
+    /// Healthy, not gone, not cordoned: new shards may go there.
+    pub fn schedulable(&self) -> bool {
+        self.healthy && !self.gone && !self.cordoned
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +76,69 @@ pub struct ParallelShape {
     pub tensor_parallel: u32,
 }
 
+/// One full copy of a deployed model: its own stages and ranks (on workers
+/// no other replica of the model uses) and its own engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: u32,
+    pub placement: Placement,
+    /// The log index of this placement: carried by every shard command and
+    /// engine request, so a worker tells a stale command (or request) from
+    /// a current one.
+    pub epoch: u64,
+    /// (stage, rank) pairs loaded under `epoch`.
+    pub loaded: BTreeSet<(u32, u32)>,
+    /// Loading or Ready (Pending and Failed are the model's).
+    pub state: ModelState,
+    /// Why it is not Ready yet; empty when Ready.
+    pub reason: String,
+    pub since_ms: u64,
+    /// Unix ms since it stopped taking new requests (scaled down, or its
+    /// worker drained); 0: not draining. Removed once its requests finish.
+    pub draining_since_ms: u64,
+}
+
+impl Replica {
+    /// Every (stage, rank, worker) of the placement.
+    pub fn shards(&self) -> impl Iterator<Item = (u32, u32, &str)> {
+        self.placement.stages.iter().enumerate().flat_map(|(i, s)| {
+            s.workers()
+                .enumerate()
+                .map(move |(r, w)| (i as u32, r as u32, w))
+        })
+    }
+
+    pub fn holds(&self, worker: &str) -> bool {
+        self.placement.stages.iter().any(|s| s.holds(worker))
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining_since_ms > 0
+    }
+
+    /// Takes new requests.
+    pub fn serving(&self) -> bool {
+        self.state == ModelState::Ready && !self.draining()
+    }
+
+    /// The worker running its engine (stage 0, rank 0).
+    pub fn engine_worker(&self) -> Option<&str> {
+        self.placement.stages.first().map(|s| s.worker.as_str())
+    }
+
+    fn set_state(&mut self, state: ModelState, reason: String, at_ms: u64) {
+        if self.state != state {
+            self.since_ms = at_ms;
+        }
+        self.state = state;
+        self.reason = reason;
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// One deployed model: what the operator asked for (desired) beside what
 /// the reconciler has made of it so far (observed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,23 +154,29 @@ pub struct Deployment {
     pub serving: Serving,
     #[serde(default)]
     pub shape: ParallelShape,
+    /// How many replicas should serve.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Only workers of this pool ("": any) carrying these labels.
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Changes on every edit of the desired part (the log index of the
     /// edit).
     #[serde(default)]
     pub generation: u64,
     // --- observed ---
-    /// Empty until placed.
-    pub placement: Placement,
-    /// The log index of the current placement: carried by every shard
-    /// command, so a worker tells a stale command (or a stale request)
-    /// from a current one. 0: not placed.
+    /// Replicas by id (ids are never reused).
     #[serde(default)]
-    pub epoch: u64,
-    /// (stage, rank) pairs loaded under `epoch`.
+    pub instances: BTreeMap<u32, Replica>,
     #[serde(default)]
-    pub loaded: BTreeSet<(u32, u32)>,
+    pub next_replica: u32,
+    /// Ready: every replica asked for serves. Loading: some are placed.
+    /// Pending: none placed yet. Failed: will not converge without an edit.
     pub state: ModelState,
-    /// What it waits for, or why the last attempt failed; empty when Ready.
+    /// What the next replica waits for (room), or why the model failed;
+    /// each replica has its own reason too.
     #[serde(default)]
     pub reason: String,
     /// Unix ms since `state` (as stamped by the leader).
@@ -95,25 +185,48 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Every (stage, rank) of the placement.
-    pub fn shards(&self) -> impl Iterator<Item = (u32, u32, &str)> {
-        self.placement.stages.iter().enumerate().flat_map(|(i, s)| {
-            s.workers()
-                .enumerate()
-                .map(move |(r, w)| (i as u32, r as u32, w))
-        })
+    /// Replicas taking new requests.
+    pub fn serving(&self) -> impl Iterator<Item = &Replica> {
+        self.instances.values().filter(|r| r.serving())
     }
 
-    pub fn placed(&self) -> bool {
-        !self.placement.stages.is_empty()
+    /// The replica placed under `epoch`.
+    pub fn at_epoch(&self, epoch: u64) -> Option<&Replica> {
+        self.instances.values().find(|r| r.epoch == epoch)
     }
 
-    fn set_state(&mut self, state: ModelState, reason: String, at_ms: u64) {
-        if self.state != state {
+    /// The replica with a shard on `worker`, if any (at most one).
+    pub fn replica_on(&self, worker: &str) -> Option<&Replica> {
+        self.instances.values().find(|r| r.holds(worker))
+    }
+
+    /// The replica the status shows first: a serving one, else the first.
+    pub fn primary(&self) -> Option<&Replica> {
+        self.serving()
+            .next()
+            .or_else(|| self.instances.values().next())
+    }
+
+    /// Derives the model's state from its replicas' (Failed stays).
+    fn refresh(&mut self, at_ms: u64) {
+        if matches!(self.state, ModelState::Failed(_)) {
+            return;
+        }
+        let serving = self.serving().count() as u32;
+        let state = if serving >= self.replicas {
+            ModelState::Ready
+        } else if self.instances.is_empty() {
+            ModelState::Pending
+        } else {
+            ModelState::Loading
+        };
+        if state != self.state {
             self.since_ms = at_ms;
         }
+        if state == ModelState::Ready {
+            self.reason.clear();
+        }
         self.state = state;
-        self.reason = reason;
     }
 }
 
@@ -155,7 +268,7 @@ impl Default for Serving {
 pub enum Command {
     /// A worker joins, or rejoins after a restart (same id, new details):
     /// the shards it held are lost, and so is whatever its pipeline
-    /// neighbours linked to it (they reload).
+    /// neighbours linked to it (they reload). A cordon survives it.
     RegisterWorker {
         id: String,
         address: String,
@@ -165,13 +278,10 @@ pub enum Command {
         at_ms: u64,
         #[serde(default)]
         collective_address: String,
-    },
-    /// Only in logs from before leases (a heartbeat per entry); applied as
-    /// before, never proposed now.
-    Heartbeat {
-        id: String,
-        memory_free_bytes: u64,
-        at_ms: u64,
+        #[serde(default)]
+        pool: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
     },
     /// A lease transition decided by the leader: expired (unhealthy) or
     /// renewed after expiring (healthy again).
@@ -188,8 +298,13 @@ pub enum Command {
     RemoveWorker {
         id: String,
     },
-    /// Records what the operator asks for; the reconciler places it. (Logs
-    /// from before the reconciler carry a placement, applied as placed.)
+    /// Drain (cordoned) or uncordon a worker: nothing new is placed on a
+    /// cordoned worker, and the reconciler moves its replicas away.
+    CordonWorker {
+        id: String,
+        cordoned: bool,
+    },
+    /// Records what the operator asks for; the reconciler places it.
     DeployModel {
         name: String,
         source: String,
@@ -197,24 +312,37 @@ pub enum Command {
         #[serde(default)]
         quantization: String,
         #[serde(default)]
-        placement: Placement,
-        #[serde(default)]
         serving: Serving,
         #[serde(default)]
         shape: ParallelShape,
+        #[serde(default = "one")]
+        replicas: u32,
+        #[serde(default)]
+        pool: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
         #[serde(default)]
         at_ms: u64,
     },
-    /// The reconciler's placement of generation `generation`: a new epoch,
-    /// nothing loaded under it yet.
+    /// A new replica count (a new generation).
+    ScaleModel {
+        name: String,
+        replicas: u32,
+        at_ms: u64,
+    },
+    /// The reconciler's placement of replica `replica` (a new one when it
+    /// is the model's `next_replica`, else a replacement) for generation
+    /// `generation`: a new epoch, nothing loaded under it yet.
     PlaceModel {
         name: String,
         generation: u64,
+        #[serde(default)]
+        replica: u32,
         placement: Placement,
         at_ms: u64,
     },
-    /// A worker answered a load of (stage, rank) under `epoch`; the model
-    /// is Ready when every shard is.
+    /// A worker answered a load of (stage, rank) of the replica placed
+    /// under `epoch`; the replica is Ready when every shard is.
     ShardLoaded {
         name: String,
         epoch: u64,
@@ -222,19 +350,31 @@ pub enum Command {
         rank: u32,
         at_ms: u64,
     },
-    /// What the reconciler waits for, or why an attempt failed; `failed`:
-    /// it will not retry (Failed).
+    /// What the reconciler waits for, or why an attempt failed, for one
+    /// replica or (none) for the model; `failed`: it will not retry (the
+    /// model is Failed).
     ModelProgress {
         name: String,
         generation: u64,
+        #[serde(default)]
+        replica: Option<u32>,
         reason: String,
         failed: bool,
         at_ms: u64,
     },
-    /// Only in logs from before the reconciler.
-    SetModelState {
+    /// Replica `replica` takes no new requests from now on (scale-down, or
+    /// its worker drained); `reason` says which.
+    DrainReplica {
         name: String,
-        state: ModelState,
+        replica: u32,
+        reason: String,
+        at_ms: u64,
+    },
+    /// A drained replica is gone (its shards are unloaded as garbage).
+    RemoveReplica {
+        name: String,
+        replica: u32,
+        at_ms: u64,
     },
     UndeployModel {
         name: String,
@@ -276,6 +416,18 @@ pub enum StateError {
     },
     #[error("placement of {name:?}: stage {stage} rank {rank} does not exist")]
     NoSuchShard { name: String, stage: u32, rank: u32 },
+    #[error("model {name:?} has no replica {replica}")]
+    UnknownReplica { name: String, replica: u32 },
+    #[error("worker {id:?} is cordoned (drained): nothing new is placed there")]
+    CordonedWorker { id: String },
+    #[error("worker {id:?} already holds replica {replica} of {name:?}")]
+    WorkerHoldsReplica {
+        id: String,
+        name: String,
+        replica: u32,
+    },
+    #[error("model {name:?}: {replicas} replicas asked for; at least 1 (undeploy to remove it)")]
+    NoReplicas { name: String, replicas: u32 },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -308,8 +460,12 @@ impl ClusterState {
                 memory_free_bytes,
                 at_ms,
                 collective_address,
+                pool,
+                labels,
             } => {
-                let rejoined = self.workers.contains_key(id);
+                let before = self.workers.get(id);
+                let rejoined = before.is_some();
+                let cordoned = before.is_some_and(|w| w.cordoned);
                 self.workers.insert(
                     id.clone(),
                     WorkerInfo {
@@ -324,21 +480,14 @@ impl ClusterState {
                         registered_at_ms: *at_ms,
                         unhealthy_since_ms: 0,
                         gone: false,
+                        pool: pool.clone(),
+                        labels: labels.clone(),
+                        cordoned,
                     },
                 );
                 if rejoined {
                     self.lose_shards_of(id, *at_ms);
                 }
-            }
-            Command::Heartbeat {
-                id,
-                memory_free_bytes,
-                at_ms,
-            } => {
-                let w = self.worker_mut(id)?;
-                w.memory_free_bytes = *memory_free_bytes;
-                w.last_heartbeat_ms = w.last_heartbeat_ms.max(*at_ms);
-                w.healthy = true;
             }
             Command::SetWorkerHealth { id, healthy, at_ms } => {
                 let w = self.worker_mut(id)?;
@@ -369,60 +518,114 @@ impl ClusterState {
                 }
                 self.workers.remove(id);
             }
+            Command::CordonWorker { id, cordoned } => {
+                self.worker_mut(id)?.cordoned = *cordoned;
+            }
             Command::DeployModel {
                 name,
                 source,
                 dtype,
                 quantization,
-                placement,
                 serving,
                 shape,
+                replicas,
+                pool,
+                labels,
                 at_ms,
             } => {
                 if self.models.contains_key(name) {
                     return Err(StateError::ModelExists(name.clone()));
                 }
-                if !placement.stages.is_empty() {
-                    self.check_placement(placement)?;
+                if *replicas == 0 {
+                    return Err(StateError::NoReplicas {
+                        name: name.clone(),
+                        replicas: 0,
+                    });
                 }
-                let mut dep = Deployment {
-                    name: name.clone(),
-                    source: source.clone(),
-                    dtype: dtype.clone(),
-                    quantization: quantization.clone(),
-                    serving: serving.clone(),
-                    shape: shape.clone(),
-                    generation: index,
-                    placement: Placement::default(),
-                    epoch: 0,
-                    loaded: BTreeSet::new(),
-                    state: ModelState::Pending,
-                    reason: String::new(),
-                    since_ms: *at_ms,
-                };
-                if !placement.stages.is_empty() {
-                    dep.placement = placement.clone();
-                    dep.epoch = index;
-                    dep.state = ModelState::Loading;
+                self.models.insert(
+                    name.clone(),
+                    Deployment {
+                        name: name.clone(),
+                        source: source.clone(),
+                        dtype: dtype.clone(),
+                        quantization: quantization.clone(),
+                        serving: serving.clone(),
+                        shape: shape.clone(),
+                        replicas: *replicas,
+                        pool: pool.clone(),
+                        labels: labels.clone(),
+                        generation: index,
+                        instances: BTreeMap::new(),
+                        next_replica: 0,
+                        state: ModelState::Pending,
+                        reason: String::new(),
+                        since_ms: *at_ms,
+                    },
+                );
+            }
+            Command::ScaleModel {
+                name,
+                replicas,
+                at_ms,
+            } => {
+                if *replicas == 0 {
+                    return Err(StateError::NoReplicas {
+                        name: name.clone(),
+                        replicas: 0,
+                    });
                 }
-                self.models.insert(name.clone(), dep);
+                let dep = self.model_mut(name)?;
+                dep.replicas = *replicas;
+                dep.generation = index;
+                dep.refresh(*at_ms);
             }
             Command::PlaceModel {
                 name,
                 generation,
+                replica,
                 placement,
                 at_ms,
             } => {
-                self.model_of(name, *generation)?;
+                let dep = self.model_of(name, *generation)?;
+                if *replica > dep.next_replica {
+                    return Err(StateError::UnknownReplica {
+                        name: name.clone(),
+                        replica: *replica,
+                    });
+                }
                 self.check_placement(placement)?;
+                for id in placement.stages.iter().flat_map(|s| s.workers()) {
+                    if let Some(other) = dep.replica_on(id).filter(|r| r.id != *replica) {
+                        return Err(StateError::WorkerHoldsReplica {
+                            id: id.to_string(),
+                            name: name.clone(),
+                            replica: other.id,
+                        });
+                    }
+                }
                 let dep = self.models.get_mut(name).expect("checked above");
-                dep.placement = Placement {
+                if *replica == dep.next_replica {
+                    dep.next_replica += 1;
+                    dep.reason.clear();
+                }
+                let r = dep.instances.entry(*replica).or_insert_with(|| Replica {
+                    id: *replica,
+                    placement: Placement::default(),
+                    epoch: 0,
+                    loaded: BTreeSet::new(),
+                    state: ModelState::Loading,
+                    reason: String::new(),
+                    since_ms: *at_ms,
+                    draining_since_ms: 0,
+                });
+                r.placement = Placement {
                     group_nonce: index,
                     ..placement.clone()
                 };
-                dep.epoch = index;
-                dep.loaded.clear();
-                dep.set_state(ModelState::Loading, String::new(), *at_ms);
+                r.epoch = index;
+                r.loaded.clear();
+                r.set_state(ModelState::Loading, String::new(), *at_ms);
+                dep.refresh(*at_ms);
             }
             Command::ShardLoaded {
                 name,
@@ -431,23 +634,27 @@ impl ClusterState {
                 rank,
                 at_ms,
             } => {
-                let dep = self.model_at(name, *epoch)?;
-                if !dep.shards().any(|(s, r, _)| (s, r) == (*stage, *rank)) {
+                let r = self.replica_at(name, *epoch)?;
+                if !r.shards().any(|(s, r, _)| (s, r) == (*stage, *rank)) {
                     return Err(StateError::NoSuchShard {
                         name: name.clone(),
                         stage: *stage,
                         rank: *rank,
                     });
                 }
+                let id = r.id;
                 let dep = self.models.get_mut(name).expect("checked above");
-                dep.loaded.insert((*stage, *rank));
-                if dep.loaded.len() == dep.shards().count() {
-                    dep.set_state(ModelState::Ready, String::new(), *at_ms);
+                let r = dep.instances.get_mut(&id).expect("checked above");
+                r.loaded.insert((*stage, *rank));
+                if r.loaded.len() == r.shards().count() {
+                    r.set_state(ModelState::Ready, String::new(), *at_ms);
                 }
+                dep.refresh(*at_ms);
             }
             Command::ModelProgress {
                 name,
                 generation,
+                replica,
                 reason,
                 failed,
                 at_ms,
@@ -455,16 +662,56 @@ impl ClusterState {
                 self.model_of(name, *generation)?;
                 let dep = self.models.get_mut(name).expect("checked above");
                 if *failed {
-                    dep.set_state(ModelState::Failed(reason.clone()), reason.clone(), *at_ms);
+                    if dep.state != ModelState::Failed(reason.clone()) {
+                        dep.since_ms = *at_ms;
+                    }
+                    dep.state = ModelState::Failed(reason.clone());
+                    dep.reason = reason.clone();
+                } else if let Some(id) = replica {
+                    dep.instances
+                        .get_mut(id)
+                        .ok_or_else(|| StateError::UnknownReplica {
+                            name: name.clone(),
+                            replica: *id,
+                        })?
+                        .reason = reason.clone();
                 } else {
                     dep.reason = reason.clone();
                 }
             }
-            Command::SetModelState { name, state } => {
-                self.models
-                    .get_mut(name)
-                    .ok_or_else(|| StateError::UnknownModel(name.clone()))?
-                    .state = state.clone();
+            Command::DrainReplica {
+                name,
+                replica,
+                reason,
+                at_ms,
+            } => {
+                let dep = self.model_mut(name)?;
+                let r =
+                    dep.instances
+                        .get_mut(replica)
+                        .ok_or_else(|| StateError::UnknownReplica {
+                            name: name.clone(),
+                            replica: *replica,
+                        })?;
+                if !r.draining() {
+                    r.draining_since_ms = (*at_ms).max(1);
+                    r.reason = reason.clone();
+                }
+                dep.refresh(*at_ms);
+            }
+            Command::RemoveReplica {
+                name,
+                replica,
+                at_ms,
+            } => {
+                let dep = self.model_mut(name)?;
+                dep.instances
+                    .remove(replica)
+                    .ok_or_else(|| StateError::UnknownReplica {
+                        name: name.clone(),
+                        replica: *replica,
+                    })?;
+                dep.refresh(*at_ms);
             }
             Command::UndeployModel { name } => {
                 self.models
@@ -489,6 +736,12 @@ impl ClusterState {
             .ok_or_else(|| StateError::UnknownModel(name.to_string()))
     }
 
+    fn model_mut(&mut self, name: &str) -> Result<&mut Deployment, StateError> {
+        self.models
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownModel(name.to_string()))
+    }
+
     /// The model, if `generation` is its current one.
     fn model_of(&self, name: &str, generation: u64) -> Result<&Deployment, StateError> {
         let dep = self.model(name)?;
@@ -502,19 +755,17 @@ impl ClusterState {
         Ok(dep)
     }
 
-    fn model_at(&self, name: &str, epoch: u64) -> Result<&Deployment, StateError> {
+    /// The replica of `name` placed under `epoch`.
+    fn replica_at(&self, name: &str, epoch: u64) -> Result<&Replica, StateError> {
         let dep = self.model(name)?;
-        if dep.epoch != epoch {
-            return Err(StateError::StaleEpoch {
-                name: name.to_string(),
-                current: dep.epoch,
-                got: epoch,
-            });
-        }
-        Ok(dep)
+        dep.at_epoch(epoch).ok_or_else(|| StateError::StaleEpoch {
+            name: name.to_string(),
+            current: dep.instances.values().map(|r| r.epoch).max().unwrap_or(0),
+            got: epoch,
+        })
     }
 
-    /// A placement names registered, healthy workers.
+    /// A placement names registered, healthy, uncordoned workers.
     fn check_placement(&self, placement: &Placement) -> Result<(), StateError> {
         for id in placement.stages.iter().flat_map(|s| s.workers()) {
             let w = self
@@ -524,21 +775,30 @@ impl ClusterState {
             if !w.healthy {
                 return Err(StateError::UnhealthyWorker { id: w.id.clone() });
             }
+            if w.cordoned {
+                return Err(StateError::CordonedWorker { id: w.id.clone() });
+            }
         }
         Ok(())
     }
 
     /// Worker `id` restarted: its shards are gone; so are the engine of a
-    /// model whose later stage it holds (it names the stage's address) and
-    /// the pipeline links of its neighbouring stages (named by its
+    /// replica whose later stage it holds (it names the stage's address)
+    /// and the pipeline links of its neighbouring stages (named by its
     /// registration), and every rank of a tensor-parallel group it is in
     /// (the group forms anew). Those shards load again.
     fn lose_shards_of(&mut self, id: &str, at_ms: u64) {
         let names: Vec<String> = self.models_on(id);
         for name in names {
-            let linked = crate::shard_spec::pipeline_linked(self, &self.models[&name]);
+            let dep = &self.models[&name];
+            let Some(r) = dep.replica_on(id) else {
+                continue;
+            };
+            let rid = r.id;
+            let linked = crate::shard_spec::pipeline_linked(self, dep, &r.placement);
             let dep = self.models.get_mut(&name).expect("listed above");
-            let stages = &dep.placement.stages;
+            let r = dep.instances.get_mut(&rid).expect("found above");
+            let stages = &r.placement.stages;
             let near = |i: usize| {
                 stages[i].holds(id)
                     || i == 0
@@ -547,14 +807,15 @@ impl ClusterState {
                             || stages.get(i + 1).is_some_and(|s| s.holds(id))))
             };
             let lost: Vec<usize> = (0..stages.len()).filter(|&i| near(i)).collect();
-            dep.loaded.retain(|(s, _)| !lost.contains(&(*s as usize)));
-            if dep.state == ModelState::Ready {
-                dep.set_state(
+            r.loaded.retain(|(s, _)| !lost.contains(&(*s as usize)));
+            if r.state == ModelState::Ready {
+                r.set_state(
                     ModelState::Loading,
                     format!("worker {id:?} restarted: reloading its shards"),
                     at_ms,
                 );
             }
+            dep.refresh(at_ms);
         }
     }
 
@@ -564,11 +825,11 @@ impl ClusterState {
             .ok_or_else(|| StateError::UnknownWorker(id.to_string()))
     }
 
-    /// Models with a stage on worker `id`.
+    /// Models with a replica on worker `id`.
     pub fn models_on(&self, id: &str) -> Vec<String> {
         self.models
             .values()
-            .filter(|m| m.placement.stages.iter().any(|s| s.holds(id)))
+            .filter(|m| m.replica_on(id).is_some())
             .map(|m| m.name.clone())
             .collect()
     }

@@ -10,6 +10,8 @@ fn register(id: &str, at_ms: u64) -> Command {
         memory_free_bytes: 90,
         at_ms,
         collective_address: String::new(),
+        pool: String::new(),
+        labels: BTreeMap::new(),
     }
 }
 
@@ -19,9 +21,11 @@ fn deploy(name: &str) -> Command {
         source: "smollm2".into(),
         dtype: "f32".into(),
         quantization: "none".into(),
-        placement: Placement::default(),
         serving: Serving::default(),
         shape: ParallelShape::default(),
+        replicas: 1,
+        pool: String::new(),
+        labels: BTreeMap::new(),
         at_ms: 5,
     }
 }
@@ -47,11 +51,23 @@ fn placement(workers: &[&str]) -> Placement {
 }
 
 fn place(name: &str, generation: u64, workers: &[&str]) -> Command {
+    place_replica(name, generation, 0, workers)
+}
+
+fn place_replica(name: &str, generation: u64, replica: u32, workers: &[&str]) -> Command {
     Command::PlaceModel {
         name: name.into(),
         generation,
+        replica,
         placement: placement(workers),
         at_ms: 7,
+    }
+}
+
+fn cordon(id: &str, cordoned: bool) -> Command {
+    Command::CordonWorker {
+        id: id.into(),
+        cordoned,
     }
 }
 
@@ -98,6 +114,7 @@ fn log() -> Vec<Command> {
         Command::ModelProgress {
             name: "m".into(),
             generation: 4,
+            replica: Some(0),
             reason: "stage 1: loading".into(),
             failed: false,
             at_ms: 20,
@@ -106,6 +123,7 @@ fn log() -> Vec<Command> {
         Command::ModelProgress {
             name: "n".into(),
             generation: 17,
+            replica: None,
             reason: "bad file".into(),
             failed: true,
             at_ms: 21,
@@ -115,6 +133,35 @@ fn log() -> Vec<Command> {
         Command::UndeployModel { name: "n".into() },
         Command::DeleteSetting { key: "nope".into() },
         health("b", true, 40),
+        register("d", 41),
+        Command::ScaleModel {
+            name: "m".into(),
+            replicas: 2,
+            at_ms: 42,
+        }, // 25: generation 25
+        place_replica("m", 4, 1, &["d"]), // stale generation: refused
+        place_replica("m", 25, 1, &["c"]), // c holds replica 0: refused
+        place_replica("m", 25, 1, &["d"]), // 28: replica 1, epoch 28
+        loaded("m", 28, 0),               // replica 1 Ready
+        cordon("d", true),
+        place_replica("m", 25, 2, &["d"]), // d is cordoned: refused
+        Command::DrainReplica {
+            name: "m".into(),
+            replica: 1,
+            reason: "worker d drained".into(),
+            at_ms: 50,
+        },
+        Command::RemoveReplica {
+            name: "m".into(),
+            replica: 1,
+            at_ms: 60,
+        },
+        Command::RemoveReplica {
+            name: "m".into(),
+            replica: 1,
+            at_ms: 61,
+        }, // gone already: refused
+        cordon("d", false),
     ]
 }
 
@@ -148,12 +195,17 @@ fn a_snapshot_plus_the_suffix_of_the_log_equals_the_whole_log() {
     }
     // The state it reached is the one the commands describe.
     let m = &whole.models["m"];
-    assert_eq!((m.generation, m.epoch), (4, 14));
-    assert_eq!(m.placement.stages[1].worker, "c");
-    assert_eq!(m.state, ModelState::Loading, "c restarted: stage 1 reloads");
-    assert!(m.loaded.is_empty(), "{:?}", m.loaded);
+    assert_eq!((m.generation, m.replicas, m.next_replica), (25, 2, 2));
+    assert_eq!(m.instances.keys().copied().collect::<Vec<_>>(), vec![0]);
+    let r = &m.instances[&0];
+    assert_eq!(r.epoch, 14);
+    assert_eq!(r.placement.stages[1].worker, "c");
+    assert_eq!(r.state, ModelState::Loading, "c restarted: stage 1 reloads");
+    assert!(r.loaded.is_empty(), "{:?}", r.loaded);
+    assert_eq!(m.state, ModelState::Loading, "0 of 2 replicas serve");
     assert!(!whole.models.contains_key("n"));
     assert!(whole.workers["b"].healthy && !whole.workers["b"].gone);
+    assert!(!whole.workers["d"].cordoned);
     assert_eq!(whole.applied, wire.len() as u64);
     let refused: Vec<usize> = whole_results
         .iter()
@@ -161,7 +213,7 @@ fn a_snapshot_plus_the_suffix_of_the_log_equals_the_whole_log() {
         .filter(|(_, r)| r.is_err())
         .map(|(i, _)| i + 1)
         .collect();
-    assert_eq!(refused, vec![5, 7, 13, 19, 22]);
+    assert_eq!(refused, vec![5, 7, 13, 19, 22, 26, 27, 31, 34]);
 }
 
 #[test]
@@ -172,10 +224,9 @@ fn desired_state_is_recorded_then_placed_loaded_and_ready() {
     s.apply(&deploy("m")).unwrap();
     let m = &s.models["m"];
     assert_eq!(
-        (m.state.clone(), m.generation, m.epoch),
+        (m.state.clone(), m.generation, m.instances.len()),
         (ModelState::Pending, 3, 0)
     );
-    assert!(!m.placed());
     assert_eq!(
         s.apply(&place("m", 2, &["a"])),
         Err(StateError::StaleGeneration {
@@ -185,9 +236,9 @@ fn desired_state_is_recorded_then_placed_loaded_and_ready() {
         })
     );
     s.apply(&place("m", 3, &["a", "b"])).unwrap();
-    let epoch = s.models["m"].epoch;
+    let epoch = s.models["m"].instances[&0].epoch;
     assert_eq!(epoch, 5);
-    assert_eq!(s.models["m"].placement.group_nonce, epoch);
+    assert_eq!(s.models["m"].instances[&0].placement.group_nonce, epoch);
     s.apply(&loaded("m", epoch, 0)).unwrap();
     assert_eq!(s.models["m"].state, ModelState::Loading);
     assert_eq!(
@@ -212,8 +263,12 @@ fn desired_state_is_recorded_then_placed_loaded_and_ready() {
     s.apply(&register("b", 50)).unwrap();
     let m = &s.models["m"];
     assert_eq!(m.state, ModelState::Loading);
-    assert!(m.loaded.is_empty());
-    assert!(m.reason.contains("restarted"), "{}", m.reason);
+    assert!(m.instances[&0].loaded.is_empty());
+    assert!(
+        m.instances[&0].reason.contains("restarted"),
+        "{}",
+        m.instances[&0].reason
+    );
     // A worker that restarts but holds nothing of it changes nothing.
     s.apply(&loaded("m", epoch, 0)).unwrap();
     s.apply(&loaded("m", epoch, 1)).unwrap();
@@ -271,4 +326,89 @@ fn unknown_names_are_errors_that_leave_the_state_unchanged() {
         .unwrap();
     s.apply(&Command::RemoveWorker { id: "a".into() }).unwrap();
     assert!(s.workers.is_empty() && s.models.is_empty());
+}
+
+/// Replicas: each on workers of its own; the model is Ready when every
+/// replica asked for serves; a draining replica takes no requests and
+/// does not count.
+#[test]
+fn replicas_scale_drain_and_count_towards_ready() {
+    let mut s = ClusterState::default();
+    for (i, w) in ["a", "b", "c"].iter().enumerate() {
+        s.apply(&register(w, i as u64)).unwrap();
+    }
+    s.apply(&deploy("m")).unwrap();
+    s.apply(&Command::ScaleModel {
+        name: "m".into(),
+        replicas: 2,
+        at_ms: 10,
+    })
+    .unwrap();
+    let g = s.models["m"].generation;
+    s.apply(&place_replica("m", g, 0, &["a"])).unwrap();
+    assert_eq!(
+        s.apply(&place_replica("m", g, 1, &["a"])),
+        Err(StateError::WorkerHoldsReplica {
+            id: "a".into(),
+            name: "m".into(),
+            replica: 0
+        })
+    );
+    assert_eq!(
+        s.apply(&place_replica("m", g, 5, &["b"])),
+        Err(StateError::UnknownReplica {
+            name: "m".into(),
+            replica: 5
+        }),
+        "ids are handed out in order"
+    );
+    s.apply(&place_replica("m", g, 1, &["b"])).unwrap();
+    let e0 = s.models["m"].instances[&0].epoch;
+    let e1 = s.models["m"].instances[&1].epoch;
+    s.apply(&loaded("m", e0, 0)).unwrap();
+    assert_eq!(s.models["m"].state, ModelState::Loading, "1 of 2 serve");
+    s.apply(&loaded("m", e1, 0)).unwrap();
+    assert_eq!(s.models["m"].state, ModelState::Ready);
+    assert_eq!(s.models["m"].serving().count(), 2);
+    // Scale down to 1: the reconciler drains one; it stops serving at once.
+    s.apply(&Command::ScaleModel {
+        name: "m".into(),
+        replicas: 1,
+        at_ms: 20,
+    })
+    .unwrap();
+    s.apply(&Command::DrainReplica {
+        name: "m".into(),
+        replica: 1,
+        reason: "scaled down to 1".into(),
+        at_ms: 21,
+    })
+    .unwrap();
+    let m = &s.models["m"];
+    assert_eq!(m.serving().map(|r| r.id).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(m.state, ModelState::Ready);
+    assert!(m.instances[&1].draining());
+    assert_eq!(s.models_on("b"), vec!["m".to_string()], "until removed");
+    s.apply(&Command::RemoveReplica {
+        name: "m".into(),
+        replica: 1,
+        at_ms: 30,
+    })
+    .unwrap();
+    assert!(s.models_on("b").is_empty());
+    assert_eq!(
+        s.apply(&Command::ScaleModel {
+            name: "m".into(),
+            replicas: 0,
+            at_ms: 31,
+        }),
+        Err(StateError::NoReplicas {
+            name: "m".into(),
+            replicas: 0
+        })
+    );
+    // A cordon survives a restart of the worker.
+    s.apply(&cordon("c", true)).unwrap();
+    s.apply(&register("c", 40)).unwrap();
+    assert!(s.workers["c"].cordoned && !s.workers["c"].schedulable());
 }

@@ -23,19 +23,35 @@ fn register(id: &str, at: u64) -> Command {
         memory_free_bytes: 80,
         at_ms: at,
         collective_address: String::new(),
+        pool: String::new(),
+        labels: Default::default(),
     }
 }
 
-fn deploy(name: &str, worker: &str) -> Command {
+fn deploy(name: &str) -> Command {
     Command::DeployModel {
         name: name.into(),
         source: "synthetic:tiny".into(),
         dtype: "f32".into(),
         quantization: "none".into(),
+        serving: Default::default(),
+        shape: Default::default(),
+        replicas: 1,
+        pool: String::new(),
+        labels: Default::default(),
+        at_ms: 3,
+    }
+}
+
+/// The reconciler's placement of m (generation 3) on `worker`.
+fn place(worker: &str) -> Command {
+    Command::PlaceModel {
+        name: "m".into(),
+        generation: 3,
+        replica: 0,
         placement: Placement {
             stages: vec![Stage {
                 worker: worker.into(),
-                layer_start: 0,
                 layer_end: 2,
                 embed: true,
                 head: true,
@@ -44,9 +60,7 @@ fn deploy(name: &str, worker: &str) -> Command {
             }],
             ..Default::default()
         },
-        serving: Default::default(),
-        shape: Default::default(),
-        at_ms: 3,
+        at_ms: 4,
     }
 }
 
@@ -79,36 +93,21 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
     let log = vec![
         register("a", 1),
         register("b", 2),
-        deploy("m", "a"),
-        deploy("m", "b"),                         // exists: refused
+        deploy("m"),
+        deploy("m"),                              // exists: refused
+        place("a"),                               // epoch 5
         Command::RemoveWorker { id: "a".into() }, // busy: refused
-        // The reconciler's commands: m (generation 3) placed anew on b,
-        // one of them stale.
-        Command::PlaceModel {
-            name: "m".into(),
-            generation: 3,
-            placement: Placement {
-                stages: vec![Stage {
-                    worker: "b".into(),
-                    layer_end: 2,
-                    embed: true,
-                    head: true,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-            at_ms: 4,
-        },
+        place("b"),                               // placed anew: epoch 7
         Command::ShardLoaded {
             name: "m".into(),
-            epoch: 3, // stale: the placement above is epoch 6
+            epoch: 5, // stale: the placement above is epoch 7
             stage: 0,
             rank: 0,
             at_ms: 5,
         },
         Command::ShardLoaded {
             name: "m".into(),
-            epoch: 6,
+            epoch: 7,
             stage: 0,
             rank: 0,
             at_ms: 5,
@@ -121,7 +120,7 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
             at_ms: 8,
         },
         Command::WorkerGone { id: "b".into() },
-        deploy("n", "b"),                             // unhealthy: refused
+        place("b"),                                   // unhealthy: refused
         Command::UndeployModel { name: "zz".into() }, // unknown: refused
         put("generate.default_max_new_tokens", "64"),
         Command::DeleteSetting { key: "nope".into() }, // unknown: refused
@@ -141,11 +140,15 @@ async fn state_machine_suite(replicas: Vec<Arc<dyn MetaStore>>) {
             expected.applied
         );
     }
+    let cordon = Command::CordonWorker {
+        id: "zz".into(),
+        cordoned: true,
+    };
     assert!(matches!(
-        replicas[0].propose(deploy("m", "zz")).await.unwrap(),
+        replicas[0].propose(cordon.clone()).await.unwrap(),
         Err(StateError::UnknownWorker(_))
     ));
-    expected.apply(&deploy("m", "zz")).unwrap_err();
+    expected.apply(&cordon).unwrap_err();
     for s in synced(&replicas).await {
         assert_eq!(s, expected);
     }

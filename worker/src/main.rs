@@ -60,6 +60,17 @@ struct ServeArgs {
     /// pipeline links of CUDA workers use NCCL.
     #[arg(long, env = "LLMOS_DEVICE", default_value = "cpu")]
     device: String,
+    /// Worker pool this worker belongs to (deployments may ask for one).
+    #[arg(long, env = "LLMOS_WORKER_POOL", default_value = "")]
+    pool: String,
+    /// A label deployments may ask for, as key=value (repeatable).
+    #[arg(long = "label", value_parser = llmos_proto::parse_label)]
+    labels: Vec<(String, String)>,
+    /// On SIGTERM/SIGINT, seconds to wait for the coordinator to move this
+    /// worker's replicas elsewhere before stopping anyway (0: stop at once,
+    /// finishing only the requests in flight).
+    #[arg(long, env = "LLMOS_DRAIN_TIMEOUT_S", default_value_t = 300)]
+    drain_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -363,6 +374,9 @@ fn serve(args: ServeArgs) -> Result<()> {
                 address: advertised.clone(),
                 device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
                 collective_address: collective_address.clone(),
+                pool: args.pool.clone(),
+                labels: args.labels.iter().cloned().collect(),
+                drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
             }
         });
         let shutdown = async {

@@ -52,11 +52,18 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u32 = 30_000;
 /// under: shared by the server (which fences commands by it) and the
 /// heartbeats (which report it to the coordinator's reconciler).
 #[derive(Clone, Default)]
-pub struct HeldShards(Arc<Mutex<BTreeMap<String, u64>>>);
+pub struct HeldShards {
+    epochs: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// The engines this worker runs (shared with the server), for the load
+    /// heartbeats report.
+    engines: Engines,
+}
+
+type Engines = Arc<Mutex<HashMap<String, (pb::ShardSpec, EngineHandle)>>>;
 
 impl HeldShards {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.epochs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The epoch `model` is held under, if held.
@@ -64,15 +71,33 @@ impl HeldShards {
         self.lock().get(model).copied()
     }
 
-    /// What heartbeats report.
-    pub fn report(&self) -> Vec<pb::HeldShard> {
-        self.lock()
-            .iter()
-            .map(|(model, &epoch)| pb::HeldShard {
-                model: model.clone(),
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// What heartbeats report: each shard, with its engine's load where
+    /// this worker runs the engine (the coordinators route by it).
+    pub async fn report(&self) -> Vec<pb::HeldShard> {
+        let held: Vec<(String, u64)> = self.lock().iter().map(|(m, &e)| (m.clone(), e)).collect();
+        let mut out = Vec::with_capacity(held.len());
+        for (model, epoch) in held {
+            let engine = self
+                .engines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&model)
+                .map(|(_, e)| e.clone());
+            let engine = match engine {
+                Some(e) => e.stats().await.ok().map(|s| codec::engine_stats(&s)),
+                None => None,
+            };
+            out.push(pb::HeldShard {
+                model,
                 epoch,
-            })
-            .collect()
+                engine,
+            });
+        }
+        out
     }
 }
 
@@ -80,7 +105,7 @@ pub struct WorkerService {
     host: HostHandle,
     /// Engines of the models whose first stage this worker holds, with the
     /// spec they were started from.
-    engines: Arc<Mutex<HashMap<String, (pb::ShardSpec, EngineHandle)>>>,
+    engines: Engines,
     held: HeldShards,
 }
 
@@ -88,7 +113,7 @@ impl WorkerService {
     pub fn new(host: HostHandle, held: HeldShards) -> Self {
         WorkerService {
             host,
-            engines: Arc::default(),
+            engines: held.engines.clone(),
             held,
         }
     }
@@ -411,6 +436,10 @@ pub async fn serve(
 
 /// Serves like [`serve`] and, given a registration, registers with the
 /// coordinators and heartbeats (reporting the shards held) while serving.
+/// When `shutdown` completes, a registered worker with a drain timeout
+/// first asks the coordinator to drain it and waits (serving meanwhile)
+/// until it holds nothing or the timeout passes; then the server stops
+/// accepting and finishes the requests it has.
 pub async fn serve_registered(
     listener: tokio::net::TcpListener,
     host: HostHandle,
@@ -418,10 +447,20 @@ pub async fn serve_registered(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let held = HeldShards::default();
-    let registration =
-        registration.map(|r| tokio::spawn(register::registration_loop(r, held.clone())));
-    let r = serve(listener, host, held, shutdown).await;
-    if let Some(t) = registration {
+    let heartbeats = registration
+        .clone()
+        .map(|r| tokio::spawn(register::registration_loop(r, held.clone())));
+    let drained = {
+        let held = held.clone();
+        async move {
+            shutdown.await;
+            if let Some(r) = registration.filter(|r| !r.drain_timeout.is_zero()) {
+                register::drain(&r, &held).await;
+            }
+        }
+    };
+    let r = serve(listener, host, held, drained).await;
+    if let Some(t) = heartbeats {
         t.abort();
     }
     r

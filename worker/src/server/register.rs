@@ -16,7 +16,7 @@ use crate::runtime::device::memory_of;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Registration {
     /// Coordinator URLs, comma-separated, e.g.
     /// `http://c-0:50051,http://c-1:50051,http://c-2:50051`.
@@ -28,6 +28,13 @@ pub struct Registration {
     pub device: String,
     /// host:port of the collective listener; empty: none.
     pub collective_address: String,
+    /// Worker pool ("": default) and labels, for deployments that ask.
+    pub pool: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// On SIGTERM (or SIGINT), how long to wait for the coordinator to move
+    /// this worker's replicas away before stopping anyway; zero: stop at
+    /// once.
+    pub drain_timeout: Duration,
 }
 
 fn with_deadline<T>(msg: T) -> Request<T> {
@@ -96,6 +103,8 @@ pub async fn registration_loop(reg: Registration, held: super::HeldShards) {
                 memory_total_bytes: total,
                 memory_free_bytes: free,
                 collective_address: reg.collective_address.clone(),
+                pool: reg.pool.clone(),
+                labels: reg.labels.clone().into_iter().collect(),
             }))
             .await
         {
@@ -130,7 +139,7 @@ async fn heartbeats(
             .heartbeat(with_deadline(pb::HeartbeatRequest {
                 worker_id: reg.worker_id.clone(),
                 memory_free_bytes: free,
-                shards: held.report(),
+                shards: held.report().await,
             }))
             .await
         {
@@ -145,4 +154,60 @@ async fn heartbeats(
             }
         }
     }
+}
+
+/// Asks the coordinators to drain this worker (its replicas are replaced
+/// elsewhere, then drained and unloaded here), and waits until it holds
+/// nothing or `reg.drain_timeout` passes. Heartbeats go on meanwhile (the
+/// registration loop), so the coordinator sees the engine go idle.
+pub async fn drain(reg: &Registration, held: &super::HeldShards) {
+    if held.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + reg.drain_timeout;
+    let mut asked = false;
+    for coordinator in reg
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(coordinator.to_string()) else {
+            continue;
+        };
+        let Ok(channel) = endpoint.connect_timeout(CALL_TIMEOUT).connect().await else {
+            continue;
+        };
+        let mut admin = llmos_proto::v1::admin_client::AdminClient::new(channel);
+        match admin
+            .drain_worker(with_deadline(llmos_proto::v1::DrainWorkerRequest {
+                worker_id: reg.worker_id.clone(),
+                wait: Some(false),
+                wait_timeout_ms: 0,
+            }))
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(%coordinator, replicas = ?r.into_inner().replicas, timeout = ?reg.drain_timeout, "draining: waiting for the replicas here to move");
+                asked = true;
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%coordinator, error = %e, "asking to drain failed; trying the next coordinator")
+            }
+        }
+    }
+    if !asked {
+        tracing::warn!("no coordinator took the drain; stopping with shards held");
+        return;
+    }
+    while !held.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            let models: Vec<String> = held.report().await.into_iter().map(|s| s.model).collect();
+            tracing::warn!(timeout = ?reg.drain_timeout, held = ?models, "drain timed out; stopping with shards held");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!("drained: nothing held");
 }

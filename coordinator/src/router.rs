@@ -1,0 +1,330 @@
+//! The router: which replica of a model serves a request. Per coordinator
+//! replica, in memory (no Raft write per request). Each replica (named by
+//! its placement epoch, unique in the cluster) has:
+//!
+//! - **load**: the larger of the requests this coordinator routed there and
+//!   has not seen finish (`in_flight`), and the engine's own last report of
+//!   running + waiting sequences (heartbeats; a report older than
+//!   `REPORT_FRESH` is ignored). The report counts other coordinators'
+//!   requests too; the in-flight count is current between reports.
+//! - **prefix memory**: the hashes of the prompt blocks recently routed
+//!   there (the engine's block size and `llmos_meta::hash::block_hash`, so
+//!   they name the blocks its prefix cache holds), at most `PREFIX_MEMORY`
+//!   per replica, oldest forgotten first.
+//!
+//! The rule: take the replica holding the longest cached prefix of the
+//! prompt (in whole blocks), unless its load exceeds twice the least
+//! loaded replica's plus `SLACK` sequences ("much busier"); then, and when
+//! no replica holds any of the prefix, the least loaded (ties: more free
+//! KV blocks, then fewer requests routed so far).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Block hashes remembered per replica.
+const PREFIX_MEMORY: usize = 8192;
+/// Sequences a prefix-holding replica may carry beyond twice the least
+/// loaded replica's load and still be preferred.
+pub const SLACK: u32 = 2;
+/// A load report older than this is not used for routing.
+const REPORT_FRESH: Duration = Duration::from_secs(10);
+
+/// An engine's report (from the heartbeat of the worker running it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineLoad {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_blocks_free: u32,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// The last report, with when it arrived here and (wall clock, ms)
+    /// for drain decisions compared with replicated timestamps.
+    report: Option<(Instant, u64, EngineLoad)>,
+    in_flight: u32,
+    prefixes: HashSet<u64>,
+    order: VecDeque<u64>,
+    routed: u64,
+    routed_for_prefix: u64,
+}
+
+impl Entry {
+    fn load(&self, now: Instant) -> u32 {
+        let reported = self
+            .report
+            .filter(|(at, _, _)| now.duration_since(*at) < REPORT_FRESH)
+            .map_or(0, |(_, _, l)| l.running + l.waiting);
+        self.in_flight.max(reported)
+    }
+
+    fn remember(&mut self, hashes: &[u64]) {
+        for &h in hashes {
+            if self.prefixes.insert(h) {
+                self.order.push_back(h);
+            }
+        }
+        while self.order.len() > PREFIX_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.prefixes.remove(&old);
+            }
+        }
+    }
+
+    /// Leading blocks of the prompt routed here lately.
+    fn matched(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.prefixes.contains(h))
+            .count()
+    }
+}
+
+type Key = (String, u64);
+
+/// What the router knows of one replica (for status).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicaLoad {
+    pub reported: Option<EngineLoad>,
+    pub in_flight: u32,
+    pub routed: u64,
+    pub routed_for_prefix: u64,
+}
+
+/// A routing decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub epoch: u64,
+    /// Leading prompt blocks this replica was sent lately.
+    pub matched_blocks: usize,
+}
+
+#[derive(Default)]
+pub struct Router {
+    inner: Mutex<HashMap<Key, Entry>>,
+    /// Round-robin instead of the rule (benchmarks compare the two).
+    round_robin: bool,
+    turn: Mutex<usize>,
+}
+
+/// A request routed to a replica: counted in flight until dropped.
+pub struct InFlight {
+    router: Arc<Router>,
+    key: Key,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut g = self.router.lock();
+        if let Some(e) = g.get_mut(&self.key) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// The hashes of a prompt's whole blocks, as the engine names them.
+pub fn block_hashes(prompt: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = 0;
+    prompt
+        .chunks_exact(block_size.max(1))
+        .map(|chunk| {
+            parent = llmos_meta::hash::block_hash(parent, chunk);
+            parent
+        })
+        .collect()
+}
+
+impl Router {
+    pub fn new(round_robin: bool) -> Self {
+        Router {
+            round_robin,
+            ..Default::default()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An engine's load report.
+    pub fn report(&self, model: &str, epoch: u64, load: EngineLoad, at_ms: u64) {
+        self.lock()
+            .entry((model.to_string(), epoch))
+            .or_default()
+            .report = Some((Instant::now(), at_ms, load));
+    }
+
+    /// Picks one of `epochs` (the model's serving replicas, none excluded
+    /// by the caller) for a prompt with `hashes`; None when `epochs` is
+    /// empty.
+    pub fn choose(&self, model: &str, epochs: &[u64], hashes: &[u64]) -> Option<Choice> {
+        if epochs.is_empty() {
+            return None;
+        }
+        let mut g = self.lock();
+        let now = Instant::now();
+        if self.round_robin {
+            let mut t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+            *t += 1;
+            let epoch = epochs[*t % epochs.len()];
+            let matched = g
+                .get(&(model.to_string(), epoch))
+                .map_or(0, |e| e.matched(hashes));
+            return Some(Choice {
+                epoch,
+                matched_blocks: matched,
+            });
+        }
+        let mut seen: Vec<(u64, u32, u32, u64, usize)> = epochs
+            .iter()
+            .map(|&epoch| {
+                let e = g.entry((model.to_string(), epoch)).or_default();
+                let free = e.report.map_or(0, |(_, _, l)| l.kv_blocks_free);
+                (epoch, e.load(now), free, e.routed, e.matched(hashes))
+            })
+            .collect();
+        // Least loaded: load, then more free KV, then fewer routed.
+        seen.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)));
+        let least = seen[0];
+        let best_prefix = seen
+            .iter()
+            .filter(|s| s.4 > 0)
+            .max_by(|a, b| a.4.cmp(&b.4).then(b.1.cmp(&a.1)))
+            .copied();
+        let pick = match best_prefix {
+            Some(p) if p.1 <= 2 * least.1 + SLACK => p,
+            _ => least,
+        };
+        Some(Choice {
+            epoch: pick.0,
+            matched_blocks: pick.4,
+        })
+    }
+
+    /// Counts a request routed to replica `epoch` (until the guard drops)
+    /// and remembers its prompt blocks there.
+    pub fn start(self: &Arc<Self>, model: &str, choice: Choice, hashes: &[u64]) -> InFlight {
+        let key = (model.to_string(), choice.epoch);
+        let mut g = self.lock();
+        let e = g.entry(key.clone()).or_default();
+        e.in_flight += 1;
+        e.routed += 1;
+        if choice.matched_blocks > 0 {
+            e.routed_for_prefix += 1;
+        }
+        e.remember(hashes);
+        drop(g);
+        InFlight {
+            router: self.clone(),
+            key,
+        }
+    }
+
+    /// What the router knows of replica `epoch`.
+    pub fn load(&self, model: &str, epoch: u64) -> ReplicaLoad {
+        let g = self.lock();
+        let Some(e) = g.get(&(model.to_string(), epoch)) else {
+            return ReplicaLoad::default();
+        };
+        ReplicaLoad {
+            reported: e.report.map(|(_, _, l)| l),
+            in_flight: e.in_flight,
+            routed: e.routed,
+            routed_for_prefix: e.routed_for_prefix,
+        }
+    }
+
+    /// Whether replica `epoch` has nothing to finish: nothing in flight
+    /// from here, and its engine reported no sequence after `since_ms`.
+    pub fn idle_since(&self, model: &str, epoch: u64, since_ms: u64) -> bool {
+        let g = self.lock();
+        let Some(e) = g.get(&(model.to_string(), epoch)) else {
+            return false;
+        };
+        e.in_flight == 0
+            && e.report
+                .is_some_and(|(_, at, l)| at > since_ms && l.running + l.waiting == 0)
+    }
+
+    /// Forgets replicas no longer placed.
+    pub fn retain(&self, live: &HashSet<(String, u64)>) {
+        self.lock()
+            .retain(|k, e| live.contains(k) || e.in_flight > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(running: u32) -> EngineLoad {
+        EngineLoad {
+            running,
+            waiting: 0,
+            kv_blocks_free: 100,
+        }
+    }
+
+    #[test]
+    fn the_longest_prefix_wins_unless_its_replica_is_much_busier() {
+        let r = Arc::new(Router::new(false));
+        let system = block_hashes(&(0..64).collect::<Vec<u32>>(), 16);
+        // Nothing known: the least loaded (both 0; fewer routed).
+        r.report("m", 1, load(0), 1);
+        r.report("m", 2, load(0), 1);
+        let c = r.choose("m", &[1, 2], &system).unwrap();
+        assert_eq!(c.matched_blocks, 0);
+        let _a = r.start("m", c, &system);
+        // The same prompt again goes where its blocks went, though that
+        // replica now has one more in flight.
+        let c2 = r.choose("m", &[1, 2], &system).unwrap();
+        assert_eq!((c2.epoch, c2.matched_blocks), (c.epoch, 4));
+        // A prompt sharing the first two blocks only still follows them.
+        let mut other: Vec<u32> = (0..32).collect();
+        other.extend(1000..1032);
+        let part = block_hashes(&other, 16);
+        assert_eq!(r.choose("m", &[1, 2], &part).unwrap().matched_blocks, 2);
+        // Much busier (more than twice the other's load plus SLACK): the
+        // least loaded instead.
+        let other_epoch = if c.epoch == 1 { 2 } else { 1 };
+        r.report("m", c.epoch, load(2 * 3 + SLACK + 1), 2);
+        r.report("m", other_epoch, load(3), 2);
+        let c3 = r.choose("m", &[1, 2], &system).unwrap();
+        assert_eq!(c3.epoch, other_epoch);
+        r.report("m", c.epoch, load(2 * 3 + SLACK), 3);
+        assert_eq!(r.choose("m", &[1, 2], &system).unwrap().epoch, c.epoch);
+    }
+
+    #[test]
+    fn in_flight_counts_until_the_request_ends_and_spreads_new_prompts() {
+        let r = Arc::new(Router::new(false));
+        let mut guards = Vec::new();
+        for i in 0..6u32 {
+            let h = block_hashes(&[i; 16], 16);
+            let c = r.choose("m", &[7, 8, 9], &h).unwrap();
+            guards.push(r.start("m", c, &h));
+        }
+        for e in [7, 8, 9] {
+            assert_eq!(r.load("m", e).in_flight, 2, "{e}");
+        }
+        assert!(!r.idle_since("m", 7, 0));
+        guards.clear();
+        assert_eq!(r.load("m", 7).in_flight, 0);
+        assert!(!r.idle_since("m", 7, 0), "no report yet");
+        r.report("m", 7, load(0), 50);
+        assert!(r.idle_since("m", 7, 10));
+        assert!(!r.idle_since("m", 7, 60), "a report from before the drain");
+    }
+
+    #[test]
+    fn block_hashes_cover_whole_blocks_only_and_chain() {
+        let a = block_hashes(&(0..40).collect::<Vec<u32>>(), 16);
+        assert_eq!(a.len(), 2);
+        let b = block_hashes(&(0..32).collect::<Vec<u32>>(), 16);
+        assert_eq!(a, b);
+        let mut c: Vec<u32> = (0..32).collect();
+        c[0] = 99;
+        assert_ne!(block_hashes(&c, 16)[1], a[1], "a block names its parents");
+    }
+}

@@ -1,0 +1,342 @@
+//! Elastic serving end to end over loopback: replicas added and removed
+//! while clients generate (no request fails, every greedy output is the
+//! single-replica one), a worker drained by the operator or stopped with
+//! SIGTERM under load, a replica that dies before the first token, worker
+//! pools, and the refusals of bad scale requests.
+//!
+//! Needs `llmos-worker` built beside the test binary (`cargo build
+//! --release --bins`, as `scripts/test.sh` does).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use llmos_tests::cluster::*;
+use tonic::transport::Channel;
+
+fn request(model: &str) -> api::GenerateRequest {
+    ids_request(model, &[1, 504, 3458, 282, 4649, 314], 8)
+}
+
+fn deploy(name: &str, replicas: u32) -> api::DeployModelRequest {
+    api::DeployModelRequest {
+        name: name.into(),
+        source: "smollm2".into(),
+        replicas,
+        wait_timeout_ms: 120_000,
+        ..Default::default()
+    }
+}
+
+async fn status_of(admin: &mut AdminClient<Channel>, name: &str) -> api::ModelStatus {
+    model_status(admin, name)
+        .await
+        .unwrap_or_else(|| panic!("{name} is not deployed"))
+}
+
+/// The workers holding each replica's engine.
+fn engine_workers(m: &api::ModelStatus) -> Vec<String> {
+    m.replicas
+        .iter()
+        .map(|r| r.stages[0].worker_id.clone())
+        .collect()
+}
+
+/// `clients` loops of generations against the coordinator until stopped
+/// (or 2000 requests each), checking every output against `want`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    async fn start(coordinator: &str, model: &str, want: Vec<u32>, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let mut inference = connect(coordinator, InferenceClient::new).await;
+            let (stop, want, model) = (stop.clone(), want.clone(), model.to_string());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                for _ in 0..2000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match ids_of(&mut inference, request(&model)).await {
+                        Ok(ids) if ids == want => ok += 1,
+                        Ok(ids) => failed.push(format!("output {ids:?}, want {want:?}")),
+                        Err(e) => failed.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+                (ok, failed)
+            }));
+        }
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients; (requests served, failures).
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in self.tasks {
+            let (o, f) = t.await.unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+/// Scale 1 → 3 → 1, drain the worker of the remaining replica, then stop
+/// the next one with SIGTERM, all while three clients generate: no request
+/// fails, every output is the single-replica one, every added replica
+/// serves, and the SIGTERM'd worker exits 0 once its replica moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_drain_and_sigterm_under_load_lose_no_request() {
+    let coordinator = start_coordinator().await;
+    let mut workers: Vec<ProcWorker> = (0..3)
+        .map(|i| {
+            ProcWorker::start_with(&coordinator, &format!("w{i}"), &["--drain-timeout-s", "90"])
+        })
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 3).await;
+    admin.deploy_model(deploy("smol", 1)).await.unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    assert_eq!(want.len(), 8);
+    let load = Load::start(&coordinator, "smol", want.clone(), 3).await;
+
+    let t = Instant::now();
+    admin
+        .scale_model(api::ScaleModelRequest {
+            name: "smol".into(),
+            replicas: 3,
+            wait: Some(true),
+            wait_timeout_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    println!("scale 1 -> 3 under load: {:?}", t.elapsed());
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "every replica serves requests",
+        |m| m.replicas.len() == 3 && m.replicas.iter().all(|r| r.routed > 0),
+    )
+    .await;
+    let mut on: Vec<String> = engine_workers(&m);
+    on.sort();
+    assert_eq!(on, ["w0", "w1", "w2"], "one replica per worker");
+
+    let t = Instant::now();
+    admin
+        .scale_model(api::ScaleModelRequest {
+            name: "smol".into(),
+            replicas: 1,
+            wait: Some(true),
+            wait_timeout_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    println!("scale 3 -> 1 under load: {:?}", t.elapsed());
+    let m = status_of(&mut admin, "smol").await;
+    assert_eq!((m.replicas.len(), m.replicas_desired), (1, 1), "{m:#?}");
+
+    // Drain the worker of the one replica: a replacement serves first.
+    let first = engine_workers(&m)[0].clone();
+    let t = Instant::now();
+    let drained = admin
+        .drain_worker(api::DrainWorkerRequest {
+            worker_id: first.clone(),
+            wait: Some(true),
+            wait_timeout_ms: 120_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    println!("drain of {first} under load: {:?}", t.elapsed());
+    assert_eq!(drained.replicas.len(), 1, "{drained:?}");
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(30),
+        "one serving replica",
+        |m| m.state == "Ready" && m.replicas.len() == 1,
+    )
+    .await;
+    let second = engine_workers(&m)[0].clone();
+    assert_ne!(second, first);
+    let ws = admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert!(ws.iter().any(|w| w.id == first && w.cordoned), "{ws:?}");
+    admin
+        .uncordon_worker(api::UncordonWorkerRequest {
+            worker_id: first.clone(),
+        })
+        .await
+        .unwrap();
+
+    // SIGTERM the worker of the replica now: it asks to be drained and
+    // exits once its replica moved.
+    let idx: usize = second[1..].parse().unwrap();
+    let t = Instant::now();
+    workers[idx].signal("-TERM");
+    let status = tokio::task::block_in_place(|| workers[idx].wait_exit(Duration::from_secs(120)))
+        .expect("the SIGTERM'd worker did not exit");
+    println!(
+        "SIGTERM of {second} under load: exited after {:?}",
+        t.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(30),
+        "served elsewhere",
+        |m| m.state == "Ready" && m.replicas.len() == 1,
+    )
+    .await;
+    assert_ne!(engine_workers(&m)[0], second);
+
+    let (ok, failed) = load.stop().await;
+    println!("{ok} requests served during scale, drain and SIGTERM");
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok >= 30, "only {ok} requests");
+}
+
+/// Two replicas; one's worker is killed: requests routed to it fail
+/// before their first token and are served by the other replica, the
+/// client seeing nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_before_the_first_token_is_left_for_another() {
+    let coordinator = start_coordinator().await;
+    let mut workers: Vec<ProcWorker> = (0..2)
+        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    admin.deploy_model(deploy("smol", 2)).await.unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    workers[0].kill9();
+    // Both replicas stay Ready in the state until the lease expires: the
+    // router keeps choosing the dead one for some requests.
+    for _ in 0..6 {
+        assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
+    }
+    let m = status_of(&mut admin, "smol").await;
+    let dead = m
+        .replicas
+        .iter()
+        .find(|r| r.stages[0].worker_id == "w0")
+        .expect("still placed on w0");
+    assert!(dead.routed > 0, "the dead replica was never tried: {m:#?}");
+}
+
+/// Replicas land only in the pool (and on the labels) a deployment names;
+/// more replicas than the pool holds: the status names the shortfall and
+/// the replicas that fit serve. Bad scale requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_confine_replicas_and_a_shortfall_leaves_the_rest_serving() {
+    let coordinator = start_coordinator().await;
+    start_worker_in(&coordinator, "a0", "a", &[]).await;
+    start_worker_in(&coordinator, "b0", "b", &[("zone", "z1")]).await;
+    start_worker_in(&coordinator, "b1", "b", &[("zone", "z2")]).await;
+    let (mut admin, mut inference) = clients(&coordinator, 3).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            pool: "b".into(),
+            wait: Some(false),
+            ..deploy("smol", 3)
+        })
+        .await
+        .unwrap();
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "two replicas serve, the third waits",
+        |m| {
+            m.replicas.len() == 2
+                && m.replicas.iter().all(|r| r.state == "Ready")
+                && m.reason.contains("replica 3 of 3")
+        },
+    )
+    .await;
+    assert_eq!(m.state, "Loading");
+    assert!(m.reason.contains("in pool \"b\""), "{}", m.reason);
+    let mut on = engine_workers(&m);
+    on.sort();
+    assert_eq!(on, ["b0", "b1"]);
+    generated_ids(&mut inference, request("smol")).await;
+    let ws = admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let a0 = ws.iter().find(|w| w.id == "a0").unwrap();
+    assert!(a0.shards.is_empty() && a0.pool == "a", "{a0:?}");
+
+    // Labels narrow further.
+    let mut labels = std::collections::HashMap::new();
+    labels.insert("zone".to_string(), "z2".to_string());
+    admin
+        .deploy_model(api::DeployModelRequest {
+            pool: "b".into(),
+            labels,
+            ..deploy("z2only", 1)
+        })
+        .await
+        .unwrap();
+    let m = status_of(&mut admin, "z2only").await;
+    assert_eq!(engine_workers(&m), ["b1"]);
+
+    // Bad input.
+    let e = admin
+        .scale_model(api::ScaleModelRequest {
+            name: "nope".into(),
+            replicas: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(e.message().contains("nope"), "{e}");
+    let e = admin
+        .scale_model(api::ScaleModelRequest {
+            name: "smol".into(),
+            replicas: 0,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("at least 1"), "{e}");
+    let e = admin
+        .drain_worker(api::DrainWorkerRequest {
+            worker_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = admin
+        .deploy_model(api::DeployModelRequest {
+            layer_split: vec![10, 10],
+            stages: 2,
+            ..deploy("badsplit", 1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("20") && e.message().contains("30"),
+        "{e}"
+    );
+}
