@@ -3,7 +3,8 @@
 //! generator: continuous batching against no batching and transformers
 //! static batching), `small_gemm.rs` (the batched step's products against
 //! libtorch's), `gpu_kernels.rs` (CUDA kernels against libtorch chains),
-//! `control_plane.rs` (Raft vs etcd); the single-process comparison with
+//! `control_plane.rs` (Raft vs etcd), `elastic.rs` (replicas, routing and
+//! live scaling); the single-process comparison with
 //! peers is `single_process.sh`, int8 against bf16 `quantization.sh`.
 
 use std::time::{Duration, Instant};

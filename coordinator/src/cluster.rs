@@ -42,7 +42,8 @@ pub struct Config {
     /// How long a replica being removed (scale-down, drain) may take to
     /// finish its requests before it is unloaded anyway.
     pub drain_timeout: Duration,
-    /// Route round-robin instead of by load and prefix (for comparisons).
+    /// Route round-robin instead of by load and prefix (the cluster
+    /// setting `routing.policy` overrides it).
     pub round_robin: bool,
     /// Where the cluster state is kept.
     pub store: StoreConfig,
@@ -90,7 +91,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(config: Config, store: Arc<dyn MetaStore>) -> Arc<Self> {
         Arc::new(Cluster {
-            router: Arc::new(Router::new(config.round_robin)),
+            router: Arc::new(Router::default()),
             config,
             store,
             leases: Leases::default(),
@@ -136,6 +137,15 @@ impl Cluster {
             .get(crate::settings::SETTING_DEFAULT_MAX_NEW_TOKENS)
             .and_then(|v| v.parse().ok())
             .unwrap_or(self.config.default_max_new_tokens)
+    }
+
+    /// Whether requests go round-robin over replicas (else by load and
+    /// prompt prefix).
+    pub fn round_robin(&self) -> bool {
+        match self.read().settings.get(crate::settings::SETTING_ROUTING) {
+            Some(v) => v == "round-robin",
+            None => self.config.round_robin,
+        }
     }
 
     /// Opens a model's config and tokenizer (no weights) and keeps them.

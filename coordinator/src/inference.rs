@@ -110,6 +110,7 @@ impl InferenceService {
         InFlight,
     )> {
         let router = &self.cluster.router;
+        let round_robin = self.cluster.round_robin();
         let mut tried: Vec<u64> = Vec::new();
         let mut full: Option<CoordError> = None;
         let mut last: Option<CoordError> = None;
@@ -125,7 +126,7 @@ impl InferenceService {
                 .map(|r| r.epoch)
                 .filter(|e| !tried.contains(e))
                 .collect();
-            let Some(choice) = router.choose(model, &epochs, &hashes) else {
+            let Some(choice) = router.choose(model, &epochs, &hashes, round_robin) else {
                 return Err(full.or(last).unwrap_or_else(|| CoordError::ModelNotReady {
                     model: model.to_string(),
                     state: "no replica serves".into(),

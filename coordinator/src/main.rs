@@ -32,6 +32,15 @@ struct Cli {
     /// returns).
     #[arg(long, env = "LLMOS_WORKER_GRACE_PERIOD_S", default_value_t = 30)]
     worker_grace_period_s: u64,
+    /// Seconds a replica being removed (scale-down, drain) may take to
+    /// finish its requests before it is unloaded anyway.
+    #[arg(long, env = "LLMOS_DRAIN_TIMEOUT_S", default_value_t = 300)]
+    drain_timeout_s: u64,
+    /// How requests are spread over a model's replicas: `prefix` (the
+    /// replica holding the longest cached prompt prefix unless it is much
+    /// busier, else the least loaded) or `round-robin`.
+    #[arg(long, env = "LLMOS_ROUTING", default_value = "prefix", value_parser = ["prefix", "round-robin"])]
+    routing: String,
     /// Deadline of one forward step on one stage, in seconds.
     #[arg(long, default_value_t = 30)]
     step_timeout_s: u64,
@@ -121,6 +130,8 @@ async fn main() -> Result<()> {
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
         worker_grace_period: std::time::Duration::from_secs(cli.worker_grace_period_s),
         step_timeout: std::time::Duration::from_secs(cli.step_timeout_s),
+        drain_timeout: std::time::Duration::from_secs(cli.drain_timeout_s),
+        round_robin: cli.routing == "round-robin",
         store,
         ..Default::default()
     };

@@ -103,8 +103,6 @@ pub struct Choice {
 #[derive(Default)]
 pub struct Router {
     inner: Mutex<HashMap<Key, Entry>>,
-    /// Round-robin instead of the rule (benchmarks compare the two).
-    round_robin: bool,
     turn: Mutex<usize>,
 }
 
@@ -136,13 +134,6 @@ pub fn block_hashes(prompt: &[u32], block_size: usize) -> Vec<u64> {
 }
 
 impl Router {
-    pub fn new(round_robin: bool) -> Self {
-        Router {
-            round_robin,
-            ..Default::default()
-        }
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -155,16 +146,22 @@ impl Router {
             .report = Some((Instant::now(), at_ms, load));
     }
 
-    /// Picks one of `epochs` (the model's serving replicas, none excluded
-    /// by the caller) for a prompt with `hashes`; None when `epochs` is
-    /// empty.
-    pub fn choose(&self, model: &str, epochs: &[u64], hashes: &[u64]) -> Option<Choice> {
+    /// Picks one of `epochs` (the model's serving replicas, less those the
+    /// caller excluded) for a prompt with `hashes`, by the rule above or
+    /// (`round_robin`) in turn; None when `epochs` is empty.
+    pub fn choose(
+        &self,
+        model: &str,
+        epochs: &[u64],
+        hashes: &[u64],
+        round_robin: bool,
+    ) -> Option<Choice> {
         if epochs.is_empty() {
             return None;
         }
         let mut g = self.lock();
         let now = Instant::now();
-        if self.round_robin {
+        if round_robin {
             let mut t = self.turn.lock().unwrap_or_else(|e| e.into_inner());
             *t += 1;
             let epoch = epochs[*t % epochs.len()];
@@ -268,41 +265,47 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_wins_unless_its_replica_is_much_busier() {
-        let r = Arc::new(Router::new(false));
+        let r = Arc::new(Router::default());
         let system = block_hashes(&(0..64).collect::<Vec<u32>>(), 16);
         // Nothing known: the least loaded (both 0; fewer routed).
         r.report("m", 1, load(0), 1);
         r.report("m", 2, load(0), 1);
-        let c = r.choose("m", &[1, 2], &system).unwrap();
+        let c = r.choose("m", &[1, 2], &system, false).unwrap();
         assert_eq!(c.matched_blocks, 0);
         let _a = r.start("m", c, &system);
         // The same prompt again goes where its blocks went, though that
         // replica now has one more in flight.
-        let c2 = r.choose("m", &[1, 2], &system).unwrap();
+        let c2 = r.choose("m", &[1, 2], &system, false).unwrap();
         assert_eq!((c2.epoch, c2.matched_blocks), (c.epoch, 4));
         // A prompt sharing the first two blocks only still follows them.
         let mut other: Vec<u32> = (0..32).collect();
         other.extend(1000..1032);
         let part = block_hashes(&other, 16);
-        assert_eq!(r.choose("m", &[1, 2], &part).unwrap().matched_blocks, 2);
+        assert_eq!(
+            r.choose("m", &[1, 2], &part, false).unwrap().matched_blocks,
+            2
+        );
         // Much busier (more than twice the other's load plus SLACK): the
         // least loaded instead.
         let other_epoch = if c.epoch == 1 { 2 } else { 1 };
         r.report("m", c.epoch, load(2 * 3 + SLACK + 1), 2);
         r.report("m", other_epoch, load(3), 2);
-        let c3 = r.choose("m", &[1, 2], &system).unwrap();
+        let c3 = r.choose("m", &[1, 2], &system, false).unwrap();
         assert_eq!(c3.epoch, other_epoch);
         r.report("m", c.epoch, load(2 * 3 + SLACK), 3);
-        assert_eq!(r.choose("m", &[1, 2], &system).unwrap().epoch, c.epoch);
+        assert_eq!(
+            r.choose("m", &[1, 2], &system, false).unwrap().epoch,
+            c.epoch
+        );
     }
 
     #[test]
     fn in_flight_counts_until_the_request_ends_and_spreads_new_prompts() {
-        let r = Arc::new(Router::new(false));
+        let r = Arc::new(Router::default());
         let mut guards = Vec::new();
         for i in 0..6u32 {
             let h = block_hashes(&[i; 16], 16);
-            let c = r.choose("m", &[7, 8, 9], &h).unwrap();
+            let c = r.choose("m", &[7, 8, 9], &h, false).unwrap();
             guards.push(r.start("m", c, &h));
         }
         for e in [7, 8, 9] {

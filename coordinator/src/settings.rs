@@ -6,6 +6,9 @@ use crate::error::{CoordError, Result};
 
 /// The setting that overrides `max_new_tokens` of requests that give none.
 pub const SETTING_DEFAULT_MAX_NEW_TOKENS: &str = "generate.default_max_new_tokens";
+/// The setting that picks how requests spread over replicas: `prefix` or
+/// `round-robin` (the coordinator's `--routing` when unset).
+pub const SETTING_ROUTING: &str = "routing.policy";
 const MAX_SETTING_KEY: usize = 128;
 const MAX_SETTING_VALUE: usize = 4096;
 
@@ -31,6 +34,11 @@ pub fn validate_setting(key: &str, value: &str) -> Result<()> {
     if key == SETTING_DEFAULT_MAX_NEW_TOKENS && value.parse::<u32>().map_or(true, |v| v == 0) {
         return Err(CoordError::Invalid(format!(
             "{key} must be a positive integer, got {value:?}"
+        )));
+    }
+    if key == SETTING_ROUTING && !matches!(value, "prefix" | "round-robin") {
+        return Err(CoordError::Invalid(format!(
+            "{key} is {value:?}: use prefix or round-robin"
         )));
     }
     Ok(())

@@ -1,0 +1,518 @@
+//! Elastic serving: what replicas, the router and live scaling give, each
+//! as a ratio against a baseline run in the same invocation. SmolLM2 (f32)
+//! on `llmos-worker` processes with one libtorch thread each, each pinned
+//! to its own core (`taskset`); the coordinator and the clients run in this
+//! process.
+//!
+//! 1. **Throughput at saturation**: 32 clients in a closed loop (128
+//!    requests, prompts of 32 random ids, 32 generated tokens each), one
+//!    replica on one worker, then two replicas on two workers.
+//! 2. **Prefix-aware routing against round-robin**, two replicas: 8
+//!    groups of requests share a 128-token prefix (a system prompt), each
+//!    request adds 16 tokens of its own and generates 8; 8 clients, 64
+//!    requests per policy; each replica's KV cache (48, then 64 blocks of 16)
+//!    holds about half (two thirds) of the groups' prefixes beside the
+//!    running sequences, so
+//!    where a group's requests go decides what stays cached. Prefix-cache
+//!    hit rate (cached prompt tokens / prompt tokens, from each response's
+//!    usage) and TTFT p50/p99. The policy is switched with the cluster
+//!    setting `routing.policy`; each policy gets prefixes of its own.
+//! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
+//!    tokens out): time from `ScaleModel` to the first request routed to
+//!    the new replica, and the p99 latency of the requests that ran during
+//!    a scale-up, a scale-down and a drain against a steady window.
+//!
+//! cargo bench -p llmos-benches --bench elastic (builds the worker binary
+//! first: `cargo build --release --bins`)
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --release --bins",
+        bin.display()
+    );
+    bin
+}
+
+/// An `llmos-worker serve` process on `core`, one libtorch thread.
+fn start_worker(coordinator: &str, id: &str, core: usize) -> Worker {
+    let child = Command::new("taskset")
+        .args(["-c", &core.to_string()])
+        .arg(worker_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--coordinator", coordinator, "--worker-id", id])
+        .args(["--drain-timeout-s", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("taskset and llmos-worker");
+    Worker(child)
+}
+
+/// A seeded stream of token ids in SmolLM2's ordinary range.
+struct Ids(u64);
+
+impl Ids {
+    fn take(&mut self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                200 + ((self.0 >> 33) % 40_000) as u32
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Sent, relative to the run's start.
+    sent: f64,
+    ttft: f64,
+    latency: f64,
+    tokens: usize,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+}
+
+async fn one(
+    mut c: InferenceClient<Channel>,
+    model: &str,
+    prompt: Vec<u32>,
+    out: u32,
+    t0: Instant,
+) -> Sample {
+    let sent = Instant::now();
+    let mut s = c
+        .generate(api::GenerateRequest {
+            model: model.into(),
+            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
+                ids: prompt,
+            })),
+            stopping: Some(api::StoppingCriteria {
+                max_new_tokens: out,
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("generate")
+        .into_inner();
+    let (mut first, mut tokens, mut usage) = (None, 0, None);
+    while let Some(m) = s.message().await.expect("stream") {
+        first.get_or_insert_with(Instant::now);
+        tokens += m.tokens.len();
+        if m.usage.is_some() {
+            usage = m.usage;
+        }
+    }
+    let u = usage.unwrap_or_default();
+    Sample {
+        sent: (sent - t0).as_secs_f64(),
+        ttft: (first.expect("a token") - sent).as_secs_f64(),
+        latency: sent.elapsed().as_secs_f64(),
+        tokens,
+        prompt_tokens: u.prompt_tokens,
+        cached_tokens: u.cached_prompt_tokens,
+    }
+}
+
+fn pct(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `clients` clients send the requests in order, each its next as soon
+/// as its last ended; returns the samples and the wall time.
+async fn closed_loop(
+    ch: &Channel,
+    model: &str,
+    requests: Vec<(Vec<u32>, u32)>,
+    clients: usize,
+) -> (Vec<Sample>, f64) {
+    let queue = Arc::new(Mutex::new(requests.into_iter()));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (queue, c, model) = (
+            queue.clone(),
+            InferenceClient::new(ch.clone()),
+            model.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let Some((p, n)) = queue.lock().unwrap().next() else {
+                    return out;
+                };
+                out.push(one(c.clone(), &model, p, n, t0).await);
+            }
+        }));
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.unwrap());
+    }
+    (samples, t0.elapsed().as_secs_f64())
+}
+
+async fn status(admin: &mut AdminClient<Channel>, model: &str) -> api::ModelStatus {
+    admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .into_iter()
+        .find(|m| m.name == model)
+        .expect("deployed")
+}
+
+async fn scale(admin: &mut AdminClient<Channel>, model: &str, replicas: u32, wait: bool) {
+    admin
+        .scale_model(api::ScaleModelRequest {
+            name: model.into(),
+            replicas,
+            wait: Some(wait),
+            wait_timeout_ms: 300_000,
+        })
+        .await
+        .expect("scale");
+}
+
+async fn deploy(admin: &mut AdminClient<Channel>, name: &str, replicas: u32, kv_blocks: u32) {
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: name.into(),
+            source: "smollm2".into(),
+            replicas,
+            serving: Some(api::ServingOptions {
+                kv_cache_blocks: kv_blocks,
+                ..Default::default()
+            }),
+            wait_timeout_ms: 300_000,
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+}
+
+/// CPU seconds this process (coordinator and clients) has used.
+fn own_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15 of the line, in clock ticks (100/s).
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Phase 1: tokens/s at saturation, and the cores this process (the
+/// coordinator and the clients) took meanwhile.
+async fn saturation(ch: &Channel, seed: u64, n: usize) -> (f64, f64) {
+    let mut ids = Ids(seed);
+    let requests = (0..n).map(|_| (ids.take(32), 32)).collect();
+    let cpu = own_cpu_s();
+    let (samples, wall) = closed_loop(ch, "smol", requests, 32).await;
+    let tokens = samples.iter().map(|s| s.tokens).sum::<usize>() as f64;
+    (tokens / wall, (own_cpu_s() - cpu) / wall)
+}
+
+/// Phase 2: one routing policy over the shared-prefix workload.
+async fn prefix_workload(ch: &Channel, model: &str, seed: u64) -> (f64, f64, f64) {
+    let mut ids = Ids(seed);
+    let groups: Vec<Vec<u32>> = (0..8).map(|_| ids.take(128)).collect();
+    // Groups interleaved as chat turns arrive: a seeded order.
+    let mut order = Ids(seed ^ 0x5eed);
+    let requests = (0..64)
+        .map(|_| {
+            let g = (order.take(1)[0] as usize) % groups.len();
+            let mut p = groups[g].clone();
+            p.extend(ids.take(16));
+            (p, 8)
+        })
+        .collect();
+    let (samples, _) = closed_loop(ch, model, requests, 8).await;
+    let prompt: u32 = samples.iter().map(|s| s.prompt_tokens).sum();
+    let cached: u32 = samples.iter().map(|s| s.cached_tokens).sum();
+    let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
+    (
+        cached as f64 / prompt.max(1) as f64,
+        pct(ttft.clone(), 0.5),
+        pct(ttft, 0.99),
+    )
+}
+
+/// Phase 3's load: 2 clients until stopped; every sample kept.
+struct Light {
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Light {
+    fn start(ch: &Channel) -> Light {
+        let stop = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        let tasks = (0..2u64)
+            .map(|i| {
+                let (stop, c) = (stop.clone(), InferenceClient::new(ch.clone()));
+                tokio::spawn(async move {
+                    let mut ids = Ids(1000 + i);
+                    let mut out = Vec::new();
+                    // Bounded: at most 3000 requests per client.
+                    for _ in 0..3000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        out.push(one(c.clone(), "smol", ids.take(16), 16, t0).await);
+                    }
+                    out
+                })
+            })
+            .collect();
+        Light { stop, t0, tasks }
+    }
+
+    fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    }
+}
+
+/// p99 latency of the requests running at some point within [from, to].
+fn p99_between(samples: &[Sample], from: f64, to: f64) -> (f64, usize) {
+    let v: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.sent <= to && s.sent + s.latency >= from)
+        .map(|s| s.latency)
+        .collect();
+    let n = v.len();
+    (pct(v, 0.99), n)
+}
+
+/// The machine's own ceiling for two pinned processes: `llmos-worker
+/// bench` (256-token prefill, 64 decoded tokens, one thread) alone on core
+/// 0, then on cores 0 and 1 at once; (prefill, decode) scaling.
+fn hardware_ceiling() -> (f64, f64) {
+    let run = |core: usize| {
+        Command::new("taskset")
+            .args(["-c", &core.to_string()])
+            .arg(worker_bin())
+            .args(["bench", "--threads", "1", "--prompt-tokens", "256"])
+            .args(["--decode-tokens", "64", "--repeat", "3"])
+            .stderr(Stdio::null())
+            .output()
+            .expect("llmos-worker bench")
+    };
+    let figures = |out: &std::process::Output| -> (f64, f64) {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench json");
+        (
+            v["prefill_tokens_per_s"].as_f64().unwrap(),
+            v["decode_tokens_per_s"].as_f64().unwrap(),
+        )
+    };
+    let alone = figures(&run(0));
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| run(0));
+        let b = s.spawn(|| run(1));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (a, b) = (figures(&a), figures(&b));
+    ((a.0 + b.0) / alone.0, (a.1 + b.1) / alone.1)
+}
+
+#[tokio::main]
+async fn main() {
+    let coordinator = llmos_benches::start_coordinator(Default::default()).await;
+    let _workers: Vec<Worker> = (0..2)
+        .map(|i| start_worker(&coordinator, &format!("w{i}"), i))
+        .collect();
+    let ch = llmos_benches::connect(&coordinator).await;
+    llmos_benches::wait_for_workers(&ch, 2).await;
+    let mut admin = AdminClient::new(ch.clone());
+    println!("elastic serving: SmolLM2 f32, 2 llmos-worker processes, 1 thread each, pinned to cores 0 and 1");
+
+    // 1. Saturation: 1 replica, then 2.
+    deploy(&mut admin, "smol", 1, 0).await;
+    saturation(&ch, 7, 16).await; // warm-up (first batches, allocator)
+    let (one_replica, cpu1) = saturation(&ch, 11, 128).await;
+    scale(&mut admin, "smol", 2, true).await;
+    saturation(&ch, 13, 16).await; // the new replica's warm-up
+    let (two_replicas, cpu2) = saturation(&ch, 17, 128).await;
+    println!("saturation, 128 requests x 32 tokens, 32 clients:");
+    println!("  1 replica on 1 worker : {one_replica:.1} tokens/s (coordinator + clients used {cpu1:.2} cores)");
+    println!("  2 replicas on 2 workers: {two_replicas:.1} tokens/s (coordinator + clients used {cpu2:.2} cores)");
+    println!(
+        "  ratio 2 replicas / 1: {:.2}x (target >= 1.8x)",
+        two_replicas / one_replica
+    );
+    let (prefill, decode) = hardware_ceiling();
+    println!(
+        "  this machine's ceiling, 2 pinned llmos-worker bench processes against 1: prefill {prefill:.2}x, decode {decode:.2}x (shared memory bandwidth)"
+    );
+
+    // 2. Prefix-aware routing against round-robin, 2 replicas, at two
+    // cache sizes (about half, and about two thirds, of the groups'
+    // prefixes beside the running sequences).
+    for (kv, seeds) in [(48, [101, 202]), (64, [303, 404])] {
+        deploy(&mut admin, "chat", 2, kv).await;
+        let mut results = Vec::new();
+        for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
+            admin
+                .set_setting(api::SetSettingRequest {
+                    key: "routing.policy".into(),
+                    value: policy.into(),
+                })
+                .await
+                .expect("setting");
+            results.push((policy, prefix_workload(&ch, "chat", seed).await));
+        }
+        println!("shared prefixes (8 groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, 64 requests:");
+        for (policy, (hit, p50, p99)) in &results {
+            println!(
+                "  {policy:<11}: prefix-cache hit rate {:.1}%  TTFT p50 {:.0} ms  p99 {:.0} ms",
+                hit * 100.0,
+                p50 * 1e3,
+                p99 * 1e3
+            );
+        }
+        let (rr, px) = (results[0].1, results[1].1);
+        println!(
+            "  ratio prefix / round-robin: hit rate {:.2}x (target >= 1.8x), TTFT p50 {:.2}x, p99 {:.2}x (lower is better)",
+            px.0 / rr.0.max(1e-9),
+            px.1 / rr.1,
+            px.2 / rr.2
+        );
+        admin
+            .undeploy_model(api::UndeployModelRequest {
+                name: "chat".into(),
+                wait: Some(true),
+            })
+            .await
+            .expect("undeploy");
+    }
+    admin
+        .delete_setting(api::DeleteSettingRequest {
+            key: "routing.policy".into(),
+        })
+        .await
+        .expect("setting");
+
+    // 3. Live changes under a light load, "smol" at 1 replica first.
+    scale(&mut admin, "smol", 1, true).await;
+    let load = Light::start(&ch);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let steady = (0.0, load.now());
+    // Scale-up: until the new replica got its first request.
+    let before: Vec<u64> = status(&mut admin, "smol")
+        .await
+        .replicas
+        .iter()
+        .map(|r| r.epoch)
+        .collect();
+    let up_from = load.now();
+    let t = Instant::now();
+    scale(&mut admin, "smol", 2, false).await;
+    let first_request = loop {
+        let m = status(&mut admin, "smol").await;
+        if m.replicas
+            .iter()
+            .any(|r| !before.contains(&r.epoch) && r.routed > 0)
+        {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the new replica never served: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let up = (up_from, load.now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down_from = load.now();
+    let t = Instant::now();
+    scale(&mut admin, "smol", 1, true).await;
+    let scale_down = t.elapsed();
+    let down = (down_from, load.now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = status(&mut admin, "smol").await;
+    let holder = m.replicas[0].stages[0].worker_id.clone();
+    let drain_from = load.now();
+    let t = Instant::now();
+    admin
+        .drain_worker(api::DrainWorkerRequest {
+            worker_id: holder.clone(),
+            wait: Some(true),
+            wait_timeout_ms: 300_000,
+        })
+        .await
+        .expect("drain");
+    let drain_took = t.elapsed();
+    let drain = (drain_from, load.now());
+    let samples = load.stop().await;
+    let (steady_p99, n0) = p99_between(&samples, steady.0, steady.1);
+    println!("live changes under 2 clients (16-token prompts, 16 out):");
+    println!(
+        "  scale 1 -> 2: first request routed to the new replica {:.2} s after ScaleModel",
+        first_request.as_secs_f64()
+    );
+    println!("  scale 2 -> 1 (drained and removed): {:.2} s; drain of {holder} (replacement first): {:.2} s", scale_down.as_secs_f64(), drain_took.as_secs_f64());
+    println!(
+        "  p99 latency, steady: {:.0} ms ({n0} requests)",
+        steady_p99 * 1e3
+    );
+    for (name, (from, to)) in [("scale-up", up), ("scale-down", down), ("drain", drain)] {
+        let (p99, n) = p99_between(&samples, from, to);
+        println!(
+            "  p99 latency, {name:<10}: {:.0} ms ({n} requests), {:.2}x steady",
+            p99 * 1e3,
+            p99 / steady_p99
+        );
+    }
+    println!("  (re-split: not built yet)");
+}
