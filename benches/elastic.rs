@@ -108,18 +108,7 @@ async fn one(
 ) -> Sample {
     let sent = Instant::now();
     let mut s = c
-        .generate(api::GenerateRequest {
-            model: model.into(),
-            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
-                ids: prompt,
-            })),
-            stopping: Some(api::StoppingCriteria {
-                max_new_tokens: out,
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .generate(llmos_benches::greedy_request(model, prompt, out))
         .await
         .expect("generate")
         .into_inner();

@@ -33,15 +33,10 @@ pub async fn connect(url: &str) -> Channel {
     }
 }
 
-/// Streams `max_new_tokens` greedy tokens (EOS ignored) of `model` after the
-/// token ids `ids`; returns when the first token arrived and how many came.
-pub async fn stream_greedy(
-    ch: &Channel,
-    model: &str,
-    ids: Vec<u32>,
-    max_new_tokens: u32,
-) -> (Instant, usize) {
-    let req = api::GenerateRequest {
+/// A greedy request for exactly `max_new_tokens` tokens (EOS ignored) of
+/// `model` after the token ids `ids`.
+pub fn greedy_request(model: &str, ids: Vec<u32>, max_new_tokens: u32) -> api::GenerateRequest {
+    api::GenerateRequest {
         model: model.into(),
         prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
             ids,
@@ -52,7 +47,18 @@ pub async fn stream_greedy(
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+/// Streams `max_new_tokens` greedy tokens (EOS ignored) of `model` after the
+/// token ids `ids`; returns when the first token arrived and how many came.
+pub async fn stream_greedy(
+    ch: &Channel,
+    model: &str,
+    ids: Vec<u32>,
+    max_new_tokens: u32,
+) -> (Instant, usize) {
+    let req = greedy_request(model, ids, max_new_tokens);
     let mut client = llmos_proto::v1::inference_client::InferenceClient::new(ch.clone());
     let mut s = client.generate(req).await.unwrap().into_inner();
     let (mut first, mut n) = (None, 0);

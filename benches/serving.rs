@@ -73,18 +73,7 @@ struct Sample {
 async fn one(mut c: InferenceClient<Channel>, model: String, prompt: Vec<u32>, out: u32) -> Sample {
     let sent = Instant::now();
     let mut s = c
-        .generate(api::GenerateRequest {
-            model,
-            prompt: Some(api::generate_request::Prompt::TokenIds(api::TokenIds {
-                ids: prompt,
-            })),
-            stopping: Some(api::StoppingCriteria {
-                max_new_tokens: out,
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .generate(llmos_benches::greedy_request(&model, prompt, out))
         .await
         .unwrap()
         .into_inner();
