@@ -20,7 +20,8 @@
 //! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
 //!    tokens out): time from `ScaleModel` to the first request routed to
 //!    the new replica, and the p99 latency of the requests that ran during
-//!    a scale-up, a scale-down and a drain against a steady window.
+//!    a scale-up, a scale-down, a drain and a re-split (1 stage to 2, on two
+//!    more workers) against a steady window.
 //!
 //! cargo bench -p llmos-benches --bench elastic (builds the worker binary
 //! first: `cargo build --release --bins`)
@@ -483,6 +484,27 @@ async fn main() {
         .expect("drain");
     let drain_took = t.elapsed();
     let drain = (drain_from, load.now());
+    // Re-split the one replica into 2 stages of 15 layers: two more workers
+    // (one per core) take the new shape beside the old.
+    let _more: Vec<Worker> = (2..4)
+        .map(|i| start_worker(&coordinator, &format!("w{i}"), i % 2))
+        .collect();
+    llmos_benches::wait_for_workers(&ch, 4).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resplit_from = load.now();
+    let t = Instant::now();
+    admin
+        .resplit_model(api::ResplitModelRequest {
+            name: "smol".into(),
+            stages: 2,
+            layer_split: vec![15, 15],
+            wait: Some(true),
+            wait_timeout_ms: 300_000,
+        })
+        .await
+        .expect("resplit");
+    let resplit_took = t.elapsed();
+    let resplit = (resplit_from, load.now());
     let samples = load.stop().await;
     let (steady_p99, n0) = p99_between(&samples, steady.0, steady.1);
     println!("live changes under 2 clients (16-token prompts, 16 out):");
@@ -495,7 +517,16 @@ async fn main() {
         "  p99 latency, steady: {:.0} ms ({n0} requests)",
         steady_p99 * 1e3
     );
-    for (name, (from, to)) in [("scale-up", up), ("scale-down", down), ("drain", drain)] {
+    println!(
+        "  re-split 1 stage -> 15/15 over 2 stages (new shape beside the old): {:.2} s",
+        resplit_took.as_secs_f64()
+    );
+    for (name, (from, to)) in [
+        ("scale-up", up),
+        ("scale-down", down),
+        ("drain", drain),
+        ("re-split", resplit),
+    ] {
         let (p99, n) = p99_between(&samples, from, to);
         println!(
             "  p99 latency, {name:<10}: {:.0} ms ({n} requests), {:.2}x steady",
@@ -503,5 +534,4 @@ async fn main() {
             p99 / steady_p99
         );
     }
-    println!("  (re-split: not built yet)");
 }

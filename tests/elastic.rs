@@ -340,3 +340,114 @@ async fn pools_confine_replicas_and_a_shortfall_leaves_the_rest_serving() {
         "{e}"
     );
 }
+
+/// A 2-stage replica re-split from 15/15 to 8/22 layers while clients
+/// generate: the new shape is loaded beside the old (four workers), the
+/// traffic moves, the old one drains; no request fails, every output is
+/// the one before. A split that does not cover the layers is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_split_under_load_loses_no_request_and_keeps_the_output() {
+    let coordinator = start_coordinator().await;
+    let _workers: Vec<ProcWorker> = (0..4)
+        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 4).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            stages: 2,
+            layer_split: vec![15, 15],
+            ..deploy("smol", 1)
+        })
+        .await
+        .unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    let load = Load::start(&coordinator, "smol", want.clone(), 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let e = admin
+        .resplit_model(api::ResplitModelRequest {
+            name: "smol".into(),
+            stages: 2,
+            layer_split: vec![10, 10],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("20") && e.message().contains("30"),
+        "{e}"
+    );
+    let t = Instant::now();
+    admin
+        .resplit_model(api::ResplitModelRequest {
+            name: "smol".into(),
+            stages: 2,
+            layer_split: vec![8, 22],
+            wait: Some(true),
+            wait_timeout_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    println!("re-split 15/15 -> 8/22 under load: {:?}", t.elapsed());
+    let m = status_of(&mut admin, "smol").await;
+    assert_eq!(m.replicas.len(), 1, "{m:#?}");
+    let ranges: Vec<(u32, u32)> = m.replicas[0]
+        .stages
+        .iter()
+        .map(|s| (s.layer_start, s.layer_end))
+        .collect();
+    assert_eq!(ranges, [(0, 8), (8, 30)]);
+    let (ok, failed) = load.stop().await;
+    println!("{ok} requests served during the re-split");
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
+}
+
+/// Two 2-stage replicas fill four workers: no room for a new shape beside
+/// them, so the re-split replaces one replica at a time while the other
+/// serves; no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_room_replicas_re_split_one_at_a_time_while_the_other_serves() {
+    let coordinator = start_coordinator().await;
+    let _workers: Vec<ProcWorker> = (0..4)
+        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 4).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            stages: 2,
+            layer_split: vec![15, 15],
+            ..deploy("smol", 2)
+        })
+        .await
+        .unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    let load = Load::start(&coordinator, "smol", want.clone(), 2).await;
+    let t = Instant::now();
+    admin
+        .resplit_model(api::ResplitModelRequest {
+            name: "smol".into(),
+            stages: 2,
+            layer_split: vec![8, 22],
+            wait: Some(true),
+            wait_timeout_ms: 180_000,
+        })
+        .await
+        .unwrap();
+    println!(
+        "re-split of 2 replicas, one at a time, under load: {:?}",
+        t.elapsed()
+    );
+    let m = status_of(&mut admin, "smol").await;
+    assert_eq!(m.replicas.len(), 2, "{m:#?}");
+    for r in &m.replicas {
+        assert_eq!(
+            (r.stages[0].layer_end, r.stages[1].layer_end),
+            (8, 30),
+            "{r:?}"
+        );
+    }
+    let (ok, failed) = load.stop().await;
+    println!("{ok} requests served during the re-split");
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+}

@@ -72,6 +72,21 @@ enum Command {
     },
     /// Make a drained worker schedulable again.
     Uncordon { worker: String },
+    /// Change how a model's layers are split over pipeline stages while it
+    /// serves (each replica is replaced by one of the new shape).
+    Resplit {
+        name: String,
+        /// Layers per stage, e.g. 8,22.
+        #[arg(long, value_delimiter = ',')]
+        split: Vec<u32>,
+        /// Stages (0: the fewest that fit); ignored with --split.
+        #[arg(long, default_value_t = 0)]
+        stages: u32,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
     /// Coordinator replicas (Raft membership).
     #[command(subcommand)]
     Members(MembersCommand),
@@ -644,6 +659,32 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             print_json(json!({"worker": worker, "moved": r.replicas, "done": !no_wait}));
+        }
+        Command::Resplit {
+            name,
+            split,
+            stages,
+            no_wait,
+            timeout,
+        } => {
+            let started = std::time::Instant::now();
+            AdminClient::new(ch)
+                .resplit_model(api::ResplitModelRequest {
+                    name: name.clone(),
+                    stages: if split.is_empty() {
+                        stages
+                    } else {
+                        split.len() as u32
+                    },
+                    layer_split: split,
+                    wait: Some(!no_wait),
+                    wait_timeout_ms: (timeout * 1000).min(u32::MAX as u64) as u32,
+                })
+                .await
+                .map_err(status_error)?;
+            print_json(
+                json!({"model": name, "done": !no_wait, "seconds": started.elapsed().as_secs_f64()}),
+            );
         }
         Command::Uncordon { worker } => {
             AdminClient::new(ch)

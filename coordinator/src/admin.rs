@@ -791,6 +791,60 @@ impl api::admin_server::Admin for AdminService {
         Ok(Response::new(api::UncordonWorkerResponse {}))
     }
 
+    async fn resplit_model(
+        &self,
+        req: Request<api::ResplitModelRequest>,
+    ) -> Result<Response<api::ResplitModelResponse>, Status> {
+        let r = req.into_inner();
+        let c = &self.cluster;
+        let dep = c
+            .read_fresh()
+            .await?
+            .models
+            .get(&r.name)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
+        let shape = ParallelShape {
+            stages: r.stages,
+            layer_split: r.layer_split,
+            tensor_parallel: dep.shape.tensor_parallel,
+        };
+        let rt = c
+            .model(&r.name)
+            .ok_or_else(|| CoordError::UnknownModel(r.name.clone()))?;
+        check_shape(
+            &rt.config,
+            &dep.dtype,
+            &dep.quantization,
+            &dep.serving,
+            &shape,
+        )?;
+        c.propose(Command::ReshapeModel {
+            name: r.name.clone(),
+            shape: shape.clone(),
+            at_ms: c.now_ms(),
+        })
+        .await?;
+        c.wake.notify_one();
+        tracing::info!(model = %r.name, ?shape, "re-split recorded");
+        if r.wait == Some(true) {
+            let generation = c.read().models.get(&r.name).map_or(0, |d| d.generation);
+            let timeout = match r.wait_timeout_ms {
+                0 => c.config.load_timeout + c.config.drain_timeout,
+                ms => Duration::from_millis(ms as u64),
+            };
+            wait_until(c, &r.name, generation, timeout, |d| {
+                d.state == ModelState::Ready
+                    && d.instances.len() == d.replicas as usize
+                    && d.instances
+                        .values()
+                        .all(|r| r.serving() && r.shape == d.shape)
+            })
+            .await?;
+        }
+        Ok(Response::new(api::ResplitModelResponse {}))
+    }
+
     async fn list_settings(
         &self,
         _req: Request<api::ListSettingsRequest>,

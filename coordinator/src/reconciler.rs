@@ -232,10 +232,13 @@ impl Reconciler {
             r.shards()
                 .any(|(_, _, w)| state.workers.get(w).is_some_and(|w| w.cordoned))
         };
+        // Replaced before they go (make-before-break): replicas on a
+        // drained worker, and replicas of an older shape (a re-split).
+        let outdated = |r: &Replica| r.shape != dep.shape;
+        let moving = |r: &Replica| on_cordoned(r) || outdated(r);
         let active: Vec<&Replica> = dep.instances.values().filter(|r| !r.draining()).collect();
-        // Replicas that count towards the replica count: not on a drained
-        // worker (those are replaced first, then drained).
-        let mut keep: Vec<&Replica> = active.iter().copied().filter(|r| !on_cordoned(r)).collect();
+        // Replicas that count towards the replica count.
+        let mut keep: Vec<&Replica> = active.iter().copied().filter(|r| !moving(r)).collect();
         let desired = dep.replicas as usize;
         if keep.len() > desired {
             // Scale down: the ones not serving yet first, then the newest.
@@ -246,23 +249,42 @@ impl Reconciler {
             }
         }
         let serving_kept = keep.iter().filter(|r| r.serving()).count();
-        for r in active.iter().filter(|r| on_cordoned(r)) {
-            if serving_kept >= desired {
-                let w = r
+        let mut old: Vec<&Replica> = active.iter().copied().filter(|r| moving(r)).collect();
+        if serving_kept >= desired {
+            for r in &old {
+                let why = match r
                     .shards()
                     .map(|(_, _, w)| w)
                     .find(|w| state.workers.get(*w).is_some_and(|w| w.cordoned))
-                    .unwrap_or_default();
+                {
+                    Some(w) => format!("worker {w:?} drained; its replacement serves"),
+                    None => "re-split: a replica of the new shape serves in its place".into(),
+                };
+                self.drain(dep, r, why).await?;
+            }
+        }
+        if keep.len() < desired && !self.place(state, dep, None).await? {
+            // No room for a replacement beside the old replicas: a re-split
+            // frees one old replica's workers at a time, while another
+            // replica serves (so capacity never drops to zero).
+            let draining = dep.instances.values().any(|r| r.draining());
+            old.retain(|r| outdated(r));
+            old.sort_by_key(|r| (r.serving(), std::cmp::Reverse(r.id)));
+            let others_serving = |r: &Replica| {
+                active
+                    .iter()
+                    .filter(|o| o.id != r.id && o.serving())
+                    .count()
+            };
+            if let Some(r) = old.first().filter(|r| !draining && others_serving(r) > 0) {
                 self.drain(
                     dep,
                     r,
-                    format!("worker {w:?} drained; its replacement serves"),
+                    "re-split: no room beside it, so it makes way for a replica of the new shape"
+                        .into(),
                 )
                 .await?;
             }
-        }
-        if keep.len() < desired {
-            self.place(state, dep, None).await?;
         }
         for r in active {
             self.converge_replica(state, dep, r).await?;
@@ -301,7 +323,7 @@ impl Reconciler {
             .any(|(_, _, w)| state.workers.get(w).is_none_or(|w| w.gone));
         let retry = backoff.as_ref().is_some_and(|b| b.epoch == r.epoch);
         if lost || retry {
-            return self.place(state, dep, Some(r)).await;
+            return self.place(state, dep, Some(r)).await.map(|_| ());
         }
         if r.state == ModelState::Ready {
             self.backoff.lock().unwrap().remove(&bkey);
@@ -347,23 +369,26 @@ impl Reconciler {
     }
 
     /// Places a new replica of `dep` (`replica` None) or replica `replica`
-    /// anew, or records what it waits for.
+    /// anew (whether it did), or records what it waits for.
     async fn place(
         &self,
         state: &ClusterState,
         dep: &Deployment,
         replica: Option<&Replica>,
-    ) -> Result<(), CoordError> {
+    ) -> Result<bool, CoordError> {
         let c = &self.cluster;
+        // A replica placed anew keeps its shape; a new one takes the
+        // deployment's.
+        let shape = replica.map_or(&dep.shape, |r| &r.shape);
         let planned = match c.model(&dep.name) {
             Some(rt) => rank_shape(
                 &rt.config,
                 &dep.dtype,
                 &dep.quantization,
                 &dep.serving,
-                dep.shape.tensor_parallel,
+                shape.tensor_parallel,
             )
-            .and_then(|shape| Ok(self.plan(state, dep, replica, &shape)?)),
+            .and_then(|rank| Ok(self.plan(state, dep, replica, shape, &rank)?)),
             None => Err(CoordError::Invalid(format!(
                 "cannot open {:?} on the leader",
                 dep.source
@@ -382,10 +407,12 @@ impl Reconciler {
                     name: dep.name.clone(),
                     generation: dep.generation,
                     replica: id,
+                    shape: shape.clone(),
                     placement,
                     at_ms: c.now_ms(),
                 })
-                .await
+                .await?;
+                Ok(true)
             }
             Err(e) => {
                 let permanent = matches!(
@@ -421,7 +448,7 @@ impl Reconciler {
                     self.progress(dep, replica.map(|r| r.id), reason, permanent)
                         .await;
                 }
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -436,6 +463,7 @@ impl Reconciler {
         state: &ClusterState,
         dep: &Deployment,
         replica: Option<&Replica>,
+        parallel: &ParallelShape,
         shape: &ModelShape,
     ) -> Result<Placement, PlanError> {
         let free = |id: &str| -> u64 {
@@ -522,8 +550,8 @@ impl Reconciler {
         let r = plan_tp(
             shape,
             &workers,
-            &placement_request(&dep.shape),
-            dep.shape.tensor_parallel.max(1),
+            &placement_request(parallel),
+            parallel.tensor_parallel.max(1),
         );
         // Say where it looked when the pool or the other replicas limit it.
         match r {

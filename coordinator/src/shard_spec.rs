@@ -209,6 +209,7 @@ mod tests {
             name: "m".into(),
             generation,
             replica: 0,
+            shape: Default::default(),
             placement: Placement {
                 stages,
                 ..Default::default()

@@ -81,6 +81,10 @@ pub struct ParallelShape {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Replica {
     pub id: u32,
+    /// The parallel shape it was planned for: a replica whose shape is no
+    /// longer the deployment's is replaced (a re-split).
+    #[serde(default)]
+    pub shape: ParallelShape,
     pub placement: Placement,
     /// The log index of this placement: carried by every shard command and
     /// engine request, so a worker tells a stale command (or request) from
@@ -212,7 +216,7 @@ impl Deployment {
         if matches!(self.state, ModelState::Failed(_)) {
             return;
         }
-        let serving = self.serving().count() as u32;
+        let serving = self.serving().filter(|r| r.shape == self.shape).count() as u32;
         let state = if serving >= self.replicas {
             ModelState::Ready
         } else if self.instances.is_empty() {
@@ -330,6 +334,13 @@ pub enum Command {
         replicas: u32,
         at_ms: u64,
     },
+    /// A new parallel shape (a new generation): the reconciler re-splits
+    /// the replicas, one replacement at a time.
+    ReshapeModel {
+        name: String,
+        shape: ParallelShape,
+        at_ms: u64,
+    },
     /// The reconciler's placement of replica `replica` (a new one when it
     /// is the model's `next_replica`, else a replacement) for generation
     /// `generation`: a new epoch, nothing loaded under it yet.
@@ -338,6 +349,9 @@ pub enum Command {
         generation: u64,
         #[serde(default)]
         replica: u32,
+        /// The shape `placement` was planned for.
+        #[serde(default)]
+        shape: ParallelShape,
         placement: Placement,
         at_ms: u64,
     },
@@ -579,10 +593,17 @@ impl ClusterState {
                 dep.generation = index;
                 dep.refresh(*at_ms);
             }
+            Command::ReshapeModel { name, shape, at_ms } => {
+                let dep = self.model_mut(name)?;
+                dep.shape = shape.clone();
+                dep.generation = index;
+                dep.refresh(*at_ms);
+            }
             Command::PlaceModel {
                 name,
                 generation,
                 replica,
+                shape,
                 placement,
                 at_ms,
             } => {
@@ -610,6 +631,7 @@ impl ClusterState {
                 }
                 let r = dep.instances.entry(*replica).or_insert_with(|| Replica {
                     id: *replica,
+                    shape: ParallelShape::default(),
                     placement: Placement::default(),
                     epoch: 0,
                     loaded: BTreeSet::new(),
@@ -623,6 +645,7 @@ impl ClusterState {
                     ..placement.clone()
                 };
                 r.epoch = index;
+                r.shape = shape.clone();
                 r.loaded.clear();
                 r.set_state(ModelState::Loading, String::new(), *at_ms);
                 dep.refresh(*at_ms);

@@ -59,6 +59,7 @@ fn place_replica(name: &str, generation: u64, replica: u32, workers: &[&str]) ->
         name: name.into(),
         generation,
         replica,
+        shape: Default::default(),
         placement: placement(workers),
         at_ms: 7,
     }
@@ -162,6 +163,14 @@ fn log() -> Vec<Command> {
             at_ms: 61,
         }, // gone already: refused
         cordon("d", false),
+        Command::ReshapeModel {
+            name: "m".into(),
+            shape: ParallelShape {
+                stages: 2,
+                ..Default::default()
+            },
+            at_ms: 70,
+        }, // 36: generation 36
     ]
 }
 
@@ -195,7 +204,9 @@ fn a_snapshot_plus_the_suffix_of_the_log_equals_the_whole_log() {
     }
     // The state it reached is the one the commands describe.
     let m = &whole.models["m"];
-    assert_eq!((m.generation, m.replicas, m.next_replica), (25, 2, 2));
+    assert_eq!((m.generation, m.replicas, m.next_replica), (36, 2, 2));
+    assert_eq!(m.shape.stages, 2);
+    assert_eq!(m.instances[&0].shape, ParallelShape::default(), "placed before");
     assert_eq!(m.instances.keys().copied().collect::<Vec<_>>(), vec![0]);
     let r = &m.instances[&0];
     assert_eq!(r.epoch, 14);

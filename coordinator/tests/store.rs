@@ -49,6 +49,7 @@ fn place(worker: &str) -> Command {
         name: "m".into(),
         generation: 3,
         replica: 0,
+        shape: Default::default(),
         placement: Placement {
             stages: vec![Stage {
                 worker: worker.into(),
