@@ -28,11 +28,13 @@ pub async fn start_coordinator() -> String {
 pub async fn start_coordinator_with(config: llmos_coordinator::Config) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(llmos_coordinator::serve(
-        listener,
-        config,
-        std::future::pending(),
-    ));
+    tokio::spawn(async move {
+        // A coordinator that cannot start says why (the test then fails
+        // to connect to it).
+        if let Err(e) = llmos_coordinator::serve(listener, config, std::future::pending()).await {
+            eprintln!("coordinator at {addr} stopped: {e}");
+        }
+    });
     format!("http://{addr}")
 }
 

@@ -45,6 +45,36 @@ fn engine_workers(m: &api::ModelStatus) -> Vec<String> {
         .collect()
 }
 
+/// Four worker processes and SmolLM2 over 2 stages (15/15 layers) in
+/// `replicas` replicas; the coordinator, clients, the greedy output and a
+/// load of two clients checking it.
+async fn two_stage_under_load(
+    replicas: u32,
+) -> (
+    Vec<ProcWorker>,
+    AdminClient<Channel>,
+    InferenceClient<Channel>,
+    Vec<u32>,
+    Load,
+) {
+    let coordinator = start_coordinator().await;
+    let workers: Vec<ProcWorker> = (0..4)
+        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 4).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            stages: 2,
+            layer_split: vec![15, 15],
+            ..deploy("smol", replicas)
+        })
+        .await
+        .unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    let load = Load::start(&coordinator, "smol", want.clone(), 2).await;
+    (workers, admin, inference, want, load)
+}
+
 /// `clients` loops of generations against the coordinator until stopped
 /// (or 2000 requests each), checking every output against `want`.
 struct Load {
@@ -347,21 +377,7 @@ async fn pools_confine_replicas_and_a_shortfall_leaves_the_rest_serving() {
 /// the one before. A split that does not cover the layers is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_split_under_load_loses_no_request_and_keeps_the_output() {
-    let coordinator = start_coordinator().await;
-    let _workers: Vec<ProcWorker> = (0..4)
-        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
-        .collect();
-    let (mut admin, mut inference) = clients(&coordinator, 4).await;
-    admin
-        .deploy_model(api::DeployModelRequest {
-            stages: 2,
-            layer_split: vec![15, 15],
-            ..deploy("smol", 1)
-        })
-        .await
-        .unwrap();
-    let want = generated_ids(&mut inference, request("smol")).await;
-    let load = Load::start(&coordinator, "smol", want.clone(), 2).await;
+    let (_workers, mut admin, mut inference, want, load) = two_stage_under_load(1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let e = admin
         .resplit_model(api::ResplitModelRequest {
@@ -408,21 +424,7 @@ async fn a_re_split_under_load_loses_no_request_and_keeps_the_output() {
 /// serves; no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_room_replicas_re_split_one_at_a_time_while_the_other_serves() {
-    let coordinator = start_coordinator().await;
-    let _workers: Vec<ProcWorker> = (0..4)
-        .map(|i| ProcWorker::start(&coordinator, &format!("w{i}")))
-        .collect();
-    let (mut admin, mut inference) = clients(&coordinator, 4).await;
-    admin
-        .deploy_model(api::DeployModelRequest {
-            stages: 2,
-            layer_split: vec![15, 15],
-            ..deploy("smol", 2)
-        })
-        .await
-        .unwrap();
-    let want = generated_ids(&mut inference, request("smol")).await;
-    let load = Load::start(&coordinator, "smol", want.clone(), 2).await;
+    let (_workers, mut admin, _, _, load) = two_stage_under_load(2).await;
     let t = Instant::now();
     admin
         .resplit_model(api::ResplitModelRequest {

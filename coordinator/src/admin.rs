@@ -378,11 +378,7 @@ impl AdminService {
                 load_seconds: 0.0,
             });
         }
-        let timeout = if r.wait_timeout_ms > 0 {
-            Duration::from_millis(r.wait_timeout_ms as u64)
-        } else {
-            c.config.load_timeout
-        };
+        let timeout = timeout_or(r.wait_timeout_ms, c.config.load_timeout);
         let (state, dep) = wait_ready(c, &r.name, generation, timeout).await?;
         let first = dep.primary();
         Ok(api::DeployModelResponse {
@@ -436,6 +432,24 @@ async fn wait_ready(
         d.state == ModelState::Ready
     })
     .await
+}
+
+/// Exactly the replicas asked for serve, in the shape asked for, and none
+/// drains: what a scale or a re-split waits for.
+fn settled(d: &Deployment) -> bool {
+    d.state == ModelState::Ready
+        && d.instances.len() == d.replicas as usize
+        && d.instances
+            .values()
+            .all(|r| r.serving() && r.shape == d.shape)
+}
+
+/// A request's `wait_timeout_ms`, or `default` when it gives 0.
+fn timeout_or(ms: u32, default: Duration) -> Duration {
+    match ms {
+        0 => default,
+        ms => Duration::from_millis(ms as u64),
+    }
 }
 
 async fn wait_until(
@@ -716,16 +730,8 @@ impl api::admin_server::Admin for AdminService {
         tracing::info!(model = %r.name, previous, replicas = r.replicas, "scale recorded");
         if r.wait == Some(true) {
             let generation = c.read().models.get(&r.name).map_or(0, |d| d.generation);
-            let timeout = match r.wait_timeout_ms {
-                0 => c.config.load_timeout,
-                ms => Duration::from_millis(ms as u64),
-            };
-            wait_until(c, &r.name, generation, timeout, |d| {
-                d.state == ModelState::Ready
-                    && d.instances.len() == d.replicas as usize
-                    && d.instances.values().all(|r| r.serving())
-            })
-            .await?;
+            let timeout = timeout_or(r.wait_timeout_ms, c.config.load_timeout);
+            wait_until(c, &r.name, generation, timeout, settled).await?;
         }
         Ok(Response::new(api::ScaleModelResponse { previous }))
     }
@@ -753,10 +759,10 @@ impl api::admin_server::Admin for AdminService {
             .collect();
         tracing::info!(worker = %r.worker_id, ?replicas, "drain recorded");
         if r.wait == Some(true) {
-            let timeout = match r.wait_timeout_ms {
-                0 => c.config.drain_timeout + c.config.load_timeout,
-                ms => Duration::from_millis(ms as u64),
-            };
+            let timeout = timeout_or(
+                r.wait_timeout_ms,
+                c.config.drain_timeout + c.config.load_timeout,
+            );
             let deadline = Instant::now() + timeout;
             loop {
                 let left = c.read().models_on(&r.worker_id);
@@ -829,10 +835,10 @@ impl api::admin_server::Admin for AdminService {
         tracing::info!(model = %r.name, ?shape, "re-split recorded");
         if r.wait == Some(true) {
             let generation = c.read().models.get(&r.name).map_or(0, |d| d.generation);
-            let timeout = match r.wait_timeout_ms {
-                0 => c.config.load_timeout + c.config.drain_timeout,
-                ms => Duration::from_millis(ms as u64),
-            };
+            let timeout = timeout_or(
+                r.wait_timeout_ms,
+                c.config.load_timeout + c.config.drain_timeout,
+            );
             wait_until(c, &r.name, generation, timeout, |d| {
                 d.state == ModelState::Ready
                     && d.instances.len() == d.replicas as usize

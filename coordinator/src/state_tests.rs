@@ -206,7 +206,11 @@ fn a_snapshot_plus_the_suffix_of_the_log_equals_the_whole_log() {
     let m = &whole.models["m"];
     assert_eq!((m.generation, m.replicas, m.next_replica), (36, 2, 2));
     assert_eq!(m.shape.stages, 2);
-    assert_eq!(m.instances[&0].shape, ParallelShape::default(), "placed before");
+    assert_eq!(
+        m.instances[&0].shape,
+        ParallelShape::default(),
+        "placed before"
+    );
     assert_eq!(m.instances.keys().copied().collect::<Vec<_>>(), vec![0]);
     let r = &m.instances[&0];
     assert_eq!(r.epoch, 14);
