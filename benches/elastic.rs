@@ -7,16 +7,18 @@
 //! 1. **Throughput at saturation**: 32 clients in a closed loop (128
 //!    requests, prompts of 32 random ids, 32 generated tokens each), one
 //!    replica on one worker, then two replicas on two workers.
-//! 2. **Prefix-aware routing against round-robin**, two replicas: 8
-//!    groups of requests share a 128-token prefix (a system prompt), each
-//!    request adds 16 tokens of its own and generates 8; 8 clients, 64
-//!    requests per policy; each replica's KV cache (48, then 64 blocks of 16)
-//!    holds about half (two thirds) of the groups' prefixes beside the
-//!    running sequences, so
-//!    where a group's requests go decides what stays cached. Prefix-cache
-//!    hit rate (cached prompt tokens / prompt tokens, from each response's
-//!    usage) and TTFT p50/p99. The policy is switched with the cluster
-//!    setting `routing.policy`; each policy gets prefixes of its own.
+//! 2. **Prefix-aware routing against round-robin**, two replicas: groups
+//!    of requests share a 128-token prefix (a system prompt, 8 blocks of
+//!    16), each request adds 16 tokens of its own and generates 8; 8
+//!    clients. (a) 16 groups, 128 requests, 80 KV blocks per replica: half
+//!    of the groups' prefixes fit one replica's cache beside the running
+//!    sequences, so routing a group to one replica keeps it cached while
+//!    spreading every group over both replicas thrashes them; (b) 8 groups,
+//!    64 requests, 64 blocks: every prefix nearly fits either way.
+//!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
+//!    each response's usage) and TTFT p50/p99. The policy is switched with
+//!    the cluster setting `routing.policy`; each policy gets prefixes of
+//!    its own.
 //! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
 //!    tokens out): time from `ScaleModel` to the first request routed to
 //!    the new replica, and the p99 latency of the requests that ran during
@@ -245,12 +247,18 @@ async fn saturation(ch: &Channel, seed: u64, n: usize) -> (f64, f64) {
 }
 
 /// Phase 2: one routing policy over the shared-prefix workload.
-async fn prefix_workload(ch: &Channel, model: &str, seed: u64) -> (f64, f64, f64) {
+async fn prefix_workload(
+    ch: &Channel,
+    model: &str,
+    groups: usize,
+    requests: usize,
+    seed: u64,
+) -> (f64, f64, f64) {
     let mut ids = Ids(seed);
-    let groups: Vec<Vec<u32>> = (0..8).map(|_| ids.take(128)).collect();
+    let groups: Vec<Vec<u32>> = (0..groups).map(|_| ids.take(128)).collect();
     // Groups interleaved as chat turns arrive: a seeded order.
     let mut order = Ids(seed ^ 0x5eed);
-    let requests = (0..64)
+    let requests = (0..requests)
         .map(|_| {
             let g = (order.take(1)[0] as usize) % groups.len();
             let mut p = groups[g].clone();
@@ -389,7 +397,7 @@ async fn main() {
     // 2. Prefix-aware routing against round-robin, 2 replicas, at two
     // cache sizes (about half, and about two thirds, of the groups'
     // prefixes beside the running sequences).
-    for (kv, seeds) in [(48, [101, 202]), (64, [303, 404])] {
+    for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (8, 64, 64, [303, 404])] {
         deploy(&mut admin, "chat", 2, kv).await;
         let mut results = Vec::new();
         for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
@@ -400,9 +408,12 @@ async fn main() {
                 })
                 .await
                 .expect("setting");
-            results.push((policy, prefix_workload(&ch, "chat", seed).await));
+            results.push((
+                policy,
+                prefix_workload(&ch, "chat", groups, requests, seed).await,
+            ));
         }
-        println!("shared prefixes (8 groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, 64 requests:");
+        println!("shared prefixes ({groups} groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, {requests} requests:");
         for (policy, (hit, p50, p99)) in &results {
             println!(
                 "  {policy:<11}: prefix-cache hit rate {:.1}%  TTFT p50 {:.0} ms  p99 {:.0} ms",

@@ -453,3 +453,72 @@ async fn without_room_replicas_re_split_one_at_a_time_while_the_other_serves() {
     println!("{ok} requests served during the re-split");
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
 }
+
+/// The built-in autoscaler (short windows here): requests waiting beyond
+/// the threshold add a replica up to the maximum; idleness removes it
+/// down to the minimum. Bounds that make no sense are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_adds_a_replica_under_load_and_removes_it_when_idle() {
+    let coordinator = start_coordinator_with(llmos_coordinator::Config {
+        autoscale: llmos_coordinator::autoscaler::Policy {
+            up_waiting: 1.0,
+            up_window: Duration::from_secs(1),
+            idle_window: Duration::from_secs(3),
+        },
+        ..test_config()
+    })
+    .await;
+    start_worker(&coordinator, "w0").await;
+    start_worker(&coordinator, "w1").await;
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    let e = admin
+        .deploy_model(api::DeployModelRequest {
+            autoscale_min: 0,
+            autoscale_max: 2,
+            ..deploy("bad", 1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("min 0, max 2"), "{e}");
+    admin
+        .deploy_model(api::DeployModelRequest {
+            autoscale_min: 1,
+            autoscale_max: 2,
+            // One sequence at a time: the others wait.
+            serving: Some(api::ServingOptions {
+                max_running: 1,
+                ..Default::default()
+            }),
+            ..deploy("smol", 1)
+        })
+        .await
+        .unwrap();
+    let want = generated_ids(&mut inference, request("smol")).await;
+    let load = Load::start(&coordinator, "smol", want, 4).await;
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "scaled up to 2",
+        |m| {
+            m.replicas_desired == 2 && m.replicas.iter().filter(|r| r.state == "Ready").count() == 2
+        },
+    )
+    .await;
+    assert_eq!((m.autoscale_min, m.autoscale_max), (1, 2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = status_of(&mut admin, "smol").await;
+    assert_eq!(m.replicas_desired, 2, "never above the maximum: {m:#?}");
+    let (ok, failed) = load.stop().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    println!("{ok} requests served while scaling up");
+    wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "scaled down to 1 when idle",
+        |m| m.replicas_desired == 1 && m.replicas.len() == 1,
+    )
+    .await;
+}

@@ -217,6 +217,10 @@ struct DeployArgs {
     /// Only workers with this label, as key=value (repeatable).
     #[arg(long = "label", value_parser = llmos_proto::parse_label)]
     labels: Vec<(String, String)>,
+    /// Let the coordinator's autoscaler keep the replica count within
+    /// MIN,MAX (up when requests wait, down when idle).
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    autoscale: Vec<u32>,
 }
 
 fn coordinators(list: &str) -> Vec<String> {
@@ -575,7 +579,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     "options": m.options.as_ref().map(options_json), "reason": m.reason,
                     "generation": m.generation, "epoch": m.epoch, "state_since_ms": m.state_since_ms,
                     "replicas_desired": m.replicas_desired, "replicas": replicas_json(&m.replicas),
-                    "pool": m.pool})
+                    "pool": m.pool, "autoscale": (m.autoscale_max > 0).then(|| json!([m.autoscale_min, m.autoscale_max]))})
                 })
                 .collect();
             print_json(
@@ -611,6 +615,8 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                     replicas: a.replicas,
                     pool: a.pool,
                     labels: a.labels.into_iter().collect(),
+                    autoscale_min: a.autoscale.first().copied().unwrap_or(0),
+                    autoscale_max: a.autoscale.get(1).copied().unwrap_or(0),
                 })
                 .await
                 .map_err(status_error)?;

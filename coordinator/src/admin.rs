@@ -356,6 +356,15 @@ impl AdminService {
             tensor_parallel: r.tensor_parallel.max(1),
         };
         check_shape(&rt.config, dtype, quantization, &serving, &shape)?;
+        let autoscale = match (r.autoscale_min, r.autoscale_max) {
+            (0, 0) => None,
+            (min, max) if min >= 1 && max >= min => Some((min, max)),
+            (min, max) => {
+                return Err(CoordError::Invalid(format!(
+                    "autoscale bounds min {min}, max {max}: need 1 <= min <= max (both 0: off)"
+                )))
+            }
+        };
         c.propose(Command::DeployModel {
             name: r.name.clone(),
             source: r.source.clone(),
@@ -366,6 +375,7 @@ impl AdminService {
             replicas: r.replicas.max(1),
             pool: r.pool.clone(),
             labels: r.labels.into_iter().collect(),
+            autoscale,
             at_ms: c.now_ms(),
         })
         .await?;
@@ -616,6 +626,8 @@ impl api::admin_server::Admin for AdminService {
                     .collect(),
                 pool: m.pool.clone(),
                 labels: m.labels.clone().into_iter().collect(),
+                autoscale_min: m.autoscale.map_or(0, |a| a.0),
+                autoscale_max: m.autoscale.map_or(0, |a| a.1),
             });
         }
         Ok(Response::new(api::ClusterStatusResponse {

@@ -42,6 +42,8 @@ pub struct Config {
     /// How long a replica being removed (scale-down, drain) may take to
     /// finish its requests before it is unloaded anyway.
     pub drain_timeout: Duration,
+    /// The built-in autoscaler's thresholds (for deployments that ask).
+    pub autoscale: crate::autoscaler::Policy,
     /// Route round-robin instead of by load and prefix (the cluster
     /// setting `routing.policy` overrides it).
     pub round_robin: bool,
@@ -61,6 +63,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(3),
             default_max_new_tokens: 256,
             drain_timeout: Duration::from_secs(300),
+            autoscale: Default::default(),
             round_robin: false,
             store: StoreConfig::default(),
         }

@@ -21,11 +21,13 @@
 //! - [`settings`]: cluster settings' keys and the checks on their writes.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
 //!   Generate queues with the engine of one of the model's replicas.
+//! - [`autoscaler`]: the built-in, off-by-default replica autoscaling rule.
 //! - [`router`]: which replica serves a request (load and prompt-prefix
 //!   affinity, in this coordinator's memory).
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
+pub mod autoscaler;
 pub mod cluster;
 pub mod consensus;
 pub mod error;

@@ -36,6 +36,15 @@ struct Cli {
     /// finish its requests before it is unloaded anyway.
     #[arg(long, env = "LLMOS_DRAIN_TIMEOUT_S", default_value_t = 300)]
     drain_timeout_s: u64,
+    /// Autoscaled deployments gain a replica when more requests than this
+    /// wait per serving replica for --autoscale-up-window-s...
+    #[arg(long, default_value_t = 2.0)]
+    autoscale_up_waiting: f64,
+    #[arg(long, default_value_t = 30)]
+    autoscale_up_window_s: u64,
+    /// ...and lose one when no request runs or waits for this long.
+    #[arg(long, default_value_t = 300)]
+    autoscale_idle_window_s: u64,
     /// How requests are spread over a model's replicas: `prefix` (the
     /// replica holding the longest cached prompt prefix unless it is much
     /// busier, else the least loaded) or `round-robin`.
@@ -131,6 +140,11 @@ async fn main() -> Result<()> {
         worker_grace_period: std::time::Duration::from_secs(cli.worker_grace_period_s),
         step_timeout: std::time::Duration::from_secs(cli.step_timeout_s),
         drain_timeout: std::time::Duration::from_secs(cli.drain_timeout_s),
+        autoscale: llmos_coordinator::autoscaler::Policy {
+            up_waiting: cli.autoscale_up_waiting,
+            up_window: std::time::Duration::from_secs(cli.autoscale_up_window_s),
+            idle_window: std::time::Duration::from_secs(cli.autoscale_idle_window_s),
+        },
         round_robin: cli.routing == "round-robin",
         store,
         ..Default::default()

@@ -29,6 +29,7 @@ use llmos_meta::ModelConfig;
 use llmos_proto::worker::v1 as wk;
 use tonic::Code;
 
+use crate::autoscaler::{Autoscaler, Signals};
 use crate::cluster::Cluster;
 use crate::error::CoordError;
 use crate::leases::Transition;
@@ -107,6 +108,7 @@ pub struct Reconciler {
     backoff: Mutex<HashMap<(String, u32), Backoff>>,
     /// When each model's (or replica's) reason was last written.
     reasons: Mutex<HashMap<(String, Option<u32>), Instant>>,
+    autoscaler: Mutex<Autoscaler>,
 }
 
 impl Reconciler {
@@ -117,6 +119,7 @@ impl Reconciler {
             unloading: Mutex::default(),
             backoff: Mutex::default(),
             reasons: Mutex::default(),
+            autoscaler: Mutex::default(),
         })
     }
 
@@ -152,12 +155,63 @@ impl Reconciler {
         if self.liveness(&state, now).await {
             return; // the next pass sees the new liveness
         }
+        self.autoscale(&state).await;
         for dep in state.models.values() {
             if let Err(e) = self.converge(&state, dep).await {
                 tracing::warn!(model = %dep.name, error = %e, "reconciling a model failed");
             }
         }
         self.collect_garbage(&state);
+    }
+
+    /// The built-in autoscaler's decisions for the models that ask for it,
+    /// from the engines' load reports.
+    async fn autoscale(&self, state: &ClusterState) {
+        let c = &self.cluster;
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        {
+            let mut a = self.autoscaler.lock().unwrap();
+            let scaled: Vec<&str> = state
+                .models
+                .values()
+                .filter(|d| d.autoscale.is_some())
+                .map(|d| d.name.as_str())
+                .collect();
+            a.retain(&scaled);
+            for dep in state.models.values() {
+                let (Some(bounds), false) =
+                    (dep.autoscale, matches!(dep.state, ModelState::Failed(_)))
+                else {
+                    continue;
+                };
+                let mut s = Signals::default();
+                for r in dep.serving() {
+                    let load = c.router.load(&dep.name, r.epoch);
+                    let reported = load.reported.unwrap_or_default();
+                    s.serving += 1;
+                    s.running += reported.running.max(load.in_flight);
+                    s.waiting += reported.waiting;
+                }
+                let policy = &c.config.autoscale;
+                if let Some(n) = a.decide(policy, &dep.name, dep.replicas, bounds, s, now) {
+                    decisions.push((dep.name.clone(), dep.replicas, n, s));
+                }
+            }
+        }
+        for (name, from, to, s) in decisions {
+            tracing::info!(model = %name, from, to, ?s, "autoscaling");
+            if let Err(e) = c
+                .propose(Command::ScaleModel {
+                    name: name.clone(),
+                    replicas: to,
+                    at_ms: c.now_ms(),
+                })
+                .await
+            {
+                tracing::warn!(model = %name, error = %e, "autoscaling failed");
+            }
+        }
     }
 
     /// Writes due liveness transitions; whether it wrote any.

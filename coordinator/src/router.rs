@@ -16,7 +16,10 @@
 //! prompt (in whole blocks), unless its load exceeds twice the least
 //! loaded replica's plus `SLACK` sequences ("much busier"); then, and when
 //! no replica holds any of the prefix, the least loaded (ties: more free
-//! KV blocks, then fewer requests routed so far).
+//! KV blocks, then fewer requests routed so far). When several replicas
+//! hold the longest prefix, they are tried in an order fixed per prefix
+//! (rendezvous hashing on its first block), so a group that spilled onto a
+//! second replica in a busy spell gathers on one again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -184,15 +187,27 @@ impl Router {
         // Least loaded: load, then more free KV, then fewer routed.
         seen.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)));
         let least = seen[0];
-        let best_prefix = seen
-            .iter()
-            .filter(|s| s.4 > 0)
-            .max_by(|a, b| a.4.cmp(&b.4).then(b.1.cmp(&a.1)))
-            .copied();
-        let pick = match best_prefix {
-            Some(p) if p.1 <= 2 * least.1 + SLACK => p,
-            _ => least,
+        // Among the replicas holding the longest prefix (several, once a
+        // busy spell sent a group to a second replica), a fixed order per
+        // prefix (rendezvous hashing on its first block), so a group's
+        // requests gather on one replica again instead of alternating.
+        let longest = seen.iter().map(|s| s.4).max().unwrap_or(0);
+        let rank = |epoch: u64| {
+            llmos_meta::hash::block_hash(
+                hashes.first().copied().unwrap_or(0),
+                &[epoch as u32, (epoch >> 32) as u32],
+            )
         };
+        let mut holders: Vec<_> = seen
+            .iter()
+            .filter(|s| longest > 0 && s.4 == longest)
+            .collect();
+        holders.sort_by_key(|s| rank(s.0));
+        let pick = holders
+            .into_iter()
+            .find(|p| p.1 <= 2 * least.1 + SLACK)
+            .copied()
+            .unwrap_or(least);
         Some(Choice {
             epoch: pick.0,
             matched_blocks: pick.4,

@@ -201,6 +201,7 @@ mod tests {
             replicas: 1,
             pool: String::new(),
             labels: Default::default(),
+            autoscale: None,
             at_ms: 1,
         })
         .unwrap();

@@ -166,6 +166,9 @@ pub struct Deployment {
     pub pool: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// (min, max) replicas for the built-in autoscaler; None: off.
+    #[serde(default)]
+    pub autoscale: Option<(u32, u32)>,
     /// Changes on every edit of the desired part (the log index of the
     /// edit).
     #[serde(default)]
@@ -325,6 +328,8 @@ pub enum Command {
         pool: String,
         #[serde(default)]
         labels: BTreeMap<String, String>,
+        #[serde(default)]
+        autoscale: Option<(u32, u32)>,
         #[serde(default)]
         at_ms: u64,
     },
@@ -545,6 +550,7 @@ impl ClusterState {
                 replicas,
                 pool,
                 labels,
+                autoscale,
                 at_ms,
             } => {
                 if self.models.contains_key(name) {
@@ -568,6 +574,7 @@ impl ClusterState {
                         replicas: *replicas,
                         pool: pool.clone(),
                         labels: labels.clone(),
+                        autoscale: *autoscale,
                         generation: index,
                         instances: BTreeMap::new(),
                         next_replica: 0,

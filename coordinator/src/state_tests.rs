@@ -26,6 +26,7 @@ fn deploy(name: &str) -> Command {
         replicas: 1,
         pool: String::new(),
         labels: BTreeMap::new(),
+        autoscale: None,
         at_ms: 5,
     }
 }

@@ -39,6 +39,7 @@ fn deploy(name: &str) -> Command {
         replicas: 1,
         pool: String::new(),
         labels: Default::default(),
+        autoscale: None,
         at_ms: 3,
     }
 }
