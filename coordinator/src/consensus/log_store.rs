@@ -132,6 +132,8 @@ pub struct DiskStorage {
     entries: Vec<Entry>,
     /// Synced writes so far.
     fsyncs: u64,
+    /// `hard_state.commit` is ahead of what the engine holds.
+    commit_unwritten: bool,
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
@@ -295,6 +297,7 @@ impl DiskStorage {
                 snapshot,
                 entries,
                 fsyncs: 0,
+                commit_unwritten: false,
             },
         })
     }
@@ -328,8 +331,12 @@ impl DiskStorage {
     /// sync; raft-rs may only be told after this returns. A hard state
     /// that changes only the commit index is written without a sync (as
     /// etcd does): a commit index lost in a crash is learned again from the
-    /// leader, while entries, term and vote must survive.
+    /// leader, while entries, term and vote must survive. A commit index
+    /// advanced by `set_commit` since the last write rides along.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), LogError> {
+        let pending = (hs.is_none() && self.commit_unwritten && !entries.is_empty())
+            .then(|| self.hard_state.clone());
+        let hs = hs.or(pending.as_ref());
         let mut batch = LogBatch::default();
         let bad = |e| LogError::Engine {
             path: self.dir.join(ENGINE_DIR),
@@ -354,14 +361,22 @@ impl DiskStorage {
         self.append_in_memory(entries);
         if let Some(hs) = hs {
             self.hard_state = hs.clone();
+            self.commit_unwritten = false;
         }
         Ok(())
     }
 
+    /// A commit index learned after the Ready that persisted the entries
+    /// (raft-rs's light ready): kept in memory and written with the next
+    /// write (never synced on its own, so it costs no write per commit;
+    /// one lost in a crash is learned again from the leader, and a
+    /// snapshot writes the one it covers).
     pub fn set_commit(&mut self, commit: u64) -> Result<(), LogError> {
-        let mut hs = self.hard_state.clone();
-        hs.commit = commit;
-        self.persist(&[], Some(&hs))
+        if commit > self.hard_state.commit {
+            self.hard_state.commit = commit;
+            self.commit_unwritten = true;
+        }
+        Ok(())
     }
 
     pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), LogError> {

@@ -96,9 +96,20 @@ fn only_entries_term_and_vote_are_fsynced() {
     s.persist(&[], Some(&hs(2, 1, 1))).unwrap();
     s.persist(&[], Some(&hs(2, 3, 1))).unwrap();
     assert_eq!(s.fsyncs, 3, "a new term and a new vote are");
+    // A commit index from a light ready is not written on its own; it
+    // rides with the next entries.
+    s.set_commit(2).unwrap();
+    assert_eq!(s.hard_state().commit, 2);
+    drop(s);
+    let mut s = open(dir.path()).unwrap().storage;
+    assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 1));
+    s.set_commit(1).unwrap();
+    s.persist(&[entry(2, 2, "b")], None).unwrap();
+    s.set_commit(2).unwrap();
+    s.persist(&[entry(3, 2, "c")], None).unwrap();
     drop(s);
     let s = open(dir.path()).unwrap().storage;
-    assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 1));
+    assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 2));
 }
 
 /// The engine's one log file (a fresh directory writes fewer than 16 MB).
