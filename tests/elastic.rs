@@ -522,3 +522,50 @@ async fn the_autoscaler_adds_a_replica_under_load_and_removes_it_when_idle() {
     )
     .await;
 }
+
+/// Only when every replica's queue is full does a request fail, with
+/// RESOURCE_EXHAUSTED and the engine's retry hint (the router tried the
+/// one it chose, then the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_exhausted_only_when_every_replica_is_full() {
+    let coordinator = start_coordinator().await;
+    start_worker(&coordinator, "w0").await;
+    start_worker(&coordinator, "w1").await;
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            // One running and one waiting sequence per replica.
+            serving: Some(api::ServingOptions {
+                max_running: 1,
+                max_waiting: 1,
+                ..Default::default()
+            }),
+            ..deploy("smol", 2)
+        })
+        .await
+        .unwrap();
+    let long = || ids_request("smol", &[1, 504, 3458, 282, 4649, 314], 300);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect(&coordinator, InferenceClient::new).await;
+        let req = long();
+        held.push(tokio::spawn(async move { ids_of(&mut c, req).await }));
+        // Each lands before the next is routed (the router counts it).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(20),
+        "both replicas full",
+        |m| m.replicas.iter().all(|r| r.running == 1 && r.waiting == 1),
+    )
+    .await;
+    let e = ids_of(&mut inference, long()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("limit 1"), "{e}");
+    assert!(e.metadata().get("retry-after-ms").is_some(), "{e:?}");
+    for h in held {
+        h.abort();
+    }
+}
