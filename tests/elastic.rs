@@ -303,7 +303,26 @@ async fn pools_confine_replicas_and_a_shortfall_leaves_the_rest_serving() {
     let mut on = engine_workers(&m);
     on.sort();
     assert_eq!(on, ["b0", "b1"]);
-    generated_ids(&mut inference, request("smol")).await;
+    // A prompt of two whole blocks, twice: the second goes where the
+    // first went (routed for its prefix) and hits that engine's cache.
+    let prompt: Vec<u32> = (0..40).map(|i| 1000 + i).collect();
+    for _ in 0..2 {
+        generated_ids(&mut inference, ids_request("smol", &prompt, 4)).await;
+    }
+    let m = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(10),
+        "a prefix-cache hit reported",
+        |m| m.replicas.iter().any(|r| r.prefix_cache_hit_rate > 0.0),
+    )
+    .await;
+    let hit = m
+        .replicas
+        .iter()
+        .find(|r| r.prefix_cache_hit_rate > 0.0)
+        .unwrap();
+    assert_eq!((hit.routed, hit.routed_for_prefix), (2, 1), "{m:#?}");
     let ws = admin
         .list_workers(api::ListWorkersRequest {})
         .await

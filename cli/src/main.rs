@@ -403,6 +403,7 @@ fn replicas_json(rs: &[api::ReplicaStatus]) -> serde_json::Value {
             "placement": placement_line(&r.stages), "running": r.running, "waiting": r.waiting,
             "in_flight": r.in_flight, "kv_blocks_free": r.kv_blocks_free, "routed": r.routed,
             "prefix_routed_rate": if r.routed > 0 { r.routed_for_prefix as f64 / r.routed as f64 } else { 0.0 },
+            "prefix_cache_hit_rate": r.prefix_cache_hit_rate,
             "state_since_ms": r.state_since_ms}))
         .collect::<Vec<_>>())
 }

@@ -78,6 +78,8 @@ impl wk::registry_server::Registry for RegistryService {
                         running: e.running,
                         waiting: e.waiting,
                         kv_blocks_free: e.kv_blocks_total.saturating_sub(e.kv_blocks_used),
+                        prefix_hit_tokens: e.prefix_hit_tokens,
+                        prefix_queried_tokens: e.prefix_queried_tokens,
                     },
                     at_ms,
                 );
@@ -616,6 +618,12 @@ impl api::admin_server::Admin for AdminService {
                             kv_blocks_free: reported.kv_blocks_free,
                             routed: load.routed,
                             routed_for_prefix: load.routed_for_prefix,
+                            prefix_cache_hit_rate: if reported.prefix_queried_tokens > 0 {
+                                reported.prefix_hit_tokens as f64
+                                    / reported.prefix_queried_tokens as f64
+                            } else {
+                                0.0
+                            },
                             state_since_ms: if r.draining() {
                                 r.draining_since_ms
                             } else {

@@ -39,6 +39,10 @@ pub struct EngineLoad {
     pub running: u32,
     pub waiting: u32,
     pub kv_blocks_free: u32,
+    /// Prompt tokens the engine's prefix cache served, of those it looked
+    /// up, since it started.
+    pub prefix_hit_tokens: u64,
+    pub prefix_queried_tokens: u64,
 }
 
 #[derive(Default)]
@@ -275,6 +279,7 @@ mod tests {
             running,
             waiting: 0,
             kv_blocks_free: 100,
+            ..Default::default()
         }
     }
 
