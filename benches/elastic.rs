@@ -7,18 +7,18 @@
 //! 1. **Throughput at saturation**: 32 clients in a closed loop (128
 //!    requests, prompts of 32 random ids, 32 generated tokens each), one
 //!    replica on one worker, then two replicas on two workers.
-//! 2. **Prefix-aware routing against round-robin**, two replicas: groups
-//!    of requests share a 128-token prefix (a system prompt, 8 blocks of
-//!    16), each request adds 16 tokens of its own and generates 8; 8
-//!    clients. (a) 16 groups, 128 requests, 80 KV blocks per replica: half
-//!    of the groups' prefixes fit one replica's cache beside the running
-//!    sequences, so routing a group to one replica keeps it cached while
-//!    spreading every group over both replicas thrashes them; (b) 8 groups,
-//!    64 requests, 64 blocks: every prefix nearly fits either way.
-//!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
-//!    each response's usage) and TTFT p50/p99. The policy is switched with
-//!    the cluster setting `routing.policy`; each policy gets prefixes of
-//!    its own.
+//! 2. **Prefix-aware routing against round-robin**, two replicas: 16
+//!    groups of requests share a 128-token prefix (a system prompt, 8
+//!    blocks of 16), each request adds 16 tokens of its own and generates
+//!    8; 8 clients, 128 requests per policy. Each replica's KV cache holds
+//!    half the groups' prefixes (64 blocks) beside the running sequences
+//!    with little (80 blocks) or some (96 blocks) room for what finished
+//!    requests leave behind, so routing a group to one replica can keep it
+//!    cached while spreading every group over both replicas (a working set
+//!    of 128 prefix blocks per replica) thrashes them. Prefix-cache hit
+//!    rate (cached prompt tokens / prompt tokens, from each response's
+//!    usage) and TTFT p50/p99. The policy is switched with the cluster
+//!    setting `routing.policy`; each policy gets prefixes of its own.
 //! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
 //!    tokens out): time from `ScaleModel` to the first request routed to
 //!    the new replica, and the p99 latency of the requests that ran during
@@ -397,7 +397,7 @@ async fn main() {
     // 2. Prefix-aware routing against round-robin, 2 replicas, at two
     // cache sizes (about half, and about two thirds, of the groups'
     // prefixes beside the running sequences).
-    for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (8, 64, 64, [303, 404])] {
+    for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (16, 128, 96, [303, 404])] {
         deploy(&mut admin, "chat", 2, kv).await;
         let mut results = Vec::new();
         for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
