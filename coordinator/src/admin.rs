@@ -1,5 +1,5 @@
-//! `Registry` (workers register and heartbeat) and `Admin` (deploy,
-//! undeploy, workers, status).
+//! The `Admin` service: deploy, scale, re-split, undeploy, drain, members,
+//! settings, status (assembled in `crate::status`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,118 +10,13 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
-use crate::leases::Report;
 use crate::placement::{plan_tp, PlanError, WorkerCapacity};
 use crate::reconciler::{placement_request, rank_shape};
-use crate::router::EngineLoad;
 use crate::settings::validate_setting;
-use crate::shard_spec::pipeline_linked;
 use crate::state::{
-    ClusterState, Command, Deployment, ModelState, ParallelShape, Replica, Serving, StateError,
+    ClusterState, Command, Deployment, ModelState, ParallelShape, Serving, StateError,
 };
-
-pub struct RegistryService {
-    pub cluster: Arc<Cluster>,
-}
-
-#[tonic::async_trait]
-impl wk::registry_server::Registry for RegistryService {
-    async fn register(
-        &self,
-        req: Request<wk::RegisterRequest>,
-    ) -> Result<Response<wk::RegisterResponse>, Status> {
-        let r = req.into_inner();
-        if r.worker_id.is_empty() || r.address.is_empty() {
-            return Err(Status::invalid_argument(
-                "worker_id and address are required",
-            ));
-        }
-        self.cluster.forget_client(&r.address);
-        self.cluster
-            .propose(Command::RegisterWorker {
-                id: r.worker_id.clone(),
-                address: r.address.clone(),
-                device: r.device,
-                memory_total_bytes: r.memory_total_bytes,
-                memory_free_bytes: r.memory_free_bytes,
-                at_ms: self.cluster.now_ms(),
-                collective_address: r.collective_address.clone(),
-                pool: r.pool.clone(),
-                labels: r.labels.into_iter().collect(),
-            })
-            .await?;
-        tracing::info!(worker = %r.worker_id, address = %r.address, "worker registered");
-        // A restarted worker lost its shards (the state machine marked them
-        // and what linked to them not loaded): the reconciler loads them.
-        self.cluster.leases.forget(&r.worker_id);
-        self.cluster.wake.notify_one();
-        Ok(Response::new(wk::RegisterResponse {
-            heartbeat_interval_ms: self.cluster.config.heartbeat_interval.as_millis() as u32,
-        }))
-    }
-
-    /// Renews the worker's lease on the leader (no log write); a follower
-    /// passes it to the leader.
-    async fn heartbeat(
-        &self,
-        req: Request<wk::HeartbeatRequest>,
-    ) -> Result<Response<wk::HeartbeatResponse>, Status> {
-        let c = &self.cluster;
-        // Every coordinator the report passes routes with it.
-        let at_ms = c.now_ms();
-        for s in &req.get_ref().shards {
-            if let Some(e) = &s.engine {
-                c.router.report(
-                    &s.model,
-                    s.epoch,
-                    EngineLoad {
-                        running: e.running,
-                        waiting: e.waiting,
-                        kv_blocks_free: e.kv_blocks_total.saturating_sub(e.kv_blocks_used),
-                        prefix_hit_tokens: e.prefix_hit_tokens,
-                        prefix_queried_tokens: e.prefix_queried_tokens,
-                    },
-                    at_ms,
-                );
-            }
-        }
-        if !c.store.is_leader() {
-            if req.metadata().contains_key(FORWARDED) {
-                return Err(Status::unavailable(
-                    "not the leader (leadership is changing); heartbeat another coordinator",
-                ));
-            }
-            let mut leader = c.leader_registry().ok_or_else(|| {
-                Status::unavailable("no leader is known yet; heartbeat another coordinator")
-            })?;
-            let mut fwd = Request::new(req.into_inner());
-            fwd.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            fwd.set_timeout(c.config.connect_timeout);
-            return leader.heartbeat(fwd).await;
-        }
-        let r = req.into_inner();
-        let Some(healthy) = c.read().workers.get(&r.worker_id).map(|w| w.healthy) else {
-            return Ok(Response::new(wk::HeartbeatResponse { known: false }));
-        };
-        c.leases.renew(
-            &r.worker_id,
-            Report {
-                memory_free_bytes: r.memory_free_bytes,
-                shards: r.shards.into_iter().map(|s| (s.model, s.epoch)).collect(),
-            },
-            Instant::now(),
-        );
-        if !healthy {
-            c.wake.notify_one();
-        }
-        Ok(Response::new(wk::HeartbeatResponse { known: true }))
-    }
-}
-
-/// Marks a heartbeat a follower passed on (the receiver does not pass it
-/// further).
-const FORWARDED: &str = "llmos-forwarded";
+use crate::status::{control_plane, model_reason, model_status, stage_status, worker_statuses};
 
 /// Serving options with defaults filled in, checked.
 fn serving(o: Option<api::ServingOptions>) -> Result<Serving> {
@@ -155,44 +50,6 @@ fn serving(o: Option<api::ServingOptions>) -> Result<Serving> {
         });
     }
     Ok(s)
-}
-
-fn serving_status(e: &wk::EngineStats) -> api::ServingStatus {
-    api::ServingStatus {
-        running: e.running,
-        waiting: e.waiting,
-        kv_blocks_total: e.kv_blocks_total,
-        kv_blocks_used: e.kv_blocks_used,
-        kv_blocks_cached: e.kv_blocks_cached,
-        prefix_cache_hit_rate: if e.prefix_queried_tokens > 0 {
-            e.prefix_hit_tokens as f64 / e.prefix_queried_tokens as f64
-        } else {
-            0.0
-        },
-        prefix_hit_tokens: e.prefix_hit_tokens,
-        prefix_queried_tokens: e.prefix_queried_tokens,
-        preemptions: e.preemptions,
-        steps: e.steps,
-        generated_tokens: e.generated_tokens,
-    }
-}
-
-/// The engine's figures from the worker running a replica's engine.
-async fn engine_stats(
-    cluster: &Cluster,
-    dep: &Deployment,
-    r: &Replica,
-) -> Option<api::ServingStatus> {
-    let mut client = cluster.worker(r.engine_worker()?).await.ok()?;
-    let mut req = Request::new(wk::StatsRequest {});
-    req.set_timeout(cluster.config.connect_timeout);
-    let stats = client.stats(req).await.ok()?.into_inner();
-    stats
-        .shards
-        .iter()
-        .find(|s| s.shard.as_ref().is_some_and(|s| s.model == dep.name))
-        .and_then(|s| s.engine.as_ref())
-        .map(serving_status)
 }
 
 pub(crate) async fn load_stage(
@@ -254,65 +111,6 @@ async fn unload_everywhere(cluster: &Arc<Cluster>, dep: &Deployment) {
         });
     }
     unloads.join_all().await;
-}
-
-fn stage_status(state: &ClusterState, r: &Replica, i: usize) -> api::StagePlacement {
-    let s = &r.placement.stages[i];
-    api::StagePlacement {
-        ranks_loaded: r.loaded.iter().filter(|(st, _)| *st as usize == i).count() as u32,
-        worker_id: s.worker.clone(),
-        worker_address: state
-            .workers
-            .get(&s.worker)
-            .map(|w| w.address.clone())
-            .unwrap_or_default(),
-        layer_start: s.layer_start,
-        layer_end: s.layer_end,
-        embed: s.embed,
-        head: s.head,
-        weight_bytes: s.bytes,
-        tensor_parallel_workers: s.followers.clone(),
-    }
-}
-
-/// Workers as the state has them; free memory from the last heartbeat
-/// where this coordinator holds the leases (the leader), else as
-/// registered.
-fn worker_statuses(cluster: &Cluster, state: &ClusterState) -> Vec<api::WorkerStatus> {
-    state
-        .workers
-        .values()
-        .map(|w| api::WorkerStatus {
-            id: w.id.clone(),
-            address: w.address.clone(),
-            device: w.device.clone(),
-            healthy: w.healthy,
-            gone: w.gone,
-            memory_total_bytes: w.memory_total_bytes,
-            memory_free_bytes: cluster
-                .leases
-                .report(&w.id)
-                .map_or(w.memory_free_bytes, |r| r.memory_free_bytes),
-            shards: state
-                .models
-                .values()
-                .flat_map(|m| {
-                    m.instances.values().flat_map(move |r| {
-                        r.placement
-                            .stages
-                            .iter()
-                            .filter(|s| s.holds(&w.id))
-                            .map(move |s| {
-                                format!("{}/{}:{}-{}", m.name, r.id, s.layer_start, s.layer_end)
-                            })
-                    })
-                })
-                .collect(),
-            pool: w.pool.clone(),
-            labels: w.labels.clone().into_iter().collect(),
-            cordoned: w.cordoned,
-        })
-        .collect()
 }
 
 pub struct AdminService {
@@ -563,80 +361,7 @@ impl api::admin_server::Admin for AdminService {
         let state = self.cluster.read_fresh().await?;
         let mut models = Vec::new();
         for m in state.models.values() {
-            let primary = m.primary();
-            let serving = match primary.filter(|r| r.state == ModelState::Ready) {
-                Some(r) => engine_stats(&self.cluster, m, r).await,
-                None => None,
-            };
-            let stages = |r: &Replica| -> Vec<api::StagePlacement> {
-                (0..r.placement.stages.len())
-                    .map(|i| stage_status(&state, r, i))
-                    .collect()
-            };
-            models.push(api::ModelStatus {
-                name: m.name.clone(),
-                source: m.source.clone(),
-                state: format!("{:?}", m.state),
-                stages: primary.map(&stages).unwrap_or_default(),
-                serving,
-                pipeline_transport: match primary {
-                    Some(r) if r.placement.stages.len() > 1 => {
-                        if pipeline_linked(&state, m, &r.placement) {
-                            "link"
-                        } else {
-                            "grpc"
-                        }
-                    }
-                    _ => "",
-                }
-                .into(),
-                options: Some(serving_options(&m.serving)),
-                reason: model_reason(m),
-                generation: m.generation,
-                epoch: primary.map_or(0, |r| r.epoch),
-                state_since_ms: m.since_ms,
-                replicas_desired: m.replicas,
-                replicas: m
-                    .instances
-                    .values()
-                    .map(|r| {
-                        let load = self.cluster.router.load(&m.name, r.epoch);
-                        let reported = load.reported.unwrap_or_default();
-                        api::ReplicaStatus {
-                            id: r.id,
-                            state: if r.draining() {
-                                "Draining".into()
-                            } else {
-                                format!("{:?}", r.state)
-                            },
-                            reason: r.reason.clone(),
-                            epoch: r.epoch,
-                            stages: stages(r),
-                            running: reported.running,
-                            waiting: reported.waiting,
-                            in_flight: load.in_flight,
-                            kv_blocks_free: reported.kv_blocks_free,
-                            routed: load.routed,
-                            routed_for_prefix: load.routed_for_prefix,
-                            prefix_cache_hit_rate: if reported.prefix_queried_tokens > 0 {
-                                reported.prefix_hit_tokens as f64
-                                    / reported.prefix_queried_tokens as f64
-                            } else {
-                                0.0
-                            },
-                            state_since_ms: if r.draining() {
-                                r.draining_since_ms
-                            } else {
-                                r.since_ms
-                            },
-                        }
-                    })
-                    .collect(),
-                pool: m.pool.clone(),
-                labels: m.labels.clone().into_iter().collect(),
-                autoscale_min: m.autoscale.map_or(0, |a| a.0),
-                autoscale_max: m.autoscale.map_or(0, |a| a.1),
-            });
+            models.push(model_status(&self.cluster, &state, m).await);
         }
         Ok(Response::new(api::ClusterStatusResponse {
             workers: worker_statuses(&self.cluster, &state),
@@ -885,57 +610,6 @@ impl api::admin_server::Admin for AdminService {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         }))
-    }
-}
-
-/// Why a model is not Ready: its own reason (the next replica's wait, or
-/// its failure), else the first replica's that has one.
-fn model_reason(m: &Deployment) -> String {
-    if !m.reason.is_empty() || m.state == ModelState::Ready {
-        return m.reason.clone();
-    }
-    m.instances
-        .values()
-        .find(|r| !r.reason.is_empty() && !r.draining())
-        .map(|r| format!("replica {}: {}", r.id, r.reason))
-        .unwrap_or_default()
-}
-
-/// A deployment's serving options as the API states them.
-fn serving_options(s: &Serving) -> api::ServingOptions {
-    api::ServingOptions {
-        kv_cache_blocks: s.kv_blocks,
-        block_size: s.block_size,
-        max_batch_tokens: s.max_batch_tokens,
-        max_running: s.max_running,
-        max_waiting: s.max_waiting,
-        disable_prefix_caching: !s.prefix_caching,
-        pipeline_transport: s.pipeline_transport.clone(),
-    }
-}
-
-fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
-    let c = cluster.store.status();
-    api::ControlPlaneStatus {
-        store: c.store.to_string(),
-        node_id: c.node_id,
-        leader_id: c.leader_id,
-        leader: c.leader,
-        term: c.term,
-        commit_index: c.commit_index,
-        applied_index: c.applied_index,
-        snapshot_index: c.snapshot_index,
-        role: c.role,
-        members: c
-            .members
-            .into_iter()
-            .map(|m| api::Member {
-                id: m.id,
-                address: m.address,
-                leader: m.leader,
-                learner: m.learner,
-            })
-            .collect(),
     }
 }
 

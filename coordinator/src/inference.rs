@@ -27,13 +27,12 @@ pub struct InferenceService {
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, Status>> + Send>>;
 
 impl InferenceService {
-    fn runtime(&self, model: &str) -> Result<(Arc<ModelRuntime>, crate::state::Deployment)> {
-        let dep = self
-            .cluster
-            .read()
+    /// The model's tokenizer and config, once a replica serves it.
+    fn runtime(&self, model: &str) -> Result<Arc<ModelRuntime>> {
+        let state = self.cluster.read();
+        let dep = state
             .models
             .get(model)
-            .cloned()
             .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
         if dep.serving().next().is_none() {
             return Err(CoordError::ModelNotReady {
@@ -45,11 +44,9 @@ impl InferenceService {
                 },
             });
         }
-        let rt = self
-            .cluster
+        self.cluster
             .model(model)
-            .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
-        Ok((rt, dep))
+            .ok_or_else(|| CoordError::UnknownModel(model.to_string()))
     }
 
     /// Opens the sequence's token stream on the engine of a replica and
@@ -114,13 +111,21 @@ impl InferenceService {
         let mut tried: Vec<u64> = Vec::new();
         let mut full: Option<CoordError> = None;
         let mut last: Option<CoordError> = None;
+        let block_size = self
+            .cluster
+            .read()
+            .models
+            .get(model)
+            .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?
+            .serving
+            .block_size;
+        let hashes = block_hashes(&req.prompt, block_size as usize);
         loop {
             let state = self.cluster.read();
             let dep = state
                 .models
                 .get(model)
                 .ok_or_else(|| CoordError::UnknownModel(model.to_string()))?;
-            let hashes = block_hashes(&req.prompt, dep.serving.block_size as usize);
             let epochs: Vec<u64> = dep
                 .serving()
                 .map(|r| r.epoch)
@@ -132,14 +137,10 @@ impl InferenceService {
                     state: "no replica serves".into(),
                 }));
             };
-            let replica = dep
-                .at_epoch(choice.epoch)
-                .expect("chosen among them")
-                .clone();
-            drop(state);
+            let replica = dep.at_epoch(choice.epoch).expect("chosen among them");
             let guard = router.start(model, choice, &hashes);
             req.epoch = choice.epoch;
-            let e = match self.open_engine(&replica, req.clone()).await {
+            let e = match self.open_engine(replica, req.clone()).await {
                 Ok((worker, first, events)) => return Ok((worker, first, events, guard)),
                 Err(e) => e,
             };
@@ -271,7 +272,7 @@ impl api::inference_server::Inference for InferenceService {
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
-        let (rt, _) = self.runtime(&r.model)?;
+        let rt = self.runtime(&r.model)?;
         let ids = prompt_ids(&rt, &r.model, r.prompt)?;
         let stopping = r.stopping.unwrap_or_default();
         let max_new = match stopping.max_new_tokens as usize {
@@ -471,7 +472,7 @@ impl api::inference_server::Inference for InferenceService {
         req: Request<api::TokenizeRequest>,
     ) -> Result<Response<api::TokenizeResponse>, Status> {
         let r = req.into_inner();
-        let (rt, _) = self.runtime(&r.model)?;
+        let rt = self.runtime(&r.model)?;
         let tok = rt
             .tokenizer
             .as_ref()

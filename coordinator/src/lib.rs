@@ -1,8 +1,8 @@
 //! llmos coordinator: the control plane. Links no libtorch.
 //!
 //! - [`state`]: the cluster state (workers; models as desired and as
-//!   observed) and the commands that change it, applied deterministically:
-//!   the seam a replicated log (Raft, etcd) sits behind.
+//!   observed, [`deployment`]) and the commands that change it, applied
+//!   deterministically: the seam a replicated log (Raft, etcd) sits behind.
 //! - [`placement`]: plans contiguous layer ranges over workers in proportion
 //!   to their free memory, or checks an explicit split.
 //! - [`store`]: [`store::MetaStore`], where the state machine lives:
@@ -17,7 +17,8 @@
 //!   transitions reach the log.
 //! - [`reconciler`]: the leader's loop converging placements and loaded
 //!   shards to what deployments ask for.
-//! - [`admin`]: the `Registry` (workers) and `Admin` services.
+//! - [`registry`]: the `Registry` service (workers register, heartbeat).
+//! - [`admin`]: the `Admin` service; [`status`] assembles what it reports.
 //! - [`settings`]: cluster settings' keys and the checks on their writes.
 //! - [`inference`]: the `Inference` service (Generate, Tokenize, ListModels);
 //!   Generate queues with the engine of one of the model's replicas.
@@ -30,16 +31,19 @@ pub mod admin;
 pub mod autoscaler;
 pub mod cluster;
 pub mod consensus;
+pub mod deployment;
 pub mod error;
 pub mod etcd;
 pub mod inference;
 pub mod leases;
 pub mod placement;
 pub mod reconciler;
+pub mod registry;
 pub mod router;
 pub mod settings;
 pub mod shard_spec;
 pub mod state;
+pub mod status;
 pub mod store;
 
 use std::sync::Arc;
@@ -95,9 +99,11 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            llmos_proto::worker::v1::registry_server::RegistryServer::new(admin::RegistryService {
-                cluster: Arc::clone(&cluster),
-            }),
+            llmos_proto::worker::v1::registry_server::RegistryServer::new(
+                registry::RegistryService {
+                    cluster: Arc::clone(&cluster),
+                },
+            ),
         )
         .add_service(llmos_proto::v1::admin_server::AdminServer::new(
             admin::AdminService {

@@ -148,10 +148,18 @@ impl Reconciler {
             tracing::info!("leading: reconciling (liveness decisions wait one lease period)");
             self.backoff.lock().unwrap().clear();
         }
+        let state = c.read();
+        // Every coordinator routes: its router forgets removed replicas.
+        c.router.retain(
+            &state
+                .models
+                .values()
+                .flat_map(|d| d.instances.values().map(|r| (d.name.clone(), r.epoch)))
+                .collect(),
+        );
         if !leader {
             return;
         }
-        let state = c.read();
         if self.liveness(&state, now).await {
             return; // the next pass sees the new liveness
         }

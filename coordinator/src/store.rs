@@ -215,7 +215,10 @@ impl RaftStore {
         cfg.heartbeat_ticks = (s.election_ticks / 5).max(1);
         cfg.snapshot_entries = s.snapshot_entries;
         cfg.request_timeout = s.request_timeout;
-        cfg.sync = s.sync;
+        // A temporary directory is lost at exit anyway: syncing it buys no
+        // durability, only stalls (seconds, on a disk busy with other
+        // processes' reads).
+        cfg.sync = s.sync && tmp.is_none();
         cfg.validate().map_err(StoreError::Config)?;
         let transport = GrpcTransport::new(&s.cluster_id, s.node_id, &advertise);
         let node = RaftNode::start(cfg, transport.clone())?;
