@@ -167,7 +167,23 @@ fn open_engine(dir: &Path) -> Result<Engine, LogError> {
         purge_threshold: ReadableSize::mb(64),
         ..Default::default()
     };
-    Engine::open(cfg).map_err(engine_err(&path))
+    // The directory's lock can be held for a moment by a child this process
+    // is forking (until it execs, it shares the descriptor of a lock just
+    // released, e.g. by a coordinator restarted in the same process); a
+    // second instance on the directory holds it for good and is refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Engine::open(cfg.clone()) {
+            Err(e) if is_lock_busy(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r.map_err(engine_err(&path)),
+        }
+    }
+}
+
+fn is_lock_busy(e: &raft_engine::Error) -> bool {
+    matches!(e, raft_engine::Error::Other(_)) && e.to_string().contains("Failed to lock file")
 }
 
 impl DiskStorage {
@@ -195,7 +211,10 @@ impl DiskStorage {
             node_id,
         };
         let fresh = !meta_path.exists();
-        if fresh {
+        // The engine is opened once: closing it and opening it again can
+        // fail to take its lock while another thread of this process forks
+        // (the child holds a copy of the lock's descriptor until it execs).
+        let engine = if fresh {
             // A directory a crash left half made (no meta.json yet) starts
             // over.
             let engine_dir = dir.join(ENGINE_DIR);
@@ -226,9 +245,9 @@ impl DiskStorage {
                 }
                 engine.write(&mut batch, sync).map_err(engine_err(dir))?;
             }
-            drop(engine);
             let json = serde_json::to_vec_pretty(&want).expect("meta json");
             write_atomic(&meta_path, &json, sync)?;
+            engine
         } else {
             let bytes = fs::read(&meta_path).map_err(io(&meta_path))?;
             let found: Meta = serde_json::from_slice(&bytes).map_err(|e| LogError::Corrupt {
@@ -245,10 +264,10 @@ impl DiskStorage {
                     node: want.node_id,
                 });
             }
-        }
+            open_engine(dir)?
+        };
         let snap_path = dir.join("snapshot");
         let snapshot = decode_snapshot(&snap_path, &fs::read(&snap_path).map_err(io(&snap_path))?)?;
-        let engine = open_engine(dir)?;
         let epath = dir.join(ENGINE_DIR);
         let mut hard_state: HardState = engine
             .get_message(GROUP, KEY_HARD_STATE)

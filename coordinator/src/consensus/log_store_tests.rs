@@ -243,3 +243,18 @@ fn a_directory_of_another_cluster_or_node_is_refused() {
     );
     assert!(DiskStorage::open(dir.path(), "c1", 2, None, true).is_err());
 }
+
+#[test]
+fn a_second_instance_on_a_directory_is_refused_and_a_released_one_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path()).unwrap();
+    let err = match open(dir.path()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("two instances opened one directory"),
+    };
+    assert!(err.contains("another instance"), "{err}");
+    assert!(err.contains("raft-engine"), "names the directory: {err}");
+    drop(first);
+    // Released: the next instance (a restart in the same process) opens it.
+    assert!(!open(dir.path()).unwrap().fresh);
+}
