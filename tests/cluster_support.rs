@@ -287,3 +287,137 @@ pub async fn wait_model(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// How one stream of a load ended: its token ids and the migrations its
+/// usage reported.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub ids: Vec<u32>,
+    pub migrations: u32,
+}
+
+/// The chaos workload: `n` requests of `max_new` tokens over a few prompts,
+/// greedy and seeded in turn (ignoring EOS, so every run has one length).
+pub fn mixed_requests(model: &str, n: usize, max_new: u32) -> Vec<api::GenerateRequest> {
+    let prompts: [&[u32]; 3] = [
+        &[1, 504, 3458, 282, 4649, 314],
+        &[1, 9690, 314, 253, 1345, 28, 2575, 30, 2102],
+        &[1, 4093, 13149, 359, 260, 10, 37, 89, 1562, 11, 1094, 42],
+    ];
+    (0..n)
+        .map(|i| {
+            let mut r = ids_request(model, prompts[i % prompts.len()], max_new);
+            r.request_id = format!("chaos-{i}");
+            if i % 2 == 1 {
+                r.sampling = Some(api::SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.95,
+                    seed: Some(1000 + i as u64),
+                    ..Default::default()
+                });
+            }
+            r
+        })
+        .collect()
+}
+
+/// Runs `reqs` at once against the coordinator at `url`; `received`
+/// counts the tokens as they arrive (to time faults). A stream still open
+/// after `within` is reported as hung.
+pub async fn run_streams(
+    url: &str,
+    reqs: Vec<api::GenerateRequest>,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    within: Duration,
+) -> Vec<Result<Outcome, String>> {
+    let mut tasks = Vec::new();
+    for req in reqs {
+        let mut client = connect(url, InferenceClient::new).await;
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = async {
+                let mut stream = client
+                    .generate(req)
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                let mut out = Outcome {
+                    ids: Vec::new(),
+                    migrations: 0,
+                };
+                loop {
+                    match stream.message().await {
+                        Ok(Some(m)) => {
+                            received
+                                .fetch_add(m.tokens.len(), std::sync::atomic::Ordering::Relaxed);
+                            out.ids.extend(m.tokens.iter().map(|t| t.id));
+                            if let Some(u) = m.usage {
+                                out.migrations = u.migrations;
+                            }
+                        }
+                        Ok(None) => return Ok(out),
+                        Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                }
+            };
+            tokio::time::timeout(within, run)
+                .await
+                .unwrap_or_else(|_| Err(format!("hung: still open after {within:?}")))
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Waits (up to `within`) until `received` reaches `n`.
+pub async fn wait_tokens(received: &std::sync::atomic::AtomicUsize, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    while received.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the streams did not reach {n} tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// KV blocks each worker's engines hold (worker id, blocks used), from
+/// their `Stats`.
+pub async fn kv_blocks_in_use(admin: &mut AdminClient<Channel>) -> Vec<(String, u32)> {
+    use llmos_proto::worker::v1 as wk;
+    let workers = admin
+        .list_workers(api::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let mut out = Vec::new();
+    for w in workers.iter().filter(|w| w.healthy) {
+        let Ok(ch) = tonic::transport::Endpoint::from_shared(w.address.clone())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+        else {
+            continue;
+        };
+        let Ok(stats) = wk::worker_client::WorkerClient::new(ch)
+            .stats(wk::StatsRequest {})
+            .await
+        else {
+            continue;
+        };
+        let used = stats
+            .into_inner()
+            .shards
+            .iter()
+            .filter_map(|s| s.engine.as_ref())
+            .map(|e| e.kv_blocks_used)
+            .sum();
+        out.push((w.id.clone(), used));
+    }
+    out
+}

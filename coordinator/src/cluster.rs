@@ -47,6 +47,12 @@ pub struct Config {
     /// Route round-robin instead of by load and prefix (the cluster
     /// setting `routing.policy` overrides it).
     pub round_robin: bool,
+    /// How many times a request may move to another replica after the
+    /// one serving it failed mid-stream (0: never; it then fails).
+    pub migration_limit: u32,
+    /// How long a request whose replica failed waits for a replica to
+    /// serve it (another one, or the same once its lost part is replaced).
+    pub migration_timeout: Duration,
     /// Where the cluster state is kept.
     pub store: StoreConfig,
 }
@@ -65,6 +71,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(300),
             autoscale: Default::default(),
             round_robin: false,
+            migration_limit: 3,
+            migration_timeout: Duration::from_secs(60),
             store: StoreConfig::default(),
         }
     }
@@ -89,6 +97,8 @@ pub struct Cluster {
     clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
     /// The leader's registry, for heartbeats a follower receives.
     leader_registry: Mutex<Option<(String, RegistryClient<Channel>)>>,
+    /// Requests this coordinator moved to another replica mid-stream.
+    migrations: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -102,7 +112,19 @@ impl Cluster {
             models: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             leader_registry: Mutex::new(None),
+            migrations: Default::default(),
         })
+    }
+
+    pub fn count_migration(&self) {
+        self.migrations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests this coordinator moved to another replica mid-stream since
+    /// it started.
+    pub fn migrations(&self) -> u64 {
+        self.migrations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Wall-clock milliseconds: the time stamped into commands (replicas

@@ -42,6 +42,13 @@ pub enum CoordError {
     Store(#[from] StoreError),
     #[error("model {model:?} failed: {reason} (undeploy it, fix the cause, deploy again)")]
     DeployFailed { model: String, reason: String },
+    #[error("request {request_id} lost its replica after {tokens} tokens and was not resumed: {why}; failures: [{}]", attempts.join("; "))]
+    NotResumed {
+        request_id: String,
+        tokens: usize,
+        why: String,
+        attempts: Vec<String>,
+    },
     #[error("model {model:?} is not ready after {waited:?} ({state}: {reason}); it stays deployed and keeps converging (undeploy to cancel)")]
     NotReadyInTime {
         model: String,
@@ -85,7 +92,9 @@ impl From<CoordError> for Status {
             }
             CoordError::State(StateError::ModelExists(_)) => Status::already_exists(msg),
             CoordError::State(_) => Status::failed_precondition(msg),
-            CoordError::ModelNotReady { .. } => Status::unavailable(msg),
+            CoordError::ModelNotReady { .. } | CoordError::NotResumed { .. } => {
+                Status::unavailable(msg)
+            }
             CoordError::WorkerUnavailable { worker, .. } => {
                 use llmos_meta::failure::{FailureKind, FAILED_WORKER_KEY, FAILURE_KEY};
                 let mut s = Status::unavailable(msg);

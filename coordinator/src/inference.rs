@@ -20,6 +20,7 @@ use crate::error::{CoordError, Result};
 use crate::router::{block_hashes, InFlight};
 use crate::state::Replica;
 
+#[derive(Clone)]
 pub struct InferenceService {
     pub cluster: Arc<Cluster>,
 }
@@ -96,19 +97,12 @@ impl InferenceService {
     /// the client seeing nothing of it. When every replica failed, the
     /// client gets RESOURCE_EXHAUSTED (with the engine's retry hint) if one
     /// of them was full, else the last failure.
-    async fn route(
-        &self,
-        model: &str,
-        mut req: wk::EngineRequest,
-    ) -> Result<(
-        String,
-        wk::EngineEvent,
-        tonic::Streaming<wk::EngineEvent>,
-        InFlight,
-    )> {
+    async fn route(&self, mut req: wk::EngineRequest, avoid: &[u64]) -> Result<Attached> {
+        let model = req.model.clone();
+        let model = model.as_str();
         let router = &self.cluster.router;
         let round_robin = self.cluster.round_robin();
-        let mut tried: Vec<u64> = Vec::new();
+        let mut tried: Vec<u64> = avoid.to_vec();
         let mut full: Option<CoordError> = None;
         let mut last: Option<CoordError> = None;
         let block_size = self
@@ -138,10 +132,28 @@ impl InferenceService {
                 }));
             };
             let replica = dep.at_epoch(choice.epoch).expect("chosen among them");
+            let workers: Vec<String> = replica.shards().map(|(_, _, w)| w.to_string()).collect();
             let guard = router.start(model, choice, &hashes);
             req.epoch = choice.epoch;
             let e = match self.open_engine(replica, req.clone()).await {
-                Ok((worker, first, events)) => return Ok((worker, first, events, guard)),
+                Ok((worker, first, events)) => {
+                    let address = self
+                        .cluster
+                        .read()
+                        .workers
+                        .get(&worker)
+                        .map(|w| w.address.clone())
+                        .unwrap_or_default();
+                    return Ok(Attached {
+                        worker,
+                        address,
+                        epoch: choice.epoch,
+                        workers,
+                        first: Some(first),
+                        events,
+                        _in_flight: guard,
+                    });
+                }
                 Err(e) => e,
             };
             use tonic::Code;
@@ -171,6 +183,367 @@ impl InferenceService {
             }
         }
     }
+}
+
+/// A sequence's token stream on one replica's engine.
+struct Attached {
+    /// The engine's worker and its address.
+    worker: String,
+    address: String,
+    /// The replica's placement epoch and every worker it runs on.
+    epoch: u64,
+    workers: Vec<String>,
+    /// The first event, read while routing.
+    first: Option<wk::EngineEvent>,
+    events: tonic::Streaming<wk::EngineEvent>,
+    _in_flight: InFlight,
+}
+
+/// What ended a stream on one replica.
+enum Broke {
+    /// The client went away (the sequence is cancelled by dropping the
+    /// engine stream).
+    ClientGone,
+    /// The replica failed: the sequence may resume elsewhere.
+    Replica(CoordError),
+    /// A failure another replica would meet too, or the end: already sent.
+    Ended,
+}
+
+/// A request in flight: what it takes to resume it on another replica.
+struct Flight {
+    svc: InferenceService,
+    /// The request as first routed (its prompt: the client's).
+    request: wk::EngineRequest,
+    /// Tokens streamed to the client so far.
+    emitted: Vec<u32>,
+    deadline: Option<Instant>,
+    migrations: u32,
+    /// Each replica failure met, for the error that gives up.
+    attempts: Vec<String>,
+}
+
+/// How often a stream waiting for its next token checks that every worker
+/// of its replica is still alive (the leader marks one unhealthy when its
+/// heartbeats stop: a frozen or partitioned worker answers no error).
+const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a resumed request looks again for a serving replica.
+const RESUME_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Flight {
+    /// The engine request that continues the sequence after `emitted`.
+    fn continuation(&self) -> wk::EngineRequest {
+        let mut r = self.request.clone();
+        r.prompt.extend_from_slice(&self.emitted);
+        r.max_new_tokens -= self.emitted.len() as u32;
+        r.first_token_index = self.emitted.len() as u64;
+        r.timeout_ms = self.deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, u32::MAX as u128) as u32
+        });
+        r
+    }
+
+    /// Routes the request for the first time.
+    async fn attach(&self) -> Result<Attached> {
+        self.svc.route(self.continuation(), &[]).await
+    }
+
+    /// Resumes the sequence on a serving replica, avoiding `avoid` while
+    /// another serves; waits (within the request's deadline and the
+    /// coordinator's migration timeout) for one to serve: a lost stage
+    /// replaced, a full queue drained.
+    async fn resume_avoiding(&mut self, avoid: Option<u64>) -> Result<Attached> {
+        let c = self.svc.cluster.clone();
+        let until = [
+            Some(Instant::now() + c.config.migration_timeout),
+            self.deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("one is set");
+        let mut avoid: Vec<u64> = avoid.into_iter().collect();
+        let mut avoided_since = Instant::now();
+        loop {
+            let e = match self.svc.route(self.continuation(), &avoid).await {
+                Ok(a) => return Ok(a),
+                Err(e) => e,
+            };
+            match &e {
+                CoordError::WorkerUnavailable { .. } => self.note(&e),
+                CoordError::WorkerFailed { status, .. } if resumable(status) => self.note(&e),
+                CoordError::WorkerFailed { status, .. }
+                    if status.code() == tonic::Code::ResourceExhausted => {}
+                CoordError::ModelNotReady { .. } => {}
+                _ => return Err(e),
+            }
+            if Instant::now() >= until {
+                return Err(self.give_up(&format!(
+                    "no replica served it within {:?} (the migration timeout, --migration-timeout-s, or the request's deadline): {e}",
+                    c.config.migration_timeout
+                )));
+            }
+            // The replica avoided may serve again (a stage that came back,
+            // or replaced under the same placement): after a while, it is
+            // a candidate again.
+            if !avoid.is_empty() && avoided_since.elapsed() > std::time::Duration::from_secs(1) {
+                avoid.clear();
+                avoided_since = Instant::now();
+            }
+            tokio::time::sleep(RESUME_POLL).await;
+        }
+    }
+
+    /// Records a failure for the error that may end the request (once).
+    fn note(&mut self, e: &CoordError) {
+        let e = e.to_string();
+        if !self.attempts.contains(&e) {
+            self.attempts.push(e);
+        }
+    }
+
+    /// A client's resume after its coordinator was lost: a migration.
+    async fn resume(&mut self) -> Result<Attached> {
+        self.resume_avoiding(None).await
+    }
+
+    fn give_up(&self, why: &str) -> CoordError {
+        CoordError::NotResumed {
+            request_id: self.request.request_id.clone(),
+            tokens: self.emitted.len(),
+            why: why.to_string(),
+            attempts: self.attempts.clone(),
+        }
+    }
+
+    /// Streams the sequence to the client, moving it to another replica
+    /// each time the one serving it fails, until it finishes, fails for
+    /// good or the client goes away.
+    async fn stream(
+        mut self,
+        mut on: Attached,
+        streamer: &mut TextStreamer<'_>,
+        tx: &mpsc::Sender<Result<api::GenerateResponse, Status>>,
+        logprobs: bool,
+        started: Instant,
+    ) {
+        let mut first_at = None;
+        loop {
+            let e = match self
+                .relay(&mut on, streamer, tx, logprobs, started, &mut first_at)
+                .await
+            {
+                Broke::ClientGone | Broke::Ended => return,
+                Broke::Replica(e) => e,
+            };
+            let failed_epoch = on.epoch;
+            // Dropping the stream cancels what may remain of the sequence
+            // there: a replica that comes back cannot continue it twice.
+            drop(on);
+            tracing::warn!(
+                request_id = %self.request.request_id,
+                tokens = self.emitted.len(),
+                error = %e,
+                "the replica serving the request failed mid-stream: resuming it on another"
+            );
+            self.note(&e);
+            let limit = self.svc.cluster.config.migration_limit;
+            let next = if self.migrations >= limit {
+                Err(self.give_up(&format!(
+                    "the migration limit ({limit}, --migration-limit) is spent"
+                )))
+            } else {
+                self.migrations += 1;
+                self.svc.cluster.count_migration();
+                self.resume_avoiding(Some(failed_epoch)).await
+            };
+            on = match next {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(request_id = %self.request.request_id, error = %e, "not resumed");
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+            };
+        }
+    }
+
+    /// Relays one replica's events until the sequence ends or the replica
+    /// fails.
+    async fn relay(
+        &mut self,
+        on: &mut Attached,
+        streamer: &mut TextStreamer<'_>,
+        tx: &mpsc::Sender<Result<api::GenerateResponse, Status>>,
+        logprobs: bool,
+        started: Instant,
+        first_at: &mut Option<Instant>,
+    ) -> Broke {
+        let cluster = self.svc.cluster.clone();
+        let mut check = tokio::time::interval(LIVENESS_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // A client that goes away cancels at once, not at the next token.
+            let next = match on.first.take() {
+                Some(ev) => Ok(Some(ev)),
+                None => tokio::select! {
+                    _ = tx.closed() => {
+                        tracing::info!(request_id = %self.request.request_id, "client went away: cancelling");
+                        return Broke::ClientGone;
+                    }
+                    _ = check.tick() => {
+                        if let Some(why) = dead_worker(&cluster, &on.workers) {
+                            return Broke::Replica(CoordError::WorkerUnavailable {
+                                worker: on.worker.clone(),
+                                address: on.address.clone(),
+                                reason: why,
+                            });
+                        }
+                        continue;
+                    }
+                    next = on.events.message() => next,
+                },
+            };
+            let ev = match next {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return Broke::Replica(CoordError::WorkerUnavailable {
+                        worker: on.worker.clone(),
+                        address: on.address.clone(),
+                        reason: "its token stream ended early".into(),
+                    })
+                }
+                Err(status) => {
+                    let e = stage_error(&on.worker, &on.address, status, &cluster);
+                    let again = match &e {
+                        CoordError::WorkerUnavailable { .. } => true,
+                        CoordError::WorkerFailed { status, .. } => resumable(status),
+                        _ => false,
+                    };
+                    if again {
+                        return Broke::Replica(e);
+                    }
+                    tracing::warn!(request_id = %self.request.request_id, error = %e, "generation failed");
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return Broke::Ended;
+                }
+            };
+            for t in &ev.tokens {
+                first_at.get_or_insert_with(Instant::now);
+                self.emitted.push(t.id);
+                let produced = self.emitted.len() as u32;
+                let (text, finish) = match streamer.push(t.id) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return Broke::Ended;
+                    }
+                };
+                let token = api::Token {
+                    id: t.id,
+                    text,
+                    logprob: logprobs.then_some(t.logprob),
+                };
+                let mut msg = api::GenerateResponse {
+                    request_id: self.request.request_id.clone(),
+                    tokens: vec![token],
+                    ..Default::default()
+                };
+                if let Some(f) = finish {
+                    let first = first_at.expect("set above");
+                    let decode_s = first.elapsed().as_secs_f64();
+                    let prompt_tokens = self.request.prompt.len() as u32;
+                    msg.finish_reason = finish_code(f) as i32;
+                    msg.usage = Some(api::Usage {
+                        prompt_tokens,
+                        completion_tokens: produced,
+                        total_tokens: prompt_tokens + produced,
+                        // Known at the engine's last event; the streamer
+                        // may finish first (a stop sequence).
+                        cached_prompt_tokens: 0,
+                        preemptions: 0,
+                        migrations: self.migrations,
+                    });
+                    msg.timings = Some(api::Timings {
+                        time_to_first_token_s: (first - started).as_secs_f64(),
+                        decode_s,
+                        decode_tokens_per_s: if decode_s > 0.0 {
+                            (produced - 1) as f64 / decode_s
+                        } else {
+                            0.0
+                        },
+                    });
+                    if finish != Some(FinishReason::Stop) {
+                        // The engine ended too: its last event has the
+                        // prefix-cache and preemption figures.
+                        if let Ok(Some(last)) = on.events.message().await {
+                            if let Some(u) = msg.usage.as_mut() {
+                                u.cached_prompt_tokens = last.cached_prompt_tokens;
+                                u.preemptions = last.preemptions;
+                            }
+                        }
+                    }
+                }
+                if tx.send(Ok(msg)).await.is_err() {
+                    tracing::info!(request_id = %self.request.request_id, "client went away: cancelling");
+                    return Broke::ClientGone;
+                }
+                if finish.is_some() {
+                    return Broke::Ended;
+                }
+            }
+            if ev.finish != wk::EngineFinish::Unspecified as i32 {
+                // The engine finished without a token the streamer
+                // finished on (cannot happen for length or EOS).
+                let _ = tx
+                    .send(Err(Status::internal(format!(
+                        "the engine ended the sequence ({:?}) before the stream did",
+                        wk::EngineFinish::try_from(ev.finish)
+                    ))))
+                    .await;
+                return Broke::Ended;
+            }
+        }
+    }
+}
+
+/// Whether a worker's answer means its replica failed (the sequence can
+/// continue on another): a stage unreachable or stopped, the model moved
+/// or unloaded there. Bad input, the request's deadline and internal
+/// errors would fail anywhere.
+fn resumable(status: &Status) -> bool {
+    use llmos_meta::failure::{FailureKind, FAILURE_KEY};
+    let kind = status
+        .metadata()
+        .get(FAILURE_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(FailureKind::parse);
+    match kind {
+        Some(FailureKind::StageUnavailable | FailureKind::StaleEpoch | FailureKind::NotFound) => {
+            true
+        }
+        Some(_) => false,
+        None => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+    }
+}
+
+/// Why the replica on `workers` cannot go on, if one of them is unhealthy
+/// (its heartbeats stopped) or gone.
+fn dead_worker(cluster: &Cluster, workers: &[String]) -> Option<String> {
+    let state = cluster.read();
+    workers.iter().find_map(|id| match state.workers.get(id) {
+        None => Some(format!("worker {id} of its replica left the cluster")),
+        Some(w) if w.gone || !w.healthy => Some(format!(
+            "worker {id} of its replica stopped answering (no heartbeat for {:?})",
+            cluster.config.heartbeat_timeout
+        )),
+        Some(_) => None,
+    })
 }
 
 /// A worker's status as the client should see it: transport failures (no
@@ -293,6 +666,7 @@ impl api::inference_server::Inference for InferenceService {
         )
         .validate()
         .map_err(CoordError::from)?;
+        let had_id = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
             format!("req-{}-{}", self.cluster.now_ms(), std::process::id())
         } else {
@@ -327,142 +701,103 @@ impl api::inference_server::Inference for InferenceService {
         .flatten()
         .min();
         let started = Instant::now();
-        let engine_req = wk::EngineRequest {
+        let resumed = r.resume.map(|x| x.received_token_ids).unwrap_or_default();
+        if !resumed.is_empty() {
+            if !had_id {
+                return Err(Status::invalid_argument(
+                    "resume needs the request_id of the stream it continues (the first response carried it)",
+                ));
+            }
+            if resumed.len() >= max_new {
+                return Err(Status::invalid_argument(format!(
+                    "resume lists {} received tokens, but the request generates at most {max_new} (max_new_tokens): nothing is left to resume",
+                    resumed.len()
+                )));
+            }
+            llmos_meta::request::check_prompt(&resumed, rt.config.vocab_size)
+                .map_err(|e| Status::invalid_argument(format!("resume: {e}")))?;
+        }
+        let request = wk::EngineRequest {
             model: r.model.clone(),
             request_id: request_id.clone(),
-            prompt: ids.clone(),
+            prompt: ids,
             sampling: Some(sampling),
             max_new_tokens: max_new as u32,
             stop_token_ids,
             priority,
-            timeout_ms: timeout.map_or(0, |t| t.as_millis().max(1) as u32),
+            timeout_ms: 0,
             epoch: 0,
+            first_token_index: 0,
         };
-        let (worker, first_event, mut events, in_flight) = self.route(&r.model, engine_req).await?;
-        let address = self
-            .cluster
-            .read()
-            .workers
-            .get(&worker)
-            .map(|w| w.address.clone())
-            .unwrap_or_default();
-        let cluster = self.cluster.clone();
+        let mut flight = Flight {
+            svc: InferenceService {
+                cluster: self.cluster.clone(),
+            },
+            request,
+            emitted: Vec::new(),
+            deadline: timeout.map(|t| started + t),
+            migrations: 0,
+            attempts: Vec::new(),
+        };
+        // The text of what a lost stream sent is rebuilt, not sent again:
+        // the streamer's held-back text (an incomplete character, a
+        // possible stop sequence) is then what it was.
+        let mut streamer = TextStreamer::new(
+            rt.tokenizer.as_ref(),
+            max_new,
+            stopping.stop_sequences.clone(),
+            stopping.ignore_eos,
+        );
+        let mut done = None;
+        for &t in &resumed {
+            flight.emitted.push(t);
+            if let (_, Some(f)) = streamer.push(t).map_err(CoordError::from)? {
+                done = Some(f);
+                break;
+            }
+        }
+        if !resumed.is_empty() {
+            flight.migrations = 1;
+        }
         let (tx, rx) = mpsc::channel(16);
+        if let Some(f) = done {
+            // Every token was sent; only the last message was lost.
+            let produced = flight.emitted.len() as u32;
+            let prompt_tokens = flight.request.prompt.len() as u32;
+            let _ = tx.try_send(Ok(api::GenerateResponse {
+                request_id,
+                finish_reason: finish_code(f) as i32,
+                usage: Some(api::Usage {
+                    prompt_tokens,
+                    completion_tokens: produced,
+                    total_tokens: prompt_tokens + produced,
+                    migrations: flight.migrations,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }));
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
+        let attached = if resumed.is_empty() {
+            flight.attach().await?
+        } else {
+            flight.resume().await?
+        };
         let logprobs = r.logprobs;
         tokio::spawn(async move {
-            let _in_flight = in_flight;
-            let mut pending = Some(first_event);
+            // The streamer borrows the tokenizer: it lives in this task.
             let mut streamer = TextStreamer::new(
                 rt.tokenizer.as_ref(),
                 max_new,
                 stopping.stop_sequences,
                 stopping.ignore_eos,
             );
-            let mut produced = 0u32;
-            let mut first_at = None;
-            loop {
-                // A client that goes away cancels at once, not at the next token.
-                let next = match pending.take() {
-                    Some(ev) => Ok(Some(ev)),
-                    None => tokio::select! {
-                        _ = tx.closed() => {
-                            tracing::info!(request_id = %request_id, "client went away: cancelling");
-                            return;
-                        }
-                        next = events.message() => next,
-                    },
-                };
-                let ev = match next {
-                    Ok(Some(ev)) => ev,
-                    Ok(None) => {
-                        let e = CoordError::WorkerUnavailable {
-                            worker: worker.clone(),
-                            address: address.clone(),
-                            reason: "its token stream ended early".into(),
-                        };
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                    Err(status) => {
-                        let e = stage_error(&worker, &address, status, &cluster);
-                        tracing::warn!(request_id = %request_id, error = %e, "generation failed");
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                for t in &ev.tokens {
-                    first_at.get_or_insert_with(Instant::now);
-                    produced += 1;
-                    let (text, finish) = match streamer.push(t.id) {
-                        Ok(x) => x,
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                            return;
-                        }
-                    };
-                    let token = api::Token {
-                        id: t.id,
-                        text,
-                        logprob: logprobs.then_some(t.logprob),
-                    };
-                    let mut msg = api::GenerateResponse {
-                        request_id: request_id.clone(),
-                        tokens: vec![token],
-                        ..Default::default()
-                    };
-                    if let Some(f) = finish {
-                        let first = first_at.expect("set above");
-                        let decode_s = first.elapsed().as_secs_f64();
-                        msg.finish_reason = finish_code(f) as i32;
-                        msg.usage = Some(api::Usage {
-                            prompt_tokens: ids.len() as u32,
-                            completion_tokens: produced,
-                            total_tokens: ids.len() as u32 + produced,
-                            // Known at the engine's last event; the streamer
-                            // may finish first (a stop sequence).
-                            cached_prompt_tokens: 0,
-                            preemptions: 0,
-                        });
-                        msg.timings = Some(api::Timings {
-                            time_to_first_token_s: (first - started).as_secs_f64(),
-                            decode_s,
-                            decode_tokens_per_s: if decode_s > 0.0 {
-                                (produced - 1) as f64 / decode_s
-                            } else {
-                                0.0
-                            },
-                        });
-                        if finish != Some(FinishReason::Stop) {
-                            // The engine ended too: its last event has the
-                            // prefix-cache and preemption figures.
-                            if let Ok(Some(last)) = events.message().await {
-                                if let Some(u) = msg.usage.as_mut() {
-                                    u.cached_prompt_tokens = last.cached_prompt_tokens;
-                                    u.preemptions = last.preemptions;
-                                }
-                            }
-                        }
-                    }
-                    if tx.send(Ok(msg)).await.is_err() {
-                        tracing::info!(request_id = %request_id, "client went away: cancelling");
-                        return;
-                    }
-                    if finish.is_some() {
-                        return;
-                    }
-                }
-                if ev.finish != wk::EngineFinish::Unspecified as i32 {
-                    // The engine finished without a token the streamer
-                    // finished on (cannot happen for length or EOS).
-                    let _ = tx
-                        .send(Err(Status::internal(format!(
-                            "the engine ended the sequence ({:?}) before the stream did",
-                            wk::EngineFinish::try_from(ev.finish)
-                        ))))
-                        .await;
-                    return;
-                }
+            for &t in &flight.emitted {
+                let _ = streamer.push(t);
             }
+            flight
+                .stream(attached, &mut streamer, &tx, logprobs, started)
+                .await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

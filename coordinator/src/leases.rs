@@ -36,6 +36,14 @@ pub enum Transition {
     Gone(String),
 }
 
+impl Transition {
+    pub fn worker(&self) -> &str {
+        match self {
+            Transition::Unhealthy(w) | Transition::Healthy(w) | Transition::Gone(w) => w,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Leases {
     inner: Mutex<Inner>,

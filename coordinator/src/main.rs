@@ -50,6 +50,14 @@ struct Cli {
     /// busier, else the least loaded) or `round-robin`.
     #[arg(long, env = "LLMOS_ROUTING", default_value = "prefix", value_parser = ["prefix", "round-robin"])]
     routing: String,
+    /// How many times a request may move to another replica after the one
+    /// serving it failed mid-stream (0: never; the stream then fails).
+    #[arg(long, env = "LLMOS_MIGRATION_LIMIT", default_value_t = 3)]
+    migration_limit: u32,
+    /// Seconds a request whose replica failed waits for a replica to serve
+    /// it (another, or the same once its lost part is replaced).
+    #[arg(long, env = "LLMOS_MIGRATION_TIMEOUT_S", default_value_t = 60)]
+    migration_timeout_s: u64,
     /// Deadline of one forward step on one stage, in seconds.
     #[arg(long, default_value_t = 30)]
     step_timeout_s: u64,
@@ -139,6 +147,8 @@ async fn main() -> Result<()> {
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
         worker_grace_period: std::time::Duration::from_secs(cli.worker_grace_period_s),
         step_timeout: std::time::Duration::from_secs(cli.step_timeout_s),
+        migration_limit: cli.migration_limit,
+        migration_timeout: std::time::Duration::from_secs(cli.migration_timeout_s),
         drain_timeout: std::time::Duration::from_secs(cli.drain_timeout_s),
         autoscale: llmos_coordinator::autoscaler::Policy {
             up_waiting: cli.autoscale_up_waiting,

@@ -225,13 +225,30 @@ impl Reconciler {
     /// Writes due liveness transitions; whether it wrote any.
     async fn liveness(&self, state: &ClusterState, now: Instant) -> bool {
         let c = &self.cluster;
-        let due = c.leases.transitions(
+        let mut due = c.leases.transitions(
             state.workers.values(),
             now,
             c.now_ms(),
             c.config.heartbeat_timeout,
             c.config.worker_grace_period,
         );
+        // An unhealthy worker holding shards whose process is known dead
+        // (its port refuses connections: the host answers, nothing
+        // listens) will not come back as it was: its shards move now, not
+        // after the grace period. A silent one (frozen, partitioned, its
+        // host down) waits out the grace period.
+        for w in state.workers.values() {
+            let holds = || state.models.values().any(|d| d.replica_on(&w.id).is_some());
+            if !w.healthy
+                && !w.gone
+                && !due.iter().any(|t| t.worker() == w.id)
+                && holds()
+                && refuses_connections(&w.address).await
+            {
+                tracing::warn!(worker = %w.id, address = %w.address, "unhealthy and its port refuses connections: its process is gone; its shards move now");
+                due.push(Transition::Gone(w.id.clone()));
+            }
+        }
         for t in &due {
             let cmd = match t {
                 Transition::Unhealthy(id) | Transition::Healthy(id) => {
@@ -774,6 +791,27 @@ impl Reconciler {
                 });
             }
         }
+    }
+}
+
+/// Whether nothing listens at a worker's address (`http://host:port`):
+/// the connection is refused (a timeout or any other error says nothing).
+async fn refuses_connections(address: &str) -> bool {
+    let Some(hostport) = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let hostport = hostport.trim_end_matches('/');
+    match tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        tokio::net::TcpStream::connect(hostport),
+    )
+    .await
+    {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
     }
 }
 

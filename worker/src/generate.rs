@@ -275,6 +275,7 @@ impl LocalModel {
                 stop_ids,
                 priority: 0,
                 deadline: None,
+                first_index: 0,
             },
             sampling: req.sampling.clone(),
         };

@@ -75,6 +75,10 @@ pub struct SeqParams {
     /// Higher runs first.
     pub priority: i32,
     pub deadline: Option<Instant>,
+    /// Sampling index of the first generated token: 0, or the tokens a
+    /// resumed sequence had already produced elsewhere (they end its
+    /// prompt).
+    pub first_index: u64,
 }
 
 /// How a sequence left the scheduler: it finished (the one finish reason
@@ -463,7 +467,7 @@ impl Scheduler {
                 position: s.computed,
                 tokens: s.tokens[s.computed..s.computed + n].to_vec(),
                 blocks: s.blocks.clone(),
-                sample_index: done.then_some(s.generated as u64),
+                sample_index: done.then_some(s.params.first_index + s.generated as u64),
             });
         }
         self.steps += 1;
@@ -557,6 +561,7 @@ mod tests {
             stop_ids: vec![0],
             priority,
             deadline: None,
+            first_index: 0,
         }
     }
 

@@ -46,6 +46,7 @@ fn sub(prompt: &[u32], max_new: usize, seed: Option<u64>) -> Submission {
             stop_ids: vec![],
             priority: 0,
             deadline: None,
+            first_index: 0,
         },
         sampling: SamplingParams::from_wire(
             if seed.is_some() { 0.8 } else { 0.0 },
@@ -232,4 +233,32 @@ async fn a_full_queue_is_resource_exhausted_with_a_retry_hint() {
         e.cancel(*id);
     }
     assert_eq!(collect(ev).await.unwrap().0.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_resumed_from_its_emitted_tokens_continues_it_exactly() {
+    // What a coordinator does when a replica dies mid-stream: the prompt
+    // plus the k tokens already streamed, sampling from index k, on a fresh
+    // engine (another replica), must produce the undisturbed tail.
+    for seed in [None, Some(41u64)] {
+        let p: Vec<u32> = (0..9u32).map(|j| (j * 29 + 5) % 512).collect();
+        let whole = alone(&p, 12, seed).await;
+        for k in [1usize, 5, 11] {
+            let mut resumed = sub(&[p.as_slice(), &whole[..k]].concat(), 12 - k, seed);
+            resumed.params.first_index = k as u64;
+            let e = engine(64, 1, 512, 8).await;
+            let (_, ev) = e.submit(resumed).await.unwrap();
+            let tail = collect(ev).await.unwrap().0;
+            assert_eq!(tail, whole[k..], "seed {seed:?}, resumed after {k} tokens");
+        }
+        if seed.is_some() {
+            // The index matters: resuming without it draws other tokens.
+            let e = engine(64, 1, 512, 8).await;
+            let (_, ev) = e
+                .submit(sub(&[p.as_slice(), &whole[..5]].concat(), 7, seed))
+                .await
+                .unwrap();
+            assert_ne!(collect(ev).await.unwrap().0, whole[5..]);
+        }
+    }
 }

@@ -324,6 +324,7 @@ impl Worker for WorkerService {
                 deadline: (r.timeout_ms > 0).then(|| {
                     std::time::Instant::now() + Duration::from_millis(r.timeout_ms as u64)
                 }),
+                first_index: r.first_token_index,
             },
             sampling,
         };
