@@ -22,6 +22,11 @@ use tonic::transport::Channel;
 /// noticed after the test coordinator's 3 s lease).
 const STREAM_DEADLINE: Duration = Duration::from_secs(120);
 
+/// The chaos tests run one at a time: each loads SmolLM2 on several
+/// worker processes, which two at once would fight over this machine's
+/// cores for (timing every fault after the first's).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Default)]
 struct Tally {
     requests: usize,
@@ -78,6 +83,7 @@ async fn round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_killed_and_frozen_workers_token_for_token() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let coordinator = start_coordinator().await;
     let mut workers: BTreeMap<String, ProcWorker> = (0..5)
         .map(|i| {
@@ -211,4 +217,110 @@ async fn streams_survive_killed_and_frozen_workers_token_for_token() {
         "no stream was migrated: the faults missed them"
     );
     assert!(held.is_empty(), "KV blocks still held: {held:?}");
+}
+
+/// The coordinator leader of a 3-replica control plane is killed with
+/// SIGKILL, together with a worker, while streams run through every
+/// coordinator: the streams it served are resumed by their clients on
+/// another coordinator (the documented protocol), the others migrate or
+/// continue; every output is the undisturbed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_the_loss_of_the_coordinator_leader_and_a_worker() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    use llmos_tests::group::*;
+    let mut g = Group::founded_with(
+        3,
+        TICK_MS,
+        &["--heartbeat-interval-ms".into(), "200".into()],
+    );
+    let urls = g.urls();
+    let first_leader = leader(&urls, Duration::from_secs(15)).await;
+    let mut workers: BTreeMap<String, ProcWorker> = (0..3)
+        .map(|i| {
+            let id = format!("w{i}");
+            (id.clone(), ProcWorker::start(&urls.join(","), &id))
+        })
+        .collect();
+    let mut a = admin(&urls[0]).await;
+    wait_for_workers(&mut a, 3).await;
+    a.deploy_model(api::DeployModelRequest {
+        name: "smol".into(),
+        source: "smollm2".into(),
+        replicas: 2,
+        wait_timeout_ms: 180_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("deploy: {e:?}"));
+    let reqs = mixed_requests("smol", 6, 24);
+    let received = AtomicUsize::new(0);
+    let mut reference = Vec::new();
+    for r in &reqs {
+        let (o, _) = stream_resuming(&urls, 0, r.clone(), &received)
+            .await
+            .unwrap();
+        reference.push(o);
+    }
+    assert!(reference.iter().all(|o| o.ids.len() == 24));
+    // The streams, spread over the three coordinators.
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let (urls, r, received) = (urls.clone(), r.clone(), received.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(
+                STREAM_DEADLINE,
+                stream_resuming(&urls, i % urls.len(), r, &received),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("hung: still open after {STREAM_DEADLINE:?}")))
+        }));
+    }
+    wait_tokens(&received, 12, Duration::from_secs(90)).await;
+    g.nodes.get_mut(&first_leader).unwrap().kill9();
+    // And the engine worker of one replica.
+    let status = loop {
+        let rest = g.urls();
+        if let Some(mut c) = try_admin(&rest[0]).await {
+            if let Ok(s) = c.cluster_status(api::ClusterStatusRequest {}).await {
+                break s.into_inner();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim = status.models[0].replicas[0].stages[0].worker_id.clone();
+    workers.get_mut(&victim).unwrap().kill9();
+    let mut tally = Tally::default();
+    let mut resumes = 0;
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap().map(|(o, r)| {
+            resumes += r;
+            o
+        }));
+    }
+    tally.kills += 2;
+    tally.check("leader+worker", got, &reference);
+    println!(
+        "chaos summary (control plane): requests {}, kills {} (the coordinator leader and a worker), client resumes {resumes}, migrations {}, lost requests {}, mismatched outputs {}",
+        tally.requests,
+        tally.kills,
+        tally.migrations,
+        tally.lost.len(),
+        tally.mismatched.len()
+    );
+    assert!(tally.lost.is_empty(), "lost requests: {:#?}", tally.lost);
+    assert!(
+        tally.mismatched.is_empty(),
+        "outputs differ from the undisturbed run: {:#?}",
+        tally.mismatched
+    );
+    assert!(resumes > 0, "no stream was resumed: the leader served none");
+    // The survivors elect a leader and serve new requests.
+    let rest = g.urls();
+    leader(&rest, Duration::from_secs(10)).await;
+    let (o, _) = stream_resuming(&rest, 0, reqs[1].clone(), &AtomicUsize::new(0))
+        .await
+        .unwrap();
+    assert_eq!(o.ids, reference[1].ids);
 }

@@ -421,3 +421,80 @@ pub async fn kv_blocks_in_use(admin: &mut AdminClient<Channel>) -> Vec<(String, 
     }
     out
 }
+
+/// Whether a stream broke without an answer from its coordinator (the
+/// `Generate` resume protocol: then another coordinator resumes it).
+pub fn lost_connection(s: &tonic::Status) -> bool {
+    !s.metadata().contains_key(llmos_meta::failure::FAILURE_KEY)
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
+}
+
+/// One stream following the documented client protocol: started on
+/// `urls[first]`; when its coordinator goes away, sent again to the next
+/// with `resume` listing the tokens received. Returns the outcome and how
+/// many times it resumed.
+pub async fn stream_resuming(
+    urls: &[String],
+    first: usize,
+    req: api::GenerateRequest,
+    received: &std::sync::atomic::AtomicUsize,
+) -> Result<(Outcome, u32), String> {
+    assert!(
+        !req.request_id.is_empty(),
+        "a resumable request names itself"
+    );
+    let mut out = Outcome {
+        ids: Vec::new(),
+        migrations: 0,
+    };
+    let mut resumes = 0;
+    let mut errors = Vec::new();
+    for k in 0..2 * urls.len() {
+        let url = &urls[(first + k) % urls.len()];
+        let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500))
+            .connect()
+            .await
+        else {
+            errors.push(format!("{url}: not reachable"));
+            continue;
+        };
+        let mut r = req.clone();
+        if !out.ids.is_empty() {
+            resumes += 1;
+            r.resume = Some(api::Resume {
+                received_token_ids: out.ids.clone(),
+            });
+        }
+        let mut stream = match InferenceClient::new(ch).generate(r).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if lost_connection(&s) || s.code() == tonic::Code::Unavailable => {
+                errors.push(format!("{url}: {:?}: {}", s.code(), s.message()));
+                continue;
+            }
+            Err(s) => return Err(format!("{url}: {:?}: {}", s.code(), s.message())),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    received.fetch_add(m.tokens.len(), std::sync::atomic::Ordering::Relaxed);
+                    out.ids.extend(m.tokens.iter().map(|t| t.id));
+                    if let Some(u) = m.usage {
+                        out.migrations = u.migrations;
+                    }
+                }
+                Ok(None) => return Ok((out, resumes)),
+                Err(s) if lost_connection(&s) => {
+                    errors.push(format!("{url}: {:?}: {}", s.code(), s.message()));
+                    break;
+                }
+                Err(s) => return Err(format!("{url}: {:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+    Err(format!("no coordinator finished it: {errors:?}"))
+}

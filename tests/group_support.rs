@@ -144,6 +144,12 @@ impl Group {
 
     /// `n` founding replicas ticking every `tick_ms`.
     pub fn founded_ticking(n: u64, tick_ms: u64) -> Group {
+        Group::founded_with(n, tick_ms, &[])
+    }
+
+    /// `n` founding replicas ticking every `tick_ms`, with more
+    /// `llmos-coordinator` arguments.
+    pub fn founded_with(n: u64, tick_ms: u64, extra: &[String]) -> Group {
         let root = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = (1..=n)
@@ -157,7 +163,7 @@ impl Group {
                 i,
                 ports[i as usize - 1],
                 tick_ms,
-                &["--peers".into(), peers.clone()],
+                &[&["--peers".to_string(), peers.clone()], extra].concat(),
             );
             nd.start();
             nodes.insert(i, nd);

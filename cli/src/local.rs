@@ -136,7 +136,7 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
             d.load_seconds,
             split.join(", ")
         );
-        crate::generate(ch, &a.generate).await
+        crate::generate(ch, &a.generate, &mut crate::Progress::new()).await
     };
     let result = tokio::select! {
         r = work => r,

@@ -263,8 +263,42 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::Error::new(StatusError(s))
 }
 
-/// Streams one generation to stdout with the `llmos-worker generate` contract.
-pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
+/// What a generation streamed so far: after the loss of its coordinator,
+/// the next one resumes it from there (the `Generate` resume protocol).
+pub struct Progress {
+    /// Chosen here, so a resume names the stream even when its first
+    /// response was lost (and, without `--seed`, draws with the same seed).
+    request_id: String,
+    received: Vec<u32>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Progress {
+            request_id: format!("cli-{}-{nanos}", std::process::id()),
+            received: Vec::new(),
+        }
+    }
+}
+
+/// A stream that broke without an answer from its coordinator (the
+/// connection or the process went away): another coordinator can resume
+/// it. An answered failure carries the `llmos-failure` kind.
+fn lost_connection(s: &tonic::Status) -> bool {
+    !s.metadata().contains_key(llmos_meta::failure::FAILURE_KEY)
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
+}
+
+/// Streams one generation to stdout with the `llmos-worker generate`
+/// contract; `progress` carries what was streamed across coordinators.
+pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) -> Result<()> {
     use api::generate_request::Prompt;
     let prompt = if a.raw {
         Prompt::Text(a.prompt.clone())
@@ -304,6 +338,10 @@ pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
             other => anyhow::bail!("--priority {other:?}: use low, normal or high"),
         } as i32,
         timeout_ms: a.timeout_ms,
+        request_id: progress.request_id.clone(),
+        resume: (!progress.received.is_empty()).then(|| api::Resume {
+            received_token_ids: progress.received.clone(),
+        }),
         ..Default::default()
     };
     let mut stream = InferenceClient::new(ch)
@@ -313,8 +351,23 @@ pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
         .into_inner();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    while let Some(m) = stream.message().await.map_err(status_error)? {
+    loop {
+        let m = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            // The next coordinator resumes after what arrived.
+            Err(s) if lost_connection(&s) => {
+                return Err(status_error(tonic::Status::unavailable(format!(
+                    "the stream broke after {} tokens ({:?}: {})",
+                    progress.received.len(),
+                    s.code(),
+                    s.message()
+                ))))
+            }
+            Err(s) => return Err(status_error(s)),
+        };
         for t in &m.tokens {
+            progress.received.push(t.id);
             if a.json {
                 writeln!(
                     out,
@@ -342,7 +395,7 @@ pub async fn generate(ch: Channel, a: &GenerateArgs) -> Result<()> {
                     "{}",
                     json!({
                         "finish_reason": reason,
-                        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens},
+                        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens, "migrations": usage.migrations},
                         "timings": {"time_to_first_token_s": t.time_to_first_token_s, "decode_s": t.decode_s, "decode_tokens_per_s": t.decode_tokens_per_s},
                     })
                 )?;
@@ -434,10 +487,15 @@ async fn wait_ready(
 }
 
 fn try_next(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<StatusError>()
-        .is_some_and(|s| s.0.code() == tonic::Code::Unavailable)
-        || e.chain()
-            .any(|c| c.to_string().contains("connecting to the coordinator"))
+    e.downcast_ref::<StatusError>().is_some_and(|s| {
+        s.0.code() == tonic::Code::Unavailable
+            && !s
+                .0
+                .metadata()
+                .contains_key(llmos_meta::failure::FAILURE_KEY)
+    }) || e
+        .chain()
+        .any(|c| c.to_string().contains("connecting to the coordinator"))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -451,10 +509,12 @@ async fn run(cli: Cli) -> Result<()> {
     // coordinator that answered) reaches the new leader.
     let tries = 2 * addresses.len();
     let mut last = None;
+    let mut progress = Progress::new();
     for (i, url) in addresses.iter().cycle().take(tries).enumerate() {
-        let r = match channel(url).await {
-            Ok(ch) => run_on(ch, cli.command.clone()).await,
-            Err(e) => Err(e),
+        let r = match (channel(url).await, &cli.command) {
+            (Ok(ch), Command::Generate(a)) => generate(ch, a, &mut progress).await,
+            (Ok(ch), command) => run_on(ch, command.clone()).await,
+            (Err(e), _) => Err(e),
         };
         match r {
             Err(e) if try_next(&e) && i + 1 < tries => {
@@ -469,7 +529,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn run_on(ch: Channel, command: Command) -> Result<()> {
     match command {
-        Command::Generate(a) => generate(ch, &a).await?,
+        Command::Generate(a) => generate(ch, &a, &mut Progress::new()).await?,
         Command::Models => {
             let ms = InferenceClient::new(ch)
                 .list_models(api::ListModelsRequest {})

@@ -92,8 +92,19 @@ impl From<CoordError> for Status {
             }
             CoordError::State(StateError::ModelExists(_)) => Status::already_exists(msg),
             CoordError::State(_) => Status::failed_precondition(msg),
-            CoordError::ModelNotReady { .. } | CoordError::NotResumed { .. } => {
-                Status::unavailable(msg)
+            CoordError::ModelNotReady { .. } => Status::unavailable(msg),
+            // Answered (the failure kind says so): a client does not resume
+            // it on another coordinator.
+            CoordError::NotResumed { .. } => {
+                use llmos_meta::failure::{FailureKind, FAILURE_KEY};
+                let mut s = Status::unavailable(msg);
+                s.metadata_mut().insert(
+                    FAILURE_KEY,
+                    tonic::metadata::MetadataValue::from_static(
+                        FailureKind::StageUnavailable.as_str(),
+                    ),
+                );
+                s
             }
             CoordError::WorkerUnavailable { worker, .. } => {
                 use llmos_meta::failure::{FailureKind, FAILED_WORKER_KEY, FAILURE_KEY};
