@@ -28,50 +28,20 @@
 //! cargo bench -p llmos-benches --bench elastic (builds the worker binary
 //! first: `cargo build --release --bins`)
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use llmos_benches::{pct, worker_bin, WorkerProcess};
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn worker_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo build --release --bins",
-        bin.display()
-    );
-    bin
-}
-
 /// An `llmos-worker serve` process on `core`, one libtorch thread.
-fn start_worker(coordinator: &str, id: &str, core: usize) -> Worker {
-    let child = Command::new("taskset")
-        .args(["-c", &core.to_string()])
-        .arg(worker_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
-        .args(["--coordinator", coordinator, "--worker-id", id])
-        .args(["--drain-timeout-s", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("taskset and llmos-worker");
-    Worker(child)
+fn start_worker(coordinator: &str, id: &str, core: usize) -> WorkerProcess {
+    WorkerProcess::start(coordinator, id, Some(core), &["--drain-timeout-s", "60"])
 }
 
 /// A seeded stream of token ids in SmolLM2's ordinary range.
@@ -132,14 +102,6 @@ async fn one(
         prompt_tokens: u.prompt_tokens,
         cached_tokens: u.cached_prompt_tokens,
     }
-}
-
-fn pct(mut v: Vec<f64>, q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 /// `clients` clients send the requests in order, each its next as soon
@@ -367,7 +329,7 @@ fn hardware_ceiling() -> (f64, f64) {
 #[tokio::main]
 async fn main() {
     let coordinator = llmos_benches::start_coordinator(Default::default()).await;
-    let _workers: Vec<Worker> = (0..2)
+    let _workers: Vec<WorkerProcess> = (0..2)
         .map(|i| start_worker(&coordinator, &format!("w{i}"), i))
         .collect();
     let ch = llmos_benches::connect(&coordinator).await;
@@ -497,7 +459,7 @@ async fn main() {
     let drain = (drain_from, load.now());
     // Re-split the one replica into 2 stages of 15 layers: two more workers
     // (one per core) take the new shape beside the old.
-    let _more: Vec<Worker> = (2..4)
+    let _more: Vec<WorkerProcess> = (2..4)
         .map(|i| start_worker(&coordinator, &format!("w{i}"), i % 2))
         .collect();
     llmos_benches::wait_for_workers(&ch, 4).await;

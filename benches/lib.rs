@@ -4,7 +4,8 @@
 //! static batching), `small_gemm.rs` (the batched step's products against
 //! libtorch's), `gpu_kernels.rs` (CUDA kernels against libtorch chains),
 //! `control_plane.rs` (Raft vs etcd), `elastic.rs` (replicas, routing and
-//! live scaling); the single-process comparison with
+//! live scaling), `failover.rs` (streams through the loss of workers);
+//! the single-process comparison with
 //! peers is `single_process.sh`, int8 against bf16 `quantization.sh`.
 
 use std::time::{Duration, Instant};
@@ -147,4 +148,66 @@ pub async fn deploy_smollm2(
         })
         .await
         .unwrap();
+}
+
+/// An `llmos-worker serve` process (one libtorch thread), killed when
+/// dropped.
+pub struct WorkerProcess(pub std::process::Child);
+
+/// The `llmos-worker` binary beside this bench's executable.
+pub fn worker_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --release --bins",
+        bin.display()
+    );
+    bin
+}
+
+impl WorkerProcess {
+    /// Registers as `id` with `coordinator`; pinned to `core` with
+    /// `taskset` when given.
+    pub fn start(coordinator: &str, id: &str, core: Option<usize>, extra: &[&str]) -> Self {
+        let bin = worker_bin();
+        let mut cmd = match core {
+            Some(c) => {
+                let mut t = std::process::Command::new("taskset");
+                t.args(["-c", &c.to_string()]).arg(bin);
+                t
+            }
+            None => std::process::Command::new(bin),
+        };
+        let child = cmd
+            .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(["--coordinator", coordinator, "--worker-id", id])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("llmos-worker (and taskset when pinned)");
+        WorkerProcess(child)
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The `q` quantile (0..1) of `v`, nearest rank; NaN when empty.
+pub fn pct(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }

@@ -26,7 +26,13 @@ pub async fn start_coordinator() -> String {
 }
 
 pub async fn start_coordinator_with(config: llmos_coordinator::Config) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_coordinator_at("127.0.0.1:0", config).await
+}
+
+/// A coordinator listening on `addr` (a loopback address, or the host's
+/// end of a test's network namespace link).
+pub async fn start_coordinator_at(addr: &str, config: llmos_coordinator::Config) -> String {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         // A coordinator that cannot start says why (the test then fails
@@ -47,8 +53,8 @@ impl ProcWorker {
         Self::start_with(coordinator, id, &[])
     }
 
-    /// With more `llmos-worker serve` arguments (e.g. a drain timeout).
-    pub fn start_with(coordinator: &str, id: &str, extra: &[&str]) -> Self {
+    /// The `llmos-worker` binary beside the test binary.
+    pub fn bin() -> std::path::PathBuf {
         let exe = std::env::current_exe().unwrap();
         let bin = exe.parent().unwrap().parent().unwrap().join("llmos-worker");
         assert!(
@@ -56,7 +62,22 @@ impl ProcWorker {
             "{} is missing: build the binaries first",
             bin.display()
         );
-        let child = std::process::Command::new(bin)
+        bin
+    }
+
+    /// A worker started by `cmd` (e.g. inside a network namespace).
+    pub fn spawn(mut cmd: std::process::Command) -> Self {
+        ProcWorker(
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// With more `llmos-worker serve` arguments (e.g. a drain timeout).
+    pub fn start_with(coordinator: &str, id: &str, extra: &[&str]) -> Self {
+        let child = std::process::Command::new(Self::bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
             .args(["--coordinator", coordinator, "--worker-id", id])
             .args(extra)

@@ -1,0 +1,394 @@
+//! Streams through the loss of workers: how long an affected stream waits
+//! for its next token after a SIGKILL, and what faults cost in throughput,
+//! each against a baseline run in the same invocation. SmolLM2 (f32) on
+//! three `llmos-worker` processes (one libtorch thread each, unpinned: the
+//! machine has two cores); the coordinator (leases of 3 s, heartbeats
+//! every 200 ms) and the clients run in this process.
+//!
+//! a. **A whole replica lost, a second one Ready**: 2 replicas of 1 stage
+//!    and a spare worker; 4 streams (48 greedy tokens each); once they
+//!    are under way the engine worker of one replica is killed. For each
+//!    stream that was migrated (`Usage.migrations`): time from the kill to
+//!    its next token. Against: the inter-token gap of undisturbed streams.
+//! b. **One stage lost, a spare worker**: 1 replica of 2 stages (15/15
+//!    layers) and a spare; the second stage's worker is killed under 4
+//!    streams: kill to next token (the streams wait for the lost stage to
+//!    be loaded on the spare: the lease lapses, the dead port is seen, the
+//!    15 layers load), and kill to the replica serving again.
+//! c. **Keeping the surviving stages' KV** (issue: re-prefill only the
+//!    replaced stage): a 512-token prompt's full prefill on the 2-stage
+//!    replica (TTFT), against the replacement time of (b). Resuming on the
+//!    same replica with the KV kept can save at most the prefill of the
+//!    layers that survived, and must first wait for the replacement.
+//! d. **Throughput under faults**: 4 clients in a closed loop for 20 s on
+//!    (a)'s deployment with no fault, then 20 s in which a replica's
+//!    worker is killed every 7 s (and restarted as a spare at once):
+//!    tokens delivered per second, and requests lost (must be 0).
+//!
+//! cargo bench -p llmos-benches --bench failover (builds the worker binary
+//! first: `cargo build --release --bins`)
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmos_benches::{pct, WorkerProcess};
+use llmos_proto::v1 as api;
+use llmos_proto::v1::admin_client::AdminClient;
+use llmos_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+/// One stream: its token arrival times and the migrations it reported.
+struct Trace {
+    arrivals: Vec<Instant>,
+    migrations: u32,
+    ok: bool,
+}
+
+async fn stream(ch: Channel, req: api::GenerateRequest, received: Arc<AtomicUsize>) -> Trace {
+    let mut t = Trace {
+        arrivals: Vec::new(),
+        migrations: 0,
+        ok: false,
+    };
+    let Ok(s) = InferenceClient::new(ch).generate(req).await else {
+        return t;
+    };
+    let mut s = s.into_inner();
+    loop {
+        match s.message().await {
+            Ok(Some(m)) => {
+                for _ in &m.tokens {
+                    t.arrivals.push(Instant::now());
+                }
+                received.fetch_add(m.tokens.len(), Ordering::Relaxed);
+                if let Some(u) = m.usage {
+                    t.migrations = u.migrations;
+                    t.ok = true;
+                }
+            }
+            Ok(None) => return t,
+            Err(e) => {
+                eprintln!("a stream failed: {:?}: {}", e.code(), e.message());
+                return t;
+            }
+        }
+    }
+}
+
+/// A prompt of `n` ids in SmolLM2's ordinary range, distinct per `seed`.
+fn prompt(seed: u64, n: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            1000 + (x % 20_000) as u32
+        })
+        .collect()
+}
+
+async fn status(admin: &mut AdminClient<Channel>, model: &str) -> api::ModelStatus {
+    loop {
+        if let Ok(s) = admin.cluster_status(api::ClusterStatusRequest {}).await {
+            if let Some(m) = s.into_inner().models.into_iter().find(|m| m.name == model) {
+                return m;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `model` has `n` Ready replicas; returns when.
+async fn ready(admin: &mut AdminClient<Channel>, model: &str, n: usize) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let m = status(admin, model).await;
+        if m.replicas.iter().filter(|r| r.state == "Ready").count() >= n {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{model} not ready: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn deploy(admin: &mut AdminClient<Channel>, name: &str, replicas: u32, stages: u32) {
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: name.into(),
+            source: "smollm2".into(),
+            replicas,
+            stages,
+            layer_split: if stages == 2 { vec![15, 15] } else { vec![] },
+            wait_timeout_ms: 300_000,
+            ..Default::default()
+        })
+        .await
+        .expect("deploy");
+}
+
+async fn undeploy(admin: &mut AdminClient<Channel>, name: &str) {
+    admin
+        .undeploy_model(api::UndeployModelRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("undeploy");
+}
+
+/// Runs 4 streams of 48 tokens, killing the worker `pick` names once they
+/// have 24 tokens between them; returns the traces and the kill's time.
+async fn killed_under(
+    ch: &Channel,
+    model: &str,
+    seed: u64,
+    workers: &mut BTreeMap<String, WorkerProcess>,
+    victim: &str,
+) -> (Vec<Trace>, Instant) {
+    let received = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let req = llmos_benches::greedy_request(model, prompt(seed + i, 16), 48);
+            tokio::spawn(stream(ch.clone(), req, received.clone()))
+        })
+        .collect();
+    while received.load(Ordering::Relaxed) < 24 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workers.get_mut(victim).expect("a worker").kill9();
+    let at = Instant::now();
+    let mut traces = Vec::new();
+    for t in tasks {
+        traces.push(t.await.unwrap());
+    }
+    (traces, at)
+}
+
+/// The gap from `at` to each listed stream's next token.
+fn gaps_after(traces: &[Trace], at: Instant, which: impl Fn(&Trace) -> bool) -> Vec<f64> {
+    traces
+        .iter()
+        .filter(|t| which(t))
+        .filter_map(|t| t.arrivals.iter().find(|&&a| a > at))
+        .map(|&a| (a - at).as_secs_f64())
+        .collect()
+}
+
+fn lost(traces: &[Trace]) -> usize {
+    traces
+        .iter()
+        .filter(|t| !t.ok || t.arrivals.len() != 48)
+        .count()
+}
+
+/// Tokens per second that `clients` clients in a closed loop receive for
+/// `window`, calling `fault` at the offsets given; (tokens/s, requests
+/// that failed or came back short).
+async fn throughput(
+    ch: &Channel,
+    model: &str,
+    window: Duration,
+    faults: &[Duration],
+    mut fault: impl FnMut(),
+) -> (f64, usize, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..4u64 {
+        let (ch, stop, received, model) = (
+            ch.clone(),
+            stop.clone(),
+            received.clone(),
+            model.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let (mut done, mut failed) = (0, 0);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let req = llmos_benches::greedy_request(&model, prompt(c * 10_000 + i, 16), 48);
+                let t = stream(ch.clone(), req, received.clone()).await;
+                if t.ok && t.arrivals.len() == 48 {
+                    done += 1;
+                } else {
+                    failed += 1;
+                }
+                i += 1;
+            }
+            (done, failed)
+        }));
+    }
+    let t0 = Instant::now();
+    for at in faults {
+        tokio::time::sleep_until((t0 + *at).into()).await;
+        fault();
+    }
+    tokio::time::sleep_until((t0 + window).into()).await;
+    let tokens = received.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let (mut done, mut failed) = (0, 0);
+    for t in tasks {
+        let (d, f) = t.await.unwrap();
+        done += d;
+        failed += f;
+    }
+    (tokens as f64 / window.as_secs_f64(), done, failed)
+}
+
+#[tokio::main]
+async fn main() {
+    let coordinator = llmos_benches::start_coordinator(llmos_coordinator::Config {
+        heartbeat_timeout: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let start = |id: &str| WorkerProcess::start(&coordinator, id, None, &[]);
+    let mut workers: BTreeMap<String, WorkerProcess> = ["w0", "w1", "w2"]
+        .into_iter()
+        .map(|id| (id.to_string(), start(id)))
+        .collect();
+    let ch = llmos_benches::connect(&coordinator).await;
+    llmos_benches::wait_for_workers(&ch, 3).await;
+    let mut admin = AdminClient::new(ch.clone());
+    println!(
+        "failover: SmolLM2 f32, 3 llmos-worker processes (1 thread each) on 2 cores; leases of 3 s"
+    );
+
+    // a. A whole replica lost with a second one Ready.
+    deploy(&mut admin, "a", 2, 1).await;
+    let warm = undisturbed_gap(&ch, "a").await;
+    let mut gaps = Vec::new();
+    let mut lost_a = 0;
+    for trial in 0..4u64 {
+        let m = status(&mut admin, "a").await;
+        let victim = m.replicas[(trial % 2) as usize].stages[0].worker_id.clone();
+        let (traces, at) = killed_under(&ch, "a", 100 * trial, &mut workers, &victim).await;
+        gaps.extend(gaps_after(&traces, at, |t| t.migrations > 0));
+        lost_a += lost(&traces);
+        workers.insert(victim.clone(), start(&victim));
+        ready(&mut admin, "a", 2).await;
+    }
+    println!("a. a replica's worker killed under 4 streams, a second replica Ready (4 kills):");
+    println!(
+        "   kill -> next token of a migrated stream: p50 {:.0} ms, p99 {:.0} ms over {} streams (target p99 < 2000 ms); undisturbed inter-token gap p50 {:.0} ms ({:.1}x); lost streams {lost_a}",
+        pct(gaps.clone(), 0.5) * 1e3,
+        pct(gaps.clone(), 0.99) * 1e3,
+        gaps.len(),
+        warm * 1e3,
+        pct(gaps.clone(), 0.5) / warm,
+    );
+    undeploy(&mut admin, "a").await;
+
+    // b. One stage lost, a spare worker.
+    deploy(&mut admin, "b", 1, 2).await;
+    // c's figure first: the full prefill of a 512-token prompt (TTFT).
+    let mut ttft = Vec::new();
+    for i in 0..3u64 {
+        let req = llmos_benches::greedy_request("b", prompt(9000 + i, 512), 1);
+        let t0 = Instant::now();
+        let t = stream(ch.clone(), req, Arc::new(AtomicUsize::new(0))).await;
+        ttft.push((t.arrivals[0] - t0).as_secs_f64());
+    }
+    let (mut gaps, mut serving_again) = (Vec::new(), Vec::new());
+    let mut lost_b = 0;
+    for trial in 0..3u64 {
+        let m = status(&mut admin, "b").await;
+        let victim = m.replicas[0].stages[1].worker_id.clone();
+        let (traces, at) = killed_under(&ch, "b", 1000 + 100 * trial, &mut workers, &victim).await;
+        gaps.extend(gaps_after(&traces, at, |_| true));
+        lost_b += lost(&traces);
+        // By now the stage is loaded on the spare (the streams resumed).
+        let m = status(&mut admin, "b").await;
+        let since = m.replicas[0].state_since_ms;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        serving_again.push(at.elapsed().as_secs_f64() - now_ms.saturating_sub(since) as f64 / 1e3);
+        workers.insert(victim.clone(), start(&victim));
+    }
+    println!("b. the second stage's worker killed under 4 streams, a spare worker (3 kills):");
+    println!(
+        "   kill -> next token: p50 {:.0} ms, p99 {:.0} ms over {} streams; kill -> replica Ready again: p50 {:.1} s; lost streams {lost_b}",
+        pct(gaps.clone(), 0.5) * 1e3,
+        pct(gaps.clone(), 0.99) * 1e3,
+        gaps.len(),
+        pct(serving_again.clone(), 0.5),
+    );
+    let (full, replace) = (pct(ttft, 0.5), pct(serving_again, 0.5));
+    println!("c. resuming with the surviving stages' KV kept, 512-token context:");
+    println!(
+        "   full re-prefill (TTFT, 2 stages) {:.0} ms; a lost stage is replaced after {:.1} s. Resuming on another Ready replica costs the full re-prefill; resuming on the same replica with its KV kept costs the replacement plus the lost stage's layers: at best ({:.1} s + 0) vs ({:.1} s + {:.2} s) where no other replica serves, {:.2}x (the decision threshold is 1.5x)",
+        full * 1e3,
+        replace,
+        replace,
+        replace,
+        full,
+        (replace + full) / replace,
+    );
+    undeploy(&mut admin, "b").await;
+
+    // d. Throughput with and without faults.
+    deploy(&mut admin, "a", 2, 1).await;
+    undisturbed_gap(&ch, "a").await;
+    let window = Duration::from_secs(20);
+    let (calm, calm_done, calm_failed) = throughput(&ch, "a", window, &[], || {}).await;
+    let victims = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let m = status(&mut admin, "a").await;
+    let order: Vec<String> = m
+        .replicas
+        .iter()
+        .map(|r| r.stages[0].worker_id.clone())
+        .collect();
+    let mut k = 0;
+    let (chaos, chaos_done, chaos_failed) = throughput(
+        &ch,
+        "a",
+        window,
+        &[
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+            Duration::from_secs(17),
+        ],
+        || {
+            let victim = order[k % order.len()].clone();
+            k += 1;
+            if let Some(w) = workers.get_mut(&victim) {
+                w.kill9();
+            }
+            workers.insert(victim.clone(), start(&victim));
+            victims.lock().unwrap().push(victim);
+        },
+    )
+    .await;
+    println!(
+        "d. 4 clients in a closed loop for {} s, 48 tokens per request:",
+        window.as_secs()
+    );
+    println!("   no faults: {calm:.1} tokens/s ({calm_done} requests, {calm_failed} failed)");
+    println!(
+        "   a replica's worker killed at 3, 10 and 17 s ({:?}): {chaos:.1} tokens/s ({chaos_done} requests, {chaos_failed} failed); ratio {:.2}x",
+        victims.lock().unwrap(),
+        chaos / calm
+    );
+}
+
+/// Warms the deployment up (first batches, allocator) and returns the
+/// median inter-token gap of 4 undisturbed streams.
+async fn undisturbed_gap(ch: &Channel, model: &str) -> f64 {
+    let received = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let req = llmos_benches::greedy_request(model, prompt(50_000 + i, 16), 48);
+            tokio::spawn(stream(ch.clone(), req, received.clone()))
+        })
+        .collect();
+    let mut gaps = Vec::new();
+    for t in tasks {
+        let t = t.await.unwrap();
+        gaps.extend(t.arrivals.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()));
+    }
+    pct(gaps, 0.5)
+}
