@@ -262,6 +262,15 @@ async fn streams_survive_the_loss_of_the_coordinator_leader_and_a_worker() {
         reference.push(o);
     }
     assert!(reference.iter().all(|o| o.ids.len() == 24));
+    // The CLI too follows the resume protocol; it starts on the leader.
+    let leader_url = g.nodes[&first_leader].url();
+    let cli_order: Vec<String> = std::iter::once(leader_url.clone())
+        .chain(urls.iter().filter(|u| **u != leader_url).cloned())
+        .collect();
+    let cli_reference = Cli::run(&cli_order);
+    cli_reference.wait_done();
+    let cli_want = cli_reference.ids();
+    assert_eq!(cli_want.len(), 48, "{:?}", cli_reference.lines());
     // The streams, spread over the three coordinators.
     let received = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -276,7 +285,17 @@ async fn streams_survive_the_loss_of_the_coordinator_leader_and_a_worker() {
             .unwrap_or_else(|_| Err(format!("hung: still open after {STREAM_DEADLINE:?}")))
         }));
     }
+    let cli = Cli::run(&cli_order);
     wait_tokens(&received, 12, Duration::from_secs(90)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cli.ids().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the CLI streamed nothing: {:?}",
+            cli.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     g.nodes.get_mut(&first_leader).unwrap().kill9();
     // And the engine worker of one replica.
     let status = loop {
@@ -316,6 +335,15 @@ async fn streams_survive_the_loss_of_the_coordinator_leader_and_a_worker() {
         tally.mismatched
     );
     assert!(resumes > 0, "no stream was resumed: the leader served none");
+    cli.wait_done();
+    // It was killed under the CLI's stream: the CLI resumed elsewhere.
+    assert!(cli.stderr().contains("trying the next"), "{}", cli.stderr());
+    assert_eq!(
+        cli.ids(),
+        cli_want,
+        "the CLI's resumed stream differs: {}",
+        cli.stderr()
+    );
     // The survivors elect a leader and serve new requests.
     let rest = g.urls();
     leader(&rest, Duration::from_secs(10)).await;
@@ -505,5 +533,179 @@ async fn streams_survive_a_network_partition_of_a_worker() {
     assert!(
         held.len() == 2 && held.iter().all(|(_, n)| *n == 0),
         "KV blocks still held (or a worker unreachable): {held:?}"
+    );
+}
+
+/// `llmos --coordinator A,B,C generate --json` (greedy, 48 tokens): its
+/// output lines as they come, and its stderr.
+struct Cli {
+    child: std::sync::Mutex<std::process::Child>,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stderr: std::sync::Mutex<Option<String>>,
+}
+
+impl Cli {
+    fn run(coordinators: &[String]) -> Cli {
+        use std::io::BufRead;
+        let bin = ProcWorker::bin().with_file_name("llmos");
+        let mut child = std::process::Command::new(bin)
+            .args(["--coordinator", &coordinators.join(",")])
+            .args([
+                "generate",
+                "--model",
+                "smol",
+                "--raw",
+                "--json",
+                "--ignore-eos",
+            ])
+            .args(["--max-tokens", "48", "--prompt", "The capital of France is"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the llmos binary (cargo build --release --bins)");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Cli {
+            child: std::sync::Mutex::new(child),
+            lines,
+            reader: std::sync::Mutex::new(Some(reader)),
+            stderr: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The token ids printed so far.
+    fn ids(&self) -> Vec<u32> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("id").and_then(|i| i.as_u64()).map(|i| i as u32))
+            .collect()
+    }
+
+    /// Waits (up to 2 minutes) for it to exit successfully.
+    fn wait_done(&self) {
+        let deadline = Instant::now() + STREAM_DEADLINE;
+        loop {
+            if let Some(s) = self.child.lock().unwrap().try_wait().unwrap() {
+                if let Some(r) = self.reader.lock().unwrap().take() {
+                    r.join().unwrap();
+                }
+                assert!(s.success(), "llmos generate failed: {}", self.stderr());
+                return;
+            }
+            assert!(Instant::now() < deadline, "llmos generate hung");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What it wrote to stderr, once it exited (empty before).
+    fn stderr(&self) -> String {
+        use std::io::Read;
+        let mut cached = self.stderr.lock().unwrap();
+        if cached.is_none() {
+            let mut c = self.child.lock().unwrap();
+            if c.try_wait().ok().flatten().is_some() {
+                let mut s = String::new();
+                if let Some(mut e) = c.stderr.take() {
+                    let _ = e.read_to_string(&mut s);
+                }
+                *cached = Some(s);
+            }
+        }
+        cached.clone().unwrap_or_default()
+    }
+}
+
+/// The resume protocol's refusals and a resume that continues exactly;
+/// with migration off (`migration_limit` 0), a stream whose replica dies
+/// ends with UNAVAILABLE naming the worker and the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_refusals_and_a_spent_migration_limit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let coordinator = start_coordinator_with(llmos_coordinator::Config {
+        migration_limit: 0,
+        ..test_config()
+    })
+    .await;
+    let mut worker = ProcWorker::start(&coordinator, "w0");
+    let (mut admin, mut inference) = clients(&coordinator, 1).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "smol".into(),
+            source: "smollm2".into(),
+            wait_timeout_ms: 120_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let req = mixed_requests("smol", 2, 16).remove(1); // seeded
+    let whole = generated_ids(&mut inference, req.clone()).await;
+    let resume = |ids: &[u32]| api::GenerateRequest {
+        resume: Some(api::Resume {
+            received_token_ids: ids.to_vec(),
+        }),
+        ..req.clone()
+    };
+    // Continues after the 5 tokens received: the undisturbed tail.
+    let msgs = collect(&mut inference, resume(&whole[..5])).await.unwrap();
+    let tail: Vec<u32> = msgs
+        .iter()
+        .flat_map(|m| m.tokens.iter().map(|t| t.id))
+        .collect();
+    assert_eq!(tail, whole[5..]);
+    assert_eq!(msgs.last().unwrap().usage.unwrap().migrations, 1);
+    // Refusals name what is wrong.
+    let refused = |r: api::GenerateRequest| {
+        let mut c = inference.clone();
+        async move { collect(&mut c, r).await.unwrap_err() }
+    };
+    let e = refused(api::GenerateRequest {
+        request_id: String::new(),
+        ..resume(&whole[..5])
+    })
+    .await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("request_id"), "{}", e.message());
+    let e = refused(resume(&whole)).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("nothing is left"), "{}", e.message());
+    let e = refused(resume(&[whole[0], 1 << 30])).await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("resume"), "{}", e.message());
+    // Migration off: the replica's death ends the stream, saying why.
+    let long = api::GenerateRequest {
+        stopping: Some(api::StoppingCriteria {
+            max_new_tokens: 200,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..req.clone()
+    };
+    let mut stream = inference.generate(long).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a first token");
+    worker.kill9();
+    let e = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended normally after its replica died"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains("w0") && e.message().contains("migration limit (0"),
+        "{}",
+        e.message()
     );
 }
