@@ -99,6 +99,9 @@ pub struct Cluster {
     leader_registry: Mutex<Option<(String, RegistryClient<Channel>)>>,
     /// Requests this coordinator moved to another replica mid-stream.
     migrations: std::sync::atomic::AtomicU64,
+    /// Workers a stream found unreachable since the reconciler's last
+    /// pass: it checks at once whether their process is gone.
+    suspects: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Cluster {
@@ -113,7 +116,21 @@ impl Cluster {
             clients: Mutex::new(HashMap::new()),
             leader_registry: Mutex::new(None),
             migrations: Default::default(),
+            suspects: Default::default(),
         })
+    }
+
+    /// A stream found `worker` unreachable: the reconciler (on the
+    /// leader) checks at once whether its process is gone, instead of
+    /// waiting for its lease to lapse.
+    pub fn suspect(&self, worker: &str) {
+        self.suspects.lock().unwrap().insert(worker.to_string());
+        self.wake.notify_one();
+    }
+
+    /// The workers suspected since the last call.
+    pub fn take_suspects(&self) -> std::collections::HashSet<String> {
+        std::mem::take(&mut *self.suspects.lock().unwrap())
     }
 
     pub fn count_migration(&self) {

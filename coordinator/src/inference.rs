@@ -339,6 +339,11 @@ impl Flight {
                 Broke::Replica(e) => e,
             };
             let failed_epoch = on.epoch;
+            // Which of its workers failed is not always said (a broken
+            // pipeline link names none): the leader checks each at once.
+            for w in &on.workers {
+                self.svc.cluster.suspect(w);
+            }
             // Dropping the stream cancels what may remain of the sequence
             // there: a replica that comes back cannot continue it twice.
             drop(on);
@@ -562,11 +567,20 @@ fn stage_error(worker: &str, address: &str, status: Status, cluster: &Cluster) -
         )
     {
         cluster.forget_client(address);
+        cluster.suspect(worker);
         return CoordError::WorkerUnavailable {
             worker: worker.to_string(),
             address: address.to_string(),
             reason: status.message().to_string(),
         };
+    }
+    // A stage behind the engine it names could not be reached.
+    if let Some(failed) = status
+        .metadata()
+        .get(llmos_meta::failure::FAILED_WORKER_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        cluster.suspect(failed);
     }
     CoordError::WorkerFailed {
         worker: worker.to_string(),

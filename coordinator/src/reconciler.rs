@@ -232,20 +232,26 @@ impl Reconciler {
             c.config.heartbeat_timeout,
             c.config.worker_grace_period,
         );
-        // An unhealthy worker holding shards whose process is known dead
-        // (its port refuses connections: the host answers, nothing
-        // listens) will not come back as it was: its shards move now, not
-        // after the grace period. A silent one (frozen, partitioned, its
-        // host down) waits out the grace period.
+        // A worker holding shards whose process is known dead (unhealthy,
+        // or reported unreachable by a stream, and its port refuses
+        // connections: the host answers, nothing listens) will not come
+        // back as it was: its shards move now, not after its lease and the
+        // grace period. A silent one (frozen, partitioned, its host down)
+        // waits out both.
+        let suspects = c.take_suspects();
         for w in state.workers.values() {
             let holds = || state.models.values().any(|d| d.replica_on(&w.id).is_some());
-            if !w.healthy
+            if (!w.healthy || suspects.contains(&w.id))
                 && !w.gone
                 && !due.iter().any(|t| t.worker() == w.id)
                 && holds()
                 && refuses_connections(&w.address).await
             {
-                tracing::warn!(worker = %w.id, address = %w.address, "unhealthy and its port refuses connections: its process is gone; its shards move now");
+                tracing::warn!(worker = %w.id, address = %w.address, "unreachable and its port refuses connections: its process is gone; its shards move now");
+                // Its lease would otherwise call it healthy again until
+                // it lapses; a heartbeat from it (it was alive after all)
+                // still does.
+                c.leases.forget(&w.id);
                 due.push(Transition::Gone(w.id.clone()));
             }
         }
