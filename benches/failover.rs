@@ -318,15 +318,24 @@ async fn main() {
         pct(serving_again.clone(), 0.5),
     );
     let (full, replace) = (pct(ttft, 0.5), pct(serving_again, 0.5));
+    // The replaced stage's share of the prefill, taken as its share of the
+    // layers (15 of 30).
+    let stage = full * 15.0 / 30.0;
     println!("c. resuming with the surviving stages' KV kept, 512-token context:");
     println!(
-        "   full re-prefill (TTFT, 2 stages) {:.0} ms; a lost stage is replaced after {:.1} s. Resuming on another Ready replica costs the full re-prefill; resuming on the same replica with its KV kept costs the replacement plus the lost stage's layers: at best ({:.1} s + 0) vs ({:.1} s + {:.2} s) where no other replica serves, {:.2}x (the decision threshold is 1.5x)",
+        "   full re-prefill (TTFT, 2 stages) {:.0} ms, the replaced stage's half ~{:.0} ms; the lost stage is replaced after {:.1} s.",
         full * 1e3,
+        stage * 1e3,
         replace,
-        replace,
-        replace,
+    );
+    println!(
+        "   a second replica Ready: migrate there {:.2} s vs keep the KV and wait {:.2} s ({:.2}x for keeping); no other replica: {:.2} s vs {:.2} s ({:.2}x for keeping; the decision threshold is 1.5x)",
         full,
-        (replace + full) / replace,
+        replace + stage,
+        full / (replace + stage),
+        replace + full,
+        replace + stage,
+        (replace + full) / (replace + stage),
     );
     undeploy(&mut admin, "b").await;
 
