@@ -27,6 +27,13 @@ const STREAM_DEADLINE: Duration = Duration::from_secs(120);
 /// cores for (timing every fault after the first's).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Prints a chaos summary where the test output shows it even when the
+/// test passes (the harness captures `println!`, not direct writes).
+fn summary(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 #[derive(Default)]
 struct Tally {
     requests: usize,
@@ -196,7 +203,7 @@ async fn streams_survive_killed_and_frozen_workers_token_for_token() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    println!(
+    summary(format!(
         "chaos summary: requests {}, kills {}, freezes {}, migrations {}, lost requests {}, mismatched outputs {}, lost stage replaced {:.1} s after the kill",
         tally.requests,
         tally.kills,
@@ -205,7 +212,7 @@ async fn streams_survive_killed_and_frozen_workers_token_for_token() {
         tally.lost.len(),
         tally.mismatched.len(),
         replaced_after.as_secs_f64()
-    );
+    ));
     assert!(tally.lost.is_empty(), "lost requests: {:#?}", tally.lost);
     assert!(
         tally.mismatched.is_empty(),
@@ -320,14 +327,14 @@ async fn streams_survive_the_loss_of_the_coordinator_leader_and_a_worker() {
     }
     tally.kills += 2;
     tally.check("leader+worker", got, &reference);
-    println!(
+    summary(format!(
         "chaos summary (control plane): requests {}, kills {} (the coordinator leader and a worker), client resumes {resumes}, migrations {}, lost requests {}, mismatched outputs {}",
         tally.requests,
         tally.kills,
         tally.migrations,
         tally.lost.len(),
         tally.mismatched.len()
-    );
+    ));
     assert!(tally.lost.is_empty(), "lost requests: {:#?}", tally.lost);
     assert!(
         tally.mismatched.is_empty(),
@@ -450,7 +457,7 @@ async fn streams_survive_a_network_partition_of_a_worker() {
     let ns = match Netns::create() {
         Ok(ns) => ns,
         Err(e) => {
-            println!("SKIPPED: the network partition case needs network namespaces, which this machine refused: {e}");
+            summary(format!("SKIPPED: the network partition case needs network namespaces, which this machine refused: {e}"));
             return;
         }
     };
@@ -517,13 +524,13 @@ async fn streams_survive_a_network_partition_of_a_worker() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    println!(
+    summary(format!(
         "chaos summary (partition): requests {}, partitions 1, migrations {}, lost requests {}, mismatched outputs {}",
         tally.requests,
         tally.migrations,
         tally.lost.len(),
         tally.mismatched.len()
-    );
+    ));
     assert!(tally.lost.is_empty(), "lost requests: {:#?}", tally.lost);
     assert!(tally.mismatched.is_empty(), "{:#?}", tally.mismatched);
     assert!(

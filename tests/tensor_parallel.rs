@@ -210,23 +210,23 @@ async fn link_bytes(
     (out, m.pipeline_transport.clone())
 }
 
-/// One rank of a tp=2 group is a real process; SIGKILL it mid-generation:
-/// the stream ends with UNAVAILABLE within seconds (the surviving rank's
-/// collective sees the closed link; if the killed one led, the leader's
-/// stream is gone). Then the rank's process restarts under the same worker
-/// id: the coordinator reloads the stage on it, the group re-forms, and the
-/// model serves again with the single process's greedy tokens.
+/// One rank of a tp=2 group is a real process; SIGKILL it mid-generation
+/// (the surviving rank's collective sees the closed link; if the killed
+/// one led, the leader's stream is gone) and restart it under the same
+/// worker id: the coordinator reloads the rank on it, the group re-forms,
+/// and the stream, which waited for it, completes with the single
+/// process's greedy tokens, none repeated or missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_rank_mid_generation_is_unavailable_promptly_and_a_restart_recovers() {
+async fn a_stream_survives_a_killed_rank_once_it_restarts() {
     kill_mid_generation_then_recover(tp_deploy("tp", "synthetic:tiny", 1, 2), "").await;
 }
 
 /// The same with two pipeline stages joined by a TCP link, one of them a
-/// process: killing it fails the generation with UNAVAILABLE promptly;
-/// after its restart the neighbouring stage links up with it anew (keeping
-/// its weights) and the model serves the single process's tokens again.
+/// process: after its restart the neighbouring stage links up with it anew
+/// (keeping its weights) and the stream completes with the single
+/// process's tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_linked_stage_mid_generation_is_unavailable_promptly_and_a_restart_recovers() {
+async fn a_stream_survives_a_killed_linked_stage_once_it_restarts() {
     kill_mid_generation_then_recover(
         with_transport(tp_deploy("pp", "synthetic:tiny", 2, 1), "link"),
         "link",
@@ -235,15 +235,15 @@ async fn killing_a_linked_stage_mid_generation_is_unavailable_promptly_and_a_res
 }
 
 /// Deploys `deploy` (the tiny model; its stages joined as `transport`
-/// says) over an in-process worker and a worker process, kills the process after 5 tokens of a long generation,
-/// checks the stream fails with UNAVAILABLE within 10 s, restarts the
-/// process under the same id, and retries until the model serves the
-/// single process's greedy tokens again.
+/// says) over an in-process worker and a worker process, kills the process
+/// after 5 tokens of a generation of 200 and restarts it under the same
+/// id: the stream resumes once the model serves again (no spare worker:
+/// it waits for the restart) and gives the single process's greedy tokens.
 async fn kill_mid_generation_then_recover(deploy: api::DeployModelRequest, transport: &str) {
     let model = deploy.name.clone();
-    let prompt = [1u32, 5, 9, 13];
+    let prompt = [1u32, 2, 3];
     let tiny = load("synthetic:tiny", Kind::Float);
-    let want = llmos_tests::greedy(&tiny, &prompt, 24);
+    let want = llmos_tests::greedy(&tiny, &prompt, 200);
     drop(tiny);
     let coordinator = start_coordinator().await;
     start_worker(&coordinator, "w0").await;
@@ -252,60 +252,31 @@ async fn kill_mid_generation_then_recover(deploy: api::DeployModelRequest, trans
     admin.deploy_model(deploy).await.unwrap();
     assert_eq!(link_bytes(&mut admin, &model).await.1, transport);
     let mut stream = inference
-        .generate(ids_request(&model, &[1, 2, 3], 1000))
+        .generate(ids_request(&model, &prompt, 200))
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    let mut killed_at = None;
-    let status = loop {
-        match stream.message().await {
-            Ok(Some(m)) => {
-                n += m.tokens.len();
-                if n >= 5 && killed_at.is_none() {
-                    p1.kill9();
-                    killed_at = Some(Instant::now());
-                }
-            }
-            Ok(None) => panic!("the stream ended without an error after {n} tokens"),
-            Err(s) => break s,
+    let (mut ids, mut migrations) = (Vec::new(), 0);
+    let mut restarted = None;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(90), stream.message())
+        .await
+        .expect("the stream hung")
+        .unwrap_or_else(|e| panic!("the stream failed after {} tokens: {e}", ids.len()))
+    {
+        ids.extend(m.tokens.iter().map(|t| t.id));
+        if let Some(u) = m.usage {
+            migrations = u.migrations;
         }
-    };
-    let after = killed_at.expect("killed after 5 tokens").elapsed();
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-    assert!(after < Duration::from_secs(10), "took {after:?}");
-
-    // The same worker id comes back on a new port: requests fail until its
-    // shard is reloaded and its group or links re-formed, then serve again.
-    let _p1 = ProcWorker::start(&coordinator, "p1");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut failures = Vec::new();
-    let ids = loop {
-        match ids_of(&mut inference, ids_request(&model, &prompt, 24)).await {
-            Ok(r) => break r,
-            // Never a wrong answer or an internal error while it recovers.
-            Err(e) => {
-                assert!(
-                    matches!(
-                        e.code(),
-                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
-                    ),
-                    "{e}"
-                );
-                failures.push(e);
-            }
+        if ids.len() >= 5 && restarted.is_none() {
+            p1.kill9();
+            // The same worker id comes back on a new port.
+            restarted = Some(ProcWorker::start(&coordinator, "p1"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "not serving 60 s after the worker restarted: {failures:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    assert_eq!(
-        ids,
-        want,
-        "after the restart ({} failed tries)",
-        failures.len()
+    }
+    assert_eq!(ids, want, "the stream across the kill");
+    assert!(
+        migrations >= 1,
+        "the stream was not migrated: the kill missed it"
     );
     let workers = admin
         .list_workers(api::ListWorkersRequest {})
