@@ -5,7 +5,7 @@
 //! numbers, and a rank or a linked stage killed mid-generation is
 //! UNAVAILABLE promptly and serves again once restarted.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmos_proto::v1 as api;
 use llmos_tests::cluster::*;

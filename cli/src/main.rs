@@ -342,7 +342,6 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
         resume: (!progress.received.is_empty()).then(|| api::Resume {
             received_token_ids: progress.received.clone(),
         }),
-        ..Default::default()
     };
     let mut stream = InferenceClient::new(ch)
         .generate(req)
