@@ -24,6 +24,11 @@
 //!    (a)'s deployment with no fault, then 20 s in which a replica's
 //!    worker is killed every 7 s (and restarted as a spare at once):
 //!    tokens delivered per second, and requests lost (must be 0).
+//! e. **One tensor-parallel rank lost, a spare worker**: the seeded tiny
+//!    model in a tp=2 pair (SmolLM2's 9 heads do not split in two), rank 1
+//!    killed under 4 streams of 400 tokens: kill to next token and to the
+//!    replica serving again (the dead port seen, the pair re-formed with
+//!    the spare: the control path's time, the load being trivial).
 //!
 //! cargo bench -p llmos-benches --bench failover (builds the worker binary
 //! first: `cargo build --release --bins`)
@@ -79,13 +84,26 @@ async fn stream(ch: Channel, req: api::GenerateRequest, received: Arc<AtomicUsiz
 
 /// A prompt of `n` ids in SmolLM2's ordinary range, distinct per `seed`.
 fn prompt(seed: u64, n: usize) -> Vec<u32> {
+    prompt_within(seed, n, 1000..21_000)
+}
+
+/// 16 prompt ids for the tiny seeded model (a vocabulary of 512).
+fn tiny_prompt(seed: u64) -> Vec<u32> {
+    prompt_within(seed, 16, 3..500)
+}
+
+fn smollm2_prompt(seed: u64) -> Vec<u32> {
+    prompt(seed, 16)
+}
+
+fn prompt_within(seed: u64, n: usize, ids: std::ops::Range<u32>) -> Vec<u32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            1000 + (x % 20_000) as u32
+            ids.start + (x % (ids.end - ids.start) as u64) as u32
         })
         .collect()
 }
@@ -139,23 +157,30 @@ async fn undeploy(admin: &mut AdminClient<Channel>, name: &str) {
         .expect("undeploy");
 }
 
-/// Runs 4 streams of 48 tokens, killing the worker `pick` names once they
-/// have 24 tokens between them; returns the traces and the kill's time.
+/// Runs 4 streams of `tokens` tokens, killing the worker `victim` once
+/// they have `tokens / 2` between them; returns the traces and the kill's
+/// time.
 async fn killed_under(
     ch: &Channel,
     model: &str,
     seed: u64,
+    tokens: u32,
     workers: &mut BTreeMap<String, WorkerProcess>,
     victim: &str,
+    make_prompt: fn(u64) -> Vec<u32>,
 ) -> (Vec<Trace>, Instant) {
     let received = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..4)
         .map(|i| {
-            let req = llmos_benches::greedy_request(model, prompt(seed + i, 16), 48);
+            let req = llmos_benches::greedy_request(model, make_prompt(seed + i), tokens);
             tokio::spawn(stream(ch.clone(), req, received.clone()))
         })
         .collect();
-    while received.load(Ordering::Relaxed) < 24 {
+    while received.load(Ordering::Relaxed) < tokens as usize / 2 {
+        assert!(
+            !tasks.iter().all(|t| t.is_finished()),
+            "every stream of {model} ended before the kill (refused?)"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     workers.get_mut(victim).expect("a worker").kill9();
@@ -165,6 +190,48 @@ async fn killed_under(
         traces.push(t.await.unwrap());
     }
     (traces, at)
+}
+
+/// Three times: kills the worker `victim` picks under 4 streams of
+/// `tokens`, then restarts it as a spare. Returns the gaps from each kill
+/// to every stream's next token, the times from each kill to the replica
+/// serving again (its state's `since`, which it has by then: the streams
+/// resumed), and the streams lost.
+async fn lose_part(
+    ch: &Channel,
+    admin: &mut AdminClient<Channel>,
+    model: &str,
+    tokens: u32,
+    workers: &mut BTreeMap<String, WorkerProcess>,
+    victim: impl Fn(&api::ModelStatus) -> String,
+    make_prompt: fn(u64) -> Vec<u32>,
+) -> (Vec<f64>, Vec<f64>, usize) {
+    let (mut gaps, mut serving_again, mut lost_n) = (Vec::new(), Vec::new(), 0);
+    for trial in 0..3u64 {
+        let who = victim(&status(admin, model).await);
+        let (traces, at) = killed_under(
+            ch,
+            model,
+            1000 + 100 * trial,
+            tokens,
+            workers,
+            &who,
+            make_prompt,
+        )
+        .await;
+        gaps.extend(gaps_after(&traces, at, |_| true));
+        lost_n += lost(&traces, tokens as usize);
+        let m = status(admin, model).await;
+        let since = m.replicas[0].state_since_ms;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        serving_again.push(at.elapsed().as_secs_f64() - now_ms.saturating_sub(since) as f64 / 1e3);
+        let restart = WorkerProcess::start(&COORDINATOR.get().unwrap().clone(), &who, None, &[]);
+        workers.insert(who, restart);
+    }
+    (gaps, serving_again, lost_n)
 }
 
 /// The gap from `at` to each listed stream's next token.
@@ -177,10 +244,10 @@ fn gaps_after(traces: &[Trace], at: Instant, which: impl Fn(&Trace) -> bool) -> 
         .collect()
 }
 
-fn lost(traces: &[Trace]) -> usize {
+fn lost(traces: &[Trace], tokens: usize) -> usize {
     traces
         .iter()
-        .filter(|t| !t.ok || t.arrivals.len() != 48)
+        .filter(|t| !t.ok || t.arrivals.len() != tokens)
         .count()
 }
 
@@ -237,6 +304,9 @@ async fn throughput(
     (tokens as f64 / window.as_secs_f64(), done, failed)
 }
 
+/// The coordinator's address, for restarting workers.
+static COORDINATOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 #[tokio::main]
 async fn main() {
     let coordinator = llmos_benches::start_coordinator(llmos_coordinator::Config {
@@ -244,6 +314,7 @@ async fn main() {
         ..Default::default()
     })
     .await;
+    COORDINATOR.set(coordinator.clone()).unwrap();
     let start = |id: &str| WorkerProcess::start(&coordinator, id, None, &[]);
     let mut workers: BTreeMap<String, WorkerProcess> = ["w0", "w1", "w2"]
         .into_iter()
@@ -264,9 +335,18 @@ async fn main() {
     for trial in 0..4u64 {
         let m = status(&mut admin, "a").await;
         let victim = m.replicas[(trial % 2) as usize].stages[0].worker_id.clone();
-        let (traces, at) = killed_under(&ch, "a", 100 * trial, &mut workers, &victim).await;
+        let (traces, at) = killed_under(
+            &ch,
+            "a",
+            100 * trial,
+            48,
+            &mut workers,
+            &victim,
+            smollm2_prompt,
+        )
+        .await;
         gaps.extend(gaps_after(&traces, at, |t| t.migrations > 0));
-        lost_a += lost(&traces);
+        lost_a += lost(&traces, 48);
         workers.insert(victim.clone(), start(&victim));
         ready(&mut admin, "a", 2).await;
     }
@@ -291,24 +371,16 @@ async fn main() {
         let t = stream(ch.clone(), req, Arc::new(AtomicUsize::new(0))).await;
         ttft.push((t.arrivals[0] - t0).as_secs_f64());
     }
-    let (mut gaps, mut serving_again) = (Vec::new(), Vec::new());
-    let mut lost_b = 0;
-    for trial in 0..3u64 {
-        let m = status(&mut admin, "b").await;
-        let victim = m.replicas[0].stages[1].worker_id.clone();
-        let (traces, at) = killed_under(&ch, "b", 1000 + 100 * trial, &mut workers, &victim).await;
-        gaps.extend(gaps_after(&traces, at, |_| true));
-        lost_b += lost(&traces);
-        // By now the stage is loaded on the spare (the streams resumed).
-        let m = status(&mut admin, "b").await;
-        let since = m.replicas[0].state_since_ms;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        serving_again.push(at.elapsed().as_secs_f64() - now_ms.saturating_sub(since) as f64 / 1e3);
-        workers.insert(victim.clone(), start(&victim));
-    }
+    let (gaps, serving_again, lost_b) = lose_part(
+        &ch,
+        &mut admin,
+        "b",
+        48,
+        &mut workers,
+        |m| m.replicas[0].stages[1].worker_id.clone(),
+        smollm2_prompt,
+    )
+    .await;
     println!("b. the second stage's worker killed under 4 streams, a spare worker (3 kills):");
     println!(
         "   kill -> next token: p50 {:.0} ms, p99 {:.0} ms over {} streams; kill -> replica Ready again: p50 {:.1} s; lost streams {lost_b}",
@@ -381,6 +453,39 @@ async fn main() {
         "   a replica's worker killed at 3, 10 and 17 s ({:?}): {chaos:.1} tokens/s ({chaos_done} requests, {chaos_failed} failed); ratio {:.2}x",
         victims.lock().unwrap(),
         chaos / calm
+    );
+
+    // e. One tensor-parallel rank lost, a spare worker: the seeded tiny
+    // model (SmolLM2's 9 heads do not split in 2), so this is the control
+    // path's time: the dead port seen, the group re-formed with the spare.
+    undeploy(&mut admin, "a").await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "tp".into(),
+            source: "synthetic:tiny".into(),
+            tensor_parallel: 2,
+            wait_timeout_ms: 300_000,
+            ..Default::default()
+        })
+        .await
+        .expect("deploy tp");
+    let (gaps, serving_again, lost_e) = lose_part(
+        &ch,
+        &mut admin,
+        "tp",
+        400,
+        &mut workers,
+        |m| m.replicas[0].stages[0].tensor_parallel_workers[0].clone(),
+        tiny_prompt,
+    )
+    .await;
+    println!("e. rank 1 of a tensor-parallel pair killed under 4 streams (the tiny seeded model), a spare worker (3 kills):");
+    println!(
+        "   kill -> next token: p50 {:.0} ms, p99 {:.0} ms over {} streams; kill -> replica Ready again: p50 {:.2} s; lost streams {lost_e}",
+        pct(gaps.clone(), 0.5) * 1e3,
+        pct(gaps.clone(), 0.99) * 1e3,
+        gaps.len(),
+        pct(serving_again, 0.5),
     );
 }
 

@@ -1,6 +1,7 @@
 //! `llmos`: talks to any coordinator (`generate`, `models`, `workers`,
 //! `status`, `deploy`, `undeploy`), or starts a local cluster (`local`).
 
+mod apply;
 mod local;
 mod show;
 
@@ -47,6 +48,9 @@ enum Command {
     Status,
     /// Deploy a model over the registered workers.
     Deploy(DeployArgs),
+    /// Make the deployments what a JSON file lists (deploy what is
+    /// missing, scale or re-split what differs), then wait until they serve.
+    Apply(apply::ApplyArgs),
     /// Remove a deployed model.
     Undeploy { name: String },
     /// Set how many replicas of a model serve.
@@ -506,6 +510,9 @@ async fn run(cli: Cli) -> Result<()> {
     // Twice round the list: a write that met a change of leader is
     // answered UNAVAILABLE at once, and the next try (perhaps on the
     // coordinator that answered) reaches the new leader.
+    if let Command::Apply(a) = &cli.command {
+        return apply::run(&addresses, a).await;
+    }
     let tries = 2 * addresses.len();
     let mut last = None;
     let mut progress = Progress::new();
@@ -756,7 +763,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                 }
             }
         }
-        Command::Local(_) => unreachable!("handled above"),
+        Command::Local(_) | Command::Apply(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -68,9 +68,14 @@ struct Cli {
     /// Names this cluster; a data directory or a peer of another cluster is refused.
     #[arg(long, env = "LLMOS_CLUSTER_ID", default_value = "llmos")]
     cluster_id: String,
-    /// Raft: this replica's id (>= 1). In a StatefulSet, the pod ordinal + 1.
+    /// Raft: this replica's id (>= 1). 0: the StatefulSet ordinal of
+    /// --pod-name plus 1 (pod `llmos-coordinator-2` is node 3).
     #[arg(long, env = "LLMOS_NODE_ID", default_value_t = 1)]
     node_id: u64,
+    /// This pod's name, for --node-id 0 (Kubernetes: the downward API's
+    /// metadata.name).
+    #[arg(long, env = "LLMOS_POD_NAME")]
+    pod_name: Option<String>,
     /// Raft: durable state (log, snapshots). Default: a temporary directory.
     #[arg(long, env = "LLMOS_DATA_DIR")]
     data_dir: Option<std::path::PathBuf>,
@@ -131,7 +136,7 @@ async fn main() -> Result<()> {
             &advertise,
         )),
         _ => StoreConfig::Raft(RaftSettings {
-            node_id: cli.node_id,
+            node_id: node_id(cli.node_id, cli.pod_name.as_deref())?,
             cluster_id: cli.cluster_id.clone(),
             data_dir: cli.data_dir.clone(),
             peers: parse_peers(&cli.peers).map_err(|e| anyhow::anyhow!("--peers: {e}"))?,
@@ -165,4 +170,43 @@ async fn main() -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// The Raft id: `--node-id`, or for 0 the StatefulSet ordinal (the pod
+/// name's trailing `-N`) plus 1.
+fn node_id(flag: u64, pod_name: Option<&str>) -> Result<u64> {
+    if flag != 0 {
+        return Ok(flag);
+    }
+    let name = pod_name.ok_or_else(|| {
+        anyhow::anyhow!("--node-id 0 takes the id from --pod-name (LLMOS_POD_NAME), which is unset")
+    })?;
+    let ordinal = name
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--node-id 0: pod name {name:?} does not end in -<ordinal> (a StatefulSet pod's name does)"
+            )
+        })?;
+    Ok(ordinal + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_id_zero_takes_the_statefulset_ordinal_plus_one() {
+        assert_eq!(super::node_id(4, None).unwrap(), 4);
+        assert_eq!(super::node_id(0, Some("llmos-coordinator-0")).unwrap(), 1);
+        assert_eq!(
+            super::node_id(0, Some("rel-llmos-coordinator-12")).unwrap(),
+            13
+        );
+        let e = super::node_id(0, Some("coordinator"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"coordinator\""), "{e}");
+        let e = super::node_id(0, None).unwrap_err().to_string();
+        assert!(e.contains("LLMOS_POD_NAME"), "{e}");
+    }
 }

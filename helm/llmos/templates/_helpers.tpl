@@ -1,0 +1,255 @@
+{{/*
+Helpers of the llmos chart. Names, labels, the image, the addresses the
+processes give each other, and the checks values.schema.json cannot express.
+*/}}
+
+{{/* Chart name, after nameOverride. */}}
+{{- define "llmos.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name every resource name starts with: fullnameOverride, else the release
+name when it contains the chart name, else `<release>-<chart>`.
+*/}}
+{{- define "llmos.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version, for the helm.sh/chart label. */}}
+{{- define "llmos.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels selecting this release's pods (every component). */}}
+{{- define "llmos.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmos.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "llmos.labels" -}}
+helm.sh/chart: {{ include "llmos.chart" . }}
+{{ include "llmos.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llmos
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The image, `repository:tag` (tag defaults to the chart's appVersion). */}}
+{{- define "llmos.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
+
+{{/* Ports: one of each, used by every template. */}}
+{{- define "llmos.coordinator.port" -}}50051{{- end }}
+{{- define "llmos.worker.port" -}}50061{{- end }}
+{{- define "llmos.worker.collectivePort" -}}50062{{- end }}
+
+{{/* Coordinator names. */}}
+{{- define "llmos.coordinator.fullname" -}}
+{{- printf "%s-coordinator" (include "llmos.fullname" .) }}
+{{- end }}
+{{- define "llmos.coordinator.peersService" -}}
+{{- printf "%s-coordinator-peers" (include "llmos.fullname" .) }}
+{{- end }}
+
+{{/* Coordinator selector labels. */}}
+{{- define "llmos.coordinator.selectorLabels" -}}
+{{ include "llmos.selectorLabels" . }}
+app.kubernetes.io/component: coordinator
+{{- end }}
+
+{{/* The client URL of the coordinators: their client Service's FQDN. */}}
+{{- define "llmos.coordinator.url" -}}
+{{- printf "http://%s.%s.svc.%s:%s" (include "llmos.coordinator.fullname" .) .Release.Namespace .Values.clusterDomain (include "llmos.coordinator.port" .) }}
+{{- end }}
+
+{{/*
+Host name of coordinator pod ORDINAL through the headless peers Service.
+Call with (dict "ctx" $ "pod" "<pod name or $(POD_NAME)>").
+*/}}
+{{- define "llmos.coordinator.peerURL" -}}
+{{- $ctx := .ctx }}
+{{- printf "http://%s.%s.%s.svc.%s:%s" .pod (include "llmos.coordinator.peersService" $ctx) $ctx.Release.Namespace $ctx.Values.clusterDomain (include "llmos.coordinator.port" $ctx) }}
+{{- end }}
+
+{{/*
+Founding Raft peers: `1=http://<fullname>-coordinator-0.<peers svc>...:50051,2=...`,
+node id = StatefulSet ordinal + 1 (what `--node-id=0` makes of the pod name).
+*/}}
+{{- define "llmos.coordinator.peers" -}}
+{{- $peers := list }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $pod := printf "%s-%d" (include "llmos.coordinator.fullname" $) $i }}
+{{- $peers = append $peers (printf "%d=%s" (add1 $i) (include "llmos.coordinator.peerURL" (dict "ctx" $ "pod" $pod))) }}
+{{- end }}
+{{- join "," $peers }}
+{{- end }}
+
+{{/* Worker pool names; call with (dict "ctx" $ "pool" $pool). */}}
+{{- define "llmos.worker.fullname" -}}
+{{- printf "%s-worker-%s" (include "llmos.fullname" .ctx) .pool.name }}
+{{- end }}
+
+{{/* Worker pool selector labels; call with (dict "ctx" $ "pool" $pool). */}}
+{{- define "llmos.worker.selectorLabels" -}}
+{{ include "llmos.selectorLabels" .ctx }}
+app.kubernetes.io/component: worker
+llmos.io/pool: {{ .pool.name }}
+{{- end }}
+
+{{/* A pool's drain timeout: its own, else worker.drainTimeoutSeconds (0 is kept). */}}
+{{- define "llmos.worker.drainTimeout" -}}
+{{- if and (hasKey .pool "drainTimeoutSeconds") (not (kindIs "invalid" .pool.drainTimeoutSeconds)) }}
+{{- .pool.drainTimeoutSeconds | int }}
+{{- else }}
+{{- .ctx.Values.worker.drainTimeoutSeconds | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+A pool's autoscaling settings: the global `autoscaling` block overridden by
+the pool's own `autoscaling` map. Returns YAML; use with fromYaml.
+*/}}
+{{- define "llmos.worker.autoscaling" -}}
+{{- $g := .ctx.Values.autoscaling }}
+{{- $p := .pool.autoscaling | default dict }}
+{{- $enabled := $g.enabled }}
+{{- if hasKey $p "enabled" }}{{ $enabled = $p.enabled }}{{ end }}
+enabled: {{ $enabled }}
+minReplicas: {{ $p.minReplicas | default $g.minReplicas | int }}
+maxReplicas: {{ $p.maxReplicas | default $g.maxReplicas | int }}
+{{- end }}
+
+{{/* Downward-API environment every llmos process gets. */}}
+{{- define "llmos.podEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+
+{{/* The /tmp emptyDir (the root filesystem is read-only): volume and mount. */}}
+{{- define "llmos.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end }}
+{{- define "llmos.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Pod-level fields shared by every pod: pull secrets, account, security. */}}
+{{- define "llmos.podCommon" -}}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.serviceAccountName }}
+serviceAccountName: {{ . }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A gRPC probe on PORT with the timings in PROBE: (dict "port" .. "probe" ..). */}}
+{{- define "llmos.grpcProbe" -}}
+grpc:
+  port: {{ .port }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* Checksum of the models list: the Job's annotation, so a change re-runs it visibly. */}}
+{{- define "llmos.models.checksum" -}}
+{{- toJson .Values.models | sha256sum }}
+{{- end }}
+
+{{/* Name of the model the helm test pod generates with ("" when none). */}}
+{{- define "llmos.tests.model" -}}
+{{- if .Values.tests.model }}
+{{- .Values.tests.model }}
+{{- else if .Values.models }}
+{{- (first .Values.models).name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks values.schema.json cannot express; each failure names the value and
+what to do. Included once, by the coordinator StatefulSet.
+*/}}
+{{- define "llmos.validate" -}}
+{{- $fullname := include "llmos.fullname" . }}
+{{- if gt (len (include "llmos.coordinator.peersService" .)) 63 }}
+{{- fail (printf "the name %q is longer than 63 characters: set fullnameOverride (or a shorter release name)" (include "llmos.coordinator.peersService" .)) }}
+{{- end }}
+{{- $pools := dict }}
+{{- range $i, $pool := .Values.workerPools }}
+{{- if hasKey $pools $pool.name }}
+{{- fail (printf "workerPools[%d]: pool name %q is used twice" $i $pool.name) }}
+{{- end }}
+{{- $_ := set $pools $pool.name true }}
+{{- $sts := include "llmos.worker.fullname" (dict "ctx" $ "pool" $pool) }}
+{{- if gt (len $sts) 52 }}
+{{- fail (printf "workerPools[%d]: StatefulSet name %q is longer than 52 characters (its pods' revision label must fit in 63): shorten the pool name or set fullnameOverride" $i $sts) }}
+{{- end }}
+{{- if ne ($pool.device | default "cpu") "cuda" }}
+{{- $res := $pool.resources | default dict }}
+{{- range $kind := list "requests" "limits" }}
+{{- range $k, $v := (get $res $kind | default dict) }}
+{{- if contains "gpu" (lower $k) }}
+{{- fail (printf "workerPools[%d] (%s): device is cpu but resources.%s asks for %s; GPU resources belong in a pool with device: cuda" $i $pool.name $kind $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $as := include "llmos.worker.autoscaling" (dict "ctx" $ "pool" $pool) | fromYaml }}
+{{- if and $as.enabled (gt (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- fail (printf "workerPools[%d] (%s): autoscaling.minReplicas (%d) is above maxReplicas (%d)" $i $pool.name (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- $models := dict }}
+{{- range $i, $m := .Values.models }}
+{{- if hasKey $models $m.name }}
+{{- fail (printf "models[%d]: model name %q is listed twice" $i $m.name) }}
+{{- end }}
+{{- $_ := set $models $m.name true }}
+{{- if and $m.pool (not (hasKey $pools $m.pool)) }}
+{{- fail (printf "models[%d] (%s): pool %q is not one of workerPools (%s)" $i $m.name $m.pool (keys $pools | sortAlpha | join ", ")) }}
+{{- end }}
+{{- with $m.autoscale }}
+{{- if gt (int .min) (int .max) }}
+{{- fail (printf "models[%d] (%s): autoscale.min (%d) is above autoscale.max (%d)" $i $m.name (int .min) (int .max)) }}
+{{- end }}
+{{- end }}
+{{- if and $m.split $m.stages }}
+{{- if ne (len $m.split) (int $m.stages) }}
+{{- fail (printf "models[%d] (%s): split has %d stages but stages is %d" $i $m.name (len $m.split) (int $m.stages)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

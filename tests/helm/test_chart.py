@@ -1,0 +1,708 @@
+"""Offline checks of the Helm chart helm/llmos.
+
+Run (after `bash scripts/helm-tools.sh`, which installs helm, kubectl and the
+Python packages):
+
+    eval "$(bash scripts/helm-tools.sh --print-env)"
+    "$LLMOS_CACHE/venv/bin/python" -m pytest -q tests/helm/test_chart.py
+
+What they check:
+  - `helm lint --strict` with the default, CPU and GPU values;
+  - every document `helm template` renders (default, CPU, GPU values, and
+    one with every optional feature on), validated against the Kubernetes
+    API schemas of kubernetes-validate (strict: unknown fields fail) for each
+    Kubernetes minor the chart claims (kubeVersion >=1.28); kinds of CRDs
+    (KEDA's ScaledObject, the Prometheus operator's ServiceMonitor) have no
+    schema there and are counted and printed, never skipped silently;
+  - template tests over the parsed YAML: Raft peers and PodDisruptionBudget
+    for 1, 3 and 5 coordinators, worker pool flags/labels/resources, the
+    models list handed to `llmos apply`, the `helm test` pod, the optional
+    resources, the security context;
+  - values.schema.json and the chart's own checks reject bad values with a
+    message naming the value.
+No network is used: helm renders locally and the schemas ship in the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import yaml
+
+from chart_support import (
+    ALL_OPTIONAL, CHART, MIN_KUBE, NAMESPACE, RELEASE, ROOT, VALUE_SETS, VALUES_CPU, VALUES_GPU,
+    values_args, container, coord_name, env_of, flag, kinds, one, pod_spec, pools, render,
+    render_error, render_text, run_helm, values_yaml_keys,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def helm_home(tmp_path_factory):
+    """Keeps helm's config, cache and data out of the user's home; no cluster."""
+    home = tmp_path_factory.mktemp("helm-home")
+    saved = {k: os.environ.get(k) for k in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME", "KUBECONFIG")}
+    os.environ["HELM_CACHE_HOME"] = str(home / "cache")
+    os.environ["HELM_CONFIG_HOME"] = str(home / "config")
+    os.environ["HELM_DATA_HOME"] = str(home / "data")
+    # No cluster: nothing may be contacted.
+    os.environ["KUBECONFIG"] = str(home / "no-kubeconfig")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+# ---------------------------------------------------------------- lint
+
+
+VALIDATION_SETS = {
+    "default": ([], None),
+    "cpu": ([VALUES_CPU], None),
+    "gpu": ([VALUES_GPU], None),
+    "gpu+optional-keda": ([VALUES_GPU], ALL_OPTIONAL),
+    "cpu+optional-hpa": ([VALUES_CPU], {**ALL_OPTIONAL, "autoscaling": {"enabled": True, "kind": "hpa"}}),
+}
+
+
+@pytest.mark.parametrize("name", list(VALIDATION_SETS))
+def test_helm_lint_strict(name):
+    files, values = VALIDATION_SETS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run_helm("lint", "--strict", str(CHART), *values_args(files, values, tmp))
+    assert r.returncode == 0, f"helm lint --strict ({name} values) failed:\n{r.stdout}\n{r.stderr}"
+    assert "0 chart(s) failed" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def kube_versions() -> list[str]:
+    import kubernetes_validate.utils as kv
+
+    minors = sorted({tuple(int(p) for p in v.split(".")[:2]) for v in kv.all_versions()})
+    chosen = [f"{a}.{b}" for a, b in minors if (a, b) >= MIN_KUBE]
+    assert chosen, f"kubernetes-validate ships no schemas for >= {MIN_KUBE}: {minors}"
+    return chosen
+
+
+
+
+@pytest.mark.parametrize("name", list(VALIDATION_SETS))
+def test_rendered_documents_validate_against_kubernetes_schemas(name, capsys):
+    import kubernetes_validate.utils as kv
+
+    files, values = VALIDATION_SETS[name]
+    versions = kube_versions()
+    validated, no_schema, errors = 0, {}, []
+    for version in versions:
+        # --kube-version also exercises the chart's kubeVersion constraint.
+        docs = render(files, values, extra=("--kube-version", f"v{version}.0"))
+        assert docs, "nothing rendered"
+        for doc in docs:
+            what = f'{doc["kind"]}/{doc["metadata"]["name"]} ({doc["apiVersion"]})'
+            try:
+                used = kv.validate(doc, version, strict=True)
+                assert used == version, f"validated {what} against {used}, asked for {version}"
+                validated += 1
+            except kv.SchemaNotFoundError:
+                no_schema.setdefault(what, []).append(version)
+            except kv.ValidationError as e:
+                path = "/".join(str(p) for p in e.path)
+                errors.append(f"k8s {version}: {what}: at {path}: {e.message}")
+    with capsys.disabled():
+        print(f"\n[{name}] validated {validated} documents (strict) against Kubernetes {', '.join(versions)}")
+        for what, vs in sorted(no_schema.items()):
+            print(f"[{name}] NOT VALIDATED (no schema: a CRD kind): {what}, {len(vs)} version(s)")
+    assert not errors, "schema errors:\n" + "\n".join(errors)
+    # Only CRD kinds may lack a schema; a core kind without one is a typo.
+    core = [w for w in no_schema if not any(g in w for g in ("keda.sh/", "monitoring.coreos.com/"))]
+    assert not core, f"kinds without a schema that are not CRDs: {core}"
+    if values is ALL_OPTIONAL:
+        assert len(no_schema) >= 2, f"expected ScaledObject and ServiceMonitor to be counted: {no_schema}"
+
+
+def test_kube_version_below_claimed_is_refused():
+    r = run_helm("template", RELEASE, str(CHART), "--kube-version", "v1.27.0")
+    assert r.returncode != 0
+    assert ">=1.28.0-0" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- coordinators
+
+
+def expected_peers(n, release=RELEASE, ns=NAMESPACE, domain="cluster.local"):
+    full = release if "llmos" in release else f"{release}-llmos"
+    return [
+        f"{i + 1}=http://{full}-coordinator-{i}.{full}-coordinator-peers.{ns}.svc.{domain}:50051"
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_coordinator_peers_list(n):
+    docs = render(values={"coordinator": {"replicas": n}})
+    sts = one(docs, "StatefulSet", coord_name())
+    assert sts["spec"]["replicas"] == n
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == "llmos-coordinator-peers"
+    c = container(sts)
+    assert c["command"] == ["/usr/local/bin/llmos-coordinator"]
+    args = c["args"]
+    peers = expected_peers(n)
+    assert flag(args, "peers") == ",".join(peers)
+    assert flag(args, "node-id") == "0"
+    assert flag(args, "listen") == "$(POD_IP):50051"
+    assert flag(args, "data-dir") == "/var/lib/llmos"
+    assert flag(args, "cluster-id") == "llmos"
+    # Each pod's --advertise (with its name put in for $(POD_NAME)) is its
+    # own entry of --peers, the one numbered ordinal + 1.
+    advertise = flag(args, "advertise")
+    for i in range(n):
+        pod = f"llmos-coordinator-{i}"
+        assert f"{i + 1}={advertise.replace('$(POD_NAME)', pod)}" == peers[i]
+
+
+def test_coordinator_peers_follow_release_namespace_and_domain():
+    docs = render(values={"clusterDomain": "corp.internal"}, release="prod", namespace="serving")
+    sts = one(docs, "StatefulSet", "prod-llmos-coordinator")
+    args = container(sts)["args"]
+    assert flag(args, "peers") == ",".join(expected_peers(3, "prod", "serving", "corp.internal"))
+    assert flag(args, "advertise") == (
+        "http://$(POD_NAME).prod-llmos-coordinator-peers.serving.svc.corp.internal:50051"
+    )
+    one(docs, "Service", "prod-llmos-coordinator-peers")
+    worker = pools(docs)["cpu"]
+    assert flag(container(worker)["args"], "coordinator") == (
+        "http://prod-llmos-coordinator.serving.svc.corp.internal:50051"
+    )
+
+
+def test_coordinator_env_has_downward_api_and_pod_name():
+    sts = one(render(), "StatefulSet", coord_name())
+    env = env_of(container(sts))
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["LLMOS_POD_NAME"]["value"] == "$(POD_NAME)"
+    names = [e["name"] for e in container(sts)["env"]]
+    # $(POD_NAME) is only expanded when POD_NAME is defined earlier.
+    assert names.index("POD_NAME") < names.index("LLMOS_POD_NAME")
+    # The embedded model's path comes from the image: never overridden.
+    assert "LLMOS_SMOLLM2_GGUF" not in env
+
+
+def test_coordinator_services_probes_and_storage():
+    docs = render()
+    peers = one(docs, "Service", "llmos-coordinator-peers")
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"}]
+    client = one(docs, "Service", coord_name())
+    assert client["spec"]["type"] == "ClusterIP"
+    assert [p["port"] for p in client["spec"]["ports"]] == [50051]
+    sts = one(docs, "StatefulSet", coord_name())
+    for svc in (peers, client):
+        assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    c = container(sts)
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["grpc"] == {"port": 50051}, probe
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert {"name": "data", "mountPath": "/var/lib/llmos"} in c["volumeMounts"]
+    assert not any(v["name"] == "data" for v in pod_spec(sts)["volumes"])
+
+    docs = render(values={"coordinator": {"persistence": {"enabled": False}, "service": {"type": "NodePort", "nodePort": 30051, "annotations": {"a": "b"}}}})
+    sts = one(docs, "StatefulSet", coord_name())
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert {"name": "data", "emptyDir": {}} in pod_spec(sts)["volumes"]
+    client = one(docs, "Service", coord_name())
+    assert client["spec"]["type"] == "NodePort"
+    assert client["spec"]["ports"][0]["nodePort"] == 30051
+    assert client["metadata"]["annotations"] == {"a": "b"}
+
+
+def test_coordinator_optional_flags_only_when_set():
+    args = container(one(render(), "StatefulSet", coord_name()))["args"]
+    optional = ["worker-grace-period-s", "heartbeat-timeout-s", "drain-timeout-s",
+                "migration-limit", "migration-timeout-s", "routing"]
+    for name in optional:
+        assert flag(args, name) is None, f"--{name} rendered without being set"
+    values = {"coordinator": {
+        "workerGracePeriodSeconds": 45, "heartbeatTimeoutSeconds": 12, "drainTimeoutSeconds": 200,
+        "migrationLimit": 0, "migrationTimeoutSeconds": 90, "routing": "round-robin",
+        "clusterId": "prod", "extraArgs": ["--raft-tick-ms=50"],
+    }}
+    args = container(one(render(values=values), "StatefulSet", coord_name()))["args"]
+    assert [flag(args, n) for n in optional] == ["45", "12", "200", "0", "90", "round-robin"]
+    assert flag(args, "cluster-id") == "prod"
+    assert args[-1] == "--raft-tick-ms=50"
+    assert "/coordinator/routing" in render_error(values={"coordinator": {"routing": "random"}})
+
+
+@pytest.mark.parametrize("n,quorum", [(1, 1), (3, 2), (5, 3), (7, 4)])
+def test_pdb_keeps_quorum(n, quorum):
+    docs = render(values={"coordinator": {"replicas": n}})
+    pdb = one(docs, "PodDisruptionBudget", coord_name())
+    assert pdb["spec"]["minAvailable"] == quorum
+    sts = one(docs, "StatefulSet", coord_name())
+    assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+
+
+# ---------------------------------------------------------------- workers
+
+
+def test_gpu_resources_only_in_cuda_pools():
+    docs = render([VALUES_GPU])
+    by_pool = pools(docs)
+    assert set(by_pool) == {"gpu", "cpu"}
+    devices = {}
+    for name, sts in by_pool.items():
+        c = container(sts)
+        device = flag(c["args"], "device")
+        devices[name] = device
+        res = c.get("resources", {})
+        gpu_keys = [k for part in ("requests", "limits") for k in res.get(part, {}) if "gpu" in k]
+        if device == "cuda":
+            assert res["limits"]["nvidia.com/gpu"] == 1, name
+            tolerations = pod_spec(sts)["tolerations"]
+            assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
+            assert pod_spec(sts)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert "NVIDIA_VISIBLE_DEVICES" not in env_of(c)
+        else:
+            assert gpu_keys == [], f"cpu pool {name} got GPU resources: {res}"
+            assert "tolerations" not in pod_spec(sts)
+    assert devices == {"gpu": "cuda", "cpu": "cpu"}
+    # Nothing but the cuda pool asks for a GPU.
+    for d in docs:
+        if d["kind"] in ("StatefulSet", "Job", "Pod") and d.get("metadata", {}).get("labels", {}).get("llmos.io/pool") != "gpu":
+            assert "nvidia.com/gpu" not in json.dumps(d), f'{d["kind"]}/{d["metadata"]["name"]}'
+    for name, values_file in (("default", None), ("cpu", VALUES_CPU)):
+        text = render_text([values_file] if values_file else [])
+        assert "nvidia.com/gpu" not in text, f"{name} values render a GPU resource"
+
+
+def test_cpu_pool_with_gpu_resources_is_refused():
+    err = render_error(values={"workerPools": [{
+        "name": "small", "replicas": 1, "device": "cpu",
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+    }]})
+    assert "workerPools[0] (small)" in err and "nvidia.com/gpu" in err and "cuda" in err, err
+
+
+def test_worker_pool_flags_labels_and_pod_labels():
+    values = {"workerPools": [
+        {"name": "big", "replicas": 3, "device": "cuda", "threads": 8,
+         "labels": {"zone": "a", "accelerator": "h100", "tier": "1"},
+         "extraArgs": ["--extra=1"], "extraEnv": [{"name": "RUST_LOG", "value": "debug"}],
+         "resources": {"limits": {"nvidia.com/gpu": 1}}},
+        {"name": "small", "replicas": 1, "device": "cpu"},
+    ], "models": [{"name": "m", "source": "smollm2", "pool": "small"}]}
+    docs = render(values=values)
+    by_pool = pools(docs)
+    assert set(by_pool) == {"big", "small"}
+    big = by_pool["big"]
+    assert big["metadata"]["name"] == "llmos-worker-big"
+    assert big["spec"]["replicas"] == 3
+    assert big["spec"]["serviceName"] == "llmos-worker-big"
+    c = container(big)
+    assert c["command"] == ["/usr/local/bin/llmos-worker"]
+    assert c["args"] == [
+        "serve",
+        "--listen=$(POD_IP):50061",
+        "--collective-port=50062",
+        "--advertise=http://$(POD_IP):50061",
+        "--worker-id=$(POD_NAME)",
+        f"--coordinator=http://llmos-coordinator.{NAMESPACE}.svc.cluster.local:50051",
+        "--device=cuda",
+        "--pool=big",
+        "--threads=8",
+        "--drain-timeout-s=300",
+        # sorted by key
+        "--label=accelerator=h100",
+        "--label=tier=1",
+        "--label=zone=a",
+        "--extra=1",
+    ]
+    env = env_of(c)
+    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"), ("POD_IP", "status.podIP")):
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
+    # Caches (the CUDA kernels' PTX) must land on a writable mount.
+    assert env["XDG_CACHE_HOME"]["value"].startswith("/tmp/")
+    assert "LLMOS_SMOLLM2_GGUF" not in env
+    assert env["RUST_LOG"]["value"] == "debug"
+    labels = big["spec"]["template"]["metadata"]["labels"]
+    assert labels["llmos.io/pool"] == "big"
+    assert labels["app.kubernetes.io/component"] == "worker"
+    assert big["spec"]["selector"]["matchLabels"]["llmos.io/pool"] == "big"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["grpc"] == {"port": 50061}, probe
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50061, "collective": 50062}
+
+    small = container(by_pool["small"])
+    assert flag(small["args"], "threads") is None
+    assert flag(small["args"], "device") == "cpu"
+    assert flag(small["args"], "pool") == "small"
+    assert not [a for a in small["args"] if a.startswith("--label=")]
+
+    svc = one(docs, "Service", "llmos-worker-big")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50061, "collective": 50062}
+    assert svc["spec"]["selector"].items() <= labels.items()
+    # The two pools' selectors do not overlap.
+    assert not (by_pool["small"]["spec"]["selector"]["matchLabels"].items()
+                <= big["spec"]["template"]["metadata"]["labels"].items())
+
+
+def test_cpu_values_pool():
+    docs = render([VALUES_CPU])
+    assert one(docs, "StatefulSet", coord_name())["spec"]["replicas"] == 3
+    by_pool = pools(docs)
+    assert list(by_pool) == ["cpu"]
+    sts = by_pool["cpu"]
+    assert sts["spec"]["replicas"] == 2
+    args = container(sts)["args"]
+    assert flag(args, "threads") == "1"
+    assert flag(args, "device") == "cpu"
+
+
+@pytest.mark.parametrize("pool_drain,default_drain,expected", [
+    (None, None, 300),
+    (600, None, 600),
+    (0, None, 0),
+    (None, 120, 120),
+])
+def test_termination_grace_period_covers_drain(pool_drain, default_drain, expected):
+    pool = {"name": "p", "replicas": 1, "device": "cpu"}
+    if pool_drain is not None:
+        pool["drainTimeoutSeconds"] = pool_drain
+    values = {"workerPools": [pool], "models": []}
+    if default_drain is not None:
+        values["worker"] = {"drainTimeoutSeconds": default_drain}
+    sts = pools(render(values=values))["p"]
+    assert flag(container(sts)["args"], "drain-timeout-s") == str(expected)
+    assert pod_spec(sts)["terminationGracePeriodSeconds"] == expected + 30
+    assert "lifecycle" not in container(sts), "preStop hook is off by default"
+
+
+def test_prestop_hook_is_optional():
+    sts = pools(render(values={"worker": {"preStop": {"enabled": True, "sleepSeconds": 7}}}))["cpu"]
+    assert container(sts)["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sh", "-c", "sleep 7"]
+
+
+def test_model_storage_mounts_on_workers_only():
+    for storage, volume in (
+        ({"type": "pvc", "pvc": {"claimName": "models"}}, {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}),
+        ({"type": "hostPath", "hostPath": {"path": "/srv/models"}}, {"hostPath": {"path": "/srv/models", "type": "Directory"}}),
+    ):
+        docs = render(values={"modelStorage": storage})
+        worker = pools(docs)["cpu"]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in container(worker)["volumeMounts"]
+        assert {"name": "models", **volume} in pod_spec(worker)["volumes"]
+        coordinator = one(docs, "StatefulSet", coord_name())
+        assert not any(m["mountPath"] == "/models" for m in container(coordinator)["volumeMounts"])
+    worker = pools(render())["cpu"]
+    assert not any(m["mountPath"] == "/models" for m in container(worker)["volumeMounts"])
+    err = render_error(values={"modelStorage": {"type": "pvc"}})
+    assert "modelStorage" in err and "pvc" in err, err
+    err = render_error(values={"modelStorage": {"type": "nfs"}})
+    assert "/modelStorage/type" in err, err
+
+
+# ---------------------------------------------------------------- models
+
+
+FULL_MODEL = {
+    "name": "llama", "source": "/models/llama", "dtype": "bf16", "quantize": "int8",
+    "replicas": 2, "stages": 2, "split": [12, 20], "tp": 2, "pool": "cpu",
+    "labels": {"zone": "a"}, "kvBlocks": 2048, "blockSize": 16, "maxBatchTokens": 1024,
+    "maxRunning": 32, "maxWaiting": 128, "prefixCaching": False, "pipelineTransport": "link",
+    "autoscale": {"min": 1, "max": 4},
+}
+
+
+@pytest.mark.parametrize("case", ["cpu", "full"])
+def test_models_configmap_is_the_values_list(case):
+    if case == "cpu":
+        files, values = [VALUES_CPU], None
+        expected = yaml.safe_load(VALUES_CPU.read_text())["models"]
+        assert expected == [{"name": "smollm2", "source": "smollm2", "dtype": "f32", "replicas": 1, "stages": 2, "pool": "cpu"}]
+    else:
+        expected = [FULL_MODEL, {"name": "tiny", "source": "smollm2"}]
+        files, values = [], {"models": expected}
+    docs = render(files, values)
+    cm = one(docs, "ConfigMap", "llmos-models")
+    assert json.loads(cm["data"]["models.json"]) == {"models": expected}
+
+
+def test_models_job_applies_the_list():
+    docs = render([VALUES_CPU])
+    job = one(docs, "Job", "llmos-models")
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "post-install,post-upgrade"
+    assert ann["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 6
+    assert spec["activeDeadlineSeconds"] == 1800
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    c = pod["containers"][0]
+    assert c["command"] == [
+        "/usr/local/bin/llmos",
+        f"--coordinator=http://llmos-coordinator.{NAMESPACE}.svc.cluster.local:50051",
+        "apply",
+        "/etc/llmos/models.json",
+        "--timeout=600",
+    ]
+    assert "args" not in c
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/llmos")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "llmos-models"
+    # An upgrade changing a model's replicas changes the Job's checksum.
+    changed = yaml.safe_load(VALUES_CPU.read_text())["models"]
+    changed[0]["replicas"] = 2
+    job2 = one(render([VALUES_CPU], {"models": changed}), "Job", "llmos-models")
+    key = "llmos.io/models-checksum"
+    assert len(ann[key]) == 64
+    assert job2["metadata"]["annotations"][key] != ann[key]
+    assert job2["spec"]["template"]["metadata"]["annotations"][key] == job2["metadata"]["annotations"][key]
+
+
+def test_no_models_renders_no_job():
+    docs = render(values={"models": []})
+    assert not kinds(docs, "Job") and not [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"] == "llmos-models"]
+    assert not kinds(docs, "Pod"), "the helm test pod needs a model"
+
+
+# ---------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize("values,must_mention", [
+    ({"workerPools": [{"name": "cpu", "replicas": -1, "device": "cpu"}]}, ["/workerPools/0/replicas", "minimum"]),
+    ({"workerPools": [{"name": "cpu", "replicas": 1, "device": "tpu"}]}, ["/workerPools/0/device", "cpu", "cuda"]),
+    ({"coordinator": {"replicas": 2}}, ["/coordinator/replicas", "1, 3, 5"]),
+    ({"coordinator": {"replicas": 4}}, ["/coordinator/replicas"]),
+    ({"coordinator": {"replicas": -3}}, ["/coordinator/replicas"]),
+    ({"models": [{"name": "m"}]}, ["/models/0", "source"]),
+    ({"models": [{"source": "smollm2"}]}, ["/models/0", "name"]),
+    ({"models": [{"name": "m", "source": "smollm2", "replicas": -1}]}, ["/models/0/replicas"]),
+    ({"models": [{"name": "m", "source": "smollm2", "dtype": "f8"}]}, ["/models/0/dtype", "bf16"]),
+    ({"models": [{"name": "m", "source": "smollm2", "quantise": "int8"}]}, ["/models/0", "quantise"]),
+    ({"models": [{"name": "m", "source": "smollm2", "pipelineTransport": "nccl"}]}, ["/models/0/pipelineTransport"]),
+    ({"workerPools": [{"name": "Bad_Name", "replicas": 1}]}, ["/workerPools/0/name"]),
+    ({"coordinatr": {"replicas": 3}}, ["coordinatr"]),
+])
+def test_schema_rejects_bad_values(values, must_mention):
+    err = render_error(values=values)
+    assert "schema" in err, err
+    for text in must_mention:
+        assert text in err, f"error does not mention {text!r}:\n{err}"
+
+
+@pytest.mark.parametrize("values,must_mention", [
+    ({"workerPools": [{"name": "a", "replicas": 1}, {"name": "a", "replicas": 1}], "models": []}, ['"a" is used twice']),
+    ({"models": [{"name": "m", "source": "smollm2"}, {"name": "m", "source": "smollm2"}]}, ['"m" is listed twice']),
+    ({"models": [{"name": "m", "source": "smollm2", "pool": "gpu"}]}, ['pool "gpu" is not one of workerPools (cpu)']),
+    ({"models": [{"name": "m", "source": "smollm2", "autoscale": {"min": 3, "max": 2}}]}, ["autoscale.min (3) is above autoscale.max (2)"]),
+    ({"models": [{"name": "m", "source": "smollm2", "stages": 3, "split": [10, 20]}]}, ["split has 2 stages but stages is 3"]),
+    ({"fullnameOverride": "x" * 60}, ["longer than 63 characters", "fullnameOverride"]),
+])
+def test_chart_checks_reject_inconsistent_values(values, must_mention):
+    err = render_error(values=values)
+    for text in must_mention:
+        assert text in err, f"error does not mention {text!r}:\n{err}"
+
+
+def test_example_values_files_pass_the_schema():
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(defaults)
+    for f in (VALUES_CPU, VALUES_GPU):
+        jsonschema.Draft7Validator(schema).validate({**defaults, **yaml.safe_load(f.read_text())})
+
+
+# ---------------------------------------------------------------- helm test
+
+
+def test_helm_test_pod_generates():
+    docs = render([VALUES_CPU])
+    pod = next(d for d in kinds(docs, "Pod"))
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["containers"][0]["command"] == [
+        "/usr/local/bin/llmos",
+        f"--coordinator=http://llmos-coordinator.{NAMESPACE}.svc.cluster.local:50051",
+        "generate",
+        "--model=smollm2",
+        "--prompt=Say hello.",
+        "--max-tokens=8",
+    ]
+    values = {"models": [{"name": "a", "source": "smollm2"}, {"name": "b", "source": "smollm2"}],
+              "tests": {"prompt": "2+2=?", "model": "b"}}
+    command = next(d for d in kinds(render(values=values), "Pod"))["spec"]["containers"][0]["command"]
+    assert "--model=b" in command and "--prompt=2+2=?" in command
+    values["tests"] = {}
+    command = next(d for d in kinds(render(values=values), "Pod"))["spec"]["containers"][0]["command"]
+    assert "--model=a" in command and "--prompt=Say hello." in command
+    assert not kinds(render(values={"tests": {"enabled": False}}), "Pod")
+    # --skip-tests drops it: it is a test hook, not a release resource.
+    assert not kinds(render(extra=("--skip-tests",)), "Pod")
+
+
+# ---------------------------------------------------------------- optional resources
+
+
+def test_optional_resources_only_when_enabled():
+    for name, files in VALUE_SETS.items():
+        docs = render(files)
+        present = {d["kind"] for d in docs}
+        for kind in ("NetworkPolicy", "ServiceMonitor", "ScaledObject", "HorizontalPodAutoscaler"):
+            assert kind not in present, f"{kind} rendered by default ({name} values)"
+        for d in kinds(docs, "Service"):
+            assert all(p["name"] != "metrics" for p in d["spec"]["ports"]), d["metadata"]["name"]
+
+
+def test_network_policies():
+    docs = render([VALUES_GPU], {"networkPolicy": {"enabled": True}})
+    coord = one(docs, "NetworkPolicy", coord_name())
+    assert coord["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "coordinator"
+    # 50051 from anywhere: no `from` in the rule.
+    assert coord["spec"]["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}]
+    workers = one(docs, "NetworkPolicy", "llmos-worker")
+    sel = workers["spec"]["podSelector"]["matchLabels"]
+    assert sel["app.kubernetes.io/component"] == "worker"
+    [rule] = workers["spec"]["ingress"]
+    assert sorted(p["port"] for p in rule["ports"]) == [50061, 50062]
+    [peer] = rule["from"]
+    assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llmos", "app.kubernetes.io/instance": RELEASE}}}
+    for sts in pools(docs).values():
+        assert sel.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    # Coordinators are pods of this release: they reach the workers.
+    assert peer["podSelector"]["matchLabels"].items() <= one(docs, "StatefulSet", coord_name())["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_service_monitor():
+    docs = render(values={"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    sm = one(docs, "ServiceMonitor", "llmos")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    selected = [s for s in kinds(docs, "Service")
+                if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert sorted(s["metadata"]["name"] for s in selected) == ["llmos-coordinator", "llmos-worker-cpu"]
+    for s in selected:
+        assert any(p["name"] == "metrics" for p in s["spec"]["ports"])
+
+
+def test_keda_scaled_object_per_pool():
+    values = {"autoscaling": {"enabled": True, "kind": "keda", "maxReplicas": 6}}
+    docs = render([VALUES_GPU], values)
+    objects = {d["spec"]["scaleTargetRef"]["name"]: d for d in kinds(docs, "ScaledObject")}
+    assert set(objects) == {"llmos-worker-gpu", "llmos-worker-cpu"}
+    gpu = objects["llmos-worker-gpu"]
+    assert gpu["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert gpu["spec"]["maxReplicaCount"] == 6
+    [trigger] = gpu["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"] == f'sum(llmos_requests_waiting{{namespace="{NAMESPACE}", pool="gpu"}})'
+    # The autoscaler owns the replica count.
+    for sts in pools(docs).values():
+        assert "replicas" not in sts["spec"]
+    # A pool can opt out.
+    gpu_values = yaml.safe_load(VALUES_GPU.read_text())
+    gpu_values["workerPools"][1]["autoscaling"] = {"enabled": False}
+    docs = render([VALUES_GPU], {**values, "workerPools": gpu_values["workerPools"]})
+    assert [d["spec"]["scaleTargetRef"]["name"] for d in kinds(docs, "ScaledObject")] == ["llmos-worker-gpu"]
+    assert pools(docs)["cpu"]["spec"]["replicas"] == 1
+
+
+def test_hpa_per_pool():
+    docs = render(values={"autoscaling": {"enabled": True, "kind": "hpa", "minReplicas": 2, "maxReplicas": 5}})
+    [hpa] = kinds(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "llmos-worker-cpu"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    assert not kinds(docs, "ScaledObject")
+
+
+# ---------------------------------------------------------------- pods in general
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_pod_runs_non_root_read_only(name):
+    docs = render(VALUE_SETS[name])
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Job", "Pod")]
+    assert len(workloads) >= 4
+    for w in workloads:
+        what = f'{w["kind"]}/{w["metadata"]["name"]}'
+        spec = pod_spec(w)
+        sc = spec["securityContext"]
+        assert (sc["runAsNonRoot"], sc["runAsUser"], sc["fsGroup"]) == (True, 10001, 10001), what
+        assert spec["automountServiceAccountToken"] is False, what
+        for c in spec["containers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, what
+            assert csc["readOnlyRootFilesystem"] is True, what
+            assert csc.get("privileged") is not True, what
+            tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+            volume = next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+            assert "emptyDir" in volume, what
+            assert c["image"] == ("llmos:0.1.0-cuda" if name == "gpu" else "llmos:0.1.0"), what
+            assert c["imagePullPolicy"] == "IfNotPresent", what
+            assert c["command"][0].startswith("/usr/local/bin/llmos"), what
+
+
+def test_image_values():
+    docs = render(values={"image": {"repository": "registry.example/llmos", "tag": "0.2.0-cuda", "pullPolicy": "Always"},
+                          "imagePullSecrets": [{"name": "regcred"}]})
+    for w in (d for d in docs if d["kind"] in ("StatefulSet", "Job", "Pod")):
+        c = container(w)
+        assert c["image"] == "registry.example/llmos:0.2.0-cuda"
+        assert c["imagePullPolicy"] == "Always"
+        assert pod_spec(w)["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_services_target_named_container_ports():
+    docs = render([VALUES_GPU], {"metrics": {"serviceMonitor": {"enabled": True}}})
+    workloads = kinds(docs, "StatefulSet")
+    for svc in kinds(docs, "Service"):
+        matching = [w for w in workloads
+                    if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(matching) == 1, f'Service {svc["metadata"]["name"]} selects {len(matching)} workloads'
+        ports = {p["name"] for p in container(matching[0])["ports"]}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in ports, f'{svc["metadata"]["name"]}: {p["targetPort"]} not in {ports}'
+
+
+def test_notes_say_how_to_call_the_api():
+    r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
+    assert r.returncode == 0, r.stderr
+    notes = r.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl -n {NAMESPACE} port-forward svc/llmos-coordinator 50051:50051" in notes
+    assert "llmos --coordinator http://127.0.0.1:50051 generate --model smollm2 --prompt hi" in notes
+    assert f"helm test {RELEASE}" in notes
+
+
+# ---------------------------------------------------------------- values.yaml
+
+
+def test_values_yaml_documents_every_key():
+    """Every key has a `# --` comment, unless it is a group of keys that do."""
+    keys = values_yaml_keys()
+    missing = [f"line {n}: {path}" for path, documented, n, group in keys if not documented and not group]
+    assert not missing, "values.yaml keys without a `# --` comment:\n" + "\n".join(missing)
+    assert len(keys) > 50
+
+
+def test_docs_list_every_value():
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    absent = [path for path, documented, _, _ in values_yaml_keys() if documented and f"| `{path}` |" not in docs]
+    assert not absent, f"docs/kubernetes.md's value table lacks: {absent}"

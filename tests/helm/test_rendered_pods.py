@@ -1,0 +1,189 @@
+"""The chart's rendered pods, run for real (issue 22).
+
+Renders helm/llmos with values-cpu.yaml and runs every pod as Kubernetes
+would, one container per pod on its own loopback address (see pods.py):
+3 coordinators elect a leader through the headless Service's names, 2
+workers register through the client Service's name, the post-install Job
+applies the chart's models, the `helm test` pod generates; then the worker
+pool is scaled by re-rendering with one more replica (the new pod registers),
+a worker holding a stage gets SIGTERM and drains (its replica is replaced
+on the new workers first, then it exits by itself), and `helm test` generates again.
+
+Runtime: podman with the image scripts/image.sh built ($LLMOS_IMAGE,
+default localhost/llmos:0.1.0); where podman cannot run, the same command
+lines as plain processes, and the test prints that it did.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pods
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHART = os.path.join(ROOT, "helm", "llmos")
+VALUES = os.path.join(CHART, "values-cpu.yaml")
+NS = "llmos"
+IMAGE = os.environ.get("LLMOS_IMAGE", "localhost/llmos:0.1.0")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/llmos/target"))
+BINARIES = {b: os.path.join(TARGET, "release", b) for b in ("llmos", "llmos-coordinator", "llmos-worker")}
+
+
+def say(msg):
+    # Shown in a passing run too (pytest -s is not assumed).
+    sys.__stderr__.write(f"[rendered-pods] {msg}\n")
+    sys.__stderr__.flush()
+
+
+def cli(pod, *args, timeout=60):
+    """The llmos CLI against a pod's address (what an operator would run)."""
+    r = subprocess.run(
+        [BINARIES["llmos"], "--coordinator", f"http://{pod.ip}:50051", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, f"llmos {' '.join(args)}: {r.stderr[-2000:]}"
+    return json.loads(r.stdout)
+
+
+def wait_until(what, check, timeout):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+            last = e
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached in {timeout} s (last: {last})")
+
+
+def sets(image):
+    repo, tag = image.rsplit(":", 1)
+    return [f"image.repository={repo}", f"image.tag={tag}"]
+
+
+def run_to_end(cluster, pod, timeout):
+    cluster.start(pod)
+    code = cluster.exit_code(pod, timeout)
+    out = cluster.logs(pod)
+    assert code == 0, f"pod {pod.name} exited {code}:\n{out[-3000:]}"
+    return out
+
+
+def test_the_rendered_chart_forms_a_working_cluster():
+    why_not = pods.podman_usable(IMAGE)
+    runtime = pods.PODMAN if why_not is None and os.environ.get("LLMOS_PODS_RUNTIME") != "process" else pods.PROCESS
+    if runtime == pods.PROCESS:
+        say(f"podman not used ({why_not or 'LLMOS_PODS_RUNTIME=process'}): running the rendered command lines as plain processes")
+        for b in BINARIES.values():
+            assert os.path.exists(b), f"{b} is not built (cargo build --release --workspace --bins)"
+    else:
+        say(f"running the rendered pods as podman containers of {IMAGE}")
+    docs = pods.render(CHART, [VALUES], NS, sets(IMAGE))
+    workdir = tempfile.mkdtemp(prefix="llmos-pods-")
+    cluster = pods.Cluster(docs, NS, runtime, IMAGE, workdir, BINARIES)
+    t0 = time.time()
+    try:
+        # Coordinators: a StatefulSet with podManagementPolicy Parallel.
+        coord_sts = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+        assert len(coord_sts) == 1, "one coordinator StatefulSet"
+        assert coord_sts[0]["spec"]["podManagementPolicy"] == "Parallel"
+        coordinators = cluster.statefulset_pods(coord_sts[0]["metadata"]["name"])
+        assert len(coordinators) == 3
+        for p in coordinators:
+            cluster.start(p)
+        cluster.wait_ready(coordinators, timeout=60)
+
+        def one_leader():
+            views = [cli(p, "status")["control_plane"] for p in coordinators]
+            leaders = {v["leader_id"] for v in views}
+            members = {len(v["members"]) for v in views}
+            return views if len(leaders) == 1 and 0 not in leaders and members == {3} else None
+
+        views = wait_until("one leader known to all 3 coordinators", one_leader, 60)
+        say(f"3 coordinators ready, leader {views[0]['leader']} ({time.time() - t0:.1f} s)")
+
+        # Workers: the pool's StatefulSet.
+        worker_sts = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+        assert [s["metadata"]["name"] for s in worker_sts] == ["llmos-worker-cpu"]
+        workers = cluster.statefulset_pods("llmos-worker-cpu")
+        assert len(workers) == 2
+        for p in workers:
+            cluster.start(p)
+        cluster.wait_ready(workers, timeout=60)
+
+        def registered(n):
+            pools = cli(coordinators[0], "workers")
+            ids = sorted(w["id"] for ws in pools.values() for w in ws if w["healthy"] and not w["gone"])
+            return ids if len(ids) == n else None
+
+        ids = wait_until("2 workers registered", lambda: registered(2), 60)
+        assert ids == ["llmos-worker-cpu-0", "llmos-worker-cpu-1"], ids
+        pools = cli(coordinators[0], "workers")
+        assert list(pools) == ["cpu"], f"workers grouped by pool: {pools}"
+        say(f"workers registered: {ids} ({time.time() - t0:.1f} s)")
+
+        # The post-install Job applies the chart's models.
+        job = cluster.job_pod("llmos-models")
+        out = run_to_end(cluster, job, timeout=300)
+        assert '"applied"' in out and "smollm2" in out, out
+        model = next(m for m in cli(coordinators[1], "status")["models"] if m["name"] == "smollm2")
+        assert model["state"] == "Ready" and len(model["stages"]) == 2, model
+        say(f"models Job applied smollm2 ({time.time() - t0:.1f} s)")
+
+        # helm test: the rendered test pod generates.
+        (test_pod,) = cluster.test_pods()
+        out = run_to_end(cluster, test_pod, timeout=120)
+        assert "finish" in out.lower() and "generated" in out, out
+        say(f"helm test pod generated: {out.strip().splitlines()[0]!r}")
+
+        # Scale the pool one replica at a time: re-render with one more,
+        # start the new pod, see it register. Two more make room for a
+        # whole replacement replica (a drain places one before the old
+        # replica lets go; it does not move single stages).
+        for n in (3, 4):
+            cluster.docs = pods.render(CHART, [VALUES], NS, sets(IMAGE) + [f"workerPools[0].replicas={n}"])
+            new = [p for p in cluster.statefulset_pods("llmos-worker-cpu") if p.name not in cluster.pods]
+            assert [p.name for p in new] == [f"llmos-worker-cpu-{n - 1}"]
+            cluster.start(new[0])
+            cluster.wait_ready(new, timeout=60)
+            wait_until(f"worker {n} registered", lambda: registered(n), 60)
+            say(f"pool scaled to {n}: {new[0].name} registered ({time.time() - t0:.1f} s)")
+
+        # SIGTERM a worker holding a stage: it drains (a replacement replica
+        # on the new workers, then the old one lets go) and exits by itself
+        # within its grace period.
+        holder = model["stages"][1]["worker"]
+        before = {st["worker"] for st in model["stages"]}
+        victim = cluster.pods[holder]
+        grace = victim.spec["terminationGracePeriodSeconds"]
+        cluster.signal(victim, signal.SIGTERM)
+        code = cluster.exit_code(victim, timeout=grace)
+        assert code == 0, f"{holder} exited {code} after SIGTERM:\n{cluster.logs(victim)[-3000:]}"
+
+        def moved():
+            m = next(m for m in cli(coordinators[2], "status")["models"] if m["name"] == "smollm2")
+            placed = {s["worker"] for s in m["stages"]}
+            return m if m["state"] == "Ready" and holder not in placed else None
+
+        model = wait_until("smollm2 Ready without the drained worker", moved, 120)
+        placed = [s["worker"] for s in model["stages"]]
+        assert set(placed) == {"llmos-worker-cpu-2", "llmos-worker-cpu-3"}, (before, placed)
+        say(f"SIGTERM to {holder}: drained and exited 0; smollm2 now on {placed} ({time.time() - t0:.1f} s)")
+
+        # And the chart's test still passes.
+        again = cluster.test_pods()[0]
+        again.name = again.name + "-again"
+        out = run_to_end(cluster, again, timeout=120)
+        assert "generated" in out, out
+        say(f"helm test after the drain: ok; whole run {time.time() - t0:.1f} s ({runtime})")
+    finally:
+        cluster.stop_all()
