@@ -175,6 +175,17 @@ enum Action {
     Keep,
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Deploy => write!(f, "deploy"),
+            Action::Scale { from, to } => write!(f, "scale {from} -> {to} replicas"),
+            Action::Resplit { from, to } => write!(f, "re-split {from:?} -> {to:?}"),
+            Action::Keep => write!(f, "as listed"),
+        }
+    }
+}
+
 fn plan(want: &Model, have: Option<&api::ModelStatus>) -> Result<Vec<Action>> {
     let Some(have) = have else {
         return Ok(vec![Action::Deploy]);
@@ -287,7 +298,7 @@ async fn apply_on(ch: Channel, models: &[Model], deadline: Instant) -> Result<()
                 }
                 Action::Keep => {}
             }
-            eprintln!("{}: {action:?}", want.name);
+            eprintln!("{}: {action}", want.name);
         }
     }
     // Then wait until each serves as listed.

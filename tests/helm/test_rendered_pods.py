@@ -7,7 +7,9 @@ workers register through the client Service's name, the post-install Job
 applies the chart's models, the `helm test` pod generates; then the worker
 pool is scaled by re-rendering with one more replica (the new pod registers),
 a worker holding a stage gets SIGTERM and drains (its replica is replaced
-on the new workers first, then it exits by itself), and `helm test` generates again.
+on the new workers first, then it exits by itself), `helm test` generates
+again, and an upgrade asking for 2 replicas re-runs the models Job, which
+scales the model.
 
 Runtime: podman with the image scripts/image.sh built ($LLMOS_IMAGE,
 default localhost/llmos:0.1.0); where podman cannot run, the same command
@@ -120,9 +122,12 @@ def test_the_rendered_chart_forms_a_working_cluster():
             cluster.start(p)
         cluster.wait_ready(workers, timeout=60)
 
-        def registered(n):
+        def registered_ids():
             pools = cli(coordinators[0], "workers")
-            ids = sorted(w["id"] for ws in pools.values() for w in ws if w["healthy"] and not w["gone"])
+            return sorted(w["id"] for ws in pools.values() for w in ws if w["healthy"] and not w["gone"])
+
+        def registered(n):
+            ids = registered_ids()
             return ids if len(ids) == n else None
 
         ids = wait_until("2 workers registered", lambda: registered(2), 60)
@@ -184,6 +189,19 @@ def test_the_rendered_chart_forms_a_working_cluster():
         again.name = again.name + "-again"
         out = run_to_end(cluster, again, timeout=120)
         assert "generated" in out, out
-        say(f"helm test after the drain: ok; whole run {time.time() - t0:.1f} s ({runtime})")
+        say(f"helm test after the drain: ok ({time.time() - t0:.1f} s)")
+
+        # An upgrade asking for 2 replicas (and a fifth worker to hold the
+        # second): the post-upgrade Job runs again and scales the model.
+        cluster.docs = pods.render(CHART, [VALUES], NS, sets(IMAGE) + ["workerPools[0].replicas=5", "models[0].replicas=2"])
+        fifth = cluster.statefulset_pods("llmos-worker-cpu")[4]
+        cluster.start(fifth)
+        cluster.wait_ready([fifth], timeout=60)
+        wait_until("the fifth worker registered", lambda: fifth.name in (registered_ids() or []), 60)
+        out = run_to_end(cluster, cluster.job_pod("llmos-models", attempt=1), timeout=300)
+        assert "smollm2: scale 1 -> 2 replicas" in out, out
+        model = next(m for m in cli(coordinators[0], "status")["models"] if m["name"] == "smollm2")
+        assert model["replicas_desired"] == 2 and [r["state"] for r in model["replicas"]] == ["Ready", "Ready"], model
+        say(f"upgrade with models[0].replicas=2: the Job scaled smollm2 to 2 Ready replicas; whole run {time.time() - t0:.1f} s ({runtime})")
     finally:
         cluster.stop_all()

@@ -67,8 +67,8 @@ struct ServeArgs {
     #[arg(long = "label", value_parser = llmos_proto::parse_label)]
     labels: Vec<(String, String)>,
     /// On SIGTERM/SIGINT, seconds to wait for the coordinator to move this
-    /// worker's replicas elsewhere before stopping anyway (0: stop at once,
-    /// finishing only the requests in flight).
+    /// worker's replicas elsewhere before stopping anyway (0: stop at once).
+    /// Either way, requests still open then get up to 20 s to finish.
     #[arg(long, env = "LLMOS_DRAIN_TIMEOUT_S", default_value_t = 300)]
     drain_timeout_s: u64,
 }

@@ -404,7 +404,13 @@ impl Worker for WorkerService {
     }
 }
 
-/// Serves the worker API on `listener` until `shutdown` completes.
+/// How long, once shutdown has begun, the server waits for its open
+/// requests and streams (an engine's step stream to a shard it still
+/// holds stays open) before it stops anyway.
+pub const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Serves the worker API on `listener` until `shutdown` completes, then
+/// finishes the open requests for up to [`FINISH_GRACE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     host: HostHandle,
@@ -419,7 +425,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError(e.to_string()))?;
-    tonic::transport::Server::builder()
+    let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(
@@ -429,10 +436,24 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .map_err(|e| ServeError(e.to_string()))
+            async move {
+                shutdown.await;
+                let _ = began.send(());
+            },
+        );
+    let overdue = async move {
+        match began_rx.await {
+            Ok(()) => tokio::time::sleep(FINISH_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| ServeError(e.to_string())),
+        () = overdue => {
+            tracing::warn!(grace = ?FINISH_GRACE, "requests still open after shutdown began; stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Serves like [`serve`] and, given a registration, registers with the
