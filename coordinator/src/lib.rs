@@ -86,10 +86,16 @@ pub async fn serve(
     health_reporter
         .set_serving::<llmos_proto::v1::inference_server::InferenceServer<inference::InferenceService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("valid descriptor set");
+    let mut served = vec![
+        "llmos.v1.Inference",
+        "llmos.v1.Admin",
+        "llmos.worker.v1.Registry",
+    ];
+    if peer.is_some() {
+        served.push("llmos.coordinator.v1.Peer");
+    }
+    let (reflection, reflection_v1alpha) =
+        llmos_proto::reflection(&served).expect("valid descriptor sets");
     let peer = peer.map(|p| {
         llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
             .max_decoding_message_size(256 << 20)
@@ -98,6 +104,7 @@ pub async fn serve(
         .add_optional_service(peer)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             llmos_proto::worker::v1::registry_server::RegistryServer::new(
                 registry::RegistryService {

@@ -421,14 +421,13 @@ pub async fn serve(
     health_reporter
         .set_serving::<WorkerServer<WorkerService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(llmos_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let (reflection, reflection_v1alpha) = llmos_proto::reflection(&["llmos.worker.v1.Worker"])
         .map_err(|e| ServeError(e.to_string()))?;
     let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             WorkerServer::new(WorkerService::new(host, held))
                 .max_decoding_message_size(256 << 20)
