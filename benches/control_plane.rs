@@ -131,6 +131,7 @@ async fn group(bin: &Path, dir: &Path) -> (Procs, Vec<u16>, u16) {
         procs.0.push(
             Command::new(bin)
                 .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
+                .args(["--http-listen", "off"])
                 .args(["--node-id", &(i + 1).to_string(), "--peers", &peers])
                 .args([
                     "--data-dir",

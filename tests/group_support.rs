@@ -112,6 +112,9 @@ pub fn node_ticking(root: &Path, id: u64, port: u16, tick_ms: u64, extra: &[Stri
     let mut args: Vec<String> = vec![
         "--listen".into(),
         format!("127.0.0.1:{port}"),
+        // Replicas share 127.0.0.1: the HTTP API's default port would clash.
+        "--http-listen".into(),
+        "off".into(),
         "--node-id".into(),
         id.to_string(),
         "--cluster-id".into(),

@@ -49,8 +49,11 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// Starts `cmd` and reads its `listening on ADDR` line.
-async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String)> {
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts `cmd` and reads its `listening on ADDR` line; the rest of its
+/// output is left in the returned lines.
+async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String, Lines)> {
     cmd.stdout(Stdio::piped())
         .stdin(Stdio::null())
         .kill_on_drop(true)
@@ -76,7 +79,7 @@ async fn spawn(mut cmd: Command, what: &str) -> Result<(Child, String)> {
         .strip_prefix("listening on ")
         .with_context(|| format!("{what} printed {line:?}"))?
         .to_string();
-    Ok((child, addr))
+    Ok((child, addr, lines))
 }
 
 /// Returns (an error) when one of the cluster's processes exits on its own.
@@ -95,10 +98,19 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
     let mut children = Vec::new();
     let mut coord = Command::new(sibling("llmos-coordinator")?);
     coord.args(["--listen", "127.0.0.1:0"]);
-    let (child, addr) = spawn(coord, "the coordinator").await?;
+    let (child, addr, mut lines) = spawn(coord, "the coordinator").await?;
     children.push(("the coordinator".to_string(), child));
     let url = format!("http://{addr}");
-    eprintln!("[llmos] coordinator on {url}");
+    let http = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .ok()
+        .and_then(|l| l.ok().flatten())
+        .and_then(|l| {
+            l.strip_prefix("http listening on ")
+                .map(|a| format!("http://{a}"))
+        })
+        .context("the coordinator did not print its HTTP address")?;
+    eprintln!("[llmos] coordinator on {url} (HTTP {http})");
     for i in 0..a.workers {
         let mut w = Command::new(sibling("llmos-worker")?);
         w.args([
@@ -111,7 +123,7 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         ])
         .arg(format!("local-{i}"))
         .args(["--threads", &a.worker_threads.to_string()]);
-        let (child, waddr) = spawn(w, "a worker").await?;
+        let (child, waddr, _) = spawn(w, "a worker").await?;
         eprintln!("[llmos] worker local-{i} on {waddr}");
         children.push((format!("worker local-{i}"), child));
     }
@@ -163,6 +175,15 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
             a.generate.model
         );
         eprintln!("[llmos]   llmos --coordinator {url} status");
+        eprintln!("[llmos] OpenAI HTTP API at {http}");
+        eprintln!(
+            "[llmos]   curl {http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+            a.generate.model
+        );
+        eprintln!(
+            "[llmos]   python -c 'import openai; c = openai.OpenAI(base_url=\"{http}/v1\", api_key=\"-\"); print(c.chat.completions.create(model=\"{}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}]).choices[0].message.content)'",
+            a.generate.model
+        );
         watch(&mut children).await
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -8,11 +8,18 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Every address `llmos local` announced (`... on ADDR`, and the
+/// coordinator's `(HTTP ADDR)`).
 fn addresses(stderr: &str) -> Vec<String> {
     stderr
         .lines()
         .filter_map(|l| l.split(" on ").nth(1))
-        .map(|a| a.trim().trim_start_matches("http://").to_string())
+        .flat_map(|rest| {
+            rest.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+                .filter(|w| w.contains(':') && w != &"HTTP")
+                .map(|a| a.trim_start_matches("http://").to_string())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -75,7 +82,11 @@ fn local_cluster_streams_a_generation_over_two_stages() {
         tokens.len()
     );
     let addrs = addresses(&stderr);
-    assert_eq!(addrs.len(), 3, "{stderr}");
+    assert_eq!(
+        addrs.len(),
+        4,
+        "gRPC and HTTP of the coordinator, 2 workers: {stderr}"
+    );
     all_closed(&addrs);
 }
 

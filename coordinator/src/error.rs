@@ -67,6 +67,17 @@ impl From<CoordError> for Status {
             }
             CoordError::State(StateError::UnknownWorker(_)) => Status::not_found(msg),
             CoordError::Meta(llmos_meta::MetaError::ModelNotFound { .. }) => Status::not_found(msg),
+            CoordError::Request(llmos_meta::request::RequestError::ContextExceeded { .. }) => {
+                // A reason the HTTP API names with OpenAI's code.
+                let mut s = Status::invalid_argument(msg);
+                s.metadata_mut().insert(
+                    crate::http::REQUEST_ERROR_KEY,
+                    tonic::metadata::MetadataValue::from_static(
+                        crate::http::CONTEXT_LENGTH_EXCEEDED,
+                    ),
+                );
+                s
+            }
             CoordError::Invalid(_)
             | CoordError::Request(_)
             | CoordError::Limit { .. }

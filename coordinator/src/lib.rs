@@ -25,6 +25,8 @@
 //! - [`autoscaler`]: the built-in, off-by-default replica autoscaling rule.
 //! - [`router`]: which replica serves a request (load and prompt-prefix
 //!   affinity, in this coordinator's memory).
+//! - [`http`]: the OpenAI-compatible HTTP API, a translation onto
+//!   `Inference.Generate`.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
@@ -34,6 +36,7 @@ pub mod consensus;
 pub mod deployment;
 pub mod error;
 pub mod etcd;
+pub mod http;
 pub mod inference;
 pub mod leases;
 pub mod placement;
@@ -69,6 +72,25 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_http(listener, None, config, shutdown).await
+}
+
+/// The OpenAI-compatible HTTP API's listener and its request body limit.
+pub struct HttpListener {
+    pub listener: tokio::net::TcpListener,
+    pub max_body_bytes: usize,
+}
+
+/// How long open HTTP streams may go on after shutdown began.
+const HTTP_FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`serve`], plus the HTTP API on `http` when given.
+pub async fn serve_with_http(
+    listener: tokio::net::TcpListener,
+    http: Option<HttpListener>,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let listen = listener.local_addr()?;
     let (store, peer): (Arc<dyn store::MetaStore>, _) = match &config.store {
         StoreConfig::Raft(s) => {
@@ -100,6 +122,25 @@ pub async fn serve(
         llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
             .max_decoding_message_size(256 << 20)
     });
+    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+    let http_task = http.map(|h| {
+        let router = http::router(Arc::clone(&cluster), h.max_body_bytes);
+        let mut stop_seen = stop_seen.clone();
+        tokio::spawn(async move {
+            let r = axum::serve(h.listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_seen.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        })
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
     let result = tonic::transport::Server::builder()
         .add_optional_service(peer)
         .add_service(health)
@@ -125,6 +166,15 @@ pub async fn serve(
             shutdown,
         )
         .await;
+    if let Some(mut t) = http_task {
+        if tokio::time::timeout(HTTP_FINISH_GRACE, &mut t)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?HTTP_FINISH_GRACE, "HTTP streams still open after shutdown began; stopping them");
+            t.abort();
+        }
+    }
     let _ = stop_reconciler.send(());
     let _ = reconciler.await;
     store.shutdown().await;

@@ -19,6 +19,13 @@ struct Cli {
         default_value = "127.0.0.1:50051"
     )]
     listen: std::net::SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`off`: none). Default:
+    /// --listen's IP, port 8000 (port 0 when --listen asks for port 0).
+    #[arg(long, env = "LLMOS_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Largest HTTP request body, in bytes (413 above it).
+    #[arg(long, env = "LLMOS_HTTP_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    http_max_body_bytes: usize,
     /// How often workers heartbeat (they learn it when they register), in
     /// milliseconds.
     #[arg(long, env = "LLMOS_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
@@ -119,8 +126,28 @@ async fn main() -> Result<()> {
         .with_context(|| format!("bind {}", cli.listen))?;
     // Handlers first: a signal after the announcement stops us gracefully.
     let signals = llmos_meta::shutdown::Signals::install().context("install signal handlers")?;
-    println!("listening on {}", listener.local_addr()?);
     let listen = listener.local_addr()?;
+    let http = match http_address(cli.http_listen.as_deref(), cli.listen)? {
+        None => None,
+        Some(a) => Some(llmos_coordinator::HttpListener {
+            listener: tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("bind --http-listen {a}"))?,
+            max_body_bytes: cli.http_max_body_bytes,
+        }),
+    };
+    // Both addresses in one write: a launcher reading only the first line
+    // may close the pipe after it.
+    let mut announce = format!("listening on {listen}\n");
+    if let Some(h) = &http {
+        announce.push_str(&format!("http listening on {}\n", h.listener.local_addr()?));
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        out.write_all(announce.as_bytes())?;
+        out.flush()?;
+    }
     let advertise = cli
         .advertise
         .clone()
@@ -164,12 +191,31 @@ async fn main() -> Result<()> {
         store,
         ..Default::default()
     };
-    llmos_coordinator::serve(listener, config, async {
+    llmos_coordinator::serve_with_http(listener, http, config, async {
         let why = signals.recv().await;
         tracing::info!(signal = why, "shutting down");
     })
     .await?;
     Ok(())
+}
+
+/// Where the HTTP API listens: the flag, `off`, or by default --listen's
+/// IP with port 8000 (0 when --listen's port is 0, so that several
+/// coordinators started with port 0 do not collide).
+fn http_address(
+    flag: Option<&str>,
+    grpc: std::net::SocketAddr,
+) -> Result<Option<std::net::SocketAddr>> {
+    match flag {
+        Some("off") | Some("none") => Ok(None),
+        Some(a) => Ok(Some(a.parse().map_err(|e| {
+            anyhow::anyhow!("--http-listen {a:?}: not an address (ip:port) or `off`: {e}")
+        })?)),
+        None => Ok(Some(std::net::SocketAddr::new(
+            grpc.ip(),
+            if grpc.port() == 0 { 0 } else { 8000 },
+        ))),
+    }
 }
 
 /// The Raft id: `--node-id`, or for 0 the StatefulSet ordinal (the pod
@@ -194,6 +240,25 @@ fn node_id(flag: u64, pod_name: Option<&str>) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_http_address_defaults_beside_grpc() {
+        let grpc: std::net::SocketAddr = "10.1.2.3:50051".parse().unwrap();
+        assert_eq!(
+            super::http_address(None, grpc).unwrap(),
+            Some("10.1.2.3:8000".parse().unwrap())
+        );
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            super::http_address(None, any).unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(super::http_address(Some("off"), grpc).unwrap(), None);
+        let e = super::http_address(Some("8000"), grpc)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--http-listen"), "{e}");
+    }
+
     #[test]
     fn node_id_zero_takes_the_statefulset_ordinal_plus_one() {
         assert_eq!(super::node_id(4, None).unwrap(), 4);

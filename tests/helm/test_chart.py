@@ -204,7 +204,7 @@ def test_coordinator_services_probes_and_storage():
     assert peers["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"}]
     client = one(docs, "Service", coord_name())
     assert client["spec"]["type"] == "ClusterIP"
-    assert [p["port"] for p in client["spec"]["ports"]] == [50051]
+    assert [(p["name"], p["port"]) for p in client["spec"]["ports"]] == [("http", 8000), ("grpc", 50051)]
     sts = one(docs, "StatefulSet", coord_name())
     for svc in (peers, client):
         assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
@@ -223,7 +223,8 @@ def test_coordinator_services_probes_and_storage():
     assert {"name": "data", "emptyDir": {}} in pod_spec(sts)["volumes"]
     client = one(docs, "Service", coord_name())
     assert client["spec"]["type"] == "NodePort"
-    assert client["spec"]["ports"][0]["nodePort"] == 30051
+    grpc_port = next(p for p in client["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["nodePort"] == 30051
     assert client["metadata"]["annotations"] == {"a": "b"}
 
 
@@ -574,8 +575,8 @@ def test_network_policies():
     docs = render([VALUES_GPU], {"networkPolicy": {"enabled": True}})
     coord = one(docs, "NetworkPolicy", coord_name())
     assert coord["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "coordinator"
-    # 50051 from anywhere: no `from` in the rule.
-    assert coord["spec"]["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}]
+    # 50051 (gRPC) and 8000 (HTTP) from anywhere: no `from` in the rule.
+    assert coord["spec"]["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}]
     workers = one(docs, "NetworkPolicy", "llmos-worker")
     sel = workers["spec"]["podSelector"]["matchLabels"]
     assert sel["app.kubernetes.io/component"] == "worker"

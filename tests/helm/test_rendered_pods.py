@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import pods
 
@@ -149,6 +150,16 @@ def test_the_rendered_chart_forms_a_working_cluster():
         out = run_to_end(cluster, test_pod, timeout=120)
         assert "finish" in out.lower() and "generated" in out, out
         say(f"helm test pod generated: {out.strip().splitlines()[0]!r}")
+
+        # The OpenAI HTTP API on the port the chart opens, on every coordinator.
+        http_port = next(p["containerPort"] for p in coordinators[0].container["ports"] if p["name"] == "http")
+        for c in coordinators:
+            body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}).encode()
+            req = urllib.request.Request(f"http://{c.ip}:{http_port}/v1/chat/completions", body, {"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                answer = json.loads(r.read())
+            assert answer["choices"][0]["message"]["content"], answer
+        say(f"HTTP chat completion on port {http_port} of each coordinator: {answer['choices'][0]['message']['content']!r}")
 
         # Scale the pool one replica at a time: re-render with one more,
         # start the new pod, see it register. Two more make room for a

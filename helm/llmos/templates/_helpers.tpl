@@ -55,6 +55,9 @@ app.kubernetes.io/part-of: llmos
 
 {{/* Ports: one of each, used by every template. */}}
 {{- define "llmos.coordinator.port" -}}50051{{- end }}
+
+{{/* Port of the coordinators' OpenAI-compatible HTTP API. */}}
+{{- define "llmos.coordinator.httpPort" -}}8000{{- end }}
 {{- define "llmos.worker.port" -}}50061{{- end }}
 {{- define "llmos.worker.collectivePort" -}}50062{{- end }}
 
