@@ -32,6 +32,8 @@ const SHARED: &[&str] = &[
     "repetition_penalty",
     "logit_bias",
     "user",
+    // Extension (as vLLM's): keep generating past EOS, for benchmarks.
+    "ignore_eos",
 ];
 
 impl Endpoint {
@@ -313,7 +315,7 @@ pub(super) fn parse(
         stopping: Some(api::StoppingCriteria {
             max_new_tokens: max_tokens.min(u32::MAX as u64) as u32,
             stop_sequences: stop,
-            ..Default::default()
+            ignore_eos: boolean(m, "ignore_eos")?,
         }),
         logprobs,
         request_id,
