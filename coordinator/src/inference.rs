@@ -790,7 +790,10 @@ impl api::inference_server::Inference for InferenceService {
                 }),
                 ..Default::default()
             }));
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            return Ok(Response::new(Box::pin(crate::metrics::observe(
+                ReceiverStream::new(rx),
+                self.cluster.metrics.request(&flight.request.model, started),
+            ))));
         }
         let attached = if resumed.is_empty() {
             flight.attach().await?
@@ -798,6 +801,7 @@ impl api::inference_server::Inference for InferenceService {
             flight.resume().await?
         };
         let logprobs = r.logprobs;
+        let observer = self.cluster.metrics.request(&flight.request.model, started);
         tokio::spawn(async move {
             // The streamer borrows the tokenizer: it lives in this task.
             let mut streamer = TextStreamer::new(
@@ -813,7 +817,10 @@ impl api::inference_server::Inference for InferenceService {
                 .stream(attached, &mut streamer, &tx, logprobs, started)
                 .await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(crate::metrics::observe(
+            ReceiverStream::new(rx),
+            observer,
+        ))))
     }
 
     async fn tokenize(

@@ -25,6 +25,7 @@
 //! - [`autoscaler`]: the built-in, off-by-default replica autoscaling rule.
 //! - [`router`]: which replica serves a request (load and prompt-prefix
 //!   affinity, in this coordinator's memory).
+//! - [`metrics`]: Prometheus metrics (`/metrics` on the HTTP port).
 //! - [`http`]: the OpenAI-compatible HTTP API, a translation onto
 //!   `Inference.Generate`.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
@@ -39,6 +40,7 @@ pub mod etcd;
 pub mod http;
 pub mod inference;
 pub mod leases;
+pub mod metrics;
 pub mod placement;
 pub mod reconciler;
 pub mod registry;

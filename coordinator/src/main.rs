@@ -23,6 +23,10 @@ struct Cli {
     /// --listen's IP, port 8000 (port 0 when --listen asks for port 0).
     #[arg(long, env = "LLMOS_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Also export metrics under vLLM's names (`vllm`), for dashboards and
+    /// autoscalers written for vLLM.
+    #[arg(long, env = "LLMOS_METRICS_COMPAT", value_parser = ["vllm"])]
+    metrics_compat: Option<String>,
     /// Largest HTTP request body, in bytes (413 above it).
     #[arg(long, env = "LLMOS_HTTP_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     http_max_body_bytes: usize,
@@ -188,6 +192,7 @@ async fn main() -> Result<()> {
             idle_window: std::time::Duration::from_secs(cli.autoscale_idle_window_s),
         },
         round_robin: cli.routing == "round-robin",
+        vllm_metrics: cli.metrics_compat.as_deref() == Some("vllm"),
         store,
         ..Default::default()
     };

@@ -113,7 +113,7 @@ fn serving_status(e: &wk::EngineStats) -> api::ServingStatus {
 }
 
 /// The engine's figures from the worker running a replica's engine.
-async fn engine_stats(
+pub(crate) async fn engine_stats(
     cluster: &Cluster,
     dep: &Deployment,
     r: &Replica,

@@ -13,40 +13,21 @@ request.
 
 import json
 import os
-import re
-import signal
 import subprocess
 import urllib.request
 
 import openai
 import pytest
 
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/llmos/target"))
-LLMOS = os.path.join(TARGET, "release", "llmos")
+from local_cluster import LLMOS, local_cluster
+
 MODEL = "smollm2"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    p = subprocess.Popen(
-        [LLMOS, "local", "--prompt", "Say hi.", "--max-tokens", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    seen = ""
-    try:
-        while "OpenAI HTTP API at" not in seen:
-            line = p.stderr.readline()
-            assert line, f"llmos local exited: {seen}"
-            seen += line
-        grpc_url = re.search(r"gRPC API \(with reflection\) at (\S+)", seen).group(1)
-        http_url = re.search(r"OpenAI HTTP API at (\S+)", seen).group(1)
-        yield {"grpc": grpc_url, "http": http_url}
-    finally:
-        os.killpg(p.pid, signal.SIGINT)
-        p.wait(timeout=20)
+    with local_cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/live", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -148,4 +149,17 @@ async fn health(State(state): State<Http>) -> Response {
     } else {
         Json(json!({"status": "ok", "serving": serving})).into_response()
     }
+}
+
+/// The Prometheus text exposition (`crate::metrics`).
+async fn metrics(State(state): State<Http>) -> Response {
+    let text = state.cluster.metrics.render(&state.cluster).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
