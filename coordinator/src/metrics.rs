@@ -282,18 +282,12 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// One family in the text format: `# HELP`, `# TYPE`, a sample per model.
-fn family(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    key: &str,
-    samples: &[(String, f64)],
-) {
+/// One family in the text format: `# HELP`, `# TYPE`, a sample per
+/// (label set, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-    for (model, v) in samples {
-        out.push_str(&format!("{name}{{{key}=\"{}\"}} {v}\n", label(model)));
+    for (labels, v) in samples {
+        out.push_str(&format!("{name}{{{labels}}} {v}\n"));
     }
 }
 
@@ -318,14 +312,23 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
                 }
             }
         }
-        per_model.push((name.clone(), sum));
+        // Native: the model and the worker pool it is placed on (what a
+        // pool's autoscaler reads); vLLM's: the model only.
+        per_model.push((
+            format!("model=\"{}\",pool=\"{}\"", label(name), label(&dep.pool)),
+            format!("model_name=\"{}\"", label(name)),
+            sum,
+        ));
     }
-    let col = |i: usize| -> Vec<(String, f64)> {
-        per_model.iter().map(|(m, s)| (m.clone(), s[i])).collect()
+    let col = |i: usize, native: bool| -> Vec<(String, f64)> {
+        per_model
+            .iter()
+            .map(|(n, v, s)| (if native { n } else { v }.clone(), s[i]))
+            .collect()
     };
     let usage: Vec<(String, f64)> = per_model
         .iter()
-        .map(|(m, s)| (m.clone(), if s[3] > 0.0 { s[2] / s[3] } else { 0.0 }))
+        .map(|(_, v, s)| (v.clone(), if s[3] > 0.0 { s[2] / s[3] } else { 0.0 }))
         .collect();
     let mut out = String::new();
     let native = [
@@ -373,7 +376,7 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
         ),
     ];
     for (name, kind, help, i) in native {
-        family(&mut out, name, kind, help, "model", &col(i));
+        family(&mut out, name, kind, help, &col(i, true));
     }
     if vllm {
         let compat = [
@@ -409,14 +412,13 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
             ),
         ];
         for (name, kind, help, i) in compat {
-            family(&mut out, name, kind, help, "model_name", &col(i));
+            family(&mut out, name, kind, help, &col(i, false));
         }
         family(
             &mut out,
             "vllm:kv_cache_usage_perc",
             "gauge",
             "KV-cache usage. 1 means 100 percent usage.",
-            "model_name",
             &usage,
         );
     }

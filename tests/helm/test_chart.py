@@ -595,12 +595,12 @@ def test_service_monitor():
     sm = one(docs, "ServiceMonitor", "llmos")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "prom"
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    # The coordinators serve /metrics on their HTTP port; workers serve none.
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     selected = [s for s in kinds(docs, "Service")
                 if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
-    assert sorted(s["metadata"]["name"] for s in selected) == ["llmos-coordinator", "llmos-worker-cpu"]
-    for s in selected:
-        assert any(p["name"] == "metrics" for p in s["spec"]["ports"])
+    assert sorted(s["metadata"]["name"] for s in selected) == ["llmos-coordinator"]
+    assert any(p["name"] == "http" for p in selected[0]["spec"]["ports"])
 
 
 def test_keda_scaled_object_per_pool():
@@ -613,7 +613,7 @@ def test_keda_scaled_object_per_pool():
     assert gpu["spec"]["maxReplicaCount"] == 6
     [trigger] = gpu["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
-    assert trigger["metadata"]["query"] == f'sum(llmos_requests_waiting{{namespace="{NAMESPACE}", pool="gpu"}})'
+    assert trigger["metadata"]["query"] == f'max(sum by (pod) (llmos_requests_waiting{{namespace="{NAMESPACE}", pool="gpu"}}))'
     # The autoscaler owns the replica count.
     for sts in pools(docs).values():
         assert "replicas" not in sts["spec"]

@@ -160,6 +160,11 @@ def test_the_rendered_chart_forms_a_working_cluster():
                 answer = json.loads(r.read())
             assert answer["choices"][0]["message"]["content"], answer
         say(f"HTTP chat completion on port {http_port} of each coordinator: {answer['choices'][0]['message']['content']!r}")
+        # What the chart's ServiceMonitor scrapes, and the pool label its
+        # autoscaler query selects on.
+        with urllib.request.urlopen(f"http://{coordinators[0].ip}:{http_port}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        assert 'llmos_requests_waiting{model="smollm2",pool="cpu"}' in metrics, metrics[-2000:]
 
         # Scale the pool one replica at a time: re-render with one more,
         # start the new pod, see it register. Two more make room for a

@@ -65,11 +65,13 @@ def test_counters_and_histograms_move_by_what_the_requests_did(http):
         # Every observation falls in the +Inf bucket.
         assert value(after, pre + "time_to_first_token_seconds_bucket", **m, le="+Inf") == value(after, pre + "time_to_first_token_seconds_count", **m)
     # What the engines report, and the control plane.
-    assert value(after, "llmos_kv_blocks_total", model="smollm2") > 0
-    assert value(after, "llmos_requests_running", model="smollm2") == 0
+    # Engine families carry the worker pool too ("" for llmos local's).
+    assert value(after, "llmos_kv_blocks_total", model="smollm2", pool="") > 0
+    assert ("llmos_requests_running", (("model", "smollm2"), ("pool", ""))) in after
+    assert value(after, "llmos_requests_running", model="smollm2", pool="") == 0
     assert 0 <= value(after, "vllm:kv_cache_usage_perc", model_name="smollm2") <= 1
     assert ("vllm:num_requests_waiting", (("model_name", "smollm2"),)) in after
     # 40-token prompts: their full 16-token blocks are looked up.
-    assert value(after, "llmos_prefix_cache_queries_total", model="smollm2") > value(before, "llmos_prefix_cache_queries_total", model="smollm2")
+    assert value(after, "llmos_prefix_cache_queries_total", model="smollm2", pool="") > value(before, "llmos_prefix_cache_queries_total", model="smollm2", pool="")
     assert value(after, "llmos_raft_term") >= 1 and value(after, "llmos_raft_is_leader") == 1
     assert value(after, "llmos_requests_in_flight", model="smollm2") == 0
