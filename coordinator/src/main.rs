@@ -27,6 +27,10 @@ struct Cli {
     /// autoscalers written for vLLM.
     #[arg(long, env = "LLMOS_METRICS_COMPAT", value_parser = ["vllm"])]
     metrics_compat: Option<String>,
+    /// Logs on stderr as `text` or `json` (one object per line); the
+    /// filter is LLMOS_LOG.
+    #[arg(long, env = "LLMOS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Largest HTTP request body, in bytes (413 above it).
     #[arg(long, env = "LLMOS_HTTP_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     http_max_body_bytes: usize,
@@ -117,14 +121,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    llmos_meta::logging::init(&cli.log_format, "info").map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("bind {}", cli.listen))?;

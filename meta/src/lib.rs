@@ -25,6 +25,7 @@ pub mod failure;
 pub mod gguf;
 pub mod gguf_writer;
 pub mod hash;
+pub mod logging;
 pub mod quant;
 pub mod request;
 pub mod serving;

@@ -22,6 +22,10 @@ use serde_json::json;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Logs on stderr as `text` or `json` (one object per line); the
+    /// filter is LLMOS_LOG.
+    #[arg(long, global = true, env = "LLMOS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -402,14 +406,11 @@ fn main() {
     if std::env::var_os("THP_MEM_ALLOC_ENABLE").is_none() {
         std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LLMOS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(e) = llmos_meta::logging::init(&cli.log_format, "warn") {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let r = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
