@@ -219,11 +219,6 @@ fn plan(want: &Model, have: Option<&api::ModelStatus>) -> Result<Vec<Action>> {
     Ok(actions)
 }
 
-/// Whether a failure means "the cluster is not up yet": try again.
-fn not_up_yet(e: &anyhow::Error) -> bool {
-    super::try_next(e)
-}
-
 pub async fn run(addresses: &[String], a: &ApplyArgs) -> Result<()> {
     let models = load(&a.file)?;
     let started = Instant::now();
@@ -244,7 +239,8 @@ pub async fn run(addresses: &[String], a: &ApplyArgs) -> Result<()> {
                 );
                 return Ok(());
             }
-            Err(e) if not_up_yet(&e) && Instant::now() < deadline => {
+            // Not up yet (unreachable, no leader): try again.
+            Err(e) if super::try_next(&e) && Instant::now() < deadline => {
                 eprintln!("coordinator {url}: {e:#}; trying again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -25,7 +25,10 @@ pub struct InferenceService {
     pub cluster: Arc<Cluster>,
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, Status>> + Send>>;
+/// What `Generate` answers: the response stream (also what the HTTP API
+/// translates).
+pub(crate) type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, Status>> + Send>>;
 
 impl InferenceService {
     /// The model's tokenizer and config, once a replica serves it.
@@ -649,6 +652,16 @@ fn finish_code(f: FinishReason) -> api::FinishReason {
     }
 }
 
+/// A wire finish reason as OpenAI and vLLM name it (`stop`, `length`;
+/// `abort` for a cancelled sequence).
+pub(crate) fn finish_name(code: i32) -> &'static str {
+    match api::FinishReason::try_from(code) {
+        Ok(api::FinishReason::Length) => "length",
+        Ok(api::FinishReason::Cancelled) => "abort",
+        _ => "stop",
+    }
+}
+
 #[tonic::async_trait]
 impl api::inference_server::Inference for InferenceService {
     type GenerateStream = GenerateStream;
@@ -774,6 +787,7 @@ impl api::inference_server::Inference for InferenceService {
             flight.migrations = 1;
         }
         let (tx, rx) = mpsc::channel(16);
+        let observer = self.cluster.metrics.request(&flight.request.model, started);
         if let Some(f) = done {
             // Every token was sent; only the last message was lost.
             let produced = flight.emitted.len() as u32;
@@ -792,7 +806,7 @@ impl api::inference_server::Inference for InferenceService {
             }));
             return Ok(Response::new(Box::pin(crate::metrics::observe(
                 ReceiverStream::new(rx),
-                self.cluster.metrics.request(&flight.request.model, started),
+                observer,
             ))));
         }
         let attached = if resumed.is_empty() {
@@ -801,7 +815,6 @@ impl api::inference_server::Inference for InferenceService {
             flight.resume().await?
         };
         let logprobs = r.logprobs;
-        let observer = self.cluster.metrics.request(&flight.request.model, started);
         tokio::spawn(async move {
             // The streamer borrows the tokenizer: it lives in this task.
             let mut streamer = TextStreamer::new(

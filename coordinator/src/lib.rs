@@ -124,14 +124,13 @@ pub async fn serve_with_http(
         llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
             .max_decoding_message_size(256 << 20)
     });
-    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+    let (stopping, stop_seen) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|h| {
         let router = http::router(Arc::clone(&cluster), h.max_body_bytes);
-        let mut stop_seen = stop_seen.clone();
         tokio::spawn(async move {
             let r = axum::serve(h.listener, router)
                 .with_graceful_shutdown(async move {
-                    let _ = stop_seen.wait_for(|s| *s).await;
+                    let _ = stop_seen.await;
                 })
                 .await;
             if let Err(e) = r {
@@ -141,7 +140,7 @@ pub async fn serve_with_http(
     });
     let shutdown = async move {
         shutdown.await;
-        let _ = stopping.send(true);
+        let _ = stopping.send(());
     };
     let result = tonic::transport::Server::builder()
         .add_optional_service(peer)

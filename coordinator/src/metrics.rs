@@ -198,9 +198,14 @@ impl RequestObserver {
         let m = self.model.as_str();
         match self.last_token {
             None => {
+                // Tokens that came with the first arrived with it: no gap.
                 let t = (now - self.arrived).as_secs_f64();
-                self.metrics
-                    .each(|r| r.ttft.with_label_values(&[m]).observe(t));
+                self.metrics.each(|r| {
+                    r.ttft.with_label_values(&[m]).observe(t);
+                    for _ in 1..n {
+                        r.itl.with_label_values(&[m]).observe(0.0);
+                    }
+                });
             }
             Some(prev) => {
                 let t = (now - prev).as_secs_f64() / n as f64;
@@ -254,19 +259,16 @@ pub fn observe<S>(
 where
     S: tokio_stream::Stream<Item = Result<llmos_proto::v1::GenerateResponse, tonic::Status>>,
 {
-    use llmos_proto::v1::FinishReason;
     use tokio_stream::StreamExt;
     stream.map(move |item| {
         match &item {
             Ok(r) => {
                 obs.tokens(r.tokens.len());
                 if r.finish_reason != 0 {
-                    let reason = match FinishReason::try_from(r.finish_reason) {
-                        Ok(FinishReason::Length) => "length",
-                        Ok(FinishReason::Cancelled) => "abort",
-                        _ => "stop",
-                    };
-                    obs.finished(reason, r.usage.as_ref().map_or(0, |u| u.prompt_tokens));
+                    obs.finished(
+                        crate::inference::finish_name(r.finish_reason),
+                        r.usage.as_ref().map_or(0, |u| u.prompt_tokens),
+                    );
                 }
             }
             Err(_) => obs.finished("error", 0),

@@ -31,14 +31,13 @@ use bytes::Bytes;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::inference_server::Inference;
 use serde_json::{json, Value};
-use tokio_stream::Stream;
 
 use crate::cluster::Cluster;
-use crate::inference::InferenceService;
+use crate::inference::{GenerateStream, InferenceService};
 use error::object;
 pub use error::ApiError;
 use request::{parse, Endpoint, Parsed};
-use response::{now_s, respond, Kind};
+use response::{now_s, respond};
 
 /// Metadata key of a refused request's machine-readable reason, where
 /// OpenAI's API has a code for it.
@@ -49,16 +48,12 @@ pub const CONTEXT_LENGTH_EXCEEDED: &str = "context-length-exceeded";
 #[derive(Clone)]
 struct Http {
     inference: InferenceService,
-    cluster: Arc<Cluster>,
 }
 
 /// The HTTP routes over `cluster`; bodies over `max_body_bytes` get 413.
 pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
     let state = Http {
-        inference: InferenceService {
-            cluster: Arc::clone(&cluster),
-        },
-        cluster,
+        inference: InferenceService { cluster },
     };
     Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -80,12 +75,9 @@ pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-pub(super) type Generated =
-    std::pin::Pin<Box<dyn Stream<Item = Result<api::GenerateResponse, tonic::Status>> + Send>>;
-
 /// `Generate`, the gRPC handler itself: the same checks, routing and
 /// migration; an error before the first item is the HTTP status.
-async fn generate(state: &Http, p: &Parsed) -> Result<Generated, ApiError> {
+async fn generate(state: &Http, p: &Parsed) -> Result<GenerateStream, ApiError> {
     Ok(state
         .inference
         .generate(tonic::Request::new(p.generate.clone()))
@@ -101,7 +93,7 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let m = object(body)?;
     let p = parse(Endpoint::Chat, &m, &headers)?;
-    respond(state, p, Kind::Chat).await
+    respond(state, p, Endpoint::Chat).await
 }
 
 async fn completions(
@@ -111,7 +103,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let m = object(body)?;
     let p = parse(Endpoint::Completions, &m, &headers)?;
-    respond(state, p, Kind::Text).await
+    respond(state, p, Endpoint::Completions).await
 }
 
 async fn models(State(state): State<Http>) -> Result<Json<Value>, ApiError> {
@@ -133,7 +125,7 @@ async fn models(State(state): State<Http>) -> Result<Json<Value>, ApiError> {
 /// sends nothing to a coordinator that could serve nothing).
 async fn health(State(state): State<Http>) -> Response {
     let serving: Vec<String> = {
-        let s = state.cluster.read();
+        let s = state.inference.cluster.read();
         s.models
             .iter()
             .filter(|(_, d)| d.serving().next().is_some())
@@ -153,7 +145,8 @@ async fn health(State(state): State<Http>) -> Response {
 
 /// The Prometheus text exposition (`crate::metrics`).
 async fn metrics(State(state): State<Http>) -> Response {
-    let text = state.cluster.metrics.render(&state.cluster).await;
+    let cluster = &state.inference.cluster;
+    let text = cluster.metrics.render(cluster).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

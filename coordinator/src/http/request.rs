@@ -7,7 +7,9 @@ use serde_json::{json, Map, Value};
 
 use super::ApiError;
 
-/// The two endpoints' shared fields and what they accept.
+/// The two generating endpoints: what they accept, and the shape of what
+/// they answer.
+#[derive(Clone, Copy)]
 pub(super) enum Endpoint {
     Chat,
     Completions,
@@ -49,11 +51,9 @@ impl Endpoint {
 
 /// What a request asks for, checked.
 pub(super) struct Parsed {
-    pub model: String,
     pub generate: api::GenerateRequest,
     pub stream: bool,
     pub include_usage: bool,
-    pub logprobs: bool,
 }
 
 fn number(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
@@ -304,7 +304,7 @@ pub(super) fn parse(
         .unwrap_or_default()
         .to_string();
     let generate = api::GenerateRequest {
-        model: model.clone(),
+        model,
         prompt: Some(prompt),
         sampling: Some(api::SamplingParams {
             temperature: number(m, "temperature")?.unwrap_or(1.0) as f32,
@@ -322,11 +322,9 @@ pub(super) fn parse(
         ..Default::default()
     };
     Ok(Parsed {
-        model,
         generate,
         stream,
         include_usage,
-        logprobs,
     })
 }
 
@@ -358,7 +356,7 @@ mod tests {
             &h,
         )
         .unwrap();
-        assert!(p.stream && p.include_usage && p.logprobs);
+        assert!(p.stream && p.include_usage && p.generate.logprobs);
         let g = p.generate;
         assert_eq!(g.request_id, "abc");
         assert_eq!(g.stopping.as_ref().unwrap().max_new_tokens, 5);

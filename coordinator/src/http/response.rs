@@ -12,15 +12,9 @@ use llmos_proto::v1 as api;
 use serde_json::{json, Value};
 use tokio_stream::{Stream, StreamExt};
 
-use super::request::Parsed;
-use super::{generate, ApiError, Generated, Http};
-
-fn finish(f: i32) -> &'static str {
-    match api::FinishReason::try_from(f).unwrap_or(api::FinishReason::Unspecified) {
-        api::FinishReason::Length => "length",
-        _ => "stop",
-    }
-}
+use super::request::{Endpoint, Parsed};
+use super::{generate, ApiError, Http};
+use crate::inference::{finish_name as finish, GenerateStream};
 
 fn usage(u: Option<api::Usage>) -> Value {
     let u = u.unwrap_or_default();
@@ -41,17 +35,11 @@ fn token_logprob(t: &api::Token) -> Value {
         "bytes": t.text.as_bytes(), "top_logprobs": []})
 }
 
-#[derive(Clone, Copy)]
-pub(super) enum Kind {
-    Chat,
-    Text,
-}
-
-pub(super) async fn respond(state: Http, p: Parsed, kind: Kind) -> Result<Response, ApiError> {
+pub(super) async fn respond(state: Http, p: Parsed, kind: Endpoint) -> Result<Response, ApiError> {
     let stream = generate(&state, &p).await?;
     let (id, object) = match kind {
-        Kind::Chat => (format!("chatcmpl-{}", uuid_like()), "chat.completion"),
-        Kind::Text => (format!("cmpl-{}", uuid_like()), "text_completion"),
+        Endpoint::Chat => (format!("chatcmpl-{}", uuid_like()), "chat.completion"),
+        Endpoint::Completions => (format!("cmpl-{}", uuid_like()), "text_completion"),
     };
     let created = now_s();
     if p.stream {
@@ -63,7 +51,7 @@ pub(super) async fn respond(state: Http, p: Parsed, kind: Kind) -> Result<Respon
         let r = item.map_err(|s| ApiError::from_status(&s))?;
         for t in &r.tokens {
             text.push_str(&t.text);
-            if p.logprobs {
+            if p.generate.logprobs {
                 lps.push(token_logprob(t));
             }
         }
@@ -80,19 +68,19 @@ pub(super) async fn respond(state: Http, p: Parsed, kind: Kind) -> Result<Respon
             None,
         )
     })?;
-    let logprobs = if p.logprobs {
+    let logprobs = if p.generate.logprobs {
         json!({"content": lps})
     } else {
         Value::Null
     };
     let choice = match kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+        Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
             "logprobs": logprobs, "finish_reason": finish(last.finish_reason)}),
-        Kind::Text => json!({"index": 0, "text": text, "logprobs": Value::Null,
+        Endpoint::Completions => json!({"index": 0, "text": text, "logprobs": Value::Null,
             "finish_reason": finish(last.finish_reason)}),
     };
     Ok(Json(
-        json!({"id": id, "object": object, "created": created, "model": p.model,
+        json!({"id": id, "object": object, "created": created, "model": p.generate.model,
         "system_fingerprint": Value::Null,
         "choices": [choice], "usage": usage(last.usage)}),
     )
@@ -105,17 +93,17 @@ pub(super) async fn respond(state: Http, p: Parsed, kind: Kind) -> Result<Respon
 /// the response (a client gone) drops the `Generate` stream, which
 /// cancels the sequence.
 fn sse(
-    mut stream: Generated,
+    mut stream: GenerateStream,
     p: Parsed,
-    kind: Kind,
+    kind: Endpoint,
     id: String,
     created: u64,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let object = match kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Text => "text_completion",
+        Endpoint::Chat => "chat.completion.chunk",
+        Endpoint::Completions => "text_completion",
     };
-    let (model, include_usage, logprobs) = (p.model.clone(), p.include_usage, p.logprobs);
+    let (model, include_usage, logprobs) = (p.generate.model, p.include_usage, p.generate.logprobs);
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model,
             "system_fingerprint": Value::Null, "choices": choices});
@@ -126,7 +114,7 @@ fn sse(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
     tokio::spawn(async move {
-        if let Kind::Chat = kind {
+        if let Endpoint::Chat = kind {
             let first = json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
                 "logprobs": Value::Null, "finish_reason": Value::Null}]);
             if tx.send(chunk(first, None)).await.is_err() {
@@ -151,10 +139,10 @@ fn sse(
                     Value::Null
                 };
                 let choice = match kind {
-                    Kind::Chat => {
+                    Endpoint::Chat => {
                         json!([{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": Value::Null}])
                     }
-                    Kind::Text => {
+                    Endpoint::Completions => {
                         json!([{"index": 0, "text": text, "logprobs": Value::Null, "finish_reason": Value::Null}])
                     }
                 };
@@ -165,10 +153,10 @@ fn sse(
             if r.finish_reason != 0 {
                 let reason = finish(r.finish_reason);
                 let choice = match kind {
-                    Kind::Chat => {
+                    Endpoint::Chat => {
                         json!([{"index": 0, "delta": {}, "logprobs": Value::Null, "finish_reason": reason}])
                     }
-                    Kind::Text => {
+                    Endpoint::Completions => {
                         json!([{"index": 0, "text": "", "logprobs": Value::Null, "finish_reason": reason}])
                     }
                 };
