@@ -161,7 +161,8 @@ fn main() {
             temperature: 0.8,
             top_k: 50,
             top_p: 0.9,
-            uniform: 0.5
+            uniform: 0.5,
+            min_p: 0.0,
         };
         64
     ];

@@ -107,6 +107,7 @@ fn main() {
             sample: Some(wk::Sampling::default()),
             sample_index: 100,
             want_logits: false,
+            ..Default::default()
         }],
         input: Some(wk::step_request::Input::Hidden(hidden.clone())),
         ..Default::default()

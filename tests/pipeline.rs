@@ -134,6 +134,7 @@ impl Pipeline {
             want_logits: sample.is_none(),
             sample,
             sample_index: index,
+            ..Default::default()
         }
     }
 
@@ -371,6 +372,7 @@ async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
         top_k: 40,
         top_p: 0.9,
         seed: 11,
+        ..Default::default()
     };
     let want = |p: llmos_worker::SamplingParams| {
         let req = llmos_worker::GenerateRequest {
@@ -402,17 +404,18 @@ async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
                 top_k: params.top_k as u32,
                 top_p: params.top_p,
                 seed: params.seed,
+                ..Default::default()
             },
             want_seeded,
         ),
     ] {
         let mut p = Pipeline::open("m", &mut workers).await;
-        let (mut tok, lp) = p.sample(seq, &prompt, 0, s, 0).await;
+        let (mut tok, lp) = p.sample(seq, &prompt, 0, s.clone(), 0).await;
         assert!(lp <= 0.0);
         let mut got = vec![tok];
         let mut pos = prompt.len() as u32;
         while got.len() < 12 {
-            tok = p.sample(seq, &[tok], pos, s, got.len() as u64).await.0;
+            tok = p.sample(seq, &[tok], pos, s.clone(), got.len() as u64).await.0;
             got.push(tok);
             pos += 1;
         }

@@ -123,6 +123,21 @@ pub struct GenerateArgs {
     pub top_k: u32,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Drop candidates less likely than this fraction of the top one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// OpenAI's presence penalty over generated tokens, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty over generated tokens, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Hugging Face's repetition penalty over prompt and generated tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// With --json: also report this many most likely alternatives per token (0-20).
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: u32,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long = "stop")]
@@ -328,6 +343,11 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
+            min_p: a.min_p,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            repetition_penalty: a.repetition_penalty,
+            logit_bias: Default::default(),
         }),
         stopping: Some(api::StoppingCriteria {
             max_new_tokens: a.max_tokens,
@@ -346,6 +366,7 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
         resume: (!progress.received.is_empty()).then(|| api::Resume {
             received_token_ids: progress.received.clone(),
         }),
+        top_logprobs: if a.json { a.top_logprobs } else { 0 },
     };
     let mut stream = InferenceClient::new(ch)
         .generate(req)
@@ -375,7 +396,9 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
                 writeln!(
                     out,
                     "{}",
-                    json!({"id": t.id, "text": t.text, "logprob": t.logprob})
+                    json!({"id": t.id, "text": t.text, "logprob": t.logprob,
+                        "top_logprobs": t.top_logprobs.iter().map(|a| json!({
+                            "id": a.id, "text": a.text, "logprob": a.logprob})).collect::<Vec<_>>()})
                 )?;
             } else {
                 write!(out, "{}", t.text)?;

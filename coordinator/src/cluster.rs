@@ -102,6 +102,9 @@ pub struct Cluster {
     leader_registry: Mutex<Option<(String, RegistryClient<Channel>)>>,
     /// Requests this coordinator moved to another replica mid-stream.
     migrations: std::sync::atomic::AtomicU64,
+    /// Proposals the store failed to commit (no leader, timeout, a leader
+    /// change), not those the state machine refused.
+    proposals_failed: std::sync::atomic::AtomicU64,
     /// Workers a stream found unreachable since the reconciler's last
     /// pass: it checks at once whether their process is gone.
     suspects: Mutex<std::collections::HashSet<String>>,
@@ -122,6 +125,7 @@ impl Cluster {
             clients: Mutex::new(HashMap::new()),
             leader_registry: Mutex::new(None),
             migrations: Default::default(),
+            proposals_failed: Default::default(),
             suspects: Default::default(),
             metrics,
         })
@@ -163,8 +167,18 @@ impl Cluster {
     /// Commits a command through the store; the state machine's refusal
     /// comes back as `CoordError::State`.
     pub async fn propose(&self, cmd: Command) -> Result<()> {
-        self.store.propose(cmd).await??;
+        let verdict = self.store.propose(cmd).await.inspect_err(|_| {
+            self.proposals_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
+        verdict?;
         Ok(())
+    }
+
+    /// Proposals this coordinator made that the store failed to commit.
+    pub fn proposals_failed(&self) -> u64 {
+        self.proposals_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The state as applied on this replica (request routing): shared and

@@ -40,6 +40,8 @@ struct Shared {
     revision: watch::Sender<i64>,
     leader: AtomicBool,
     leader_name: Mutex<String>,
+    /// Times the observed leader changed to another one.
+    leader_changes: AtomicU64,
     next: AtomicU64,
 }
 
@@ -80,6 +82,7 @@ impl EtcdStore {
             revision: tx,
             leader: AtomicBool::new(false),
             leader_name: Mutex::new(String::new()),
+            leader_changes: AtomicU64::new(0),
             next: AtomicU64::new(0),
         });
         load(&client, &prefix, &shared)
@@ -326,7 +329,13 @@ async fn observe_leader(client: Client, prefix: String, shared: Arc<Shared>) {
                 .unwrap_or_default(),
             Err(_) => String::new(),
         };
-        *shared.leader_name.lock().unwrap() = name;
+        {
+            let mut held = shared.leader_name.lock().unwrap();
+            if !name.is_empty() && *held != name {
+                shared.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            *held = name;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -465,6 +474,7 @@ impl MetaStore for EtcdStore {
             commit_index: a.revision as u64,
             applied_index: a.revision as u64,
             snapshot_index: a.snapshot_revision as u64,
+            leader_changes: self.shared.leader_changes.load(Ordering::Relaxed),
             members: self
                 .s
                 .endpoints

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use llmos_meta::request::SamplingParams;
 use llmos_meta::{render_chat, ChatMessage, FinishReason, TextStreamer};
 use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
@@ -32,7 +33,7 @@ pub(crate) type GenerateStream =
 
 impl InferenceService {
     /// The model's tokenizer and config, once a replica serves it.
-    fn runtime(&self, model: &str) -> Result<Arc<ModelRuntime>> {
+    pub(crate) fn runtime(&self, model: &str) -> Result<Arc<ModelRuntime>> {
         let state = self.cluster.read();
         let dep = state
             .models
@@ -224,6 +225,9 @@ struct Flight {
     migrations: u32,
     /// Each replica failure met, for the error that gives up.
     attempts: Vec<String>,
+    /// Seconds the sequence waited in the queue of the replica that first
+    /// served it (reported with its first token).
+    queue_s: Option<f64>,
 }
 
 /// How often a stream waiting for its next token checks that every worker
@@ -438,6 +442,9 @@ impl Flight {
                     return Broke::Ended;
                 }
             };
+            if ev.queue_s > 0.0 && self.queue_s.is_none() {
+                self.queue_s = Some(ev.queue_s);
+            }
             for t in &ev.tokens {
                 first_at.get_or_insert_with(Instant::now);
                 self.emitted.push(t.id);
@@ -449,10 +456,25 @@ impl Flight {
                         return Broke::Ended;
                     }
                 };
+                let top_logprobs = match (logprobs, streamer.tokenizer()) {
+                    (false, _) => Vec::new(),
+                    (true, tok) => t
+                        .top
+                        .iter()
+                        .map(|a| api::TopLogprob {
+                            id: a.id,
+                            text: tok
+                                .and_then(|k| k.decode(&[a.id], false).ok())
+                                .unwrap_or_default(),
+                            logprob: a.logprob,
+                        })
+                        .collect(),
+                };
                 let token = api::Token {
                     id: t.id,
                     text,
                     logprob: logprobs.then_some(t.logprob),
+                    top_logprobs,
                 };
                 let mut msg = api::GenerateResponse {
                     request_id: self.request.request_id.clone(),
@@ -482,6 +504,7 @@ impl Flight {
                         } else {
                             0.0
                         },
+                        queue_s: self.queue_s.unwrap_or(0.0),
                     });
                     if finish != Some(FinishReason::Stop) {
                         // The engine ended too: its last event has the
@@ -607,6 +630,46 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Durati
     })
 }
 
+/// The request's sampling parameters as the project's one type (the
+/// seed is set by the caller: the request's, or one made from its id).
+pub(crate) fn sampling_params(s: &api::SamplingParams, top_logprobs: u32) -> SamplingParams {
+    let mut logit_bias: Vec<(u32, f32)> = s.logit_bias.iter().map(|(&id, &b)| (id, b)).collect();
+    logit_bias.sort_unstable_by_key(|e| e.0);
+    SamplingParams {
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: if s.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            s.repetition_penalty
+        },
+        logit_bias,
+        top_logprobs,
+        ..SamplingParams::from_wire(s.temperature, s.top_k, s.top_p, s.seed.unwrap_or(0))
+    }
+}
+
+/// The worker's wire form of sampling parameters.
+fn worker_sampling(p: &SamplingParams) -> wk::Sampling {
+    wk::Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k.min(u32::MAX as usize) as u32,
+        top_p: p.top_p,
+        seed: p.seed,
+        min_p: p.min_p,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: p.repetition_penalty,
+        logit_bias: p
+            .logit_bias
+            .iter()
+            .map(|&(id, bias)| wk::TokenBias { id, bias })
+            .collect(),
+        top_logprobs: p.top_logprobs,
+    }
+}
+
 /// Token ids of a prompt, checked against the vocabulary.
 fn prompt_ids(
     rt: &ModelRuntime,
@@ -685,29 +748,25 @@ impl api::inference_server::Inference for InferenceService {
         llmos_meta::request::check_generation(ids.len(), max_new, rt.config.max_position)
             .map_err(CoordError::from)?;
         let s = r.sampling.unwrap_or_default();
-        llmos_meta::request::SamplingParams::from_wire(
-            s.temperature,
-            s.top_k,
-            s.top_p,
-            s.seed.unwrap_or(0),
-        )
-        .validate()
-        .map_err(CoordError::from)?;
+        if r.top_logprobs > 0 && !r.logprobs {
+            return Err(Status::invalid_argument(
+                "top_logprobs needs logprobs: set logprobs to true",
+            ));
+        }
+        let mut params = sampling_params(&s, r.top_logprobs);
+        params
+            .validate_for(rt.config.vocab_size)
+            .map_err(CoordError::from)?;
         let had_id = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
             format!("req-{}-{}", self.cluster.now_ms(), std::process::id())
         } else {
             r.request_id
         };
-        let seed = s
+        params.seed = s
             .seed
             .unwrap_or_else(|| llmos_meta::hash::fnv1a(request_id.as_bytes()));
-        let sampling = wk::Sampling {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed,
-        };
+        let sampling = worker_sampling(&params);
         // The engine stops at EOS and the token budget; stop sequences are
         // text, found by the streamer here (which then drops the stream,
         // cancelling the sequence).
@@ -765,6 +824,7 @@ impl api::inference_server::Inference for InferenceService {
             deadline: timeout.map(|t| started + t),
             migrations: 0,
             attempts: Vec::new(),
+            queue_s: None,
         };
         // The text of what a lost stream sent is rebuilt, not sent again:
         // the streamer's held-back text (an incomplete character, a

@@ -30,6 +30,7 @@ struct Requests {
     ttft: HistogramVec,
     itl: HistogramVec,
     e2e: HistogramVec,
+    queue: HistogramVec,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     finished: IntCounterVec,
@@ -58,6 +59,10 @@ impl Requests {
             )?,
             itl: hist(names.itl, "Seconds between a request's consecutive tokens.")?,
             e2e: hist(names.e2e, "Seconds from a request's arrival to its end.")?,
+            queue: hist(
+                names.queue,
+                "Seconds a request waited in its engine's queue before its first step.",
+            )?,
             prompt_tokens: counter(
                 names.prompt_tokens,
                 "Prompt tokens of finished requests.",
@@ -84,6 +89,7 @@ struct Names {
     ttft: &'static str,
     itl: &'static str,
     e2e: &'static str,
+    queue: &'static str,
     prompt_tokens: &'static str,
     generation_tokens: &'static str,
     finished: &'static str,
@@ -95,6 +101,7 @@ const NATIVE: Names = Names {
     ttft: "llmos_time_to_first_token_seconds",
     itl: "llmos_inter_token_latency_seconds",
     e2e: "llmos_e2e_request_latency_seconds",
+    queue: "llmos_request_queue_time_seconds",
     prompt_tokens: "llmos_prompt_tokens_total",
     generation_tokens: "llmos_generation_tokens_total",
     finished: "llmos_requests_finished_total",
@@ -106,6 +113,7 @@ const VLLM: Names = Names {
     ttft: "vllm:time_to_first_token_seconds",
     itl: "vllm:inter_token_latency_seconds",
     e2e: "vllm:e2e_request_latency_seconds",
+    queue: "vllm:request_queue_time_seconds",
     prompt_tokens: "vllm:prompt_tokens_total",
     generation_tokens: "vllm:generation_tokens_total",
     finished: "vllm:request_success_total",
@@ -222,8 +230,9 @@ impl RequestObserver {
     }
 
     /// The request ended with `reason` (`stop`, `length`, `error`) after a
-    /// prompt of `prompt_tokens`.
-    pub fn finished(&mut self, reason: &str, prompt_tokens: u32) {
+    /// prompt of `prompt_tokens`, having waited `queue_s` in its engine's
+    /// queue (None: it never reached an engine).
+    pub fn finished(&mut self, reason: &str, prompt_tokens: u32, queue_s: Option<f64>) {
         if self.done {
             return;
         }
@@ -231,6 +240,9 @@ impl RequestObserver {
         let (m, t) = (self.model.as_str(), self.arrived.elapsed().as_secs_f64());
         self.metrics.each(|r| {
             r.e2e.with_label_values(&[m]).observe(t);
+            if let Some(q) = queue_s {
+                r.queue.with_label_values(&[m]).observe(q);
+            }
             r.prompt_tokens
                 .with_label_values(&[m])
                 .inc_by(prompt_tokens as u64);
@@ -242,7 +254,7 @@ impl RequestObserver {
 impl Drop for RequestObserver {
     fn drop(&mut self) {
         if !self.done {
-            self.finished("abort", 0);
+            self.finished("abort", 0, None);
         }
         self.metrics
             .in_flight
@@ -268,10 +280,11 @@ where
                     obs.finished(
                         crate::inference::finish_name(r.finish_reason),
                         r.usage.as_ref().map_or(0, |u| u.prompt_tokens),
+                        r.timings.as_ref().map(|t| t.queue_s),
                     );
                 }
             }
-            Err(_) => obs.finished("error", 0),
+            Err(_) => obs.finished("error", 0, None),
         }
         item
     })
@@ -455,6 +468,18 @@ fn control_plane(cluster: &Cluster) -> String {
             "gauge",
             "1 when this coordinator leads.",
             if cluster.store.is_leader() { 1.0 } else { 0.0 },
+        ),
+        (
+            "llmos_raft_leader_changes_total",
+            "counter",
+            "Times this coordinator saw the control plane's leader change (the first leader counts).",
+            c.leader_changes as f64,
+        ),
+        (
+            "llmos_raft_proposals_failed_total",
+            "counter",
+            "Writes this coordinator proposed that were not committed (no leader, timeout, leader change).",
+            cluster.proposals_failed() as f64,
         ),
         (
             "llmos_migrations_total",

@@ -49,6 +49,9 @@ pub struct ControlPlane {
     pub commit_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    /// Times this coordinator saw the leader change to another (the first
+    /// leader it learns of counts).
+    pub leader_changes: u64,
     pub members: Vec<MemberInfo>,
 }
 
@@ -275,6 +278,7 @@ impl MetaStore for RaftStore {
             commit_index: v.commit,
             applied_index: v.applied,
             snapshot_index: v.snapshot_index,
+            leader_changes: v.leader_changes,
             members: v
                 .state
                 .members

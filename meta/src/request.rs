@@ -22,7 +22,24 @@ pub enum RequestError {
     Temperature(f32),
     #[error("top_p must be in (0, 1], got {0} (0 on the wire means 1)")]
     TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+    #[error("{name} must be in {range}, got {value}")]
+    Penalty {
+        name: &'static str,
+        range: &'static str,
+        value: f32,
+    },
+    #[error("logit_bias: {0}")]
+    LogitBias(String),
+    #[error("top_logprobs must be at most {limit}, got {got}")]
+    TopLogprobs { got: u32, limit: u32 },
 }
+
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// The most tokens one request may bias.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 /// How the next token is chosen: the project's one sampling-parameter
 /// type (the wire's `Sampling` messages are converted to it where they
@@ -36,6 +53,20 @@ pub struct SamplingParams {
     /// 1 disables top-p.
     pub top_p: f32,
     pub seed: u64,
+    /// 0 disables min-p (candidates at least this fraction of the top
+    /// token's probability).
+    pub min_p: f32,
+    /// OpenAI's, over generated tokens; 0 disables. In [-2, 2].
+    pub presence_penalty: f32,
+    /// OpenAI's, over generated tokens; 0 disables. In [-2, 2].
+    pub frequency_penalty: f32,
+    /// Hugging Face's, over prompt and generated tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// Added to these tokens' logits before the draw, each in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Report this many most likely alternatives with each token (at most
+    /// [`MAX_TOP_LOGPROBS`]).
+    pub top_logprobs: u32,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +76,12 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            top_logprobs: 0,
         }
     }
 }
@@ -57,7 +94,18 @@ impl SamplingParams {
             top_k: top_k as usize,
             top_p: if top_p == 0.0 { 1.0 } else { top_p },
             seed,
+            ..Default::default()
         }
+    }
+
+    /// Whether the sampler needs the sequence's tokens (penalties count them).
+    pub fn needs_history(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+
+    /// Whether the logits are changed before the draw.
+    pub fn adjusts_logits(&self) -> bool {
+        self.needs_history() || !self.logit_bias.is_empty()
     }
 
     pub fn validate(&self) -> Result<(), RequestError> {
@@ -67,7 +115,58 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(RequestError::TopP(self.top_p));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(RequestError::MinP(self.min_p));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(RequestError::Penalty {
+                    name,
+                    range: "[-2, 2]",
+                    value,
+                });
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err(RequestError::Penalty {
+                name: "repetition_penalty",
+                range: "(0, 10]",
+                value: self.repetition_penalty,
+            });
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(RequestError::LogitBias(format!(
+                "at most {MAX_LOGIT_BIAS} tokens may be biased, got {}",
+                self.logit_bias.len()
+            )));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(RequestError::LogitBias(format!(
+                "the bias of token {id} must be in [-100, 100], got {b}"
+            )));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(RequestError::TopLogprobs {
+                got: self.top_logprobs,
+                limit: MAX_TOP_LOGPROBS,
+            });
+        }
         Ok(())
+    }
+
+    /// [`validate`](Self::validate), and every biased token inside a
+    /// vocabulary of `vocab`.
+    pub fn validate_for(&self, vocab: usize) -> Result<(), RequestError> {
+        self.validate()?;
+        match self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            Some((id, _)) => Err(RequestError::LogitBias(format!(
+                "token id {id} is outside the vocabulary of {vocab} tokens"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 

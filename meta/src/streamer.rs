@@ -52,6 +52,11 @@ impl<'t> TextStreamer<'t> {
         }
     }
 
+    /// The tokenizer the text comes from (none: tokens carry no text).
+    pub fn tokenizer(&self) -> Option<&'t Tokenizer> {
+        self.tokenizer
+    }
+
     /// Takes the next token: the text it adds (possibly empty) and, if
     /// generation ends with it, why.
     pub fn push(&mut self, id: u32) -> Result<(String, Option<FinishReason>)> {

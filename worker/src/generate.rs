@@ -239,7 +239,7 @@ impl LocalModel {
         req: &GenerateRequest,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Completion> {
-        req.sampling.validate()?;
+        req.sampling.validate_for(self.config.vocab_size)?;
         if req.max_new_tokens == 0 {
             return Err(RequestError::NoNewTokens.into());
         }
@@ -313,7 +313,7 @@ impl LocalModel {
         })?;
         let finish = loop {
             let (id, logprob) = match events.recv() {
-                Ok(Ok(SeqEvent::Token { id, logprob })) => (id, logprob),
+                Ok(Ok(SeqEvent::Token { id, logprob, .. })) => (id, logprob),
                 // The engine ended the sequence after the streamer's last
                 // token: its reason.
                 Ok(Ok(SeqEvent::Finished(f))) => {

@@ -29,6 +29,7 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod runtime;
+pub mod metrics;
 pub mod sampling;
 pub mod server;
 

@@ -43,6 +43,12 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "LLMOS_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
     listen: std::net::SocketAddr,
+    /// Serve Prometheus metrics (per pipeline stage: step time, link sends,
+    /// all-reduces, KV and weight bytes; the device's memory) at /metrics
+    /// on this address (port 0 picks one; the bound address is printed).
+    /// Off when not given.
+    #[arg(long, env = "LLMOS_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, env = "LLMOS_THREADS")]
     threads: Option<i32>,
@@ -219,6 +225,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             seed: args.seed,
+            ..Default::default()
         },
         max_new_tokens: args.max_tokens,
         stop: args.stop.clone(),
@@ -342,8 +349,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         // Handlers first: a signal after the announcement stops us gracefully.
         let signals =
             llmos_meta::shutdown::Signals::install().context("install signal handlers")?;
+        let metrics = match args.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("bind --metrics-listen {a}"))?,
+            ),
+            None => None,
+        };
         // One line on stdout so a parent process can read the chosen port.
         println!("listening on {addr}");
+        if let Some(m) = &metrics {
+            println!("metrics on http://{}/metrics", m.local_addr()?);
+        }
         tracing::info!(%addr, "llmos-worker serving");
         let rendezvous = std::sync::Arc::new(
             llmos_worker::comm::Rendezvous::bind(&format!(
@@ -387,8 +405,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             let why = signals.recv().await;
             tracing::info!(signal = why, "shutting down");
         };
-        llmos_worker::server::serve_registered(
+        llmos_worker::server::serve_with_metrics(
             listener,
+            metrics,
             llmos_worker::server::HostHandle::spawn_with(Some(rendezvous), device),
             registration,
             shutdown,

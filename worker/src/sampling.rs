@@ -18,6 +18,57 @@ pub fn params_at(p: &SamplingParams, index: u64) -> SampleParams {
         top_k: p.top_k.min(i32::MAX as usize) as i32,
         top_p: p.top_p,
         uniform: kernel::uniform(p.seed, index),
+        min_p: p.min_p,
+    }
+}
+
+/// A sequence's tokens so far, which its penalties count: the prompt, then
+/// what it generated (from `generated_from` on; a sequence resumed
+/// elsewhere generated the tail of its prompt).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct History {
+    pub tokens: Vec<u32>,
+    pub generated_from: usize,
+}
+
+/// A chosen token: its id, its log-probability under the model (before
+/// penalties, bias, temperature and truncation) and, when asked for, the
+/// most likely alternatives (same measure), most likely first.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Choice {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Picks token number `index` of a sequence sampled with `p` from its
+/// row of logits; `history` is needed when `p` has penalties (none given:
+/// they count nothing).
+pub fn choose(p: &SamplingParams, logits: &[f32], index: u64, history: Option<&History>) -> Choice {
+    let top = kernel::top_logprobs(logits, p.top_logprobs as usize);
+    let at = params_at(p, index);
+    let id = if p.adjusts_logits() {
+        let mut row = logits.to_vec();
+        let (tokens, generated_from) = history.map_or((&[][..], 0), |h| (&h.tokens[..], h.generated_from));
+        kernel::adjust(
+            &mut row,
+            &kernel::Adjust {
+                repetition: p.repetition_penalty,
+                frequency: p.frequency_penalty,
+                presence: p.presence_penalty,
+                bias: &p.logit_bias,
+                tokens,
+                generated_from,
+            },
+        );
+        kernel::sample(&row, &at).0
+    } else {
+        kernel::sample(logits, &at).0
+    };
+    Choice {
+        id,
+        logprob: logprob(logits, id),
+        top,
     }
 }
 
@@ -68,6 +119,7 @@ mod tests {
             top_k,
             top_p: 1.0,
             seed,
+            ..Default::default()
         };
         let mut s = Sampler::new(p(1, 3));
         assert_eq!(s.sample(&logits).0, argmax(&logits));
@@ -92,6 +144,7 @@ mod tests {
             top_k: 0,
             top_p: 0.7,
             seed: 1,
+            ..Default::default()
         });
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
@@ -102,6 +155,41 @@ mod tests {
         // Roughly 0.64 / 0.88 of draws are token 0.
         let frac = seen[0] as f64 / 2000.0;
         assert!((frac - 0.731).abs() < 0.05, "{frac}");
+    }
+
+    /// Penalties steer the draw (a token repeated in the history loses to
+    /// the next best under greedy) while the reported log-probabilities
+    /// stay the model's.
+    #[test]
+    fn penalties_steer_the_draw_not_the_reported_logprobs() {
+        let logits = [1.0f32, 3.0, 2.9, 0.0];
+        let plain = SamplingParams::default();
+        assert_eq!(choose(&plain, &logits, 0, None).id, 1);
+        let history = History {
+            tokens: vec![3, 1, 1],
+            generated_from: 1,
+        };
+        let p = SamplingParams {
+            frequency_penalty: 0.1,
+            top_logprobs: 2,
+            ..Default::default()
+        };
+        let c = choose(&p, &logits, 0, Some(&history));
+        assert_eq!(c.id, 2, "3.0 - 2 * 0.1 < 2.9");
+        assert!((c.logprob - logprob(&logits, 2)).abs() < 1e-6);
+        assert_eq!(c.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        // Prompt tokens do not count for frequency: token 3 only in the prompt.
+        let bias = SamplingParams {
+            logit_bias: vec![(0, 2.5)],
+            ..Default::default()
+        };
+        assert_eq!(choose(&bias, &logits, 0, None).id, 0);
+        let rep = SamplingParams {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
+        // 3.0 / 1.5 = 2.0 < 2.9.
+        assert_eq!(choose(&rep, &logits, 0, Some(&history)).id, 2);
     }
 
     #[test]

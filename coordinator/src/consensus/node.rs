@@ -136,6 +136,8 @@ pub struct View {
     /// Members catching up before they vote.
     pub learners: Vec<u64>,
     pub log_bytes: u64,
+    /// Times this node saw the leader change to another one.
+    pub leader_changes: u64,
 }
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, RaftError>>;

@@ -45,6 +45,9 @@ pub(super) struct Loop {
     was_leader: bool,
     /// The leader as of the last soft state (0: none known).
     known_leader: u64,
+    /// The last nonzero leader seen, and how often it changed.
+    last_leader: u64,
+    leader_changes: u64,
     /// Requests that arrived while no leader was known, with deadlines:
     /// served once one is elected, else answered "no leader".
     awaiting_leader: Vec<(Instant, Input)>,
@@ -168,6 +171,8 @@ impl Loop {
             snapshot_entries: cfg.snapshot_entries,
             was_leader: false,
             known_leader: 0,
+            last_leader: 0,
+            leader_changes: 0,
             campaign_alone: true,
             awaiting_leader: Vec::new(),
             leader_wait: cfg.request_timeout.mul_f64(0.9),
@@ -485,6 +490,10 @@ impl Loop {
                 self.awaiting_leader.push((deadline, Input::ReadIndex(r)));
             }
         }
+        if leader_id != 0 && leader_id != self.last_leader {
+            self.leader_changes += 1;
+            self.last_leader = leader_id;
+        }
         self.was_leader = leader;
         self.known_leader = leader_id;
     }
@@ -581,6 +590,7 @@ impl Loop {
             state: self.state.clone(),
             node_id: self.id,
             leader_id: raft.leader_id,
+            leader_changes: self.leader_changes,
             term: raft.term,
             role: format!("{:?}", raft.state),
             commit: raft.raft_log.committed,

@@ -36,7 +36,7 @@ use crate::cluster::Cluster;
 use crate::inference::{GenerateStream, InferenceService};
 use error::object;
 pub use error::ApiError;
-use request::{parse, Endpoint, Parsed};
+use request::{parse, Endpoint};
 use response::{now_s, respond};
 
 /// Metadata key of a refused request's machine-readable reason, where
@@ -77,12 +77,11 @@ pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
 
 /// `Generate`, the gRPC handler itself: the same checks, routing and
 /// migration; an error before the first item is the HTTP status.
-async fn generate(state: &Http, p: &Parsed) -> Result<GenerateStream, ApiError> {
+async fn generate(state: &Http, req: &api::GenerateRequest) -> Result<GenerateStream, tonic::Status> {
     Ok(state
         .inference
-        .generate(tonic::Request::new(p.generate.clone()))
-        .await
-        .map_err(|s| ApiError::from_status(&s))?
+        .generate(tonic::Request::new(req.clone()))
+        .await?
         .into_inner())
 }
 

@@ -9,8 +9,18 @@
 //! then the smallest set of the largest of those whose probability mass at
 //! the temperature reaches top_p (ties at the cut kept), and the token is
 //! drawn by inverse CDF over the candidates in vocabulary order with a
-//! uniform `u` in [0, 1). The log-probability reported is the model's
-//! (temperature 1, whole vocabulary).
+//! uniform `u` in [0, 1). `min_p` > 0 also drops every logit whose
+//! probability at the temperature is below `min_p` times the top one's
+//! (before top-p's mass is counted, as vLLM orders them). The
+//! log-probability reported is the model's (temperature 1, whole
+//! vocabulary, before [`adjust`]).
+//!
+//! [`adjust`] applies a sequence's penalties and logit bias to its row
+//! before the rule above: repetition (Hugging Face's and vLLM's rule, over
+//! prompt and generated tokens: a positive logit is divided by the
+//! penalty, a negative one multiplied), then frequency and presence
+//! (OpenAI's, over generated tokens: `count * frequency + (count > 0) *
+//! presence` subtracted), then the bias added.
 //!
 //! The draw of a sequence's `n`-th token is [`uniform`]`(seed, n)`: it
 //! depends on the seed and the index alone, so a stage that samples keeps
@@ -31,6 +41,8 @@ pub struct SampleParams {
     pub top_p: f32,
     /// The draw, in [0, 1).
     pub uniform: f32,
+    /// 0: no min-p.
+    pub min_p: f32,
 }
 
 impl SampleParams {
@@ -40,6 +52,7 @@ impl SampleParams {
             top_k: 0,
             top_p: 1.0,
             uniform: 0.0,
+            min_p: 0.0,
         }
     }
 
@@ -66,6 +79,12 @@ impl SampleParams {
             return Err(bad(format!(
                 "row {row}: top_p {} is not in (0, 1]",
                 self.top_p
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(bad(format!(
+                "row {row}: min_p {} is not in [0, 1]",
+                self.min_p
             )));
         }
         if !(0.0..1.0).contains(&self.uniform) {
@@ -136,6 +155,12 @@ fn threshold(logits: &[f32], p: &SampleParams, top: f32) -> u32 {
     } else {
         0
     };
+    // min-p: p / p_top >= min_p <=> l >= top + T ln(min_p).
+    let tk = if p.min_p > 0.0 {
+        tk.max(order_key(top + p.temperature * p.min_p.ln()))
+    } else {
+        tk
+    };
     if p.top_p >= 1.0 {
         return tk;
     }
@@ -177,6 +202,85 @@ fn walk(mut cand: Vec<(u32, f64)>, goal: f64) -> Option<u32> {
         }
     }
     None
+}
+
+/// A sequence's penalties and logit bias: what [`adjust`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Adjust<'a> {
+    /// 1: none.
+    pub repetition: f32,
+    /// 0: none.
+    pub frequency: f32,
+    /// 0: none.
+    pub presence: f32,
+    /// Added to the logits of these tokens.
+    pub bias: &'a [(u32, f32)],
+    /// The sequence's tokens so far (prompt, then generated).
+    pub tokens: &'a [u32],
+    /// Where the generated tokens start in `tokens`.
+    pub generated_from: usize,
+}
+
+/// Applies a sequence's penalties and bias to its row of logits (see the
+/// module's text for the rule). Token ids outside the row are ignored
+/// (the request's checks refuse them before a step is made).
+pub fn adjust(logits: &mut [f32], a: &Adjust) {
+    let n = logits.len();
+    if a.repetition != 1.0 {
+        let mut seen = vec![false; n];
+        for &t in a.tokens {
+            let t = t as usize;
+            if t < n && !std::mem::replace(&mut seen[t], true) {
+                let l = &mut logits[t];
+                *l = if *l > 0.0 {
+                    *l / a.repetition
+                } else {
+                    *l * a.repetition
+                };
+            }
+        }
+    }
+    if a.frequency != 0.0 || a.presence != 0.0 {
+        let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+        for &t in a.tokens.get(a.generated_from..).unwrap_or(&[]) {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= c as f32 * a.frequency + a.presence;
+            }
+        }
+    }
+    for &(t, b) in a.bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+}
+
+/// The `n` most likely tokens under the model (log-softmax of the row,
+/// temperature 1), most likely first (the lower id first on ties).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let max = vecmath::max(logits);
+    let log_sum = vecmath::sum_exp(logits, max).ln() as f32;
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(ids.len());
+    let by = |a: &u32, b: &u32| {
+        order_key(logits[*b as usize])
+            .cmp(&order_key(logits[*a as usize]))
+            .then(a.cmp(b))
+    };
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, by);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(by);
+    ids.into_iter()
+        .map(|i| (i, (logits[i as usize] - max) - log_sum))
+        .collect()
 }
 
 /// The candidates' mask for one row (before the draw).
@@ -255,6 +359,7 @@ mod tests {
                 top_k,
                 top_p,
                 uniform: 0.0,
+                min_p: 0.0,
             };
             let keep = candidates(&logits, &p);
             // libtorch: sort descending, keep top-k, then the prefix whose
@@ -307,6 +412,106 @@ mod tests {
         }
     }
 
+    /// min-p keeps the tokens whose probability at the temperature is at
+    /// least min_p times the top one's (libtorch's softmax as the
+    /// reference), and top-p then counts mass over those alone.
+    #[test]
+    fn min_p_keeps_what_is_likely_enough() {
+        let logits = row(9, 400);
+        let t = Tensor::from_slice(&logits);
+        for (temperature, min_p, top_p) in [(1.0f32, 0.05f32, 1.0f32), (0.6, 0.2, 1.0), (1.5, 0.1, 0.7)] {
+            let p = SampleParams {
+                temperature,
+                top_k: 0,
+                top_p,
+                uniform: 0.0,
+                min_p,
+            };
+            let keep = candidates(&logits, &p);
+            let probs = Vec::<f64>::try_from((&t / temperature as f64).softmax(0, Kind::Double)).unwrap();
+            let top = probs.iter().cloned().fold(0.0, f64::max);
+            let after_min_p: Vec<bool> = probs.iter().map(|&q| q >= min_p as f64 * top * (1.0 - 1e-6)).collect();
+            if top_p >= 1.0 {
+                assert_eq!(keep, after_min_p, "T={temperature} min_p={min_p}");
+            } else {
+                // A subset of min-p's, holding at least top_p of its mass.
+                let mass = |m: &[bool]| -> f64 { probs.iter().zip(m).filter(|e| *e.1).map(|e| e.0).sum() };
+                assert!(keep.iter().zip(&after_min_p).all(|(k, a)| !k || *a));
+                assert!(mass(&keep) >= top_p as f64 * mass(&after_min_p) - 1e-9);
+                assert!(keep.iter().filter(|k| **k).count() < after_min_p.iter().filter(|k| **k).count());
+            }
+        }
+    }
+
+    /// Penalties and bias as their owners state them: OpenAI's
+    /// `mu - c * frequency - (c > 0) * presence` over generated tokens,
+    /// Hugging Face's repetition rule over prompt and generated tokens.
+    #[test]
+    fn penalties_and_bias_follow_their_definitions() {
+        let base = [2.0f32, -1.0, 0.5, 3.0, -2.0, 1.0];
+        // Prompt [0, 1], generated [3, 3, 4].
+        let tokens = [0u32, 1, 3, 3, 4];
+        let mut l = base;
+        adjust(
+            &mut l,
+            &Adjust {
+                repetition: 1.0,
+                frequency: 0.5,
+                presence: 0.25,
+                bias: &[(5, -100.0), (2, 1.5)],
+                tokens: &tokens,
+                generated_from: 2,
+            },
+        );
+        assert_eq!(l, [2.0, -1.0, 2.0, 3.0 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, -99.0]);
+        let mut l = base;
+        adjust(
+            &mut l,
+            &Adjust {
+                repetition: 2.0,
+                frequency: 0.0,
+                presence: 0.0,
+                bias: &[],
+                tokens: &tokens,
+                generated_from: 2,
+            },
+        );
+        assert_eq!(l, [1.0, -2.0, 0.5, 1.5, -4.0, 1.0]);
+        // Greedy on the adjusted row: the bias decides.
+        let mut l = base;
+        adjust(
+            &mut l,
+            &Adjust {
+                repetition: 1.0,
+                frequency: 0.0,
+                presence: 0.0,
+                bias: &[(4, 10.0)],
+                tokens: &[],
+                generated_from: 0,
+            },
+        );
+        assert_eq!(sample(&l, &SampleParams::greedy()).0, 4);
+    }
+
+    #[test]
+    fn top_logprobs_are_libtorchs_largest() {
+        let mut logits = row(10, 1000);
+        logits[5] = logits[900];
+        let lsm = Tensor::from_slice(&logits).log_softmax(0, Kind::Float);
+        let (vals, idx) = lsm.topk(20, 0, true, true);
+        let vals = Vec::<f32>::try_from(vals).unwrap();
+        let idx = Vec::<i64>::try_from(idx).unwrap();
+        let ours = top_logprobs(&logits, 20);
+        assert_eq!(ours.len(), 20);
+        for (k, &(id, lp)) in ours.iter().enumerate() {
+            assert!((lp - vals[k]).abs() < 1e-5, "{k}: {lp} vs {}", vals[k]);
+            assert_eq!(logits[id as usize], logits[idx[k] as usize], "{k}");
+        }
+        assert!(ours.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(top_logprobs(&logits, 0), vec![]);
+        assert_eq!(top_logprobs(&[1.0, 2.0], 5).len(), 2);
+    }
+
     #[test]
     fn greedy_and_log_probabilities() {
         let mut logits = row(7, 300);
@@ -321,6 +526,7 @@ mod tests {
                 top_k: 1,
                 top_p: 1.0,
                 uniform: 0.99,
+                min_p: 0.0,
             },
         );
         assert_eq!(top1.0, 17);
@@ -334,6 +540,7 @@ mod tests {
                 top_k: 0,
                 top_p: 1.0,
                 uniform: 0.7,
+                min_p: 0.0,
             },
         );
         assert!((drawn.1 - lsm[drawn.0 as usize]).abs() < 1e-5);
@@ -389,6 +596,13 @@ mod tests {
                     ..SampleParams::greedy()
                 },
                 "uniform 1",
+            ),
+            (
+                SampleParams {
+                    min_p: 1.5,
+                    ..SampleParams::greedy()
+                },
+                "min_p 1.5",
             ),
         ] {
             let err = p.validate(0).unwrap_err().to_string();

@@ -190,18 +190,21 @@ fn gpu_sampling_matches_reference() {
                 top_k: 50,
                 top_p: 1.0,
                 uniform: (i as f32 * 0.37) % 1.0,
+                min_p: 0.0,
             },
             2 => SampleParams {
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 0.9,
                 uniform: (i as f32 * 0.61) % 1.0,
+                min_p: 0.0,
             },
             _ => SampleParams {
                 temperature: 1.2,
                 top_k: 200,
                 top_p: 0.7,
                 uniform: (i as f32 * 0.13) % 1.0,
+                min_p: 0.0,
             },
         })
         .collect();

@@ -86,6 +86,15 @@ pub fn plan_sample(
 fn columns(params: &[SampleParams]) -> Result<[Tensor; 4]> {
     for (i, p) in params.iter().enumerate() {
         p.validate(i)?;
+        if p.min_p > 0.0 {
+            // The kernel has no min-p cut: refused, never ignored (the
+            // worker samples on the host, where the CPU sampler has it).
+            return Err(KernelError::Invalid {
+                op: "sample",
+                arg: "params",
+                problem: format!("row {i}: min_p {} is not supported by the device sampler", p.min_p),
+            });
+        }
     }
     Ok([
         Tensor::from_slice(&params.iter().map(|p| p.temperature).collect::<Vec<_>>()),
@@ -158,6 +167,13 @@ mod tests {
             .to_string();
         assert!(err.contains("top_p 0") && err.contains("row 0"), "{err}");
         assert!(columns(&[bad]).is_err());
+        let min_p = SampleParams {
+            temperature: 1.0,
+            min_p: 0.1,
+            ..SampleParams::greedy()
+        };
+        let err = columns(&[min_p]).unwrap_err().to_string();
+        assert!(err.contains("min_p 0.1"), "{err}");
         let cols = columns(&[SampleParams::greedy(); 2]).unwrap();
         let ids = Tensor::zeros([2], (Kind::Int64, Device::Cpu));
         let lp = Tensor::zeros([2], (Kind::Float, Device::Cpu));

@@ -139,6 +139,10 @@ struct Client {
     sampling: SamplingParams,
     request_id: String,
     started: Instant,
+    /// When its first step was planned.
+    scheduled: Option<Instant>,
+    /// Whether its queue time went out (with its first token).
+    told_queue: bool,
     timeout: Option<Duration>,
 }
 
@@ -165,6 +169,12 @@ impl Engine {
                 let Some(plan) = self.sched.schedule() else {
                     break;
                 };
+                let now = Instant::now();
+                for p in &plan.seqs {
+                    if let Some(c) = self.clients.get_mut(&p.id) {
+                        c.scheduled.get_or_insert(now);
+                    }
+                }
                 let req = self.request(&plan);
                 let stages = self.stages.clone();
                 // Numbered here, in issue order (the tasks may start in any).
@@ -223,6 +233,8 @@ impl Engine {
                                 sampling: sub.sampling,
                                 request_id: sub.request_id,
                                 started: Instant::now(),
+                                scheduled: None,
+                                told_queue: false,
                                 timeout,
                             },
                         );
@@ -291,6 +303,11 @@ impl Engine {
                     self.clients.get(&p.id).map(|c| SampleAt {
                         params: c.sampling.clone(),
                         index,
+                        history: c
+                            .sampling
+                            .needs_history()
+                            .then(|| self.sched.history(p.id))
+                            .flatten(),
                     })
                 }),
                 want_logits: false,
@@ -320,14 +337,18 @@ impl Engine {
                     ));
                     return self.failed(&plan, e);
                 }
-                let sampled: Vec<(u32, f32)> =
-                    out.tokens.iter().map(|t| (t.id, t.logprob)).collect();
-                for (id, ev) in self.sched.complete(&plan, &sampled) {
+                for (id, ev) in self.sched.complete(&plan, out.tokens) {
                     match ev {
                         SeqEvent::Finished(f) => self.finished(id, f),
-                        tok => {
+                        mut tok => {
                             self.generated += 1;
-                            if let Some(c) = self.clients.get(&id) {
+                            if let Some(c) = self.clients.get_mut(&id) {
+                                if let SeqEvent::Token { queued, .. } = &mut tok {
+                                    if !c.told_queue {
+                                        c.told_queue = true;
+                                        *queued = c.scheduled.map(|s| s - c.started);
+                                    }
+                                }
                                 let _ = c.events.send(Ok(tok));
                             }
                         }

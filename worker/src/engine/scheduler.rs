@@ -21,6 +21,7 @@ use std::time::Instant;
 use llmos_meta::FinishReason;
 
 use super::blocks::{BlockManager, PrefixStats};
+use crate::sampling::{Choice, History};
 
 /// Limits of one model's scheduler.
 #[derive(Debug, Clone)]
@@ -150,7 +151,16 @@ impl StepPlan {
 /// What a sequence's client hears.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    Token { id: u32, logprob: f32 },
+    /// A token, its log-probability under the model and the alternatives
+    /// asked for (`SamplingParams::top_logprobs`).
+    Token {
+        id: u32,
+        logprob: f32,
+        top: Vec<(u32, f32)>,
+        /// On a sequence's first token: how long it waited from submission
+        /// to its first step (set by the engine).
+        queued: Option<std::time::Duration>,
+    },
     Finished(Finished),
 }
 
@@ -474,15 +484,15 @@ impl Scheduler {
         Some(StepPlan { seqs })
     }
 
-    /// Applies a finished step: `sampled` has one `(token, logprob)` per
-    /// planned sequence with a `sample_index`, in plan order. Returns the
-    /// events to deliver.
-    pub fn complete(&mut self, plan: &StepPlan, sampled: &[(u32, f32)]) -> Vec<(u64, SeqEvent)> {
+    /// Applies a finished step: `sampled` has one choice per planned
+    /// sequence with a `sample_index`, in plan order. Returns the events to
+    /// deliver.
+    pub fn complete(&mut self, plan: &StepPlan, sampled: Vec<Choice>) -> Vec<(u64, SeqEvent)> {
         let mut events = Vec::new();
-        let mut tokens = sampled.iter();
+        let mut tokens = sampled.into_iter();
         for p in &plan.seqs {
             let tok = if p.sample_index.is_some() {
-                tokens.next().copied()
+                tokens.next()
             } else {
                 None
             };
@@ -497,10 +507,20 @@ impl Scheduler {
                 events.push((p.id, SeqEvent::Finished(f)));
                 continue;
             }
-            let Some((id, logprob)) = tok else { continue };
+            let Some(Choice { id, logprob, top }) = tok else {
+                continue;
+            };
             s.tokens.push(id);
             s.generated += 1;
-            events.push((p.id, SeqEvent::Token { id, logprob }));
+            events.push((
+                p.id,
+                SeqEvent::Token {
+                    id,
+                    logprob,
+                    top,
+                    queued: None,
+                },
+            ));
             let reason = if s.params.stop_ids.contains(&id) {
                 Some(Finish::Done(FinishReason::Eos))
             } else if s.generated >= s.params.max_new_tokens {
@@ -514,6 +534,15 @@ impl Scheduler {
             }
         }
         events
+    }
+
+    /// A sequence's tokens so far, as its penalties count them.
+    pub fn history(&self, id: u64) -> Option<History> {
+        let s = self.seqs.get(&id)?;
+        Some(History {
+            tokens: s.tokens.clone(),
+            generated_from: s.params.prompt.len().saturating_sub(s.params.first_index as usize),
+        })
     }
 
     /// A step failed: its sequences end (and free their blocks).
@@ -540,6 +569,14 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn choice(id: u32) -> Choice {
+        Choice {
+            id,
+            logprob: -0.1,
+            top: vec![],
+        }
+    }
 
     fn cfg(num_blocks: usize, max_running: usize, budget: usize) -> SchedulerConfig {
         SchedulerConfig {
@@ -573,7 +610,7 @@ mod tests {
             .iter()
             .filter(|p| p.sample_index.is_some())
             .count();
-        let ev = s.complete(&plan, &vec![(tok, -0.1); n]);
+        let ev = s.complete(&plan, vec![choice(tok); n]);
         (plan, ev)
     }
 
@@ -702,7 +739,7 @@ mod tests {
         let plan = s.schedule().unwrap();
         // Cancelled while in a step: ends when the step completes.
         assert_eq!(s.cancel(1), None);
-        let ev = s.complete(&plan, &[(4, 0.0), (4, 0.0), (4, 0.0)]);
+        let ev = s.complete(&plan, vec![choice(4); 3]);
         assert!(ev.iter().any(|(id, e)| *id == 1
             && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Cancelled))));
         let expired = s.expire(now + std::time::Duration::from_millis(20));

@@ -14,15 +14,16 @@ use super::error::{Result, RuntimeError};
 use super::follower::{spawn_follower, FollowerStep};
 use super::links::{relink, LinkTable, Links};
 use super::step::{
-    HostStats, Loaded, Sampled, ShardConfig, ShardStats, Step, StepInput, StepOutput,
+    HostStats, Loaded, SampleAt, Sampled, ShardConfig, ShardStats, Step, StepInput, StepOutput,
 };
 use super::Command;
 use crate::comm::{Collective, NcclGroup, Rendezvous, TcpGroup};
+use crate::metrics::{metrics, Stage, Timed};
 use crate::kv::{BatchLayout, KvPool, SeqSlice};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
-use crate::sampling::Sampler;
+
 
 /// How long the ranks of a tensor-parallel group wait for each other to
 /// link up.
@@ -207,12 +208,14 @@ impl Host {
             &mut |_, _| {},
         )?;
         if let Some(g) = &group {
+            let stage = Stage::new(&config.model, &config.layers, g.rank());
             if self.device.is_cuda() {
                 // Activations stay on the GPU: NCCL sums them; the TCP group
                 // keeps carrying the leader's steps.
-                model.set_collective(Arc::new(NcclGroup::form(g, g.op_timeout())?))?;
+                let nccl: Arc<dyn Collective> = Arc::new(NcclGroup::form(g, g.op_timeout())?);
+                model.set_collective(Arc::new(Timed::new(nccl, &stage)))?;
             } else {
-                model.set_collective(g.clone())?;
+                model.set_collective(Arc::new(Timed::new(g.clone(), &stage)))?;
             }
         }
         let name = config.model.clone();
@@ -308,9 +311,28 @@ impl Host {
         Ok(blocks)
     }
 
-    /// One batched step of one model's shard; `input` holds the hidden
-    /// states that arrived over the pipeline link.
+    /// The metrics labels of `model`'s stage here.
+    fn stage(&self, model: &str) -> Option<Stage> {
+        self.shards.get(model).map(|h| {
+            Stage::new(model, &h.config.layers, h.group.as_ref().map_or(0, |g| g.rank()))
+        })
+    }
+
+    /// One batched step of one model's shard (timed into the stage's
+    /// metrics, its send to the next stage included); `input` holds the
+    /// hidden states that arrived over the pipeline link.
     fn step(&mut self, step: Step, input: Option<Tensor>) -> Result<StepOutput> {
+        let began = Instant::now();
+        let tokens = step.tokens();
+        let stage = self.stage(&step.model);
+        let out = self.run_step(step, input, stage.as_ref());
+        if let (Ok(_), Some(stage)) = (&out, &stage) {
+            metrics().step(stage, tokens, began.elapsed().as_secs_f64());
+        }
+        out
+    }
+
+    fn run_step(&mut self, step: Step, input: Option<Tensor>, stage: Option<&Stage>) -> Result<StepOutput> {
         let h = self
             .shards
             .get_mut(&step.model)
@@ -335,7 +357,7 @@ impl Host {
         for (i, s) in step.seqs.iter().enumerate() {
             if let Some(at) = &s.sample {
                 at.params.validate()?;
-                samplers.push((i, Sampler::new(at.params.clone()), at.index));
+                samplers.push((i, at));
             }
         }
         let logit_rows: Vec<usize> = step
@@ -464,7 +486,12 @@ impl Host {
                     "this stage's pipeline link to the next stage is not formed".into(),
                 ));
             };
+            let sent = Instant::now();
             next.send(step.id, hidden)?;
+            if let Some(stage) = stage {
+                let bytes = hidden.numel() as u64 * hidden.kind().elt_size_in_bytes() as u64;
+                metrics().link_send(stage, bytes, sent.elapsed().as_secs_f64());
+            }
             return Ok(StepOutput::default());
         }
         let vocab = cfg.vocab_size;
@@ -556,25 +583,20 @@ fn fused_step(
 /// a sequence to its row). Rows sample independently (each a pass over
 /// the vocabulary for its log-probability): across the decode pool.
 fn sample_rows(
-    samplers: Vec<(usize, Sampler, u64)>,
+    samplers: Vec<(usize, &SampleAt)>,
     logits: &[f32],
     vocab: usize,
     row_of: impl Fn(usize) -> usize + Sync,
 ) -> Vec<Sampled> {
-    let mut tokens = vec![
-        Sampled {
-            id: 0,
-            logprob: 0.0
-        };
-        samplers.len()
-    ];
+    let mut tokens = vec![Sampled::default(); samplers.len()];
     let picked = llmos_kernels::cpu::spin_pool::SharedSlot(tokens.as_mut_ptr());
     llmos_kernels::cpu::gemv::pool().run(samplers.len(), &|n| {
-        let (i, sampler, index) = &samplers[n];
-        let r = row_of(*i);
-        let (id, logprob) = sampler.sample_at(&logits[r * vocab..(r + 1) * vocab], *index);
+        let (i, at) = samplers[n];
+        let r = row_of(i);
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let choice = crate::sampling::choose(&at.params, row, at.index, at.history.as_ref());
         // SAFETY: task `n` alone writes element `n`, which is in bounds.
-        unsafe { *picked.at(n) = Sampled { id, logprob } };
+        unsafe { *picked.at(n) = choice };
     });
     tokens
 }

@@ -98,6 +98,8 @@ pub struct Loaded {
 pub struct SampleAt {
     pub params: SamplingParams,
     pub index: u64,
+    /// The sequence's tokens, sent when its penalties count them.
+    pub history: Option<crate::sampling::History>,
 }
 
 /// One sequence's part of a batched step. Its tokens are packed in the
@@ -176,13 +178,10 @@ impl Step {
     }
 }
 
-/// A sampled token and its log-probability under the model (before
-/// temperature and truncation).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampled {
-    pub id: u32,
-    pub logprob: f32,
-}
+/// A sampled token, its log-probability under the model (before
+/// penalties, temperature and truncation) and the most likely
+/// alternatives when asked for (`SamplingParams::top_logprobs`).
+pub type Sampled = crate::sampling::Choice;
 
 /// What a step answers.
 #[derive(Debug, Default)]

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::{LinkBackend, LinkSpec};
 use crate::engine::EngineStats;
 use crate::model::linear::Quantization;
+use crate::sampling::History;
 use crate::runtime::{
     HostStats, SampleAt, Sampled, SeqStep, ShardConfig, Step, StepInput, StepOutput, TensorParallel,
 };
@@ -213,16 +214,59 @@ pub fn shard_spec(c: &ShardConfig) -> pb::ShardSpec {
 }
 
 pub fn sampling(s: &pb::Sampling) -> SamplingParams {
-    SamplingParams::from_wire(s.temperature, s.top_k, s.top_p, s.seed)
+    SamplingParams {
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        // 1 disables; so does 0 on the wire.
+        repetition_penalty: if s.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            s.repetition_penalty
+        },
+        logit_bias: s.logit_bias.iter().map(|b| (b.id, b.bias)).collect(),
+        top_logprobs: s.top_logprobs,
+        ..SamplingParams::from_wire(s.temperature, s.top_k, s.top_p, s.seed)
+    }
 }
 
-fn sampling_to_wire(p: &SamplingParams) -> pb::Sampling {
+pub fn sampling_to_wire(p: &SamplingParams) -> pb::Sampling {
     pb::Sampling {
         temperature: p.temperature,
         top_k: p.top_k as u32,
         // 1 disables top-p; so does 0 on the wire.
         top_p: p.top_p,
         seed: p.seed,
+        min_p: p.min_p,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: p.repetition_penalty,
+        logit_bias: p
+            .logit_bias
+            .iter()
+            .map(|&(id, bias)| pb::TokenBias { id, bias })
+            .collect(),
+        top_logprobs: p.top_logprobs,
+    }
+}
+
+pub fn sampled_to_wire(t: &Sampled) -> pb::SampledToken {
+    pb::SampledToken {
+        id: t.id,
+        logprob: t.logprob,
+        top: t
+            .top
+            .iter()
+            .map(|&(id, logprob)| pb::TokenLogprob { id, logprob })
+            .collect(),
+    }
+}
+
+pub fn sampled(t: &pb::SampledToken) -> Sampled {
+    Sampled {
+        id: t.id,
+        logprob: t.logprob,
+        top: t.top.iter().map(|a| (a.id, a.logprob)).collect(),
     }
 }
 
@@ -273,9 +317,17 @@ pub fn step(req: pb::StepRequest) -> Result<Step> {
             position: s.position as usize,
             tokens: s.tokens as usize,
             blocks: s.blocks.clone(),
-            sample: s.sample.as_ref().map(|p| SampleAt {
-                params: sampling(p),
-                index: s.sample_index,
+            sample: s.sample.as_ref().map(|p| {
+                let params = sampling(p);
+                let history = params.needs_history().then(|| History {
+                    tokens: s.history.clone(),
+                    generated_from: s.generated_from as usize,
+                });
+                SampleAt {
+                    params,
+                    index: s.sample_index,
+                    history,
+                }
             }),
             want_logits: s.want_logits,
         })
@@ -315,6 +367,16 @@ pub fn step_to_wire(step: &Step) -> pb::StepRequest {
                 sample: s.sample.as_ref().map(|a| sampling_to_wire(&a.params)),
                 sample_index: s.sample.as_ref().map_or(0, |a| a.index),
                 want_logits: s.want_logits,
+                history: s
+                    .sample
+                    .as_ref()
+                    .and_then(|a| a.history.as_ref())
+                    .map_or_else(Vec::new, |h| h.tokens.clone()),
+                generated_from: s
+                    .sample
+                    .as_ref()
+                    .and_then(|a| a.history.as_ref())
+                    .map_or(0, |h| h.generated_from as u32),
             })
             .collect(),
         input: Some(input),
@@ -329,10 +391,7 @@ pub fn output_to_wire(out: &StepOutput) -> pb::StepResponse {
         tokens: out
             .tokens
             .iter()
-            .map(|t| pb::SampledToken {
-                id: t.id,
-                logprob: t.logprob,
-            })
+            .map(sampled_to_wire)
             .collect(),
         logits: out.logits.as_ref().map(to_wire),
     }
@@ -349,10 +408,7 @@ pub fn output(resp: &pb::StepResponse) -> Result<StepOutput> {
         tokens: resp
             .tokens
             .iter()
-            .map(|t| Sampled {
-                id: t.id,
-                logprob: t.logprob,
-            })
+            .map(sampled)
             .collect(),
         logits: resp
             .logits
@@ -473,8 +529,20 @@ mod tests {
                 tokens: 2,
                 blocks: vec![5, 1],
                 sample: Some(SampleAt {
-                    params: SamplingParams::from_wire(0.7, 40, 0.9, 11),
+                    params: SamplingParams {
+                        min_p: 0.05,
+                        presence_penalty: 0.5,
+                        frequency_penalty: -0.25,
+                        repetition_penalty: 1.1,
+                        logit_bias: vec![(7, -100.0), (9, 2.5)],
+                        top_logprobs: 5,
+                        ..SamplingParams::from_wire(0.7, 40, 0.9, 11)
+                    },
                     index: 6,
+                    history: Some(History {
+                        tokens: vec![1, 2, 3, 17],
+                        generated_from: 2,
+                    }),
                 }),
                 want_logits: true,
             }],
@@ -494,5 +562,11 @@ mod tests {
         }
         let e = super::step(neg).unwrap_err().to_string();
         assert!(e.contains("StepRequest.tokens"), "{e}");
+        let t = Sampled {
+            id: 3,
+            logprob: -0.5,
+            top: vec![(3, -0.5), (8, -1.25)],
+        };
+        assert_eq!(sampled(&sampled_to_wire(&t)), t);
     }
 }

@@ -350,9 +350,10 @@ impl Worker for WorkerService {
                     },
                 };
                 let (msg, last) = match ev {
-                    Ok(SeqEvent::Token { id, logprob }) => (
+                    Ok(SeqEvent::Token { id, logprob, top, queued }) => (
                         Ok(pb::EngineEvent {
-                            tokens: vec![pb::SampledToken { id, logprob }],
+                            tokens: vec![codec::sampled_to_wire(&crate::runtime::Sampled { id, logprob, top })],
+                            queue_s: queued.map_or(0.0, |q| q.as_secs_f64()),
                             ..Default::default()
                         }),
                         false,
@@ -364,6 +365,7 @@ impl Worker for WorkerService {
                             prompt_tokens: f.prompt_tokens as u32,
                             cached_prompt_tokens: f.cached_prompt_tokens as u32,
                             preemptions: f.preemptions,
+                            queue_s: 0.0,
                         }),
                         true,
                     ),
@@ -467,7 +469,23 @@ pub async fn serve_registered(
     registration: Option<register::Registration>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_metrics(listener, None, host, registration, shutdown).await
+}
+
+/// [`serve_registered`], and Prometheus metrics (`crate::metrics`) at
+/// `/metrics` on `metrics` when given.
+pub async fn serve_with_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
+    host: HostHandle,
+    registration: Option<register::Registration>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let held = HeldShards::default();
+    let metrics_server = metrics.map(|l| {
+        let svc = Arc::new(WorkerService::new(host.clone(), held.clone()));
+        tokio::spawn(serve_metrics(l, svc))
+    });
     let heartbeats = registration
         .clone()
         .map(|r| tokio::spawn(register::registration_loop(r, held.clone())));
@@ -484,7 +502,36 @@ pub async fn serve_registered(
     if let Some(t) = heartbeats {
         t.abort();
     }
+    if let Some(t) = metrics_server {
+        t.abort();
+    }
     r
+}
+
+/// `GET /metrics`: the collectors and what `Stats` reports, in the
+/// Prometheus text format.
+async fn serve_metrics(listener: tokio::net::TcpListener, svc: Arc<WorkerService>) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let svc = svc.clone();
+            async move {
+                let mut text = crate::metrics::metrics().text();
+                match svc.stats(Request::new(pb::StatsRequest {})).await {
+                    Ok(r) => text.push_str(&crate::metrics::snapshot(r.get_ref())),
+                    Err(e) => tracing::warn!(error = %e, "metrics: the host's stats are unavailable"),
+                }
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    text,
+                )
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics server stopped");
+    }
 }
 
 /// The server could not start or stopped with an error.
