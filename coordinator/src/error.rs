@@ -78,8 +78,18 @@ impl From<CoordError> for Status {
                 );
                 s
             }
+            CoordError::Request(ref r) => {
+                // The field at fault, for the HTTP API's `param`.
+                let mut s = Status::invalid_argument(msg);
+                if let Some(f) = r.field() {
+                    s.metadata_mut().insert(
+                        crate::http::REQUEST_FIELD_KEY,
+                        tonic::metadata::MetadataValue::from_static(f),
+                    );
+                }
+                s
+            }
             CoordError::Invalid(_)
-            | CoordError::Request(_)
             | CoordError::Limit { .. }
             | CoordError::Plan(PlanError::Invalid(_)) => Status::invalid_argument(msg),
             CoordError::Meta(_) => Status::invalid_argument(msg),

@@ -13,6 +13,7 @@ use llmos_meta::{render_chat, ChatMessage, FinishReason, TextStreamer};
 use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
@@ -73,8 +74,23 @@ impl InferenceService {
             .map(|w| w.address.clone())
             .unwrap_or_default();
         let mut client = self.cluster.worker(&worker).await?;
+        // This attempt's span is the parent of the worker's `sequence`.
+        let span = tracing::info_span!(
+            "attempt",
+            replica = replica.id as i64,
+            worker = %worker,
+            epoch = req.epoch as i64,
+            first_token_index = req.first_token_index as i64
+        );
+        let mut req = tonic::Request::new(req);
+        if let Some(tp) = llmos_meta::logging::traceparent(&span) {
+            if let Ok(v) = tp.parse() {
+                req.metadata_mut().insert("traceparent", v);
+            }
+        }
         let answer =
             tokio::time::timeout(self.cluster.config.connect_timeout, client.generate(req))
+                .instrument(span)
                 .await
                 .map_err(|_| CoordError::WorkerUnavailable {
                     worker: worker.clone(),
@@ -734,7 +750,19 @@ impl api::inference_server::Inference for InferenceService {
         req: Request<api::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(req.metadata());
-        let r = req.into_inner();
+        let header = |key: &str| {
+            req.metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        let (traceparent, header_id) = (header("traceparent"), header("x-request-id"));
+        let mut r = req.into_inner();
+        if r.request_id.is_empty() {
+            // `x-request-id` names the request when the body does not.
+            r.request_id = header_id.unwrap_or_default();
+        }
         let rt = self.runtime(&r.model)?;
         let ids = prompt_ids(&rt, &r.model, r.prompt)?;
         let stopping = r.stopping.unwrap_or_default();
@@ -787,6 +815,10 @@ impl api::inference_server::Inference for InferenceService {
         .flatten()
         .min();
         let started = Instant::now();
+        // The request's span: a child of the caller's (`traceparent`), the
+        // parent of each attempt on a replica.
+        let span = tracing::info_span!("generate", request_id = %request_id, model = %r.model);
+        llmos_meta::logging::set_parent(&span, traceparent.as_deref());
         let resumed = r.resume.map(|x| x.received_token_ids).unwrap_or_default();
         if !resumed.is_empty() {
             if !had_id {
@@ -870,12 +902,12 @@ impl api::inference_server::Inference for InferenceService {
             ))));
         }
         let attached = if resumed.is_empty() {
-            flight.attach().await?
+            flight.attach().instrument(span.clone()).await?
         } else {
-            flight.resume().await?
+            flight.resume().instrument(span.clone()).await?
         };
         let logprobs = r.logprobs;
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::instrument(async move {
             // The streamer borrows the tokenizer: it lives in this task.
             let mut streamer = TextStreamer::new(
                 rt.tokenizer.as_ref(),
@@ -889,7 +921,7 @@ impl api::inference_server::Inference for InferenceService {
             flight
                 .stream(attached, &mut streamer, &tx, logprobs, started)
                 .await;
-        });
+        }, span));
         Ok(Response::new(Box::pin(crate::metrics::observe(
             ReceiverStream::new(rx),
             observer,

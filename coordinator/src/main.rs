@@ -31,6 +31,10 @@ struct Cli {
     /// filter is LLMOS_LOG.
     #[arg(long, env = "LLMOS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Export request spans (traces) to this OpenTelemetry collector over
+    /// OTLP/HTTP, e.g. http://collector:4318 (`/v1/traces` is appended).
+    #[arg(long, env = "LLMOS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Largest HTTP request body, in bytes (413 above it).
     #[arg(long, env = "LLMOS_HTTP_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     http_max_body_bytes: usize,
@@ -122,7 +126,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    llmos_meta::logging::init(&cli.log_format, "info").map_err(anyhow::Error::msg)?;
+    // Dropped at the end of main: spans still batched go out.
+    let _tracing = llmos_meta::logging::init_with_traces(
+        &cli.log_format,
+        "info",
+        "llmos-coordinator",
+        cli.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("bind {}", cli.listen))?;

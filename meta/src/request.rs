@@ -36,6 +36,23 @@ pub enum RequestError {
     TopLogprobs { got: u32, limit: u32 },
 }
 
+impl RequestError {
+    /// The request field at fault (the wire's names), where one is.
+    pub fn field(&self) -> Option<&'static str> {
+        Some(match self {
+            RequestError::EmptyPrompt | RequestError::TokenOutOfVocabulary { .. } => "prompt",
+            RequestError::NoNewTokens => "max_new_tokens",
+            RequestError::ContextExceeded { .. } => return None,
+            RequestError::Temperature(_) => "temperature",
+            RequestError::TopP(_) => "top_p",
+            RequestError::MinP(_) => "min_p",
+            RequestError::Penalty { name, .. } => name,
+            RequestError::LogitBias(_) => "logit_bias",
+            RequestError::TopLogprobs { .. } => "top_logprobs",
+        })
+    }
+}
+
 /// The most alternatives a token's log-probabilities list (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// The most tokens one request may bias.

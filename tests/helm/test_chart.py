@@ -12,8 +12,9 @@ What they check:
     one with every optional feature on), validated against the Kubernetes
     API schemas of kubernetes-validate (strict: unknown fields fail) for each
     Kubernetes minor the chart claims (kubeVersion >=1.28); kinds of CRDs
-    (KEDA's ScaledObject, the Prometheus operator's ServiceMonitor) have no
-    schema there and are counted and printed, never skipped silently;
+    (KEDA's ScaledObject, the Prometheus operator's ServiceMonitor and
+    PodMonitor) have no schema there and are counted and printed, never
+    skipped silently;
   - template tests over the parsed YAML: Raft peers and PodDisruptionBudget
     for 1, 3 and 5 coordinators, worker pool flags/labels/resources, the
     models list handed to `llmos apply`, the `helm test` pod, the optional
@@ -123,7 +124,7 @@ def test_rendered_documents_validate_against_kubernetes_schemas(name, capsys):
     core = [w for w in no_schema if not any(g in w for g in ("keda.sh/", "monitoring.coreos.com/"))]
     assert not core, f"kinds without a schema that are not CRDs: {core}"
     if values is ALL_OPTIONAL:
-        assert len(no_schema) >= 2, f"expected ScaledObject and ServiceMonitor to be counted: {no_schema}"
+        assert len(no_schema) >= 3, f"expected ScaledObject, ServiceMonitor and PodMonitor to be counted: {no_schema}"
 
 
 def test_kube_version_below_claimed_is_refused():
@@ -317,6 +318,7 @@ def test_worker_pool_flags_labels_and_pod_labels():
         "serve",
         "--listen=$(POD_IP):50061",
         "--collective-port=50062",
+        "--metrics-listen=$(POD_IP):9091",
         "--advertise=http://$(POD_IP):50061",
         "--worker-id=$(POD_NAME)",
         f"--coordinator=http://llmos-coordinator.{NAMESPACE}.svc.cluster.local:50051",
@@ -343,7 +345,7 @@ def test_worker_pool_flags_labels_and_pod_labels():
     assert big["spec"]["selector"]["matchLabels"]["llmos.io/pool"] == "big"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["grpc"] == {"port": 50061}, probe
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50061, "collective": 50062}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50061, "collective": 50062, "metrics": 9091}
 
     small = container(by_pool["small"])
     assert flag(small["args"], "threads") is None
@@ -353,6 +355,7 @@ def test_worker_pool_flags_labels_and_pod_labels():
 
     svc = one(docs, "Service", "llmos-worker-big")
     assert svc["spec"]["clusterIP"] == "None"
+    # The metrics port is scraped per pod (PodMonitor), not through the Service.
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50061, "collective": 50062}
     assert svc["spec"]["selector"].items() <= labels.items()
     # The two pools' selectors do not overlap.
@@ -370,6 +373,22 @@ def test_cpu_values_pool():
     args = container(sts)["args"]
     assert flag(args, "threads") == "1"
     assert flag(args, "device") == "cpu"
+
+
+def test_worker_metrics_listen_on_the_metrics_port():
+    for port, values in ((9091, None), (9400, {"worker": {"metricsPort": 9400}})):
+        docs = render([VALUES_GPU], values)
+        for name, sts in pools(docs).items():
+            c = container(sts)
+            # Always on: --metrics-listen on the pod IP, the named port `metrics`.
+            assert flag(c["args"], "metrics-listen") == f"$(POD_IP):{port}", name
+            metrics = [p for p in c["ports"] if p["name"] == "metrics"]
+            assert metrics == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}], name
+            # $(POD_IP) is expanded from the env.
+            assert "POD_IP" in env_of(c), name
+    assert "/worker/metricsPort" in render_error(values={"worker": {"metricsPort": 70000}})
+    err = render_error(values={"worker": {"metricsPort": 50062}})
+    assert "worker.metricsPort (50062)" in err, err
 
 
 @pytest.mark.parametrize("pool_drain,default_drain,expected", [
@@ -565,10 +584,14 @@ def test_optional_resources_only_when_enabled():
     for name, files in VALUE_SETS.items():
         docs = render(files)
         present = {d["kind"] for d in docs}
-        for kind in ("NetworkPolicy", "ServiceMonitor", "ScaledObject", "HorizontalPodAutoscaler"):
+        for kind in ("NetworkPolicy", "ServiceMonitor", "PodMonitor", "ScaledObject", "HorizontalPodAutoscaler"):
             assert kind not in present, f"{kind} rendered by default ({name} values)"
+        # Workers' metrics are scraped per pod (PodMonitor): no Service has a
+        # metrics port, though every worker container has one.
         for d in kinds(docs, "Service"):
             assert all(p["name"] != "metrics" for p in d["spec"]["ports"]), d["metadata"]["name"]
+        for sts in pools(docs).values():
+            assert any(p["name"] == "metrics" for p in container(sts)["ports"]), sts["metadata"]["name"]
 
 
 def test_network_policies():
@@ -580,9 +603,13 @@ def test_network_policies():
     workers = one(docs, "NetworkPolicy", "llmos-worker")
     sel = workers["spec"]["podSelector"]["matchLabels"]
     assert sel["app.kubernetes.io/component"] == "worker"
-    [rule] = workers["spec"]["ingress"]
+    rule, metrics_rule = workers["spec"]["ingress"]
     assert sorted(p["port"] for p in rule["ports"]) == [50061, 50062]
     [peer] = rule["from"]
+    # The metrics port from anywhere (Prometheus runs elsewhere): no `from`.
+    assert metrics_rule == {"ports": [{"port": 9091, "protocol": "TCP"}]}
+    for sts in pools(docs).values():
+        assert {"name": "metrics", "containerPort": 9091, "protocol": "TCP"} in container(sts)["ports"]
     assert peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llmos", "app.kubernetes.io/instance": RELEASE}}}
     for sts in pools(docs).values():
         assert sel.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
@@ -595,12 +622,58 @@ def test_service_monitor():
     sm = one(docs, "ServiceMonitor", "llmos")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "prom"
-    # The coordinators serve /metrics on their HTTP port; workers serve none.
+    # The coordinators serve /metrics on their HTTP port; the workers are
+    # scraped per pod by the PodMonitor, not through a Service.
     assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     selected = [s for s in kinds(docs, "Service")
                 if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
     assert sorted(s["metadata"]["name"] for s in selected) == ["llmos-coordinator"]
     assert any(p["name"] == "http" for p in selected[0]["spec"]["ports"])
+
+
+def test_network_policy_follows_the_metrics_port():
+    docs = render(values={"networkPolicy": {"enabled": True}, "worker": {"metricsPort": 9400}})
+    _, metrics_rule = one(docs, "NetworkPolicy", "llmos-worker")["spec"]["ingress"]
+    assert metrics_rule == {"ports": [{"port": 9400, "protocol": "TCP"}]}
+    # The coordinators' policy is unchanged.
+    assert len(one(docs, "NetworkPolicy", coord_name())["spec"]["ingress"]) == 1
+
+
+def pod_labels(workload):
+    if workload["kind"] == "Pod":
+        return workload["metadata"].get("labels", {})
+    return workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+def test_pod_monitor_scrapes_the_workers():
+    assert not kinds(render([VALUES_GPU]), "PodMonitor")
+    assert not kinds(render([VALUES_GPU], {"metrics": {"serviceMonitor": {"enabled": False}}}), "PodMonitor")
+    m = {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}
+    docs = render([VALUES_GPU], {"metrics": {"serviceMonitor": m}})
+    pm = one(docs, "PodMonitor", "llmos-worker")
+    sm = one(docs, "ServiceMonitor", "llmos")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["namespace"] == NAMESPACE
+    assert pm["metadata"]["labels"]["release"] == "prom"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("metrics", "/metrics", "15s")
+    assert sm["spec"]["endpoints"][0]["interval"] == "15s"
+    # The pool becomes a label of every worker series.
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_llmos_io_pool"], "targetLabel": "pool"} in endpoint["relabelings"]
+    # It selects every pool's worker pods, and nothing else of the release.
+    sel = pm["spec"]["selector"]["matchLabels"]
+    assert sel == {"app.kubernetes.io/name": "llmos", "app.kubernetes.io/instance": RELEASE,
+                   "app.kubernetes.io/component": "worker"}
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Job", "Pod")]
+    selected = [w for w in workloads if sel.items() <= pod_labels(w).items()]
+    assert sorted(w["metadata"]["name"] for w in selected) == ["llmos-worker-cpu", "llmos-worker-gpu"]
+    for sts in selected:
+        assert "metrics" in {p["name"] for p in container(sts)["ports"]}
+    # Another release's PodMonitor selects that release's workers.
+    other = one(render(values={"metrics": {"serviceMonitor": {"enabled": True}}}, release="prod"),
+                "PodMonitor", "prod-llmos-worker")
+    assert other["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "prod"
 
 
 def test_keda_scaled_object_per_pool():

@@ -13,7 +13,8 @@ LLMOS = os.path.join(TARGET, "release", "llmos")
 
 @contextlib.contextmanager
 def local_cluster(env=None):
-    """Yields {"grpc": url, "http": url} once the cluster serves both."""
+    """Yields {"grpc": url, "http": url, "worker_metrics": [url, ...]} once
+    the cluster serves."""
     p = subprocess.Popen(
         [LLMOS, "local", "--prompt", "Say hi.", "--max-tokens", "2"],
         env=dict(os.environ, **(env or {})),
@@ -31,6 +32,8 @@ def local_cluster(env=None):
         yield {
             "grpc": re.search(r"gRPC API \(with reflection\) at (\S+)", seen).group(1),
             "http": re.search(r"OpenAI HTTP API at (\S+)", seen).group(1),
+            # Each worker's /metrics URL, in worker order.
+            "worker_metrics": re.findall(r"worker local-\d+ on \S+ \(metrics (\S+)\)", seen),
         }
     finally:
         os.killpg(p.pid, signal.SIGINT)

@@ -4,11 +4,14 @@ workers, SmolLM2 split over both).
 
 Checked: chat and completions, streaming with include_usage (the usage chunk
 with no choices, then [DONE] as the SDK reads it), stop as a string and a
-list, seed reproducibility at temperature > 0, max_completion_tokens,
-logprobs, the error classes (NotFoundError, BadRequestError with
-context_length_exceeded, a refused unsupported field naming it), and greedy
+list, seed reproducibility at temperature > 0, max_completion_tokens, n > 1
+and several prompts, logprobs and top_logprobs equal to gRPC's, penalties
+and logit_bias, the error classes (NotFoundError, BadRequestError with
+context_length_exceeded, a bad or unknown field naming it), and greedy
 text through HTTP equal to the gRPC API's (the llmos CLI) for the same
-request.
+request. Responses are validated against the SDK's own models (generated
+from OpenAI's OpenAPI specification) with pydantic's validation, not the
+SDK's unchecked construction.
 """
 
 import json
@@ -35,15 +38,28 @@ def client(cluster):
     return openai.OpenAI(base_url=cluster["http"] + "/v1", api_key="unused", max_retries=0)
 
 
-def grpc_text(cluster, prompt, max_tokens, raw):
-    """The same greedy request through the gRPC API (the llmos CLI)."""
+def grpc_tokens(cluster, prompt, max_tokens, raw, extra=()):
+    """The same greedy request through the gRPC API (the llmos CLI): its
+    token lines and its last line."""
     args = [LLMOS, "--coordinator", cluster["grpc"], "generate", "--model", MODEL,
-            "--prompt", prompt, "--max-tokens", str(max_tokens), "--json"]
+            "--prompt", prompt, "--max-tokens", str(max_tokens), "--json", *extra]
     if raw:
         args.append("--raw")
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout
     lines = [json.loads(l) for l in out.splitlines()]
-    return "".join(l.get("text", "") for l in lines[:-1]), lines[-1]
+    return lines[:-1], lines[-1]
+
+
+def grpc_text(cluster, prompt, max_tokens, raw):
+    tokens, last = grpc_tokens(cluster, prompt, max_tokens, raw)
+    return "".join(l.get("text", "") for l in tokens), last
+
+
+def validated(raw, model):
+    """The raw response's JSON, validated by the SDK's model of it."""
+    body = raw.http_response.json()
+    model.model_validate(body, strict=False)
+    return body
 
 
 def test_models_lists_the_deployed_model(client):
@@ -137,15 +153,132 @@ def test_errors_have_the_openai_classes(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=4)
     assert e.value.code == "context_length_exceeded", e.value.body
+    for bad, param in [({"presence_penalty": 2.5}, "presence_penalty"), ({"n": 17}, "n"),
+                       ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+                       ({"logit_bias": {"99999999": 1}}, "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **bad)
+        assert e.value.body["param"] == param, e.value.body
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], presence_penalty=0.5)
-    assert e.value.body["param"] == "presence_penalty" and "not supported" in e.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
-    assert e.value.body["param"] == "n"
+        client.completions.create(model=MODEL, prompt="hi", suffix="there")
+    assert e.value.body["param"] == "suffix" and "not supported" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body={"frobnicate": 1})
     assert e.value.body["param"] == "frobnicate"
+
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def raw_client(client):
+    return client.with_raw_response
+
+
+def test_response_bodies_validate(raw_client):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    body = validated(raw_client.chat.completions.create(
+        model=MODEL, messages=CAPITAL, temperature=0.7, seed=3, max_tokens=8, n=2,
+        logprobs=True, top_logprobs=2), ChatCompletion)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    body = validated(raw_client.completions.create(
+        model=MODEL, prompt=["One,", "Two,"], temperature=0, max_tokens=4, logprobs=1), Completion)
+    assert len(body["choices"]) == 2
+    raw = raw_client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=4,
+                                             stream=True, stream_options={"include_usage": True}, logprobs=True)
+    n = 0
+    for line in raw.http_response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            ChatCompletionChunk.model_validate(json.loads(line[6:]))
+            n += 1
+    assert n >= 4
+
+
+def test_n_choices(client):
+    """n > 1: choice j draws with seed + j, so each equals a single request
+    with that seed; prompt tokens count once; greedy choices agree."""
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], temperature=0.9, max_tokens=16)
+    r = client.chat.completions.create(n=3, seed=40, **ask)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(seed=40 + j, **ask) for j in range(3)]
+    for j, c in enumerate(r.choices):
+        assert c.message.content == alone[j].choices[0].message.content, j
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    greedy = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=8, n=2)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    # Streamed: every choice's chunks carry its index, each ends once.
+    chunks = list(client.chat.completions.create(n=2, seed=40, stream=True, **ask))
+    texts = {0: "", 1: ""}
+    ends = []
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                ends.append(c.index)
+    assert sorted(ends) == [0, 1]
+    assert texts[0] == r.choices[0].message.content and texts[1] == r.choices[1].message.content
+
+
+def test_several_prompts_and_echo(client):
+    r = client.completions.create(model=MODEL, prompt=["1, 2, 3,", "a, b, c,"], temperature=0, max_tokens=6, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    one = client.completions.create(model=MODEL, prompt="1, 2, 3,", temperature=0, max_tokens=6).choices[0].text
+    two = client.completions.create(model=MODEL, prompt="a, b, c,", temperature=0, max_tokens=6).choices[0].text
+    assert [c.text for c in r.choices] == [one, one, two, two]
+    e = client.completions.create(model=MODEL, prompt="1, 2, 3,", temperature=0, max_tokens=6, echo=True)
+    assert e.choices[0].text == "1, 2, 3," + one
+
+
+def test_logprobs_and_top_logprobs_equal_grpcs(client, cluster):
+    r = client.chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=8,
+                                       logprobs=True, top_logprobs=3)
+    tokens, _ = grpc_tokens(cluster, CAPITAL[0]["content"], 8, raw=False, extra=["--top-logprobs", "3"])
+    lps = r.choices[0].logprobs.content
+    assert len(lps) == len(tokens) == 8
+    for l, g in zip(lps, tokens):
+        assert l.token == g["text"]
+        assert abs(l.logprob - g["logprob"]) < 1e-6
+        assert [round(a.logprob, 6) for a in l.top_logprobs] == [round(a["logprob"], 6) for a in g["top_logprobs"]]
+        # Greedy: the chosen token is the most likely one.
+        assert abs(l.top_logprobs[0].logprob - l.logprob) < 1e-6
+        assert l.top_logprobs[0].logprob >= l.top_logprobs[1].logprob >= l.top_logprobs[2].logprob
+    c = client.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0, max_tokens=5, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_logit_bias_and_penalties_steer_greedy_decoding(client, cluster):
+    """Banning the greedy first token (bias -100) gives the model's second
+    choice (gRPC's top_logprobs[1]); frequency and presence penalties count
+    generated tokens only, so the first token is unchanged while the
+    continuation changes; repetition counts the prompt too."""
+    prompt = "1, 1, 1, 1, 1, 1, 1, 1,"
+    tokens, _ = grpc_tokens(cluster, prompt, 1, raw=True, extra=["--top-logprobs", "2"])
+    first, second = tokens[0]["top_logprobs"][0], tokens[0]["top_logprobs"][1]
+    ask = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
+    base = client.completions.create(**ask).choices[0].text
+    assert base.startswith(first["text"])
+    banned = client.completions.create(logit_bias={str(first["id"]): -100}, **ask).choices[0].text
+    assert banned.startswith(second["text"]), (banned, second)
+    freq = client.completions.create(frequency_penalty=2.0, **ask).choices[0].text
+    assert freq.startswith(first["text"]) and freq != base, (freq, base)
+    # Presence subtracts a constant once a token appeared: too little to
+    # break "1, 1, 1"'s repetition, enough to change free text.
+    story = dict(model=MODEL, prompt="Once upon a time, in a small village,", temperature=0, max_tokens=32)
+    plain = client.completions.create(**story).choices[0].text
+    pres = client.completions.create(presence_penalty=2.0, **story).choices[0].text
+    assert pres != plain, pres
+    lead = grpc_tokens(cluster, story["prompt"], 1, raw=True)[0][0]["text"]
+    assert plain.startswith(lead) and pres.startswith(lead), (plain, pres, lead)
+    rep = client.completions.create(extra_body={"repetition_penalty": 3.0}, **ask).choices[0].text
+    assert rep != base, rep
 
 
 def test_health_live_and_body_limit(cluster):

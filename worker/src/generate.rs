@@ -278,6 +278,7 @@ impl LocalModel {
                 first_index: 0,
             },
             sampling: req.sampling.clone(),
+            trace: None,
         };
         let (host, name, max_context) = (
             self.host.clone(),

@@ -26,6 +26,10 @@ struct Cli {
     /// filter is LLMOS_LOG.
     #[arg(long, global = true, env = "LLMOS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Export request spans (traces) to this OpenTelemetry collector over
+    /// OTLP/HTTP, e.g. http://collector:4318 (`/v1/traces` is appended).
+    #[arg(long, global = true, env = "LLMOS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -426,15 +430,25 @@ fn main() {
         std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
     }
     let cli = Cli::parse();
-    if let Err(e) = llmos_meta::logging::init(&cli.log_format, "warn") {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
+    let tracing = match llmos_meta::logging::init_with_traces(
+        &cli.log_format,
+        "warn",
+        "llmos-worker",
+        cli.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let r = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
         Command::Serve(a) => serve(a),
     };
+    // Spans still batched go out before the process ends.
+    drop(tracing);
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -52,7 +52,11 @@ impl Stage {
     }
 
     fn values(&self) -> [String; 3] {
-        [self.model.clone(), self.layers.clone(), self.rank.to_string()]
+        [
+            self.model.clone(),
+            self.layers.clone(),
+            self.rank.to_string(),
+        ]
     }
 }
 
@@ -75,7 +79,10 @@ impl WorkerMetrics {
     fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
         let hist = |name: &str, help: &str| -> prometheus::Result<HistogramVec> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(STEP.to_vec()), LABELS)?;
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(STEP.to_vec()),
+                LABELS,
+            )?;
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
@@ -210,7 +217,9 @@ fn label(v: &str) -> String {
 
 /// The families read when scraped, from a `Stats` answer.
 pub fn snapshot(stats: &llmos_proto::worker::v1::StatsResponse) -> String {
-    let mut fams: Vec<(&str, &str, &str, Vec<(String, f64)>)> = vec![
+    /// Name, type, help, samples (labels, value).
+    type Family = (&'static str, &'static str, &'static str, Vec<(String, f64)>);
+    let mut fams: Vec<Family> = vec![
         ("llmos_stage_weight_bytes", "gauge", "Weight bytes of a stage's shard on this worker.", vec![]),
         ("llmos_stage_kv_cache_bytes", "gauge", "KV-cache bytes a stage's shard reserved (its layers' share of every block).", vec![]),
         ("llmos_stage_collective_sent_bytes_total", "counter", "Bytes a tensor-parallel rank sent to its group.", vec![]),
@@ -231,7 +240,9 @@ pub fn snapshot(stats: &llmos_proto::worker::v1::StatsResponse) -> String {
         );
         fams[0].3.push((labels.clone(), s.weight_bytes as f64));
         fams[1].3.push((labels.clone(), s.kv_cache_bytes as f64));
-        fams[2].3.push((labels.clone(), s.collective_bytes_sent as f64));
+        fams[2]
+            .3
+            .push((labels.clone(), s.collective_bytes_sent as f64));
         if let Some(e) = &s.engine {
             let m = format!("model=\"{}\"", label(&spec.model));
             fams[3].3.push((m.clone(), e.running as f64));
@@ -248,11 +259,25 @@ pub fn snapshot(stats: &llmos_proto::worker::v1::StatsResponse) -> String {
         }
     }
     for (name, help, v) in [
-        ("llmos_worker_shards", "Shards this worker holds.", stats.shards.len() as f64),
-        ("llmos_worker_memory_total_bytes", "Memory of this worker's device (host RAM for CPU workers).", stats.memory_total_bytes as f64),
-        ("llmos_worker_memory_available_bytes", "Memory of this worker's device still available.", stats.memory_available_bytes as f64),
+        (
+            "llmos_worker_shards",
+            "Shards this worker holds.",
+            stats.shards.len() as f64,
+        ),
+        (
+            "llmos_worker_memory_total_bytes",
+            "Memory of this worker's device (host RAM for CPU workers).",
+            stats.memory_total_bytes as f64,
+        ),
+        (
+            "llmos_worker_memory_available_bytes",
+            "Memory of this worker's device still available.",
+            stats.memory_available_bytes as f64,
+        ),
     ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
     }
     out
 }

@@ -7,7 +7,7 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::{CONTEXT_LENGTH_EXCEEDED, REQUEST_ERROR_KEY};
+use super::{CONTEXT_LENGTH_EXCEEDED, REQUEST_ERROR_KEY, REQUEST_FIELD_KEY};
 
 /// An error in OpenAI's envelope.
 #[derive(Debug)]
@@ -73,11 +73,21 @@ impl ApiError {
             ),
             Code::InvalidArgument => {
                 let context = detail(REQUEST_ERROR_KEY).as_deref() == Some(CONTEXT_LENGTH_EXCEEDED);
+                // The wire's field under OpenAI's name.
+                let field = detail(REQUEST_FIELD_KEY).map(|f| match f.as_str() {
+                    "max_new_tokens" => "max_tokens".to_string(),
+                    _ => f,
+                });
+                let param = if context {
+                    Some("messages".to_string())
+                } else {
+                    field
+                };
                 Self::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
                     msg,
-                    context.then_some("messages"),
+                    param.as_deref(),
                     context.then_some("context_length_exceeded"),
                 )
             }
@@ -182,6 +192,14 @@ mod tests {
             (e.status, e.code),
             (StatusCode::BAD_REQUEST, Some("context_length_exceeded"))
         );
+        let mut s = tonic::Status::invalid_argument("logit_bias: token 9 outside");
+        s.metadata_mut()
+            .insert(REQUEST_FIELD_KEY, "logit_bias".parse().unwrap());
+        assert_eq!(ApiError::from_status(&s).param.as_deref(), Some("logit_bias"));
+        let mut s = tonic::Status::invalid_argument("max_new_tokens must be at least 1");
+        s.metadata_mut()
+            .insert(REQUEST_FIELD_KEY, "max_new_tokens".parse().unwrap());
+        assert_eq!(ApiError::from_status(&s).param.as_deref(), Some("max_tokens"));
         let mut s = tonic::Status::resource_exhausted("queue full");
         s.metadata_mut()
             .insert("retry-after-ms", "1500".parse().unwrap());

@@ -44,6 +44,9 @@ use response::{now_s, respond};
 pub const REQUEST_ERROR_KEY: &str = "llmos-request-error";
 /// Its value for a prompt (plus max_tokens) over the model's context.
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "context-length-exceeded";
+/// Metadata key naming the request field a refused request has wrong (the
+/// wire's name: `logit_bias`, `max_new_tokens`, ...).
+pub const REQUEST_FIELD_KEY: &str = "llmos-request-field";
 
 #[derive(Clone)]
 struct Http {
@@ -77,12 +80,16 @@ pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
 
 /// `Generate`, the gRPC handler itself: the same checks, routing and
 /// migration; an error before the first item is the HTTP status.
-async fn generate(state: &Http, req: &api::GenerateRequest) -> Result<GenerateStream, tonic::Status> {
-    Ok(state
-        .inference
-        .generate(tonic::Request::new(req.clone()))
-        .await?
-        .into_inner())
+async fn generate(
+    state: &Http,
+    req: &api::GenerateRequest,
+    traceparent: Option<&str>,
+) -> Result<GenerateStream, tonic::Status> {
+    let mut request = tonic::Request::new(req.clone());
+    if let Some(v) = traceparent.and_then(|t| t.parse().ok()) {
+        request.metadata_mut().insert("traceparent", v);
+    }
+    Ok(state.inference.generate(request).await?.into_inner())
 }
 
 async fn chat(

@@ -70,6 +70,9 @@ pub(super) struct Parsed {
     pub logprobs: Option<u32>,
     /// Completions: start each choice's text with its prompt.
     pub echo: bool,
+    /// The caller's W3C `traceparent` header: each choice's `generate`
+    /// span is its child.
+    pub traceparent: Option<String>,
 }
 
 fn number(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
@@ -146,10 +149,6 @@ fn text_content(v: &Value, at: &str) -> Result<String, ApiError> {
             format!("{at} must be a string or a list of text parts"),
         )),
     }
-}
-
-fn endpoint_is_chat(e: Endpoint) -> bool {
-    matches!(e, Endpoint::Chat)
 }
 
 pub(super) fn parse(
@@ -275,7 +274,11 @@ pub(super) fn parse(
             let ids = |a: &[Value]| -> Option<Prompt> {
                 (!a.is_empty() && a.iter().all(Value::is_u64)).then(|| {
                     Prompt::TokenIds(api::TokenIds {
-                        ids: a.iter().filter_map(Value::as_u64).map(|i| i as u32).collect(),
+                        ids: a
+                            .iter()
+                            .filter_map(Value::as_u64)
+                            .map(|i| i as u32)
+                            .collect(),
                     })
                 })
             };
@@ -303,7 +306,10 @@ pub(super) fn parse(
             if prompts.len() > MAX_PROMPTS {
                 return Err(ApiError::bad(
                     "prompt",
-                    format!("at most {MAX_PROMPTS} prompts per request, got {}", prompts.len()),
+                    format!(
+                        "at most {MAX_PROMPTS} prompts per request, got {}",
+                        prompts.len()
+                    ),
                 ));
             }
             (prompts, logprobs.map(|k| k as u32), echo)
@@ -378,22 +384,19 @@ pub(super) fn parse(
         // 0 on the wire means "none"; over HTTP it is a bad value.
         return Err(ApiError::bad(
             "repetition_penalty",
-            format!("repetition_penalty must be in (0, 10], got {}", sampling.repetition_penalty),
+            format!(
+                "repetition_penalty must be in (0, 10], got {}",
+                sampling.repetition_penalty
+            ),
         ));
     }
     // The checks `Generate` makes too, here first so the error names the
     // field.
     if let Err(e) = crate::inference::sampling_params(&sampling, logprobs.unwrap_or(0)).validate() {
-        use llmos_meta::request::RequestError as R;
-        let field = match &e {
-            R::Temperature(_) => "temperature",
-            R::TopP(_) => "top_p",
-            R::MinP(_) => "min_p",
-            R::Penalty { name, .. } => name,
-            R::LogitBias(_) => "logit_bias",
-            R::TopLogprobs { .. } if endpoint_is_chat(endpoint) => "top_logprobs",
-            R::TopLogprobs { .. } => "logprobs",
-            _ => "",
+        // Completions name the alternatives' count `logprobs`.
+        let field = match e.field() {
+            Some("top_logprobs") if !matches!(endpoint, Endpoint::Chat) => "logprobs",
+            f => f.unwrap_or(""),
         };
         return Err(ApiError::bad(field, e.to_string()));
     }
@@ -439,6 +442,10 @@ pub(super) fn parse(
         include_usage,
         logprobs,
         echo,
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     })
 }
 
@@ -451,7 +458,11 @@ mod tests {
     }
 
     fn completions(body: Value) -> Result<Parsed, ApiError> {
-        parse(Endpoint::Completions, body.as_object().unwrap(), &HeaderMap::new())
+        parse(
+            Endpoint::Completions,
+            body.as_object().unwrap(),
+            &HeaderMap::new(),
+        )
     }
 
     fn param(e: ApiError) -> Option<String> {
@@ -486,7 +497,12 @@ mod tests {
         let s = g.sampling.unwrap();
         assert_eq!(s.seed, Some(3));
         assert_eq!(
-            (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p),
+            (
+                s.presence_penalty,
+                s.frequency_penalty,
+                s.repetition_penalty,
+                s.min_p
+            ),
             (0.5, -1.0, 1.2, 0.05)
         );
         assert_eq!(s.logit_bias.get(&17), Some(&-100.0));
@@ -501,11 +517,17 @@ mod tests {
     /// and each has its own request id.
     #[test]
     fn choices_are_prompts_times_n() {
-        let p = completions(json!({"model": "m", "prompt": ["a", "b"], "n": 3, "seed": 10,
-            "logprobs": 2, "echo": false}))
+        let p = completions(
+            json!({"model": "m", "prompt": ["a", "b"], "n": 3, "seed": 10,
+            "logprobs": 2, "echo": false}),
+        )
         .unwrap();
         assert_eq!((p.choices.len(), p.n, p.logprobs), (6, 3, Some(2)));
-        let seeds: Vec<_> = p.choices.iter().map(|c| c.sampling.as_ref().unwrap().seed).collect();
+        let seeds: Vec<_> = p
+            .choices
+            .iter()
+            .map(|c| c.sampling.as_ref().unwrap().seed)
+            .collect();
         assert_eq!(seeds, [10, 11, 12, 10, 11, 12].map(Some));
         let texts: Vec<_> = p
             .choices
@@ -516,7 +538,8 @@ mod tests {
             })
             .collect();
         assert_eq!(texts, ["a", "a", "a", "b", "b", "b"]);
-        let ids: std::collections::HashSet<_> = p.choices.iter().map(|c| c.request_id.clone()).collect();
+        let ids: std::collections::HashSet<_> =
+            p.choices.iter().map(|c| c.request_id.clone()).collect();
         assert_eq!(ids.len(), 6, "every choice has its own request id");
         let p = completions(json!({"model": "m", "prompt": [[1, 2], [3]]})).unwrap();
         assert_eq!(p.choices.len(), 2);
@@ -561,15 +584,28 @@ mod tests {
         assert_eq!(param(chat(b).err().unwrap()).as_deref(), Some("max_tokens"));
         for (body, key) in [
             (json!({"model": "m", "prompt": [["a"]]}), "prompt"),
-            (json!({"model": "m", "prompt": "a", "suffix": "b"}), "suffix"),
-            (json!({"model": "m", "prompt": "a", "logprobs": 21}), "logprobs"),
-            (json!({"model": "m", "prompt": "a", "logprobs": 1, "echo": true}), "echo"),
+            (
+                json!({"model": "m", "prompt": "a", "suffix": "b"}),
+                "suffix",
+            ),
+            (
+                json!({"model": "m", "prompt": "a", "logprobs": 21}),
+                "logprobs",
+            ),
+            (
+                json!({"model": "m", "prompt": "a", "logprobs": 1, "echo": true}),
+                "echo",
+            ),
         ] {
-            let e = completions(body).err().unwrap_or_else(|| panic!("{key} accepted"));
+            let e = completions(body)
+                .err()
+                .unwrap_or_else(|| panic!("{key} accepted"));
             assert_eq!(param(e).as_deref(), Some(key));
         }
         let many: Vec<String> = (0..=MAX_PROMPTS).map(|i| i.to_string()).collect();
-        let e = completions(json!({"model": "m", "prompt": many})).err().unwrap();
+        let e = completions(json!({"model": "m", "prompt": many}))
+            .err()
+            .unwrap();
         assert_eq!(param(e).as_deref(), Some("prompt"));
     }
 }

@@ -57,7 +57,8 @@ async fn forward(index: usize, mut stream: GenerateStream, tx: &mpsc::Sender<Tag
 async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiError> {
     let (tx, rx) = mpsc::channel(64);
     for (first, req) in p.choices.iter().enumerate().step_by(p.n) {
-        let stream = generate(state, req)
+        let traceparent = p.traceparent.clone();
+        let stream = generate(state, req, traceparent.as_deref())
             .await
             .map_err(|s| ApiError::from_status(&s))?;
         let siblings: Vec<(usize, api::GenerateRequest)> = (first + 1..first + p.n)
@@ -78,8 +79,9 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
             for (i, req) in siblings {
                 let tx = tx.clone();
                 let state = state.clone();
+                let traceparent = traceparent.clone();
                 tokio::spawn(async move {
-                    match generate(&state, &req).await {
+                    match generate(&state, &req, traceparent.as_deref()).await {
                         Ok(s) => {
                             forward(i, s, &tx).await;
                         }
@@ -168,7 +170,7 @@ fn logprobs(kind: Endpoint, tokens: &[api::Token], offset: &mut usize) -> Value 
 fn usage(choices: &[Choice], n: usize) -> Value {
     let (mut prompt, mut cached, mut completion) = (0u32, 0u32, 0u32);
     for (i, c) in choices.iter().enumerate() {
-        let u = c.usage.clone().unwrap_or_default();
+        let u = c.usage.unwrap_or_default();
         if i % n == 0 {
             prompt += u.prompt_tokens;
             cached += u.cached_prompt_tokens;
@@ -225,7 +227,8 @@ pub(super) async fn respond(state: Http, p: Parsed, kind: Endpoint) -> Result<Re
         .zip(&tokens)
         .enumerate()
         .map(|(i, (c, toks))| {
-            let mut offset = c.text.chars().count() - toks.iter().map(|t| t.text.chars().count()).sum::<usize>();
+            let mut offset =
+                c.text.chars().count() - toks.iter().map(|t| t.text.chars().count()).sum::<usize>();
             let lp = if p.logprobs.is_some() {
                 logprobs(kind, toks, &mut offset)
             } else {
@@ -233,8 +236,10 @@ pub(super) async fn respond(state: Http, p: Parsed, kind: Endpoint) -> Result<Re
             };
             let reason = finish(c.finish.unwrap_or_default());
             match kind {
-                Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": lp, "finish_reason": reason}),
+                Endpoint::Chat => {
+                    json!({"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": lp, "finish_reason": reason})
+                }
                 Endpoint::Completions => json!({"index": i, "text": c.text, "logprobs": lp,
                     "finish_reason": reason}),
             }
@@ -287,8 +292,10 @@ fn sse(
         // Chat's role, or completions' echoed prompt, opens each choice.
         for (i, e) in echo.iter().enumerate() {
             let open = match kind {
-                Endpoint::Chat => json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": Value::Null, "finish_reason": Value::Null}]),
+                Endpoint::Chat => {
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": Value::Null, "finish_reason": Value::Null}])
+                }
                 Endpoint::Completions if !e.is_empty() => json!([{"index": i, "text": e,
                     "logprobs": Value::Null, "finish_reason": Value::Null}]),
                 Endpoint::Completions => continue,

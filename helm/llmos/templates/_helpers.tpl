@@ -61,6 +61,9 @@ app.kubernetes.io/part-of: llmos
 {{- define "llmos.worker.port" -}}50061{{- end }}
 {{- define "llmos.worker.collectivePort" -}}50062{{- end }}
 
+{{/* Port of the workers' Prometheus `/metrics` (`--metrics-listen`): worker.metricsPort. */}}
+{{- define "llmos.worker.metricsPort" -}}{{ .Values.worker.metricsPort | int }}{{- end }}
+
 {{/* Coordinator names. */}}
 {{- define "llmos.coordinator.fullname" -}}
 {{- printf "%s-coordinator" (include "llmos.fullname" .) }}
@@ -209,6 +212,10 @@ what to do. Included once, by the coordinator StatefulSet.
 {{- $fullname := include "llmos.fullname" . }}
 {{- if gt (len (include "llmos.coordinator.peersService" .)) 63 }}
 {{- fail (printf "the name %q is longer than 63 characters: set fullnameOverride (or a shorter release name)" (include "llmos.coordinator.peersService" .)) }}
+{{- end }}
+{{- $metricsPort := include "llmos.worker.metricsPort" . }}
+{{- if has $metricsPort (list (include "llmos.worker.port" .) (include "llmos.worker.collectivePort" .)) }}
+{{- fail (printf "worker.metricsPort (%s) is the workers' gRPC (%s) or collective (%s) port: pick another" $metricsPort (include "llmos.worker.port" .) (include "llmos.worker.collectivePort" .)) }}
 {{- end }}
 {{- $pools := dict }}
 {{- range $i, $pool := .Values.workerPools }}

@@ -45,6 +45,9 @@ pub struct Submission {
     pub request_id: String,
     pub params: SeqParams,
     pub sampling: SamplingParams,
+    /// The W3C traceparent of the sequence's span (its steps' spans on
+    /// every stage are children of it, or link to it).
+    pub trace: Option<String>,
 }
 
 /// Events of one sequence: tokens, then `Finished`, or an error.
@@ -53,7 +56,7 @@ pub type Events = mpsc::UnboundedReceiver<Result<SeqEvent>>;
 enum Cmd {
     Submit {
         id: u64,
-        sub: Submission,
+        sub: Box<Submission>,
         events: mpsc::UnboundedSender<Result<SeqEvent>>,
         accepted: oneshot::Sender<Result<()>>,
     },
@@ -109,7 +112,7 @@ impl EngineHandle {
         self.tx
             .send(Cmd::Submit {
                 id,
-                sub,
+                sub: Box::new(sub),
                 events,
                 accepted,
             })
@@ -138,6 +141,7 @@ struct Client {
     events: mpsc::UnboundedSender<Result<SeqEvent>>,
     sampling: SamplingParams,
     request_id: String,
+    trace: Option<String>,
     started: Instant,
     /// When its first step was planned.
     scheduled: Option<Instant>,
@@ -232,6 +236,7 @@ impl Engine {
                                 events,
                                 sampling: sub.sampling,
                                 request_id: sub.request_id,
+                                trace: sub.trace,
                                 started: Instant::now(),
                                 scheduled: None,
                                 told_queue: false,
@@ -311,6 +316,7 @@ impl Engine {
                     })
                 }),
                 want_logits: false,
+                trace: self.clients.get(&p.id).and_then(|c| c.trace.clone()),
             })
             .collect();
         Step {

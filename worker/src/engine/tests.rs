@@ -48,6 +48,7 @@ fn sub(prompt: &[u32], max_new: usize, seed: Option<u64>) -> Submission {
             deadline: None,
             first_index: 0,
         },
+        trace: None,
         sampling: SamplingParams::from_wire(
             if seed.is_some() { 0.8 } else { 0.0 },
             0,

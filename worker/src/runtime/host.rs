@@ -325,6 +325,32 @@ impl Host {
         let began = Instant::now();
         let tokens = step.tokens();
         let stage = self.stage(&step.model);
+        // The step serves every sequence in it: a child of the first
+        // traced one's span, linked to the others'.
+        let mut traces = step.seqs.iter().filter_map(|s| s.trace.as_deref());
+        let span = match traces.next() {
+            Some(first) => {
+                let span = tracing::info_span!(
+                    "step",
+                    model = %step.model,
+                    stage = stage.as_ref().map_or("", |s| s.layers.as_str()),
+                    // Integers as i64: OpenTelemetry's integer attribute.
+                    rank = stage.as_ref().map_or(0, |s| s.rank) as i64,
+                    step_id = step.id as i64,
+                    sequences = step.seqs.len() as i64,
+                    tokens = tokens as i64,
+                );
+                llmos_meta::logging::set_parent(&span, Some(first));
+                for t in traces {
+                    llmos_meta::logging::add_link(&span, t);
+                }
+                span
+            }
+            // No sequence is traced (a tensor-parallel follower's step
+            // carries none): no orphan span.
+            None => tracing::Span::none(),
+        };
+        let _entered = span.enter();
         let out = self.run_step(step, input, stage.as_ref());
         if let (Ok(_), Some(stage)) = (&out, &stage) {
             metrics().step(stage, tokens, began.elapsed().as_secs_f64());

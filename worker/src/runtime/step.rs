@@ -115,6 +115,8 @@ pub struct SeqStep {
     pub sample: Option<SampleAt>,
     /// Last stage: return the logits of this sequence's last row.
     pub want_logits: bool,
+    /// The W3C traceparent of the sequence's span, when it is traced.
+    pub trace: Option<String>,
 }
 
 impl SeqStep {

@@ -330,6 +330,7 @@ pub fn step(req: pb::StepRequest) -> Result<Step> {
                 }
             }),
             want_logits: s.want_logits,
+            trace: (!s.traceparent.is_empty()).then(|| s.traceparent.clone()),
         })
         .collect();
     Ok(Step {
@@ -377,6 +378,7 @@ pub fn step_to_wire(step: &Step) -> pb::StepRequest {
                     .as_ref()
                     .and_then(|a| a.history.as_ref())
                     .map_or(0, |h| h.generated_from as u32),
+                traceparent: s.trace.clone().unwrap_or_default(),
             })
             .collect(),
         input: Some(input),
@@ -545,6 +547,7 @@ mod tests {
                     }),
                 }),
                 want_logits: true,
+                trace: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             }],
             input: StepInput::Tokens(vec![17, 99]),
             to_next: true,

@@ -290,7 +290,16 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::EngineRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let r = req.into_inner();
+        // The sequence's span: a child of the coordinator's attempt, the
+        // parent of its steps on every stage.
+        let span = tracing::info_span!("sequence", request_id = %r.request_id, model = %r.model, prompt_tokens = r.prompt.len() as i64);
+        llmos_meta::logging::set_parent(&span, traceparent.as_deref());
         if r.epoch != 0 {
             if let Some(held) = self.held.epoch(&r.model).filter(|&e| e != r.epoch) {
                 return Err(status::stale_epoch(format!(
@@ -327,10 +336,11 @@ impl Worker for WorkerService {
                 first_index: r.first_token_index,
             },
             sampling,
+            trace: llmos_meta::logging::traceparent(&span),
         };
         let (id, mut events) = engine.submit(sub).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::instrument(async move {
             let mut guard = CancelOnDrop {
                 engine,
                 id,
@@ -378,7 +388,7 @@ impl Worker for WorkerService {
             }
             // Dropping the guard cancels the sequence unless it ended.
             drop(guard);
-        });
+        }, span));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
