@@ -17,7 +17,11 @@ fn addresses(stderr: &str) -> Vec<String> {
         .flat_map(|rest| {
             rest.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
                 .filter(|w| w.contains(':') && w != &"HTTP")
-                .map(|a| a.trim_start_matches("http://").to_string())
+                // host:port, without a path (a worker's metrics URL).
+                .map(|a| {
+                    let a = a.trim_start_matches("http://");
+                    a.split('/').next().unwrap_or(a).to_string()
+                })
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -84,8 +88,8 @@ fn local_cluster_streams_a_generation_over_two_stages() {
     let addrs = addresses(&stderr);
     assert_eq!(
         addrs.len(),
-        4,
-        "gRPC and HTTP of the coordinator, 2 workers: {stderr}"
+        6,
+        "gRPC and HTTP of the coordinator, 2 workers and their metrics: {stderr}"
     );
     all_closed(&addrs);
 }

@@ -302,11 +302,22 @@ fn bench(args: BenchArgs) -> Result<()> {
     engine.generate(&req(4), &mut |_| true)?; // warm-up
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
+    // Which of the decode pool's threads ran the kernels' chunks, over the
+    // measured runs (decode dominates them; prompts on libtorch add none).
+    let pool = llmos_kernels::cpu::gemv::pool();
+    let chunks_before = pool.chunks_run();
     for _ in 0..args.repeat.max(1) {
         let c = engine.generate(&req(args.decode_tokens + 1), &mut |_| true)?;
         prefill.push(c.time_to_first_token_s);
         decode.push(c.decode_tokens_per_s());
     }
+    let chunks: Vec<u64> = pool
+        .chunks_run()
+        .iter()
+        .zip(&chunks_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let all_chunks = chunks.iter().sum::<u64>().max(1) as f64;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -325,6 +336,11 @@ fn bench(args: BenchArgs) -> Result<()> {
             "prefill_tokens_per_s": args.prompt_tokens as f64 / p,
             "decode_tokens": args.decode_tokens,
             "decode_tokens_per_s": d,
+            // Every weight is read once per decoded token.
+            "decode_weight_gb_per_s": engine.weight_bytes() as f64 * d / 1e9,
+            "decode_pool_threads": pool.threads(),
+            "decode_pool_threads_used": chunks.iter().filter(|&&c| c > 0).count(),
+            "decode_pool_chunk_share": chunks.iter().map(|&c| c as f64 / all_chunks).collect::<Vec<_>>(),
             "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         })
     );

@@ -10,12 +10,23 @@
 //! claim proves epoch `e` is current and unfinished, so only then is the job
 //! pointer read and called: the caller publishes the next job (and lets this
 //! one's stack frame go) only after every chunk has completed.
+//!
+//! A helper spins for the next job for [`SPIN`] of wall time (not a count of
+//! `pause` instructions, whose cost differs tenfold between CPUs), then
+//! parks on a condvar the caller signals when it publishes a job to
+//! sleepers. Each participant counts the chunks it ran
+//! ([`SpinPool::chunks_run`]), so a bench can tell which threads took part.
 
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-/// How long a helper spins for the next job before parking.
-const SPIN_ITERS: u32 = 1 << 16;
+/// How long a helper spins for the next job before parking: longer than
+/// the gaps between a decode step's products (tens to hundreds of
+/// microseconds), short enough not to burn a core between requests.
+const SPIN: Duration = Duration::from_millis(2);
+/// Spin iterations between two reads of the clock.
+const CLOCK_EVERY: u32 = 64;
 
 type Task<'a> = &'a (dyn Fn(usize) + Sync);
 
@@ -40,6 +51,8 @@ struct Shared {
     /// Helpers park right after the current job instead of spinning (the
     /// caller is about to run libtorch's own threads).
     park_after: std::sync::atomic::AtomicBool,
+    /// Chunks each participant ran (0: callers, 1..: helpers).
+    ran: Box<[AtomicU64]>,
 }
 
 pub struct SpinPool {
@@ -60,13 +73,14 @@ impl SpinPool {
             wake: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             park_after: std::sync::atomic::AtomicBool::new(false),
+            ran: (0..threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
         });
         let helpers = threads.saturating_sub(1);
         for i in 0..helpers {
             let s = shared.clone();
             std::thread::Builder::new()
                 .name(format!("llmos-decode-{i}"))
-                .spawn(move || helper(&s))
+                .spawn(move || helper(&s, i + 1))
                 .expect("spawn decode helper thread");
         }
         SpinPool {
@@ -79,6 +93,17 @@ impl SpinPool {
     /// Participants: the caller and the helpers.
     pub fn threads(&self) -> usize {
         self.helpers + 1
+    }
+
+    /// Chunks each participant has run so far: the callers (index 0), then
+    /// each helper. Jobs of one chunk, or on a pool without helpers, run
+    /// inline and count for the caller.
+    pub fn chunks_run(&self) -> Vec<u64> {
+        self.shared
+            .ran
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Runs `task(0..chunks)` across the pool and returns when all are done.
@@ -103,6 +128,7 @@ impl SpinPool {
         }
         if self.helpers == 0 || chunks == 1 {
             (0..chunks).for_each(task);
+            self.shared.ran[0].fetch_add(chunks as u64, Ordering::Relaxed);
             return;
         }
         let _one = self.caller.lock().unwrap_or_else(|e| e.into_inner());
@@ -125,19 +151,24 @@ impl SpinPool {
             *e = epoch;
             s.wake.notify_all();
         }
-        work(s, epoch);
+        work(s, epoch, 0);
         while s.done.load(Ordering::Acquire) < chunks {
             std::hint::spin_loop();
         }
     }
 }
 
-/// Claims and runs chunks of `epoch` until none are left.
-fn work(s: &Shared, epoch: u64) {
+/// Claims and runs chunks of `epoch` until none are left; `who` counts
+/// them.
+fn work(s: &Shared, epoch: u64, who: usize) {
+    let mut ran = 0;
     loop {
         let t = s.ticket.load(Ordering::Acquire);
         let (e, chunks, next) = (t >> 32, (t >> 16) & 0xffff, t & 0xffff);
         if e != epoch || next >= chunks {
+            if ran > 0 {
+                s.ran[who].fetch_add(ran, Ordering::Relaxed);
+            }
             return;
         }
         if s.ticket
@@ -146,27 +177,28 @@ fn work(s: &Shared, epoch: u64) {
         {
             // SAFETY: the claim proves the job of `epoch` is live (module doc).
             unsafe { ((*s.job.load(Ordering::Acquire)).task)(next as usize) };
+            ran += 1;
             s.done.fetch_add(1, Ordering::Release);
         }
     }
 }
 
-fn helper(s: &Shared) {
+fn helper(s: &Shared, who: usize) {
     let mut seen = 0u64;
     loop {
         // The epoch's ticket store (Release) orders `park_after` before it.
-        let mut spins = if s.park_after.load(Ordering::Relaxed) {
-            SPIN_ITERS
-        } else {
-            0
-        };
+        let park_now = s.park_after.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        let mut spins = 0u32;
         let epoch = loop {
             let e = s.ticket.load(Ordering::Acquire) >> 32;
             if e != seen {
                 break e;
             }
-            spins += 1;
-            if spins < SPIN_ITERS {
+            spins = spins.wrapping_add(1);
+            let spun_out = park_now
+                || (spins % CLOCK_EVERY == 0 && since.elapsed() >= SPIN);
+            if !spun_out {
                 std::hint::spin_loop();
                 continue;
             }
@@ -178,10 +210,10 @@ fn helper(s: &Shared) {
             }
             s.sleepers.fetch_sub(1, Ordering::AcqRel);
             drop(guard);
-            spins = 0;
+            since = Instant::now();
         };
         seen = epoch;
-        work(s, epoch);
+        work(s, epoch, who);
     }
 }
 
@@ -225,6 +257,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every participant takes part in large jobs, whether they follow each
+    /// other closely (helpers spinning) or after pauses longer than the
+    /// spin (helpers parked, woken by the new job), and the chunk counts
+    /// add up. Fails if a helper never gets work (e.g. parked and never
+    /// woken, or the caller always claiming everything first).
+    #[test]
+    fn every_participant_runs_chunks_of_large_jobs() {
+        let pool = SpinPool::new(2);
+        let busy = |us: u64| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(us) {
+                std::hint::spin_loop();
+            }
+        };
+        let (jobs, chunks) = (20, 64);
+        let mut joined = 0;
+        let before = pool.chunks_run();
+        for j in 0..jobs {
+            if j % 2 == 1 {
+                // Longer than SPIN: the helper parks.
+                std::thread::sleep(SPIN * 3);
+            }
+            let start = pool.chunks_run();
+            pool.run(chunks, &|_| busy(200));
+            let end = pool.chunks_run();
+            if end[1] > start[1] {
+                joined += 1;
+            }
+        }
+        let after = pool.chunks_run();
+        let total: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+        assert_eq!(total, (jobs * chunks) as u64);
+        // Each job is ~13 ms of work: a helper that is alive and woken
+        // joins nearly all of them even on a busy machine.
+        assert!(joined >= jobs * 3 / 4, "the helper joined {joined} of {jobs} jobs: {after:?}");
     }
 
     #[test]
