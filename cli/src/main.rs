@@ -335,6 +335,9 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
         });
         Prompt::Chat(api::ChatMessages { messages })
     };
+    if a.top_logprobs > 0 && !a.json {
+        anyhow::bail!("--top-logprobs needs --json (the alternatives are printed with each token's JSON line)");
+    }
     let req = api::GenerateRequest {
         model: a.model.clone(),
         prompt: Some(prompt),
@@ -366,7 +369,7 @@ pub async fn generate(ch: Channel, a: &GenerateArgs, progress: &mut Progress) ->
         resume: (!progress.received.is_empty()).then(|| api::Resume {
             received_token_ids: progress.received.clone(),
         }),
-        top_logprobs: if a.json { a.top_logprobs } else { 0 },
+        top_logprobs: a.top_logprobs,
     };
     let mut stream = InferenceClient::new(ch)
         .generate(req)

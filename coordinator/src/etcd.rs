@@ -321,6 +321,8 @@ async fn write_snapshot(
 /// Keeps the leader's name (for status) fresh.
 async fn observe_leader(client: Client, prefix: String, shared: Arc<Shared>) {
     let election = format!("{prefix}leader");
+    // The last leader seen (not the last read, which may have failed).
+    let mut last = String::new();
     loop {
         let name = match client.election_client().leader(election.clone()).await {
             Ok(r) => r
@@ -329,13 +331,12 @@ async fn observe_leader(client: Client, prefix: String, shared: Arc<Shared>) {
                 .unwrap_or_default(),
             Err(_) => String::new(),
         };
-        {
-            let mut held = shared.leader_name.lock().unwrap();
-            if !name.is_empty() && *held != name {
-                shared.leader_changes.fetch_add(1, Ordering::Relaxed);
-            }
-            *held = name;
+        if !name.is_empty() && name != last {
+            // A failed read ("") between two reads of one leader is no change.
+            shared.leader_changes.fetch_add(1, Ordering::Relaxed);
+            last = name.clone();
         }
+        *shared.leader_name.lock().unwrap() = name;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

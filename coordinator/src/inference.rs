@@ -460,6 +460,11 @@ impl Flight {
             };
             if ev.queue_s > 0.0 && self.queue_s.is_none() {
                 self.queue_s = Some(ev.queue_s);
+                // Recorded now: requests that then fail or are abandoned
+                // (the longest waits, under overload) count too.
+                cluster
+                    .metrics
+                    .queue_time(&self.request.model, ev.queue_s);
             }
             for t in &ev.tokens {
                 first_at.get_or_insert_with(Instant::now);
@@ -787,7 +792,11 @@ impl api::inference_server::Inference for InferenceService {
             .map_err(CoordError::from)?;
         let had_id = !r.request_id.is_empty();
         let request_id = if r.request_id.is_empty() {
-            format!("req-{}-{}", self.cluster.now_ms(), std::process::id())
+            // Unique per process (a counter), so two requests in one
+            // millisecond do not share an id, nor the seed made from it.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("req-{}-{}-{n}", self.cluster.now_ms(), std::process::id())
         } else {
             r.request_id
         };

@@ -165,6 +165,12 @@ impl Metrics {
         }
     }
 
+    /// A request of `model` waited `seconds` in its engine's queue (known
+    /// with its first token, whatever its end).
+    pub fn queue_time(&self, model: &str, seconds: f64) {
+        self.each(|r| r.queue.with_label_values(&[model]).observe(seconds));
+    }
+
     fn each(&self, f: impl Fn(&Requests)) {
         f(&self.native);
         if let Some(v) = &self.vllm {
@@ -230,9 +236,8 @@ impl RequestObserver {
     }
 
     /// The request ended with `reason` (`stop`, `length`, `error`) after a
-    /// prompt of `prompt_tokens`, having waited `queue_s` in its engine's
-    /// queue (None: it never reached an engine).
-    pub fn finished(&mut self, reason: &str, prompt_tokens: u32, queue_s: Option<f64>) {
+    /// prompt of `prompt_tokens`.
+    pub fn finished(&mut self, reason: &str, prompt_tokens: u32) {
         if self.done {
             return;
         }
@@ -240,9 +245,6 @@ impl RequestObserver {
         let (m, t) = (self.model.as_str(), self.arrived.elapsed().as_secs_f64());
         self.metrics.each(|r| {
             r.e2e.with_label_values(&[m]).observe(t);
-            if let Some(q) = queue_s {
-                r.queue.with_label_values(&[m]).observe(q);
-            }
             r.prompt_tokens
                 .with_label_values(&[m])
                 .inc_by(prompt_tokens as u64);
@@ -254,7 +256,7 @@ impl RequestObserver {
 impl Drop for RequestObserver {
     fn drop(&mut self) {
         if !self.done {
-            self.finished("abort", 0, None);
+            self.finished("abort", 0);
         }
         self.metrics
             .in_flight
@@ -280,11 +282,10 @@ where
                     obs.finished(
                         crate::inference::finish_name(r.finish_reason),
                         r.usage.as_ref().map_or(0, |u| u.prompt_tokens),
-                        r.timings.as_ref().map(|t| t.queue_s),
                     );
                 }
             }
-            Err(_) => obs.finished("error", 0, None),
+            Err(_) => obs.finished("error", 0),
         }
         item
     })

@@ -9,9 +9,10 @@ and several prompts, logprobs and top_logprobs equal to gRPC's, penalties
 and logit_bias, the error classes (NotFoundError, BadRequestError with
 context_length_exceeded, a bad or unknown field naming it), and greedy
 text through HTTP equal to the gRPC API's (the llmos CLI) for the same
-request. Responses are validated against the SDK's own models (generated
-from OpenAI's OpenAPI specification) with pydantic's validation, not the
-SDK's unchecked construction.
+request. test_response_bodies_validate checks chat, completions and
+streamed chunk bodies against the SDK's own models (generated from
+OpenAI's OpenAPI specification) with pydantic's validation; the other tests
+read the SDK's (unchecked) objects.
 """
 
 import json

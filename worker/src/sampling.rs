@@ -178,7 +178,24 @@ mod tests {
         assert_eq!(c.id, 2, "3.0 - 2 * 0.1 < 2.9");
         assert!((c.logprob - logprob(&logits, 2)).abs() < 1e-6);
         assert_eq!(c.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
-        // Prompt tokens do not count for frequency: token 3 only in the prompt.
+        // Prompt tokens do not count for frequency: token 3 is only in the
+        // prompt, and with a competitive logit greedy still takes it.
+        let close = [1.0f32, 2.0, 0.0, 2.05];
+        let prompt_only = History {
+            tokens: vec![3],
+            generated_from: 1,
+        };
+        let f = SamplingParams {
+            frequency_penalty: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(choose(&f, &close, 0, Some(&prompt_only)).id, 3);
+        // Repetition counts the prompt: the same history now steers away.
+        let r = SamplingParams {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
+        assert_eq!(choose(&r, &close, 0, Some(&prompt_only)).id, 1);
         let bias = SamplingParams {
             logit_bias: vec![(0, 2.5)],
             ..Default::default()

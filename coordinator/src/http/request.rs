@@ -53,6 +53,8 @@ impl Endpoint {
 pub(super) const MAX_N: u64 = 16;
 /// The most prompts one completions request may list.
 pub(super) const MAX_PROMPTS: usize = 64;
+/// The most choices (prompts times `n`) one request may ask for.
+pub(super) const MAX_CHOICES: usize = 64;
 /// The most alternatives completions' `logprobs` may ask for.
 pub(super) const MAX_COMPLETION_LOGPROBS: u64 = 20;
 
@@ -83,6 +85,16 @@ fn number(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
             key,
             format!("{key} must be a number, got {v}"),
         )),
+    }
+}
+
+/// A non-negative integer that fits 32 bits.
+fn uint32(m: &Map<String, Value>, key: &str) -> Result<Option<u32>, ApiError> {
+    match uint(m, key)? {
+        None => Ok(None),
+        Some(v) => u32::try_from(v)
+            .map(Some)
+            .map_err(|_| ApiError::bad(key, format!("{key} must be below 2^32, got {v}"))),
     }
 }
 
@@ -239,7 +251,7 @@ pub(super) fn parse(
                     content,
                 });
             }
-            let top = uint(m, "top_logprobs")?;
+            let top = uint32(m, "top_logprobs")?;
             let logprobs = boolean(m, "logprobs")?;
             if top.is_some_and(|t| t > 0) && !logprobs {
                 return Err(ApiError::bad(
@@ -250,7 +262,7 @@ pub(super) fn parse(
             let prompt = api::generate_request::Prompt::Chat(api::ChatMessages { messages });
             (
                 vec![prompt],
-                logprobs.then(|| top.unwrap_or(0) as u32),
+                logprobs.then(|| top.unwrap_or(0)),
                 false,
             )
         }
@@ -271,16 +283,14 @@ pub(super) fn parse(
                 ));
             }
             use api::generate_request::Prompt;
+            // Token ids: each a u32 (a larger number is no token id).
             let ids = |a: &[Value]| -> Option<Prompt> {
-                (!a.is_empty() && a.iter().all(Value::is_u64)).then(|| {
-                    Prompt::TokenIds(api::TokenIds {
-                        ids: a
-                            .iter()
-                            .filter_map(Value::as_u64)
-                            .map(|i| i as u32)
-                            .collect(),
-                    })
-                })
+                let ids: Option<Vec<u32>> = a
+                    .iter()
+                    .map(|v| v.as_u64().and_then(|i| u32::try_from(i).ok()))
+                    .collect();
+                ids.filter(|ids| !ids.is_empty())
+                    .map(|ids| Prompt::TokenIds(api::TokenIds { ids }))
             };
             let prompts = match m.get("prompt") {
                 Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
@@ -371,7 +381,7 @@ pub(super) fn parse(
     let seed = uint(m, "seed")?;
     let sampling = api::SamplingParams {
         temperature: number(m, "temperature")?.unwrap_or(1.0) as f32,
-        top_k: uint(m, "top_k")?.unwrap_or(0) as u32,
+        top_k: uint32(m, "top_k")?.unwrap_or(0),
         top_p: number(m, "top_p")?.unwrap_or(1.0) as f32,
         seed,
         min_p: penalty("min_p", 0.0)?,
@@ -406,6 +416,16 @@ pub(super) fn parse(
         ignore_eos: boolean(m, "ignore_eos")?,
     };
     let count = prompts.len() * n as usize;
+    if count > MAX_CHOICES {
+        let param = if prompts.len() > 1 { "prompt" } else { "n" };
+        return Err(ApiError::bad(
+            param,
+            format!(
+                "{} prompt(s) times n = {n} asks for {count} choices; at most {MAX_CHOICES} per request",
+                prompts.len()
+            ),
+        ));
+    }
     // Each choice its own request id (and so its own seed when none is
     // given): the header's, or one made here, with the choice's index.
     let base_id = match (header_id.is_empty(), count) {
@@ -607,5 +627,17 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(param(e).as_deref(), Some("prompt"));
+        let e = completions(json!({"model": "m", "prompt": ["a", "b", "c", "d", "e"], "n": 16}))
+            .err()
+            .unwrap();
+        assert_eq!(param(e).as_deref(), Some("prompt"));
+        // Past 32 bits: refused, not wrapped.
+        for (body, key) in [
+            (json!({"model": "m", "prompt": [4294967301u64]}), "prompt"),
+            (json!({"model": "m", "prompt": "a", "top_k": 4294967297u64}), "top_k"),
+        ] {
+            let e = completions(body).err().unwrap_or_else(|| panic!("{key} accepted"));
+            assert_eq!(param(e).as_deref(), Some(key));
+        }
     }
 }

@@ -48,32 +48,44 @@ async fn forward(index: usize, mut stream: GenerateStream, tx: &mpsc::Sender<Tag
     }
 }
 
-/// Starts every choice. The first choice of each prompt starts at once
-/// (its error before any token is the response's status); the prompt's
-/// other choices start once it has answered (its prompt's full KV blocks
+/// Starts every choice. The first choice of every prompt starts at once,
+/// together (an error of one before any token is the response's status;
+/// the others are then dropped, which cancels them); a prompt's other
+/// choices start once its first has answered (its prompt's full KV blocks
 /// are then in the prefix cache, and the router's prefix affinity sends
-/// them to the replica holding them: `n` choices share the prompt's
-/// blocks instead of computing them `n` times).
+/// them to the replica holding them: `n` choices share the prompt's blocks
+/// instead of computing them `n` times). Nothing starts once the client
+/// has gone.
 async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiError> {
     let (tx, rx) = mpsc::channel(64);
+    let mut heads = tokio::task::JoinSet::new();
     for (first, req) in p.choices.iter().enumerate().step_by(p.n) {
-        let traceparent = p.traceparent.clone();
-        let stream = generate(state, req, traceparent.as_deref())
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+        let (state, req, traceparent) = (state.clone(), req.clone(), p.traceparent.clone());
+        heads.spawn(async move { (first, generate(&state, &req, traceparent.as_deref()).await) });
+    }
+    let mut streams = Vec::new();
+    while let Some(done) = heads.join_next().await {
+        let (first, r) = done.map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None, None)
+        })?;
+        // Returning drops the set: the other heads are cancelled.
+        streams.push((first, r.map_err(|s| ApiError::from_status(&s))?));
+    }
+    for (first, stream) in streams {
         let siblings: Vec<(usize, api::GenerateRequest)> = (first + 1..first + p.n)
             .map(|i| (i, p.choices[i].clone()))
             .collect();
-        let (state, tx) = (state.clone(), tx.clone());
+        let (state, tx, traceparent) = (state.clone(), tx.clone(), p.traceparent.clone());
         tokio::spawn(async move {
             let mut stream = stream;
-            // Its first answer (or its end) before the siblings start.
+            // Its first answer before the siblings start.
             let head = tokio::select! {
                 _ = tx.closed() => return,
                 head = stream.next() => head,
             };
             let Some(head) = head else { return };
-            if tx.send((first, head)).await.is_err() {
+            let ok = head.is_ok();
+            if tx.send((first, head)).await.is_err() || !ok {
                 return;
             }
             for (i, req) in siblings {
@@ -81,7 +93,12 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
                 let state = state.clone();
                 let traceparent = traceparent.clone();
                 tokio::spawn(async move {
-                    match generate(&state, &req, traceparent.as_deref()).await {
+                    // Dropping a pending Generate (the client left) cancels it.
+                    let opened = tokio::select! {
+                        _ = tx.closed() => return,
+                        r = generate(&state, &req, traceparent.as_deref()) => r,
+                    };
+                    match opened {
                         Ok(s) => {
                             forward(i, s, &tx).await;
                         }
@@ -304,7 +321,14 @@ fn sse(
                 return;
             }
         }
-        while let Some((i, item)) = rx.recv().await {
+        loop {
+            // A client that leaves ends this at once (dropping `rx` cancels
+            // every choice), not at the next token.
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                next = rx.recv() => next,
+            };
+            let Some((i, item)) = next else { break };
             let r = match item {
                 Ok(r) => r,
                 Err(s) => {

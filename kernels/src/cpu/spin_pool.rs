@@ -161,14 +161,10 @@ impl SpinPool {
 /// Claims and runs chunks of `epoch` until none are left; `who` counts
 /// them.
 fn work(s: &Shared, epoch: u64, who: usize) {
-    let mut ran = 0;
     loop {
         let t = s.ticket.load(Ordering::Acquire);
         let (e, chunks, next) = (t >> 32, (t >> 16) & 0xffff, t & 0xffff);
         if e != epoch || next >= chunks {
-            if ran > 0 {
-                s.ran[who].fetch_add(ran, Ordering::Relaxed);
-            }
             return;
         }
         if s.ticket
@@ -177,7 +173,9 @@ fn work(s: &Shared, epoch: u64, who: usize) {
         {
             // SAFETY: the claim proves the job of `epoch` is live (module doc).
             unsafe { ((*s.job.load(Ordering::Acquire)).task)(next as usize) };
-            ran += 1;
+            // Counted before `done` (Release): the caller, returning after
+            // its Acquire load of `done`, sees every chunk counted.
+            s.ran[who].fetch_add(1, Ordering::Relaxed);
             s.done.fetch_add(1, Ordering::Release);
         }
     }
@@ -197,7 +195,7 @@ fn helper(s: &Shared, who: usize) {
             }
             spins = spins.wrapping_add(1);
             let spun_out = park_now
-                || (spins % CLOCK_EVERY == 0 && since.elapsed() >= SPIN);
+                || (spins.is_multiple_of(CLOCK_EVERY) && since.elapsed() >= SPIN);
             if !spun_out {
                 std::hint::spin_loop();
                 continue;
