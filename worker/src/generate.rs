@@ -280,10 +280,11 @@ impl LocalModel {
             sampling: req.sampling.clone(),
             trace: None,
         };
-        let (host, name, max_context) = (
+        let (host, name, max_context, vocab_size) = (
             self.host.clone(),
             self.name.clone(),
             self.config.max_position,
+            self.config.vocab_size,
         );
         // The engine runs on the model's runtime; its events come back over
         // a channel this thread blocks on.
@@ -299,6 +300,7 @@ impl LocalModel {
                 block_size: bs,
                 prefix_caching: false,
                 max_context,
+                vocab_size,
             };
             let engine = EngineHandle::spawn(name, cfg, Pipeline::new(vec![stage], false))?;
             let (seq, mut events) = engine.submit(sub).await?;

@@ -224,6 +224,12 @@ impl Engine {
                 events,
                 accepted,
             } => {
+                // Biased ids outside the vocabulary: refused here, never
+                // silently dropped by the sampler.
+                if let Err(e) = sub.sampling.validate_for(self.sched.config().vocab_size) {
+                    let _ = accepted.send(Err(e.into()));
+                    return;
+                }
                 let timeout = sub
                     .params
                     .deadline

@@ -39,6 +39,9 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
     /// The model's context length: prompt plus new tokens must fit.
     pub max_context: usize,
+    /// The model's vocabulary: prompt ids (and biased ids) must be below
+    /// it, checked at admission so a bad request never fails a batch.
+    pub vocab_size: usize,
 }
 
 impl SchedulerConfig {
@@ -51,6 +54,7 @@ impl SchedulerConfig {
             ("num_blocks", self.num_blocks),
             ("block_size", self.block_size),
             ("max_context", self.max_context),
+            ("vocab_size", self.vocab_size),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
@@ -257,6 +261,8 @@ impl Scheduler {
         params: SeqParams,
     ) -> Result<Option<(u64, Finished)>, Refusal> {
         let positions = params.prompt.len() + params.max_new_tokens;
+        llmos_meta::request::check_prompt(&params.prompt, self.cfg.vocab_size)
+            .map_err(Refusal::Invalid)?;
         llmos_meta::request::check_generation(
             params.prompt.len(),
             params.max_new_tokens,
@@ -588,6 +594,7 @@ mod tests {
             block_size: 4,
             prefix_caching: true,
             max_context: 1024,
+            vocab_size: 1024,
         }
     }
 

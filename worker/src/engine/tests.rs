@@ -28,6 +28,7 @@ async fn engine(
         block_size: 4,
         prefix_caching: true,
         max_context: loaded.max_context,
+        vocab_size: loaded.vocab_size,
     };
     EngineHandle::spawn(
         "m".into(),
@@ -262,4 +263,22 @@ async fn a_sequence_resumed_from_its_emitted_tokens_continues_it_exactly() {
             assert_ne!(collect(ev).await.unwrap().0, whole[5..]);
         }
     }
+}
+
+/// Token ids outside the vocabulary (in the prompt, or biased) are refused
+/// when submitted, naming the id: never a failed batch step for the
+/// sequences beside them, never a bias silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_outside_the_vocabulary_are_refused_at_admission() {
+    let e = engine(64, 4, 64, 4).await;
+    let (_, ok) = e.submit(sub(&[1, 2, 3], 3, None)).await.unwrap();
+    let err = e.submit(sub(&[1, 1 << 30], 3, None)).await.unwrap_err();
+    assert_eq!(err.kind(), llmos_meta::failure::FailureKind::InvalidRequest);
+    assert!(err.to_string().contains(&(1u32 << 30).to_string()), "{err}");
+    let mut biased = sub(&[1, 2], 3, None);
+    biased.sampling.logit_bias = vec![(1 << 30, 5.0)];
+    let err = e.submit(biased).await.unwrap_err();
+    assert!(err.to_string().contains("logit_bias"), "{err}");
+    // The sequence admitted before runs to its end.
+    assert_eq!(collect(ok).await.unwrap().0.len(), 3);
 }

@@ -126,10 +126,11 @@ impl Host {
             // neighbouring stage restarted): keep the weights and the cache;
             // links whose config changed or that broke are formed anew.
             let h = &self.shards[&config.model];
-            let (hidden, weight_bytes, max_context) = (
+            let (hidden, weight_bytes, max_context, vocab_size) = (
                 h.model.config().hidden_size,
                 h.weight_bytes,
                 h.model.config().max_position,
+                h.model.config().vocab_size,
             );
             let links = self
                 .relink(&config, self.links.get(&config.model), hidden)
@@ -142,6 +143,7 @@ impl Host {
                 weight_bytes,
                 load_seconds: started.elapsed().as_secs_f64(),
                 max_context,
+                vocab_size,
             });
         }
         // Replacing a shard: free the old one first.
@@ -242,6 +244,7 @@ impl Host {
         llmos_kernels::cpu::gemv::pool();
         let weight_bytes = model.weight_bytes() as u64;
         let max_context = model.config().max_position;
+        let vocab_size = model.config().vocab_size;
         tracing::info!(model = %config.model, layers = ?config.layers, weight_bytes, kv_bytes = pool.bytes(), "shard loaded");
         self.shards.insert(
             config.model.clone(),
@@ -257,6 +260,7 @@ impl Host {
             weight_bytes,
             load_seconds: started.elapsed().as_secs_f64(),
             max_context,
+            vocab_size,
         })
     }
 

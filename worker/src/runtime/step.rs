@@ -90,6 +90,8 @@ pub struct Loaded {
     pub load_seconds: f64,
     /// The model's context length in positions.
     pub max_context: usize,
+    /// The model's vocabulary (what requests' token ids must be below).
+    pub vocab_size: usize,
 }
 
 /// Sample a token from a sequence's last row: with these parameters, as

@@ -31,6 +31,7 @@ use crate::engine::{
     Submission,
 };
 pub use crate::runtime::HostHandle;
+use crate::runtime::Loaded;
 use remote::RemoteStage;
 
 /// The spec without its pipeline links (which change when a neighbouring
@@ -127,7 +128,7 @@ impl WorkerService {
     }
 
     /// Starts (or keeps, or replaces) the engine a first-stage spec asks for.
-    fn start_engine(&self, spec: &pb::ShardSpec, max_context: usize) -> Result<(), Status> {
+    fn start_engine(&self, spec: &pb::ShardSpec, loaded: &Loaded) -> Result<(), Status> {
         let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
         let Some(e) = spec.engine.as_ref().filter(|_| spec.embed) else {
             engines.remove(&spec.model);
@@ -160,7 +161,8 @@ impl WorkerService {
             num_blocks: spec.kv_blocks as usize,
             block_size: spec.block_size as usize,
             prefix_caching: !e.disable_prefix_caching,
-            max_context,
+            max_context: loaded.max_context,
+            vocab_size: loaded.vocab_size,
         };
         tracing::info!(model = %spec.model, ?cfg, "engine started");
         let handle = EngineHandle::spawn(spec.model.clone(), cfg, Pipeline::new(stages, e.linked))?;
@@ -225,7 +227,7 @@ impl Worker for WorkerService {
             ..shard
         };
         let loaded = self.host.load(config).await?;
-        self.start_engine(&shard, loaded.max_context)?;
+        self.start_engine(&shard, &loaded)?;
         self.held.lock().insert(shard.model.clone(), shard.epoch);
         Ok(Response::new(pb::LoadShardResponse {
             weight_bytes: loaded.weight_bytes,
