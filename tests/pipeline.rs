@@ -415,7 +415,10 @@ async fn last_stage_sampling_matches_single_process_greedy_and_seeded() {
         let mut got = vec![tok];
         let mut pos = prompt.len() as u32;
         while got.len() < 12 {
-            tok = p.sample(seq, &[tok], pos, s.clone(), got.len() as u64).await.0;
+            tok = p
+                .sample(seq, &[tok], pos, s.clone(), got.len() as u64)
+                .await
+                .0;
             got.push(tok);
             pos += 1;
         }

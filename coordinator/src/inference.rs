@@ -13,9 +13,9 @@ use llmos_meta::{render_chat, ChatMessage, FinishReason, TextStreamer};
 use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
 use tokio::sync::mpsc;
-use tracing::Instrument;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cluster::{Cluster, ModelRuntime};
 use crate::error::{CoordError, Result};
@@ -462,9 +462,7 @@ impl Flight {
                 self.queue_s = Some(ev.queue_s);
                 // Recorded now: requests that then fail or are abandoned
                 // (the longest waits, under overload) count too.
-                cluster
-                    .metrics
-                    .queue_time(&self.request.model, ev.queue_s);
+                cluster.metrics.queue_time(&self.request.model, ev.queue_s);
             }
             for t in &ev.tokens {
                 first_at.get_or_insert_with(Instant::now);
@@ -916,21 +914,24 @@ impl api::inference_server::Inference for InferenceService {
             flight.resume().instrument(span.clone()).await?
         };
         let logprobs = r.logprobs;
-        tokio::spawn(tracing::Instrument::instrument(async move {
-            // The streamer borrows the tokenizer: it lives in this task.
-            let mut streamer = TextStreamer::new(
-                rt.tokenizer.as_ref(),
-                max_new,
-                stopping.stop_sequences,
-                stopping.ignore_eos,
-            );
-            for &t in &flight.emitted {
-                let _ = streamer.push(t);
-            }
-            flight
-                .stream(attached, &mut streamer, &tx, logprobs, started)
-                .await;
-        }, span));
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                // The streamer borrows the tokenizer: it lives in this task.
+                let mut streamer = TextStreamer::new(
+                    rt.tokenizer.as_ref(),
+                    max_new,
+                    stopping.stop_sequences,
+                    stopping.ignore_eos,
+                );
+                for &t in &flight.emitted {
+                    let _ = streamer.push(t);
+                }
+                flight
+                    .stream(attached, &mut streamer, &tx, logprobs, started)
+                    .await;
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(crate::metrics::observe(
             ReceiverStream::new(rx),
             observer,

@@ -117,7 +117,9 @@ impl SamplingParams {
 
     /// Whether the sampler needs the sequence's tokens (penalties count them).
     pub fn needs_history(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 
     /// Whether the logits are changed before the draw.
@@ -160,7 +162,11 @@ impl SamplingParams {
                 self.logit_bias.len()
             )));
         }
-        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
             return Err(RequestError::LogitBias(format!(
                 "the bias of token {id} must be in [-100, 100], got {b}"
             )));

@@ -27,9 +27,9 @@ pub mod comm;
 pub mod engine;
 pub mod generate;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
-pub mod metrics;
 pub mod sampling;
 pub mod server;
 

@@ -49,7 +49,8 @@ pub fn choose(p: &SamplingParams, logits: &[f32], index: u64, history: Option<&H
     let at = params_at(p, index);
     let id = if p.adjusts_logits() {
         let mut row = logits.to_vec();
-        let (tokens, generated_from) = history.map_or((&[][..], 0), |h| (&h.tokens[..], h.generated_from));
+        let (tokens, generated_from) =
+            history.map_or((&[][..], 0), |h| (&h.tokens[..], h.generated_from));
         kernel::adjust(
             &mut row,
             &kernel::Adjust {
@@ -72,35 +73,32 @@ pub fn choose(p: &SamplingParams, logits: &[f32], index: u64, history: Option<&H
     }
 }
 
-pub struct Sampler {
-    params: SamplingParams,
-    /// Index of the next token.
-    index: u64,
-}
-
-impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
-        Sampler { params, index: 0 }
-    }
-
-    /// Picks the next token; returns it with its log-probability under the
-    /// model's distribution (before temperature and truncation).
-    pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
-        let r = self.sample_at(logits, self.index);
-        self.index += 1;
-        r
-    }
-
-    /// Picks token number `index` of the sequence (0 for the first
-    /// generated token), independent of what was drawn before.
-    pub fn sample_at(&self, logits: &[f32], index: u64) -> (u32, f32) {
-        kernel::sample(logits, &params_at(&self.params, index))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sequence's draws in order, through [`choose`] (no history).
+    struct Sampler {
+        params: SamplingParams,
+        index: u64,
+    }
+
+    impl Sampler {
+        fn new(params: SamplingParams) -> Self {
+            Sampler { params, index: 0 }
+        }
+
+        fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
+            let r = self.sample_at(logits, self.index);
+            self.index += 1;
+            r
+        }
+
+        fn sample_at(&self, logits: &[f32], index: u64) -> (u32, f32) {
+            let c = choose(&self.params, logits, index, None);
+            (c.id, c.logprob)
+        }
+    }
 
     #[test]
     fn greedy_picks_argmax_and_reports_logprob() {

@@ -195,11 +195,17 @@ mod tests {
         let mut s = tonic::Status::invalid_argument("logit_bias: token 9 outside");
         s.metadata_mut()
             .insert(REQUEST_FIELD_KEY, "logit_bias".parse().unwrap());
-        assert_eq!(ApiError::from_status(&s).param.as_deref(), Some("logit_bias"));
+        assert_eq!(
+            ApiError::from_status(&s).param.as_deref(),
+            Some("logit_bias")
+        );
         let mut s = tonic::Status::invalid_argument("max_new_tokens must be at least 1");
         s.metadata_mut()
             .insert(REQUEST_FIELD_KEY, "max_new_tokens".parse().unwrap());
-        assert_eq!(ApiError::from_status(&s).param.as_deref(), Some("max_tokens"));
+        assert_eq!(
+            ApiError::from_status(&s).param.as_deref(),
+            Some("max_tokens")
+        );
         let mut s = tonic::Status::resource_exhausted("queue full");
         s.metadata_mut()
             .insert("retry-after-ms", "1500".parse().unwrap());

@@ -260,11 +260,7 @@ pub(super) fn parse(
                 ));
             }
             let prompt = api::generate_request::Prompt::Chat(api::ChatMessages { messages });
-            (
-                vec![prompt],
-                logprobs.then(|| top.unwrap_or(0)),
-                false,
-            )
+            (vec![prompt], logprobs.then(|| top.unwrap_or(0)), false)
         }
         Endpoint::Completions => {
             unsupported(m, "suffix", &[json!("")], "no insertion")?;
@@ -634,9 +630,14 @@ mod tests {
         // Past 32 bits: refused, not wrapped.
         for (body, key) in [
             (json!({"model": "m", "prompt": [4294967301u64]}), "prompt"),
-            (json!({"model": "m", "prompt": "a", "top_k": 4294967297u64}), "top_k"),
+            (
+                json!({"model": "m", "prompt": "a", "top_k": 4294967297u64}),
+                "top_k",
+            ),
         ] {
-            let e = completions(body).err().unwrap_or_else(|| panic!("{key} accepted"));
+            let e = completions(body)
+                .err()
+                .unwrap_or_else(|| panic!("{key} accepted"));
             assert_eq!(param(e).as_deref(), Some(key));
         }
     }

@@ -66,7 +66,13 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
     let mut streams = Vec::new();
     while let Some(done) = heads.join_next().await {
         let (first, r) = done.map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string(), None, None)
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                e.to_string(),
+                None,
+                None,
+            )
         })?;
         // Returning drops the set: the other heads are cancelled.
         streams.push((first, r.map_err(|s| ApiError::from_status(&s))?));

@@ -419,7 +419,9 @@ mod tests {
     fn min_p_keeps_what_is_likely_enough() {
         let logits = row(9, 400);
         let t = Tensor::from_slice(&logits);
-        for (temperature, min_p, top_p) in [(1.0f32, 0.05f32, 1.0f32), (0.6, 0.2, 1.0), (1.5, 0.1, 0.7)] {
+        for (temperature, min_p, top_p) in
+            [(1.0f32, 0.05f32, 1.0f32), (0.6, 0.2, 1.0), (1.5, 0.1, 0.7)]
+        {
             let p = SampleParams {
                 temperature,
                 top_k: 0,
@@ -428,17 +430,25 @@ mod tests {
                 min_p,
             };
             let keep = candidates(&logits, &p);
-            let probs = Vec::<f64>::try_from((&t / temperature as f64).softmax(0, Kind::Double)).unwrap();
+            let probs =
+                Vec::<f64>::try_from((&t / temperature as f64).softmax(0, Kind::Double)).unwrap();
             let top = probs.iter().cloned().fold(0.0, f64::max);
-            let after_min_p: Vec<bool> = probs.iter().map(|&q| q >= min_p as f64 * top * (1.0 - 1e-6)).collect();
+            let after_min_p: Vec<bool> = probs
+                .iter()
+                .map(|&q| q >= min_p as f64 * top * (1.0 - 1e-6))
+                .collect();
             if top_p >= 1.0 {
                 assert_eq!(keep, after_min_p, "T={temperature} min_p={min_p}");
             } else {
                 // A subset of min-p's, holding at least top_p of its mass.
-                let mass = |m: &[bool]| -> f64 { probs.iter().zip(m).filter(|e| *e.1).map(|e| e.0).sum() };
+                let mass =
+                    |m: &[bool]| -> f64 { probs.iter().zip(m).filter(|e| *e.1).map(|e| e.0).sum() };
                 assert!(keep.iter().zip(&after_min_p).all(|(k, a)| !k || *a));
                 assert!(mass(&keep) >= top_p as f64 * mass(&after_min_p) - 1e-9);
-                assert!(keep.iter().filter(|k| **k).count() < after_min_p.iter().filter(|k| **k).count());
+                assert!(
+                    keep.iter().filter(|k| **k).count()
+                        < after_min_p.iter().filter(|k| **k).count()
+                );
             }
         }
     }
@@ -463,7 +473,10 @@ mod tests {
                 generated_from: 2,
             },
         );
-        assert_eq!(l, [2.0, -1.0, 2.0, 3.0 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, -99.0]);
+        assert_eq!(
+            l,
+            [2.0, -1.0, 2.0, 3.0 - 1.0 - 0.25, -2.0 - 0.5 - 0.25, -99.0]
+        );
         let mut l = base;
         adjust(
             &mut l,

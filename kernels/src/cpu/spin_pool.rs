@@ -194,8 +194,8 @@ fn helper(s: &Shared, who: usize) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            let spun_out = park_now
-                || (spins.is_multiple_of(CLOCK_EVERY) && since.elapsed() >= SPIN);
+            let spun_out =
+                park_now || (spins.is_multiple_of(CLOCK_EVERY) && since.elapsed() >= SPIN);
             if !spun_out {
                 std::hint::spin_loop();
                 continue;
@@ -291,7 +291,10 @@ mod tests {
         assert_eq!(total, (jobs * chunks) as u64);
         // Each job is ~13 ms of work: a helper that is alive and woken
         // joins nearly all of them even on a busy machine.
-        assert!(joined >= jobs * 3 / 4, "the helper joined {joined} of {jobs} jobs: {after:?}");
+        assert!(
+            joined >= jobs * 3 / 4,
+            "the helper joined {joined} of {jobs} jobs: {after:?}"
+        );
     }
 
     #[test]

@@ -92,7 +92,10 @@ fn columns(params: &[SampleParams]) -> Result<[Tensor; 4]> {
             return Err(KernelError::Invalid {
                 op: "sample",
                 arg: "params",
-                problem: format!("row {i}: min_p {} is not supported by the device sampler", p.min_p),
+                problem: format!(
+                    "row {i}: min_p {} is not supported by the device sampler",
+                    p.min_p
+                ),
             });
         }
     }

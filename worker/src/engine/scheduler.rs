@@ -547,7 +547,11 @@ impl Scheduler {
         let s = self.seqs.get(&id)?;
         Some(History {
             tokens: s.tokens.clone(),
-            generated_from: s.params.prompt.len().saturating_sub(s.params.first_index as usize),
+            generated_from: s
+                .params
+                .prompt
+                .len()
+                .saturating_sub(s.params.first_index as usize),
         })
     }
 

@@ -18,12 +18,11 @@ use super::step::{
 };
 use super::Command;
 use crate::comm::{Collective, NcclGroup, Rendezvous, TcpGroup};
-use crate::metrics::{metrics, Stage, Timed};
 use crate::kv::{BatchLayout, KvPool, SeqSlice};
+use crate::metrics::{metrics, Stage, Timed};
 use crate::model::cpu_decode::PagedSeq;
 use crate::model::llama::LoadOptions;
 use crate::model::{Llama, ShardSpec};
-
 
 /// How long the ranks of a tensor-parallel group wait for each other to
 /// link up.
@@ -318,7 +317,11 @@ impl Host {
     /// The metrics labels of `model`'s stage here.
     fn stage(&self, model: &str) -> Option<Stage> {
         self.shards.get(model).map(|h| {
-            Stage::new(model, &h.config.layers, h.group.as_ref().map_or(0, |g| g.rank()))
+            Stage::new(
+                model,
+                &h.config.layers,
+                h.group.as_ref().map_or(0, |g| g.rank()),
+            )
         })
     }
 
@@ -362,7 +365,12 @@ impl Host {
         out
     }
 
-    fn run_step(&mut self, step: Step, input: Option<Tensor>, stage: Option<&Stage>) -> Result<StepOutput> {
+    fn run_step(
+        &mut self,
+        step: Step,
+        input: Option<Tensor>,
+        stage: Option<&Stage>,
+    ) -> Result<StepOutput> {
         let h = self
             .shards
             .get_mut(&step.model)

@@ -13,10 +13,10 @@ use tch::{Device, Kind, Tensor};
 use crate::comm::{LinkBackend, LinkSpec};
 use crate::engine::EngineStats;
 use crate::model::linear::Quantization;
-use crate::sampling::History;
 use crate::runtime::{
     HostStats, SampleAt, Sampled, SeqStep, ShardConfig, Step, StepInput, StepOutput, TensorParallel,
 };
+use crate::sampling::History;
 
 /// A message that does not hold what it must (INVALID_ARGUMENT).
 #[derive(Debug, thiserror::Error)]
@@ -390,11 +390,7 @@ pub fn step_to_wire(step: &Step) -> pb::StepRequest {
 pub fn output_to_wire(out: &StepOutput) -> pb::StepResponse {
     pb::StepResponse {
         hidden: out.hidden.as_ref().map(to_wire),
-        tokens: out
-            .tokens
-            .iter()
-            .map(sampled_to_wire)
-            .collect(),
+        tokens: out.tokens.iter().map(sampled_to_wire).collect(),
         logits: out.logits.as_ref().map(to_wire),
     }
 }
@@ -407,11 +403,7 @@ pub fn output(resp: &pb::StepResponse) -> Result<StepOutput> {
             .as_ref()
             .map(|w| from_wire(w, "StepResponse.hidden"))
             .transpose()?,
-        tokens: resp
-            .tokens
-            .iter()
-            .map(sampled)
-            .collect(),
+        tokens: resp.tokens.iter().map(sampled).collect(),
         logits: resp
             .logits
             .as_ref()

@@ -342,55 +342,66 @@ impl Worker for WorkerService {
         };
         let (id, mut events) = engine.submit(sub).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(tracing::Instrument::instrument(async move {
-            let mut guard = CancelOnDrop {
-                engine,
-                id,
-                done: false,
-            };
-            loop {
-                let ev = tokio::select! {
-                    _ = tx.closed() => break,
-                    ev = events.recv() => match ev {
-                        Some(ev) => ev,
-                        None => {
-                            // The engine ends every sequence with an event; a
-                            // closed channel means it stopped.
-                            guard.done = true;
-                            break;
-                        }
-                    },
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut guard = CancelOnDrop {
+                    engine,
+                    id,
+                    done: false,
                 };
-                let (msg, last) = match ev {
-                    Ok(SeqEvent::Token { id, logprob, top, queued }) => (
-                        Ok(pb::EngineEvent {
-                            tokens: vec![codec::sampled_to_wire(&crate::runtime::Sampled { id, logprob, top })],
-                            queue_s: queued.map_or(0.0, |q| q.as_secs_f64()),
-                            ..Default::default()
-                        }),
-                        false,
-                    ),
-                    Ok(SeqEvent::Finished(f)) => (
-                        Ok(pb::EngineEvent {
-                            tokens: vec![],
-                            finish: engine_finish(f.reason) as i32,
-                            prompt_tokens: f.prompt_tokens as u32,
-                            cached_prompt_tokens: f.cached_prompt_tokens as u32,
-                            preemptions: f.preemptions,
-                            queue_s: 0.0,
-                        }),
-                        true,
-                    ),
-                    Err(e) => (Err(Status::from(e)), true),
-                };
-                guard.done |= last;
-                if tx.send(msg).await.is_err() || last {
-                    break;
+                loop {
+                    let ev = tokio::select! {
+                        _ = tx.closed() => break,
+                        ev = events.recv() => match ev {
+                            Some(ev) => ev,
+                            None => {
+                                // The engine ends every sequence with an event; a
+                                // closed channel means it stopped.
+                                guard.done = true;
+                                break;
+                            }
+                        },
+                    };
+                    let (msg, last) =
+                        match ev {
+                            Ok(SeqEvent::Token {
+                                id,
+                                logprob,
+                                top,
+                                queued,
+                            }) => (
+                                Ok(pb::EngineEvent {
+                                    tokens: vec![codec::sampled_to_wire(
+                                        &crate::runtime::Sampled { id, logprob, top },
+                                    )],
+                                    queue_s: queued.map_or(0.0, |q| q.as_secs_f64()),
+                                    ..Default::default()
+                                }),
+                                false,
+                            ),
+                            Ok(SeqEvent::Finished(f)) => (
+                                Ok(pb::EngineEvent {
+                                    tokens: vec![],
+                                    finish: engine_finish(f.reason) as i32,
+                                    prompt_tokens: f.prompt_tokens as u32,
+                                    cached_prompt_tokens: f.cached_prompt_tokens as u32,
+                                    preemptions: f.preemptions,
+                                    queue_s: 0.0,
+                                }),
+                                true,
+                            ),
+                            Err(e) => (Err(Status::from(e)), true),
+                        };
+                    guard.done |= last;
+                    if tx.send(msg).await.is_err() || last {
+                        break;
+                    }
                 }
-            }
-            // Dropping the guard cancels the sequence unless it ended.
-            drop(guard);
-        }, span));
+                // Dropping the guard cancels the sequence unless it ended.
+                drop(guard);
+            },
+            span,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -532,10 +543,15 @@ async fn serve_metrics(listener: tokio::net::TcpListener, svc: Arc<WorkerService
                 let mut text = crate::metrics::metrics().text();
                 match svc.stats(Request::new(pb::StatsRequest {})).await {
                     Ok(r) => text.push_str(&crate::metrics::snapshot(r.get_ref())),
-                    Err(e) => tracing::warn!(error = %e, "metrics: the host's stats are unavailable"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics: the host's stats are unavailable")
+                    }
                 }
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
                     text,
                 )
             }
