@@ -41,4 +41,4 @@ pub use error::{MetaError, Result};
 pub use source::{ModelSpec, OpenedModel};
 pub use streamer::{FinishReason, TextStreamer};
 pub use tokenizer::{DecodeStream, StopMatcher, StopOutcome, Tokenizer};
-pub use weights::{HostDType, HostTensor, LayerPart, Slice, WeightKey, WeightSource};
+pub use weights::{BlockTensor, HostDType, HostTensor, LayerPart, Slice, WeightKey, WeightSource};

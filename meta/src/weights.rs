@@ -232,6 +232,23 @@ pub trait WeightSource: Send + Sync {
     fn load_shape(&self, _key: WeightKey) -> Result<Option<Vec<usize>>> {
         Ok(None)
     }
+    /// A 2-D weight, or `part` of it, in the file's own block quantization
+    /// (Q8_0, Q4_0, Q4_1), not dequantized: `None` when it is not stored
+    /// so, or the part is not whole rows or whole blocks of columns (the
+    /// caller then loads it dense).
+    fn load_blocks(&self, _key: WeightKey, _part: Option<Slice>) -> Result<Option<BlockTensor<'_>>> {
+        Ok(None)
+    }
+}
+
+/// Rows of block-quantized weights as the file stores them: `rows` rows of
+/// `cols / 32` blocks of `ty` each.
+#[derive(Debug)]
+pub struct BlockTensor<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: Cow<'a, [u8]>,
 }
 
 /// Undo llama.cpp's Q/K row permutation (its converter interleaves the two
@@ -295,6 +312,44 @@ impl WeightSource for GgufWeights {
 
     fn load_shape(&self, key: WeightKey) -> Result<Option<Vec<usize>>> {
         Ok(self.file.tensor(&key.gguf_name()).map(|i| i.shape.clone()))
+    }
+
+    fn load_blocks(&self, key: WeightKey, part: Option<Slice>) -> Result<Option<BlockTensor<'_>>> {
+        let name = key.gguf_name();
+        let Some(info) = self.file.tensor(&name) else {
+            return Ok(None);
+        };
+        if !matches!(info.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) || info.shape.len() != 2 {
+            return Ok(None);
+        }
+        let (ty, rows, cols) = (info.ty, info.shape[0], info.shape[1]);
+        let (bs, bb) = (ty.block_size(), ty.block_bytes());
+        let row_bytes = cols / bs * bb;
+        let raw = self.file.tensor_bytes(info);
+        let s = part.unwrap_or(Slice { dim: 0, start: 0, len: rows });
+        HostTensor {
+            name: name.clone(),
+            file: self.file.path().to_path_buf(),
+            shape: info.shape.clone(),
+            dtype: HostDType::F32,
+            bytes: Cow::Borrowed(&[]),
+        }
+        .check_slice(s)?;
+        let (rows_out, cols_out, bytes): (usize, usize, Cow<[u8]>) = if s.dim == 0 {
+            let b = &raw[s.start * row_bytes..(s.start + s.len) * row_bytes];
+            (s.len, cols, Cow::Borrowed(b))
+        } else if s.start % bs == 0 && s.len % bs == 0 {
+            let (a, b) = (s.start / bs * bb, (s.start + s.len) / bs * bb);
+            let mut out = Vec::with_capacity(rows * (b - a));
+            for r in 0..rows {
+                out.extend_from_slice(&raw[r * row_bytes + a..r * row_bytes + b]);
+            }
+            (rows, s.len, Cow::Owned(out))
+        } else {
+            return Ok(None);
+        };
+        let bytes = self.restore_rows(key, &name, &info.shape, part, rows_out, cols_out / bs * bb, bytes)?;
+        Ok(Some(BlockTensor { ty, rows: rows_out, cols: cols_out, bytes }))
     }
 }
 
@@ -370,44 +425,9 @@ impl GgufWeights {
                 (shape, HostDType::F32, Cow::Owned(b))
             }
         };
-        if self.permuted_qk && shape.len() == 2 {
-            let heads = match key {
-                WeightKey::Layer(_, LayerPart::Q) => Some(self.num_heads),
-                WeightKey::Layer(_, LayerPart::K) => Some(self.num_kv_heads),
-                _ => None,
-            };
-            if let Some(n) = heads {
-                let rows = info.shape[0];
-                if rows % (2 * n) != 0 {
-                    return Err(MetaError::ShapeMismatch {
-                        path: self.file.path().to_path_buf(),
-                        tensor: name,
-                        expected: vec![n * (rows / n).max(2), info.shape[1]],
-                        found: info.shape.clone(),
-                    });
-                }
-                // The permutation is within each head: a slice of whole
-                // heads is restored on its own.
-                let per_head = rows / n;
-                let n = match part {
-                    Some(s) if s.dim == 0 => {
-                        if s.start % per_head != 0 || s.len % per_head != 0 {
-                            return Err(MetaError::Corrupt {
-                                path: self.file.path().to_path_buf(),
-                                reason: format!(
-                                    "tensor {name}: rows {}..{} are not whole heads of {per_head}",
-                                    s.start,
-                                    s.start + s.len
-                                ),
-                            });
-                        }
-                        s.len / per_head
-                    }
-                    _ => n,
-                };
-                let row_bytes = shape[1] * dtype.size();
-                bytes = Cow::Owned(unpermute_rows(&bytes, shape[0], row_bytes, n));
-            }
+        if shape.len() == 2 {
+            let row_bytes = shape[1] * dtype.size();
+            bytes = self.restore_rows(key, &name, &info.shape, part, shape[0], row_bytes, bytes)?;
         }
         Ok(HostTensor {
             name,
@@ -416,6 +436,59 @@ impl GgufWeights {
             dtype,
             bytes,
         })
+    }
+
+    /// Undoes llama.cpp's Q/K row permutation on `rows` rows of
+    /// `row_bytes` each (the whole weight of shape `full`, or the part
+    /// `part` of whole heads); other weights pass through.
+    #[allow(clippy::too_many_arguments)]
+    fn restore_rows<'b>(
+        &self,
+        key: WeightKey,
+        name: &str,
+        full: &[usize],
+        part: Option<Slice>,
+        rows: usize,
+        row_bytes: usize,
+        bytes: Cow<'b, [u8]>,
+    ) -> Result<Cow<'b, [u8]>> {
+        if !self.permuted_qk {
+            return Ok(bytes);
+        }
+        let n = match key {
+            WeightKey::Layer(_, LayerPart::Q) => self.num_heads,
+            WeightKey::Layer(_, LayerPart::K) => self.num_kv_heads,
+            _ => return Ok(bytes),
+        };
+        let all = full[0];
+        if all % (2 * n) != 0 {
+            return Err(MetaError::ShapeMismatch {
+                path: self.file.path().to_path_buf(),
+                tensor: name.to_string(),
+                expected: vec![n * (all / n).max(2), full[1]],
+                found: full.to_vec(),
+            });
+        }
+        // The permutation is within each head: a slice of whole heads is
+        // restored on its own.
+        let per_head = all / n;
+        let n = match part {
+            Some(s) if s.dim == 0 => {
+                if s.start % per_head != 0 || s.len % per_head != 0 {
+                    return Err(MetaError::Corrupt {
+                        path: self.file.path().to_path_buf(),
+                        reason: format!(
+                            "tensor {name}: rows {}..{} are not whole heads of {per_head}",
+                            s.start,
+                            s.start + s.len
+                        ),
+                    });
+                }
+                s.len / per_head
+            }
+            _ => n,
+        };
+        Ok(Cow::Owned(unpermute_rows(&bytes, rows, row_bytes, n)))
     }
 }
 

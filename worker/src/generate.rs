@@ -116,6 +116,7 @@ pub struct LocalModel {
     pub tokenizer: Option<Tokenizer>,
     config: ModelConfig,
     weight_bytes: usize,
+    decode_bytes: usize,
     host: HostHandle,
     /// One generation at a time: they share the host's shard and its pool,
     /// and each starts its own engine (whose block allocator starts empty).
@@ -144,7 +145,7 @@ impl LocalModel {
             opts,
             progress,
         )?;
-        let weight_bytes = model.weight_bytes();
+        let (weight_bytes, decode_bytes) = (model.weight_bytes(), model.decode_bytes());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("llmos-local-engine")
@@ -181,6 +182,7 @@ impl LocalModel {
             tokenizer: opened.tokenizer,
             config: opened.config,
             weight_bytes,
+            decode_bytes,
             host,
             busy: std::sync::Mutex::new(()),
             rt: Some(rt),
@@ -194,6 +196,12 @@ impl LocalModel {
     /// Bytes of weights the model holds.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Bytes of weights one decoded token reads (the embedding's other
+    /// rows are not read).
+    pub fn decode_bytes(&self) -> usize {
+        self.decode_bytes
     }
 
     fn tokenizer(&self) -> Result<&Tokenizer> {

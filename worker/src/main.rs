@@ -104,8 +104,11 @@ struct ModelArgs {
     /// Seed of synthetic weights.
     #[arg(long, default_value_t = 0)]
     weights_seed: u64,
-    /// Linear weights: none (in --dtype) or int8 (weight-only, one scale
-    /// per output channel).
+    /// Linear weights: none (in --dtype); int8 (weight-only, one scale per
+    /// output channel); q8_0, q4_0, q4_1 (GGUF blocks, multiplied in their
+    /// blocks on CPU: the file's own where it stores them so, else
+    /// quantized at load); file (every weight as the GGUF file quantizes
+    /// it, the head included).
     #[arg(long, default_value = "none")]
     quantize: String,
 }
@@ -323,6 +326,14 @@ fn bench(args: BenchArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
+    let kernels = llmos_kernels::cpu::calibrate::choice();
+    // A plain read of 256 MB by 1 thread and by the pool's threads: the
+    // machine's bandwidth scaling, to compare decode's with.
+    let mut reads = serde_json::Map::new();
+    for t in [1, pool.threads()] {
+        let gb = llmos_kernels::cpu::calibrate::read_bandwidth(t, 256 << 20);
+        reads.insert(t.to_string(), json!(gb));
+    }
     println!(
         "{}",
         json!({
@@ -336,8 +347,17 @@ fn bench(args: BenchArgs) -> Result<()> {
             "prefill_tokens_per_s": args.prompt_tokens as f64 / p,
             "decode_tokens": args.decode_tokens,
             "decode_tokens_per_s": d,
-            // Every weight is read once per decoded token.
-            "decode_weight_gb_per_s": engine.weight_bytes() as f64 * d / 1e9,
+            "weight_mb": engine.weight_bytes() as f64 / 1e6,
+            // Every weight but the embedding is read once per decoded token.
+            "decode_weight_gb_per_s": engine.decode_bytes() as f64 * d / 1e9,
+            "cpu_kernels": {
+                "blocks": kernels.blocks.name(),
+                "bf16": kernels.bf16.name(),
+                "calibration_gb_per_s": kernels.rates.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "forced": kernels.forced,
+            },
+            // A plain read of 256 MB, by one thread and by the pool's.
+            "memory_read_gb_per_s": reads,
             "decode_pool_threads": pool.threads(),
             "decode_pool_threads_used": chunks.iter().filter(|&&c| c > 0).count(),
             "decode_pool_chunk_share": chunks.iter().map(|&c| c as f64 / all_chunks).collect::<Vec<_>>(),

@@ -25,6 +25,7 @@
 
 use std::borrow::Cow;
 
+use crate::cpu::calibrate::Body;
 use crate::cpu::spin_pool::{SharedSlot, SpinPool};
 use crate::cpu::vecmath::f32_to_bf16;
 
@@ -41,7 +42,7 @@ const TASKS_PER_THREAD: usize = 16;
 const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Rows per task for `rows` output rows on `threads` threads.
-fn rows_per_task(threads: usize, rows: usize) -> usize {
+pub(crate) fn rows_per_task(threads: usize, rows: usize) -> usize {
     let tasks = (threads * TASKS_PER_THREAD)
         .min(rows.div_ceil(MIN_ROWS_PER_TASK))
         .max(rows.div_ceil(crate::cpu::spin_pool::MAX_CHUNKS));
@@ -204,20 +205,32 @@ impl WeightElem for u16 {
     fn activations(x: &[f32]) -> Cow<'_, [f32]> {
         Cow::Owned(x.iter().map(|&v| (f32_to_bf16(v)).widen()).collect())
     }
+    /// The body the machine's calibration chose (`calibrate`).
     #[inline]
     fn dot_act(row: &[u16], x: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
-        {
-            // SAFETY: the features were just detected.
-            return unsafe { x86::dot_bf16_avx512(row, x) };
-        }
-        Self::dot(row, x)
+        dot_bf16_with(crate::cpu::calibrate::choice().bf16, row, x)
     }
 
     axpy_method!(u16, axpy_bf16);
 
     tile_method!(u16, tile_bf16);
+}
+
+/// A bf16 row · activations rounded to bf16, with `body` (one of
+/// `calibrate::available_bf16()`; the AVX-512 body is AVX512-BF16's).
+pub fn dot_bf16_with(body: Body, row: &[u16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    match body {
+        // SAFETY: bodies are only chosen where the CPU has their features.
+        Body::Avx512 => return unsafe { x86::dot_bf16_avx512(row, x) },
+        // SAFETY: as above.
+        Body::Avx2 => return unsafe { x86::dot_bf16(row, x) },
+        Body::Portable => {}
+    }
+    row.iter()
+        .zip(x)
+        .map(|(&a, b)| f32::from_bits((a as u32) << 16) * b)
+        .sum()
 }
 
 /// int8 weights (weight-only quantization): the dot product of the integer

@@ -6,6 +6,10 @@
 //! - [`gemv`]: products of a few activation rows through a weight (f32,
 //!   bf16, int8 rows; AVX2/FMA, AVX-512 register tiles), and the process's
 //!   pool for them.
+//! - [`quant`]: the same products with GGUF block-quantized weights
+//!   (Q8_0, Q4_0, Q4_1) read in their blocks.
+//! - [`calibrate`]: which SIMD body (portable, AVX2, AVX-512) those
+//!   products run on this machine, measured at first use.
 //! - [`attention`]: one query row per sequence over its cached positions,
 //!   split-K across threads, wherever the caller's addressing puts them.
 //! - [`paged_attention`]: that attention through block tables of the
@@ -23,9 +27,11 @@
 //! where it does not.
 
 pub mod attention;
+pub mod calibrate;
 pub mod elementwise;
 pub mod gemv;
 pub mod paged_attention;
+pub mod quant;
 pub mod sampling;
 pub mod spin_pool;
 pub mod vecmath;

@@ -1,6 +1,12 @@
 //! `Linear`: a weight `[out, in]` with optional bias, held in the model's
-//! dtype or as int8 with per-output-channel scales (weight-only
-//! quantization, [`Quantization::Int8`]).
+//! dtype, as int8 with per-output-channel scales (weight-only
+//! quantization, [`Quantization::Int8`]), or in GGUF blocks (Q8_0, Q4_0,
+//! Q4_1: [`Quantization::Blocks`], [`Quantization::File`]).
+//!
+//! Block weights are multiplied in their blocks (`kernels::cpu::quant`)
+//! for up to `SMALL_BATCH` rows; larger batches dequantize the weight to
+//! the input's dtype for the call (a prompt's product is bound by
+//! arithmetic, not by the bytes of the weight) and take libtorch's product.
 //!
 //! Up to `SMALL_BATCH` input rows on CPU (decode steps) go through the
 //! `gemv` kernel, which reads each weight row once for all rows (f32, bf16
@@ -15,6 +21,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::{ModelError, Result};
 use llmos_kernels::cpu::gemv::{gemv_batch, pool};
+use llmos_kernels::cpu::quant::{self as blockq, Blocks};
+use llmos_meta::quant::GgmlType;
 
 /// How a model's linear weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,16 +33,33 @@ pub enum Quantization {
     /// int8 with one f32 scale per output channel (`max|row| / 127`); the
     /// embedding, norms and LM head stay in the model's dtype.
     Int8,
+    /// The layers' linear weights in GGUF blocks of this type (Q8_0, Q4_0,
+    /// Q4_1): the file's own blocks where it stores a weight so, else
+    /// quantized at load with llama.cpp's rounding. The embedding, norms
+    /// and head stay in the model's dtype.
+    Blocks(GgmlType),
+    /// Every weight as the GGUF file quantizes it: the layers' linears and
+    /// the head in the file's blocks where they are Q8_0/Q4_0/Q4_1, the
+    /// rest in the model's dtype (dequantized).
+    File,
 }
 
 impl Quantization {
-    /// `""`/`none` or `int8`.
+    /// Names accepted by `--quantize` and deploy requests.
+    pub const SUPPORTED: &'static str = "none, int8, q8_0, q4_0, q4_1, file";
+
+    /// `""`/`none`, `int8`, `q8_0`, `q4_0`, `q4_1` or `file`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "" | "none" => Ok(Quantization::None),
             "int8" => Ok(Quantization::Int8),
+            "q8_0" => Ok(Quantization::Blocks(GgmlType::Q8_0)),
+            "q4_0" => Ok(Quantization::Blocks(GgmlType::Q4_0)),
+            "q4_1" => Ok(Quantization::Blocks(GgmlType::Q4_1)),
+            "file" => Ok(Quantization::File),
             other => Err(ModelError::Invalid(format!(
-                "unknown quantization {other:?} (supported: none, int8)"
+                "unknown quantization {other:?} (supported: {})",
+                Self::SUPPORTED
             ))),
         }
     }
@@ -43,6 +68,19 @@ impl Quantization {
         match self {
             Quantization::None => "none",
             Quantization::Int8 => "int8",
+            Quantization::Blocks(GgmlType::Q8_0) => "q8_0",
+            Quantization::Blocks(GgmlType::Q4_0) => "q4_0",
+            Quantization::Blocks(_) => "q4_1",
+            Quantization::File => "file",
+        }
+    }
+
+    /// Whether a stored block type is kept as it is.
+    pub fn keeps(self, ty: GgmlType) -> bool {
+        match self {
+            Quantization::Blocks(want) => want == ty,
+            Quantization::File => blockq::is_block_type(ty),
+            _ => false,
         }
     }
 }
@@ -57,6 +95,9 @@ enum Store {
         scales: Tensor,
         scales_f32: Vec<f32>,
     },
+    /// GGUF blocks of `ty`: a CPU uint8 tensor `[out, in / 32 * block
+    /// bytes]`.
+    Blocks { ty: GgmlType, data: Tensor },
 }
 
 pub struct Linear {
@@ -93,6 +134,29 @@ impl Linear {
                     scales_f32,
                 }
             }
+            Quantization::Blocks(ty) => {
+                if weight.device() != Device::Cpu {
+                    return Err(ModelError::Invalid(format!(
+                        "{} weights run on the CPU only",
+                        quant.name()
+                    )));
+                }
+                if in_f % blockq::BLOCK as i64 != 0 {
+                    return Err(ModelError::Invalid(format!(
+                        "a [{out_f}, {in_f}] weight cannot be quantized to {}: its rows are not whole {}-weight blocks",
+                        quant.name(),
+                        blockq::BLOCK
+                    )));
+                }
+                let values = Vec::<f32>::try_from(weight.to_kind(Kind::Float).view([-1]))?;
+                let bytes = llmos_meta::quant::quantize(ty, &values);
+                return Self::from_blocks(ty, bytes_tensor(&bytes, out_f), in_f as usize, bias);
+            }
+            Quantization::File => Store::Dense {
+                fast: weight.device() == Device::Cpu
+                    && matches!(weight.kind(), Kind::Float | Kind::BFloat16),
+                weight: weight.contiguous(),
+            },
         };
         let bias_f32 = bias
             .as_ref()
@@ -107,11 +171,61 @@ impl Linear {
         })
     }
 
+    /// A weight kept in GGUF blocks: `data` is `[out, row bytes]` uint8
+    /// on the CPU, rows of `in_f` weights.
+    pub fn from_blocks(ty: GgmlType, data: Tensor, in_f: usize, bias: Option<Tensor>) -> Result<Self> {
+        let out_f = data.size()[0];
+        if data.kind() != Kind::Uint8 || data.device() != Device::Cpu {
+            return Err(ModelError::Invalid("block weights are CPU uint8 tensors".into()));
+        }
+        let data = data.contiguous();
+        // SAFETY: a contiguous CPU uint8 tensor of `numel` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
+        Blocks::new(ty, bytes, out_f as usize, in_f).map_err(ModelError::Invalid)?;
+        let bias_f32 = bias
+            .as_ref()
+            .map(|b| Vec::<f32>::try_from(b.to_kind(Kind::Float).to_device(Device::Cpu).view([-1])))
+            .transpose()?;
+        Ok(Linear {
+            store: Store::Blocks { ty, data },
+            bias,
+            bias_f32,
+            out_f,
+            in_f: in_f as i64,
+        })
+    }
+
+    /// The block type when the weight is kept in GGUF blocks.
+    pub fn block_type(&self) -> Option<GgmlType> {
+        match &self.store {
+            Store::Blocks { ty, .. } => Some(*ty),
+            _ => None,
+        }
+    }
+
+    /// The block weight as the kernels read it.
+    fn blocks(&self) -> Option<Blocks<'_>> {
+        match &self.store {
+            Store::Blocks { ty, data } => {
+                // SAFETY: checked at construction: a contiguous CPU uint8
+                // tensor, immutable and alive as long as `self`.
+                let bytes = unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
+                Some(Blocks {
+                    ty: *ty,
+                    data: bytes,
+                    rows: self.out_f as usize,
+                    cols: self.in_f as usize,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The dense weight (`None` when quantized).
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.store {
             Store::Dense { weight, .. } => Some(weight),
-            Store::Int8 { .. } => None,
+            Store::Int8 { .. } | Store::Blocks { .. } => None,
         }
     }
 
@@ -122,6 +236,7 @@ impl Linear {
         match &self.store {
             Store::Dense { weight, .. } => weight,
             Store::Int8 { q, .. } => q,
+            Store::Blocks { data, .. } => data,
         }
     }
 
@@ -130,6 +245,7 @@ impl Linear {
         match &mut self.store {
             Store::Dense { weight, .. } => weight,
             Store::Int8 { q, .. } => q,
+            Store::Blocks { data, .. } => data,
         }
     }
 
@@ -139,6 +255,7 @@ impl Linear {
         match &self.store {
             Store::Dense { weight, .. } => t(weight),
             Store::Int8 { q, scales, .. } => t(q) + t(scales),
+            Store::Blocks { data, .. } => t(data),
         }
     }
 
@@ -148,6 +265,7 @@ impl Linear {
         match &self.store {
             Store::Dense { fast, .. } => *fast,
             Store::Int8 { q, .. } => q.device() == Device::Cpu,
+            Store::Blocks { .. } => true,
         }
     }
 
@@ -185,6 +303,9 @@ impl Linear {
                         row.iter_mut().zip(scales_f32).for_each(|(y, s)| *y *= s);
                     }
                 }
+                Store::Blocks { .. } => {
+                    blockq::gemv_blocks(pool(), self.blocks().expect("block store"), x, y)
+                }
             }
         }
         if let Some(b) = &self.bias_f32 {
@@ -221,6 +342,7 @@ impl Linear {
         let tileable = match &self.store {
             Store::Dense { weight, .. } => weight.kind() == Kind::Float,
             Store::Int8 { .. } => true,
+            Store::Blocks { .. } => false,
         };
         rows <= Self::TILED_BATCH && tileable && llmos_kernels::cpu::gemv::tiles_available()
     }
@@ -240,6 +362,24 @@ impl Linear {
                     None => y,
                 }
             }
+            Store::Blocks { .. } => {
+                let w = self.dequantized(x.kind());
+                x.linear(&w, self.bias.as_ref().map(|b| b.to_kind(x.kind())).as_ref())
+            }
+        }
+    }
+
+    /// A block weight dequantized to `kind` (for a prompt's product).
+    fn dequantized(&self, kind: Kind) -> Tensor {
+        let b = self.blocks().expect("block store");
+        let w = Tensor::empty([self.out_f, self.in_f], (Kind::Float, Device::Cpu));
+        // SAFETY: `w` is a fresh contiguous f32 tensor of rows x cols.
+        let out = unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, b.rows * b.cols) };
+        blockq::dequantize_rows(pool(), b, out);
+        if kind == Kind::Float {
+            w
+        } else {
+            w.to_kind(kind)
         }
     }
 
@@ -269,6 +409,11 @@ impl Linear {
         }
         y
     }
+}
+
+/// `bytes` as a CPU uint8 tensor of `rows` rows.
+pub(super) fn bytes_tensor(bytes: &[u8], rows: i64) -> Tensor {
+    Tensor::from_slice(bytes).view([rows, -1])
 }
 
 #[cfg(test)]

@@ -307,15 +307,32 @@ impl Llama {
         }
         let (final_norm, head) = if shard.head {
             let norm = RmsNorm::new(ld.get(WeightKey::FinalNorm)?, cfg.rms_norm_eps);
-            let head = if tied {
-                embed
-                    .as_ref()
-                    .expect("loaded for the tied head")
-                    .shallow_clone()
-            } else {
-                ld.get(WeightKey::LmHead)?
+            let key = if tied { WeightKey::Embed } else { WeightKey::LmHead };
+            // `file` keeps the head in the file's blocks too (the embedding
+            // stays dense for its lookups).
+            let kept = match opts.quantization {
+                Quantization::File if opts.device == Device::Cpu => {
+                    ld.blocks(key, None)?.filter(|b| opts.quantization.keeps(b.ty))
+                }
+                _ => None,
             };
-            (Some(norm), Some(Linear::new(head, None)))
+            let head = if let Some(b) = kept {
+                if !tied {
+                    ld.count(1);
+                }
+                Linear::from_blocks(b.ty, b.data, b.cols, None)?
+            } else if tied {
+                Linear::new(
+                    embed
+                        .as_ref()
+                        .expect("loaded for the tied head")
+                        .shallow_clone(),
+                    None,
+                )
+            } else {
+                Linear::new(ld.get(WeightKey::LmHead)?, None)
+            };
+            (Some(norm), Some(head))
         } else {
             (None, None)
         };
@@ -325,7 +342,9 @@ impl Llama {
             // A tied head is the embedding: let go of the embedding's handle
             // so the original is released as soon as it is copied, then
             // read the embedding from the head's copy.
-            let shared = tied && head.is_some() && embed.is_some();
+            let shared = tied
+                && embed.is_some()
+                && head.as_ref().is_some_and(|h| h.dense_weight().is_some());
             if shared {
                 embed = None;
             }
@@ -425,11 +444,31 @@ impl Llama {
         }
         n += self.final_norm.as_ref().map_or(0, |f| t(&f.weight));
         if let Some(h) = &self.head {
-            if !(self.cfg.tie_embeddings && self.embed.is_some()) {
+            if !self.head_is_embedding() {
                 n += h.bytes();
             }
         }
         n
+    }
+
+    /// Whether the head's weight is the embedding tensor itself (a tied
+    /// head kept dense), counted once.
+    fn head_is_embedding(&self) -> bool {
+        match (&self.embed, self.head.as_ref().and_then(|h| h.dense_weight())) {
+            (Some(e), Some(h)) => e.data_ptr() == h.data_ptr(),
+            _ => false,
+        }
+    }
+
+    /// Bytes of weights one decoded token reads: `weight_bytes` less an
+    /// embedding the head does not share (a decode step reads one of its
+    /// rows).
+    pub fn decode_bytes(&self) -> usize {
+        let e = match &self.embed {
+            Some(e) if !self.head_is_embedding() => e.numel() * e.kind().elt_size_in_bytes(),
+            _ => 0,
+        };
+        self.weight_bytes() - e
     }
 
     /// Token ids `[b, t]` to embeddings `[b, t, hidden]` (first stage only).

@@ -20,7 +20,7 @@ use llmos_meta::{Slice, WeightKey};
 use tch::Tensor;
 
 use super::linear::{Linear, Quantization};
-use super::weights::Loader;
+use super::weights::{LoadedBlocks, Loader};
 use super::{ModelError, Result};
 use crate::comm::Collective;
 
@@ -46,10 +46,15 @@ impl ColumnParallel {
                 len: r.len(),
             })
         };
-        let weights = parts
-            .iter()
-            .map(|(k, r)| ld.get_part(*k, rows(r, 0)))
-            .collect::<Result<Vec<_>>>()?;
+        let slices: Vec<_> = parts.iter().map(|(k, r)| (*k, rows(r, 0))).collect();
+        let kept = kept_blocks(ld, &slices, quant)?;
+        let weights = match kept {
+            Some(_) => Vec::new(),
+            None => slices
+                .iter()
+                .map(|(k, s)| ld.get_part(*k, *s))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let bias = match bias {
             Some(keys) => {
                 if keys.len() != parts.len() {
@@ -69,14 +74,43 @@ impl ColumnParallel {
             }
             None => None,
         };
-        Ok(ColumnParallel {
-            linear: Linear::with(Tensor::cat(&weights, 0), bias, quant)?,
-        })
+        let linear = match kept {
+            Some(b) => Linear::from_blocks(b.ty, b.data, b.cols, bias)?,
+            None => Linear::with(Tensor::cat(&weights, 0), bias, quant)?,
+        };
+        Ok(ColumnParallel { linear })
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         self.linear.forward(x)
     }
+}
+
+/// `parts` (fused in this order) as the file's blocks, when `quant` keeps
+/// them all as stored (one block type, rows of the same length); `None`
+/// to load them dense (quantized at load where `quant` asks).
+pub(super) fn kept_blocks(
+    ld: &mut Loader<'_>,
+    parts: &[(WeightKey, Option<Slice>)],
+    quant: Quantization,
+) -> Result<Option<LoadedBlocks>> {
+    if !matches!(quant, Quantization::Blocks(_) | Quantization::File) {
+        return Ok(None);
+    }
+    let mut got = Vec::with_capacity(parts.len());
+    for (k, s) in parts {
+        match ld.blocks(*k, *s)? {
+            Some(b) if quant.keeps(b.ty) => got.push(b),
+            _ => return Ok(None),
+        }
+    }
+    let (ty, cols) = (got[0].ty, got[0].cols);
+    if got.iter().any(|b| b.ty != ty || b.cols != cols) {
+        return Ok(None);
+    }
+    ld.count(got.len());
+    let data = Tensor::cat(&got.iter().map(|b| &b.data).collect::<Vec<_>>(), 0);
+    Ok(Some(LoadedBlocks { ty, data, cols }))
 }
 
 /// Where a row-parallel output's partial sums are completed.
@@ -114,9 +148,12 @@ impl RowParallel {
             start: r.start,
             len: r.len(),
         });
-        let weight = ld.get_part(key, part)?;
+        let linear = match kept_blocks(ld, &[(key, part)], quant)? {
+            Some(b) => Linear::from_blocks(b.ty, b.data, b.cols, None)?,
+            None => Linear::with(ld.get_part(key, part)?, None, quant)?,
+        };
         Ok(RowParallel {
-            linear: Linear::with(weight, None, quant)?,
+            linear,
             reduction: match split {
                 Some((rank, size)) if size > 1 => Reduction::Unlinked { rank, size },
                 _ => Reduction::Whole,

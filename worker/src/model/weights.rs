@@ -102,6 +102,55 @@ impl<'a> Loader<'a> {
     }
 }
 
+/// A weight as the file's blocks: `data` is `[rows, row bytes]` uint8.
+pub struct LoadedBlocks {
+    pub ty: llmos_meta::quant::GgmlType,
+    pub data: Tensor,
+    pub cols: usize,
+}
+
+impl Loader<'_> {
+    /// `part` of a weight in the file's own block quantization, uncounted
+    /// (`count` it once used); `None` for synthetic weights and weights
+    /// not stored in blocks the kernels read.
+    pub fn blocks(&mut self, key: WeightKey, part: Option<Slice>) -> Result<Option<LoadedBlocks>> {
+        let Some(src) = self.src else {
+            return Ok(None);
+        };
+        let Some(b) = src.load_blocks(key, part)? else {
+            return Ok(None);
+        };
+        if !llmos_kernels::cpu::quant::is_block_type(b.ty) {
+            return Ok(None);
+        }
+        let mut expected = key.expected_shape(self.cfg);
+        if let Some(s) = part {
+            expected[s.dim] = s.len;
+        }
+        if expected != [b.rows, b.cols] {
+            return Err(llmos_meta::MetaError::ShapeMismatch {
+                path: src.origin().to_path_buf(),
+                tensor: format!("{key:?}"),
+                expected,
+                found: vec![b.rows, b.cols],
+            }
+            .into());
+        }
+        let data = Tensor::from_slice(&b.bytes[..]).view([b.rows as i64, -1]);
+        Ok(Some(LoadedBlocks {
+            ty: b.ty,
+            data,
+            cols: b.cols,
+        }))
+    }
+
+    /// Counts `n` weights loaded through `blocks`.
+    pub fn count(&mut self, n: usize) {
+        self.done += n;
+        (self.progress)(self.done, self.total);
+    }
+}
+
 /// A synthetic weight: norms are ones; everything else uniform with standard
 /// deviation 0.02, each element a hash of (seed, weight name, index). So a
 /// weight is the same whichever shard loads it, in whatever order, however

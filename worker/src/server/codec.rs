@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use llmos_meta::quant::GgmlType;
 use llmos_meta::request::SamplingParams;
 use llmos_meta::serving::{DEFAULT_BLOCK_SIZE, DEFAULT_KV_BLOCKS};
 use llmos_proto::worker::v1 as pb;
@@ -145,6 +146,10 @@ pub fn shard_config(spec: &pb::ShardSpec) -> Result<ShardConfig> {
     };
     let quantization = match pb::Quantization::try_from(spec.quantization) {
         Ok(pb::Quantization::Int8) => Quantization::Int8,
+        Ok(pb::Quantization::Q80) => Quantization::Blocks(GgmlType::Q8_0),
+        Ok(pb::Quantization::Q40) => Quantization::Blocks(GgmlType::Q4_0),
+        Ok(pb::Quantization::Q41) => Quantization::Blocks(GgmlType::Q4_1),
+        Ok(pb::Quantization::File) => Quantization::File,
         Ok(pb::Quantization::Unspecified) => Quantization::None,
         Err(_) => {
             return Err(WireError(format!(
@@ -205,6 +210,10 @@ pub fn shard_spec(c: &ShardConfig) -> pb::ShardSpec {
         quantization: match c.quantization {
             Quantization::None => pb::Quantization::Unspecified,
             Quantization::Int8 => pb::Quantization::Int8,
+            Quantization::Blocks(GgmlType::Q8_0) => pb::Quantization::Q80,
+            Quantization::Blocks(GgmlType::Q4_0) => pb::Quantization::Q40,
+            Quantization::Blocks(_) => pb::Quantization::Q41,
+            Quantization::File => pb::Quantization::File,
         } as i32,
         prev_link: c.prev_link.as_ref().map(link_to_wire),
         next_link: c.next_link.as_ref().map(link_to_wire),

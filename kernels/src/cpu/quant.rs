@@ -1,0 +1,498 @@
+//! Products with GGUF block-quantized weights kept in their blocks (Q8_0,
+//! Q4_0, Q4_1; formats in `llmos_meta::quant`): decode reads a quarter
+//! (Q4) or a half (Q8) of the bytes of bf16 weights, and decode is bound by
+//! the bytes it reads.
+//!
+//! Each block is dequantized in registers and multiplied with f32
+//! activations, accumulating in f32: the result is the product with the
+//! dequantized weight (`llmos_meta::quant::dequantize_into`) up to
+//! summation order. The activations are not quantized (llama.cpp rounds
+//! them to 8 bits for its integer dot products; we keep the dequantized
+//! model's exact logits). For Q4 blocks `w = q·d + m` (Q4_0: `m = -8d`), so
+//! a block's share of a dot product is `d·Σ q·x + m·Σ x`; the per-block
+//! sums of `x` are computed once per product.
+//!
+//! One activation row (decode) takes the fused bodies; a few rows
+//! dequantize each weight row once into a buffer and take the f32 dot
+//! product per activation row; prompts dequantize whole weights
+//! ([`dequantize_rows`]) for a general matrix product. Bodies: portable,
+//! AVX2/FMA/F16C and AVX-512, chosen per machine by `calibrate::choice`.
+
+use llmos_meta::quant::{dequantize_into, GgmlType};
+
+use crate::cpu::calibrate::{self, Body};
+use crate::cpu::gemv::WeightElem;
+use crate::cpu::spin_pool::{SharedSlot, SpinPool};
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+
+/// A `rows x cols` weight of block-quantized rows, each `cols / 32`
+/// blocks of `ty`.
+#[derive(Clone, Copy, Debug)]
+pub struct Blocks<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Whether products read `ty` in its blocks.
+pub fn is_block_type(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+}
+
+impl<'a> Blocks<'a> {
+    /// Checks the type, that rows are whole blocks and that `data` holds
+    /// exactly `rows` of them; the error names what differs.
+    pub fn new(ty: GgmlType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, String> {
+        if !is_block_type(ty) {
+            return Err(format!(
+                "{ty:?} is not a block type the kernels read (Q8_0, Q4_0, Q4_1)"
+            ));
+        }
+        if cols == 0 || cols % BLOCK != 0 {
+            return Err(format!(
+                "{cols} columns are not whole {BLOCK}-weight blocks"
+            ));
+        }
+        let want = rows * row_bytes(ty, cols);
+        if data.len() != want {
+            return Err(format!(
+                "{} bytes for {rows} x {cols} {ty:?} weights (expected {want})",
+                data.len()
+            ));
+        }
+        Ok(Blocks {
+            ty,
+            data,
+            rows,
+            cols,
+        })
+    }
+
+    fn row_bytes(&self) -> usize {
+        row_bytes(self.ty, self.cols)
+    }
+
+    fn row(&self, r: usize) -> &'a [u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+}
+
+/// Bytes of one row of `cols` weights of block type `ty`.
+pub fn row_bytes(ty: GgmlType, cols: usize) -> usize {
+    cols / ty.block_size() * ty.block_bytes()
+}
+
+/// What the two f16 at the start of each block are multiplied by to give
+/// the block's `m·Σ x` term, interleaved as the blocks hold them: Q4_1
+/// `[0, Σx]` (`d`, `m`), Q4_0 `[-8·Σx, 0]` (`m = -8d`); empty for Q8_0.
+fn scale_weights(ty: GgmlType, x: &[f32]) -> Vec<f32> {
+    let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
+    match ty {
+        GgmlType::Q4_1 => sums.flat_map(|s| [0.0, s]).collect(),
+        GgmlType::Q4_0 => sums.flat_map(|s| [-8.0 * s, 0.0]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `w_row · x` with the chosen body (`xs`: `scale_weights(x)`).
+fn dot(body: Body, ty: GgmlType, row: &[u8], x: &[f32], xs: &[f32]) -> f32 {
+    debug_assert_eq!(row.len(), row_bytes(ty, x.len()));
+    let nb = x.len() / BLOCK;
+    match body {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the body is only chosen where the CPU has its features;
+        // `row` holds `nb` blocks of `ty`, `x` `nb * 32` values and `xs`
+        // `2 * nb` scale weights (Q4; unread for Q8_0).
+        Body::Avx2 => unsafe {
+            match ty {
+                GgmlType::Q8_0 => x86::dot_q8_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+                _ => x86::dot_q4_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Body::Avx512 => unsafe {
+            match ty {
+                GgmlType::Q8_0 => x86::dot_q8_avx512(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+                _ => x86::dot_q4_avx512(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+            }
+        },
+        _ => {
+            let mut w = [0f32; BLOCK];
+            let bb = ty.block_bytes();
+            row.chunks_exact(bb)
+                .zip(x.chunks_exact(BLOCK))
+                .map(|(b, xb)| {
+                    dequantize_into(ty, b, &mut w);
+                    w.iter().zip(xb).map(|(a, b)| a * b).sum::<f32>()
+                })
+                .sum()
+        }
+    }
+}
+
+/// Dequantizes one row into `out` (`cols` values) with the chosen body.
+fn dequantize_row(body: Body, ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    match body {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the body's features are present (AVX-512 implies the
+        // AVX2 set); `row` holds `out.len() / 32` blocks.
+        Body::Avx2 | Body::Avx512 => unsafe {
+            x86::dequantize_avx2(ty, row.as_ptr(), out.len() / BLOCK, out.as_mut_ptr())
+        },
+        _ => dequantize_into(ty, row, out),
+    }
+}
+
+/// `y[i * rows + r] = w row r · x row i` for the `x.len() / cols`
+/// activation rows of `x`, across `pool`.
+pub fn gemv_blocks(pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
+    gemv_blocks_with(calibrate::choice().blocks, pool, w, x, y)
+}
+
+/// `gemv_blocks` with a given body (tests and the calibration compare
+/// bodies).
+pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
+    let cols = w.cols;
+    assert!(x.len() % cols == 0, "gemv_blocks: x is not b x {cols}");
+    let b = x.len() / cols;
+    assert_eq!(y.len(), b * w.rows, "gemv_blocks: y is not b x rows");
+    if b == 0 {
+        return;
+    }
+    let sums: Vec<Vec<f32>> = x.chunks_exact(cols).map(|r| scale_weights(w.ty, r)).collect();
+    let out = SharedSlot(y.as_mut_ptr());
+    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
+    pool.run(w.rows.div_ceil(per_task), &|task| {
+        let first = task * per_task;
+        let end = (first + per_task).min(w.rows);
+        if b == 1 {
+            for r in first..end {
+                let v = dot(body, w.ty, w.row(r), x, &sums[0]);
+                // SAFETY: row `r` is this task's.
+                unsafe { *out.at(r) = v };
+            }
+            return;
+        }
+        // Several activation rows: each weight row dequantized once.
+        let mut buf = vec![0f32; cols];
+        for r in first..end {
+            dequantize_row(body, w.ty, w.row(r), &mut buf);
+            for i in 0..b {
+                let v = <f32 as WeightElem>::dot(&buf, &x[i * cols..(i + 1) * cols]);
+                // SAFETY: `(i, r)` is in bounds and row `r` is this task's.
+                unsafe { *out.at(i * w.rows + r) = v };
+            }
+        }
+    });
+}
+
+/// The whole weight as f32 (`rows * cols` values), rows split across
+/// `pool`: what a prompt's matrix product reads.
+pub fn dequantize_rows(pool: &SpinPool, w: Blocks<'_>, out: &mut [f32]) {
+    assert_eq!(out.len(), w.rows * w.cols, "dequantize_rows: out is not rows x cols");
+    let body = calibrate::choice().blocks;
+    let slot = SharedSlot(out.as_mut_ptr());
+    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
+    pool.run(w.rows.div_ceil(per_task), &|task| {
+        for r in task * per_task..((task + 1) * per_task).min(w.rows) {
+            // SAFETY: row `r` of `out` is this task's alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(slot.at(r * w.cols), w.cols) };
+            dequantize_row(body, w.ty, w.row(r), o);
+        }
+    });
+}
+
+/// `dot` of every row once, single-threaded: what the calibration times.
+pub(crate) fn sweep(body: Body, w: Blocks<'_>, x: &[f32]) -> f32 {
+    let xs = scale_weights(w.ty, x);
+    (0..w.rows).map(|r| dot(body, w.ty, w.row(r), x, &xs)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use llmos_meta::quant::GgmlType;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// The 32 nibbles of a Q4 block at `q` as four 8-lane f32 vectors
+    /// (weights 0-7, 8-15 from the low nibbles, 16-23, 24-31 from the high).
+    /// (Macros, not closures or helper functions: those would not inherit
+    /// the caller's target features and the intrinsics would become calls.)
+    macro_rules! nibbles8 {
+        ($q:expr) => {{
+            let mask = _mm_set1_epi8(0x0f);
+            let qs = _mm_loadu_si128($q as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            [
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))),
+            ]
+        }};
+    }
+
+    /// Eight signed bytes at `q` as an 8-lane f32 vector.
+    macro_rules! bytes8 {
+        ($q:expr) => {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($q as *const __m128i)))
+        };
+    }
+
+    /// The f16 at `p` as f32.
+    macro_rules! f16_at {
+        ($p:expr) => {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                ($p as *const u16).read_unaligned() as i32,
+            )))
+        };
+    }
+
+    /// The first 4 bytes of 8 blocks `bb` bytes apart from `p` (the f16
+    /// `d`, and `m` in Q4_1) as 16 f32 at `out`: `[d0, m0, d1, m1, ..]`;
+    /// `$keep_m` false zeroes the odd entries (not a scale outside Q4_1).
+    macro_rules! scales8 {
+        ($p:expr, $idx:expr, $keep_m:expr, $out:expr) => {{
+            let mut g = _mm256_i32gather_epi32::<1>($p as *const i32, $idx);
+            if !$keep_m {
+                g = _mm256_and_si256(g, _mm256_set1_epi32(0xffff));
+            }
+            _mm256_storeu_ps($out, _mm256_cvtph_ps(_mm256_castsi256_si128(g)));
+            _mm256_storeu_ps($out.add(8), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(g)));
+        }};
+    }
+
+    /// Byte offsets of 8 consecutive blocks of `bb` bytes.
+    macro_rules! offsets8 {
+        ($bb:expr) => {
+            _mm256_mullo_epi32(
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                _mm256_set1_epi32($bb as i32),
+            )
+        };
+    }
+
+    /// Block layout: bytes per block, offset of the weights, whether the
+    /// second f16 is `m`.
+    fn layout(ty: GgmlType) -> (usize, usize, bool) {
+        match ty {
+            GgmlType::Q4_1 => (20, 4, true),
+            GgmlType::Q4_0 => (18, 2, false),
+            _ => (34, 2, false),
+        }
+    }
+
+    /// One block's `d·Σ q·x` as a vector (`$w`: the block's dequantized
+    /// integer weights against `$xb`) is added by the callers; these are
+    /// the per-block weight vectors of each type and width.
+    macro_rules! q4_sum8 {
+        ($p:expr, $xb:expr) => {{
+            let w = nibbles8!($p);
+            let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps($xb));
+            s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps($xb.add(8)), s);
+            s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps($xb.add(16)), s);
+            _mm256_fmadd_ps(w[3], _mm256_loadu_ps($xb.add(24)), s)
+        }};
+    }
+    macro_rules! q8_sum8 {
+        ($q:expr, $xb:expr) => {{
+            let mut s = _mm256_mul_ps(bytes8!($q), _mm256_loadu_ps($xb));
+            s = _mm256_fmadd_ps(bytes8!($q.add(8)), _mm256_loadu_ps($xb.add(8)), s);
+            s = _mm256_fmadd_ps(bytes8!($q.add(16)), _mm256_loadu_ps($xb.add(16)), s);
+            _mm256_fmadd_ps(bytes8!($q.add(24)), _mm256_loadu_ps($xb.add(24)), s)
+        }};
+    }
+    macro_rules! q4_sum16 {
+        ($p:expr, $xb:expr) => {{
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128($p as *const __m128i));
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0f)));
+            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q));
+            _mm512_fmadd_ps(hi, _mm512_loadu_ps($xb.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps($xb)))
+        }};
+    }
+    macro_rules! q8_sum16 {
+        ($q:expr, $xb:expr) => {{
+            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128($q as *const __m128i)));
+            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128($q.add(16) as *const __m128i)));
+            _mm512_fmadd_ps(w1, _mm512_loadu_ps($xb.add(16)), _mm512_mul_ps(w0, _mm512_loadu_ps($xb)))
+        }};
+    }
+
+    /// A row · x body: `$vec` the vector type, `$zero`/`$set1`/`$fma`/
+    /// `$reduce` its operations, `$sum` the per-block product macro.
+    /// Scales are read 8 blocks at a time (one gather, two conversions);
+    /// the `m` terms of 8 blocks are one product with `sw` (see
+    /// `scale_weights`); the blocks after the last 8 take scalar scales.
+    macro_rules! dot_body {
+        ($name:ident, $feat:literal, $zero:ident, $set1:ident, $fma:ident, $add:ident, $reduce:ident, $sum:ident, $q4:literal) => {
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(ty: GgmlType, row: *const u8, nb: usize, x: *const f32, sw: *const f32) -> f32 {
+                let (bb, qo, q4_1) = layout(ty);
+                let idx = offsets8!(bb);
+                let mut acc = [$zero(); 2];
+                let mut macc = _mm256_setzero_ps();
+                let mut dm = [0f32; 16];
+                let full = nb / 8 * 8;
+                let mut b = 0;
+                while b < full {
+                    scales8!(row.add(b * bb), idx, q4_1, dm.as_mut_ptr());
+                    if $q4 {
+                        macc = _mm256_fmadd_ps(_mm256_loadu_ps(dm.as_ptr()), _mm256_loadu_ps(sw.add(2 * b)), macc);
+                        macc = _mm256_fmadd_ps(_mm256_loadu_ps(dm.as_ptr().add(8)), _mm256_loadu_ps(sw.add(2 * b + 8)), macc);
+                    }
+                    for k in 0..8 {
+                        let p = row.add((b + k) * bb + qo);
+                        let s = $sum!(p, x.add((b + k) * 32));
+                        acc[k & 1] = $fma($set1(dm[2 * k]), s, acc[k & 1]);
+                    }
+                    b += 8;
+                }
+                let mut tail = 0f32;
+                while b < nb {
+                    let p = row.add(b * bb);
+                    let d = f16_at!(p);
+                    let s = $sum!(p.add(qo), x.add(b * 32));
+                    acc[0] = $fma($set1(d), s, acc[0]);
+                    if $q4 {
+                        let m = if q4_1 { f16_at!(p.add(2)) } else { 0.0 };
+                        tail += d * *sw.add(2 * b) + m * *sw.add(2 * b + 1);
+                    }
+                    b += 1;
+                }
+                $reduce($add(acc[0], acc[1])) + hsum(macc) + tail
+            }
+        };
+    }
+
+    dot_body!(dot_q4_avx2, "avx2,fma,f16c", _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum, q4_sum8, true);
+    dot_body!(dot_q8_avx2, "avx2,fma,f16c", _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum, q8_sum8, false);
+    dot_body!(dot_q4_avx512, "avx512f,avx2,fma,f16c", _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, q4_sum16, true);
+    dot_body!(dot_q8_avx512, "avx512f,avx2,fma,f16c", _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, q8_sum16, false);
+
+    /// `nb` blocks of `ty` at `row` dequantized to `out`, 8 lanes a step.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize_avx2(ty: GgmlType, row: *const u8, nb: usize, out: *mut f32) {
+        for b in 0..nb {
+            let o = out.add(b * 32);
+            match ty {
+                GgmlType::Q8_0 => {
+                    let p = row.add(b * 34);
+                    let d = _mm256_set1_ps(f16_at!(p));
+                    for k in 0..4 {
+                        _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(bytes8!(p.add(2 + 8 * k)), d));
+                    }
+                }
+                // Rounded as the reference rounds: Q4_1 `q·d + m` (two
+                // roundings, not fused), Q4_0 `(q - 8)·d` (the difference
+                // is exact).
+                GgmlType::Q4_1 => {
+                    let p = row.add(b * 20);
+                    let (d, m) = (_mm256_set1_ps(f16_at!(p)), _mm256_set1_ps(f16_at!(p.add(2))));
+                    for (k, w) in nibbles8!(p.add(4)).into_iter().enumerate() {
+                        _mm256_storeu_ps(o.add(8 * k), _mm256_add_ps(_mm256_mul_ps(w, d), m));
+                    }
+                }
+                _ => {
+                    let p = row.add(b * 18);
+                    let (d, eight) = (_mm256_set1_ps(f16_at!(p)), _mm256_set1_ps(8.0));
+                    for (k, w) in nibbles8!(p.add(2)).into_iter().enumerate() {
+                        _mm256_storeu_ps(o.add(8 * k), _mm256_mul_ps(_mm256_sub_ps(w, eight), d));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmos_meta::quant::quantize;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every available body, one activation row and several, equals the
+    /// product with the dequantized weight (the reference llmos loads when
+    /// it does not keep blocks), for each block type, including a row
+    /// count that does not divide into the pool's tasks.
+    #[test]
+    fn block_products_equal_the_dequantized_product() {
+        let pool = SpinPool::new(2);
+        // 8 blocks a row (one group of scales), 11 (a group and a tail).
+        for (ty, cols) in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1]
+            .into_iter()
+            .flat_map(|t| [(t, 256), (t, 352)])
+        {
+            let rows = 67;
+            let data = quantize(ty, &values(rows * cols, 7));
+            let w = Blocks::new(ty, &data, rows, cols).unwrap();
+            let mut deq = vec![0f32; rows * cols];
+            dequantize_into(ty, &data, &mut deq);
+            for b in [1usize, 3] {
+                let x = values(b * cols, 99);
+                let want: Vec<f32> = (0..b)
+                    .flat_map(|i| {
+                        let (x, deq) = (&x, &deq);
+                        (0..rows).map(move |r| {
+                            let xr = &x[i * cols..(i + 1) * cols];
+                            let wr = &deq[r * cols..(r + 1) * cols];
+                            wr.iter().zip(xr).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32
+                        })
+                    })
+                    .collect();
+                for body in calibrate::available() {
+                    let mut y = vec![0f32; b * rows];
+                    gemv_blocks_with(body, &pool, w, &x, &mut y);
+                    for (k, (g, e)) in y.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{ty:?} {body:?} cols={cols} b={b} out {k}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+            // The SIMD dequantization equals the reference exactly.
+            let mut got = vec![0f32; rows * cols];
+            dequantize_rows(&pool, w, &mut got);
+            assert_eq!(got, deq, "{ty:?} dequantize_rows");
+        }
+        for body in [Body::Avx2, Body::Avx512] {
+            if !calibrate::available().contains(&body) {
+                crate::cpu::skip_line(
+                    "block_products_equal_the_dequantized_product",
+                    &format!("{body:?} body: this CPU lacks its features"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_weights_are_refused_by_what_differs() {
+        let e = Blocks::new(GgmlType::Q4_1, &[0; 40], 1, 48).unwrap_err();
+        assert!(e.contains("48 columns"), "{e}");
+        let e = Blocks::new(GgmlType::Q4_1, &[0; 39], 1, 64).unwrap_err();
+        assert!(e.contains("39 bytes") && e.contains("expected 40"), "{e}");
+        let e = Blocks::new(GgmlType::F32, &[0; 128], 1, 32).unwrap_err();
+        assert!(e.contains("F32"), "{e}");
+    }
+}
