@@ -1,7 +1,9 @@
 """Rewrites a GGUF with every tensor dequantized to F32 or BF16 (same weights,
-same metadata), so peers can be compared at equal precision.
+same metadata), so peers can be compared at equal precision; or with every
+matrix requantized to Q8_0 (from the dequantized values; norms stay F32),
+for a Q8_0 file of the same model.
 
-Usage: convert_gguf.py IN.gguf OUT.gguf f32|bf16
+Usage: convert_gguf.py IN.gguf OUT.gguf f32|bf16|q8_0
 """
 
 import sys
@@ -13,7 +15,8 @@ from gguf.quants import dequantize, quantize
 
 def main():
     src, dst, kind = sys.argv[1:4]
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16}[kind]
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     r = gguf.GGUFReader(src)
     arch = r.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch)
@@ -21,7 +24,7 @@ def main():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         if name == "general.file_type":
-            w.add_file_type(0 if kind == "f32" else 32)
+            w.add_file_type({"f32": 0, "bf16": 32, "q8_0": 7}[kind])
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None

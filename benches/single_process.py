@@ -4,7 +4,16 @@ float32 and bfloat16, with the same thread count, in one run, the engines
 taking turns round by round. Prints every figure (medians over rounds) and
 the ratios.
 
-Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
+With --q4_1/--q8_0, rows for those GGUF files too: llmos executes their
+blocks (`--quantize file`, f32 activations), llama.cpp runs the same file,
+transformers its dequantized f32 weights. Each engine's peak RSS is
+measured in a process of its own (one load and a short run) after the
+rounds. llmos also runs on 1 thread in every round: its decode gain from 1
+to N threads is printed against a plain memory read's (measured by
+`llmos-worker bench`).
+
+Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--q4_1 GGUF] [--q8_0 GGUF]
+                         [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
                          [--baseline OTHER_LLMOS_BIN]
 
 With --baseline, a second llmos binary (e.g. built from an earlier commit)
@@ -32,6 +41,10 @@ p.add_argument("--prompt", type=int, default=512)
 p.add_argument("--decode", type=int, default=128)
 p.add_argument("--repeat", type=int, default=5)
 p.add_argument("--baseline", default=None, help="another llmos-worker binary to compare with")
+p.add_argument("--q4_1", default=None, help="a Q4_1 GGUF of the model")
+p.add_argument("--q8_0", default=None, help="a Q8_0 GGUF of the model")
+p.add_argument("--rss", nargs=3, metavar=("ENGINE", "DTYPE", "GGUF"), default=None,
+               help="(internal) load one peer engine, run it briefly, print its peak RSS in MB")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -55,14 +68,22 @@ def report(engine, dtype, prefill_s, decode_tps):
     }
 
 
-def llmos(dtype, gguf, binary=None):
+# Per row: the dtype llmos and transformers compute in, llmos' --quantize.
+KINDS = {"f32": ("f32", "none"), "bf16": ("bf16", "none"), "q4_1": ("f32", "file"), "q8_0": ("f32", "file")}
+last_llmos = {}
+
+
+def llmos(dtype, gguf, binary=None, threads=None):
     """One run of `llmos-worker bench` (its own warm-up, one timed run)."""
+    compute, quantize = KINDS[dtype]
     out = subprocess.run(
-        [binary or args.llmos_bin, "bench", "--model", gguf, "--dtype", dtype, "--threads", str(args.threads),
+        [binary or args.llmos_bin, "bench", "--model", gguf, "--dtype", compute, "--quantize", quantize,
+         "--threads", str(threads or args.threads),
          "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode), "--repeat", "1"],
         check=True, capture_output=True, text=True,
     ).stdout
     r = json.loads(out.strip().splitlines()[-1])
+    last_llmos[(dtype, threads or args.threads, binary)] = r
     return r["prefill_s"], r["decode_tokens_per_s"]
 
 
@@ -70,7 +91,7 @@ def transformers_engine(dtype, gguf):
     from transformers import AutoModelForCausalLM
 
     d, f = os.path.split(gguf)
-    tdt = torch.float32 if dtype == "f32" else torch.bfloat16
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).to(tdt).eval()
     ids = torch.tensor([prompt_ids(model.config.vocab_size)])
 
@@ -119,10 +140,29 @@ def llama_cpp_engine(dtype, gguf):
 # turns: each round runs every engine once, and each figure is the median
 # over rounds (running one engine's repeats, then the next's, would charge
 # the drift to whichever ran in the slow minutes).
+if args.rss:
+    import resource
+    engine, dtype, gguf = args.rss
+    once = (transformers_engine if engine == "transformers" else llama_cpp_engine)(dtype, gguf)
+    once(16)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    raise SystemExit(0)
+
+
+def peer_rss(engine, dtype, gguf):
+    out = subprocess.run([os.sys.executable, __file__, args.llmos_bin, args.f32_gguf, args.bf16_gguf,
+                          "--threads", str(args.threads), "--prompt", str(args.prompt), "--rss", engine, dtype, gguf],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+files = [("f32", args.f32_gguf), ("bf16", args.bf16_gguf)]
+files += [(k, f) for k, f in (("q4_1", args.q4_1), ("q8_0", args.q8_0)) if f]
 rows = []
-for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
+for dtype, gguf in files:
     engines = {
         "llmos": lambda n, dtype=dtype, gguf=gguf: llmos(dtype, gguf),
+        "llmos 1 thread": lambda n, dtype=dtype, gguf=gguf: llmos(dtype, gguf, threads=1),
         "transformers": transformers_engine(dtype, gguf),
         "llama.cpp": llama_cpp_engine(dtype, gguf),
     }
@@ -137,18 +177,39 @@ for dtype, gguf in (("f32", args.f32_gguf), ("bf16", args.bf16_gguf)):
                            statistics.median(x[1] for x in r)))
     del engines
     gc.collect()
+    for row in rows:
+        if row["dtype"] != dtype:
+            continue
+        if row["engine"] == "llmos":
+            row["peak_rss_mb"] = last_llmos[(dtype, args.threads, None)]["peak_rss_mb"]
+        elif row["engine"] in ("transformers", "llama.cpp"):
+            row["peak_rss_mb"] = peer_rss(row["engine"], dtype, gguf)
 
 print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat} rounds, engines in turn)")
-print(f"{'engine':<15}{'dtype':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}")
+print("(q4_1 / q8_0 rows: llmos executes the file's blocks with f32 activations, llama.cpp the same file, transformers its dequantized f32 weights)")
+print(f"{'engine':<16}{'file':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
 for r in rows:
-    print(f"{r['engine']:<15}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}")
+    rss = f"{r['peak_rss_mb']:>13.0f}" if "peak_rss_mb" in r else f"{'':>13}"
+    print(f"{r['engine']:<16}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{rss}")
 print("\nratios (llmos / peer; >1 means llmos is faster)")
-for dtype in ("f32", "bf16"):
+for dtype, _ in files:
     mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
     for peer in ("transformers", "llama.cpp"):
         o = next(r for r in rows if r["engine"] == peer and r["dtype"] == dtype)
         print(f"  {dtype:<5} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
               f"   prefill {o['prefill_s'] / mine['prefill_s']:.2f}x")
+print(f"\nthread scaling, 1 -> {args.threads} threads (gain = ratio - 1; a plain memory read of 256 MB by `llmos-worker bench`)")
+for dtype, _ in files:
+    one = next(r for r in rows if r["engine"] == "llmos 1 thread" and r["dtype"] == dtype)
+    many = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
+    reads = last_llmos[(dtype, args.threads, None)]["memory_read_gb_per_s"]
+    r1, rn = reads["1"], reads[str(args.threads)]
+    dg = many["decode_tokens_per_s"] / one["decode_tokens_per_s"] - 1
+    mg = rn / r1 - 1
+    print(f"  {dtype:<5} decode {one['decode_tokens_per_s']:.1f} -> {many['decode_tokens_per_s']:.1f} tok/s (gain {dg * 100:+.0f}%);"
+          f" memory read {r1:.1f} -> {rn:.1f} GB/s (gain {mg * 100:+.0f}%); decode gain / read gain {dg / mg if mg > 0 else float('nan'):.2f}")
+k = last_llmos[("f32", args.threads, None)]["cpu_kernels"]
+print(f"\nkernel bodies chosen by calibration: blocks {k['blocks']}, bf16 {k['bf16']}; rates GB/s {k['calibration_gb_per_s']}")
 if args.baseline:
     print(f"\nagainst the baseline binary {args.baseline} (llmos / baseline; >1 means faster now)")
     for dtype in ("f32", "bf16"):

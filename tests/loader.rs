@@ -149,12 +149,16 @@ struct Fixture {
 }
 
 fn load(path: &Path) -> Result<TestModel, String> {
+    load_with(path, llmos_worker::Quantization::None)
+}
+
+fn load_with(path: &Path, quantization: llmos_worker::Quantization) -> Result<TestModel, String> {
     let spec = ModelSpec::parse(path.to_str().unwrap()).map_err(|e| e.to_string())?;
     let opts = LoadOptions {
         kind: Kind::Float,
         device: Device::Cpu,
         seed: 0,
-        ..Default::default()
+        quantization,
     };
     try_load(&spec, &opts)
 }
@@ -208,6 +212,20 @@ fn every_supported_gguf_tensor_type_loads_exactly() {
             max_abs_diff(&got, &plain) > 1e-5,
             "{ty:?}: identical to unquantized weights"
         );
+        // Block types also execute in their blocks (`file`): the prompt and
+        // one-token decode steps give the same logits.
+        if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_1 | GgmlType::Q4_0) {
+            let path = dir.path().join(format!("{ty:?}.gguf"));
+            let kept = load_with(&path, llmos_worker::Quantization::File).unwrap();
+            assert!(
+                kept.model.weight_bytes() < typed.model.weight_bytes(),
+                "{ty:?}: the blocks were not kept"
+            );
+            let d = max_abs_diff(&all_logits(&kept, &ids), &got);
+            assert!(d < 1e-4, "{ty:?} kept in blocks, prompt: {d}");
+            let d = max_abs_diff(&llmos_tests::chunked_logits(&kept, &ids, 1), &got);
+            assert!(d < 1e-4, "{ty:?} kept in blocks, steps: {d}");
+        }
     }
 }
 

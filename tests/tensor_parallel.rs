@@ -16,7 +16,7 @@ use tch::Kind;
 /// tp=2, pp=2 x tp=2 (relayed, and over TCP pipeline links), and tp=4 (more
 /// ranks than the model's 2 KV heads) on the tiny model, and SmolLM2 from
 /// its Q4_1 GGUF over tp=3 (each rank dequantizing only its rows and
-/// columns) and over 3 linked stages (the middle one receives and sends):
+/// columns; and again keeping the file's blocks) and over 3 linked stages (the middle one receives and sends):
 /// greedy tokens equal the single process, alone and batched, and linked
 /// stages' hidden states went over their links. A model that cannot be
 /// split is refused with the numbers.
@@ -152,6 +152,26 @@ async fn tensor_parallel_deployments_match_one_process() {
     admin
         .undeploy_model(api::UndeployModelRequest {
             name: "smol-tp3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The same split executing the file's own Q4_1/Q8_0 blocks (each rank
+    // keeps its rows, and its whole blocks of the o/down columns): the
+    // logits stay within ~1e-4 of the dequantized model's, so the greedy
+    // tokens are the same.
+    admin
+        .deploy_model(api::DeployModelRequest {
+            quantization: "file".into(),
+            ..tp_deploy("smol-tp3-q", "smollm2", 1, 3)
+        })
+        .await
+        .unwrap();
+    let got = generated_ids(&mut inference, ids_request("smol-tp3-q", &prompt, 16)).await;
+    assert_eq!(got, want, "SmolLM2 over tp=3 in the file's blocks");
+    admin
+        .undeploy_model(api::UndeployModelRequest {
+            name: "smol-tp3-q".into(),
             ..Default::default()
         })
         .await

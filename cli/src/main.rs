@@ -195,8 +195,11 @@ struct DeployArgs {
     tp: u32,
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Linear weights: none (in --dtype) or int8 (weight-only, one scale
-    /// per output channel; about half the bytes of bf16).
+    /// Linear weights: none (in --dtype); int8 (weight-only, one scale per
+    /// output channel; about half the bytes of bf16); q8_0, q4_0, q4_1
+    /// (GGUF blocks multiplied in their blocks, CPU workers: the file's own
+    /// where it stores them so, else quantized at load); file (every weight
+    /// as the GGUF file quantizes it, the head included).
     #[arg(long, default_value = "none")]
     quantize: String,
     /// KV cache blocks on every stage (0: 1024).

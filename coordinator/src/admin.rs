@@ -138,10 +138,10 @@ impl AdminService {
         };
         let quantization = match r.quantization.as_str() {
             "" | "none" => "none",
-            "int8" => "int8",
+            q @ ("int8" | "q8_0" | "q4_0" | "q4_1" | "file") => q,
             other => {
                 return Err(CoordError::Invalid(format!(
-                    "quantization {other:?} (supported: none, int8)"
+                    "quantization {other:?} (supported: none, int8, q8_0, q4_0, q4_1, file)"
                 )))
             }
         };

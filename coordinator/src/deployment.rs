@@ -104,7 +104,8 @@ pub struct Deployment {
     // --- desired ---
     pub source: String,
     pub dtype: String,
-    /// "none" or "int8" ("" in logs from before quantization: none).
+    /// "none", "int8", "q8_0", "q4_0", "q4_1" or "file" ("" in logs from
+    /// before quantization: none).
     #[serde(default)]
     pub quantization: String,
     #[serde(default)]

@@ -68,6 +68,20 @@ impl ModelShape {
         self
     }
 
+    /// The layers' linear weights in GGUF blocks of `block_bytes` per 32
+    /// weights (norms and biases stay in the dtype); embedding and head
+    /// unchanged.
+    pub fn with_block_layers(
+        mut self,
+        c: &ModelConfig,
+        dtype_bytes: u64,
+        block_bytes: u64,
+    ) -> Self {
+        let p = LayerParams::of(c);
+        self.layer_bytes = (p.linear * block_bytes).div_ceil(32) + p.other * dtype_bytes;
+        self
+    }
+
     /// Bytes a stage holding `layers` layers needs.
     pub fn stage_bytes(&self, layers: u32, first: bool, last: bool) -> u64 {
         let mut b = layers as u64 * self.layer_bytes;

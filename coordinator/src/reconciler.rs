@@ -62,8 +62,15 @@ pub(crate) fn rank_shape(
 ) -> Result<ModelShape, CoordError> {
     let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
     let mut shape = ModelShape::from_config(c, dtype_bytes);
-    if quantization == "int8" {
-        shape = shape.with_int8_layers(c, dtype_bytes);
+    match quantization {
+        "int8" => shape = shape.with_int8_layers(c, dtype_bytes),
+        // GGUF blocks: bytes per 32 weights. `file` is sized as Q8_0, the
+        // largest block type kept (its weights' own types are not known
+        // before a worker reads the file).
+        "q4_0" => shape = shape.with_block_layers(c, dtype_bytes, 18),
+        "q4_1" => shape = shape.with_block_layers(c, dtype_bytes, 20),
+        "q8_0" | "file" => shape = shape.with_block_layers(c, dtype_bytes, 34),
+        _ => {}
     }
     let tp = tp.max(1);
     let split = c.tp_split(0, tp as usize).map_err(CoordError::Invalid)?;

@@ -138,10 +138,13 @@ pub(crate) fn shard_spec(
         embed: s.embed && leader,
         head: s.head && leader,
         dtype: dtype_code(&dep.dtype) as i32,
-        quantization: if dep.quantization == "int8" {
-            wk::Quantization::Int8
-        } else {
-            wk::Quantization::Unspecified
+        quantization: match dep.quantization.as_str() {
+            "int8" => wk::Quantization::Int8,
+            "q8_0" => wk::Quantization::Q80,
+            "q4_0" => wk::Quantization::Q40,
+            "q4_1" => wk::Quantization::Q41,
+            "file" => wk::Quantization::File,
+            _ => wk::Quantization::Unspecified,
         } as i32,
         kv_blocks: v.kv_blocks,
         block_size: v.block_size,

@@ -236,7 +236,11 @@ pub trait WeightSource: Send + Sync {
     /// (Q8_0, Q4_0, Q4_1), not dequantized: `None` when it is not stored
     /// so, or the part is not whole rows or whole blocks of columns (the
     /// caller then loads it dense).
-    fn load_blocks(&self, _key: WeightKey, _part: Option<Slice>) -> Result<Option<BlockTensor<'_>>> {
+    fn load_blocks(
+        &self,
+        _key: WeightKey,
+        _part: Option<Slice>,
+    ) -> Result<Option<BlockTensor<'_>>> {
         Ok(None)
     }
 }
@@ -319,14 +323,20 @@ impl WeightSource for GgufWeights {
         let Some(info) = self.file.tensor(&name) else {
             return Ok(None);
         };
-        if !matches!(info.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) || info.shape.len() != 2 {
+        if !matches!(info.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+            || info.shape.len() != 2
+        {
             return Ok(None);
         }
         let (ty, rows, cols) = (info.ty, info.shape[0], info.shape[1]);
         let (bs, bb) = (ty.block_size(), ty.block_bytes());
         let row_bytes = cols / bs * bb;
         let raw = self.file.tensor_bytes(info);
-        let s = part.unwrap_or(Slice { dim: 0, start: 0, len: rows });
+        let s = part.unwrap_or(Slice {
+            dim: 0,
+            start: 0,
+            len: rows,
+        });
         HostTensor {
             name: name.clone(),
             file: self.file.path().to_path_buf(),
@@ -348,8 +358,21 @@ impl WeightSource for GgufWeights {
         } else {
             return Ok(None);
         };
-        let bytes = self.restore_rows(key, &name, &info.shape, part, rows_out, cols_out / bs * bb, bytes)?;
-        Ok(Some(BlockTensor { ty, rows: rows_out, cols: cols_out, bytes }))
+        let bytes = self.restore_rows(
+            key,
+            &name,
+            &info.shape,
+            part,
+            rows_out,
+            cols_out / bs * bb,
+            bytes,
+        )?;
+        Ok(Some(BlockTensor {
+            ty,
+            rows: rows_out,
+            cols: cols_out,
+            bytes,
+        }))
     }
 }
 

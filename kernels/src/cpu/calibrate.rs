@@ -112,7 +112,10 @@ fn forced(s: &str) -> Choice {
         "avx2" => Body::Avx2,
         "portable" => Body::Portable,
         other => {
-            tracing::warn!(value = other, "LLMOS_CPU_KERNELS is not portable, avx2 or avx512: measuring instead");
+            tracing::warn!(
+                value = other,
+                "LLMOS_CPU_KERNELS is not portable, avx2 or avx512: measuring instead"
+            );
             return measure();
         }
     };
@@ -196,10 +199,19 @@ fn time_bodies(bodies: &[Body], run: impl Fn(Body)) -> Vec<f64> {
 /// The fastest body; a faster wider body must beat the narrower one by 3%
 /// (within the noise the narrower one is kept: it is the one that runs at
 /// full clock everywhere).
-fn pick(bodies: &[Body], best: &[f64], bytes: usize, family: &str, rates: &mut Vec<(String, f64)>) -> Body {
+fn pick(
+    bodies: &[Body],
+    best: &[f64],
+    bytes: usize,
+    family: &str,
+    rates: &mut Vec<(String, f64)>,
+) -> Body {
     let mut chosen = 0;
     for k in 0..bodies.len() {
-        rates.push((format!("{family}/{}", bodies[k].name()), bytes as f64 / best[k] / 1e9));
+        rates.push((
+            format!("{family}/{}", bodies[k].name()),
+            bytes as f64 / best[k] / 1e9,
+        ));
         if best[k] < best[chosen] * 0.97 {
             chosen = k;
         }
@@ -223,7 +235,10 @@ pub fn read_bandwidth(threads: usize, bytes: usize) -> f64 {
                 .chunks(part)
                 .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("reader")).fold(0, u64::wrapping_add)
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("reader"))
+                .fold(0, u64::wrapping_add)
         });
         std::hint::black_box(sum);
         best = best.min(t.elapsed().as_secs_f64());
@@ -243,7 +258,10 @@ mod tests {
         assert!(available_bf16().contains(&c.bf16), "{c:?}");
         if c.forced.is_none() {
             assert_eq!(c.rates.len(), available().len() + available_bf16().len());
-            assert!(c.rates.iter().all(|(_, r)| *r > 0.0 && r.is_finite()), "{c:?}");
+            assert!(
+                c.rates.iter().all(|(_, r)| *r > 0.0 && r.is_finite()),
+                "{c:?}"
+            );
         }
     }
 

@@ -164,7 +164,10 @@ pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y
     if b == 0 {
         return;
     }
-    let sums: Vec<Vec<f32>> = x.chunks_exact(cols).map(|r| scale_weights(w.ty, r)).collect();
+    let sums: Vec<Vec<f32>> = x
+        .chunks_exact(cols)
+        .map(|r| scale_weights(w.ty, r))
+        .collect();
     let out = SharedSlot(y.as_mut_ptr());
     let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
     pool.run(w.rows.div_ceil(per_task), &|task| {
@@ -194,7 +197,11 @@ pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y
 /// The whole weight as f32 (`rows * cols` values), rows split across
 /// `pool`: what a prompt's matrix product reads.
 pub fn dequantize_rows(pool: &SpinPool, w: Blocks<'_>, out: &mut [f32]) {
-    assert_eq!(out.len(), w.rows * w.cols, "dequantize_rows: out is not rows x cols");
+    assert_eq!(
+        out.len(),
+        w.rows * w.cols,
+        "dequantize_rows: out is not rows x cols"
+    );
     let body = calibrate::choice().blocks;
     let slot = SharedSlot(out.as_mut_ptr());
     let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
@@ -271,7 +278,10 @@ mod x86 {
                 g = _mm256_and_si256(g, _mm256_set1_epi32(0xffff));
             }
             _mm256_storeu_ps($out, _mm256_cvtph_ps(_mm256_castsi256_si128(g)));
-            _mm256_storeu_ps($out.add(8), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(g)));
+            _mm256_storeu_ps(
+                $out.add(8),
+                _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(g)),
+            );
         }};
     }
 
@@ -320,14 +330,25 @@ mod x86 {
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128($p as *const __m128i));
             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0f)));
             let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q));
-            _mm512_fmadd_ps(hi, _mm512_loadu_ps($xb.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps($xb)))
+            _mm512_fmadd_ps(
+                hi,
+                _mm512_loadu_ps($xb.add(16)),
+                _mm512_mul_ps(lo, _mm512_loadu_ps($xb)),
+            )
         }};
     }
     macro_rules! q8_sum16 {
         ($q:expr, $xb:expr) => {{
-            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128($q as *const __m128i)));
-            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128($q.add(16) as *const __m128i)));
-            _mm512_fmadd_ps(w1, _mm512_loadu_ps($xb.add(16)), _mm512_mul_ps(w0, _mm512_loadu_ps($xb)))
+            let w0 =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128($q as *const __m128i)));
+            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                $q.add(16) as *const __m128i
+            )));
+            _mm512_fmadd_ps(
+                w1,
+                _mm512_loadu_ps($xb.add(16)),
+                _mm512_mul_ps(w0, _mm512_loadu_ps($xb)),
+            )
         }};
     }
 
@@ -339,7 +360,13 @@ mod x86 {
     macro_rules! dot_body {
         ($name:ident, $feat:literal, $zero:ident, $set1:ident, $fma:ident, $add:ident, $reduce:ident, $sum:ident, $q4:literal) => {
             #[target_feature(enable = $feat)]
-            pub unsafe fn $name(ty: GgmlType, row: *const u8, nb: usize, x: *const f32, sw: *const f32) -> f32 {
+            pub unsafe fn $name(
+                ty: GgmlType,
+                row: *const u8,
+                nb: usize,
+                x: *const f32,
+                sw: *const f32,
+            ) -> f32 {
                 let (bb, qo, q4_1) = layout(ty);
                 let idx = offsets8!(bb);
                 let mut acc = [$zero(); 2];
@@ -350,8 +377,16 @@ mod x86 {
                 while b < full {
                     scales8!(row.add(b * bb), idx, q4_1, dm.as_mut_ptr());
                     if $q4 {
-                        macc = _mm256_fmadd_ps(_mm256_loadu_ps(dm.as_ptr()), _mm256_loadu_ps(sw.add(2 * b)), macc);
-                        macc = _mm256_fmadd_ps(_mm256_loadu_ps(dm.as_ptr().add(8)), _mm256_loadu_ps(sw.add(2 * b + 8)), macc);
+                        macc = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(dm.as_ptr()),
+                            _mm256_loadu_ps(sw.add(2 * b)),
+                            macc,
+                        );
+                        macc = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(dm.as_ptr().add(8)),
+                            _mm256_loadu_ps(sw.add(2 * b + 8)),
+                            macc,
+                        );
                     }
                     for k in 0..8 {
                         let p = row.add((b + k) * bb + qo);
@@ -377,10 +412,50 @@ mod x86 {
         };
     }
 
-    dot_body!(dot_q4_avx2, "avx2,fma,f16c", _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum, q4_sum8, true);
-    dot_body!(dot_q8_avx2, "avx2,fma,f16c", _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum, q8_sum8, false);
-    dot_body!(dot_q4_avx512, "avx512f,avx2,fma,f16c", _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, q4_sum16, true);
-    dot_body!(dot_q8_avx512, "avx512f,avx2,fma,f16c", _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, q8_sum16, false);
+    dot_body!(
+        dot_q4_avx2,
+        "avx2,fma,f16c",
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        hsum,
+        q4_sum8,
+        true
+    );
+    dot_body!(
+        dot_q8_avx2,
+        "avx2,fma,f16c",
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        hsum,
+        q8_sum8,
+        false
+    );
+    dot_body!(
+        dot_q4_avx512,
+        "avx512f,avx2,fma,f16c",
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_reduce_add_ps,
+        q4_sum16,
+        true
+    );
+    dot_body!(
+        dot_q8_avx512,
+        "avx512f,avx2,fma,f16c",
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_reduce_add_ps,
+        q8_sum16,
+        false
+    );
 
     /// `nb` blocks of `ty` at `row` dequantized to `out`, 8 lanes a step.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -400,7 +475,10 @@ mod x86 {
                 // is exact).
                 GgmlType::Q4_1 => {
                     let p = row.add(b * 20);
-                    let (d, m) = (_mm256_set1_ps(f16_at!(p)), _mm256_set1_ps(f16_at!(p.add(2))));
+                    let (d, m) = (
+                        _mm256_set1_ps(f16_at!(p)),
+                        _mm256_set1_ps(f16_at!(p.add(2))),
+                    );
                     for (k, w) in nibbles8!(p.add(4)).into_iter().enumerate() {
                         _mm256_storeu_ps(o.add(8 * k), _mm256_add_ps(_mm256_mul_ps(w, d), m));
                     }
@@ -456,7 +534,10 @@ mod tests {
                         (0..rows).map(move |r| {
                             let xr = &x[i * cols..(i + 1) * cols];
                             let wr = &deq[r * cols..(r + 1) * cols];
-                            wr.iter().zip(xr).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32
+                            wr.iter()
+                                .zip(xr)
+                                .map(|(a, b)| (*a as f64) * (*b as f64))
+                                .sum::<f64>() as f32
                         })
                     })
                     .collect();

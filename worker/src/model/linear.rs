@@ -173,14 +173,22 @@ impl Linear {
 
     /// A weight kept in GGUF blocks: `data` is `[out, row bytes]` uint8
     /// on the CPU, rows of `in_f` weights.
-    pub fn from_blocks(ty: GgmlType, data: Tensor, in_f: usize, bias: Option<Tensor>) -> Result<Self> {
+    pub fn from_blocks(
+        ty: GgmlType,
+        data: Tensor,
+        in_f: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
         let out_f = data.size()[0];
         if data.kind() != Kind::Uint8 || data.device() != Device::Cpu {
-            return Err(ModelError::Invalid("block weights are CPU uint8 tensors".into()));
+            return Err(ModelError::Invalid(
+                "block weights are CPU uint8 tensors".into(),
+            ));
         }
         let data = data.contiguous();
         // SAFETY: a contiguous CPU uint8 tensor of `numel` bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
         Blocks::new(ty, bytes, out_f as usize, in_f).map_err(ModelError::Invalid)?;
         let bias_f32 = bias
             .as_ref()
@@ -209,7 +217,9 @@ impl Linear {
             Store::Blocks { ty, data } => {
                 // SAFETY: checked at construction: a contiguous CPU uint8
                 // tensor, immutable and alive as long as `self`.
-                let bytes = unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel())
+                };
                 Some(Blocks {
                     ty: *ty,
                     data: bytes,
@@ -374,7 +384,8 @@ impl Linear {
         let b = self.blocks().expect("block store");
         let w = Tensor::empty([self.out_f, self.in_f], (Kind::Float, Device::Cpu));
         // SAFETY: `w` is a fresh contiguous f32 tensor of rows x cols.
-        let out = unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, b.rows * b.cols) };
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, b.rows * b.cols) };
         blockq::dequantize_rows(pool(), b, out);
         if kind == Kind::Float {
             w
@@ -457,5 +468,57 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("int8"));
+    }
+
+    /// A dense weight quantized at load to each block type: every path
+    /// (one row and a few through the block kernels, a prompt's
+    /// dequantized product; with a bias; f32 and bf16 activations) equals
+    /// the product with the dequantized weight, and the weight is held in
+    /// its blocks' bytes. Rows that are not whole blocks are refused by
+    /// shape.
+    #[test]
+    fn block_weights_match_the_dequantized_product_on_every_path() {
+        tch::manual_seed(22);
+        let w = Tensor::randn([70, 96], (Kind::Float, Device::Cpu)) * 0.1;
+        let b = Tensor::randn([70], (Kind::Float, Device::Cpu));
+        for (name, ty) in [
+            ("q8_0", GgmlType::Q8_0),
+            ("q4_0", GgmlType::Q4_0),
+            ("q4_1", GgmlType::Q4_1),
+        ] {
+            let q = Quantization::parse(name).unwrap();
+            assert_eq!((q, q.name()), (Quantization::Blocks(ty), name));
+            let lin = Linear::with(w.shallow_clone(), Some(b.shallow_clone()), q).unwrap();
+            assert_eq!(lin.block_type(), Some(ty));
+            assert_eq!(lin.bytes(), 70 * 3 * ty.block_bytes());
+            let values = Vec::<f32>::try_from(w.view([-1])).unwrap();
+            let mut deq = vec![0f32; values.len()];
+            llmos_meta::quant::dequantize_into(
+                ty,
+                &llmos_meta::quant::quantize(ty, &values),
+                &mut deq,
+            );
+            let deq = Tensor::from_slice(&deq).view([70, 96]);
+            for kind in [Kind::Float, Kind::BFloat16] {
+                for rows in [1i64, 5, 40] {
+                    let x = Tensor::randn([rows, 96], (Kind::Float, Device::Cpu)).to_kind(kind);
+                    let want = x.to_kind(Kind::Float).linear(&deq, Some(&b));
+                    let got = lin.forward(&x).to_kind(Kind::Float);
+                    let err = (got - &want).abs().max().double_value(&[]);
+                    let tol = if kind == Kind::Float { 1e-4 } else { 5e-2 };
+                    assert!(err < tol, "{name} {kind:?} rows {rows}: {err}");
+                }
+            }
+        }
+        let e = Linear::with(
+            Tensor::zeros([4, 48], (Kind::Float, Device::Cpu)),
+            None,
+            Quantization::Blocks(GgmlType::Q4_1),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("[4, 48]") && e.contains("q4_1"), "{e}");
+        assert_eq!(Quantization::parse("file").unwrap(), Quantization::File);
     }
 }

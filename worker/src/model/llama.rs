@@ -307,13 +307,17 @@ impl Llama {
         }
         let (final_norm, head) = if shard.head {
             let norm = RmsNorm::new(ld.get(WeightKey::FinalNorm)?, cfg.rms_norm_eps);
-            let key = if tied { WeightKey::Embed } else { WeightKey::LmHead };
+            let key = if tied {
+                WeightKey::Embed
+            } else {
+                WeightKey::LmHead
+            };
             // `file` keeps the head in the file's blocks too (the embedding
             // stays dense for its lookups).
             let kept = match opts.quantization {
-                Quantization::File if opts.device == Device::Cpu => {
-                    ld.blocks(key, None)?.filter(|b| opts.quantization.keeps(b.ty))
-                }
+                Quantization::File if opts.device == Device::Cpu => ld
+                    .blocks(key, None)?
+                    .filter(|b| opts.quantization.keeps(b.ty)),
                 _ => None,
             };
             let head = if let Some(b) = kept {
@@ -454,7 +458,10 @@ impl Llama {
     /// Whether the head's weight is the embedding tensor itself (a tied
     /// head kept dense), counted once.
     fn head_is_embedding(&self) -> bool {
-        match (&self.embed, self.head.as_ref().and_then(|h| h.dense_weight())) {
+        match (
+            &self.embed,
+            self.head.as_ref().and_then(|h| h.dense_weight()),
+        ) {
             (Some(e), Some(h)) => e.data_ptr() == h.data_ptr(),
             _ => false,
         }
