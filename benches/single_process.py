@@ -30,7 +30,6 @@ import subprocess
 import time
 
 import numpy as np
-import torch
 
 p = argparse.ArgumentParser()
 p.add_argument("llmos_bin")
@@ -46,7 +45,6 @@ p.add_argument("--q8_0", default=None, help="a Q8_0 GGUF of the model")
 p.add_argument("--rss", nargs=3, metavar=("ENGINE", "DTYPE", "GGUF"), default=None,
                help="(internal) load one peer engine, run it briefly, print its peak RSS in MB")
 args = p.parse_args()
-torch.set_num_threads(args.threads)
 
 
 def prompt_ids(vocab):
@@ -88,7 +86,11 @@ def llmos(dtype, gguf, binary=None, threads=None):
 
 
 def transformers_engine(dtype, gguf):
+    # Imported here, so a llama.cpp-only process (peak RSS) has no torch.
+    import torch
     from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
 
     d, f = os.path.split(gguf)
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -141,11 +143,14 @@ def llama_cpp_engine(dtype, gguf):
 # over rounds (running one engine's repeats, then the next's, would charge
 # the drift to whichever ran in the slow minutes).
 if args.rss:
-    import resource
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak
+    # across fork and exec into the child's ru_maxrss.
     engine, dtype, gguf = args.rss
     once = (transformers_engine if engine == "transformers" else llama_cpp_engine)(dtype, gguf)
     once(16)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with open("/proc/self/status") as f:
+        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    print(hwm / 1024)
     raise SystemExit(0)
 
 

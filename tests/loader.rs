@@ -159,6 +159,7 @@ fn load_with(path: &Path, quantization: llmos_worker::Quantization) -> Result<Te
         device: Device::Cpu,
         seed: 0,
         quantization,
+        kv_kind: None,
     };
     try_load(&spec, &opts)
 }

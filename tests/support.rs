@@ -118,6 +118,7 @@ pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Tes
         device: Device::Cpu,
         seed: 0,
         quantization,
+        kv_kind: None,
     };
     try_load(&spec, &opts).unwrap()
 }

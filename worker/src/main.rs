@@ -111,6 +111,10 @@ struct ModelArgs {
     /// it, the head included).
     #[arg(long, default_value = "none")]
     quantize: String,
+    /// KV cache dtype: auto (the model's), f32 or bf16 (halves the bytes
+    /// attention reads in an f32 model; keys and values rounded).
+    #[arg(long, default_value = "auto")]
+    kv_dtype: String,
 }
 
 #[derive(Args)]
@@ -174,6 +178,10 @@ fn load(args: &ModelArgs, show_progress: bool) -> Result<LocalModel> {
         device: parse_device(&args.device)?,
         seed: args.weights_seed,
         quantization: Quantization::parse(&args.quantize)?,
+        kv_kind: match args.kv_dtype.as_str() {
+            "auto" => None,
+            other => Some(parse_dtype(other)?),
+        },
     };
     let spec = ModelSpec::parse(&args.model)?;
     let bar = if show_progress {
@@ -326,6 +334,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
+    // Before the memory read below allocates its buffer.
+    let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1048576.0);
     let kernels = llmos_kernels::cpu::calibrate::choice();
     // A plain read of 256 MB by 1 thread and by the pool's threads: the
     // machine's bandwidth scaling, to compare decode's with.
@@ -361,7 +371,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "decode_pool_threads": pool.threads(),
             "decode_pool_threads_used": chunks.iter().filter(|&&c| c > 0).count(),
             "decode_pool_chunk_share": chunks.iter().map(|&c| c as f64 / all_chunks).collect::<Vec<_>>(),
-            "peak_rss_mb": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+            "peak_rss_mb": peak_rss_mb,
         })
     );
     Ok(())

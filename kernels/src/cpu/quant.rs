@@ -87,7 +87,7 @@ pub fn row_bytes(ty: GgmlType, cols: usize) -> usize {
 }
 
 /// What the two f16 at the start of each block are multiplied by to give
-/// the block's `m·Σ x` term, interleaved as the blocks hold them: Q4_1
+/// the block's `m·Σx` term, interleaved as the blocks hold them: Q4_1
 /// `[0, Σx]` (`d`, `m`), Q4_0 `[-8·Σx, 0]` (`m = -8d`); empty for Q8_0.
 fn scale_weights(ty: GgmlType, x: &[f32]) -> Vec<f32> {
     let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
@@ -194,24 +194,31 @@ pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y
     });
 }
 
-/// The whole weight as f32 (`rows * cols` values), rows split across
-/// `pool`: what a prompt's matrix product reads.
-pub fn dequantize_rows(pool: &SpinPool, w: Blocks<'_>, out: &mut [f32]) {
+/// The whole weight as f32 (`rows * cols` values): what a prompt's matrix
+/// product reads. On the calling thread: the decode pool's helpers would
+/// compete with libtorch's threads, which spin between the products around
+/// it (measured: 115 ms a 512-token SmolLM2 prompt across the pool, 30 ms
+/// on the caller).
+pub fn dequantize_rows(w: Blocks<'_>, out: &mut [f32]) {
     assert_eq!(
         out.len(),
         w.rows * w.cols,
         "dequantize_rows: out is not rows x cols"
     );
     let body = calibrate::choice().blocks;
-    let slot = SharedSlot(out.as_mut_ptr());
-    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
-    pool.run(w.rows.div_ceil(per_task), &|task| {
-        for r in task * per_task..((task + 1) * per_task).min(w.rows) {
-            // SAFETY: row `r` of `out` is this task's alone.
-            let o = unsafe { std::slice::from_raw_parts_mut(slot.at(r * w.cols), w.cols) };
-            dequantize_row(body, w.ty, w.row(r), o);
-        }
-    });
+    for (r, o) in out.chunks_exact_mut(w.cols).enumerate() {
+        dequantize_row(body, w.ty, w.row(r), o);
+    }
+}
+
+/// Row `r` of `w` dequantized into `out` (`cols` values).
+pub fn dequantize_row_of(w: Blocks<'_>, r: usize, out: &mut [f32]) {
+    assert!(
+        r < w.rows && out.len() == w.cols,
+        "dequantize_row_of: row {r} of {}",
+        w.rows
+    );
+    dequantize_row(calibrate::choice().blocks, w.ty, w.row(r), out)
 }
 
 /// `dot` of every row once, single-threaded: what the calibration times.
@@ -369,7 +376,7 @@ mod x86 {
             ) -> f32 {
                 let (bb, qo, q4_1) = layout(ty);
                 let idx = offsets8!(bb);
-                let mut acc = [$zero(); 2];
+                let (mut acc0, mut acc1) = ($zero(), $zero());
                 let mut macc = _mm256_setzero_ps();
                 let mut dm = [0f32; 16];
                 let full = nb / 8 * 8;
@@ -388,10 +395,14 @@ mod x86 {
                             macc,
                         );
                     }
-                    for k in 0..8 {
+                    // Two accumulators in named registers (an array indexed
+                    // in a loop the compiler may keep in memory).
+                    for k in (0..8).step_by(2) {
                         let p = row.add((b + k) * bb + qo);
-                        let s = $sum!(p, x.add((b + k) * 32));
-                        acc[k & 1] = $fma($set1(dm[2 * k]), s, acc[k & 1]);
+                        let s0 = $sum!(p, x.add((b + k) * 32));
+                        let s1 = $sum!(p.add(bb), x.add((b + k + 1) * 32));
+                        acc0 = $fma($set1(dm[2 * k]), s0, acc0);
+                        acc1 = $fma($set1(dm[2 * k + 2]), s1, acc1);
                     }
                     b += 8;
                 }
@@ -400,14 +411,14 @@ mod x86 {
                     let p = row.add(b * bb);
                     let d = f16_at!(p);
                     let s = $sum!(p.add(qo), x.add(b * 32));
-                    acc[0] = $fma($set1(d), s, acc[0]);
+                    acc0 = $fma($set1(d), s, acc0);
                     if $q4 {
                         let m = if q4_1 { f16_at!(p.add(2)) } else { 0.0 };
                         tail += d * *sw.add(2 * b) + m * *sw.add(2 * b + 1);
                     }
                     b += 1;
                 }
-                $reduce($add(acc[0], acc[1])) + hsum(macc) + tail
+                $reduce($add(acc0, acc1)) + hsum(macc) + tail
             }
         };
     }
@@ -554,7 +565,7 @@ mod tests {
             }
             // The SIMD dequantization equals the reference exactly.
             let mut got = vec![0f32; rows * cols];
-            dequantize_rows(&pool, w, &mut got);
+            dequantize_rows(w, &mut got);
             assert_eq!(got, deq, "{ty:?} dequantize_rows");
         }
         for body in [Body::Avx2, Body::Avx512] {

@@ -31,7 +31,7 @@ impl Llama {
     pub fn new_pool(&self, num_blocks: usize, block_size: usize) -> Result<KvPool> {
         Ok(KvPool::new(
             self.pool_shape(num_blocks, block_size),
-            self.kind,
+            self.kv_kind,
             self.device,
         )?)
     }
@@ -167,6 +167,7 @@ impl Llama {
                 let ctx = Tensor::from_slice(&layout.context_slots(i, s.len_after()))
                     .to_device(self.device);
                 let (kc, vc) = pool.gather(layer, &ctx);
+                let (kc, vc) = (kc.to_kind(q.kind()), vc.to_kind(q.kind()));
                 let q_pos =
                     Tensor::arange_start(s.position as i64, len, (Kind::Int64, self.device))
                         .unsqueeze(1);

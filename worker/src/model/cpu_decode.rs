@@ -95,16 +95,17 @@ impl Llama {
     /// The embedding of one token as f32 (a CPU f32 or bf16 embedding).
     pub fn embed_row(&self, token: u32) -> Result<Vec<f32>> {
         let h = self.cfg.hidden_size;
+        if let Some(head) = self.embedding_in_head() {
+            self.check_token(token as i64)?;
+            let mut x = vec![0f32; h];
+            head.dequantize_row(token as usize, &mut x);
+            return Ok(x);
+        }
         let embed = self
             .embed
             .as_ref()
             .ok_or_else(|| ModelError::Invalid("this shard holds no embedding".into()))?;
-        if token as usize >= self.cfg.vocab_size {
-            return Err(ModelError::Invalid(format!(
-                "token id {token} is outside the vocabulary of {} tokens",
-                self.cfg.vocab_size
-            )));
-        }
+        self.check_token(token as i64)?;
         if embed.device() != Device::Cpu || !matches!(embed.kind(), Kind::Float | Kind::BFloat16) {
             return Err(ModelError::Invalid(format!(
                 "the fused step reads CPU f32/bf16 embeddings, not {:?} on {:?}",

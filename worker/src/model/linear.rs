@@ -231,6 +231,13 @@ impl Linear {
         }
     }
 
+    /// Row `r` of a block weight dequantized into `out` (embedding lookups
+    /// in a tied head kept in blocks).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let b = self.blocks().expect("dequantize_row on a block weight");
+        blockq::dequantize_row_of(b, r, out)
+    }
+
     /// The dense weight (`None` when quantized).
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.store {
@@ -386,7 +393,7 @@ impl Linear {
         // SAFETY: `w` is a fresh contiguous f32 tensor of rows x cols.
         let out =
             unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, b.rows * b.cols) };
-        blockq::dequantize_rows(pool(), b, out);
+        blockq::dequantize_rows(b, out);
         if kind == Kind::Float {
             w
         } else {

@@ -133,6 +133,8 @@ pub struct Llama {
     pub(super) head: Option<Linear>,
     pub(super) rope: Rope,
     pub(super) kind: Kind,
+    /// The KV pool's dtype.
+    pub(super) kv_kind: Kind,
     pub(super) device: Device,
     /// This rank's part when the layers are split over a tensor-parallel
     /// group (each layer's row-parallel projections sum over the group).
@@ -176,6 +178,10 @@ pub struct LoadOptions {
     pub seed: u64,
     /// How the layers' linear weights are stored.
     pub quantization: Quantization,
+    /// The KV cache's dtype (`None`: the model's). bf16 for an f32 model
+    /// halves the bytes attention reads; keys and values are rounded when
+    /// written (a fresh prompt attends to its own unrounded ones).
+    pub kv_kind: Option<Kind>,
 }
 
 impl Default for LoadOptions {
@@ -185,6 +191,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             seed: 0,
             quantization: Quantization::None,
+            kv_kind: None,
         }
     }
 }
@@ -250,7 +257,25 @@ impl Llama {
             + need_embed as usize
             + if shard.head { 1 + !tied as usize } else { 0 };
         let mut ld = Loader::new(src, cfg, opts.kind, opts.device, opts.seed, total, progress);
-        let embed = if need_embed {
+        // `file` keeps the head in the file's blocks too; a tied embedding
+        // is then looked up in those blocks (no dense copy).
+        let head_blocks = match opts.quantization {
+            Quantization::File if shard.head && opts.device == Device::Cpu => {
+                let key = if tied {
+                    WeightKey::Embed
+                } else {
+                    WeightKey::LmHead
+                };
+                ld.blocks(key, None)?
+                    .filter(|b| opts.quantization.keeps(b.ty))
+            }
+            _ => None,
+        };
+        let embed_in_head = tied && head_blocks.is_some();
+        let embed = if need_embed && embed_in_head {
+            ld.count(1);
+            None
+        } else if need_embed {
             Some(ld.get(WeightKey::Embed)?)
         } else {
             None
@@ -307,20 +332,7 @@ impl Llama {
         }
         let (final_norm, head) = if shard.head {
             let norm = RmsNorm::new(ld.get(WeightKey::FinalNorm)?, cfg.rms_norm_eps);
-            let key = if tied {
-                WeightKey::Embed
-            } else {
-                WeightKey::LmHead
-            };
-            // `file` keeps the head in the file's blocks too (the embedding
-            // stays dense for its lookups).
-            let kept = match opts.quantization {
-                Quantization::File if opts.device == Device::Cpu => ld
-                    .blocks(key, None)?
-                    .filter(|b| opts.quantization.keeps(b.ty)),
-                _ => None,
-            };
-            let head = if let Some(b) = kept {
+            let head = if let Some(b) = head_blocks {
                 if !tied {
                     ld.count(1);
                 }
@@ -373,6 +385,7 @@ impl Llama {
             final_norm,
             head,
             kind: opts.kind,
+            kv_kind: opts.kv_kind.unwrap_or(opts.kind),
             device: opts.device,
             tp: split,
             weight_arena,
@@ -455,6 +468,28 @@ impl Llama {
         n
     }
 
+    /// A token id the embedding has a row for.
+    pub(super) fn check_token(&self, token: i64) -> Result<()> {
+        if token < 0 || token as usize >= self.cfg.vocab_size {
+            return Err(ModelError::Invalid(format!(
+                "token id {token} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The head, when the embedding is looked up in its blocks (a tied
+    /// head kept in the file's blocks, `Quantization::File`).
+    pub(super) fn embedding_in_head(&self) -> Option<&Linear> {
+        let h = self.head.as_ref()?;
+        (self.shard.embed
+            && self.embed.is_none()
+            && self.cfg.tie_embeddings
+            && h.block_type().is_some())
+        .then_some(h)
+    }
+
     /// Whether the head's weight is the embedding tensor itself (a tied
     /// head kept dense), counted once.
     fn head_is_embedding(&self) -> bool {
@@ -480,6 +515,21 @@ impl Llama {
 
     /// Token ids `[b, t]` to embeddings `[b, t, hidden]` (first stage only).
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        if let Some(h) = self.embedding_in_head() {
+            let ids = Vec::<i64>::try_from(tokens.flatten(0, -1).to_device(Device::Cpu))?;
+            let hsz = self.cfg.hidden_size;
+            let mut rows = vec![0f32; ids.len() * hsz];
+            for (id, out) in ids.iter().zip(rows.chunks_exact_mut(hsz)) {
+                self.check_token(*id)?;
+                h.dequantize_row(*id as usize, out);
+            }
+            let mut shape = tokens.size();
+            shape.push(hsz as i64);
+            return Ok(Tensor::from_slice(&rows)
+                .view(shape.as_slice())
+                .to_kind(self.kind)
+                .to_device(self.device));
+        }
         let e = self
             .embed
             .as_ref()

@@ -199,6 +199,7 @@ impl Host {
             device: self.device,
             seed: 0,
             quantization: config.quantization,
+            kv_kind: None,
         };
         let mut model = Llama::load_tp(
             opened.weights.as_deref(),
