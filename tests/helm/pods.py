@@ -261,7 +261,11 @@ class Cluster:
         mounts = [(pod.dirs[m["name"]], m["mountPath"], m.get("readOnly", False)) for m in c.get("volumeMounts", [])]
         pod.log_path = os.path.join(self.workdir, f"{pod.name}.log")
         if self.runtime == PODMAN:
-            cmd = [PODMAN, "run", "-d", "--name", f"{self.ns}-{pod.name}-{self.octet}", "--network", "host", "--hostname", pod.hostname]
+            name = f"{self.ns}-{pod.name}-{self.octet}"
+            # A container of this name can only be one this test left behind
+            # in a run that was killed before its cleanup: remove it.
+            subprocess.run([PODMAN, "rm", "-f", "-t", "0", name], capture_output=True)
+            cmd = [PODMAN, "run", "-d", "--name", name, "--network", "host", "--hostname", pod.hostname]
             for host, ip in self.hosts():
                 cmd += ["--add-host", f"{host}:{ip}"]
             for k, v in env.items():

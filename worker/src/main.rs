@@ -291,6 +291,22 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    // A plain read of 256 MB by 1 thread and by `--threads` threads (the
+    // decode pool's size): the machine's bandwidth scaling, to compare
+    // decode's with. First, before libtorch starts threads that spin
+    // between its calls and would share the cores with the readers.
+    let threads = args
+        .model
+        .threads
+        .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n.max(1) as usize);
+    let mut reads = serde_json::Map::new();
+    for t in [1, threads] {
+        let gb = llmos_kernels::cpu::calibrate::read_bandwidth(t, 256 << 20);
+        reads.insert(t.to_string(), json!(gb));
+    }
+    // The reads' buffer is gone: reset the peak RSS to what the process
+    // holds now (Linux: "5" to clear_refs), so the figure is the model's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let engine = load(&args.model, false)?;
     let vocab = engine.config().vocab_size as u64;
     // Deterministic pseudo-random prompt (an LCG), the same for every run.
@@ -334,16 +350,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         v[v.len() / 2]
     };
     let (p, d) = (median(&mut prefill), median(&mut decode));
-    // Before the memory read below allocates its buffer.
     let peak_rss_mb = peak_rss_bytes().map(|b| b as f64 / 1048576.0);
     let kernels = llmos_kernels::cpu::calibrate::choice();
-    // A plain read of 256 MB by 1 thread and by the pool's threads: the
-    // machine's bandwidth scaling, to compare decode's with.
-    let mut reads = serde_json::Map::new();
-    for t in [1, pool.threads()] {
-        let gb = llmos_kernels::cpu::calibrate::read_bandwidth(t, 256 << 20);
-        reads.insert(t.to_string(), json!(gb));
-    }
     println!(
         "{}",
         json!({

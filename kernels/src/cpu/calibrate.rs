@@ -220,7 +220,7 @@ fn pick(
 }
 
 /// GB/s of a plain read of `bytes` of memory (summing 64-bit words) by
-/// `threads` threads, each its own contiguous part, the best of 3: the
+/// `threads` threads, each its own contiguous part, the best of 5: the
 /// machine's memory bandwidth, that decode's thread scaling is compared
 /// with (`llmos-worker bench`).
 pub fn read_bandwidth(threads: usize, bytes: usize) -> f64 {
@@ -228,7 +228,7 @@ pub fn read_bandwidth(threads: usize, bytes: usize) -> f64 {
     let words: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
     let part = words.len().div_ceil(threads);
     let mut best = f64::INFINITY;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t = Instant::now();
         let sum: u64 = std::thread::scope(|s| {
             let handles: Vec<_> = words
