@@ -348,7 +348,7 @@ impl WeightSource for GgufWeights {
         let (rows_out, cols_out, bytes): (usize, usize, Cow<[u8]>) = if s.dim == 0 {
             let b = &raw[s.start * row_bytes..(s.start + s.len) * row_bytes];
             (s.len, cols, Cow::Borrowed(b))
-        } else if s.start % bs == 0 && s.len % bs == 0 {
+        } else if s.start.is_multiple_of(bs) && s.len.is_multiple_of(bs) {
             let (a, b) = (s.start / bs * bb, (s.start + s.len) / bs * bb);
             let mut out = Vec::with_capacity(rows * (b - a));
             for r in 0..rows {
@@ -484,7 +484,7 @@ impl GgufWeights {
             _ => return Ok(bytes),
         };
         let all = full[0];
-        if all % (2 * n) != 0 {
+        if !all.is_multiple_of(2 * n) {
             return Err(MetaError::ShapeMismatch {
                 path: self.file.path().to_path_buf(),
                 tensor: name.to_string(),

@@ -295,10 +295,10 @@ fn bench(args: BenchArgs) -> Result<()> {
     // decode pool's size): the machine's bandwidth scaling, to compare
     // decode's with. First, before libtorch starts threads that spin
     // between its calls and would share the cores with the readers.
-    let threads = args
-        .model
-        .threads
-        .map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), |n| n.max(1) as usize);
+    let threads = args.model.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |n| n.max(1) as usize,
+    );
     let mut reads = serde_json::Map::new();
     for t in [1, threads] {
         let gb = llmos_kernels::cpu::calibrate::read_bandwidth(t, 256 << 20);

@@ -122,8 +122,7 @@ fn forced(s: &str) -> Choice {
     // The wanted body where the CPU has it, else the best below it.
     let pick = |have: Vec<Body>| {
         have.into_iter()
-            .filter(|b| (*b as u8) <= (want as u8))
-            .next_back()
+            .rfind(|b| (*b as u8) <= (want as u8))
             .unwrap_or(Body::Portable)
     };
     Choice {

@@ -51,7 +51,7 @@ impl<'a> Blocks<'a> {
                 "{ty:?} is not a block type the kernels read (Q8_0, Q4_0, Q4_1)"
             ));
         }
-        if cols == 0 || cols % BLOCK != 0 {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(format!(
                 "{cols} columns are not whole {BLOCK}-weight blocks"
             ));
@@ -158,7 +158,10 @@ pub fn gemv_blocks(pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
 /// bodies).
 pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
     let cols = w.cols;
-    assert!(x.len() % cols == 0, "gemv_blocks: x is not b x {cols}");
+    assert!(
+        x.len().is_multiple_of(cols),
+        "gemv_blocks: x is not b x {cols}"
+    );
     let b = x.len() / cols;
     assert_eq!(y.len(), b * w.rows, "gemv_blocks: y is not b x rows");
     if b == 0 {

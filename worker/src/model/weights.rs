@@ -111,10 +111,12 @@ pub struct LoadedBlocks {
 
 impl Loader<'_> {
     /// `part` of a weight in the file's own block quantization, uncounted
-    /// (`count` it once used); `None` for synthetic weights and weights
-    /// not stored in blocks the kernels read.
+    /// (`count` it once used); `None` for synthetic weights, weights not
+    /// stored in blocks the kernels read, and loads onto a GPU (the block
+    /// kernels run on the CPU; `file` loads dense there, `q4_1` etc. are
+    /// refused by `Linear`).
     pub fn blocks(&mut self, key: WeightKey, part: Option<Slice>) -> Result<Option<LoadedBlocks>> {
-        let Some(src) = self.src else {
+        let Some(src) = self.src.filter(|_| self.device == Device::Cpu) else {
             return Ok(None);
         };
         let Some(b) = src.load_blocks(key, part)? else {
