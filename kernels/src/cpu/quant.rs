@@ -305,19 +305,16 @@ mod x86 {
         };
     }
 
-    /// Block layout: bytes per block, offset of the weights, whether the
-    /// second f16 is `m`.
+    /// Block layout: bytes per block, offset of the weights (after `d`, and
+    /// `m` in Q4_1), whether the second f16 is `m`.
     fn layout(ty: GgmlType) -> (usize, usize, bool) {
-        match ty {
-            GgmlType::Q4_1 => (20, 4, true),
-            GgmlType::Q4_0 => (18, 2, false),
-            _ => (34, 2, false),
-        }
+        let q4_1 = ty == GgmlType::Q4_1;
+        (ty.block_bytes(), if q4_1 { 4 } else { 2 }, q4_1)
     }
 
-    /// One block's `d·Σ q·x` as a vector (`$w`: the block's dequantized
-    /// integer weights against `$xb`) is added by the callers; these are
-    /// the per-block weight vectors of each type and width.
+    /// `Σ q·x` of one block (its integers widened to f32) against the 32
+    /// values at `$xb`, as a vector the caller scales by the block's `d`:
+    /// one macro per block type and vector width.
     macro_rules! q4_sum8 {
         ($p:expr, $xb:expr) => {{
             let w = nibbles8!($p);

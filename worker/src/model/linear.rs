@@ -118,7 +118,9 @@ impl Linear {
     pub fn with(weight: Tensor, bias: Option<Tensor>, quant: Quantization) -> Result<Self> {
         let (out_f, in_f) = (weight.size()[0], weight.size()[1]);
         let store = match quant {
-            Quantization::None => {
+            // `file` keeps blocks only where the file has them (the loader
+            // hands those to `from_blocks`): a dense weight stays dense.
+            Quantization::None | Quantization::File => {
                 let weight = weight.contiguous();
                 let fast = weight.device() == Device::Cpu
                     && matches!(weight.kind(), Kind::Float | Kind::BFloat16);
@@ -152,11 +154,6 @@ impl Linear {
                 let bytes = llmos_meta::quant::quantize(ty, &values);
                 return Self::from_blocks(ty, bytes_tensor(&bytes, out_f), in_f as usize, bias);
             }
-            Quantization::File => Store::Dense {
-                fast: weight.device() == Device::Cpu
-                    && matches!(weight.kind(), Kind::Float | Kind::BFloat16),
-                weight: weight.contiguous(),
-            },
         };
         let bias_f32 = bias
             .as_ref()
