@@ -138,6 +138,9 @@ async fn group(bin: &Path, dir: &Path) -> (Procs, Vec<u16>, u16) {
                     &dir.join(format!("c{i}")).display().to_string(),
                 ])
                 .env("LLMOS_LOG", "error")
+                // No API keys (an environment variable, so that a binary
+                // older than the flag runs too).
+                .env("LLMOS_NO_AUTH", "1")
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap(),

@@ -48,6 +48,8 @@ pub struct Node {
     pub args: Vec<String>,
     pub child: Option<Child>,
     pub starts: u32,
+    /// LLMOS_LOG of the process (its stderr goes to a file beside `dir`).
+    pub log: &'static str,
 }
 
 impl Node {
@@ -61,7 +63,7 @@ impl Node {
             std::fs::File::create(self.dir.with_extension(format!("{}.log", self.starts))).unwrap();
         let child = Command::new(coordinator_bin())
             .args(&self.args)
-            .env("LLMOS_LOG", "warn")
+            .env("LLMOS_LOG", self.log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -129,6 +131,10 @@ pub fn node_ticking(root: &Path, id: u64, port: u16, tick_ms: u64, extra: &[Stri
         "5".into(),
     ];
     args.extend_from_slice(extra);
+    // Without API keys unless a test gives a bootstrap admin key.
+    if !extra.iter().any(|a| a.starts_with("--admin-key-file")) {
+        args.push("--no-auth".into());
+    }
     Node {
         id,
         port,
@@ -136,6 +142,7 @@ pub fn node_ticking(root: &Path, id: u64, port: u16, tick_ms: u64, extra: &[Stri
         args,
         child: None,
         starts: 0,
+        log: "warn",
     }
 }
 
@@ -153,6 +160,11 @@ impl Group {
     /// `n` founding replicas ticking every `tick_ms`, with more
     /// `llmos-coordinator` arguments.
     pub fn founded_with(n: u64, tick_ms: u64, extra: &[String]) -> Group {
+        Group::founded_logging(n, tick_ms, extra, "warn")
+    }
+
+    /// [`Group::founded_with`], the replicas logging at `log` (LLMOS_LOG).
+    pub fn founded_logging(n: u64, tick_ms: u64, extra: &[String], log: &'static str) -> Group {
         let root = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let peers = (1..=n)
@@ -168,6 +180,7 @@ impl Group {
                 tick_ms,
                 &[&["--peers".to_string(), peers.clone()], extra].concat(),
             );
+            nd.log = log;
             nd.start();
             nodes.insert(i, nd);
         }

@@ -12,13 +12,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::Channel;
 use anyhow::{Context, Result};
 use clap::Args;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
 use serde::Deserialize;
 use serde_json::json;
-use tonic::transport::Channel;
 
 #[derive(Args, Clone)]
 pub struct ApplyArgs {

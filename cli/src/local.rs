@@ -31,6 +31,11 @@ pub struct LocalArgs {
     /// Stop after the generation instead of serving until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// No API keys: anyone who reaches the loopback ports is an admin.
+    /// Without it, the coordinator takes a fresh admin key (printed, and
+    /// used by this command).
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     generate: GenerateArgs,
 }
@@ -98,6 +103,21 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
     let mut children = Vec::new();
     let mut coord = Command::new(sibling("llmos-coordinator")?);
     coord.args(["--listen", "127.0.0.1:0"]);
+    let key = if a.insecure {
+        coord.arg("--no-auth");
+        None
+    } else {
+        // A fresh admin key for this cluster (it lives as long as it does).
+        let mut b = [0u8; 24];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+            .context("reading /dev/urandom for the admin key")?;
+        let k: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let k = format!("llmos-local-{k}");
+        coord.env("LLMOS_ADMIN_KEY", &k);
+        crate::keys::use_key(Some(k.clone()));
+        Some(k)
+    };
     let (child, addr, mut lines) = spawn(coord, "the coordinator").await?;
     children.push(("the coordinator".to_string(), child));
     let url = format!("http://{addr}");
@@ -176,6 +196,13 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         if a.once {
             return Ok(());
         }
+        match &key {
+            Some(k) => eprintln!(
+                "[llmos] admin API key (for the commands below): export LLMOS_API_KEY={k}"
+            ),
+            None => eprintln!("[llmos] --insecure: no API key needed"),
+        }
+        let bearer = key.as_deref().unwrap_or("-");
         eprintln!("[llmos] serving until Ctrl-C; gRPC API (with reflection) at {url}");
         eprintln!(
             "[llmos]   llmos --coordinator {url} generate --model {} --prompt \"Hello\"",
@@ -184,11 +211,11 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         eprintln!("[llmos]   llmos --coordinator {url} status");
         eprintln!("[llmos] OpenAI HTTP API at {http}");
         eprintln!(
-            "[llmos]   curl {http}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+            "[llmos]   curl {http}/v1/chat/completions -H \"authorization: Bearer $LLMOS_API_KEY\" -H 'content-type: application/json' -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
             a.generate.model
         );
         eprintln!(
-            "[llmos]   python -c 'import openai; c = openai.OpenAI(base_url=\"{http}/v1\", api_key=\"-\"); print(c.chat.completions.create(model=\"{}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}]).choices[0].message.content)'",
+            "[llmos]   python -c 'import openai; c = openai.OpenAI(base_url=\"{http}/v1\", api_key=\"{bearer}\"); print(c.chat.completions.create(model=\"{}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}]).choices[0].message.content)'",
             a.generate.model
         );
         watch(&mut children).await

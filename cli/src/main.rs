@@ -2,6 +2,7 @@
 //! `status`, `deploy`, `undeploy`), or starts a local cluster (`local`).
 
 mod apply;
+mod keys;
 mod local;
 mod show;
 
@@ -9,12 +10,12 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+pub use keys::Ch as Channel;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::admin_client::AdminClient;
 use llmos_proto::v1::inference_client::InferenceClient;
 use serde_json::json;
 use show::*;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,10 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     coordinator: String,
+    /// The API key sent with every call (`authorization: Bearer`); make
+    /// one with `llmos keys create`.
+    #[arg(long, global = true, env = "LLMOS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,6 +104,9 @@ enum Command {
     /// Cluster settings (e.g. generate.default_max_new_tokens).
     #[command(subcommand)]
     Settings(SettingsCommand),
+    /// API keys of tenants (needs an admin key).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
     /// Start a coordinator and workers on this machine, deploy a model over
     /// all of them, and generate; Ctrl-C stops everything.
     Local(local::LocalArgs),
@@ -262,11 +270,12 @@ fn coordinators(list: &str) -> Vec<String> {
 }
 
 async fn channel(url: &str) -> Result<Channel> {
-    tonic::transport::Endpoint::from_shared(url.to_string())?
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))
+        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+    keys::with_key(ch)
 }
 
 /// A gRPC status, shown as `Code: message`.
@@ -532,8 +541,10 @@ fn try_next(e: &anyhow::Error) -> bool {
 
 async fn run(cli: Cli) -> Result<()> {
     if let Command::Local(a) = &cli.command {
+        // It makes the cluster's key itself.
         return local::run(a).await;
     }
+    keys::use_key(cli.api_key.clone());
     let addresses = coordinators(&cli.coordinator);
     anyhow::ensure!(!addresses.is_empty(), "no coordinator address given");
     // Twice round the list: a write that met a change of leader is
@@ -792,6 +803,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                 }
             }
         }
+        Command::Keys(c) => keys::run(AdminClient::new(ch), c).await?,
         Command::Local(_) | Command::Apply(_) => unreachable!("handled above"),
     }
     Ok(())

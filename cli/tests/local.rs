@@ -155,16 +155,36 @@ fn without_once_it_keeps_serving_the_endpoint_it_prints_until_ctrl_c() {
         line.contains(&format!("llmos --coordinator {url} generate")),
         "{line}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_llmos"))
-        .args(["--coordinator", &url, "generate", "--model", "smollm2"])
-        .args([
-            "--prompt",
-            "What is the capital of France?",
-            "--max-tokens",
-            "24",
-        ])
-        .output()
-        .unwrap();
+    // The cluster takes the admin key it printed, and nothing else.
+    let key = seen
+        .split("export LLMOS_API_KEY=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the admin key line")
+        .to_string();
+    let generate = |key: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_llmos"));
+        c.args(["--coordinator", &url, "generate", "--model", "smollm2"])
+            .args([
+                "--prompt",
+                "What is the capital of France?",
+                "--max-tokens",
+                "24",
+            ])
+            .env_remove("LLMOS_API_KEY");
+        if let Some(k) = key {
+            c.env("LLMOS_API_KEY", k);
+        }
+        c.output().unwrap()
+    };
+    let refused = generate(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = generate(Some(&key));
     assert!(
         out.status.success(),
         "{}",

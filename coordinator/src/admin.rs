@@ -8,6 +8,7 @@ use llmos_proto::v1 as api;
 use llmos_proto::worker::v1 as wk;
 use tonic::{Request, Response, Status};
 
+use crate::auth;
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 use crate::placement::{plan_tp, PlanError, WorkerCapacity};
@@ -487,22 +488,7 @@ impl api::admin_server::Admin for AdminService {
     ) -> Result<Response<api::DrainWorkerResponse>, Status> {
         let r = req.into_inner();
         let c = &self.cluster;
-        c.propose(Command::CordonWorker {
-            id: r.worker_id.clone(),
-            cordoned: true,
-        })
-        .await?;
-        c.wake.notify_one();
-        let state = c.read();
-        let replicas: Vec<String> = state
-            .models
-            .values()
-            .filter_map(|m| {
-                m.replica_on(&r.worker_id)
-                    .map(|x| format!("{}/{}", m.name, x.id))
-            })
-            .collect();
-        tracing::info!(worker = %r.worker_id, ?replicas, "drain recorded");
+        let replicas = record_drain(c, &r.worker_id).await?;
         if r.wait == Some(true) {
             let timeout = timeout_or(
                 r.wait_timeout_ms,
@@ -610,6 +596,98 @@ impl api::admin_server::Admin for AdminService {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         }))
+    }
+
+    async fn create_key(
+        &self,
+        req: Request<api::CreateKeyRequest>,
+    ) -> Result<Response<api::CreateKeyResponse>, Status> {
+        let r = req.into_inner();
+        auth::check_tenant(&r.tenant)
+            .map_err(|e| Status::invalid_argument(format!("tenant: {e}")))?;
+        let role = auth::Role::parse(&r.role).map_err(Status::invalid_argument)?;
+        let l = r.limits.unwrap_or_default();
+        if l.priority_max > 3 {
+            return Err(Status::invalid_argument(format!(
+                "limits.priority_max {}: 0 (no cap), 1 low, 2 normal or 3 high",
+                l.priority_max
+            )));
+        }
+        let limits = auth::Limits {
+            tokens_per_minute: l.tokens_per_minute,
+            max_concurrent: l.max_concurrent,
+            priority_max: l.priority_max,
+        };
+        let (token, key) = auth::new_key(&r.tenant, role, limits, self.cluster.now_ms());
+        let info = key_info(&key);
+        self.cluster
+            .propose(Command::CreateKey { key: key.clone() })
+            .await?;
+        tracing::info!(key = %key.id, tenant = %key.tenant, role = key.role.as_str(), "API key created");
+        Ok(Response::new(api::CreateKeyResponse {
+            key: token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _req: Request<api::ListKeysRequest>,
+    ) -> Result<Response<api::ListKeysResponse>, Status> {
+        let state = self.cluster.read_fresh().await?;
+        Ok(Response::new(api::ListKeysResponse {
+            keys: state.api_keys.values().map(key_info).collect(),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<api::RevokeKeyRequest>,
+    ) -> Result<Response<api::RevokeKeyResponse>, Status> {
+        let id = req.into_inner().id;
+        // A whole key given by mistake: revoke it by its id, never log it.
+        let id = match auth::split_token(&id) {
+            Some((id, _)) => id.to_string(),
+            None => id,
+        };
+        self.cluster
+            .propose(Command::RevokeKey { id: id.clone() })
+            .await?;
+        tracing::info!(key = %id, "API key revoked");
+        Ok(Response::new(api::RevokeKeyResponse {}))
+    }
+}
+
+/// Cordons `worker` (the reconciler then moves its replicas away); the
+/// replicas on it, as model/replica.
+pub(crate) async fn record_drain(c: &Cluster, worker: &str) -> Result<Vec<String>> {
+    c.propose(Command::CordonWorker {
+        id: worker.to_string(),
+        cordoned: true,
+    })
+    .await?;
+    c.wake.notify_one();
+    let state = c.read();
+    let replicas: Vec<String> = state
+        .models
+        .values()
+        .filter_map(|m| m.replica_on(worker).map(|x| format!("{}/{}", m.name, x.id)))
+        .collect();
+    tracing::info!(%worker, ?replicas, "drain recorded");
+    Ok(replicas)
+}
+
+fn key_info(k: &auth::ApiKey) -> api::ApiKeyInfo {
+    api::ApiKeyInfo {
+        id: k.id.clone(),
+        tenant: k.tenant.clone(),
+        role: k.role.as_str().into(),
+        limits: Some(api::KeyLimits {
+            tokens_per_minute: k.limits.tokens_per_minute,
+            max_concurrent: k.limits.max_concurrent,
+            priority_max: k.limits.priority_max,
+        }),
+        created_unix_ms: k.created_ms,
     }
 }
 

@@ -57,6 +57,15 @@ pub struct Config {
     pub store: StoreConfig,
     /// Also record metrics under vLLM's names (`--metrics-compat vllm`).
     pub vllm_metrics: bool,
+    /// API keys: required or not, the bootstrap admin key (`crate::auth`).
+    /// Off by default here (tests, embedding); the binary turns it on
+    /// unless started with `--no-auth`.
+    pub auth: crate::auth::AuthConfig,
+    /// Largest public gRPC request message, in bytes (OUT_OF_RANGE naming
+    /// the limit above it).
+    pub grpc_max_message_bytes: usize,
+    /// Streams one client connection may have open at once.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for Config {
@@ -77,6 +86,9 @@ impl Default for Config {
             migration_timeout: Duration::from_secs(60),
             store: StoreConfig::default(),
             vllm_metrics: false,
+            auth: Default::default(),
+            grpc_max_message_bytes: 8 << 20,
+            max_streams_per_connection: 1024,
         }
     }
 }
@@ -110,6 +122,8 @@ pub struct Cluster {
     suspects: Mutex<std::collections::HashSet<String>>,
     /// What `/metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Tenants' token buckets and running requests on this coordinator.
+    pub quotas: Arc<crate::quota::Quotas>,
 }
 
 impl Cluster {
@@ -128,6 +142,7 @@ impl Cluster {
             proposals_failed: Default::default(),
             suspects: Default::default(),
             metrics,
+            quotas: Default::default(),
         })
     }
 

@@ -65,7 +65,9 @@ impl From<CoordError> for Status {
             CoordError::UnknownModel(_) | CoordError::State(StateError::UnknownModel(_)) => {
                 Status::not_found(msg)
             }
-            CoordError::State(StateError::UnknownWorker(_)) => Status::not_found(msg),
+            CoordError::State(StateError::UnknownWorker(_) | StateError::UnknownKey(_)) => {
+                Status::not_found(msg)
+            }
             CoordError::Meta(llmos_meta::MetaError::ModelNotFound { .. }) => Status::not_found(msg),
             CoordError::Request(llmos_meta::request::RequestError::ContextExceeded { .. }) => {
                 // A reason the HTTP API names with OpenAI's code.

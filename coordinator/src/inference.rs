@@ -351,14 +351,14 @@ impl Flight {
         tx: &mpsc::Sender<Result<api::GenerateResponse, Status>>,
         logprobs: bool,
         started: Instant,
-    ) {
+    ) -> usize {
         let mut first_at = None;
         loop {
             let e = match self
                 .relay(&mut on, streamer, tx, logprobs, started, &mut first_at)
                 .await
             {
-                Broke::ClientGone | Broke::Ended => return,
+                Broke::ClientGone | Broke::Ended => return self.emitted.len(),
                 Broke::Replica(e) => e,
             };
             let failed_epoch = on.epoch;
@@ -392,7 +392,7 @@ impl Flight {
                 Err(e) => {
                     tracing::warn!(request_id = %self.request.request_id, error = %e, "not resumed");
                     let _ = tx.send(Err(Status::from(e))).await;
-                    return;
+                    return self.emitted.len();
                 }
             };
         }
@@ -761,6 +761,8 @@ impl api::inference_server::Inference for InferenceService {
                 .map(str::to_string)
         };
         let (traceparent, header_id) = (header("traceparent"), header("x-request-id"));
+        // Who asks (put there by the auth interceptor; none with auth off).
+        let caller = req.extensions().get::<crate::auth::Caller>().cloned();
         let mut r = req.into_inner();
         if r.request_id.is_empty() {
             // `x-request-id` names the request when the body does not.
@@ -769,6 +771,8 @@ impl api::inference_server::Inference for InferenceService {
         let rt = self.runtime(&r.model)?;
         let ids = prompt_ids(&rt, &r.model, r.prompt)?;
         let stopping = r.stopping.unwrap_or_default();
+        llmos_meta::request::check_stop_sequences(&stopping.stop_sequences)
+            .map_err(CoordError::from)?;
         let max_new = match stopping.max_new_tokens as usize {
             0 => self
                 .cluster
@@ -809,11 +813,19 @@ impl api::inference_server::Inference for InferenceService {
             (Some(t), false) => t.eos_token_ids.clone(),
             _ => Vec::new(),
         };
-        let priority = match api::Priority::try_from(r.priority).unwrap_or_default() {
+        let mut priority = match api::Priority::try_from(r.priority).unwrap_or_default() {
             api::Priority::Unspecified | api::Priority::Normal => 2,
             api::Priority::Low => 1,
             api::Priority::High => 3,
         };
+        if let Some(cap) = caller
+            .as_ref()
+            .map(|c| c.limits.priority_max)
+            .filter(|&m| m > 0)
+        {
+            // The key's ceiling: served at it, not refused.
+            priority = priority.min(cap as i32);
+        }
         let timeout = [
             (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms as u64)),
             deadline,
@@ -908,6 +920,28 @@ impl api::inference_server::Inference for InferenceService {
                 observer,
             ))));
         }
+        // The tenant pays its prompt and token budget now, before the
+        // request queues; the unused part comes back when it ends.
+        let prompt_len = flight.request.prompt.len() as u64;
+        let mut charge = match caller.as_ref().filter(|c| !c.tenant.is_empty()) {
+            None => None,
+            Some(c) => {
+                let cost = prompt_len + (max_new - resumed.len()) as u64;
+                match self.cluster.quotas.admit(c, cost, Instant::now()) {
+                    Ok(charge) => {
+                        self.cluster.metrics.tenant_admitted(&c.tenant);
+                        Some((c.tenant.clone(), charge))
+                    }
+                    Err(refusal) => {
+                        self.cluster
+                            .metrics
+                            .tenant_refused(&c.tenant, refusal.reason());
+                        tracing::info!(tenant = %c.tenant, key = %c.key_id, reason = refusal.reason(), "request refused by quota");
+                        return Err(refusal.status(&c.tenant));
+                    }
+                }
+            }
+        };
         let attached = if resumed.is_empty() {
             flight.attach().instrument(span.clone()).await?
         } else {
@@ -926,9 +960,16 @@ impl api::inference_server::Inference for InferenceService {
                 for &t in &flight.emitted {
                     let _ = streamer.push(t);
                 }
-                flight
+                let metrics = Arc::clone(&flight.svc.cluster.metrics);
+                let emitted = flight
                     .stream(attached, &mut streamer, &tx, logprobs, started)
                     .await;
+                if let Some((tenant, charge)) = charge.as_mut() {
+                    let generated = emitted.saturating_sub(resumed.len()) as u64;
+                    charge.used(prompt_len + generated);
+                    metrics.tenant_tokens(tenant, prompt_len, generated);
+                }
+                drop(charge);
             },
             span,
         ));

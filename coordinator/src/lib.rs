@@ -28,9 +28,14 @@
 //! - [`metrics`]: Prometheus metrics (`/metrics` on the HTTP port).
 //! - [`http`]: the OpenAI-compatible HTTP API, a translation onto
 //!   `Inference.Generate`.
+//! - [`auth`]: API keys, tenants and roles; the interceptor every public
+//!   gRPC service sits behind (the HTTP API checks the same way).
+//! - [`quota`]: tenants' token buckets and concurrency, charged when a
+//!   request is admitted.
 //! - [`error`]: `CoordError` and its mapping to gRPC status codes.
 
 pub mod admin;
+pub mod auth;
 pub mod autoscaler;
 pub mod cluster;
 pub mod consensus;
@@ -42,6 +47,7 @@ pub mod inference;
 pub mod leases;
 pub mod metrics;
 pub mod placement;
+pub mod quota;
 pub mod reconciler;
 pub mod registry;
 pub mod router;
@@ -142,7 +148,12 @@ pub async fn serve_with_http(
         shutdown.await;
         let _ = stopping.send(());
     };
+    use tonic::service::interceptor::InterceptedService;
+    let max_message = cluster.config.grpc_max_message_bytes;
     let result = tonic::transport::Server::builder()
+        // A client opening more streams on one connection waits for one
+        // to end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS).
+        .max_concurrent_streams(Some(cluster.config.max_streams_per_connection))
         .add_optional_service(peer)
         .add_service(health)
         .add_service(reflection)
@@ -154,13 +165,25 @@ pub async fn serve_with_http(
                 },
             ),
         )
-        .add_service(llmos_proto::v1::admin_server::AdminServer::new(
-            admin::AdminService {
+        .add_service(InterceptedService::new(
+            llmos_proto::v1::admin_server::AdminServer::new(admin::AdminService {
                 cluster: Arc::clone(&cluster),
+            })
+            .max_decoding_message_size(max_message),
+            auth::Require {
+                cluster: Arc::clone(&cluster),
+                need: auth::Role::Admin,
             },
         ))
-        .add_service(llmos_proto::v1::inference_server::InferenceServer::new(
-            inference::InferenceService { cluster },
+        .add_service(InterceptedService::new(
+            llmos_proto::v1::inference_server::InferenceServer::new(inference::InferenceService {
+                cluster: Arc::clone(&cluster),
+            })
+            .max_decoding_message_size(max_message),
+            auth::Require {
+                cluster,
+                need: auth::Role::User,
+            },
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -38,6 +38,13 @@ struct Cli {
     /// Largest HTTP request body, in bytes (413 above it).
     #[arg(long, env = "LLMOS_HTTP_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     http_max_body_bytes: usize,
+    /// Largest public gRPC request message, in bytes (OUT_OF_RANGE above it).
+    #[arg(long, env = "LLMOS_GRPC_MAX_MESSAGE_BYTES", default_value_t = 8 << 20)]
+    grpc_max_message_bytes: usize,
+    /// Streams (calls) one client connection may have open at once; more
+    /// wait for one to end.
+    #[arg(long, env = "LLMOS_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
+    max_streams_per_connection: u32,
     /// How often workers heartbeat (they learn it when they register), in
     /// milliseconds.
     #[arg(long, env = "LLMOS_HEARTBEAT_INTERVAL_MS", default_value_t = 2000)]
@@ -114,6 +121,20 @@ struct Cli {
     /// Raft: milliseconds per tick; elections time out after 10 ticks.
     #[arg(long, default_value_t = 100)]
     raft_tick_ms: u64,
+    /// Serve the public APIs without API keys: anyone who reaches the
+    /// port is an admin (`llmos status` reports `auth: off`). For a
+    /// development cluster on loopback only.
+    #[arg(long, env = "LLMOS_NO_AUTH")]
+    no_auth: bool,
+    /// A file holding the bootstrap admin key (any string of 20+
+    /// characters; e.g. `openssl rand -hex 32`), accepted as an admin key
+    /// beside the keys `llmos keys create` makes. Read once at start; held
+    /// in memory as a salted hash. LLMOS_ADMIN_KEY gives the key itself.
+    #[arg(long, env = "LLMOS_ADMIN_KEY_FILE")]
+    admin_key_file: Option<std::path::PathBuf>,
+    /// `/metrics` needs a (user) API key too.
+    #[arg(long, env = "LLMOS_METRICS_NEED_KEY")]
+    metrics_need_key: bool,
     /// etcd: client endpoints, comma-separated.
     #[arg(
         long,
@@ -187,6 +208,7 @@ async fn main() -> Result<()> {
             ..Default::default()
         }),
     };
+    let auth = auth_config(&cli)?;
     let config = llmos_coordinator::Config {
         heartbeat_interval: std::time::Duration::from_millis(cli.heartbeat_interval_ms.max(50)),
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
@@ -203,6 +225,9 @@ async fn main() -> Result<()> {
         round_robin: cli.routing == "round-robin",
         vllm_metrics: cli.metrics_compat.as_deref() == Some("vllm"),
         store,
+        auth,
+        grpc_max_message_bytes: cli.grpc_max_message_bytes,
+        max_streams_per_connection: cli.max_streams_per_connection.max(1),
         ..Default::default()
     };
     llmos_coordinator::serve_with_http(listener, http, config, async {
@@ -211,6 +236,44 @@ async fn main() -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// API keys: required unless --no-auth; the bootstrap admin key from
+/// LLMOS_ADMIN_KEY or --admin-key-file.
+fn auth_config(cli: &Cli) -> Result<llmos_coordinator::auth::AuthConfig> {
+    use llmos_coordinator::auth::{AuthConfig, BootstrapKey};
+    if cli.no_auth {
+        tracing::warn!(
+            "--no-auth: the public APIs take no API key; anyone reaching them is an admin"
+        );
+        return Ok(AuthConfig {
+            required: false,
+            bootstrap: None,
+            metrics_need_key: false,
+        });
+    }
+    let key = match (std::env::var("LLMOS_ADMIN_KEY").ok(), &cli.admin_key_file) {
+        (Some(k), _) if !k.is_empty() => {
+            Some(BootstrapKey::new(&k).map_err(|e| anyhow::anyhow!("LLMOS_ADMIN_KEY: {e}"))?)
+        }
+        (_, Some(path)) => {
+            let k = std::fs::read_to_string(path)
+                .with_context(|| format!("--admin-key-file {}", path.display()))?;
+            Some(
+                BootstrapKey::new(&k)
+                    .map_err(|e| anyhow::anyhow!("--admin-key-file {}: {e}", path.display()))?,
+            )
+        }
+        _ => None,
+    };
+    if key.is_none() {
+        tracing::warn!("API keys are required and no bootstrap admin key was given (--admin-key-file, LLMOS_ADMIN_KEY): only keys already in the cluster state are accepted");
+    }
+    Ok(AuthConfig {
+        required: true,
+        bootstrap: key,
+        metrics_need_key: cli.metrics_need_key,
+    })
 }
 
 /// Where the HTTP API listens: the flag, `off`, or by default --listen's

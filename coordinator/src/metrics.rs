@@ -125,6 +125,9 @@ pub struct Metrics {
     native: Requests,
     vllm: Option<Requests>,
     in_flight: IntGaugeVec,
+    tenant_requests: IntCounterVec,
+    tenant_tokens: IntCounterVec,
+    tenant_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -145,12 +148,56 @@ impl Metrics {
         registry
             .register(Box::new(in_flight.clone()))
             .expect("registered once");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let tenant_requests = counter(
+            "llmos_tenant_requests_total",
+            "Requests of each tenant admitted by this coordinator (API keys on).",
+            &["tenant"],
+        );
+        let tenant_tokens = counter(
+            "llmos_tenant_tokens_total",
+            "Tokens each tenant used through this coordinator: prompt or generated (kind).",
+            &["tenant", "kind"],
+        );
+        let tenant_refusals = counter(
+            "llmos_tenant_refusals_total",
+            "Requests of each tenant refused by its quota, by the limit reached (reason).",
+            &["tenant", "reason"],
+        );
         Arc::new(Metrics {
             registry,
             native,
             vllm,
             in_flight,
+            tenant_requests,
+            tenant_tokens,
+            tenant_refusals,
         })
+    }
+
+    pub fn tenant_admitted(&self, tenant: &str) {
+        self.tenant_requests.with_label_values(&[tenant]).inc();
+    }
+
+    pub fn tenant_refused(&self, tenant: &str, reason: &str) {
+        self.tenant_refusals
+            .with_label_values(&[tenant, reason])
+            .inc();
+    }
+
+    pub fn tenant_tokens(&self, tenant: &str, prompt: u64, generated: u64) {
+        self.tenant_tokens
+            .with_label_values(&[tenant, "prompt"])
+            .inc_by(prompt);
+        self.tenant_tokens
+            .with_label_values(&[tenant, "generated"])
+            .inc_by(generated);
     }
 
     /// Starts observing one request of `model`, arrived at `arrived`.

@@ -108,6 +108,18 @@ impl wk::registry_server::Registry for RegistryService {
         }
         Ok(Response::new(wk::HeartbeatResponse { known: true }))
     }
+
+    async fn drain(
+        &self,
+        req: Request<wk::DrainRequest>,
+    ) -> Result<Response<wk::DrainResponse>, Status> {
+        let id = req.into_inner().worker_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("DrainRequest.worker_id is empty"));
+        }
+        let replicas = crate::admin::record_drain(&self.cluster, &id).await?;
+        Ok(Response::new(wk::DrainResponse { replicas }))
+    }
 }
 
 /// Marks a heartbeat a follower passed on (the receiver does not pass it

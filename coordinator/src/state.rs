@@ -194,6 +194,13 @@ pub enum Command {
     DeleteSetting {
         key: String,
     },
+    /// An API key (its salted hash, never the secret).
+    CreateKey {
+        key: crate::auth::ApiKey,
+    },
+    RevokeKey {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -208,6 +215,10 @@ pub enum StateError {
     ModelExists(String),
     #[error("setting {0:?} is not set")]
     UnknownSetting(String),
+    #[error("API key {0} does not exist (revoked already, or never made)")]
+    UnknownKey(String),
+    #[error("API key {0} exists already")]
+    KeyExists(String),
     #[error("worker {id:?} holds shards of {models:?}: undeploy them first")]
     WorkerInUse { id: String, models: Vec<String> },
     #[error("model {name:?} is at generation {current}, not {got}")]
@@ -251,6 +262,9 @@ pub struct ClusterState {
     /// Cluster settings set by operators (`SetSetting`).
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// API keys by id (`crate::auth`): salted hashes, never secrets.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, crate::auth::ApiKey>,
 }
 
 impl ClusterState {
@@ -544,6 +558,17 @@ impl ClusterState {
                 self.settings
                     .remove(key)
                     .ok_or_else(|| StateError::UnknownSetting(key.clone()))?;
+            }
+            Command::CreateKey { key } => {
+                if self.api_keys.contains_key(&key.id) {
+                    return Err(StateError::KeyExists(key.id.clone()));
+                }
+                self.api_keys.insert(key.id.clone(), key.clone());
+            }
+            Command::RevokeKey { id } => {
+                self.api_keys
+                    .remove(id)
+                    .ok_or_else(|| StateError::UnknownKey(id.clone()))?;
             }
         }
         Ok(())

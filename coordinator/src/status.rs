@@ -227,6 +227,11 @@ pub(crate) fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
         applied_index: c.applied_index,
         snapshot_index: c.snapshot_index,
         role: c.role,
+        auth: if cluster.config.auth.required {
+            "required".into()
+        } else {
+            "off".into()
+        },
         members: c
             .members
             .into_iter()

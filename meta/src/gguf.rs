@@ -217,10 +217,27 @@ impl GgufFile {
         Self::parse(path, mmap)
     }
 
+    /// Parses a GGUF held in memory (`path` names it in errors): what
+    /// `open` checks, without a file (the fuzz target's entry).
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut anon =
+            memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|e| MetaError::io(&path, e))?;
+        anon[..bytes.len()].copy_from_slice(bytes);
+        let mmap = anon.make_read_only().map_err(|e| MetaError::io(&path, e))?;
+        // The mapping is at least a page: parse only the bytes given.
+        Self::parse_len(path, mmap, bytes.len())
+    }
+
     fn parse(path: PathBuf, mmap: Mmap) -> Result<Self> {
+        let len = mmap.len();
+        Self::parse_len(path, mmap, len)
+    }
+
+    fn parse_len(path: PathBuf, mmap: Mmap, len: usize) -> Result<Self> {
         let mut c = Cursor {
             path: &path,
-            buf: &mmap,
+            buf: &mmap[..len],
             pos: 0,
         };
         let magic: [u8; 4] = c.array(&|| "magic".into())?;
@@ -276,7 +293,7 @@ impl GgufFile {
                 })?,
         };
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
-        let file_len = mmap.len() as u64;
+        let file_len = len as u64;
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, offset) in raw {
             let ty = GgmlType::from_u32(ty).ok_or_else(|| MetaError::UnsupportedTensorType {

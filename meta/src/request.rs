@@ -34,6 +34,8 @@ pub enum RequestError {
     LogitBias(String),
     #[error("top_logprobs must be at most {limit}, got {got}")]
     TopLogprobs { got: u32, limit: u32 },
+    #[error("stop_sequences: {0}")]
+    StopSequences(String),
 }
 
 impl RequestError {
@@ -49,6 +51,7 @@ impl RequestError {
             RequestError::Penalty { name, .. } => name,
             RequestError::LogitBias(_) => "logit_bias",
             RequestError::TopLogprobs { .. } => "top_logprobs",
+            RequestError::StopSequences(_) => "stop_sequences",
         })
     }
 }
@@ -57,6 +60,35 @@ impl RequestError {
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// The most tokens one request may bias.
 pub const MAX_LOGIT_BIAS: usize = 1024;
+/// The most stop sequences one request may give, and the longest one in
+/// bytes (each is searched for in the text after every token).
+pub const MAX_STOP_SEQUENCES: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Checks a request's stop sequences against [`MAX_STOP_SEQUENCES`] and
+/// [`MAX_STOP_BYTES`]; an empty one is refused (it would stop at once).
+pub fn check_stop_sequences(stops: &[String]) -> Result<(), RequestError> {
+    if stops.len() > MAX_STOP_SEQUENCES {
+        return Err(RequestError::StopSequences(format!(
+            "at most {MAX_STOP_SEQUENCES} stop sequences, got {}",
+            stops.len()
+        )));
+    }
+    for (i, s) in stops.iter().enumerate() {
+        if s.is_empty() {
+            return Err(RequestError::StopSequences(format!(
+                "stop sequence {i} is empty"
+            )));
+        }
+        if s.len() > MAX_STOP_BYTES {
+            return Err(RequestError::StopSequences(format!(
+                "stop sequence {i} has {} bytes; at most {MAX_STOP_BYTES}",
+                s.len()
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// How the next token is chosen: the project's one sampling-parameter
 /// type (the wire's `Sampling` messages are converted to it where they
@@ -249,5 +281,18 @@ mod tests {
             "prompt of 60 tokens plus max_new_tokens 41: the model's context length is 100, got 101"
         );
         check_generation(60, 40, 100).unwrap();
+        let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
+        let e = check_stop_sequences(&many).unwrap_err();
+        assert_eq!(e.field(), Some("stop_sequences"));
+        assert!(
+            e.to_string().contains("at most 16 stop sequences, got 17"),
+            "{e}"
+        );
+        let e = check_stop_sequences(&["x".repeat(257)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("257 bytes; at most 256"), "{e}");
+        assert!(check_stop_sequences(&[String::new()]).is_err());
+        check_stop_sequences(&many[..16]).unwrap();
     }
 }

@@ -186,19 +186,52 @@ impl Tokenizer {
     /// (EOS ids) where present.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&path, e))?;
-        let read_json = |name: &str| -> Result<Option<serde_json::Value>> {
+        let json = std::fs::read(&path).map_err(|e| MetaError::io(&path, e))?;
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
             let p = dir.join(name);
             if !p.exists() {
                 return Ok(None);
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| MetaError::io(&p, e))?;
-            serde_json::from_str(&text)
+            std::fs::read(&p)
                 .map(Some)
-                .map_err(|e| tok_err(&p, e))
+                .map_err(|e| MetaError::io(&p, e))
         };
-        let tc = read_json("tokenizer_config.json")?.unwrap_or_default();
-        let gc = read_json("generation_config.json")?.unwrap_or_default();
+        let template_file = dir.join("chat_template.jinja");
+        let template = match read("chat_template.jinja")? {
+            Some(b) => Some(String::from_utf8(b).map_err(|e| tok_err(&template_file, e))?),
+            None => None,
+        };
+        Self::from_hf_files(
+            dir,
+            &json,
+            read("tokenizer_config.json")?.as_deref(),
+            read("generation_config.json")?.as_deref(),
+            template,
+        )
+    }
+
+    /// A Hugging Face tokenizer from the contents of its files (`dir`
+    /// names them in errors): `tokenizer.json`, and where present
+    /// `tokenizer_config.json`, `generation_config.json` and
+    /// `chat_template.jinja`.
+    pub fn from_hf_files(
+        dir: &Path,
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&[u8]>,
+        generation_config: Option<&[u8]>,
+        chat_template_file: Option<String>,
+    ) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| tok_err(&path, e))?;
+        let parse = |name: &str, b: Option<&[u8]>| -> Result<serde_json::Value> {
+            match b {
+                None => Ok(Default::default()),
+                Some(b) => serde_json::from_slice(b).map_err(|e| tok_err(&dir.join(name), e)),
+            }
+        };
+        let tc = parse("tokenizer_config.json", tokenizer_config)?;
+        let gc = parse("generation_config.json", generation_config)?;
         let token_id = |v: Option<&serde_json::Value>| -> Option<u32> {
             let v = v?;
             let s = v
@@ -227,17 +260,11 @@ impl Tokenizer {
             .and_then(|v| v.as_u64())
             .map(|v| v as u32)
             .or_else(|| token_id(tc.get("bos_token")));
-        let template_file = dir.join("chat_template.jinja");
-        let chat_template = if template_file.exists() {
-            Some(
-                std::fs::read_to_string(&template_file)
-                    .map_err(|e| MetaError::io(&template_file, e))?,
-            )
-        } else {
+        let chat_template = chat_template_file.or_else(|| {
             tc.get("chat_template")
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
-        };
+        });
         Ok(Tokenizer {
             inner,
             manual_bos: false,

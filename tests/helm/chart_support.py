@@ -28,8 +28,9 @@ NAMESPACE = "llmos-test"
 # newest kubernetes-validate ships schemas for is validated.
 MIN_KUBE = (1, 28)
 
-# Everything optional switched on (NetworkPolicy, ServiceMonitor, KEDA).
+# Everything optional switched on (NetworkPolicy, ServiceMonitor with a key, KEDA).
 ALL_OPTIONAL = {
+    "auth": {"metricsNeedKey": True},
     "networkPolicy": {"enabled": True},
     "metrics": {"serviceMonitor": {"enabled": True}},
     "autoscaling": {"enabled": True, "kind": "keda"},

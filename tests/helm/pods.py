@@ -5,7 +5,8 @@ Pod) becomes a podman container on the host network with an address of its
 own on loopback (127.X.Y.Z): the downward API gives it that address as
 `status.podIP`, its name and namespace; its command and args get Kubernetes'
 `$(VAR)` expansion; its volumes are local directories (a PersistentVolumeClaim
-template, an emptyDir) or files written from the rendered ConfigMaps; the
+template, an emptyDir) or files written from the rendered ConfigMaps and
+Secrets, and its `configMapKeyRef`/`secretKeyRef` variables come from them; the
 Services' DNS names (`<pod>.<headless service>.<ns>.svc.<domain>`, a
 ClusterIP Service's name) are `--add-host` entries. Readiness is the
 rendered probe: a gRPC health check (grpc.health.v1) on the pod's address.
@@ -20,6 +21,7 @@ No traffic leaves loopback: every address is 127.0.0.0/8.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -108,6 +110,21 @@ class Cluster:
             if d["metadata"]["name"] == name:
                 return d
         raise KeyError(f"no {kind} {name} in the rendered chart")
+
+    def upgrade(self, docs):
+        """`helm upgrade` to what `docs` renders. A Secret already installed
+        keeps its data: the chart's `lookup` finds it and renders it again,
+        which `helm template` (no cluster to look in) cannot do, so each of
+        its renders has a new random key."""
+        installed = {d["metadata"]["name"]: d for d in self.of_kind("Secret")}
+        self.docs = [installed.get(d["metadata"]["name"], d) if d.get("kind") == "Secret" else d for d in docs]
+
+    def secret_data(self, name) -> dict[str, str]:
+        """A rendered Secret's keys and values: `data` decoded, `stringData` over it."""
+        secret = self.find("Secret", name)
+        out = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        out.update(secret.get("stringData") or {})
+        return out
 
     def ip_of(self, pod_name):
         if pod_name not in self.ips:
@@ -200,14 +217,20 @@ class Cluster:
             dirs[c] = self.volume_dirs[key]
         for v in pod.spec.get("volumes", []):
             d = tempfile.mkdtemp(prefix=f"vol-{v['name']}-{pod.name}-", dir=self.workdir)
-            if "configMap" in v:
-                cm = self.find("ConfigMap", v["configMap"]["name"])
-                items = v["configMap"].get("items") or [{"key": k, "path": k} for k in cm.get("data", {})]
+            if "configMap" in v or "secret" in v:
+                if "configMap" in v:
+                    source = v["configMap"]
+                    data = self.find("ConfigMap", source["name"]).get("data", {})
+                else:
+                    source = v["secret"]
+                    data = self.secret_data(source["secretName"])
+                items = source.get("items") or [{"key": k, "path": k} for k in data]
                 for it in items:
+                    assert it["key"] in data, f"pod {pod.name}: volume {v['name']} wants key {it['key']!r}, which is not in {sorted(data)}"
                     path = os.path.join(d, it["path"])
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     with open(path, "w") as f:
-                        f.write(cm["data"][it["key"]])
+                        f.write(data[it["key"]])
             elif "emptyDir" in v or "persistentVolumeClaim" in v or "hostPath" in v:
                 pass
             else:
@@ -248,6 +271,9 @@ class Cluster:
                 elif "configMapKeyRef" in vf:
                     r = vf["configMapKeyRef"]
                     env[e["name"]] = self.find("ConfigMap", r["name"])["data"][r["key"]]
+                elif "secretKeyRef" in vf:
+                    r = vf["secretKeyRef"]
+                    env[e["name"]] = self.secret_data(r["name"])[r["key"]]
                 else:
                     raise AssertionError(f"pod {pod.name}: env source {vf} is not emulated here")
         return env

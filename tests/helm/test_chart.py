@@ -8,8 +8,8 @@ Python packages):
 
 What they check:
   - `helm lint --strict` with the default, CPU and GPU values;
-  - every document `helm template` renders (default, CPU, GPU values, and
-    one with every optional feature on), validated against the Kubernetes
+  - every document `helm template` renders (default, CPU, GPU values, API
+    keys off, and one with every optional feature on), validated against the Kubernetes
     API schemas of kubernetes-validate (strict: unknown fields fail) for each
     Kubernetes minor the chart claims (kubeVersion >=1.28); kinds of CRDs
     (KEDA's ScaledObject, the Prometheus operator's ServiceMonitor and
@@ -17,8 +17,10 @@ What they check:
     skipped silently;
   - template tests over the parsed YAML: Raft peers and PodDisruptionBudget
     for 1, 3 and 5 coordinators, worker pool flags/labels/resources, the
-    models list handed to `llmos apply`, the `helm test` pod, the optional
-    resources, the security context;
+    models list handed to `llmos apply`, the `helm test` pod, the API keys
+    (the admin key's Secret, the coordinators' --admin-key-file, the CLI pods'
+    LLMOS_API_KEY; an existing Secret; auth off), the optional resources, the
+    security context;
   - values.schema.json and the chart's own checks reject bad values with a
     message naming the value.
 No network is used: helm renders locally and the schemas ship in the package.
@@ -26,6 +28,7 @@ No network is used: helm renders locally and the schemas ship in the package.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tempfile
@@ -65,6 +68,7 @@ VALIDATION_SETS = {
     "default": ([], None),
     "cpu": ([VALUES_CPU], None),
     "gpu": ([VALUES_GPU], None),
+    "default+auth-off": ([], {"auth": {"enabled": False}}),
     "gpu+optional-keda": ([VALUES_GPU], ALL_OPTIONAL),
     "cpu+optional-hpa": ([VALUES_CPU], {**ALL_OPTIONAL, "autoscaling": {"enabled": True, "kind": "hpa"}}),
 }
@@ -516,6 +520,10 @@ def test_no_models_renders_no_job():
     ({"models": [{"name": "m", "source": "smollm2", "pipelineTransport": "nccl"}]}, ["/models/0/pipelineTransport"]),
     ({"workerPools": [{"name": "Bad_Name", "replicas": 1}]}, ["/workerPools/0/name"]),
     ({"coordinatr": {"replicas": 3}}, ["coordinatr"]),
+    ({"auth": {"enabled": "yes"}}, ["/auth/enabled", "boolean"]),
+    ({"auth": {"existingSecret": "Team_Keys"}}, ["/auth/existingSecret"]),
+    ({"auth": {"secretKey": ""}}, ["/auth/secretKey"]),
+    ({"auth": {"enable": False}}, ["/auth", "enable"]),
 ])
 def test_schema_rejects_bad_values(values, must_mention):
     err = render_error(values=values)
@@ -531,6 +539,7 @@ def test_schema_rejects_bad_values(values, must_mention):
     ({"models": [{"name": "m", "source": "smollm2", "autoscale": {"min": 3, "max": 2}}]}, ["autoscale.min (3) is above autoscale.max (2)"]),
     ({"models": [{"name": "m", "source": "smollm2", "stages": 3, "split": [10, 20]}]}, ["split has 2 stages but stages is 3"]),
     ({"fullnameOverride": "x" * 60}, ["longer than 63 characters", "fullnameOverride"]),
+    ({"auth": {"enabled": False, "metricsNeedKey": True}}, ["auth.metricsNeedKey needs auth.enabled"]),
 ])
 def test_chart_checks_reject_inconsistent_values(values, must_mention):
     err = render_error(values=values)
@@ -575,6 +584,132 @@ def test_helm_test_pod_generates():
     assert not kinds(render(values={"tests": {"enabled": False}}), "Pod")
     # --skip-tests drops it: it is a test hook, not a release resource.
     assert not kinds(render(extra=("--skip-tests",)), "Pod")
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def admin_key_file(sts) -> tuple[str, dict, dict]:
+    """The coordinators' --admin-key-file, followed to what it reads:
+    (path, its volumeMount, the Secret volume's `secret` source)."""
+    c = container(sts)
+    path = flag(c["args"], "admin-key-file")
+    assert path, f"no --admin-key-file: {c['args']}"
+    mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{path} is under {len(mounts)} mounts: {c['volumeMounts']}"
+    volume = next(v for v in pod_spec(sts)["volumes"] if v["name"] == mounts[0]["name"])
+    assert "secret" in volume, volume
+    return path, mounts[0], volume["secret"]
+
+
+def cli_workloads(docs) -> list[dict]:
+    """What runs the llmos CLI against the coordinators: the models Job and the `helm test` pod."""
+    out = [one(docs, "Job", "llmos-models"), one(docs, "Pod", "llmos-test-generate")]
+    for w in out:
+        assert container(w)["command"][0] == "/usr/local/bin/llmos"
+    return out
+
+
+def uses_secret(workload, name) -> bool:
+    spec = pod_spec(workload)
+    volumes = [v for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == name]
+    refs = [e for c in spec["containers"] for e in c.get("env", [])
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == name]
+    return bool(volumes or refs)
+
+
+def test_default_render_makes_a_random_admin_key():
+    secret = one(render(), "Secret", "llmos-auth")
+    assert secret["type"] == "Opaque"
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    assert list(secret["data"]) == ["admin-key"]
+    key = base64.b64decode(secret["data"]["admin-key"]).decode()
+    # What the coordinator accepts as a bootstrap key: 20+ characters.
+    assert len(key) >= 20 and key.isalnum(), key
+    # Random, not a default baked into the chart: another render (no
+    # cluster, so nothing to look up) makes another key.
+    again = base64.b64decode(one(render(), "Secret", "llmos-auth")["data"]["admin-key"]).decode()
+    assert again != key
+    # An upgrade keeps the installed key: helm cannot look a Secret up
+    # without a cluster, so this checks that the template asks for its own.
+    template = (CHART / "templates" / "secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    assert '$name := include "llmos.auth.secretName" .' in template
+
+
+def test_coordinators_read_the_admin_key_from_the_secret():
+    docs = render()
+    sts = one(docs, "StatefulSet", coord_name())
+    args = container(sts)["args"]
+    assert "--no-auth" not in args and "--metrics-need-key" not in args
+    path, mount, source = admin_key_file(sts)
+    assert mount["readOnly"] is True
+    assert source["secretName"] == "llmos-auth"
+    # The file --admin-key-file names is the Secret's admin key.
+    assert source["items"] == [{"key": "admin-key", "path": os.path.relpath(path, mount["mountPath"])}]
+    assert source["defaultMode"] == 0o440
+    # Only the coordinators' volume exposes it: nothing else mounts it.
+    others = [w for w in docs if w["kind"] in ("StatefulSet", "Job", "Pod") and w is not sts]
+    assert not [w for w in others if any("secret" in v for v in pod_spec(w).get("volumes", []))]
+
+
+def test_cli_pods_send_the_admin_key():
+    docs = render()
+    for w in cli_workloads(docs):
+        env = env_of(container(w))
+        assert env["LLMOS_API_KEY"] == {
+            "name": "LLMOS_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "llmos-auth", "key": "admin-key"}},
+        }, w["metadata"]["name"]
+    # The admin key goes only where it is used: coordinators, the models
+    # Job and the test pod; workers talk to the coordinators' internal plane.
+    users = sorted(w["metadata"]["name"] for w in docs
+                   if w["kind"] in ("StatefulSet", "Job", "Pod") and uses_secret(w, "llmos-auth"))
+    assert users == ["llmos-coordinator", "llmos-models", "llmos-test-generate"]
+
+
+def test_existing_secret_is_used_everywhere():
+    docs = render(values={"auth": {"existingSecret": "team-keys", "secretKey": "token"}})
+    assert not kinds(docs, "Secret"), "a Secret rendered beside auth.existingSecret"
+    _, _, source = admin_key_file(one(docs, "StatefulSet", coord_name()))
+    assert source["secretName"] == "team-keys"
+    assert [it["key"] for it in source["items"]] == ["token"]
+    for w in cli_workloads(docs):
+        ref = env_of(container(w))["LLMOS_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "team-keys", "key": "token"}, w["metadata"]["name"]
+    users = [w for w in docs if w["kind"] in ("StatefulSet", "Job", "Pod") and uses_secret(w, "team-keys")]
+    assert len(users) == 3
+
+
+def test_auth_off_renders_no_auth_and_no_secret():
+    docs = render(values={"auth": {"enabled": False}})
+    assert not kinds(docs, "Secret")
+    sts = one(docs, "StatefulSet", coord_name())
+    args = container(sts)["args"]
+    assert "--no-auth" in args
+    assert flag(args, "admin-key-file") is None
+    assert not any("secret" in v for v in pod_spec(sts)["volumes"])
+    for w in cli_workloads(docs):
+        assert "LLMOS_API_KEY" not in env_of(container(w)), w["metadata"]["name"]
+    # Keys on: no --no-auth.
+    assert "--no-auth" not in container(one(render(), "StatefulSet", coord_name()))["args"]
+
+
+def test_metrics_need_key_and_the_service_monitor_sends_it():
+    values = {"auth": {"metricsNeedKey": True}, "metrics": {"serviceMonitor": {"enabled": True}}}
+    docs = render(values=values)
+    assert "--metrics-need-key" in container(one(docs, "StatefulSet", coord_name()))["args"]
+    [endpoint] = one(docs, "ServiceMonitor", "llmos")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "llmos-auth", "key": "admin-key"}}
+    # The workers' PodMonitor needs none: their /metrics takes no key.
+    [pm] = one(docs, "PodMonitor", "llmos-worker")["spec"]["podMetricsEndpoints"]
+    assert "authorization" not in pm
+    values["auth"]["existingSecret"] = "team-keys"
+    [endpoint] = one(render(values=values), "ServiceMonitor", "llmos")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "team-keys", "key": "admin-key"}
+    # Off by default: /metrics open, nothing sent.
+    [endpoint] = one(render(values={"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor", "llmos")["spec"]["endpoints"]
+    assert "authorization" not in endpoint
 
 
 # ---------------------------------------------------------------- optional resources
@@ -763,6 +898,18 @@ def test_notes_say_how_to_call_the_api():
     assert f"kubectl -n {NAMESPACE} port-forward svc/llmos-coordinator 50051:50051" in notes
     assert "llmos --coordinator http://127.0.0.1:50051 generate --model smollm2 --prompt hi" in notes
     assert f"helm test {RELEASE}" in notes
+    # How to read the admin key and make tenants' keys.
+    assert (f"export LLMOS_API_KEY=$(kubectl -n {NAMESPACE} get secret llmos-auth "
+            "-o jsonpath='{.data.admin-key}' | base64 -d)") in notes
+    assert "llmos --coordinator http://127.0.0.1:50051 keys create --tenant team-a --role user" in notes
+    r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                 "--set", "auth.existingSecret=team-keys", "--set", "auth.secretKey=tls.key")
+    assert r.returncode == 0, r.stderr
+    assert "get secret team-keys -o jsonpath='{.data.tls\\.key}'" in r.stdout.split("NOTES:", 1)[1]
+    r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE, "--set", "auth.enabled=false")
+    assert r.returncode == 0, r.stderr
+    notes = r.stdout.split("NOTES:", 1)[1]
+    assert "LLMOS_API_KEY" not in notes and "API keys are off" in notes
 
 
 # ---------------------------------------------------------------- values.yaml

@@ -4,12 +4,16 @@ Renders helm/llmos with values-cpu.yaml and runs every pod as Kubernetes
 would, one container per pod on its own loopback address (see pods.py):
 3 coordinators elect a leader through the headless Service's names, 2
 workers register through the client Service's name, the post-install Job
-applies the chart's models, the `helm test` pod generates; then the worker
+applies the chart's models, the `helm test` pod generates. The coordinators
+read the bootstrap admin key from the rendered Secret; the Job, the test pod
+and this test's CLI calls send it, a call without it is refused, and a
+tenant key made with `llmos keys create` serves the HTTP API on every
+coordinator. Then the worker
 pool is scaled by re-rendering with one more replica (the new pod registers),
 a worker holding a stage gets SIGTERM and drains (its replica is replaced
 on the new workers first, then it exits by itself), `helm test` generates
 again, and an upgrade asking for 2 replicas re-runs the models Job, which
-scales the model.
+scales the model (with the installed admin key: see Cluster.upgrade).
 
 Runtime: podman with the image scripts/image.sh built ($LLMOS_IMAGE,
 default localhost/llmos:0.1.0); where podman cannot run, the same command
@@ -23,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pods
@@ -42,16 +47,51 @@ def say(msg):
     sys.__stderr__.flush()
 
 
-def cli(pod, *args, timeout=60):
-    """The llmos CLI against a pod's address (what an operator would run)."""
-    r = subprocess.run(
+def run_cli(pod, *args, key, timeout=60):
+    """The llmos CLI against a pod's address (what an operator would run),
+    sending `key` as LLMOS_API_KEY (None: no key at all)."""
+    env = {k: v for k, v in os.environ.items() if k != "LLMOS_API_KEY"}
+    if key is not None:
+        env["LLMOS_API_KEY"] = key
+    return subprocess.run(
         [BINARIES["llmos"], "--coordinator", f"http://{pod.ip}:50051", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
+
+
+def cli(pod, *args, key, timeout=60):
+    r = run_cli(pod, *args, key=key, timeout=timeout)
     assert r.returncode == 0, f"llmos {' '.join(args)}: {r.stderr[-2000:]}"
     return json.loads(r.stdout)
+
+
+def admin_key(cluster):
+    """The bootstrap admin key: what the coordinators' --admin-key-file
+    names, read from the rendered Secret their volume mounts."""
+    (sts,) = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"]
+    spec = sts["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    path = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--admin-key-file="))
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    source = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+    file = os.path.relpath(path, mount["mountPath"])
+    item = next(it for it in source["items"] if it["path"] == file)
+    key = cluster.secret_data(source["secretName"])[item["key"]]
+    assert len(key) >= 20, "the admin key has fewer than 20 characters"
+    return key
+
+
+def post_chat(url, key, timeout=60):
+    """An OpenAI chat completion; `key` goes in `Authorization: Bearer` (None: no header)."""
+    body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}).encode()
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+        return json.loads(r.read())
 
 
 def wait_until(what, check, timeout):
@@ -66,6 +106,17 @@ def wait_until(what, check, timeout):
             last = e
         time.sleep(0.5)
     raise AssertionError(f"{what} not reached in {timeout} s (last: {last})")
+
+
+def tenant_chat(url, key):
+    """A chat completion with a key just made: None while this coordinator
+    has not applied it yet (401), any other refusal raised."""
+    try:
+        return post_chat(url, key)
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            return None
+        raise
 
 
 def sets(image):
@@ -93,6 +144,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
     docs = pods.render(CHART, [VALUES], NS, sets(IMAGE))
     workdir = tempfile.mkdtemp(prefix="llmos-pods-")
     cluster = pods.Cluster(docs, NS, runtime, IMAGE, workdir, BINARIES)
+    key = admin_key(cluster)
     t0 = time.time()
     try:
         # Coordinators: a StatefulSet with podManagementPolicy Parallel.
@@ -106,13 +158,21 @@ def test_the_rendered_chart_forms_a_working_cluster():
         cluster.wait_ready(coordinators, timeout=60)
 
         def one_leader():
-            views = [cli(p, "status")["control_plane"] for p in coordinators]
+            views = [cli(p, "status", key=key)["control_plane"] for p in coordinators]
             leaders = {v["leader_id"] for v in views}
             members = {len(v["members"]) for v in views}
             return views if len(leaders) == 1 and 0 not in leaders and members == {3} else None
 
         views = wait_until("one leader known to all 3 coordinators", one_leader, 60)
         say(f"3 coordinators ready, leader {views[0]['leader']} ({time.time() - t0:.1f} s)")
+        # Keys are required: each coordinator says so and refuses a call
+        # without a key, or with a key that is not one of the cluster's.
+        assert [v["auth"] for v in views] == ["required"] * 3, views
+        for p in coordinators:
+            for wrong in (None, "x" * len(key)):
+                r = run_cli(p, "status", key=wrong)
+                assert r.returncode != 0 and "Unauthenticated" in r.stderr, (p.name, wrong is None, r.stderr[-1000:])
+        say("API keys required: `llmos status` without the admin key is refused (Unauthenticated)")
 
         # Workers: the pool's StatefulSet.
         worker_sts = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
@@ -124,7 +184,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
         cluster.wait_ready(workers, timeout=60)
 
         def registered_ids():
-            pools = cli(coordinators[0], "workers")
+            pools = cli(coordinators[0], "workers", key=key)
             return sorted(w["id"] for ws in pools.values() for w in ws if w["healthy"] and not w["gone"])
 
         def registered(n):
@@ -133,7 +193,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
 
         ids = wait_until("2 workers registered", lambda: registered(2), 60)
         assert ids == ["llmos-worker-cpu-0", "llmos-worker-cpu-1"], ids
-        pools = cli(coordinators[0], "workers")
+        pools = cli(coordinators[0], "workers", key=key)
         assert list(pools) == ["cpu"], f"workers grouped by pool: {pools}"
         say(f"workers registered: {ids} ({time.time() - t0:.1f} s)")
 
@@ -141,7 +201,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
         job = cluster.job_pod("llmos-models")
         out = run_to_end(cluster, job, timeout=300)
         assert '"applied"' in out and "smollm2" in out, out
-        model = next(m for m in cli(coordinators[1], "status")["models"] if m["name"] == "smollm2")
+        model = next(m for m in cli(coordinators[1], "status", key=key)["models"] if m["name"] == "smollm2")
         assert model["state"] == "Ready" and len(model["stages"]) == 2, model
         say(f"models Job applied smollm2 ({time.time() - t0:.1f} s)")
 
@@ -153,15 +213,22 @@ def test_the_rendered_chart_forms_a_working_cluster():
 
         # The OpenAI HTTP API on the port the chart opens, on every coordinator.
         http_port = next(p["containerPort"] for p in coordinators[0].container["ports"] if p["name"] == "http")
+        # A tenant key, made as NOTES.txt says, serves it on every
+        # coordinator; no key gets 401 with a Bearer challenge.
+        tenant = cli(coordinators[0], "keys", "create", "--tenant", "team-a", "--role", "user", key=key)
+        assert (tenant["tenant"], tenant["role"]) == ("team-a", "user") and tenant["key"], tenant
         for c in coordinators:
-            body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}).encode()
-            req = urllib.request.Request(f"http://{c.ip}:{http_port}/v1/chat/completions", body, {"content-type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                answer = json.loads(r.read())
+            url = f"http://{c.ip}:{http_port}/v1/chat/completions"
+            try:
+                post_chat(url, None)
+                raise AssertionError(f"{c.name}: a chat completion without a key was served")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401 and e.headers.get("www-authenticate", "").startswith("Bearer"), (c.name, e.code, dict(e.headers))
+            answer = wait_until(f"{c.name} serves the tenant key", lambda: tenant_chat(url, tenant["key"]), 30)
             assert answer["choices"][0]["message"]["content"], answer
-        say(f"HTTP chat completion on port {http_port} of each coordinator: {answer['choices'][0]['message']['content']!r}")
-        # What the chart's ServiceMonitor scrapes, and the pool label its
-        # autoscaler query selects on.
+        say(f"HTTP chat completion on port {http_port} of each coordinator with a tenant key (401 without): {answer['choices'][0]['message']['content']!r}")
+        # What the chart's ServiceMonitor scrapes (no key: auth.metricsNeedKey
+        # is off), and the pool label its autoscaler query selects on.
         with urllib.request.urlopen(f"http://{coordinators[0].ip}:{http_port}/metrics", timeout=30) as r:
             metrics = r.read().decode()
         assert 'llmos_requests_waiting{model="smollm2",pool="cpu"}' in metrics, metrics[-2000:]
@@ -171,7 +238,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
         # whole replacement replica (a drain places one before the old
         # replica lets go; it does not move single stages).
         for n in (3, 4):
-            cluster.docs = pods.render(CHART, [VALUES], NS, sets(IMAGE) + [f"workerPools[0].replicas={n}"])
+            cluster.upgrade(pods.render(CHART, [VALUES], NS, sets(IMAGE) + [f"workerPools[0].replicas={n}"]))
             new = [p for p in cluster.statefulset_pods("llmos-worker-cpu") if p.name not in cluster.pods]
             assert [p.name for p in new] == [f"llmos-worker-cpu-{n - 1}"]
             cluster.start(new[0])
@@ -191,13 +258,13 @@ def test_the_rendered_chart_forms_a_working_cluster():
         assert code == 0, f"{holder} exited {code} after SIGTERM:\n{cluster.logs(victim)[-3000:]}"
 
         def moved():
-            m = next(m for m in cli(coordinators[2], "status")["models"] if m["name"] == "smollm2")
+            m = next(m for m in cli(coordinators[2], "status", key=key)["models"] if m["name"] == "smollm2")
             placed = {s["worker"] for s in m["stages"]}
             return m if m["state"] == "Ready" and holder not in placed else None
 
         model = wait_until("smollm2 Ready without the drained worker", moved, 120)
         placed = [s["worker"] for s in model["stages"]]
-        assert set(placed) == {"llmos-worker-cpu-2", "llmos-worker-cpu-3"}, (before, placed)
+        assert set(placed) == {"llmos-worker-cpu-2", "llmos-worker-cpu-3"}, f"{before} -> {placed}; {holder}'s log:\n{cluster.logs(victim)[-3000:]}"
         say(f"SIGTERM to {holder}: drained and exited 0; smollm2 now on {placed} ({time.time() - t0:.1f} s)")
 
         # And the chart's test still passes.
@@ -209,14 +276,15 @@ def test_the_rendered_chart_forms_a_working_cluster():
 
         # An upgrade asking for 2 replicas (and a fifth worker to hold the
         # second): the post-upgrade Job runs again and scales the model.
-        cluster.docs = pods.render(CHART, [VALUES], NS, sets(IMAGE) + ["workerPools[0].replicas=5", "models[0].replicas=2"])
+        cluster.upgrade(pods.render(CHART, [VALUES], NS, sets(IMAGE) + ["workerPools[0].replicas=5", "models[0].replicas=2"]))
+        assert admin_key(cluster) == key, "the upgrade changed the admin key"
         fifth = cluster.statefulset_pods("llmos-worker-cpu")[4]
         cluster.start(fifth)
         cluster.wait_ready([fifth], timeout=60)
         wait_until("the fifth worker registered", lambda: fifth.name in (registered_ids() or []), 60)
         out = run_to_end(cluster, cluster.job_pod("llmos-models", attempt=1), timeout=300)
         assert "smollm2: scale 1 -> 2 replicas" in out, out
-        model = next(m for m in cli(coordinators[0], "status")["models"] if m["name"] == "smollm2")
+        model = next(m for m in cli(coordinators[0], "status", key=key)["models"] if m["name"] == "smollm2")
         assert model["replicas_desired"] == 2 and [r["state"] for r in model["replicas"]] == ["Ready", "Ready"], model
         say(f"upgrade with models[0].replicas=2: the Job scaled smollm2 to 2 Ready replicas; whole run {time.time() - t0:.1f} s ({runtime})")
     finally:

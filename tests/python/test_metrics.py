@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from local_cluster import local_cluster
+from local_cluster import auth, local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def value(samples, name, **labels):
 def complete(http, ids, max_tokens):
     body = json.dumps({"model": "smollm2", "prompt": ids, "max_tokens": max_tokens,
                        "temperature": 0, "ignore_eos": True}).encode()
-    req = urllib.request.Request(http + "/v1/completions", body, {"content-type": "application/json"})
+    req = urllib.request.Request(http + "/v1/completions", body, {"content-type": "application/json", **auth()})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 

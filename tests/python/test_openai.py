@@ -23,7 +23,7 @@ import urllib.request
 import openai
 import pytest
 
-from local_cluster import LLMOS, local_cluster
+from local_cluster import LLMOS, auth, local_cluster
 
 MODEL = "smollm2"
 
@@ -36,7 +36,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    return openai.OpenAI(base_url=cluster["http"] + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=cluster["http"] + "/v1", api_key=cluster["key"], max_retries=0)
 
 
 def grpc_tokens(cluster, prompt, max_tokens, raw, extra=()):
@@ -110,7 +110,7 @@ def test_streaming_chat_with_usage_then_done(client, cluster):
 
 def test_raw_stream_ends_with_done(cluster):
     body = json.dumps({"model": MODEL, "prompt": "One, two,", "max_tokens": 4, "temperature": 0, "stream": True}).encode()
-    req = urllib.request.Request(cluster["http"] + "/v1/completions", body, {"content-type": "application/json"})
+    req = urllib.request.Request(cluster["http"] + "/v1/completions", body, {"content-type": "application/json", **auth()})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [l for l in resp.read().decode().splitlines() if l.startswith("data: ")]
@@ -166,6 +166,20 @@ def test_errors_have_the_openai_classes(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body={"frobnicate": 1})
     assert e.value.body["param"] == "frobnicate"
+
+
+def test_a_missing_or_wrong_key_is_an_authentication_error(cluster):
+    """The official client's own classes: 401 is AuthenticationError."""
+    for key in ["", "llmos_0123456789abcdef_" + "0" * 64, "not-a-key"]:
+        c = openai.OpenAI(base_url=cluster["http"] + "/v1", api_key=key or "x", max_retries=0,
+                          default_headers={} if key else {"authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as e:
+            c.models.list()
+        assert e.value.status_code == 401
+        assert "key" in e.value.body["message"], e.value.body
+    # Probes stay open.
+    with urllib.request.urlopen(cluster["http"] + "/live", timeout=10) as r:
+        assert r.status == 200
 
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -287,7 +301,7 @@ def test_health_live_and_body_limit(cluster):
         with urllib.request.urlopen(cluster["http"] + path, timeout=10) as r:
             assert r.status == 200
     body = json.dumps({"model": MODEL, "prompt": "x" * (9 << 20)}).encode()
-    req = urllib.request.Request(cluster["http"] + "/v1/completions", body, {"content-type": "application/json"})
+    req = urllib.request.Request(cluster["http"] + "/v1/completions", body, {"content-type": "application/json", **auth()})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 413
@@ -308,8 +322,8 @@ def test_a_full_queue_is_429_with_retry_after_and_the_sdk_retry_succeeds(cluster
     assert deploy.returncode == 0, deploy.stderr
     statuses = []
     hooks = {"response": [lambda r: statuses.append(r.status_code)]}
-    no_retry = openai.OpenAI(base_url=cluster["http"] + "/v1", api_key="-", max_retries=0)
-    retrying = openai.OpenAI(base_url=cluster["http"] + "/v1", api_key="-", max_retries=8,
+    no_retry = openai.OpenAI(base_url=cluster["http"] + "/v1", api_key=cluster["key"], max_retries=0)
+    retrying = openai.OpenAI(base_url=cluster["http"] + "/v1", api_key=cluster["key"], max_retries=8,
                              http_client=openai.DefaultHttpxClient(event_hooks=hooks))
     long = dict(model="narrow", prompt="Once upon a time", temperature=0, max_tokens=60)
     blockers = []

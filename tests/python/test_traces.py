@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from local_cluster import local_cluster
+from local_cluster import auth, local_cluster
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -82,6 +82,7 @@ def test_one_request_is_one_trace_over_coordinator_and_every_stage(traced):
                        "temperature": 0}).encode()
     req = urllib.request.Request(cluster["http"] + "/v1/completions", body, {
         "content-type": "application/json",
+        **auth(),
         "traceparent": f"00-{TRACE}-{PARENT}-01",
         "x-request-id": "trace-me",
     })

@@ -508,6 +508,18 @@ fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     out
 }
 
+/// Decodes a snapshot file's bytes and the state it carries (the fuzz
+/// target's entry): the snapshot's index, or why it is refused.
+#[doc(hidden)]
+pub fn check_snapshot(bytes: &[u8]) -> Result<u64, String> {
+    let s = decode_snapshot(Path::new("<fuzz>"), bytes).map_err(|e| e.to_string())?;
+    if !s.get_data().is_empty() {
+        serde_json::from_slice::<crate::state::ClusterState>(s.get_data())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(s.get_metadata().index)
+}
+
 fn decode_snapshot(path: &Path, bytes: &[u8]) -> Result<Snapshot, LogError> {
     let corrupt = |what: &str| LogError::Corrupt {
         path: path.to_path_buf(),

@@ -76,6 +76,7 @@ impl ApiError {
                 // The wire's field under OpenAI's name.
                 let field = detail(REQUEST_FIELD_KEY).map(|f| match f.as_str() {
                     "max_new_tokens" => "max_tokens".to_string(),
+                    "stop_sequences" => "stop".to_string(),
                     _ => f,
                 });
                 let param = if context {

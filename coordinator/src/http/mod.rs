@@ -25,13 +25,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use llmos_proto::v1 as api;
 use llmos_proto::v1::inference_server::Inference;
 use serde_json::{json, Value};
 
+use crate::auth::{Caller, Role};
 use crate::cluster::Cluster;
 use crate::inference::{GenerateStream, InferenceService};
 use error::object;
@@ -53,18 +54,98 @@ struct Http {
     inference: InferenceService,
 }
 
+/// Checks a body as `/v1/chat/completions` (`chat`) or `/v1/completions`
+/// does (the fuzz target's entry): the choices it asks for, or the error
+/// body a client would get.
+#[doc(hidden)]
+pub fn check_body(chat: bool, body: &[u8]) -> Result<usize, String> {
+    let m = object(Ok(Bytes::copy_from_slice(body))).map_err(|e| e.body().to_string())?;
+    let endpoint = if chat {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completions
+    };
+    let p = parse(endpoint, &m, &HeaderMap::new()).map_err(|e| e.body().to_string())?;
+    Ok(p.choices.len())
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (health and liveness probes).
+    Open,
+    /// A key of at least this role (when keys are required).
+    Key(Role),
+    /// `/metrics`: a user key with `--metrics-need-key`, else open.
+    Metrics,
+}
+
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    access: Access,
+    handler: MethodRouter<Http>,
+}
+
+fn route<H, T>(method: &'static str, path: &'static str, access: Access, h: H) -> Route
+where
+    H: axum::handler::Handler<T, Http>,
+    T: 'static,
+{
+    let m = axum::http::Method::from_bytes(method.as_bytes()).expect("a method name");
+    let filter = MethodFilter::try_from(m).expect("a routable method");
+    Route {
+        method,
+        path,
+        access,
+        handler: axum::routing::on(filter, h),
+    }
+}
+
+/// Every route, with its access: the router is built from this list, so a
+/// route cannot be served without saying who may call it.
+fn routes() -> Vec<Route> {
+    vec![
+        route(
+            "POST",
+            "/v1/chat/completions",
+            Access::Key(Role::User),
+            chat,
+        ),
+        route(
+            "POST",
+            "/v1/completions",
+            Access::Key(Role::User),
+            completions,
+        ),
+        route("GET", "/v1/models", Access::Key(Role::User), models),
+        route("GET", "/health", Access::Open, health),
+        route("GET", "/live", Access::Open, || async { "ok" }),
+        route("GET", "/metrics", Access::Metrics, metrics),
+    ]
+}
+
+/// (method, path, access) of every route (tests enumerate them).
+pub fn route_table() -> Vec<(&'static str, &'static str, Access)> {
+    routes()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.access))
+        .collect()
+}
+
 /// The HTTP routes over `cluster`; bodies over `max_body_bytes` get 413.
 pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
     let state = Http {
-        inference: InferenceService { cluster },
+        inference: InferenceService {
+            cluster: Arc::clone(&cluster),
+        },
     };
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/live", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+    let mut router = Router::new();
+    for r in routes() {
+        let guard = axum::middleware::from_fn_with_state((Arc::clone(&cluster), r.access), require);
+        router = router.route(r.path, r.handler.route_layer(guard));
+    }
+    router
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -78,37 +159,98 @@ pub fn router(cluster: Arc<Cluster>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+/// Checks the `Authorization` header against the route's access; the
+/// caller goes into the request's extensions.
+async fn require(
+    State((cluster, access)): State<(Arc<Cluster>, Access)>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let auth = &cluster.config.auth;
+    let need = match access {
+        Access::Open => return next.run(req).await,
+        Access::Metrics if !auth.metrics_need_key => return next.run(req).await,
+        Access::Metrics => Role::User,
+        Access::Key(role) => role,
+    };
+    let value = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""));
+    match crate::auth::check(auth, &cluster.read().api_keys, value, need) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(denied) => {
+            let unauthenticated = matches!(denied, crate::auth::Denied::Unauthenticated(_));
+            let mut r = ApiError::from_status(&tonic::Status::from(denied)).into_response();
+            if unauthenticated {
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            r
+        }
+    }
+}
+
+/// Where a generation comes from: the caller's trace and key.
+#[derive(Clone, Default)]
+struct Origin {
+    traceparent: Option<String>,
+    caller: Option<Caller>,
+}
+
+impl request::Parsed {
+    fn origin(&self) -> Origin {
+        Origin {
+            traceparent: self.traceparent.clone(),
+            caller: self.caller.clone(),
+        }
+    }
+}
+
 /// `Generate`, the gRPC handler itself: the same checks, routing and
-/// migration; an error before the first item is the HTTP status.
+/// migration (and quota); an error before the first item is the HTTP
+/// status.
 async fn generate(
     state: &Http,
     req: &api::GenerateRequest,
-    traceparent: Option<&str>,
+    origin: &Origin,
 ) -> Result<GenerateStream, tonic::Status> {
     let mut request = tonic::Request::new(req.clone());
-    if let Some(v) = traceparent.and_then(|t| t.parse().ok()) {
+    if let Some(v) = origin.traceparent.as_deref().and_then(|t| t.parse().ok()) {
         request.metadata_mut().insert("traceparent", v);
+    }
+    if let Some(c) = &origin.caller {
+        request.extensions_mut().insert(c.clone());
     }
     Ok(state.inference.generate(request).await?.into_inner())
 }
 
 async fn chat(
     State(state): State<Http>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let m = object(body)?;
-    let p = parse(Endpoint::Chat, &m, &headers)?;
+    let mut p = parse(Endpoint::Chat, &m, &headers)?;
+    p.caller = caller.map(|Extension(c)| c);
     respond(state, p, Endpoint::Chat).await
 }
 
 async fn completions(
     State(state): State<Http>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let m = object(body)?;
-    let p = parse(Endpoint::Completions, &m, &headers)?;
+    let mut p = parse(Endpoint::Completions, &m, &headers)?;
+    p.caller = caller.map(|Extension(c)| c);
     respond(state, p, Endpoint::Completions).await
 }
 

@@ -75,6 +75,8 @@ pub(super) struct Parsed {
     /// The caller's W3C `traceparent` header: each choice's `generate`
     /// span is its child.
     pub traceparent: Option<String>,
+    /// Who asks (the API key checked by the router's middleware).
+    pub caller: Option<crate::auth::Caller>,
 }
 
 fn number(m: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
@@ -462,6 +464,7 @@ pub(super) fn parse(
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
+        caller: None,
     })
 }
 

@@ -60,8 +60,8 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
     let (tx, rx) = mpsc::channel(64);
     let mut heads = tokio::task::JoinSet::new();
     for (first, req) in p.choices.iter().enumerate().step_by(p.n) {
-        let (state, req, traceparent) = (state.clone(), req.clone(), p.traceparent.clone());
-        heads.spawn(async move { (first, generate(&state, &req, traceparent.as_deref()).await) });
+        let (state, req, origin) = (state.clone(), req.clone(), p.origin());
+        heads.spawn(async move { (first, generate(&state, &req, &origin).await) });
     }
     let mut streams = Vec::new();
     while let Some(done) = heads.join_next().await {
@@ -81,7 +81,7 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
         let siblings: Vec<(usize, api::GenerateRequest)> = (first + 1..first + p.n)
             .map(|i| (i, p.choices[i].clone()))
             .collect();
-        let (state, tx, traceparent) = (state.clone(), tx.clone(), p.traceparent.clone());
+        let (state, tx, origin) = (state.clone(), tx.clone(), p.origin());
         tokio::spawn(async move {
             let mut stream = stream;
             // Its first answer before the siblings start.
@@ -97,12 +97,12 @@ async fn start(state: &Http, p: &Parsed) -> Result<mpsc::Receiver<Tagged>, ApiEr
             for (i, req) in siblings {
                 let tx = tx.clone();
                 let state = state.clone();
-                let traceparent = traceparent.clone();
+                let origin = origin.clone();
                 tokio::spawn(async move {
                     // Dropping a pending Generate (the client left) cancels it.
                     let opened = tokio::select! {
                         _ = tx.closed() => return,
-                        r = generate(&state, &req, traceparent.as_deref()) => r,
+                        r = generate(&state, &req, &origin) => r,
                     };
                     match opened {
                         Ok(s) => {

@@ -204,6 +204,30 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 {{- end }}
 
+{{/* Secret holding the bootstrap admin key: auth.existingSecret, else `<fullname>-auth` (the chart's). */}}
+{{- define "llmos.auth.secretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "llmos.fullname" .)) }}
+{{- end }}
+
+{{/* Where the coordinators read the admin key (`--admin-key-file`): the Secret's volume and the file in it. */}}
+{{- define "llmos.auth.dir" -}}/etc/llmos/auth{{- end }}
+{{- define "llmos.auth.file" -}}admin-key{{- end }}
+
+{{/*
+LLMOS_API_KEY from the admin key's Secret, for the pods running the CLI
+against the coordinators (the models Job, the `helm test` pod); nothing when
+auth is off.
+*/}}
+{{- define "llmos.auth.apiKeyEnv" -}}
+{{- if .Values.auth.enabled }}
+- name: LLMOS_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llmos.auth.secretName" . }}
+      key: {{ .Values.auth.secretKey | quote }}
+{{- end }}
+{{- end }}
+
 {{/*
 Checks values.schema.json cannot express; each failure names the value and
 what to do. Included once, by the coordinator StatefulSet.
@@ -216,6 +240,9 @@ what to do. Included once, by the coordinator StatefulSet.
 {{- $metricsPort := include "llmos.worker.metricsPort" . }}
 {{- if has $metricsPort (list (include "llmos.worker.port" .) (include "llmos.worker.collectivePort" .)) }}
 {{- fail (printf "worker.metricsPort (%s) is the workers' gRPC (%s) or collective (%s) port: pick another" $metricsPort (include "llmos.worker.port" .) (include "llmos.worker.collectivePort" .)) }}
+{{- end }}
+{{- if and .Values.auth.metricsNeedKey (not .Values.auth.enabled) }}
+{{- fail "auth.metricsNeedKey needs auth.enabled: with --no-auth there are no keys to ask for" }}
 {{- end }}
 {{- $pools := dict }}
 {{- range $i, $pool := .Values.workerPools }}

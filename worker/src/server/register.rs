@@ -178,12 +178,12 @@ pub async fn drain(reg: &Registration, held: &super::HeldShards) {
         let Ok(channel) = endpoint.connect_timeout(CALL_TIMEOUT).connect().await else {
             continue;
         };
-        let mut admin = llmos_proto::v1::admin_client::AdminClient::new(channel);
-        match admin
-            .drain_worker(with_deadline(llmos_proto::v1::DrainWorkerRequest {
+        // The internal Registry, as registration and heartbeats: a worker
+        // holds no API key.
+        let mut registry = RegistryClient::new(channel);
+        match registry
+            .drain(with_deadline(llmos_proto::worker::v1::DrainRequest {
                 worker_id: reg.worker_id.clone(),
-                wait: Some(false),
-                wait_timeout_ms: 0,
             }))
             .await
         {
