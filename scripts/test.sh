@@ -5,7 +5,8 @@
 # template tests) and its rendered pods run as podman containers of the
 # image scripts/image.sh builds (as plain processes where podman cannot run,
 # which the test prints); and tests/python: what official Python clients see
-# (gRPC reflection through grpcio-reflection).
+# (gRPC reflection through grpcio-reflection); then every fuzz target for a
+# few seconds (scripts/fuzz.sh).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"
@@ -22,4 +23,7 @@ if ! LLMOS_IMAGE_SKIP_BUILD=1 bash scripts/image.sh; then
 fi
 # -rA: the summaries (skipped kinds, runtime, timings) show in a passing run.
 "$LLMOS_PYTHON" -m pytest -q -rA tests/helm tests/python || rc=$?
+# The decoders of untrusted input under libFuzzer: a short run of every
+# target (7 s each, about a minute), from the seeds and the cached corpus.
+bash scripts/fuzz.sh "${LLMOS_FUZZ_SECONDS:-7}" || rc=$?
 exit $rc

@@ -222,8 +222,19 @@ impl Tokenizer {
         chat_template_file: Option<String>,
     ) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner =
-            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| tok_err(&path, e))?;
+        // The tokenizers library panics on some malformed files (a decoder
+        // that is not JSON it expects, found by fuzzing): a bad file is an
+        // error naming it, not a dead process.
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                tok_err(&path, format!("malformed: {why}"))
+            })?
+            .map_err(|e| tok_err(&path, e))?;
         let parse = |name: &str, b: Option<&[u8]>| -> Result<serde_json::Value> {
             match b {
                 None => Ok(Default::default()),
@@ -479,6 +490,22 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (fuzz/seeds/tokenizer_json): the tokenizers
+    /// library panics on this file's decoder; loading it is an error.
+    #[test]
+    fn a_tokenizer_json_the_library_panics_on_is_an_error() {
+        let data = include_bytes!("../../fuzz/seeds/tokenizer_json/regression-decoder-panic");
+        let json = data.split(|&b| b == 0xFF).next().unwrap();
+        let e = Tokenizer::from_hf_files(Path::new("/m"), json, None, None, None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("/m/tokenizer.json") && e.contains("malformed"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn stop_matcher_holds_back_partial_matches() {
