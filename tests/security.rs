@@ -60,16 +60,21 @@ fn with_key<T>(key: &str, msg: T) -> tonic::Request<T> {
 /// (service, method, server-streaming) of every method of the public
 /// services, from the descriptors the server registers for reflection.
 fn public_methods() -> Vec<(String, String, bool)> {
+    methods_of(&["llmos.v1"])
+}
+
+/// The same for the services of `packages`.
+fn methods_of(packages: &[&str]) -> Vec<(String, String, bool)> {
     let set = prost_types::FileDescriptorSet::decode(llmos_proto::FILE_DESCRIPTOR_SET).unwrap();
     let mut out = Vec::new();
     for f in set.file {
-        if f.package() != "llmos.v1" {
+        if !packages.contains(&f.package()) {
             continue;
         }
         for s in &f.service {
             for m in &s.method {
                 out.push((
-                    format!("llmos.v1.{}", s.name()),
+                    format!("{}.{}", f.package(), s.name()),
                     m.name().to_string(),
                     m.server_streaming(),
                 ));
@@ -156,6 +161,33 @@ async fn generated(
         n += m.tokens.len();
     }
     n
+}
+
+/// Waits for a worker, then deploys SmolLM2 as `smol` (as admin).
+async fn deploy_smol(admin: &mut AdminClient<Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while admin
+        .list_workers(with_key(ADMIN_KEY, api::ListWorkersRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the worker did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    admin
+        .deploy_model(with_key(
+            ADMIN_KEY,
+            api::DeployModelRequest {
+                name: "smol".into(),
+                source: "smollm2".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
 }
 
 async fn create_key(
@@ -288,6 +320,7 @@ async fn every_public_rpc_and_route_needs_a_key_and_admin_calls_an_admin_key() {
         .control_plane
         .unwrap();
     assert_eq!(cp.auth, "required");
+    assert_eq!(cp.internal_plane, "shared");
     // Listing shows ids, tenants and roles, never a key.
     let listed = admin
         .list_keys(with_key(ADMIN_KEY, api::ListKeysRequest {}))
@@ -318,30 +351,7 @@ async fn a_tenant_over_its_quota_is_refused_with_a_retry_hint_while_another_is_s
     let ch = connect(&url, |c| c).await;
     let mut admin = AdminClient::new(ch.clone());
     let mut inference = InferenceClient::new(ch.clone());
-    // Wait for the worker (as admin).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while admin
-        .list_workers(with_key(ADMIN_KEY, api::ListWorkersRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the worker did not register");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    admin
-        .deploy_model(with_key(
-            ADMIN_KEY,
-            api::DeployModelRequest {
-                name: "smol".into(),
-                source: "smollm2".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap();
+    deploy_smol(&mut admin).await;
     // 60 tokens a minute: 1 a second.
     let small = create_key(
         &mut admin,
@@ -636,4 +646,81 @@ fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
             out.push(p);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_plane_listens_apart_from_the_public_one() {
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (p, i) = (public.local_addr().unwrap(), internal.local_addr().unwrap());
+    let config = llmos_coordinator::Config {
+        auth: auth_on(),
+        ..test_config()
+    };
+    tokio::spawn(async move {
+        let r = llmos_coordinator::serve_planes(
+            public,
+            Some(internal),
+            None,
+            config,
+            std::future::pending(),
+        )
+        .await;
+        eprintln!("coordinator stopped: {r:?}");
+    });
+    let (public_url, internal_url) = (format!("http://{p}"), format!("http://{i}"));
+    let public_ch = connect(&public_url, |c| c).await;
+    let internal_ch = connect(&internal_url, |c| c).await;
+    // Workers and Raft peers: the internal port only.
+    let internal_methods = methods_of(&["llmos.worker.v1", "llmos.coordinator.v1"]);
+    let registry: Vec<_> = internal_methods
+        .iter()
+        .filter(|(s, _, _)| s == "llmos.worker.v1.Registry" || s == "llmos.coordinator.v1.Peer")
+        .collect();
+    assert!(
+        registry.iter().any(|(_, m, _)| m == "Register"),
+        "{registry:?}"
+    );
+    assert!(registry.iter().any(|(_, m, _)| m == "Raft"), "{registry:?}");
+    for (svc, m, streaming) in registry {
+        assert_eq!(
+            raw_call(&public_ch, svc, m, *streaming, Some(ADMIN_KEY)).await,
+            Code::Unimplemented,
+            "{svc}/{m} on the public port"
+        );
+    }
+    // Clients: the public port only.
+    for (svc, m, streaming) in public_methods() {
+        assert_eq!(
+            raw_call(&internal_ch, &svc, &m, streaming, Some(ADMIN_KEY)).await,
+            Code::Unimplemented,
+            "{svc}/{m} on the internal port"
+        );
+    }
+    for ch in [&public_ch, &internal_ch] {
+        assert_eq!(
+            raw_call(ch, "grpc.health.v1.Health", "Check", false, None).await,
+            Code::Ok
+        );
+    }
+    // Status says where the internal plane is.
+    let cp = AdminClient::new(public_ch.clone())
+        .cluster_status(with_key(ADMIN_KEY, api::ClusterStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .control_plane
+        .unwrap();
+    assert_eq!(cp.internal_plane, i.to_string());
+    // A worker registered on the internal port serves what clients ask on
+    // the public one.
+    start_worker(&internal_url, "w0").await;
+    let mut admin = AdminClient::new(public_ch.clone());
+    deploy_smol(&mut admin).await;
+    let mut inference = InferenceClient::new(public_ch);
+    let prompt: Vec<u32> = (100..110).collect();
+    assert_eq!(
+        generated(&mut inference, ADMIN_KEY, ids_request("smol", &prompt, 4)).await,
+        4
+    );
 }

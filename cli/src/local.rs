@@ -102,7 +102,14 @@ async fn watch(children: &mut [(String, Child)]) -> Result<()> {
 pub async fn run(a: &LocalArgs) -> Result<()> {
     let mut children = Vec::new();
     let mut coord = Command::new(sibling("llmos-coordinator")?);
-    coord.args(["--listen", "127.0.0.1:0"]);
+    // The internal plane (worker registry, Raft) on its own port, as in a
+    // production cluster.
+    coord.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--internal-listen",
+        "127.0.0.1:0",
+    ]);
     let key = if a.insecure {
         coord.arg("--no-auth");
         None
@@ -130,7 +137,16 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
                 .map(|a| format!("http://{a}"))
         })
         .context("the coordinator did not print its HTTP address")?;
-    eprintln!("[llmos] coordinator on {url} (HTTP {http})");
+    let internal = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+        .await
+        .ok()
+        .and_then(|l| l.ok().flatten())
+        .and_then(|l| {
+            l.strip_prefix("internal listening on ")
+                .map(|a| format!("http://{a}"))
+        })
+        .context("the coordinator did not print its internal address")?;
+    eprintln!("[llmos] coordinator on {url} (HTTP {http}, internal {internal})");
     for i in 0..a.workers {
         let mut w = Command::new(sibling("llmos-worker")?);
         w.args([
@@ -138,7 +154,7 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
             "--listen",
             "127.0.0.1:0",
             "--coordinator",
-            &url,
+            &internal,
             "--worker-id",
         ])
         .arg(format!("local-{i}"))

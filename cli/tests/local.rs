@@ -19,7 +19,7 @@ fn addresses(stderr: &str) -> Vec<String> {
                 .filter(|w| w.contains(':') && w != &"HTTP")
                 // host:port, without a path (a worker's metrics URL).
                 .map(|a| {
-                    let a = a.trim_start_matches("http://");
+                    let a = a.trim_start_matches("http://").trim_end_matches(',');
                     a.split('/').next().unwrap_or(a).to_string()
                 })
                 .collect::<Vec<_>>()
@@ -88,8 +88,8 @@ fn local_cluster_streams_a_generation_over_two_stages() {
     let addrs = addresses(&stderr);
     assert_eq!(
         addrs.len(),
-        6,
-        "gRPC and HTTP of the coordinator, 2 workers and their metrics: {stderr}"
+        7,
+        "gRPC, HTTP and internal of the coordinator, 2 workers and their metrics: {stderr}"
     );
     all_closed(&addrs);
 }

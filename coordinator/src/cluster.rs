@@ -66,6 +66,9 @@ pub struct Config {
     pub grpc_max_message_bytes: usize,
     /// Streams one client connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// Where the internal plane (Registry, Peer) listens when apart from
+    /// the public port (set by `serve_planes`; status reports it).
+    pub internal_plane: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             auth: Default::default(),
             grpc_max_message_bytes: 8 << 20,
             max_streams_per_connection: 1024,
+            internal_plane: None,
         }
     }
 }

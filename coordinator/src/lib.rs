@@ -99,10 +99,32 @@ pub async fn serve_with_http(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let listen = listener.local_addr()?;
+    serve_planes(listener, None, http, config, shutdown).await
+}
+
+/// Every coordinator API: the public plane (`Inference`, `Admin`: API
+/// keys) on `public`, the internal plane (`Registry` for workers, `Peer`
+/// for Raft) on `internal` when given, else on `public` too; health and
+/// reflection (of what each listener serves) on both; the HTTP API on
+/// `http`. Raft peers and workers are then given the internal address.
+pub async fn serve_planes(
+    public: tokio::net::TcpListener,
+    internal: Option<tokio::net::TcpListener>,
+    http: Option<HttpListener>,
+    mut config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    config.internal_plane = match &internal {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let peers_reach = match &internal {
+        Some(l) => l.local_addr()?,
+        None => public.local_addr()?,
+    };
     let (store, peer): (Arc<dyn store::MetaStore>, _) = match &config.store {
         StoreConfig::Raft(s) => {
-            let (store, peer) = store::RaftStore::start(s, listen)?;
+            let (store, peer) = store::RaftStore::start(s, peers_reach)?;
             (store, Some(peer))
         }
         StoreConfig::Etcd(s) => (etcd::EtcdStore::start(s.clone()).await?, None),
@@ -116,56 +138,30 @@ pub async fn serve_with_http(
     health_reporter
         .set_serving::<llmos_proto::v1::inference_server::InferenceServer<inference::InferenceService>>()
         .await;
-    let mut served = vec![
-        "llmos.v1.Inference",
-        "llmos.v1.Admin",
-        "llmos.worker.v1.Registry",
-    ];
-    if peer.is_some() {
-        served.push("llmos.coordinator.v1.Peer");
-    }
-    let (reflection, reflection_v1alpha) =
-        llmos_proto::reflection(&served).expect("valid descriptor sets");
     let peer = peer.map(|p| {
         llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
             .max_decoding_message_size(256 << 20)
     });
-    let (stopping, stop_seen) = tokio::sync::oneshot::channel::<()>();
+    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+    let stopped_signal = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let http_task = http.map(|h| {
         let router = http::router(Arc::clone(&cluster), h.max_body_bytes);
+        let seen = stopped_signal(stop_seen.clone());
         tokio::spawn(async move {
             let r = axum::serve(h.listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_seen.await;
-                })
+                .with_graceful_shutdown(seen)
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         })
     });
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stopping.send(());
-    };
     use tonic::service::interceptor::InterceptedService;
     let max_message = cluster.config.grpc_max_message_bytes;
-    let result = tonic::transport::Server::builder()
-        // A client opening more streams on one connection waits for one
-        // to end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS).
-        .max_concurrent_streams(Some(cluster.config.max_streams_per_connection))
-        .add_optional_service(peer)
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            llmos_proto::worker::v1::registry_server::RegistryServer::new(
-                registry::RegistryService {
-                    cluster: Arc::clone(&cluster),
-                },
-            ),
-        )
-        .add_service(InterceptedService::new(
+    let public_services = |b: &mut tonic::service::RoutesBuilder| {
+        b.add_service(InterceptedService::new(
             llmos_proto::v1::admin_server::AdminServer::new(admin::AdminService {
                 cluster: Arc::clone(&cluster),
             })
@@ -181,15 +177,84 @@ pub async fn serve_with_http(
             })
             .max_decoding_message_size(max_message),
             auth::Require {
-                cluster,
+                cluster: Arc::clone(&cluster),
                 need: auth::Role::User,
             },
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+        ));
+    };
+    let internal_services = |b: &mut tonic::service::RoutesBuilder| {
+        b.add_service(
+            llmos_proto::worker::v1::registry_server::RegistryServer::new(
+                registry::RegistryService {
+                    cluster: Arc::clone(&cluster),
+                },
+            ),
+        );
+        if let Some(p) = peer.clone() {
+            b.add_service(p);
+        }
+    };
+    // Reflection advertises exactly what each listener serves.
+    let mut public_names = vec!["llmos.v1.Inference", "llmos.v1.Admin"];
+    let mut internal_names = vec!["llmos.worker.v1.Registry"];
+    if peer.is_some() {
+        internal_names.push("llmos.coordinator.v1.Peer");
+    }
+    let mut planes = Vec::new();
+    match internal {
+        None => {
+            public_names.extend(internal_names);
+            let mut b = tonic::service::Routes::builder();
+            public_services(&mut b);
+            internal_services(&mut b);
+            planes.push((public, b, public_names));
+        }
+        Some(internal) => {
+            let mut b = tonic::service::Routes::builder();
+            public_services(&mut b);
+            planes.push((public, b, public_names));
+            let mut b = tonic::service::Routes::builder();
+            internal_services(&mut b);
+            planes.push((internal, b, internal_names));
+        }
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    for (listener, mut routes, names) in planes {
+        let (reflection, reflection_v1alpha) =
+            llmos_proto::reflection(&names).expect("valid descriptor sets");
+        routes
+            .add_service(health.clone())
+            .add_service(reflection)
+            .add_service(reflection_v1alpha);
+        let seen = stopped_signal(stop_seen.clone());
+        let max_streams = cluster.config.max_streams_per_connection;
+        servers.spawn(
+            tonic::transport::Server::builder()
+                // A client opening more streams on one connection waits for
+                // one to end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS).
+                .max_concurrent_streams(Some(max_streams))
+                .add_routes(routes.routes())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    seen,
+                ),
+        );
+    }
+    drop(cluster);
+    // The first server to stop (shutdown, or an error) stops the others.
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown => {}
+        Some(r) = servers.join_next() => {
+            result = r.expect("a server task");
+        }
+    }
+    let _ = stopping.send(true);
+    while let Some(r) = servers.join_next().await {
+        if result.is_ok() {
+            result = r.expect("a server task");
+        }
+    }
     if let Some(mut t) = http_task {
         if tokio::time::timeout(HTTP_FINISH_GRACE, &mut t)
             .await

@@ -19,6 +19,13 @@ struct Cli {
         default_value = "127.0.0.1:50051"
     )]
     listen: std::net::SocketAddr,
+    /// Address of the internal plane: `Registry` (workers register and
+    /// heartbeat there) and `Peer` (Raft between coordinators). Default:
+    /// none, both served on --listen beside the public API. Given, --listen
+    /// serves only `Inference` and `Admin` (API keys), so a NetworkPolicy
+    /// can admit clients to one port and only cluster pods to the other.
+    #[arg(long, env = "LLMOS_INTERNAL_LISTEN")]
+    internal_listen: Option<std::net::SocketAddr>,
     /// Address of the OpenAI-compatible HTTP API (`off`: none). Default:
     /// --listen's IP, port 8000 (port 0 when --listen asks for port 0).
     #[arg(long, env = "LLMOS_HTTP_LISTEN")]
@@ -112,7 +119,8 @@ struct Cli {
     /// Raft: start empty and wait to be added with `llmos members add`.
     #[arg(long, env = "LLMOS_JOIN")]
     join: bool,
-    /// Raft: the address peers reach this replica at (default: http://<listen>).
+    /// Raft: the address peers reach this replica at (default:
+    /// http://<internal-listen>, else http://<listen>).
     #[arg(long, env = "LLMOS_ADVERTISE")]
     advertise: Option<String>,
     /// Raft: applied entries between snapshots (log compaction).
@@ -170,11 +178,26 @@ async fn main() -> Result<()> {
             max_body_bytes: cli.http_max_body_bytes,
         }),
     };
-    // Both addresses in one write: a launcher reading only the first line
+    let internal = match cli.internal_listen {
+        None => None,
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("bind --internal-listen {a}"))?,
+        ),
+    };
+    // Every address in one write: a launcher reading only the first line
     // may close the pipe after it.
     let mut announce = format!("listening on {listen}\n");
     if let Some(h) = &http {
         announce.push_str(&format!("http listening on {}\n", h.listener.local_addr()?));
+    }
+    let internal_addr = match &internal {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    if let Some(a) = internal_addr {
+        announce.push_str(&format!("internal listening on {a}\n"));
     }
     {
         use std::io::Write;
@@ -185,7 +208,7 @@ async fn main() -> Result<()> {
     let advertise = cli
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{listen}"));
+        .unwrap_or_else(|| format!("http://{}", internal_addr.unwrap_or(listen)));
     let store = match cli.store.as_str() {
         "etcd" => StoreConfig::Etcd(EtcdSettings::new(
             cli.etcd_endpoints
@@ -230,7 +253,7 @@ async fn main() -> Result<()> {
         max_streams_per_connection: cli.max_streams_per_connection.max(1),
         ..Default::default()
     };
-    llmos_coordinator::serve_with_http(listener, http, config, async {
+    llmos_coordinator::serve_planes(listener, internal, http, config, async {
         let why = signals.recv().await;
         tracing::info!(signal = why, "shutting down");
     })

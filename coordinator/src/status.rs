@@ -232,6 +232,10 @@ pub(crate) fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
         } else {
             "off".into()
         },
+        internal_plane: match cluster.config.internal_plane {
+            Some(a) => a.to_string(),
+            None => "shared".into(),
+        },
         members: c
             .members
             .into_iter()

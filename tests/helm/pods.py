@@ -82,6 +82,12 @@ class Pod:
     def container(self) -> dict:
         return self.spec["containers"][0]
 
+    def port(self, name: str) -> int:
+        """The container port named `name` (as a Service's targetPort names it)."""
+        found = [p["containerPort"] for p in self.container.get("ports", []) if p["name"] == name]
+        assert len(found) == 1, f"pod {self.name}: container port {name!r} declared {len(found)} times"
+        return found[0]
+
 
 class Cluster:
     """The pods of one rendered release, started on demand."""
@@ -401,6 +407,20 @@ class Cluster:
                 os.killpg(p.handle.pid, signal.SIGKILL)
                 p.handle.wait()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def grpc_unary(address: str, method: str, request: bytes = b"", timeout: float = 10) -> tuple[grpc.StatusCode, bytes | None]:
+    """One unary call of `method` (`/package.Service/Method`) with a raw
+    protobuf request (b"": every field at its default), no metadata (no
+    API key): its status code and, when OK, the raw response. Needs no
+    generated stubs, so it asks any port which services it serves
+    (UNIMPLEMENTED: not this one)."""
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            return grpc.StatusCode.OK, call(request, timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code(), None
 
 
 def podman_usable(image: str) -> str | None:

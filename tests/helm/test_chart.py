@@ -140,12 +140,15 @@ def test_kube_version_below_claimed_is_refused():
 # ---------------------------------------------------------------- coordinators
 
 
-def expected_peers(n, release=RELEASE, ns=NAMESPACE, domain="cluster.local"):
+def internal_urls(n, release=RELEASE, ns=NAMESPACE, domain="cluster.local", port=50052):
+    """Each coordinator pod's internal-plane URL: its name through the
+    headless peers Service, on the internal port."""
     full = release if "llmos" in release else f"{release}-llmos"
-    return [
-        f"{i + 1}=http://{full}-coordinator-{i}.{full}-coordinator-peers.{ns}.svc.{domain}:50051"
-        for i in range(n)
-    ]
+    return [f"http://{full}-coordinator-{i}.{full}-coordinator-peers.{ns}.svc.{domain}:{port}" for i in range(n)]
+
+
+def expected_peers(n, release=RELEASE, ns=NAMESPACE, domain="cluster.local", port=50052):
+    return [f"{i + 1}={url}" for i, url in enumerate(internal_urls(n, release, ns, domain, port))]
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -161,7 +164,9 @@ def test_coordinator_peers_list(n):
     peers = expected_peers(n)
     assert flag(args, "peers") == ",".join(peers)
     assert flag(args, "node-id") == "0"
+    # Public plane on 50051, internal plane (Registry, Raft) on 50052.
     assert flag(args, "listen") == "$(POD_IP):50051"
+    assert flag(args, "internal-listen") == "$(POD_IP):50052"
     assert flag(args, "data-dir") == "/var/lib/llmos"
     assert flag(args, "cluster-id") == "llmos"
     # Each pod's --advertise (with its name put in for $(POD_NAME)) is its
@@ -178,13 +183,16 @@ def test_coordinator_peers_follow_release_namespace_and_domain():
     args = container(sts)["args"]
     assert flag(args, "peers") == ",".join(expected_peers(3, "prod", "serving", "corp.internal"))
     assert flag(args, "advertise") == (
-        "http://$(POD_NAME).prod-llmos-coordinator-peers.serving.svc.corp.internal:50051"
+        "http://$(POD_NAME).prod-llmos-coordinator-peers.serving.svc.corp.internal:50052"
     )
     one(docs, "Service", "prod-llmos-coordinator-peers")
     worker = pools(docs)["cpu"]
-    assert flag(container(worker)["args"], "coordinator") == (
-        "http://prod-llmos-coordinator.serving.svc.corp.internal:50051"
+    assert flag(container(worker)["args"], "coordinator") == ",".join(
+        internal_urls(3, "prod", "serving", "corp.internal")
     )
+    # The CLI pods keep the client Service's public port.
+    for w in cli_workloads(docs, "prod-llmos"):
+        assert "--coordinator=http://prod-llmos-coordinator.serving.svc.corp.internal:50051" in container(w)["command"]
 
 
 def test_coordinator_env_has_downward_api_and_pod_name():
@@ -206,7 +214,9 @@ def test_coordinator_services_probes_and_storage():
     peers = one(docs, "Service", "llmos-coordinator-peers")
     assert peers["spec"]["clusterIP"] == "None"
     assert peers["spec"]["publishNotReadyAddresses"] is True
-    assert peers["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"}]
+    # The headless Service carries the internal plane only; the client
+    # Service the public ports only.
+    assert peers["spec"]["ports"] == [{"name": "internal", "port": 50052, "targetPort": "internal", "protocol": "TCP"}]
     client = one(docs, "Service", coord_name())
     assert client["spec"]["type"] == "ClusterIP"
     assert [(p["name"], p["port"]) for p in client["spec"]["ports"]] == [("http", 8000), ("grpc", 50051)]
@@ -214,6 +224,8 @@ def test_coordinator_services_probes_and_storage():
     for svc in (peers, client):
         assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     c = container(sts)
+    assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("grpc", 50051), ("http", 8000), ("internal", 50052)]
+    # Health is served on both gRPC ports; the probes keep the public one.
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["grpc"] == {"port": 50051}, probe
     claim = sts["spec"]["volumeClaimTemplates"][0]
@@ -325,7 +337,8 @@ def test_worker_pool_flags_labels_and_pod_labels():
         "--metrics-listen=$(POD_IP):9091",
         "--advertise=http://$(POD_IP):50061",
         "--worker-id=$(POD_NAME)",
-        f"--coordinator=http://llmos-coordinator.{NAMESPACE}.svc.cluster.local:50051",
+        # Every coordinator's internal plane, through the headless Service.
+        "--coordinator=" + ",".join(internal_urls(3)),
         "--device=cuda",
         "--pool=big",
         "--threads=8",
@@ -602,9 +615,9 @@ def admin_key_file(sts) -> tuple[str, dict, dict]:
     return path, mounts[0], volume["secret"]
 
 
-def cli_workloads(docs) -> list[dict]:
+def cli_workloads(docs, fullname="llmos") -> list[dict]:
     """What runs the llmos CLI against the coordinators: the models Job and the `helm test` pod."""
-    out = [one(docs, "Job", "llmos-models"), one(docs, "Pod", "llmos-test-generate")]
+    out = [one(docs, "Job", f"{fullname}-models"), one(docs, "Pod", f"{fullname}-test-generate")]
     for w in out:
         assert container(w)["command"][0] == "/usr/local/bin/llmos"
     return out
@@ -733,8 +746,17 @@ def test_network_policies():
     docs = render([VALUES_GPU], {"networkPolicy": {"enabled": True}})
     coord = one(docs, "NetworkPolicy", coord_name())
     assert coord["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "coordinator"
+    public_rule, internal_rule = coord["spec"]["ingress"]
     # 50051 (gRPC) and 8000 (HTTP) from anywhere: no `from` in the rule.
-    assert coord["spec"]["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}]
+    assert public_rule == {"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}
+    # The internal port only from this release's coordinator and worker pods.
+    assert internal_rule["ports"] == [{"port": 50052, "protocol": "TCP"}]
+    release = {"app.kubernetes.io/name": "llmos", "app.kubernetes.io/instance": RELEASE}
+    assert internal_rule["from"] == [
+        {"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": "coordinator"}}},
+        {"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": "worker"}}},
+    ]
+    assert_internal_port_admits_only_coordinators_and_workers(docs, coord)
     workers = one(docs, "NetworkPolicy", "llmos-worker")
     sel = workers["spec"]["podSelector"]["matchLabels"]
     assert sel["app.kubernetes.io/component"] == "worker"
@@ -750,6 +772,82 @@ def test_network_policies():
         assert sel.items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     # Coordinators are pods of this release: they reach the workers.
     assert peer["podSelector"]["matchLabels"].items() <= one(docs, "StatefulSet", coord_name())["spec"]["template"]["metadata"]["labels"].items()
+
+
+def policy_admits(policy, source_labels, port) -> bool:
+    """Whether an Ingress NetworkPolicy lets a pod with `source_labels`, in
+    the policy's namespace, reach `port` of the pods it selects (the rules'
+    union; a rule without `ports` covers every port, one without `from`
+    every source)."""
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports and not any(p["port"] == port for p in ports):
+            continue
+        peers = rule.get("from")
+        if not peers:
+            return True
+        for peer in peers:
+            # Only what the chart uses is evaluated here.
+            assert set(peer) == {"podSelector"} and set(peer["podSelector"]) == {"matchLabels"}, peer
+            if peer["podSelector"]["matchLabels"].items() <= source_labels.items():
+                return True
+    return False
+
+
+def assert_internal_port_admits_only_coordinators_and_workers(docs, policy, internal=50052, release=RELEASE):
+    """Follows the coordinators' policy from every pod the chart renders:
+    the internal port admits the coordinators and every pool's workers,
+    not the models Job, the test pod or a pod of another release; the
+    public ports admit everyone."""
+    coordinators = one(docs, "StatefulSet", coord_name(release if "llmos" in release else f"{release}-llmos"))
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(coordinators).items()
+    workloads = {f'{w["kind"]}/{w["metadata"]["name"]}': pod_labels(w)
+                 for w in docs if w["kind"] in ("StatefulSet", "Job", "Pod")}
+    other = {"app.kubernetes.io/name": "llmos", "app.kubernetes.io/instance": "other",
+             "app.kubernetes.io/component": "worker"}
+    outsiders = {"a pod of another release": other, "a pod without labels": {}}
+    admitted = sorted(w for w, labels in workloads.items() if policy_admits(policy, labels, internal))
+    expected = sorted(w for w in workloads if w.startswith("StatefulSet/"))
+    assert admitted == expected, f"the internal port {internal} admits {admitted}, expected {expected}"
+    assert len(expected) >= 2, expected
+    assert any(w.startswith(("Job/", "Pod/")) for w in workloads), "no CLI pod rendered to check"
+    for what, labels in outsiders.items():
+        assert not policy_admits(policy, labels, internal), what
+    for port in (50051, 8000):
+        for what, labels in {**workloads, **outsiders}.items():
+            assert policy_admits(policy, labels, port), f"public port {port} refuses {what}"
+
+
+def test_network_policy_internal_port_follows_the_value_and_release():
+    docs = render([VALUES_GPU], {"networkPolicy": {"enabled": True}, "coordinator": {"internalPort": 7070}},
+                  release="prod")
+    policy = one(docs, "NetworkPolicy", "prod-llmos-coordinator")
+    assert [p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]] == [50051, 8000, 7070]
+    assert set(pools(docs)) == {"gpu", "cpu"}
+    assert_internal_port_admits_only_coordinators_and_workers(docs, policy, internal=7070, release="prod")
+    # The default internal port is closed to pods outside: 7070 is not 50052.
+    assert not policy_admits(policy, {}, 50052)
+
+
+def test_internal_port_value_moves_every_use():
+    docs = render(values={"coordinator": {"internalPort": 6000}})
+    c = container(one(docs, "StatefulSet", coord_name()))
+    assert flag(c["args"], "internal-listen") == "$(POD_IP):6000"
+    assert flag(c["args"], "listen") == "$(POD_IP):50051"
+    assert {"name": "internal", "containerPort": 6000, "protocol": "TCP"} in c["ports"]
+    assert flag(c["args"], "peers") == ",".join(expected_peers(3, port=6000))
+    assert flag(c["args"], "advertise").endswith(".llmos-coordinator-peers.llmos-test.svc.cluster.local:6000")
+    assert flag(container(pools(docs)["cpu"])["args"], "coordinator") == ",".join(internal_urls(3, port=6000))
+    peers = one(docs, "Service", "llmos-coordinator-peers")
+    assert [(p["port"], p["targetPort"]) for p in peers["spec"]["ports"]] == [(6000, "internal")]
+    client = one(docs, "Service", coord_name())
+    assert all(p["port"] != 6000 and p["targetPort"] != "internal" for p in client["spec"]["ports"])
+    # The internal plane needs a port of its own.
+    for taken in (50051, 8000):
+        err = render_error(values={"coordinator": {"internalPort": taken}})
+        assert f"coordinator.internalPort ({taken})" in err and "pick another" in err, err
+    for bad in (0, 70000, "50052"):
+        assert "/coordinator/internalPort" in render_error(values={"coordinator": {"internalPort": bad}})
 
 
 def test_service_monitor():
@@ -770,8 +868,10 @@ def test_network_policy_follows_the_metrics_port():
     docs = render(values={"networkPolicy": {"enabled": True}, "worker": {"metricsPort": 9400}})
     _, metrics_rule = one(docs, "NetworkPolicy", "llmos-worker")["spec"]["ingress"]
     assert metrics_rule == {"ports": [{"port": 9400, "protocol": "TCP"}]}
-    # The coordinators' policy is unchanged.
-    assert len(one(docs, "NetworkPolicy", coord_name())["spec"]["ingress"]) == 1
+    # The coordinators' policy is unchanged: the public rule and the internal one.
+    public_rule, internal_rule = one(docs, "NetworkPolicy", coord_name())["spec"]["ingress"]
+    assert [p["port"] for p in public_rule["ports"]] == [50051, 8000]
+    assert [p["port"] for p in internal_rule["ports"]] == [50052]
 
 
 def pod_labels(workload):
@@ -902,6 +1002,20 @@ def test_notes_say_how_to_call_the_api():
     assert (f"export LLMOS_API_KEY=$(kubectl -n {NAMESPACE} get secret llmos-auth "
             "-o jsonpath='{.data.admin-key}' | base64 -d)") in notes
     assert "llmos --coordinator http://127.0.0.1:50051 keys create --tenant team-a --role user" in notes
+    # Which port is which: the public one with keys, the internal one for
+    # the cluster's pods only (and how to enforce that).
+    flat = " ".join(notes.split())
+    assert "50051 (gRPC) and 8000 (HTTP): the public API, on the client Service llmos-coordinator; API keys guard it." in flat
+    assert ("50052 (internal): the worker registry and Raft between coordinators, "
+            "on the headless Service llmos-coordinator-peers only") in flat
+    assert "set networkPolicy.enabled to admit only this release's coordinator and worker pods" in flat
+    assert "carries both" not in flat
+    r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                 "--set", "networkPolicy.enabled=true", "--set", "coordinator.internalPort=7070")
+    assert r.returncode == 0, r.stderr
+    flat = " ".join(r.stdout.split("NOTES:", 1)[1].split())
+    assert "7070 (internal)" in flat, flat
+    assert "the NetworkPolicy llmos-coordinator admits only this release's coordinator and worker pods" in flat, flat
     r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
                  "--set", "auth.existingSecret=team-keys", "--set", "auth.secretKey=tls.key")
     assert r.returncode == 0, r.stderr

@@ -2,9 +2,11 @@
 
 Renders helm/llmos with values-cpu.yaml and runs every pod as Kubernetes
 would, one container per pod on its own loopback address (see pods.py):
-3 coordinators elect a leader through the headless Service's names, 2
-workers register through the client Service's name, the post-install Job
-applies the chart's models, the `helm test` pod generates. The coordinators
+3 coordinators elect a leader through the headless Service's names on the
+internal port; each one's public port answers the worker Registry and Raft
+UNIMPLEMENTED while its internal port answers the Registry; 2 workers
+register through the headless Service's names on the internal port, the
+post-install Job applies the chart's models, the `helm test` pod generates. The coordinators
 read the bootstrap admin key from the rendered Secret; the Job, the test pod
 and this test's CLI calls send it, a call without it is refused, and a
 tenant key made with `llmos keys create` serves the HTTP API on every
@@ -30,6 +32,8 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
+
 import pods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +58,7 @@ def run_cli(pod, *args, key, timeout=60):
     if key is not None:
         env["LLMOS_API_KEY"] = key
     return subprocess.run(
-        [BINARIES["llmos"], "--coordinator", f"http://{pod.ip}:50051", *args],
+        [BINARIES["llmos"], "--coordinator", f"http://{pod.ip}:{pod.port('grpc')}", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -119,6 +123,40 @@ def tenant_chat(url, key):
         raise
 
 
+REGISTRY_HEARTBEAT = "/llmos.worker.v1.Registry/Heartbeat"
+PEER_RAFT = "/llmos.coordinator.v1.Peer/Raft"
+ADMIN_STATUS = "/llmos.v1.Admin/ClusterStatus"
+
+
+def check_planes(coordinators):
+    """On every coordinator: the public port answers the internal plane's
+    services UNIMPLEMENTED (and the public API, keyless, UNAUTHENTICATED:
+    it is served there); the internal port answers a Heartbeat (an empty
+    one: worker id "", which the leader answers `known: false`, the empty
+    message; a follower forwards it there) and answers the public API
+    UNIMPLEMENTED."""
+    for p in coordinators:
+        public = f"{p.ip}:{p.port('grpc')}"
+        internal = f"{p.ip}:{p.port('internal')}"
+        assert public != internal, p.name
+        for method in (REGISTRY_HEARTBEAT, PEER_RAFT):
+            code, _ = pods.grpc_unary(public, method)
+            assert code == grpc.StatusCode.UNIMPLEMENTED, f"{p.name}: {method} on the public port {public}: {code}"
+        code, _ = pods.grpc_unary(public, ADMIN_STATUS)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, f"{p.name}: keyless {ADMIN_STATUS} on the public port: {code}"
+
+        def heartbeat_answered():
+            code, reply = pods.grpc_unary(internal, REGISTRY_HEARTBEAT)
+            # UNAVAILABLE: a follower that has not yet learned the leader's
+            # address; anything else is an answer to judge.
+            return None if code == grpc.StatusCode.UNAVAILABLE else (code, reply)
+
+        code, reply = wait_until(f"{p.name} answers a Heartbeat on its internal port", heartbeat_answered, 20)
+        assert (code, reply) == (grpc.StatusCode.OK, b""), f"{p.name}: {REGISTRY_HEARTBEAT} on the internal port {internal}: {code} {reply!r}"
+        code, _ = pods.grpc_unary(internal, ADMIN_STATUS)
+        assert code == grpc.StatusCode.UNIMPLEMENTED, f"{p.name}: {ADMIN_STATUS} on the internal port {internal}: {code}"
+
+
 def sets(image):
     repo, tag = image.rsplit(":", 1)
     return [f"image.repository={repo}", f"image.tag={tag}"]
@@ -174,6 +212,14 @@ def test_the_rendered_chart_forms_a_working_cluster():
                 assert r.returncode != 0 and "Unauthenticated" in r.stderr, (p.name, wrong is None, r.stderr[-1000:])
         say("API keys required: `llmos status` without the admin key is refused (Unauthenticated)")
 
+        # Two planes on two ports. The public port (container port grpc,
+        # the client Service's) serves no internal service; the internal
+        # port (container port internal, the headless Service's) serves the
+        # worker Registry, which takes no key, and not the public API.
+        check_planes(coordinators)
+        say(f"planes: public port {coordinators[0].port('grpc')} answers Registry/Peer UNIMPLEMENTED; "
+            f"internal port {coordinators[0].port('internal')} answers Registry, not Admin")
+
         # Workers: the pool's StatefulSet.
         worker_sts = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
         assert [s["metadata"]["name"] for s in worker_sts] == ["llmos-worker-cpu"]
@@ -212,7 +258,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
         say(f"helm test pod generated: {out.strip().splitlines()[0]!r}")
 
         # The OpenAI HTTP API on the port the chart opens, on every coordinator.
-        http_port = next(p["containerPort"] for p in coordinators[0].container["ports"] if p["name"] == "http")
+        http_port = coordinators[0].port("http")
         # A tenant key, made as NOTES.txt says, serves it on every
         # coordinator; no key gets 401 with a Bearer challenge.
         tenant = cli(coordinators[0], "keys", "create", "--tenant", "team-a", "--role", "user", key=key)

@@ -54,7 +54,14 @@ app.kubernetes.io/part-of: llmos
 {{- end }}
 
 {{/* Ports: one of each, used by every template. */}}
+{{/* Port of the coordinators' public gRPC API (Inference, Admin: API keys). */}}
 {{- define "llmos.coordinator.port" -}}50051{{- end }}
+
+{{/*
+Port of the coordinators' internal plane (`--internal-listen`): the worker
+Registry and Raft between coordinators; coordinator.internalPort.
+*/}}
+{{- define "llmos.coordinator.internalPort" -}}{{ .Values.coordinator.internalPort | int }}{{- end }}
 
 {{/* Port of the coordinators' OpenAI-compatible HTTP API. */}}
 {{- define "llmos.coordinator.httpPort" -}}8000{{- end }}
@@ -78,31 +85,52 @@ app.kubernetes.io/part-of: llmos
 app.kubernetes.io/component: coordinator
 {{- end }}
 
-{{/* The client URL of the coordinators: their client Service's FQDN. */}}
+{{/* The client URL of the coordinators (public API): their client Service's FQDN. */}}
 {{- define "llmos.coordinator.url" -}}
 {{- printf "http://%s.%s.svc.%s:%s" (include "llmos.coordinator.fullname" .) .Release.Namespace .Values.clusterDomain (include "llmos.coordinator.port" .) }}
 {{- end }}
 
 {{/*
-Host name of coordinator pod ORDINAL through the headless peers Service.
+Internal-plane URL of one coordinator pod: its stable name through the
+headless peers Service, on the internal port.
 Call with (dict "ctx" $ "pod" "<pod name or $(POD_NAME)>").
 */}}
 {{- define "llmos.coordinator.peerURL" -}}
 {{- $ctx := .ctx }}
-{{- printf "http://%s.%s.%s.svc.%s:%s" .pod (include "llmos.coordinator.peersService" $ctx) $ctx.Release.Namespace $ctx.Values.clusterDomain (include "llmos.coordinator.port" $ctx) }}
+{{- printf "http://%s.%s.%s.svc.%s:%s" .pod (include "llmos.coordinator.peersService" $ctx) $ctx.Release.Namespace $ctx.Values.clusterDomain (include "llmos.coordinator.internalPort" $ctx) }}
+{{- end }}
+
+{{/* Names of the coordinator pods, ordinal order. Returns YAML; use with fromYamlArray. */}}
+{{- define "llmos.coordinator.podNames" -}}
+{{- $names := list }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $names = append $names (printf "%s-%d" (include "llmos.coordinator.fullname" $) $i) }}
+{{- end }}
+{{- toYaml $names }}
 {{- end }}
 
 {{/*
-Founding Raft peers: `1=http://<fullname>-coordinator-0.<peers svc>...:50051,2=...`,
+Founding Raft peers: `1=http://<fullname>-coordinator-0.<peers svc>...:<internalPort>,2=...`,
 node id = StatefulSet ordinal + 1 (what `--node-id=0` makes of the pod name).
 */}}
 {{- define "llmos.coordinator.peers" -}}
 {{- $peers := list }}
-{{- range $i := until (int .Values.coordinator.replicas) }}
-{{- $pod := printf "%s-%d" (include "llmos.coordinator.fullname" $) $i }}
+{{- range $i, $pod := include "llmos.coordinator.podNames" . | fromYamlArray }}
 {{- $peers = append $peers (printf "%d=%s" (add1 $i) (include "llmos.coordinator.peerURL" (dict "ctx" $ "pod" $pod))) }}
 {{- end }}
 {{- join "," $peers }}
+{{- end }}
+
+{{/*
+The workers' `--coordinator`: every coordinator's internal-plane URL,
+comma-separated (a worker tries them in turn; followers forward to the leader).
+*/}}
+{{- define "llmos.coordinator.internalURLs" -}}
+{{- $urls := list }}
+{{- range $pod := include "llmos.coordinator.podNames" . | fromYamlArray }}
+{{- $urls = append $urls (include "llmos.coordinator.peerURL" (dict "ctx" $ "pod" $pod)) }}
+{{- end }}
+{{- join "," $urls }}
 {{- end }}
 
 {{/* Worker pool names; call with (dict "ctx" $ "pool" $pool). */}}
@@ -236,6 +264,10 @@ what to do. Included once, by the coordinator StatefulSet.
 {{- $fullname := include "llmos.fullname" . }}
 {{- if gt (len (include "llmos.coordinator.peersService" .)) 63 }}
 {{- fail (printf "the name %q is longer than 63 characters: set fullnameOverride (or a shorter release name)" (include "llmos.coordinator.peersService" .)) }}
+{{- end }}
+{{- $internalPort := include "llmos.coordinator.internalPort" . }}
+{{- if has $internalPort (list (include "llmos.coordinator.port" .) (include "llmos.coordinator.httpPort" .)) }}
+{{- fail (printf "coordinator.internalPort (%s) is the coordinators' public gRPC (%s) or HTTP (%s) port: pick another (the internal plane needs a port of its own)" $internalPort (include "llmos.coordinator.port" .) (include "llmos.coordinator.httpPort" .)) }}
 {{- end }}
 {{- $metricsPort := include "llmos.worker.metricsPort" . }}
 {{- if has $metricsPort (list (include "llmos.worker.port" .) (include "llmos.worker.collectivePort" .)) }}
