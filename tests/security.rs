@@ -456,6 +456,54 @@ async fn a_tenant_over_its_quota_is_refused_with_a_retry_hint_while_another_is_s
     let e = inference.generate(with_key(&big, huge)).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(e.message().contains("limit"), "{e:?}");
+    // max_concurrent: a second stream of the key is refused while the
+    // first runs, and admitted once the first is dropped.
+    let narrow = create_key(
+        &mut admin,
+        "narrow",
+        "user",
+        api::KeyLimits {
+            max_concurrent: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .key;
+    let running = inference
+        .generate(with_key(&narrow, ids_request("smol", &prompt, 200)))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = inference
+        .generate(with_key(&narrow, ids_request("smol", &prompt, 2)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_concurrent 1"), "{e:?}");
+    drop(running);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match inference
+            .generate(with_key(&narrow, ids_request("smol", &prompt, 2)))
+            .await
+        {
+            Ok(s) => {
+                drop(s);
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the slot of a dropped stream was not freed: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Over HTTP, more choices than the key may stream at once: 400 at once.
+    let body =
+        serde_json::json!({"model": "smol", "prompt": "hi", "max_tokens": 2, "n": 2}).to_string();
+    let (status, _, text) = http(http_addr, "POST", "/v1/completions", Some(&narrow), &body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("max_concurrent"), "{text}");
     // The refusals and the tokens are counted per tenant.
     let (_, _, metrics) = http(http_addr, "GET", "/metrics", None, "").await;
     assert!(
@@ -472,10 +520,15 @@ async fn a_tenant_over_its_quota_is_refused_with_a_retry_hint_while_another_is_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_refused_by_every_coordinator_within_a_second_and_no_key_is_stored() {
-    let root = tempfile::tempdir().unwrap();
-    let key_file = root.path().join("admin.key");
+    // The bootstrap key's file lies outside the directories searched below.
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("admin.key");
     std::fs::write(&key_file, ADMIN_KEY).unwrap();
-    let extra = vec![format!("--admin-key-file={}", key_file.display())];
+    // Raft peers on the public ports (this test is about keys, not planes).
+    let extra = vec![
+        format!("--admin-key-file={}", key_file.display()),
+        "--shared-planes".to_string(),
+    ];
     // Key creations and revocations are logged: the logs are checked too.
     let group = Group::founded_logging(3, TICK_MS, &extra, "info");
     let urls: Vec<String> = group.nodes.values().map(|n| n.url()).collect();
@@ -584,6 +637,19 @@ async fn a_revoked_key_is_refused_by_every_coordinator_within_a_second_and_no_ke
         );
     }
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    // Something not an id (a mistyped secret, say) never reaches the log.
+    let e = admin
+        .revoke_key(with_key(
+            ADMIN_KEY,
+            api::RevokeKeyRequest {
+                id: "not-an-id-but-maybe-a-secret".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(!e.message().contains("maybe-a-secret"), "{e:?}");
+    secrets.push("llmos_0_not-an-id-but-maybe-a-secret".into());
     // Revoking again: NOT_FOUND naming the key.
     let again = admin
         .revoke_key(with_key(
@@ -599,27 +665,29 @@ async fn a_revoked_key_is_refused_by_every_coordinator_within_a_second_and_no_ke
         n.kill9();
     }
     let mut files = Vec::new();
-    collect_files(root.path(), &mut files);
     collect_files(group._root.path(), &mut files);
     let mut bytes = 0usize;
     let mut saw_hash = false;
     let mut saw_snapshot = false;
+    let mut secret_parts: Vec<&str> = secrets
+        .iter()
+        .map(|s| s.rsplit('_').next().unwrap())
+        .collect();
+    secret_parts.push(ADMIN_KEY);
     for f in &files {
         let data = std::fs::read(f).unwrap();
         bytes += data.len();
-        if f.to_string_lossy().contains("snap") {
-            saw_snapshot = true;
-        }
-        for s in &secrets {
-            let secret = s.rsplit('_').next().unwrap();
+        for secret in &secret_parts {
             assert!(
                 !contains(&data, secret.as_bytes()),
-                "{} holds the secret of a key",
+                "{} holds a key's secret",
                 f.display()
             );
         }
         if contains(&data, b"\"hash\"") {
             saw_hash = true;
+            // The keys are in a snapshot too (45 keys outlast one).
+            saw_snapshot |= f.to_string_lossy().contains("snap");
         }
     }
     assert!(
@@ -627,8 +695,9 @@ async fn a_revoked_key_is_refused_by_every_coordinator_within_a_second_and_no_ke
         "no stored key hash found in {} files ({bytes} bytes): the check read nothing",
         files.len()
     );
+    assert!(saw_snapshot, "no snapshot holding keys among {files:?}");
     eprintln!(
-        "{} files, {bytes} bytes: no key; snapshot files: {saw_snapshot}",
+        "{} files, {bytes} bytes, a snapshot among them: no secret",
         files.len()
     );
 }
@@ -722,5 +791,59 @@ async fn the_internal_plane_listens_apart_from_the_public_one() {
     assert_eq!(
         generated(&mut inference, ADMIN_KEY, ids_request("smol", &prompt, 4)).await,
         4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_proposal_without_entries_is_refused_and_keys_need_their_own_internal_port() {
+    // raft-rs panics on an empty proposal: the Peer service refuses it, and
+    // the coordinator goes on serving.
+    let (url, _) = secured(llmos_coordinator::Config {
+        auth: auth_on(),
+        ..test_config()
+    })
+    .await;
+    let ch = connect(&url, |c| c).await;
+    let mut peer = llmos_proto::coordinator::v1::peer_client::PeerClient::new(ch.clone());
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+    m.to = 1;
+    m.from = 1;
+    let e = peer
+        .raft(llmos_proto::coordinator::v1::RaftRequest {
+            cluster_id: "llmos".into(),
+            from_id: 0,
+            from_address: String::new(),
+            messages: vec![protobuf::Message::write_to_bytes(&m).unwrap()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut admin = AdminClient::new(ch);
+    create_key(&mut admin, "after", "user", Default::default()).await;
+    // Another cluster's batch is refused without learning this one's id.
+    let e = peer
+        .raft(llmos_proto::coordinator::v1::RaftRequest {
+            cluster_id: "guess".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!e.message().contains("\"llmos\""), "{e:?}");
+
+    // The binary with keys on (its default) and both planes on one port
+    // refuses to start, naming the way out.
+    let out = std::process::Command::new(coordinator_bin())
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "off"])
+        .env("LLMOS_LOG", "error")
+        .env_remove("LLMOS_NO_AUTH")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--internal-listen") && err.contains("--no-auth"),
+        "{err}"
     );
 }

@@ -644,12 +644,19 @@ impl api::admin_server::Admin for AdminService {
         &self,
         req: Request<api::RevokeKeyRequest>,
     ) -> Result<Response<api::RevokeKeyResponse>, Status> {
-        let id = req.into_inner().id;
-        // A whole key given by mistake: revoke it by its id, never log it.
-        let id = match auth::split_token(&id) {
-            Some((id, _)) => id.to_string(),
-            None => id,
-        };
+        let given = req.into_inner().id;
+        let given = given.trim();
+        // A whole key given by mistake: revoke it by its id. Anything else
+        // that is not an id is refused before it reaches the log (it may
+        // be a secret), and not echoed.
+        let id =
+            match auth::split_token(given) {
+                Some((id, _)) => id.to_string(),
+                None if auth::is_key_id(given) => given.to_string(),
+                None => return Err(Status::invalid_argument(
+                    "RevokeKeyRequest.id: not a key id (16 hex digits, as `llmos keys list` shows)",
+                )),
+            };
         self.cluster
             .propose(Command::RevokeKey { id: id.clone() })
             .await?;

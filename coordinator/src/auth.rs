@@ -33,8 +33,9 @@ const ID_HEX: usize = 16;
 const SECRET_HEX: usize = 64;
 /// The shortest bootstrap admin key accepted (`--admin-key-file`).
 pub const MIN_BOOTSTRAP_KEY_LEN: usize = 20;
-/// The key id the bootstrap admin key reports as.
+/// The key id and tenant the bootstrap admin key reports as.
 pub const BOOTSTRAP_KEY_ID: &str = "bootstrap";
+pub const BOOTSTRAP_TENANT: &str = "(bootstrap)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -150,6 +151,11 @@ pub fn new_key(tenant: &str, role: Role, limits: Limits, created_ms: u64) -> (St
             created_ms,
         },
     )
+}
+
+/// Whether `s` is shaped like a key id (16 hex digits).
+pub fn is_key_id(s: &str) -> bool {
+    s.len() == ID_HEX && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The id and secret of a token shaped like a key (not checked).
@@ -277,7 +283,8 @@ pub fn check(
         let _ = b;
         Caller {
             key_id: BOOTSTRAP_KEY_ID.into(),
-            tenant: "admin".into(),
+            // Not a valid tenant name: no tenant's metrics mix with it.
+            tenant: BOOTSTRAP_TENANT.into(),
             role: Role::Admin,
             limits: Limits::default(),
         }

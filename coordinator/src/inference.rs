@@ -725,6 +725,22 @@ fn prompt_ids(
     Ok(ids)
 }
 
+/// The engine's priority (1 low, 2 normal, 3 high) of a request asking
+/// `asked` (the wire's enum) with a key capped at `cap` (0: no cap): a
+/// request above its key's ceiling is served at the ceiling, not refused.
+fn engine_priority(asked: i32, cap: u32) -> i32 {
+    let p = match api::Priority::try_from(asked).unwrap_or_default() {
+        api::Priority::Unspecified | api::Priority::Normal => 2,
+        api::Priority::Low => 1,
+        api::Priority::High => 3,
+    };
+    if cap > 0 {
+        p.min(cap as i32)
+    } else {
+        p
+    }
+}
+
 fn finish_code(f: FinishReason) -> api::FinishReason {
     match f {
         FinishReason::Length => api::FinishReason::Length,
@@ -813,19 +829,10 @@ impl api::inference_server::Inference for InferenceService {
             (Some(t), false) => t.eos_token_ids.clone(),
             _ => Vec::new(),
         };
-        let mut priority = match api::Priority::try_from(r.priority).unwrap_or_default() {
-            api::Priority::Unspecified | api::Priority::Normal => 2,
-            api::Priority::Low => 1,
-            api::Priority::High => 3,
-        };
-        if let Some(cap) = caller
-            .as_ref()
-            .map(|c| c.limits.priority_max)
-            .filter(|&m| m > 0)
-        {
-            // The key's ceiling: served at it, not refused.
-            priority = priority.min(cap as i32);
-        }
+        let priority = engine_priority(
+            r.priority,
+            caller.as_ref().map_or(0, |c| c.limits.priority_max),
+        );
         let timeout = [
             (r.timeout_ms > 0).then(|| std::time::Duration::from_millis(r.timeout_ms as u64)),
             deadline,
@@ -923,10 +930,19 @@ impl api::inference_server::Inference for InferenceService {
         // The tenant pays its prompt and token budget now, before the
         // request queues; the unused part comes back when it ends.
         let prompt_len = flight.request.prompt.len() as u64;
+        if caller.is_none() && self.cluster.config.auth.required {
+            // Every public entry checks the key first: a caller missing
+            // here is a bug, and must not mean "no quota".
+            return Err(Status::internal(
+                "the request reached Generate without a checked API key",
+            ));
+        }
         let mut charge = match caller.as_ref().filter(|c| !c.tenant.is_empty()) {
             None => None,
             Some(c) => {
-                let cost = prompt_len + (max_new - resumed.len()) as u64;
+                // A resume's received tokens are prefilled again: charged
+                // with the prompt (the budget counts them as generated).
+                let cost = prompt_len + max_new as u64;
                 match self.cluster.quotas.admit(c, cost, Instant::now()) {
                     Ok(charge) => {
                         self.cluster.metrics.tenant_admitted(&c.tenant);
@@ -965,9 +981,9 @@ impl api::inference_server::Inference for InferenceService {
                     .stream(attached, &mut streamer, &tx, logprobs, started)
                     .await;
                 if let Some((tenant, charge)) = charge.as_mut() {
+                    charge.used(prompt_len + emitted as u64);
                     let generated = emitted.saturating_sub(resumed.len()) as u64;
-                    charge.used(prompt_len + generated);
-                    metrics.tenant_tokens(tenant, prompt_len, generated);
+                    metrics.tenant_tokens(tenant, prompt_len + resumed.len() as u64, generated);
                 }
                 drop(charge);
             },
@@ -1028,5 +1044,26 @@ impl api::inference_server::Inference for InferenceService {
             })
             .collect();
         Ok(Response::new(api::ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keys_priority_cap_lowers_what_a_request_asks() {
+        let (low, normal, high) = (
+            api::Priority::Low as i32,
+            api::Priority::Normal as i32,
+            api::Priority::High as i32,
+        );
+        assert_eq!(engine_priority(high, 0), 3);
+        assert_eq!(engine_priority(high, 2), 2);
+        assert_eq!(engine_priority(normal, 1), 1);
+        assert_eq!(engine_priority(low, 3), 1);
+        assert_eq!(engine_priority(api::Priority::Unspecified as i32, 0), 2);
+        // An unknown value on the wire is normal, then capped.
+        assert_eq!(engine_priority(99, 1), 1);
     }
 }

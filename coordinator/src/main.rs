@@ -140,6 +140,12 @@ struct Cli {
     /// in memory as a salted hash. LLMOS_ADMIN_KEY gives the key itself.
     #[arg(long, env = "LLMOS_ADMIN_KEY_FILE")]
     admin_key_file: Option<std::path::PathBuf>,
+    /// With API keys required, serve the internal plane (Raft, worker
+    /// registry: no keys) on the public port anyway. Without it, keys
+    /// require --internal-listen: on a shared port, anyone reaching it
+    /// could send Raft messages (e.g. commit a key of their own).
+    #[arg(long, env = "LLMOS_SHARED_PLANES")]
+    shared_planes: bool,
     /// `/metrics` needs a (user) API key too.
     #[arg(long, env = "LLMOS_METRICS_NEED_KEY")]
     metrics_need_key: bool,
@@ -232,6 +238,15 @@ async fn main() -> Result<()> {
         }),
     };
     let auth = auth_config(&cli)?;
+    if auth.required && cli.internal_listen.is_none() {
+        if !cli.shared_planes {
+            anyhow::bail!(
+                "API keys are required (the default), but without --internal-listen the internal plane (Raft between coordinators, the worker registry) would share the public port {}, where it takes no key: anyone reaching it could send Raft messages and commit a key of their own. Give --internal-listen ADDR (reachable only by the cluster's pods), or --shared-planes to accept that, or --no-auth",
+                cli.listen
+            );
+        }
+        tracing::warn!("--shared-planes: the internal plane (Raft, worker registry) takes no key on the public port; API keys can be bypassed by whoever reaches it");
+    }
     let config = llmos_coordinator::Config {
         heartbeat_interval: std::time::Duration::from_millis(cli.heartbeat_interval_ms.max(50)),
         heartbeat_timeout: std::time::Duration::from_secs(cli.heartbeat_timeout_s),
@@ -275,8 +290,16 @@ fn auth_config(cli: &Cli) -> Result<llmos_coordinator::auth::AuthConfig> {
             metrics_need_key: false,
         });
     }
-    let key = match (std::env::var("LLMOS_ADMIN_KEY").ok(), &cli.admin_key_file) {
-        (Some(k), _) if !k.is_empty() => {
+    let env_key = std::env::var("LLMOS_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    if env_key.is_some() && cli.admin_key_file.is_some() {
+        anyhow::bail!(
+            "both LLMOS_ADMIN_KEY and --admin-key-file give the bootstrap admin key: give one"
+        );
+    }
+    let key = match (env_key, &cli.admin_key_file) {
+        (Some(k), _) => {
             Some(BootstrapKey::new(&k).map_err(|e| anyhow::anyhow!("LLMOS_ADMIN_KEY: {e}"))?)
         }
         (_, Some(path)) => {

@@ -1,7 +1,9 @@
 //! Tenant quotas, enforced when a request is admitted: its prompt plus its
-//! token budget (`max_new_tokens`) is charged to the tenant's bucket before
+//! token budget (`max_new_tokens`) is charged to its key's bucket before
 //! it is queued on a replica; what it did not generate is refunded when
-//! it ends. A bucket holds at most one minute of tokens and refills at
+//! it ends. Each key has its own bucket and running count (a tenant's keys
+//! may carry different limits; each request is held to its key's). A
+//! bucket holds at most one minute of tokens and refills at
 //! `tokens_per_minute / 60` a second; a request the bucket cannot pay is
 //! refused (RESOURCE_EXHAUSTED, HTTP 429) with the time until it could.
 //! `max_concurrent` bounds a tenant's requests streaming at once.
@@ -25,10 +27,10 @@ struct Use {
     running: u32,
 }
 
-/// Every tenant's bucket and running count on this coordinator.
+/// Every key's bucket and running count on this coordinator.
 #[derive(Debug, Default)]
 pub struct Quotas {
-    tenants: Mutex<HashMap<String, Use>>,
+    keys: Mutex<HashMap<String, Use>>,
 }
 
 /// Why a request was not admitted.
@@ -108,9 +110,9 @@ impl Quotas {
         now: Instant,
     ) -> Result<Charge, Refusal> {
         let l = &caller.limits;
-        let mut tenants = self.tenants.lock().unwrap();
+        let mut keys = self.keys.lock().unwrap();
         let per_minute = l.tokens_per_minute;
-        let u = tenants.entry(caller.tenant.clone()).or_insert(Use {
+        let u = keys.entry(caller.key_id.clone()).or_insert(Use {
             tokens: per_minute as f64,
             refilled: now,
             running: 0,
@@ -145,25 +147,21 @@ impl Quotas {
         u.running += 1;
         Ok(Charge {
             quotas: Arc::clone(self),
-            tenant: caller.tenant.clone(),
+            key: caller.key_id.clone(),
             charged,
             per_minute,
             used: None,
         })
     }
 
-    /// Tokens in `tenant`'s bucket (not refilled to now), for tests and
-    /// status.
-    pub fn available(&self, tenant: &str) -> Option<f64> {
-        self.tenants.lock().unwrap().get(tenant).map(|u| u.tokens)
+    /// Tokens in key `key`'s bucket (not refilled to now).
+    pub fn available(&self, key: &str) -> Option<f64> {
+        self.keys.lock().unwrap().get(key).map(|u| u.tokens)
     }
 
-    pub fn running(&self, tenant: &str) -> u32 {
-        self.tenants
-            .lock()
-            .unwrap()
-            .get(tenant)
-            .map_or(0, |u| u.running)
+    /// Requests of key `key` streaming now.
+    pub fn running(&self, key: &str) -> u32 {
+        self.keys.lock().unwrap().get(key).map_or(0, |u| u.running)
     }
 }
 
@@ -173,7 +171,7 @@ impl Quotas {
 #[derive(Debug)]
 pub struct Charge {
     quotas: Arc<Quotas>,
-    tenant: String,
+    key: String,
     charged: u64,
     per_minute: u64,
     used: Option<u64>,
@@ -193,10 +191,12 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         let refund = self.charged - self.used.unwrap_or(0);
-        let mut tenants = self.quotas.tenants.lock().unwrap();
-        if let Some(u) = tenants.get_mut(&self.tenant) {
+        let mut keys = self.quotas.keys.lock().unwrap();
+        if let Some(u) = keys.get_mut(&self.key) {
             u.running = u.running.saturating_sub(1);
-            u.tokens = (u.tokens + refund as f64).min(self.per_minute as f64);
+            if refund > 0 {
+                u.tokens = (u.tokens + refund as f64).min(self.per_minute as f64);
+            }
         }
     }
 }
@@ -208,7 +208,7 @@ mod tests {
 
     fn caller(tenant: &str, tpm: u64, conc: u32) -> Caller {
         Caller {
-            key_id: "k".into(),
+            key_id: format!("key-of-{tenant}"),
             tenant: tenant.into(),
             role: Role::User,
             limits: Limits {
@@ -225,7 +225,7 @@ mod tests {
         let t0 = Instant::now();
         let a = caller("a", 600, 0); // 10 tokens a second
         let mut c = q.admit(&a, 400, t0).unwrap();
-        assert_eq!(q.available("a"), Some(200.0));
+        assert_eq!(q.available("key-of-a"), Some(200.0));
         match q.admit(&a, 300, t0) {
             Err(Refusal::Tokens {
                 retry_after,
@@ -256,10 +256,10 @@ mod tests {
         // Used 150 of 400: 250 come back.
         c.used(150);
         drop(c);
-        assert_eq!(q.available("a"), Some(450.0));
+        assert_eq!(q.available("key-of-a"), Some(450.0));
         // Refill: 5 s later, 50 more (capped at a minute's worth).
         let _c = q.admit(&a, 500, t0 + Duration::from_secs(5)).unwrap();
-        assert_eq!(q.available("a"), Some(0.0));
+        assert_eq!(q.available("key-of-a"), Some(0.0));
         assert_eq!(
             q.admit(&a, 700, t0).unwrap_err(),
             Refusal::TooLarge {
@@ -267,6 +267,23 @@ mod tests {
                 per_minute: 600
             }
         );
+    }
+
+    #[test]
+    fn keys_of_one_tenant_keep_their_own_buckets() {
+        let q = Arc::new(Quotas::default());
+        let t0 = Instant::now();
+        let limited = caller("a", 100, 0);
+        let mut unlimited = caller("a", 0, 0);
+        unlimited.key_id = "another-key-of-a".into();
+        // An unlimited key's requests neither charge nor empty the bucket
+        // of the tenant's limited key.
+        let c = q.admit(&unlimited, 1000, t0).unwrap();
+        assert_eq!(c.charged(), 0);
+        drop(c);
+        let _c = q.admit(&limited, 100, t0).unwrap();
+        assert_eq!(q.available("key-of-a"), Some(0.0));
+        assert!(q.admit(&unlimited, 1000, t0).is_ok());
     }
 
     #[test]
@@ -282,6 +299,6 @@ mod tests {
         );
         drop(c1);
         assert!(q.admit(&a, 10, t0).is_ok());
-        assert_eq!(q.running("a"), 1);
+        assert_eq!(q.running("key-of-a"), 1);
     }
 }

@@ -13,6 +13,7 @@ fn json_logs_are_one_object_per_line() {
             "127.0.0.1:0",
             "--log-format",
             "json",
+            "--no-auth",
             "--data-dir",
         ])
         .arg(dir.path())

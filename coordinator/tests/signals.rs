@@ -10,7 +10,14 @@ fn sigterm_and_sigint_stop_the_coordinator_cleanly() {
     for sig in ["-TERM", "-INT"] {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_llmos-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            // Both planes, each on its own server: both stop.
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--data-dir"])
             .arg(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -171,12 +171,13 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::RaftResponse>, Status> {
         let r = req.into_inner();
         if r.cluster_id != self.cluster_id {
+            // The expected id is not echoed: it is what a sender needs to
+            // be heard.
             return Err(Status::failed_precondition(format!(
-                "raft batch from node {} of cluster {:?} reached coordinator {} of cluster {:?}",
+                "raft batch from node {} of cluster {:?} reached coordinator {}, of another cluster",
                 r.from_id,
                 r.cluster_id,
                 self.node.id(),
-                self.cluster_id
             )));
         }
         if r.from_id != 0 {
@@ -184,11 +185,16 @@ impl pb::peer_server::Peer for PeerService {
         }
         let mut msgs = Vec::with_capacity(r.messages.len());
         for b in &r.messages {
-            msgs.push(
-                Message::parse_from_bytes(b).map_err(|e| {
-                    Status::invalid_argument(format!("undecodable raft message: {e}"))
-                })?,
-            );
+            let m = Message::parse_from_bytes(b)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            // raft-rs panics (`fatal!`) on a proposal without entries; no
+            // replica sends one.
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgPropose
+                && m.get_entries().is_empty()
+            {
+                return Err(Status::invalid_argument("a raft proposal without entries"));
+            }
+            msgs.push(m);
         }
         self.node.step(msgs);
         Ok(Response::new(pb::RaftResponse {}))

@@ -196,6 +196,23 @@ async fn require(
     }
 }
 
+/// Each choice (`n`, several prompts) is one generation, admitted on its
+/// own: more than the key's `max_concurrent` could never all stream, so it
+/// is refused before the first starts.
+fn check_fanout(p: &request::Parsed) -> Result<(), ApiError> {
+    let max = p.caller.as_ref().map_or(0, |c| c.limits.max_concurrent);
+    if max > 0 && p.choices.len() > max as usize {
+        return Err(ApiError::bad(
+            "n",
+            format!(
+                "the request asks for {} choices (n times the prompts), but its API key streams at most {max} at once (max_concurrent)",
+                p.choices.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Where a generation comes from: the caller's trace and key.
 #[derive(Clone, Default)]
 struct Origin {
@@ -239,6 +256,7 @@ async fn chat(
     let m = object(body)?;
     let mut p = parse(Endpoint::Chat, &m, &headers)?;
     p.caller = caller.map(|Extension(c)| c);
+    check_fanout(&p)?;
     respond(state, p, Endpoint::Chat).await
 }
 
@@ -251,6 +269,7 @@ async fn completions(
     let m = object(body)?;
     let mut p = parse(Endpoint::Completions, &m, &headers)?;
     p.caller = caller.map(|Extension(c)| c);
+    check_fanout(&p)?;
     respond(state, p, Endpoint::Completions).await
 }
 
