@@ -141,6 +141,8 @@ async fn group(bin: &Path, dir: &Path) -> (Procs, Vec<u16>, u16) {
                 // No API keys (an environment variable, so that a binary
                 // older than the flag runs too).
                 .env("LLMOS_NO_AUTH", "1")
+                // A plaintext internal plane (an environment variable, as above).
+                .env("LLMOS_INSECURE", "1")
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap(),

@@ -16,6 +16,17 @@ use llmos_worker::server::register::Registration;
 use llmos_worker::server::{serve_registered, HostHandle};
 use tonic::transport::Channel;
 
+/// The value after `name` on the command line (e.g. `--requests 48`), or
+/// `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A channel to `url`, retrying for up to 20 s while the server starts.
 pub async fn connect(url: &str) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -92,27 +103,36 @@ pub async fn start_coordinator(config: llmos_coordinator::Config) -> String {
 pub async fn start_cluster(workers: usize) -> Channel {
     let url = start_coordinator(Default::default()).await;
     for i in 0..workers {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let rv = std::sync::Arc::new(llmos_worker::comm::Rendezvous::bind("127.0.0.1:0").unwrap());
-        let registration = Registration {
-            coordinator: url.clone(),
-            worker_id: format!("w{i}"),
-            address: format!("http://{addr}"),
-            device: "cpu".into(),
-            collective_address: rv.local_addr().to_string(),
-            ..Default::default()
-        };
-        tokio::spawn(serve_registered(
-            l,
-            HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
-            Some(registration),
-            std::future::pending(),
-        ));
+        start_worker(&url, &format!("w{i}"), None).await;
     }
     let ch = connect(&url).await;
     wait_for_workers(&ch, workers).await;
     ch
+}
+
+/// A worker in this process registered as `id` with the coordinator at
+/// `url` (its registry); over mutual TLS with `tls`.
+pub async fn start_worker(url: &str, id: &str, tls: Option<std::sync::Arc<llmos_tls::Tls>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let rv = std::sync::Arc::new(
+        llmos_worker::comm::Rendezvous::bind_with("127.0.0.1:0", tls.clone()).unwrap(),
+    );
+    let registration = Registration {
+        coordinator: url.to_string(),
+        tls,
+        worker_id: id.to_string(),
+        address: format!("http://{addr}"),
+        device: "cpu".into(),
+        collective_address: rv.local_addr().to_string(),
+        ..Default::default()
+    };
+    tokio::spawn(serve_registered(
+        l,
+        HostHandle::spawn_with(Some(rv), tch::Device::Cpu),
+        Some(registration),
+        std::future::pending(),
+    ));
 }
 
 /// Returns once `n` workers have registered with the coordinator at `ch`.
@@ -183,6 +203,8 @@ impl WorkerProcess {
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
             .args(["--coordinator", coordinator, "--worker-id", id])
             .args(extra)
+            // A plaintext internal plane unless `extra` gives certificates.
+            .args((!extra.iter().any(|a| *a == "--tls-cert")).then_some("--insecure"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

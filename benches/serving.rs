@@ -285,14 +285,7 @@ fn transformers(w: &Workload, batch: usize, threads: i32) -> Option<f64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use llmos_benches::arg;
 
 fn main() {
     let n = arg("--requests", 48);

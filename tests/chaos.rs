@@ -466,7 +466,7 @@ async fn streams_survive_a_network_partition_of_a_worker() {
     cut_off
         .args(["netns", "exec", &ns.name])
         .arg(ProcWorker::bin())
-        .args(["serve", "--threads", "1", "--worker-id", "wp"])
+        .args(["serve", "--threads", "1", "--worker-id", "wp", "--insecure"])
         .args(["--listen", &format!("{}:0", ns.peer_ip)])
         .args(["--coordinator", &coordinator]);
     let _workers = [

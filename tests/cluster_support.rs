@@ -21,6 +21,26 @@ pub fn test_config() -> llmos_coordinator::Config {
     }
 }
 
+/// A coordinator in this process with its internal plane (registry, Raft)
+/// on a listener of its own; (public URL, internal URL).
+pub async fn start_planes(config: llmos_coordinator::Config) -> (String, String) {
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (p, i) = (public.local_addr().unwrap(), internal.local_addr().unwrap());
+    tokio::spawn(async move {
+        let r = llmos_coordinator::serve_planes(
+            public,
+            Some(internal),
+            None,
+            config,
+            std::future::pending(),
+        )
+        .await;
+        eprintln!("coordinator stopped: {r:?}");
+    });
+    (format!("http://{p}"), format!("http://{i}"))
+}
+
 pub async fn start_coordinator() -> String {
     start_coordinator_with(test_config()).await
 }
@@ -81,6 +101,8 @@ impl ProcWorker {
             .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
             .args(["--coordinator", coordinator, "--worker-id", id])
             .args(extra)
+            // A plaintext internal plane unless `extra` gives certificates.
+            .args((!extra.iter().any(|a| *a == "--tls-cert")).then_some("--insecure"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

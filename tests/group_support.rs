@@ -131,9 +131,13 @@ pub fn node_ticking(root: &Path, id: u64, port: u16, tick_ms: u64, extra: &[Stri
         "5".into(),
     ];
     args.extend_from_slice(extra);
-    // Without API keys unless a test gives a bootstrap admin key.
+    // Without API keys unless a test gives a bootstrap admin key; a
+    // plaintext internal plane unless a test gives certificates.
     if !extra.iter().any(|a| a.starts_with("--admin-key-file")) {
         args.push("--no-auth".into());
+    }
+    if !extra.iter().any(|a| a.starts_with("--tls-cert")) {
+        args.push("--insecure".into());
     }
     Node {
         id,

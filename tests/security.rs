@@ -719,25 +719,12 @@ fn collect_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_plane_listens_apart_from_the_public_one() {
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (p, i) = (public.local_addr().unwrap(), internal.local_addr().unwrap());
     let config = llmos_coordinator::Config {
         auth: auth_on(),
         ..test_config()
     };
-    tokio::spawn(async move {
-        let r = llmos_coordinator::serve_planes(
-            public,
-            Some(internal),
-            None,
-            config,
-            std::future::pending(),
-        )
-        .await;
-        eprintln!("coordinator stopped: {r:?}");
-    });
-    let (public_url, internal_url) = (format!("http://{p}"), format!("http://{i}"));
+    let (public_url, internal_url) = start_planes(config).await;
+    let i = internal_url.strip_prefix("http://").unwrap().to_string();
     let public_ch = connect(&public_url, |c| c).await;
     let internal_ch = connect(&internal_url, |c| c).await;
     // Workers and Raft peers: the internal port only.
@@ -780,7 +767,7 @@ async fn the_internal_plane_listens_apart_from_the_public_one() {
         .into_inner()
         .control_plane
         .unwrap();
-    assert_eq!(cp.internal_plane, i.to_string());
+    assert_eq!(cp.internal_plane, i);
     // A worker registered on the internal port serves what clients ask on
     // the public one.
     start_worker(&internal_url, "w0").await;
@@ -835,7 +822,13 @@ async fn a_raft_proposal_without_entries_is_refused_and_keys_need_their_own_inte
     // The binary with keys on (its default) and both planes on one port
     // refuses to start, naming the way out.
     let out = std::process::Command::new(coordinator_bin())
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "off"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+            "--insecure",
+        ])
         .env("LLMOS_LOG", "error")
         .env_remove("LLMOS_NO_AUTH")
         .output()

@@ -31,9 +31,12 @@ pub struct LocalArgs {
     /// Stop after the generation instead of serving until Ctrl-C.
     #[arg(long)]
     once: bool,
-    /// No API keys: anyone who reaches the loopback ports is an admin.
-    /// Without it, the coordinator takes a fresh admin key (printed, and
-    /// used by this command).
+    /// No API keys (anyone who reaches the loopback ports is an admin) and
+    /// a plaintext internal plane. Without it, the coordinator takes a
+    /// fresh admin key (printed, and used by this command), and the
+    /// coordinator and workers talk mutual TLS with certificates made for
+    /// this cluster (`llmos certs init` in a temporary directory, removed
+    /// at exit).
     #[arg(long)]
     insecure: bool,
     #[command(flatten)]
@@ -110,6 +113,38 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         "--internal-listen",
         "127.0.0.1:0",
     ]);
+    // Development certificates for this cluster's processes.
+    let certs = if a.insecure {
+        None
+    } else {
+        let dir = tempfile::Builder::new()
+            .prefix("llmos-local-certs-")
+            .tempdir()
+            .context("a directory for the local cluster's certificates")?;
+        let workers: Vec<String> = (0..a.workers).map(|i| format!("local-{i}")).collect();
+        llmos_tls::dev::init(
+            dir.path(),
+            &crate::certs::holders(&["1".to_string()], &workers),
+            &crate::certs::default_hosts(),
+        )?;
+        Some(dir)
+    };
+    let tls_args = |cmd: &mut Command, name: &str| match &certs {
+        None => {
+            cmd.arg("--insecure");
+        }
+        Some(dir) => {
+            let f = llmos_tls::TlsFiles::in_dir(dir.path(), name);
+            cmd.arg("--tls-cert")
+                .arg(&f.cert)
+                .arg("--tls-key")
+                .arg(&f.key)
+                .arg("--tls-ca")
+                .arg(&f.ca);
+        }
+    };
+    coord.args(["--node-id", "1"]);
+    tls_args(&mut coord, "coordinator-1");
     let key = if a.insecure {
         coord.arg("--no-auth");
         None
@@ -160,6 +195,7 @@ pub async fn run(a: &LocalArgs) -> Result<()> {
         .arg(format!("local-{i}"))
         .args(["--threads", &a.worker_threads.to_string()])
         .args(["--metrics-listen", "127.0.0.1:0"]);
+        tls_args(&mut w, &format!("worker-local-{i}"));
         let (child, waddr, mut wlines) = spawn(w, "a worker").await?;
         let metrics = tokio::time::timeout(Duration::from_secs(5), wlines.next_line())
             .await

@@ -2,6 +2,7 @@
 //! `status`, `deploy`, `undeploy`), or starts a local cluster (`local`).
 
 mod apply;
+mod certs;
 mod keys;
 mod local;
 mod show;
@@ -110,6 +111,9 @@ enum Command {
     /// Start a coordinator and workers on this machine, deploy a model over
     /// all of them, and generate; Ctrl-C stops everything.
     Local(local::LocalArgs),
+    /// Certificates for the internal plane's mutual TLS.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 #[derive(Args, Clone)]
@@ -544,6 +548,9 @@ async fn run(cli: Cli) -> Result<()> {
         // It makes the cluster's key itself.
         return local::run(a).await;
     }
+    if let Command::Certs(c) = &cli.command {
+        return certs::run(c);
+    }
     keys::use_key(cli.api_key.clone());
     let addresses = coordinators(&cli.coordinator);
     anyhow::ensure!(!addresses.is_empty(), "no coordinator address given");
@@ -804,7 +811,9 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
             }
         }
         Command::Keys(c) => keys::run(AdminClient::new(ch), c).await?,
-        Command::Local(_) | Command::Apply(_) => unreachable!("handled above"),
+        Command::Local(_) | Command::Apply(_) | Command::Certs(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

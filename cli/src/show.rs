@@ -71,7 +71,7 @@ pub fn control_plane_json(c: &Option<api::ControlPlaneStatus>) -> serde_json::Va
     let Some(c) = c else { return json!(null) };
     json!({"store": c.store, "node_id": c.node_id, "role": c.role, "leader_id": c.leader_id, "leader": c.leader,
         "term": c.term, "commit_index": c.commit_index, "applied_index": c.applied_index,
-        "snapshot_index": c.snapshot_index, "auth": c.auth, "internal_plane": c.internal_plane,
+        "snapshot_index": c.snapshot_index, "auth": c.auth, "internal_plane": c.internal_plane, "internal_tls": c.internal_tls,
         "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.leader, "learner": m.learner})).collect::<Vec<_>>()})
 }
 

@@ -191,6 +191,19 @@ fn without_once_it_keeps_serving_the_endpoint_it_prints_until_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    // The internal plane is mutual TLS (certificates made for this run),
+    // and status says so.
+    let status = Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .args(["--coordinator", &url, "status"])
+        .env("LLMOS_API_KEY", &key)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("mutual TLS (this coordinator: coordinator 1)")
+            && status.contains("NCCL traffic between GPUs is not encrypted"),
+        "{status}"
+    );
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();

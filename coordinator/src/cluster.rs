@@ -69,6 +69,10 @@ pub struct Config {
     /// Where the internal plane (Registry, Peer) listens when apart from
     /// the public port (set by `serve_planes`; status reports it).
     pub internal_plane: Option<std::net::SocketAddr>,
+    /// Mutual TLS on the internal plane (Raft peers, the registry, calls to
+    /// workers): this coordinator's certificate and the CA. None: plaintext
+    /// (the binary requires `--insecure` for that).
+    pub tls: Option<Arc<llmos_tls::Tls>>,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             grpc_max_message_bytes: 8 << 20,
             max_streams_per_connection: 1024,
             internal_plane: None,
+            tls: None,
         }
     }
 }
@@ -284,10 +289,14 @@ impl Cluster {
             .map_err(|e| unavailable(e.to_string()))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let channel = llmos_tls::client::connect(
+            endpoint,
+            self.config.tls.as_ref(),
+            llmos_tls::Role::Worker,
+            self.config.connect_timeout,
+        )
+        .await
+        .map_err(|e| unavailable(llmos_tls::error_chain(&e)))?;
         let client = WorkerClient::new(channel).max_decoding_message_size(256 << 20);
         self.clients.lock().unwrap().insert(address, client.clone());
         Ok(client)
@@ -310,10 +319,14 @@ impl Cluster {
         if let Some((_, c)) = cached.as_ref().filter(|(a, _)| *a == leader) {
             return Some(c.clone());
         }
-        let channel = Endpoint::from_shared(leader.clone())
-            .ok()?
-            .connect_timeout(self.config.connect_timeout)
-            .connect_lazy();
+        let channel = llmos_tls::client::connect_lazy(
+            Endpoint::from_shared(leader.clone())
+                .ok()?
+                .connect_timeout(self.config.connect_timeout),
+            self.config.tls.as_ref(),
+            llmos_tls::Role::Coordinator,
+            self.config.connect_timeout,
+        );
         let client = RegistryClient::new(channel);
         *cached = Some((leader, client.clone()));
         Some(client)

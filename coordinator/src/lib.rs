@@ -70,6 +70,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Serves every coordinator API on `listener` until `shutdown` completes:
@@ -124,7 +126,7 @@ pub async fn serve_planes(
     };
     let (store, peer): (Arc<dyn store::MetaStore>, _) = match &config.store {
         StoreConfig::Raft(s) => {
-            let (store, peer) = store::RaftStore::start(s, peers_reach)?;
+            let (store, peer) = store::RaftStore::start(s, peers_reach, config.tls.clone())?;
             (store, Some(peer))
         }
         StoreConfig::Etcd(s) => (etcd::EtcdStore::start(s.clone()).await?, None),
@@ -182,14 +184,20 @@ pub async fn serve_planes(
             },
         ));
     };
+    // On mutual TLS, the registry takes workers (and coordinators
+    // forwarding heartbeats to the leader); Peer takes coordinators only.
     let internal_services = |b: &mut tonic::service::RoutesBuilder| {
-        b.add_service(
+        b.add_service(InterceptedService::new(
             llmos_proto::worker::v1::registry_server::RegistryServer::new(
                 registry::RegistryService {
                     cluster: Arc::clone(&cluster),
                 },
             ),
-        );
+            llmos_tls::server::RequireRole {
+                service: "llmos.worker.v1.Registry",
+                roles: &[llmos_tls::Role::Worker, llmos_tls::Role::Coordinator],
+            },
+        ));
         if let Some(p) = peer.clone() {
             b.add_service(p);
         }
@@ -200,6 +208,12 @@ pub async fn serve_planes(
     if peer.is_some() {
         internal_names.push("llmos.coordinator.v1.Peer");
     }
+    let tls = cluster.config.tls.clone();
+    if tls.is_some() && internal.is_none() {
+        return Err(ServeError::Tls(
+            "mutual TLS is for the internal plane: it needs its own listener (--internal-listen), apart from the public port".into(),
+        ));
+    }
     let mut planes = Vec::new();
     match internal {
         None => {
@@ -207,19 +221,19 @@ pub async fn serve_planes(
             let mut b = tonic::service::Routes::builder();
             public_services(&mut b);
             internal_services(&mut b);
-            planes.push((public, b, public_names));
+            planes.push((public, b, public_names, None));
         }
         Some(internal) => {
             let mut b = tonic::service::Routes::builder();
             public_services(&mut b);
-            planes.push((public, b, public_names));
+            planes.push((public, b, public_names, None));
             let mut b = tonic::service::Routes::builder();
             internal_services(&mut b);
-            planes.push((internal, b, internal_names));
+            planes.push((internal, b, internal_names, tls));
         }
     }
     let mut servers = tokio::task::JoinSet::new();
-    for (listener, mut routes, names) in planes {
+    for (listener, mut routes, names, tls) in planes {
         let (reflection, reflection_v1alpha) =
             llmos_proto::reflection(&names).expect("valid descriptor sets");
         routes
@@ -228,17 +242,21 @@ pub async fn serve_planes(
             .add_service(reflection_v1alpha);
         let seen = stopped_signal(stop_seen.clone());
         let max_streams = cluster.config.max_streams_per_connection;
-        servers.spawn(
-            tonic::transport::Server::builder()
-                // A client opening more streams on one connection waits for
-                // one to end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS).
-                .max_concurrent_streams(Some(max_streams))
-                .add_routes(routes.routes())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    seen,
-                ),
-        );
+        // A client opening more streams on one connection waits for one to
+        // end (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS).
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(max_streams))
+            .add_routes(routes.routes());
+        match tls {
+            None => servers.spawn(server.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                seen,
+            )),
+            Some(tls) => servers.spawn(
+                server
+                    .serve_with_incoming_shutdown(llmos_tls::server::incoming(listener, tls), seen),
+            ),
+        };
     }
     drop(cluster);
     // The first server to stop (shutdown, or an error) stops the others.

@@ -146,6 +146,8 @@ struct Cli {
     /// could send Raft messages (e.g. commit a key of their own).
     #[arg(long, env = "LLMOS_SHARED_PLANES")]
     shared_planes: bool,
+    #[command(flatten)]
+    tls: llmos_tls::TlsFlags,
     /// `/metrics` needs a (user) API key too.
     #[arg(long, env = "LLMOS_METRICS_NEED_KEY")]
     metrics_need_key: bool,
@@ -169,6 +171,7 @@ async fn main() -> Result<()> {
         cli.otlp_endpoint.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
+    let tls = internal_tls(&cli)?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("bind {}", cli.listen))?;
@@ -264,6 +267,7 @@ async fn main() -> Result<()> {
         vllm_metrics: cli.metrics_compat.as_deref() == Some("vllm"),
         store,
         auth,
+        tls,
         grpc_max_message_bytes: cli.grpc_max_message_bytes,
         max_streams_per_connection: cli.max_streams_per_connection.max(1),
         ..Default::default()
@@ -325,6 +329,17 @@ fn auth_config(cli: &Cli) -> Result<llmos_coordinator::auth::AuthConfig> {
 /// Where the HTTP API listens: the flag, `off`, or by default --listen's
 /// IP with port 8000 (0 when --listen's port is 0, so that several
 /// coordinators started with port 0 do not collide).
+/// The internal plane's TLS from the flags (which needs its own port).
+fn internal_tls(cli: &Cli) -> Result<Option<std::sync::Arc<llmos_tls::Tls>>> {
+    if cli.tls.tls_cert.is_some() && cli.internal_listen.is_none() {
+        anyhow::bail!("--tls-cert: mutual TLS is for the internal plane, which then needs its own port: give --internal-listen ADDR");
+    }
+    Ok(cli.tls.load(
+        llmos_tls::Role::Coordinator,
+        "Raft between coordinators, the worker registry, calls to workers",
+    )?)
+}
+
 fn http_address(
     flag: Option<&str>,
     grpc: std::net::SocketAddr,

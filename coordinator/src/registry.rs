@@ -21,7 +21,9 @@ impl wk::registry_server::Registry for RegistryService {
         &self,
         req: Request<wk::RegisterRequest>,
     ) -> Result<Response<wk::RegisterResponse>, Status> {
+        let who = llmos_tls::require(&req, SERVICE, &[llmos_tls::Role::Worker])?;
         let r = req.into_inner();
+        check_worker(who.as_ref(), &r.worker_id, Some(&r.address))?;
         if r.worker_id.is_empty() || r.address.is_empty() {
             return Err(Status::invalid_argument(
                 "worker_id and address are required",
@@ -57,6 +59,14 @@ impl wk::registry_server::Registry for RegistryService {
         &self,
         req: Request<wk::HeartbeatRequest>,
     ) -> Result<Response<wk::HeartbeatResponse>, Status> {
+        let who = llmos_tls::require(
+            &req,
+            SERVICE,
+            &[llmos_tls::Role::Worker, llmos_tls::Role::Coordinator],
+        )?;
+        if let Some(w) = who.as_ref().filter(|w| w.role == llmos_tls::Role::Worker) {
+            check_worker(Some(w), &req.get_ref().worker_id, None)?;
+        }
         let c = &self.cluster;
         // Every coordinator the report passes routes with it.
         let at_ms = c.now_ms();
@@ -113,13 +123,43 @@ impl wk::registry_server::Registry for RegistryService {
         &self,
         req: Request<wk::DrainRequest>,
     ) -> Result<Response<wk::DrainResponse>, Status> {
+        let who = llmos_tls::require(&req, SERVICE, &[llmos_tls::Role::Worker])?;
         let id = req.into_inner().worker_id;
+        check_worker(who.as_ref(), &id, None)?;
         if id.is_empty() {
             return Err(Status::invalid_argument("DrainRequest.worker_id is empty"));
         }
         let replicas = crate::admin::record_drain(&self.cluster, &id).await?;
         Ok(Response::new(wk::DrainResponse { replicas }))
     }
+}
+
+const SERVICE: &str = "llmos.worker.v1.Registry";
+
+/// On mutual TLS, a worker certificate bound to an id speaks only for
+/// that worker, and the address it registers must be on a host the
+/// certificate names (a certificate of the role alone, shared by a pool,
+/// is trusted for any id and address of the role).
+fn check_worker(
+    who: Option<&llmos_tls::Identity>,
+    worker_id: &str,
+    address: Option<&str>,
+) -> Result<(), Status> {
+    let Some(w) = who else { return Ok(()) };
+    let Some(id) = &w.id else { return Ok(()) };
+    if id != worker_id {
+        return Err(Status::permission_denied(format!(
+            "the certificate of {w} cannot speak for worker {worker_id:?}"
+        )));
+    }
+    if let Some(a) = address {
+        if !w.names_address(a) {
+            return Err(Status::permission_denied(format!(
+                "worker {worker_id} registers the address {a:?}, on a host its certificate ({w}) does not name"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Marks a heartbeat a follower passed on (the receiver does not pass it

@@ -236,6 +236,7 @@ pub(crate) fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
             Some(a) => a.to_string(),
             None => "shared".into(),
         },
+        internal_tls: internal_tls(cluster.config.tls.as_deref()),
         members: c
             .members
             .into_iter()
@@ -246,5 +247,15 @@ pub(crate) fn control_plane(cluster: &Cluster) -> api::ControlPlaneStatus {
                 learner: m.learner,
             })
             .collect(),
+    }
+}
+
+/// `ControlPlaneStatus.internal_tls`: what protects the internal plane,
+/// and what nothing can (NCCL).
+pub fn internal_tls(tls: Option<&llmos_tls::Tls>) -> String {
+    const NCCL: &str = "; NCCL traffic between GPUs is not encrypted";
+    match tls {
+        Some(t) => format!("mutual TLS (this coordinator: {}){NCCL}", t.identity()),
+        None => format!("plaintext (--insecure){NCCL}"),
     }
 }

@@ -189,6 +189,7 @@ impl RaftStore {
     pub fn start(
         s: &RaftSettings,
         listen: std::net::SocketAddr,
+        tls: Option<Arc<llmos_tls::Tls>>,
     ) -> Result<(Arc<RaftStore>, PeerService), StoreError> {
         let advertise = s
             .advertise
@@ -223,7 +224,7 @@ impl RaftStore {
         // processes' reads).
         cfg.sync = s.sync && tmp.is_none();
         cfg.validate().map_err(StoreError::Config)?;
-        let transport = GrpcTransport::new(&s.cluster_id, s.node_id, &advertise);
+        let transport = GrpcTransport::new(&s.cluster_id, s.node_id, &advertise, tls);
         let node = RaftNode::start(cfg, transport.clone())?;
         let peer = PeerService {
             cluster_id: s.cluster_id.clone(),

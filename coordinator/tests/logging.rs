@@ -14,6 +14,7 @@ fn json_logs_are_one_object_per_line() {
             "--log-format",
             "json",
             "--no-auth",
+            "--insecure",
             "--data-dir",
         ])
         .arg(dir.path())

@@ -16,6 +16,7 @@ fn sigterm_and_sigint_stop_the_coordinator_cleanly() {
                 "127.0.0.1:0",
                 "--internal-listen",
                 "127.0.0.1:0",
+                "--insecure",
             ])
             .args(["--data-dir"])
             .arg(dir.path())

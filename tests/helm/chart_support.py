@@ -160,3 +160,62 @@ def values_yaml_keys() -> list[tuple[str, bool, int, bool]]:
         if documented:
             documented_indent = indent
     return out
+
+
+# ---------------------------------------------------------------- X.509 (openssl)
+
+
+def openssl_bin() -> str:
+    path = shutil.which("openssl")
+    if path is None:
+        pytest.fail("openssl is not on PATH: the certificate checks read the rendered PEM with `openssl x509`",
+                    pytrace=False)
+    return path
+
+
+def openssl(*args: str, stdin: bytes) -> str:
+    r = subprocess.run([openssl_bin(), *args], input=stdin, capture_output=True, timeout=30)
+    assert r.returncode == 0, f"openssl {' '.join(args)}: {r.stderr.decode()}"
+    return r.stdout.decode()
+
+
+def x509(pem: bytes) -> dict:
+    """What a PEM certificate says: subject, notBefore/notAfter (as
+    datetimes), its subject alternative names (["DNS:...", ...]), extended
+    key usages, and whether it is a CA."""
+    from datetime import datetime, timezone
+
+    out = openssl("x509", "-noout", "-subject", "-dates",
+                  "-ext", "subjectAltName,extendedKeyUsage,basicConstraints", stdin=pem)
+    info = {"san": [], "eku": [], "ca": False}
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        value = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if line.startswith("subject="):
+            info["subject"] = line.split("=", 1)[1].strip()
+        elif line.startswith(("notBefore=", "notAfter=")):
+            k, v = line.split("=", 1)
+            info[k] = datetime.strptime(" ".join(v.split()), "%b %d %H:%M:%S %Y %Z").replace(tzinfo=timezone.utc)
+        elif line.startswith("X509v3 Subject Alternative Name"):
+            info["san"] = [n.strip() for n in value.split(",")]
+        elif line.startswith("X509v3 Extended Key Usage"):
+            info["eku"] = [n.strip() for n in value.split(",")]
+        elif line.startswith("X509v3 Basic Constraints"):
+            info["ca"] = "CA:TRUE" in value
+    return info
+
+
+def chains_to(cert: bytes, ca: bytes) -> bool:
+    """Whether `openssl verify` accepts `cert` with `ca` as the only trusted root."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ca_path, cert_path = Path(tmp) / "ca.crt", Path(tmp) / "cert.crt"
+        ca_path.write_bytes(ca)
+        cert_path.write_bytes(cert)
+        r = subprocess.run([openssl_bin(), "verify", "-CAfile", str(ca_path), str(cert_path)],
+                           capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and r.stdout.strip().endswith(": OK")
+
+
+def key_matches(cert: bytes, key: bytes) -> bool:
+    """Whether `key` is the private key of `cert` (same public key)."""
+    return openssl("x509", "-noout", "-pubkey", stdin=cert) == openssl("pkey", "-pubout", stdin=key)

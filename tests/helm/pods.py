@@ -9,7 +9,8 @@ template, an emptyDir) or files written from the rendered ConfigMaps and
 Secrets, and its `configMapKeyRef`/`secretKeyRef` variables come from them; the
 Services' DNS names (`<pod>.<headless service>.<ns>.svc.<domain>`, a
 ClusterIP Service's name) are `--add-host` entries. Readiness is the
-rendered probe: a gRPC health check (grpc.health.v1) on the pod's address.
+rendered probe: a gRPC health check (grpc.health.v1) or a TCP connection
+on the pod's address.
 
 Where podman cannot run, `PROCESS` runs the same command lines as plain
 processes (the image's binaries replaced by the release build, mount paths
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -371,8 +373,16 @@ class Cluster:
         """The rendered readinessProbe, once."""
         probe = pod.container.get("readinessProbe")
         assert probe, f"pod {pod.name} has no readinessProbe"
+        tcp = probe.get("tcpSocket")
+        if tcp:
+            port = tcp["port"] if isinstance(tcp["port"], int) else pod.port(tcp["port"])
+            try:
+                with socket.create_connection((pod.ip, port), timeout=probe.get("timeoutSeconds", 1)):
+                    return True
+            except OSError:
+                return False
         g = probe.get("grpc")
-        assert g, f"pod {pod.name}: only gRPC probes are emulated ({probe})"
+        assert g, f"pod {pod.name}: only gRPC and TCP probes are emulated ({probe})"
         with grpc.insecure_channel(f"{pod.ip}:{g['port']}") as ch:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(
@@ -409,13 +419,35 @@ class Cluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def grpc_unary(address: str, method: str, request: bytes = b"", timeout: float = 10) -> tuple[grpc.StatusCode, bytes | None]:
+@dataclass
+class ClientTLS:
+    """A client certificate for a mutual-TLS channel: PEM bytes of the CA,
+    the certificate and its key, and the DNS name the server's certificate
+    must carry (its role's: coordinator.llmos, worker.llmos), checked
+    instead of the address dialled."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str
+
+
+def channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    """A plaintext channel, or a mutual-TLS one with `tls`."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+    return grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", tls.server_name)])
+
+
+def grpc_unary(address: str, method: str, request: bytes = b"", timeout: float = 10,
+               tls: ClientTLS | None = None) -> tuple[grpc.StatusCode, bytes | None]:
     """One unary call of `method` (`/package.Service/Method`) with a raw
     protobuf request (b"": every field at its default), no metadata (no
     API key): its status code and, when OK, the raw response. Needs no
     generated stubs, so it asks any port which services it serves
-    (UNIMPLEMENTED: not this one)."""
-    with grpc.insecure_channel(address) as ch:
+    (UNIMPLEMENTED: not this one). Plaintext, or mutual TLS with `tls`."""
+    with channel(address, tls) as ch:
         call = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         try:
             return grpc.StatusCode.OK, call(request, timeout=timeout)

@@ -19,7 +19,10 @@ What they check:
     for 1, 3 and 5 coordinators, worker pool flags/labels/resources, the
     models list handed to `llmos apply`, the `helm test` pod, the API keys
     (the admin key's Secret, the coordinators' --admin-key-file, the CLI pods'
-    LLMOS_API_KEY; an existing Secret; auth off), the optional resources, the
+    LLMOS_API_KEY; an existing Secret; auth off), the internal plane's mutual
+    TLS (the generated CA and certificates, parsed with `openssl x509`: DNS
+    SANs, key usages, chain, keys; the mounts and --tls-* flags; a Secret of
+    the user's or cert-manager's; --insecure), the optional resources, the
     security context;
   - values.schema.json and the chart's own checks reject bad values with a
     message naming the value.
@@ -38,8 +41,8 @@ import yaml
 
 from chart_support import (
     ALL_OPTIONAL, CHART, MIN_KUBE, NAMESPACE, RELEASE, ROOT, VALUE_SETS, VALUES_CPU, VALUES_GPU,
-    values_args, container, coord_name, env_of, flag, kinds, one, pod_spec, pools, render,
-    render_error, render_text, run_helm, values_yaml_keys,
+    values_args, chains_to, container, coord_name, env_of, flag, key_matches, kinds, one, pod_spec,
+    pools, render, render_error, render_text, run_helm, values_yaml_keys, x509,
 )
 
 
@@ -69,6 +72,7 @@ VALIDATION_SETS = {
     "cpu": ([VALUES_CPU], None),
     "gpu": ([VALUES_GPU], None),
     "default+auth-off": ([], {"auth": {"enabled": False}}),
+    "default+internal-tls-off": ([], {"internalTLS": {"enabled": False}}),
     "gpu+optional-keda": ([VALUES_GPU], ALL_OPTIONAL),
     "cpu+optional-hpa": ([VALUES_CPU], {**ALL_OPTIONAL, "autoscaling": {"enabled": True, "kind": "hpa"}}),
 }
@@ -347,6 +351,10 @@ def test_worker_pool_flags_labels_and_pod_labels():
         "--label=accelerator=h100",
         "--label=tier=1",
         "--label=zone=a",
+        # The internal plane on mutual TLS (internalTLS, on by default).
+        "--tls-cert=/etc/llmos/tls/worker.crt",
+        "--tls-key=/etc/llmos/tls/worker.key",
+        "--tls-ca=/etc/llmos/tls/ca.crt",
         "--extra=1",
     ]
     env = env_of(c)
@@ -360,8 +368,11 @@ def test_worker_pool_flags_labels_and_pod_labels():
     assert labels["llmos.io/pool"] == "big"
     assert labels["app.kubernetes.io/component"] == "worker"
     assert big["spec"]["selector"]["matchLabels"]["llmos.io/pool"] == "big"
+    # The gRPC port is on mutual TLS, which the kubelet's gRPC probe cannot
+    # speak: the probes connect to the plaintext metrics port (see
+    # test_worker_probes_follow_internal_tls).
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert c[probe]["grpc"] == {"port": 50061}, probe
+        assert c[probe]["tcpSocket"] == {"port": 9091}, probe
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": 50061, "collective": 50062, "metrics": 9091}
 
     small = container(by_pool["small"])
@@ -537,6 +548,10 @@ def test_no_models_renders_no_job():
     ({"auth": {"existingSecret": "Team_Keys"}}, ["/auth/existingSecret"]),
     ({"auth": {"secretKey": ""}}, ["/auth/secretKey"]),
     ({"auth": {"enable": False}}, ["/auth", "enable"]),
+    ({"internalTLS": {"enabled": "yes"}}, ["/internalTLS/enabled", "boolean"]),
+    ({"internalTLS": {"secretName": "My_TLS"}}, ["/internalTLS/secretName"]),
+    ({"internalTLS": {"validityDays": 0}}, ["/internalTLS/validityDays", "minimum"]),
+    ({"internalTLS": {"caSecret": "x"}}, ["/internalTLS", "caSecret"]),
 ])
 def test_schema_rejects_bad_values(values, must_mention):
     err = render_error(values=values)
@@ -553,6 +568,9 @@ def test_schema_rejects_bad_values(values, must_mention):
     ({"models": [{"name": "m", "source": "smollm2", "stages": 3, "split": [10, 20]}]}, ["split has 2 stages but stages is 3"]),
     ({"fullnameOverride": "x" * 60}, ["longer than 63 characters", "fullnameOverride"]),
     ({"auth": {"enabled": False, "metricsNeedKey": True}}, ["auth.metricsNeedKey needs auth.enabled"]),
+    ({"internalTLS": {"coordinatorSecret": "c"}}, ["internalTLS.coordinatorSecret and internalTLS.workerSecret go together"]),
+    ({"internalTLS": {"workerSecret": "w"}}, ["internalTLS.coordinatorSecret and internalTLS.workerSecret go together"]),
+    ({"internalTLS": {"secretName": "s", "coordinatorSecret": "c", "workerSecret": "w"}}, ["exclude each other"]),
 ])
 def test_chart_checks_reject_inconsistent_values(values, must_mention):
     err = render_error(values=values)
@@ -663,7 +681,8 @@ def test_coordinators_read_the_admin_key_from_the_secret():
     assert source["defaultMode"] == 0o440
     # Only the coordinators' volume exposes it: nothing else mounts it.
     others = [w for w in docs if w["kind"] in ("StatefulSet", "Job", "Pod") and w is not sts]
-    assert not [w for w in others if any("secret" in v for v in pod_spec(w).get("volumes", []))]
+    assert not [w for w in others
+                if any(v.get("secret", {}).get("secretName") == "llmos-auth" for v in pod_spec(w).get("volumes", []))]
 
 
 def test_cli_pods_send_the_admin_key():
@@ -683,7 +702,8 @@ def test_cli_pods_send_the_admin_key():
 
 def test_existing_secret_is_used_everywhere():
     docs = render(values={"auth": {"existingSecret": "team-keys", "secretKey": "token"}})
-    assert not kinds(docs, "Secret"), "a Secret rendered beside auth.existingSecret"
+    assert [s["metadata"]["name"] for s in kinds(docs, "Secret")] == ["llmos-internal-tls"], \
+        "an auth Secret rendered beside auth.existingSecret"
     _, _, source = admin_key_file(one(docs, "StatefulSet", coord_name()))
     assert source["secretName"] == "team-keys"
     assert [it["key"] for it in source["items"]] == ["token"]
@@ -696,12 +716,14 @@ def test_existing_secret_is_used_everywhere():
 
 def test_auth_off_renders_no_auth_and_no_secret():
     docs = render(values={"auth": {"enabled": False}})
-    assert not kinds(docs, "Secret")
+    # Only the internal plane's certificates (internalTLS) are left.
+    assert [s["metadata"]["name"] for s in kinds(docs, "Secret")] == ["llmos-internal-tls"]
     sts = one(docs, "StatefulSet", coord_name())
     args = container(sts)["args"]
     assert "--no-auth" in args
     assert flag(args, "admin-key-file") is None
-    assert not any("secret" in v for v in pod_spec(sts)["volumes"])
+    assert [v["secret"]["secretName"] for v in pod_spec(sts)["volumes"] if "secret" in v] == ["llmos-internal-tls"]
+    assert not kinds(render(values={"auth": {"enabled": False}, "internalTLS": {"enabled": False}}), "Secret")
     for w in cli_workloads(docs):
         assert "LLMOS_API_KEY" not in env_of(container(w)), w["metadata"]["name"]
     # Keys on: no --no-auth.
@@ -723,6 +745,200 @@ def test_metrics_need_key_and_the_service_monitor_sends_it():
     # Off by default: /metrics open, nothing sent.
     [endpoint] = one(render(values={"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor", "llmos")["spec"]["endpoints"]
     assert "authorization" not in endpoint
+
+
+# ---------------------------------------------------------------- internal TLS
+
+
+TLS_KEYS = ["ca.crt", "coordinator.crt", "coordinator.key", "worker.crt", "worker.key"]
+TLS_FLAGS = ("tls-cert", "tls-key", "tls-ca")
+
+
+def tls_secret_data(docs, name="llmos-internal-tls") -> dict[str, bytes]:
+    secret = one(docs, "Secret", name)
+    return {k: base64.b64decode(v) for k, v in secret["data"].items()}
+
+
+def internal_tls_workloads(docs) -> dict[str, tuple[dict, str]]:
+    """What runs llmos-coordinator or llmos-worker, by name, with its role."""
+    out = {coord_name(): (one(docs, "StatefulSet", coord_name()), "coordinator")}
+    for sts in pools(docs).values():
+        out[sts["metadata"]["name"]] = (sts, "worker")
+    return out
+
+
+def tls_files(workload) -> dict[str, tuple[str, str, dict]]:
+    """The --tls-cert, --tls-key and --tls-ca a workload's process reads,
+    followed to what holds them: flag -> (path, the Secret's name, its key)."""
+    c = container(workload)
+    out = {}
+    for name in TLS_FLAGS:
+        path = flag(c["args"], name)
+        assert path, f"no --{name}: {c['args']}"
+        mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert len(mounts) == 1, f"{path} is under {len(mounts)} mounts: {c['volumeMounts']}"
+        mount = mounts[0]
+        # Read-only, and the whole volume: a subPath mount would never see
+        # the kubelet's updates of the Secret (rotation).
+        assert mount["readOnly"] is True and "subPath" not in mount, mount
+        volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+        source = volume["secret"]
+        file = os.path.relpath(path, mount["mountPath"])
+        [item] = [it for it in source["items"] if it["path"] == file]
+        out[name] = (path, source["secretName"], item["key"])
+    return out
+
+
+def test_default_render_generates_the_internal_tls_secret():
+    docs = render()
+    secret = one(docs, "Secret", "llmos-internal-tls")
+    assert secret["type"] == "Opaque"
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    assert sorted(secret["data"]) == sorted(TLS_KEYS)
+    data = tls_secret_data(docs)
+    ca = x509(data["ca.crt"])
+    assert ca["ca"] is True and ca["subject"] == "CN = llmos internal CA", ca
+    for role in ("coordinator", "worker"):
+        cert, key = data[f"{role}.crt"], data[f"{role}.key"]
+        info = x509(cert)
+        # The role's DNS name and nothing else: one shared certificate per
+        # role (no llmos:// id, no pod address; servers are checked against
+        # the role's name, not the address dialled).
+        assert info["san"] == [f"DNS:{role}.llmos"], (role, info)
+        assert info["ca"] is False, role
+        # Every process both serves and dials.
+        assert {"TLS Web Server Authentication", "TLS Web Client Authentication"} <= set(info["eku"]), (role, info)
+        assert chains_to(cert, data["ca.crt"]), f"{role}.crt does not chain to ca.crt"
+        assert key_matches(cert, key), f"{role}.key is not the key of {role}.crt"
+        assert key.startswith(b"-----BEGIN RSA PRIVATE KEY-----"), key[:40]
+        assert info["notAfter"] - info["notBefore"] == ca["notAfter"] - ca["notBefore"]
+        assert round((info["notAfter"] - info["notBefore"]).total_seconds() / 86400) == 365, info
+    # Two CAs of two renders trust each other's certificates? No: each
+    # render (no cluster, nothing to look up) makes its own.
+    other = tls_secret_data(render())
+    assert other["ca.crt"] != data["ca.crt"]
+    assert not chains_to(other["worker.crt"], data["ca.crt"])
+    # An upgrade keeps the installed certificates: helm cannot look a
+    # Secret up without a cluster, so this checks the template asks for it.
+    template = (CHART / "templates" / "internal-tls.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    assert '$name := include "llmos.tls.generatedSecretName" .' in template
+
+
+def test_internal_tls_validity_days():
+    data = tls_secret_data(render(values={"internalTLS": {"validityDays": 30}}))
+    for key in ("ca.crt", "coordinator.crt", "worker.crt"):
+        info = x509(data[key])
+        assert round((info["notAfter"] - info["notBefore"]).total_seconds() / 86400) == 30, (key, info)
+
+
+@pytest.mark.parametrize("files", [[], [VALUES_GPU]], ids=["default", "gpu"])
+def test_coordinators_and_workers_read_their_certificates(files):
+    docs = render(files)
+    data = tls_secret_data(docs)
+    workloads = internal_tls_workloads(docs)
+    assert len(workloads) == (3 if files else 2), list(workloads)
+    for name, (workload, role) in workloads.items():
+        args = container(workload)["args"]
+        assert "--insecure" not in args, name
+        found = tls_files(workload)
+        assert {f: (p, s) for f, (p, s, _) in found.items()} == {
+            "tls-cert": (f"/etc/llmos/tls/{role}.crt", "llmos-internal-tls"),
+            "tls-key": (f"/etc/llmos/tls/{role}.key", "llmos-internal-tls"),
+            "tls-ca": ("/etc/llmos/tls/ca.crt", "llmos-internal-tls"),
+        }, name
+        assert [found[f][2] for f in TLS_FLAGS] == [f"{role}.crt", f"{role}.key", "ca.crt"], name
+        # What the process will read: its role's certificate, with its key,
+        # from the CA every other process trusts.
+        cert, key, ca = (data[found[f][2]] for f in TLS_FLAGS)
+        assert x509(cert)["san"] == [f"DNS:{role}.llmos"], name
+        assert key_matches(cert, key) and chains_to(cert, ca), name
+        # Only its own role's key reaches a pod.
+        volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == "internal-tls")
+        assert sorted(it["key"] for it in volume["secret"]["items"]) == sorted(["ca.crt", f"{role}.crt", f"{role}.key"]), name
+        assert volume["secret"]["defaultMode"] == 0o440, name
+        # The processes read the files again when they change: no checksum
+        # annotation restarts the pods when the Secret does.
+        annotations = workload["spec"]["template"]["metadata"].get("annotations") or {}
+        assert not [k for k in annotations if "checksum" in k], (name, annotations)
+    # Nothing else mounts the certificates: the models Job and the test pod
+    # use the public API only.
+    users = sorted(w["metadata"]["name"] for w in docs
+                   if w["kind"] in ("StatefulSet", "Job", "Pod") and uses_secret(w, "llmos-internal-tls"))
+    assert users == sorted(workloads)
+    for w in cli_workloads(docs):
+        assert not [a for a in container(w)["command"] if a.startswith(("--tls-", "--insecure"))], w["metadata"]["name"]
+
+
+def test_worker_probes_follow_internal_tls():
+    # Mutual TLS on the gRPC port: the kubelet's gRPC probe cannot speak it,
+    # so a TCP connection to the plaintext metrics port stands in.
+    for port, values in ((9091, None), (9400, {"worker": {"metricsPort": 9400}})):
+        c = container(pools(render(values=values))["cpu"])
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["tcpSocket"] == {"port": port} and "grpc" not in c[probe], (probe, c[probe])
+    # Plaintext: gRPC health on the gRPC port, as before.
+    c = container(pools(render(values={"internalTLS": {"enabled": False}}))["cpu"])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["grpc"] == {"port": 50061} and "tcpSocket" not in c[probe], (probe, c[probe])
+    # The coordinators keep gRPC health on their public port (no TLS there).
+    for values in (None, {"internalTLS": {"enabled": False}}):
+        c = container(one(render(values=values), "StatefulSet", coord_name()))
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["grpc"] == {"port": 50051}, probe
+
+
+def test_internal_tls_off_is_insecure():
+    docs = render([VALUES_GPU], {"internalTLS": {"enabled": False}})
+    assert not [s for s in kinds(docs, "Secret") if s["metadata"]["name"] != "llmos-auth"]
+    for name, (workload, _) in internal_tls_workloads(docs).items():
+        c = container(workload)
+        assert c["args"].count("--insecure") == 1, name
+        assert not [a for a in c["args"] if a.startswith("--tls-")], name
+        assert not [m for m in c["volumeMounts"] if m["mountPath"].startswith("/etc/llmos/tls")], name
+        assert not [v for v in pod_spec(workload)["volumes"] if v["name"] == "internal-tls"], name
+    # On by default: no --insecure anywhere.
+    docs = render([VALUES_GPU])
+    assert not [w["metadata"]["name"] for w in docs if w["kind"] in ("StatefulSet", "Job", "Pod")
+                and "--insecure" in container(w).get("args", []) + container(w)["command"]]
+
+
+def test_internal_tls_existing_secret():
+    docs = render(values={"internalTLS": {"secretName": "llmos-certs"}})
+    assert [s["metadata"]["name"] for s in kinds(docs, "Secret")] == ["llmos-auth"], "a TLS Secret rendered beside internalTLS.secretName"
+    for name, (workload, role) in internal_tls_workloads(docs).items():
+        found = tls_files(workload)
+        assert [(found[f][1], found[f][2]) for f in TLS_FLAGS] == [
+            ("llmos-certs", f"{role}.crt"), ("llmos-certs", f"{role}.key"), ("llmos-certs", "ca.crt")], name
+        assert [found[f][0] for f in TLS_FLAGS] == [f"/etc/llmos/tls/{role}.crt", f"/etc/llmos/tls/{role}.key", "/etc/llmos/tls/ca.crt"], name
+
+
+def test_internal_tls_cert_manager_secrets():
+    values = {"internalTLS": {"coordinatorSecret": "llmos-coordinator-tls", "workerSecret": "llmos-worker-tls"}}
+    docs = render([VALUES_GPU], values)
+    assert [s["metadata"]["name"] for s in kinds(docs, "Secret")] == ["llmos-auth"], "a TLS Secret rendered beside cert-manager's"
+    for name, (workload, role) in internal_tls_workloads(docs).items():
+        found = tls_files(workload)
+        # cert-manager's layout, mapped onto the paths the flags name.
+        secret = f"llmos-{role}-tls"
+        assert [(found[f][1], found[f][2]) for f in TLS_FLAGS] == [
+            (secret, "tls.crt"), (secret, "tls.key"), (secret, "ca.crt")], name
+        assert [found[f][0] for f in TLS_FLAGS] == [f"/etc/llmos/tls/{role}.crt", f"/etc/llmos/tls/{role}.key", "/etc/llmos/tls/ca.crt"], name
+
+
+def test_notes_describe_internal_tls():
+    def notes(*sets):
+        args = [a for s in sets for a in ("--set", s)]
+        r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE, *args)
+        assert r.returncode == 0, r.stderr
+        return " ".join(r.stdout.split("NOTES:", 1)[1].split())
+
+    flat = notes()
+    assert "with mutual TLS: the CA and certificates the chart generated in the Secret llmos-internal-tls" in flat, flat
+    assert "certificates from the Secret llmos-certs" in notes("internalTLS.secretName=llmos-certs")
+    assert "certificates from the Secrets c and w" in notes("internalTLS.coordinatorSecret=c", "internalTLS.workerSecret=w")
+    flat = notes("internalTLS.enabled=false")
+    assert "plaintext and unauthenticated (internalTLS.enabled=false, --insecure): for development only" in flat, flat
 
 
 # ---------------------------------------------------------------- optional resources

@@ -3,9 +3,13 @@
 Renders helm/llmos with values-cpu.yaml and runs every pod as Kubernetes
 would, one container per pod on its own loopback address (see pods.py):
 3 coordinators elect a leader through the headless Service's names on the
-internal port; each one's public port answers the worker Registry and Raft
-UNIMPLEMENTED while its internal port answers the Registry; 2 workers
-register through the headless Service's names on the internal port, the
+internal port, over mutual TLS with the certificates the chart generates
+(internalTLS, the rendered Secret <fullname>-internal-tls); each one's
+public port answers the worker Registry and Raft UNIMPLEMENTED while its
+internal port refuses a plaintext client and answers the Registry to a
+client holding the workers' certificate; 2 workers register through the
+headless Service's names on the internal port (their own gRPC port, on
+mutual TLS too, answers health only to a certificate of the CA), the
 post-install Job applies the chart's models, the `helm test` pod generates. The coordinators
 read the bootstrap admin key from the rendered Secret; the Job, the test pod
 and this test's CLI calls send it, a call without it is refused, and a
@@ -123,18 +127,46 @@ def tenant_chat(url, key):
         raise
 
 
+def tls_files(cluster, component):
+    """What the component's pods read as --tls-cert, --tls-key and
+    --tls-ca, followed from the flags to the mounted Secret's keys (PEM
+    bytes by flag name); None when its internal plane is plaintext
+    (--insecure)."""
+    (sts,) = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    spec = sts["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    if "--insecure" in c["args"]:
+        return None
+    out = {}
+    for name in ("tls-cert", "tls-key", "tls-ca"):
+        path = next(a.split("=", 1)[1] for a in c["args"] if a.startswith(f"--{name}="))
+        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+        source = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+        item = next(it for it in source["items"] if it["path"] == os.path.relpath(path, mount["mountPath"]))
+        out[name] = cluster.secret_data(source["secretName"])[item["key"]].encode()
+    return out
+
+
+def client_tls(files, server_name):
+    """A mutual-TLS client holding `files`' certificate, expecting a server
+    of the role `server_name` names."""
+    return pods.ClientTLS(ca=files["tls-ca"], cert=files["tls-cert"], key=files["tls-key"], server_name=server_name)
+
+
 REGISTRY_HEARTBEAT = "/llmos.worker.v1.Registry/Heartbeat"
 PEER_RAFT = "/llmos.coordinator.v1.Peer/Raft"
 ADMIN_STATUS = "/llmos.v1.Admin/ClusterStatus"
 
 
-def check_planes(coordinators):
+def check_planes(coordinators, as_worker):
     """On every coordinator: the public port answers the internal plane's
     services UNIMPLEMENTED (and the public API, keyless, UNAUTHENTICATED:
-    it is served there); the internal port answers a Heartbeat (an empty
+    it is served there); the internal port, to a client with the workers'
+    certificate (`as_worker`, mutual TLS), answers a Heartbeat (an empty
     one: worker id "", which the leader answers `known: false`, the empty
     message; a follower forwards it there) and answers the public API
-    UNIMPLEMENTED."""
+    UNIMPLEMENTED; a plaintext client gets nothing there (UNAVAILABLE: no
+    TLS handshake)."""
     for p in coordinators:
         public = f"{p.ip}:{p.port('grpc')}"
         internal = f"{p.ip}:{p.port('internal')}"
@@ -145,16 +177,37 @@ def check_planes(coordinators):
         code, _ = pods.grpc_unary(public, ADMIN_STATUS)
         assert code == grpc.StatusCode.UNAUTHENTICATED, f"{p.name}: keyless {ADMIN_STATUS} on the public port: {code}"
 
+        code, _ = pods.grpc_unary(internal, REGISTRY_HEARTBEAT)
+        assert code == grpc.StatusCode.UNAVAILABLE, f"{p.name}: a plaintext {REGISTRY_HEARTBEAT} on the internal port {internal} (mutual TLS): {code}"
+
         def heartbeat_answered():
-            code, reply = pods.grpc_unary(internal, REGISTRY_HEARTBEAT)
+            code, reply = pods.grpc_unary(internal, REGISTRY_HEARTBEAT, tls=as_worker)
             # UNAVAILABLE: a follower that has not yet learned the leader's
             # address; anything else is an answer to judge.
             return None if code == grpc.StatusCode.UNAVAILABLE else (code, reply)
 
         code, reply = wait_until(f"{p.name} answers a Heartbeat on its internal port", heartbeat_answered, 20)
         assert (code, reply) == (grpc.StatusCode.OK, b""), f"{p.name}: {REGISTRY_HEARTBEAT} on the internal port {internal}: {code} {reply!r}"
-        code, _ = pods.grpc_unary(internal, ADMIN_STATUS)
+        code, _ = pods.grpc_unary(internal, ADMIN_STATUS, tls=as_worker)
         assert code == grpc.StatusCode.UNIMPLEMENTED, f"{p.name}: {ADMIN_STATUS} on the internal port {internal}: {code}"
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def check_worker_tls(workers, as_coordinator):
+    """On every worker: its gRPC port (the Worker API, health) takes only
+    mutual-TLS clients: health answers a client with the coordinators'
+    certificate (`as_coordinator`), and a plaintext one gets nothing
+    (what the kubelet's gRPC probe would be; the chart probes the
+    plaintext metrics port instead)."""
+    for p in workers:
+        address = f"{p.ip}:{p.port('grpc')}"
+        code, reply = pods.grpc_unary(address, HEALTH_CHECK, tls=as_coordinator)
+        # grpc.health.v1.HealthCheckResponse{status: SERVING (1)}.
+        assert (code, reply) == (grpc.StatusCode.OK, b"\x08\x01"), f"{p.name}: {HEALTH_CHECK} over mutual TLS on {address}: {code} {reply!r}"
+        code, _ = pods.grpc_unary(address, HEALTH_CHECK)
+        assert code == grpc.StatusCode.UNAVAILABLE, f"{p.name}: a plaintext {HEALTH_CHECK} on {address}: {code}"
 
 
 def sets(image):
@@ -216,9 +269,18 @@ def test_the_rendered_chart_forms_a_working_cluster():
         # the client Service's) serves no internal service; the internal
         # port (container port internal, the headless Service's) serves the
         # worker Registry, which takes no key, and not the public API.
-        check_planes(coordinators)
+        # The internal port is on mutual TLS with the chart's certificates:
+        # each coordinator says so, and a client needs the workers'
+        # certificate there (a plaintext one is refused).
+        coordinator_tls, worker_tls = tls_files(cluster, "coordinator"), tls_files(cluster, "worker")
+        assert coordinator_tls and worker_tls, "the chart's default is mutual TLS on the internal plane"
+        assert coordinator_tls["tls-ca"] == worker_tls["tls-ca"], "coordinators and workers trust different CAs"
+        for p, v in zip(coordinators, views):
+            assert "internal plane on mutual TLS" in cluster.logs(p), f"{p.name} does not say it runs on mutual TLS:\n{cluster.logs(p)[-2000:]}"
+            assert v["internal_tls"].startswith("mutual TLS (this coordinator: a coordinator)"), (p.name, v["internal_tls"])
+        check_planes(coordinators, client_tls(worker_tls, "coordinator.llmos"))
         say(f"planes: public port {coordinators[0].port('grpc')} answers Registry/Peer UNIMPLEMENTED; "
-            f"internal port {coordinators[0].port('internal')} answers Registry, not Admin")
+            f"internal port {coordinators[0].port('internal')} (mutual TLS: plaintext refused) answers Registry, not Admin")
 
         # Workers: the pool's StatefulSet.
         worker_sts = [s for s in cluster.of_kind("StatefulSet") if s["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
@@ -239,6 +301,8 @@ def test_the_rendered_chart_forms_a_working_cluster():
 
         ids = wait_until("2 workers registered", lambda: registered(2), 60)
         assert ids == ["llmos-worker-cpu-0", "llmos-worker-cpu-1"], ids
+        check_worker_tls(workers, client_tls(coordinator_tls, "worker.llmos"))
+        say(f"workers on mutual TLS: port {workers[0].port('grpc')} answers health to the coordinators' certificate, not to plaintext")
         pools = cli(coordinators[0], "workers", key=key)
         assert list(pools) == ["cpu"], f"workers grouped by pool: {pools}"
         say(f"workers registered: {ids} ({time.time() - t0:.1f} s)")
@@ -324,6 +388,7 @@ def test_the_rendered_chart_forms_a_working_cluster():
         # second): the post-upgrade Job runs again and scales the model.
         cluster.upgrade(pods.render(CHART, [VALUES], NS, sets(IMAGE) + ["workerPools[0].replicas=5", "models[0].replicas=2"]))
         assert admin_key(cluster) == key, "the upgrade changed the admin key"
+        assert (tls_files(cluster, "coordinator"), tls_files(cluster, "worker")) == (coordinator_tls, worker_tls), "the upgrade changed the internal TLS certificates"
         fifth = cluster.statefulset_pods("llmos-worker-cpu")[4]
         cluster.start(fifth)
         cluster.wait_ready([fifth], timeout=60)

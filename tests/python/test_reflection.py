@@ -39,8 +39,8 @@ def reflect(address):
 
 def test_a_coordinator_and_a_worker_answer_reflection_v1alpha():
     # Both planes on one port (reflection lists them all): no API keys.
-    coordinator, c_addr = start("llmos-coordinator", "--no-auth")
-    worker, w_addr = start("llmos-worker", "serve")
+    coordinator, c_addr = start("llmos-coordinator", "--no-auth", "--insecure")
+    worker, w_addr = start("llmos-worker", "serve", "--insecure")
     try:
         ch, names, pool = reflect(c_addr)
         assert names == {

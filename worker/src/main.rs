@@ -80,6 +80,8 @@ struct ServeArgs {
     /// A label deployments may ask for, as key=value (repeatable).
     #[arg(long = "label", value_parser = llmos_proto::parse_label)]
     labels: Vec<(String, String)>,
+    #[command(flatten)]
+    tls: llmos_tls::TlsFlags,
     /// On SIGTERM/SIGINT, seconds to wait for the coordinator to move this
     /// worker's replicas elsewhere before stopping anyway (0: stop at once).
     /// Either way, requests still open then get up to 20 s to finish.
@@ -398,6 +400,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.device
         );
     }
+    let tls = args.tls.load(
+        llmos_tls::Role::Worker,
+        "the registry, this worker's API, pipeline links, collectives",
+    )?;
     let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -422,11 +428,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!(%addr, "llmos-worker serving");
         let rendezvous = std::sync::Arc::new(
-            llmos_worker::comm::Rendezvous::bind(&format!(
-                "{}:{}",
-                args.listen.ip(),
-                args.collective_port
-            ))
+            llmos_worker::comm::Rendezvous::bind_with(
+                &format!("{}:{}", args.listen.ip(), args.collective_port),
+                tls.clone(),
+            )
             .context("bind the collective listener")?,
         );
         // Peers reach the collective listener at the advertised host.
@@ -447,6 +452,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let registration = args.coordinator.clone().map(|coordinator| {
             llmos_worker::server::register::Registration {
                 coordinator,
+                tls: tls.clone(),
                 worker_id: args
                     .worker_id
                     .clone()

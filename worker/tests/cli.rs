@@ -164,7 +164,7 @@ fn bad_model_file_is_a_clean_error() {
 fn sigterm_stops_serve_cleanly() {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmos-worker"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--insecure"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

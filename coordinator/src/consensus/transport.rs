@@ -27,6 +27,8 @@ struct PeerQueue {
 
 pub struct GrpcTransport {
     cluster_id: String,
+    /// Mutual TLS to peers (None: plaintext, `--insecure`).
+    tls: Option<Arc<llmos_tls::Tls>>,
     self_id: u64,
     self_address: String,
     timeout: Duration,
@@ -38,9 +40,15 @@ pub struct GrpcTransport {
 
 impl GrpcTransport {
     /// Must be called inside a tokio runtime (sender tasks run on it).
-    pub fn new(cluster_id: &str, self_id: u64, self_address: &str) -> Arc<Self> {
+    pub fn new(
+        cluster_id: &str,
+        self_id: u64,
+        self_address: &str,
+        tls: Option<Arc<llmos_tls::Tls>>,
+    ) -> Arc<Self> {
         Arc::new(GrpcTransport {
             cluster_id: cluster_id.to_string(),
+            tls,
             self_id,
             self_address: self_address.to_string(),
             timeout: Duration::from_secs(3),
@@ -58,13 +66,18 @@ impl GrpcTransport {
             self.timeout,
         );
         let snapshots = self.snapshots.clone();
+        let tls = self.tls.clone();
         self.rt.spawn(async move {
             let channel = match Endpoint::from_shared(address.clone()) {
-                Ok(e) => e
-                    .connect_timeout(Duration::from_secs(1))
-                    .timeout(timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
+                Ok(e) => llmos_tls::client::connect_lazy(
+                    e.connect_timeout(Duration::from_secs(1))
+                        .timeout(timeout)
+                        .tcp_nodelay(true),
+                    tls.as_ref(),
+                    // Only a coordinator's certificate answers for a peer.
+                    llmos_tls::Role::Coordinator,
+                    Duration::from_secs(1),
+                ),
                 Err(e) => {
                     tracing::error!(peer = to, %address, error = %e, "bad peer address");
                     return;
@@ -156,6 +169,32 @@ impl RaftTransport for GrpcTransport {
     }
 }
 
+/// What a batch claims against its sender's verified certificate, when
+/// that is bound to a node id: the id must be the batch's, and the
+/// address it asks to be answered at must be on a host the certificate
+/// names (a peer's address comes from its identity, not from the message
+/// alone).
+fn check_sender(i: &llmos_tls::Identity, r: &pb::RaftRequest) -> Result<(), Status> {
+    // A certificate of the role alone (shared by the replicas) is trusted
+    // for any node of the role.
+    let Some(id) = &i.id else { return Ok(()) };
+    if *id != r.from_id.to_string() {
+        return Err(Status::permission_denied(format!(
+            "a raft batch claiming node {} came with the certificate of {i}",
+            r.from_id
+        )));
+    }
+    if !r.from_address.is_empty() {
+        if !i.names_address(&r.from_address) {
+            return Err(Status::permission_denied(format!(
+                "node {} asks to be reached at {:?}, a host its certificate ({i}) does not name",
+                r.from_id, r.from_address
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The receiving side: the `Peer` gRPC service.
 pub struct PeerService {
     pub cluster_id: String,
@@ -169,7 +208,17 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         req: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftResponse>, Status> {
+        // On mutual TLS, only a coordinator's certificate may send Raft
+        // messages (a worker's may not), as the node its certificate names.
+        let identity = llmos_tls::require(
+            &req,
+            "llmos.coordinator.v1.Peer",
+            &[llmos_tls::Role::Coordinator],
+        )?;
         let r = req.into_inner();
+        if let Some(i) = &identity {
+            check_sender(i, &r)?;
+        }
         if r.cluster_id != self.cluster_id {
             // The expected id is not echoed: it is what a sender needs to
             // be heard.
@@ -193,6 +242,12 @@ impl pb::peer_server::Peer for PeerService {
                 && m.get_entries().is_empty()
             {
                 return Err(Status::invalid_argument("a raft proposal without entries"));
+            }
+            if m.from != r.from_id {
+                return Err(Status::invalid_argument(format!(
+                    "a raft message from node {} in a batch of node {}",
+                    m.from, r.from_id
+                )));
             }
             msgs.push(m);
         }

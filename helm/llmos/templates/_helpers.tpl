@@ -218,6 +218,33 @@ timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 
+{{/* A TCP probe on PORT with the timings in PROBE: (dict "port" .. "probe" ..). */}}
+{{- define "llmos.tcpProbe" -}}
+tcpSocket:
+  port: {{ .port }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/*
+A worker's probe: gRPC health on its gRPC port when that port is plaintext
+(internalTLS.enabled=false); with internal TLS that port takes only
+mutual-TLS connections, which the kubelet's gRPC probe cannot make, so a TCP
+connection to the plaintext metrics port (always listening, from the same
+process) stands in. Not an HTTP GET of /metrics: that waits for the shard
+host, which a model load keeps busy for minutes. Not a TCP connection to
+the gRPC port either: each would be logged as a failed TLS handshake.
+Call with (dict "ctx" $ "probe" ..).
+*/}}
+{{- define "llmos.worker.probe" -}}
+{{- if .ctx.Values.internalTLS.enabled }}
+{{- include "llmos.tcpProbe" (dict "port" (include "llmos.worker.metricsPort" .ctx) "probe" .probe) }}
+{{- else }}
+{{- include "llmos.grpcProbe" (dict "port" (include "llmos.worker.port" .ctx) "probe" .probe) }}
+{{- end }}
+{{- end }}
+
 {{/* Checksum of the models list: the Job's annotation, so a change re-runs it visibly. */}}
 {{- define "llmos.models.checksum" -}}
 {{- toJson .Values.models | sha256sum }}
@@ -257,6 +284,90 @@ auth is off.
 {{- end }}
 
 {{/*
+Mutual TLS on the internal plane (internalTLS). Every pod of a role mounts
+its certificate, its key and the CA at the same paths, whichever Secret
+they come from: /etc/llmos/tls/<role>.crt, <role>.key and ca.crt.
+*/}}
+{{- define "llmos.tls.dir" -}}/etc/llmos/tls{{- end }}
+
+{{/* The Secret the chart generates when no Secret of the user's is named. */}}
+{{- define "llmos.tls.generatedSecretName" -}}
+{{- printf "%s-internal-tls" (include "llmos.fullname" .) }}
+{{- end }}
+
+{{/* Whether the chart generates the internal TLS Secret ("true" or ""). */}}
+{{- define "llmos.tls.generates" -}}
+{{- $t := .Values.internalTLS }}
+{{- if and $t.enabled (not $t.secretName) (not $t.coordinatorSecret) (not $t.workerSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+Where a role's certificate comes from: the Secret and its keys of the
+certificate, the key and the CA. Call with (dict "ctx" $ "role"
+"coordinator"|"worker"); returns YAML, use with fromYaml.
+  - internalTLS.<role>Secret: a cert-manager Secret (tls.crt, tls.key, ca.crt);
+  - else internalTLS.secretName, or the generated Secret: <role>.crt,
+    <role>.key, ca.crt.
+*/}}
+{{- define "llmos.tls.source" -}}
+{{- $t := .ctx.Values.internalTLS }}
+{{- $perRole := get $t (printf "%sSecret" .role) }}
+{{- if $perRole }}
+secret: {{ $perRole | quote }}
+cert: tls.crt
+key: tls.key
+ca: ca.crt
+{{- else }}
+secret: {{ $t.secretName | default (include "llmos.tls.generatedSecretName" .ctx) | quote }}
+cert: {{ printf "%s.crt" .role | quote }}
+key: {{ printf "%s.key" .role | quote }}
+ca: ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+A role's internal-plane flags: the certificate files, or --insecure with
+internalTLS.enabled=false. Call with (dict "ctx" $ "role" ...).
+*/}}
+{{- define "llmos.tls.args" -}}
+{{- if .ctx.Values.internalTLS.enabled -}}
+{{- $dir := include "llmos.tls.dir" .ctx -}}
+- --tls-cert={{ $dir }}/{{ .role }}.crt
+- --tls-key={{ $dir }}/{{ .role }}.key
+- --tls-ca={{ $dir }}/ca.crt
+{{- else -}}
+- --insecure
+{{- end }}
+{{- end }}
+
+{{/*
+A role's volume of its certificate (with internalTLS.enabled only). The
+whole volume is mounted (no subPath), so the kubelet's updates of the Secret
+reach the files, which the processes read again when they change: no
+restart, and no checksum annotation on the pods. Call with (dict "ctx" $
+"role" ...).
+*/}}
+{{- define "llmos.tls.volume" -}}
+{{- $s := include "llmos.tls.source" . | fromYaml -}}
+- name: internal-tls
+  secret:
+    secretName: {{ $s.secret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $s.cert | quote }}
+        path: {{ .role }}.crt
+      - key: {{ $s.key | quote }}
+        path: {{ .role }}.key
+      - key: {{ $s.ca | quote }}
+        path: ca.crt
+{{- end }}
+{{- define "llmos.tls.mount" -}}
+- name: internal-tls
+  mountPath: {{ include "llmos.tls.dir" . }}
+  readOnly: true
+{{- end }}
+
+{{/*
 Checks values.schema.json cannot express; each failure names the value and
 what to do. Included once, by the coordinator StatefulSet.
 */}}
@@ -275,6 +386,14 @@ what to do. Included once, by the coordinator StatefulSet.
 {{- end }}
 {{- if and .Values.auth.metricsNeedKey (not .Values.auth.enabled) }}
 {{- fail "auth.metricsNeedKey needs auth.enabled: with --no-auth there are no keys to ask for" }}
+{{- end }}
+{{- with .Values.internalTLS }}
+{{- if ne (not .coordinatorSecret) (not .workerSecret) }}
+{{- fail "internalTLS.coordinatorSecret and internalTLS.workerSecret go together (one cert-manager Secret per role, from the same CA): set both, or neither" }}
+{{- end }}
+{{- if and .secretName .coordinatorSecret }}
+{{- fail "internalTLS.secretName (one Secret with both roles' certificates) and internalTLS.coordinatorSecret/workerSecret (one Secret per role) exclude each other: set one of them" }}
+{{- end }}
 {{- end }}
 {{- $pools := dict }}
 {{- range $i, $pool := .Values.workerPools }}

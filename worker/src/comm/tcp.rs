@@ -8,6 +8,11 @@
 //! payload`; each link has a writer thread (sends never block the caller,
 //! so two ranks sending large buffers to each other cannot deadlock) and is
 //! read by the caller under a read deadline.
+//!
+//! With the worker's TLS material, every link is mutual TLS: the dialler
+//! expects a worker's certificate of the cluster's CA, the listener
+//! refuses any other (a coordinator's included), and the handshake naming
+//! the group travels inside it.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -34,7 +39,7 @@ type Key = (String, usize);
 #[derive(Default)]
 struct Pending {
     /// (group, dialled rank) -> dialling rank -> its stream.
-    links: Mutex<HashMap<Key, HashMap<usize, TcpStream>>>,
+    links: Mutex<HashMap<Key, HashMap<usize, Stream>>>,
     arrived: Condvar,
 }
 
@@ -42,30 +47,67 @@ struct Pending {
 pub struct Rendezvous {
     addr: SocketAddr,
     pending: Arc<Pending>,
+    tls: Option<Arc<llmos_tls::Tls>>,
+}
+
+/// One link's socket: plaintext, or the two halves of a TLS stream.
+enum Stream {
+    Plain(TcpStream),
+    Tls(llmos_tls::blocking::Reader, llmos_tls::blocking::Writer),
+}
+
+impl Stream {
+    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.read_exact(buf),
+            Stream::Tls(r, _) => r.read_exact(buf),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(buf),
+            Stream::Tls(_, w) => w.write_all(buf),
+        }
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_read_timeout(t),
+            Stream::Tls(r, _) => r.set_read_timeout(t),
+        }
+    }
 }
 
 impl Rendezvous {
-    /// Binds `addr` (port 0: any free port) and accepts links in the
-    /// background for the life of the process.
+    /// Binds `addr` (port 0: any free port) and accepts plaintext links in
+    /// the background for the life of the process.
     pub fn bind(addr: &str) -> std::io::Result<Self> {
+        Self::bind_with(addr, None)
+    }
+
+    /// [`Rendezvous::bind`]; with `tls`, links in and out are mutual TLS
+    /// between worker certificates.
+    pub fn bind_with(addr: &str, tls: Option<Arc<llmos_tls::Tls>>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let pending = Arc::new(Pending::default());
         let p = pending.clone();
+        let t = tls.clone();
         std::thread::Builder::new()
             .name("llmos-collective-accept".into())
             .spawn(move || {
                 for conn in listener.incoming().flatten() {
                     let p = p.clone();
+                    let t = t.clone();
                     // A slow or bogus dialler must not hold up the others.
                     std::thread::spawn(move || {
-                        if let Err(e) = accept(conn, &p) {
-                            tracing::warn!(error = %e, "refused a collective link");
+                        let peer = conn.peer_addr().ok();
+                        if let Err(e) = accept(conn, &p, t.as_deref()) {
+                            tracing::warn!(?peer, error = %e, "refused a collective link");
                         }
                     });
                 }
             })?;
-        Ok(Rendezvous { addr, pending })
+        Ok(Rendezvous { addr, pending, tls })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -87,9 +129,17 @@ impl Rendezvous {
         let world = peers.len();
         check_rank(rank, world)?;
         let deadline = Instant::now() + timeout;
-        let mut links: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut links: Vec<Option<Stream>> = (0..world).map(|_| None).collect();
         for (j, addr) in peers.iter().enumerate().take(rank) {
-            links[j] = Some(dial(group, rank, j, world, addr, deadline)?);
+            links[j] = Some(dial(
+                group,
+                rank,
+                j,
+                world,
+                addr,
+                deadline,
+                self.tls.as_deref(),
+            )?);
         }
         let key = (group.to_string(), rank);
         let mut map = self.pending.links.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,7 +176,19 @@ impl Rendezvous {
     }
 }
 
-fn accept(mut s: TcpStream, p: &Pending) -> std::io::Result<()> {
+fn accept(s: TcpStream, p: &Pending, tls: Option<&llmos_tls::Tls>) -> std::io::Result<()> {
+    let mut s = match tls {
+        None => Stream::Plain(s),
+        Some(tls) => {
+            let (r, w, who) = llmos_tls::blocking::accept(tls, s)?;
+            if who.role != llmos_tls::Role::Worker {
+                return Err(std::io::Error::other(format!(
+                    "collective links are between workers; {who} dialled"
+                )));
+            }
+            Stream::Tls(r, w)
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut magic = [0u8; 8];
     s.read_exact(&mut magic)?;
@@ -146,7 +208,7 @@ fn accept(mut s: TcpStream, p: &Pending) -> std::io::Result<()> {
     Ok(())
 }
 
-fn read_bytes(s: &mut TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
+fn read_bytes(s: &mut Stream, limit: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let n = u32::from_le_bytes(len) as usize;
@@ -165,7 +227,8 @@ fn dial(
     world: usize,
     addr: &str,
     deadline: Instant,
-) -> Result<TcpStream> {
+    tls: Option<&llmos_tls::Tls>,
+) -> Result<Stream> {
     let mut last = String::new();
     while Instant::now() < deadline {
         let target = addr
@@ -178,7 +241,22 @@ fn dial(
                 ))
             })?;
         match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-            Ok(mut s) => {
+            Ok(s) => {
+                let mut s = match tls {
+                    None => Stream::Plain(s),
+                    Some(tls) => {
+                        // A TLS failure is not a slow peer: no retry.
+                        let (r, w, _) =
+                            llmos_tls::blocking::connect(tls, s, llmos_tls::Role::Worker).map_err(
+                                |e| {
+                                    CommError::Failed(format!(
+                                        "group {group}: rank {to} at {addr}: TLS: {e}"
+                                    ))
+                                },
+                            )?;
+                        Stream::Tls(r, w)
+                    }
+                };
                 let mut hello = MAGIC.to_vec();
                 hello.extend((group.len() as u32).to_le_bytes());
                 hello.extend(group.as_bytes());
@@ -201,8 +279,71 @@ fn dial(
     )))
 }
 
+/// The reading side of a link.
+enum LinkReader {
+    Plain(TcpStream),
+    Tls(Mutex<llmos_tls::blocking::Reader>),
+}
+
+impl LinkReader {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            LinkReader::Plain(s) => s.set_read_timeout(t),
+            LinkReader::Tls(r) => r
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_read_timeout(t),
+        }
+    }
+    /// Waits (under the read timeout) for a first byte; consumes nothing.
+    fn wait_readable(&self) -> std::io::Result<()> {
+        match self {
+            LinkReader::Plain(s) => s.peek(&mut [0u8; 1]).map(drop),
+            LinkReader::Tls(r) => r.lock().unwrap_or_else(|e| e.into_inner()).wait_readable(),
+        }
+    }
+    fn read_exact(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            LinkReader::Plain(s) => {
+                let mut s: &TcpStream = s;
+                s.read_exact(buf)
+            }
+            LinkReader::Tls(r) => r.lock().unwrap_or_else(|e| e.into_inner()).read_exact(buf),
+        }
+    }
+}
+
+/// The writing side (its thread's).
+enum LinkWriter {
+    Plain(TcpStream),
+    Tls(llmos_tls::blocking::Writer),
+}
+
+impl LinkWriter {
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            LinkWriter::Plain(s) => s.set_write_timeout(t),
+            LinkWriter::Tls(w) => w.set_write_timeout(t),
+        }
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            LinkWriter::Plain(s) => s.write_all(buf),
+            LinkWriter::Tls(w) => w.write_all(buf),
+        }
+    }
+    fn shutdown(&mut self) {
+        let _ = match self {
+            LinkWriter::Plain(s) => s.shutdown(Shutdown::Write),
+            LinkWriter::Tls(w) => w.shutdown(),
+        };
+    }
+}
+
 struct Link {
-    reader: TcpStream,
+    reader: LinkReader,
+    /// The socket, to end reads from another thread (close).
+    socket: TcpStream,
     /// Taken on close: the writer thread sends what is queued, then ends
     /// the stream.
     writer: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
@@ -228,7 +369,7 @@ impl TcpGroup {
     fn new(
         group: &str,
         rank: usize,
-        streams: Vec<Option<TcpStream>>,
+        streams: Vec<Option<Stream>>,
         op_timeout: Duration,
     ) -> Result<Self> {
         let sent = Arc::new(AtomicU64::new(0));
@@ -239,8 +380,18 @@ impl TcpGroup {
                 links.push(None);
                 continue;
             };
-            s.set_nodelay(true).map_err(io)?;
-            let mut w = s.try_clone().map_err(io)?;
+            let (reader, mut w, socket) = match s {
+                Stream::Plain(s) => {
+                    let w = s.try_clone().map_err(io)?;
+                    let socket = s.try_clone().map_err(io)?;
+                    (LinkReader::Plain(s), LinkWriter::Plain(w), socket)
+                }
+                Stream::Tls(r, w) => {
+                    let socket = r.socket().map_err(io)?;
+                    (LinkReader::Tls(Mutex::new(r)), LinkWriter::Tls(w), socket)
+                }
+            };
+            socket.set_nodelay(true).map_err(io)?;
             // A peer that stops reading cannot block the writer for ever.
             w.set_write_timeout(Some(op_timeout)).map_err(io)?;
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
@@ -255,11 +406,12 @@ impl TcpGroup {
                             break;
                         }
                     }
-                    let _ = w.shutdown(Shutdown::Write);
+                    w.shutdown();
                 })
                 .map_err(io)?;
             links.push(Some(Link {
-                reader: s,
+                reader,
+                socket,
                 writer: Mutex::new(Some(tx)),
                 flushed: Mutex::new(Some(flushed)),
             }));
@@ -338,14 +490,12 @@ impl TcpGroup {
         idle_ok: bool,
     ) -> Result<Vec<u8>> {
         let link = self.link(peer)?;
-        let mut r = &link.reader;
+        let r = &link.reader;
         if idle_ok {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let waited = match left {
                 Some(Duration::ZERO) => Err(std::io::ErrorKind::TimedOut.into()),
-                _ => r
-                    .set_read_timeout(left)
-                    .and_then(|()| r.peek(&mut [0u8; 1])),
+                _ => r.set_read_timeout(left).and_then(|()| r.wait_readable()),
             };
             if let Err(e) = &waited {
                 if matches!(
@@ -361,7 +511,7 @@ impl TcpGroup {
             }
             // Data, end of stream or another error: the reads below tell.
         }
-        let read = |r: &mut &TcpStream, buf: &mut [u8]| -> std::io::Result<()> {
+        let read = |r: &LinkReader, buf: &mut [u8]| -> std::io::Result<()> {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
                 return Err(std::io::ErrorKind::TimedOut.into());
@@ -387,7 +537,7 @@ impl TcpGroup {
             })
         };
         let mut head = [0u8; 9];
-        read(&mut r, &mut head).map_err(explain)?;
+        read(r, &mut head).map_err(explain)?;
         let len = u64::from_le_bytes(head[1..].try_into().unwrap()) as usize;
         if head[0] != tag {
             return Err(self.fail(format!(
@@ -396,7 +546,7 @@ impl TcpGroup {
             )));
         }
         let mut payload = vec![0u8; len];
-        read(&mut r, &mut payload).map_err(explain)?;
+        read(r, &mut payload).map_err(explain)?;
         Ok(payload)
     }
 
@@ -528,7 +678,7 @@ impl TcpGroup {
         self.closed.store(true, Ordering::Relaxed);
         for l in self.links.iter().flatten() {
             drop(l.writer.lock().unwrap_or_else(|e| e.into_inner()).take());
-            let _ = l.reader.shutdown(Shutdown::Read);
+            let _ = l.socket.shutdown(Shutdown::Read);
         }
     }
 

@@ -339,3 +339,119 @@ fn a_silent_sender_fails_the_step_at_the_deadline_not_the_link() {
     tx.send(2, &hidden(2, 4, Kind::Float)).unwrap();
     assert!(same(&rx.recv(2, 4, 8).unwrap(), &hidden(2, 4, Kind::Float)));
 }
+
+/// Mutual TLS between workers: a group of worker certificates all-reduces
+/// large buffers (the ring, both directions at once) and smaller ones
+/// exactly as plaintext does; a coordinator's certificate, a certificate
+/// of another CA, or no TLS at all cannot join a link.
+#[test]
+fn tls_links_admit_only_workers_of_the_cluster() {
+    use llmos_tls::dev::{self, Holder};
+    use llmos_tls::{Role, Tls, TlsFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let h = |role, id: &str| Holder {
+        role,
+        id: Some(id.into()),
+    };
+    dev::init(
+        dir.path(),
+        &[
+            h(Role::Worker, "a"),
+            h(Role::Worker, "b"),
+            h(Role::Worker, "c"),
+            h(Role::Coordinator, "1"),
+        ],
+        &["127.0.0.1".into()],
+    )
+    .unwrap();
+    let other = tempfile::tempdir().unwrap();
+    dev::init(other.path(), &[h(Role::Worker, "x")], &[]).unwrap();
+    let tls = |name: &str| Tls::load(TlsFiles::in_dir(dir.path(), name)).unwrap();
+    let rvs: Vec<Arc<Rendezvous>> = ["worker-a", "worker-b", "worker-c"]
+        .iter()
+        .map(|n| Arc::new(Rendezvous::bind_with("127.0.0.1:0", Some(tls(n))).unwrap()))
+        .collect();
+    let peers: Vec<String> = rvs.iter().map(|r| r.local_addr().to_string()).collect();
+    let groups: Vec<TcpGroup> = (0..3)
+        .map(|rank| {
+            let (rv, peers) = (rvs[rank].clone(), peers.clone());
+            std::thread::spawn(move || {
+                rv.form(
+                    "tls",
+                    rank,
+                    &peers,
+                    Duration::from_secs(10),
+                    Duration::from_secs(20),
+                )
+                .unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    // 1M floats per rank: the ring path; then a small direct one.
+    let sums = on_all(groups, |rank, g| {
+        let mut big: Vec<f32> = (0..1 << 20)
+            .map(|i| (i % 97) as f32 + rank as f32)
+            .collect();
+        g.all_reduce_host(&mut big).unwrap();
+        let mut small = vec![rank as f32 + 1.0; 16];
+        g.all_reduce_host(&mut small).unwrap();
+        (big[5], big[(1 << 20) - 1], small[0])
+    });
+    let last = ((1 << 20) - 1) % 97;
+    for s in sums {
+        assert_eq!(s, (15.0 + 3.0, (3 * last + 3) as f32, 6.0));
+    }
+
+    // Rank 1 dialling rank 0 with a coordinator's certificate, one of
+    // another CA, or in plaintext: rank 0 never sees it join.
+    let foreign = Tls::load(TlsFiles {
+        ca: dir.path().join("ca.crt"),
+        ..TlsFiles::in_dir(other.path(), "worker-x")
+    })
+    .unwrap();
+    for (what, intruder) in [
+        (
+            "a coordinator",
+            Rendezvous::bind_with("127.0.0.1:0", Some(tls("coordinator-1"))),
+        ),
+        (
+            "another CA",
+            Rendezvous::bind_with("127.0.0.1:0", Some(foreign)),
+        ),
+        ("plaintext", Rendezvous::bind("127.0.0.1:0")),
+    ] {
+        let intruder = intruder.unwrap();
+        let rank0 = rvs[0].clone();
+        let peers = vec![
+            rank0.local_addr().to_string(),
+            intruder.local_addr().to_string(),
+        ];
+        let p = peers.clone();
+        let waits = std::thread::spawn(move || {
+            rank0.form(
+                "intruded",
+                0,
+                &p,
+                Duration::from_millis(1500),
+                Duration::from_secs(1),
+            )
+        });
+        let joined = intruder.form(
+            "intruded",
+            1,
+            &peers,
+            Duration::from_millis(1500),
+            Duration::from_secs(1),
+        );
+        let e = waits
+            .join()
+            .unwrap()
+            .err()
+            .unwrap_or_else(|| panic!("{what} joined"));
+        assert!(e.to_string().contains("did not connect"), "{what}: {e}");
+        assert!(joined.is_err(), "{what}: the intruder formed a group");
+    }
+}

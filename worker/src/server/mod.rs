@@ -104,6 +104,8 @@ impl HeldShards {
 
 pub struct WorkerService {
     host: HostHandle,
+    /// Mutual TLS to the next stages' workers (None: plaintext).
+    tls: Option<Arc<llmos_tls::Tls>>,
     /// Engines of the models whose first stage this worker holds, with the
     /// spec they were started from.
     engines: Engines,
@@ -114,9 +116,16 @@ impl WorkerService {
     pub fn new(host: HostHandle, held: HeldShards) -> Self {
         WorkerService {
             host,
+            tls: None,
             engines: held.engines.clone(),
             held,
         }
+    }
+
+    /// Dials other workers (the next pipeline stages) over mutual TLS.
+    pub fn with_tls(mut self, tls: Option<Arc<llmos_tls::Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn engine(&self, model: &str) -> Option<EngineHandle> {
@@ -151,6 +160,7 @@ impl WorkerService {
                 s.worker_id.clone(),
                 s.address.clone(),
                 timeout,
+                self.tls.clone(),
             )));
         }
         let cfg = SchedulerConfig {
@@ -203,6 +213,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::LoadShardRequest>,
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
+        llmos_tls::require(&req, "llmos.worker.v1.Worker/LoadShard", COORDINATOR)?;
         let shard = req
             .into_inner()
             .shard
@@ -240,6 +251,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::UnloadShardRequest>,
     ) -> Result<Response<pb::UnloadShardResponse>, Status> {
+        llmos_tls::require(&req, "llmos.worker.v1.Worker/UnloadShard", COORDINATOR)?;
         let r = req.into_inner();
         // Only the epoch asked for: a newer placement loaded since stays.
         if r.epoch != 0 && self.held.epoch(&r.model).is_some_and(|e| e != r.epoch) {
@@ -262,6 +274,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<pb::StepRequest>>,
     ) -> Result<Response<Self::StepStream>, Status> {
+        llmos_tls::require(&req, "llmos.worker.v1.Worker/Step", WORKER)?;
         let mut inbound = req.into_inner();
         let host = self.host.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -292,6 +305,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::EngineRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        llmos_tls::require(&req, "llmos.worker.v1.Worker/Generate", COORDINATOR)?;
         let traceparent = req
             .metadata()
             .get("traceparent")
@@ -409,8 +423,9 @@ impl Worker for WorkerService {
 
     async fn stats(
         &self,
-        _req: Request<pb::StatsRequest>,
+        req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        llmos_tls::require(&req, "llmos.worker.v1.Worker/Stats", COORDINATOR)?;
         let mut resp = codec::host_stats(&self.host.stats().await?);
         for shard in &mut resp.shards {
             let model = shard
@@ -429,6 +444,12 @@ impl Worker for WorkerService {
     }
 }
 
+/// On mutual TLS, who may call what: the coordinators load, unload,
+/// generate and read stats; only workers (an engine's first stage) step a
+/// shard of a pipeline.
+const COORDINATOR: &[llmos_tls::Role] = &[llmos_tls::Role::Coordinator];
+const WORKER: &[llmos_tls::Role] = &[llmos_tls::Role::Worker];
+
 /// How long, once shutdown has begun, the server waits for its open
 /// requests and streams (an engine's step stream to a shard it still
 /// holds stays open) before it stops anyway.
@@ -436,10 +457,15 @@ pub const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(20)
 
 /// Serves the worker API on `listener` until `shutdown` completes, then
 /// finishes the open requests for up to [`FINISH_GRACE`].
+///
+/// With `tls`, connections must complete a mutual-TLS handshake, and
+/// each `Worker` call is checked against the caller's role (see
+/// `COORDINATOR`, `WORKER`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     host: HostHandle,
     held: HeldShards,
+    tls: Option<Arc<llmos_tls::Tls>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -449,22 +475,39 @@ pub async fn serve(
     let (reflection, reflection_v1alpha) = llmos_proto::reflection(&["llmos.worker.v1.Worker"])
         .map_err(|e| ServeError(e.to_string()))?;
     let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(
-            WorkerServer::new(WorkerService::new(host, held))
+            WorkerServer::new(WorkerService::new(host, held).with_tls(tls.clone()))
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
-        )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                shutdown.await;
-                let _ = began.send(());
-            },
         );
+    let signal = async move {
+        shutdown.await;
+        let _ = began.send(());
+    };
+    let server = async move {
+        match tls {
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        signal,
+                    )
+                    .await
+            }
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        llmos_tls::server::incoming(listener, tls),
+                        signal,
+                    )
+                    .await
+            }
+        }
+    };
     let overdue = async move {
         match began_rx.await {
             Ok(()) => tokio::time::sleep(FINISH_GRACE).await,
@@ -495,7 +538,8 @@ pub async fn serve_registered(
     serve_with_metrics(listener, None, host, registration, shutdown).await
 }
 
-/// [`serve_registered`], and Prometheus metrics (`crate::metrics`) at
+/// [`serve_registered`] (the registration's TLS, when it has one, also
+/// secures this worker's own server), and Prometheus metrics (`crate::metrics`) at
 /// `/metrics` on `metrics` when given.
 pub async fn serve_with_metrics(
     listener: tokio::net::TcpListener,
@@ -505,6 +549,7 @@ pub async fn serve_with_metrics(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let held = HeldShards::default();
+    let registration_tls = registration.as_ref().and_then(|r| r.tls.clone());
     let metrics_server = metrics.map(|l| {
         let svc = Arc::new(WorkerService::new(host.clone(), held.clone()));
         tokio::spawn(serve_metrics(l, svc))
@@ -521,7 +566,8 @@ pub async fn serve_with_metrics(
             }
         }
     };
-    let r = serve(listener, host, held, drained).await;
+    let tls = registration_tls;
+    let r = serve(listener, host, held, tls, drained).await;
     if let Some(t) = heartbeats {
         t.abort();
     }

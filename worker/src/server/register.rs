@@ -21,6 +21,9 @@ pub struct Registration {
     /// Coordinator URLs, comma-separated, e.g.
     /// `http://c-0:50051,http://c-1:50051,http://c-2:50051`.
     pub coordinator: String,
+    /// Mutual TLS on the internal plane (the registry, and this worker's
+    /// server); None: plaintext.
+    pub tls: Option<std::sync::Arc<llmos_tls::Tls>>,
     /// Stable across restarts.
     pub worker_id: String,
     /// The URL at which this worker's API is reached.
@@ -70,7 +73,14 @@ pub async fn registration_loop(reg: Registration, held: super::HeldShards) {
                 continue;
             }
         };
-        let mut client = match endpoint.connect().await {
+        let connected = llmos_tls::client::connect(
+            endpoint,
+            reg.tls.as_ref(),
+            llmos_tls::Role::Coordinator,
+            CALL_TIMEOUT,
+        )
+        .await;
+        let mut client = match connected {
             Ok(c) => RegistryClient::new(c),
             Err(e) => {
                 tracing::debug!(%coordinator, error = %e, "coordinator unreachable; trying the next");
@@ -175,7 +185,14 @@ pub async fn drain(reg: &Registration, held: &super::HeldShards) {
         let Ok(endpoint) = tonic::transport::Endpoint::from_shared(coordinator.to_string()) else {
             continue;
         };
-        let Ok(channel) = endpoint.connect_timeout(CALL_TIMEOUT).connect().await else {
+        let Ok(channel) = llmos_tls::client::connect(
+            endpoint.connect_timeout(CALL_TIMEOUT),
+            reg.tls.as_ref(),
+            llmos_tls::Role::Coordinator,
+            CALL_TIMEOUT,
+        )
+        .await
+        else {
             continue;
         };
         // The internal Registry, as registration and heartbeats: a worker

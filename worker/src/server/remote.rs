@@ -21,12 +21,20 @@ pub struct RemoteStage {
     worker: String,
     address: String,
     timeout: Duration,
+    /// Mutual TLS to that worker (None: plaintext).
+    tls: Option<std::sync::Arc<llmos_tls::Tls>>,
     link: Mutex<Option<Link>>,
 }
 
 impl RemoteStage {
-    pub fn new(worker: String, address: String, timeout: Duration) -> Self {
+    pub fn new(
+        worker: String,
+        address: String,
+        timeout: Duration,
+        tls: Option<std::sync::Arc<llmos_tls::Tls>>,
+    ) -> Self {
         RemoteStage {
+            tls,
             worker,
             address,
             timeout,
@@ -52,10 +60,14 @@ impl RemoteStage {
             .map_err(|e| self.unavailable(e.to_string()))?
             .connect_timeout(self.timeout)
             .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| self.unavailable(format!("cannot connect: {e}")))?;
+        let channel = llmos_tls::client::connect(
+            endpoint,
+            self.tls.as_ref(),
+            llmos_tls::Role::Worker,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| self.unavailable(format!("cannot connect: {}", llmos_tls::error_chain(&e))))?;
         let mut client = WorkerClient::new(channel)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
