@@ -768,6 +768,12 @@ async fn the_internal_plane_listens_apart_from_the_public_one() {
         .control_plane
         .unwrap();
     assert_eq!(cp.internal_plane, i);
+    // No certificates: status says the internal plane is plaintext.
+    assert!(
+        cp.internal_tls.starts_with("plaintext (--insecure)") && cp.internal_tls.contains("NCCL"),
+        "{}",
+        cp.internal_tls
+    );
     // A worker registered on the internal port serves what clients ask on
     // the public one.
     start_worker(&internal_url, "w0").await;

@@ -30,10 +30,17 @@ pub struct InitArgs {
     #[arg(long, value_delimiter = ',')]
     pub workers: Vec<String>,
     /// Host names and IP addresses the processes are reached at
-    /// (repeatable; default 127.0.0.1 and localhost). A certificate bound
-    /// to an id may advertise only addresses on these hosts.
+    /// (repeatable; default 127.0.0.1 and localhost), written into every
+    /// certificate made by this run: a certificate bound to an id may
+    /// advertise only addresses on these hosts (all of them: to bind each
+    /// process to its own host, issue its certificate from a CA of your
+    /// own with only that host).
     #[arg(long = "host")]
     pub hosts: Vec<String>,
+    /// Write over an existing CA in DIR (every certificate it issued stops
+    /// being trusted by processes given the new one).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The holders `init` issues for: one per id, or one per role.
@@ -67,6 +74,13 @@ pub fn run(c: &CertsCommand) -> Result<()> {
             } else {
                 a.hosts.clone()
             };
+            let ca = a.dir.join("ca.crt");
+            if ca.exists() && !a.force {
+                anyhow::bail!(
+                    "{} exists: a new CA would stop every certificate it issued from being trusted; give --force to replace it, or another DIR",
+                    ca.display()
+                );
+            }
             let hs = holders(&a.coordinators, &a.workers);
             dev::init(&a.dir, &hs, &hosts)?;
             println!("{}", a.dir.join("ca.crt").display());

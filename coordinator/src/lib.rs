@@ -116,6 +116,11 @@ pub async fn serve_planes(
     mut config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    if config.tls.is_some() && internal.is_none() {
+        return Err(ServeError::Tls(
+            "mutual TLS is for the internal plane: it needs its own listener (--internal-listen), apart from the public port".into(),
+        ));
+    }
     config.internal_plane = match &internal {
         Some(l) => Some(l.local_addr()?),
         None => None,
@@ -194,6 +199,7 @@ pub async fn serve_planes(
                 },
             ),
             llmos_tls::server::RequireRole {
+                tls_on: cluster.config.tls.is_some(),
                 service: "llmos.worker.v1.Registry",
                 roles: &[llmos_tls::Role::Worker, llmos_tls::Role::Coordinator],
             },
@@ -209,11 +215,6 @@ pub async fn serve_planes(
         internal_names.push("llmos.coordinator.v1.Peer");
     }
     let tls = cluster.config.tls.clone();
-    if tls.is_some() && internal.is_none() {
-        return Err(ServeError::Tls(
-            "mutual TLS is for the internal plane: it needs its own listener (--internal-listen), apart from the public port".into(),
-        ));
-    }
     let mut planes = Vec::new();
     match internal {
         None => {

@@ -326,9 +326,6 @@ fn auth_config(cli: &Cli) -> Result<llmos_coordinator::auth::AuthConfig> {
     })
 }
 
-/// Where the HTTP API listens: the flag, `off`, or by default --listen's
-/// IP with port 8000 (0 when --listen's port is 0, so that several
-/// coordinators started with port 0 do not collide).
 /// The internal plane's TLS from the flags (which needs its own port).
 fn internal_tls(cli: &Cli) -> Result<Option<std::sync::Arc<llmos_tls::Tls>>> {
     if cli.tls.tls_cert.is_some() && cli.internal_listen.is_none() {
@@ -340,6 +337,9 @@ fn internal_tls(cli: &Cli) -> Result<Option<std::sync::Arc<llmos_tls::Tls>>> {
     )?)
 }
 
+/// Where the HTTP API listens: the flag, `off`, or by default --listen's
+/// IP with port 8000 (0 when --listen's port is 0, so that several
+/// coordinators started with port 0 do not collide).
 fn http_address(
     flag: Option<&str>,
     grpc: std::net::SocketAddr,

@@ -15,15 +15,33 @@ pub struct RegistryService {
     pub cluster: Arc<Cluster>,
 }
 
+impl RegistryService {
+    /// The caller's verified identity on mutual TLS (of one of `roles`).
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+        roles: &[llmos_tls::Role],
+    ) -> Result<Option<llmos_tls::Identity>, Status> {
+        llmos_tls::require(req, self.cluster.config.tls.is_some(), SERVICE, roles)
+    }
+}
+
 #[tonic::async_trait]
 impl wk::registry_server::Registry for RegistryService {
     async fn register(
         &self,
         req: Request<wk::RegisterRequest>,
     ) -> Result<Response<wk::RegisterResponse>, Status> {
-        let who = llmos_tls::require(&req, SERVICE, &[llmos_tls::Role::Worker])?;
+        let who = self.caller(&req, &[llmos_tls::Role::Worker])?;
         let r = req.into_inner();
         check_worker(who.as_ref(), &r.worker_id, Some(&r.address))?;
+        if !r.collective_address.is_empty() {
+            check_worker(
+                who.as_ref(),
+                &r.worker_id,
+                Some(&format!("tcp://{}", r.collective_address)),
+            )?;
+        }
         if r.worker_id.is_empty() || r.address.is_empty() {
             return Err(Status::invalid_argument(
                 "worker_id and address are required",
@@ -59,9 +77,8 @@ impl wk::registry_server::Registry for RegistryService {
         &self,
         req: Request<wk::HeartbeatRequest>,
     ) -> Result<Response<wk::HeartbeatResponse>, Status> {
-        let who = llmos_tls::require(
+        let who = self.caller(
             &req,
-            SERVICE,
             &[llmos_tls::Role::Worker, llmos_tls::Role::Coordinator],
         )?;
         if let Some(w) = who.as_ref().filter(|w| w.role == llmos_tls::Role::Worker) {
@@ -123,7 +140,7 @@ impl wk::registry_server::Registry for RegistryService {
         &self,
         req: Request<wk::DrainRequest>,
     ) -> Result<Response<wk::DrainResponse>, Status> {
-        let who = llmos_tls::require(&req, SERVICE, &[llmos_tls::Role::Worker])?;
+        let who = self.caller(&req, &[llmos_tls::Role::Worker])?;
         let id = req.into_inner().worker_id;
         check_worker(who.as_ref(), &id, None)?;
         if id.is_empty() {

@@ -30,9 +30,19 @@ fn handshake(
     mut conn: rustls::Connection,
     mut sock: TcpStream,
 ) -> std::io::Result<(Reader, Writer, Identity)> {
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // One deadline for the whole handshake (a peer dripping a byte now
+    // and then does not hold this thread for longer).
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+            ));
+        }
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
         conn.complete_io(&mut sock)?;
     }
     // Anything the handshake left to send (a TLS 1.3 server's tickets).
@@ -44,13 +54,16 @@ fn handshake(
     let identity = peer_identity(conn.peer_certificates()).map_err(std::io::Error::other)?;
     conn.set_buffer_limit(None);
     let shared: Shared = Arc::new(Mutex::new(conn));
-    let reader = Reader {
+    let mut reader = Reader {
         conn: shared.clone(),
         sock: sock.try_clone()?,
         plain: VecDeque::new(),
         raw: vec![0u8; 64 << 10],
-        eof: false,
+        eof: None,
     };
+    // Records that came in the handshake's last read (the peer's first
+    // data, sent right behind its Finished) were decrypted by it already.
+    reader.take_plaintext(&mut shared.lock().unwrap_or_else(|e| e.into_inner()))?;
     let writer = Writer { conn: shared, sock };
     Ok((reader, writer, identity))
 }
@@ -83,7 +96,9 @@ pub struct Reader {
     sock: TcpStream,
     plain: VecDeque<u8>,
     raw: Vec<u8>,
-    eof: bool,
+    /// The stream ended: cleanly (the peer's close_notify came first) or
+    /// not (the socket closed without it: the peer was cut off).
+    eof: Option<bool>,
 }
 
 impl Reader {
@@ -94,45 +109,71 @@ impl Reader {
     }
 
     /// Waits (under the read timeout) until a decrypted byte is there or
-    /// the stream ended; consumes nothing.
+    /// the stream ended; consumes nothing. A stream that ended without the
+    /// peer's close_notify reads as `UnexpectedEof` (cut off, not
+    /// finished).
     pub fn wait_readable(&mut self) -> std::io::Result<()> {
-        while self.plain.is_empty() && !self.eof {
-            self.fill()?;
+        while self.plain.is_empty() {
+            match self.eof {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection without a TLS close_notify",
+                    ))
+                }
+                None => self.fill()?,
+            }
         }
         Ok(())
+    }
+
+    /// Moves what rustls has decrypted into `plain`; notes a close_notify.
+    fn take_plaintext(&mut self, conn: &mut rustls::Connection) -> std::io::Result<()> {
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            match conn.reader().read(&mut buf) {
+                Ok(0) => {
+                    self.eof = Some(true);
+                    return Ok(());
+                }
+                Ok(k) => self.plain.extend(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads the socket once and decrypts what came.
     fn fill(&mut self) -> std::io::Result<()> {
         let n = self.sock.read(&mut self.raw)?;
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if n == 0 {
-            // The peer's socket closed: a close_notify before it ended the
-            // stream cleanly (seen below); without one it was cut off.
-            self.eof = true;
+            self.eof.get_or_insert(false);
             return Ok(());
         }
-        let mut got = &self.raw[..n];
-        let mut buf = [0u8; 16 << 10];
-        while !got.is_empty() {
-            conn.read_tls(&mut got)?;
-            conn.process_new_packets()
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-            // Decrypted bytes leave rustls's buffer before more records
-            // go in (it holds a bounded amount).
-            loop {
-                match conn.reader().read(&mut buf) {
-                    Ok(0) => {
-                        self.eof = true;
-                        break;
-                    }
-                    Ok(k) => self.plain.extend(&buf[..k]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
+        let shared = self.conn.clone();
+        let mut conn = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let raw = std::mem::take(&mut self.raw);
+        let mut got = &raw[..n];
+        let mut step = || -> std::io::Result<()> {
+            // Nothing is taken after a close_notify: what follows it is
+            // ignored (rustls takes no more bytes then).
+            while !got.is_empty() && self.eof.is_none() {
+                if conn.read_tls(&mut got)? == 0 {
+                    break;
                 }
+                conn.process_new_packets().map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                })?;
+                // Decrypted bytes leave rustls's buffer before more records
+                // go in (it holds a bounded amount).
+                self.take_plaintext(&mut conn)?;
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        let r = step();
+        self.raw = raw;
+        r
     }
 
     /// Ends reads (a blocked one returns) without touching the writer.

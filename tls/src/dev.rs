@@ -50,9 +50,15 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), TlsError> {
     }
     let _ = secret;
     use std::io::Write;
-    opts.open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(file_err)
+    let mut f = opts.open(path).map_err(file_err)?;
+    // A file that existed keeps its mode through `open`: set it.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(file_err)?;
+    }
+    f.write_all(text.as_bytes()).map_err(file_err)
 }
 
 /// Writes `DIR/ca.crt`, `DIR/ca.key` and, per holder, `DIR/<name>.crt`

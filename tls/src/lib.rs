@@ -140,8 +140,8 @@ impl Identity {
                     _ => {}
                 },
                 GeneralName::URI(u) => {
-                    if let Some(rest) = u.strip_prefix("llmos://") {
-                        ids.push(rest.to_string());
+                    if u.len() >= 8 && u[..8].eq_ignore_ascii_case("llmos://") {
+                        ids.push(u[8..].to_string());
                     }
                 }
                 _ => {}
@@ -370,6 +370,13 @@ impl Tls {
             return now_loaded;
         }
         match load(&self.files) {
+            Ok(l)
+                if l.identity.role != now_loaded.identity.role
+                    || l.identity.id != now_loaded.identity.id =>
+            {
+                tracing::warn!(was = %now_loaded.identity, now = %l.identity, cert = %self.files.cert.display(), "TLS certificate files changed to another identity; keeping the previous ones (restart to change identity)");
+                now_loaded
+            }
             Ok(l) => {
                 tracing::info!(cert = %self.files.cert.display(), identity = %l.identity, "TLS certificate files changed; new connections use them");
                 let l = Arc::new(l);

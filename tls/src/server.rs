@@ -71,6 +71,9 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Most TLS handshakes one listener runs at once.
+const MAX_HANDSHAKES: usize = 256;
+
 /// Accepts on `listener` and yields connections whose handshake
 /// succeeded (each runs in its own task, so a slow client holds up no
 /// other); failed handshakes (a plaintext client, a certificate of
@@ -81,8 +84,15 @@ pub fn incoming(
     tls: Arc<Tls>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Handshakes in flight: connections beyond these wait for a slot
+    // before any TLS work (unauthenticated clients cannot make the server
+    // hold unbounded tasks).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, remote) = tokio::select! {
                 a = listener.accept() => match a {
                     Ok(a) => a,
@@ -99,6 +109,7 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current().grpc_server.clone());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
@@ -130,17 +141,25 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// The check an internal service makes of a request: on a TLS listener,
-/// the caller's certificate must be of one of `roles` (PERMISSION_DENIED
-/// naming the identity and the service otherwise); on a plaintext one
-/// (`--insecure`) there is nothing to check and None is returned.
+/// The check an internal service makes of a request: when the service
+/// runs with TLS (`tls_on`), the caller's certificate must be of one of
+/// `roles` (PERMISSION_DENIED naming the identity and the service
+/// otherwise; UNAUTHENTICATED for a request that came without a verified
+/// identity: it did not come through the TLS listener). Plaintext
+/// (`--insecure`): nothing to check, None.
 pub fn require<T>(
     req: &tonic::Request<T>,
+    tls_on: bool,
     service: &str,
     roles: &[Role],
 ) -> Result<Option<Identity>, tonic::Status> {
-    let Some(info) = req.extensions().get::<PeerInfo>() else {
+    if !tls_on {
         return Ok(None);
+    }
+    let Some(info) = req.extensions().get::<PeerInfo>() else {
+        return Err(tonic::Status::unauthenticated(format!(
+            "{service} takes calls over mutual TLS only; this one came without a verified certificate"
+        )));
     };
     if roles.contains(&info.identity.role) {
         return Ok(Some(info.identity.clone()));
@@ -158,13 +177,14 @@ pub fn require<T>(
 /// service.
 #[derive(Clone)]
 pub struct RequireRole {
+    pub tls_on: bool,
     pub service: &'static str,
     pub roles: &'static [Role],
 }
 
 impl tonic::service::Interceptor for RequireRole {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        require(&req, self.service, self.roles)?;
+        require(&req, self.tls_on, self.service, self.roles)?;
         Ok(req)
     }
 }

@@ -164,25 +164,55 @@ fn a_plaintext_client_gets_nothing_from_a_tls_server() {
 #[test]
 fn changed_files_are_read_again_and_bad_ones_ignored() {
     let dir = tempfile::tempdir().unwrap();
-    let t = make(dir.path(), &[holder(Role::Worker, Some("old"))]);
-    assert_eq!(t[0].identity().id.as_deref(), Some("old"));
-    // Rotate: a new CA and certificate written over the same files.
-    std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
-    let again = tempfile::tempdir().unwrap();
-    dev::init(again.path(), &[holder(Role::Worker, Some("new"))], &[]).unwrap();
-    for f in ["ca.crt", "worker-new.crt", "worker-new.key"] {
-        let to = match f {
-            "ca.crt" => "ca.crt",
-            "worker-new.crt" => "worker-old.crt",
-            _ => "worker-old.key",
-        };
-        std::fs::copy(again.path().join(f), dir.path().join(to)).unwrap();
+    let t = make(dir.path(), &[holder(Role::Worker, Some("w"))]);
+    let server = t[0].clone();
+    // Clients of the old CA and of the next one.
+    let old_client = tempfile::tempdir().unwrap();
+    let next = tempfile::tempdir().unwrap();
+    for d in [&old_client, &next] {
+        dev::init(d.path(), &[holder(Role::Worker, Some("w"))], &[]).unwrap();
     }
-    assert_eq!(t[0].identity().id.as_deref(), Some("new"));
-    // A broken rotation keeps what was in force.
+    std::fs::copy(dir.path().join("ca.crt"), old_client.path().join("ca.crt")).unwrap();
+    let old_client = Tls::load(TlsFiles::in_dir(old_client.path(), "worker-w")).unwrap();
+    // The server's files replaced by the next CA's: new connections use
+    // them (a client trusting only the old CA is refused, one of the next
+    // CA is served), with no restart.
     std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
-    std::fs::write(dir.path().join("worker-old.key"), "half written").unwrap();
-    assert_eq!(t[0].identity().id.as_deref(), Some("new"));
+    for (from, to) in [
+        ("ca.crt", "ca.crt"),
+        ("worker-w.crt", "worker-w.crt"),
+        ("worker-w.key", "worker-w.key"),
+    ] {
+        std::fs::copy(next.path().join(from), dir.path().join(to)).unwrap();
+    }
+    let next_client = Tls::load(TlsFiles::in_dir(next.path(), "worker-w")).unwrap();
+    let (c, s) = pair(server.clone(), old_client, Role::Worker);
+    assert!(c.is_err() && s.is_err(), "the old CA's client was served");
+    let (c, s) = pair(server.clone(), next_client.clone(), Role::Worker);
+    assert!(
+        c.is_ok() && s.is_ok(),
+        "the rotated server refused its new CA's client"
+    );
+    // Files of another identity, or half written: the previous set stays.
+    std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
+    let other = tempfile::tempdir().unwrap();
+    dev::init(other.path(), &[holder(Role::Worker, Some("x"))], &[]).unwrap();
+    for (from, to) in [
+        ("ca.crt", "ca.crt"),
+        ("worker-x.crt", "worker-w.crt"),
+        ("worker-x.key", "worker-w.key"),
+    ] {
+        std::fs::copy(other.path().join(from), dir.path().join(to)).unwrap();
+    }
+    assert_eq!(server.identity().id.as_deref(), Some("w"));
+    std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
+    std::fs::write(dir.path().join("worker-w.key"), "half written").unwrap();
+    assert_eq!(server.identity().id.as_deref(), Some("w"));
+    let (c, s) = pair(server, next_client, Role::Worker);
+    assert!(
+        c.is_ok() && s.is_ok(),
+        "a bad rotation took the server down"
+    );
 }
 
 #[tokio::test]
@@ -215,4 +245,93 @@ async fn grpc_channels_check_the_server_role() {
         e.to_string().contains("worker.llmos") || e.to_string().contains("NotValidForName"),
         "{e}"
     );
+}
+
+/// A client of `pair`'s kind driven by hand: handshaken with `tls`'s
+/// link configuration, `early` queued before the handshake (rustls sends
+/// it right behind its Finished, in the same flight).
+fn raw_client(
+    tls: &Tls,
+    addr: std::net::SocketAddr,
+    early: &[u8],
+) -> (rustls::ClientConnection, TcpStream) {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    let mut c = rustls::ClientConnection::new(
+        tls.current().link_client.clone(),
+        Role::Worker.server_name(),
+    )
+    .unwrap();
+    c.writer().write_all(early).unwrap();
+    while c.is_handshaking() {
+        c.complete_io(&mut sock).unwrap();
+    }
+    while c.wants_write() {
+        c.write_tls(&mut sock).unwrap();
+    }
+    (c, sock)
+}
+
+fn server_of(
+    tls: Arc<Tls>,
+) -> (
+    std::net::SocketAddr,
+    std::thread::JoinHandle<blocking::Reader>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (sock, _) = l.accept().unwrap();
+        let (r, w, _) = blocking::accept(&tls, sock).unwrap();
+        drop(w);
+        r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r
+    });
+    (addr, h)
+}
+
+#[test]
+fn data_sent_right_behind_the_handshake_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = make(dir.path(), &[holder(Role::Worker, Some("a"))]);
+    let (addr, server) = server_of(t[0].clone());
+    let (_c, _sock) = raw_client(&t[0], addr, b"hello, rank 0");
+    let mut r = server.join().unwrap();
+    let mut got = [0u8; 13];
+    r.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello, rank 0");
+}
+
+#[test]
+fn bytes_after_a_close_notify_end_the_stream_and_a_cut_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = make(dir.path(), &[holder(Role::Worker, Some("a"))]);
+    // Data, close_notify and junk in one write: the data, then a clean end
+    // (no spin on what follows the close_notify).
+    let (addr, server) = server_of(t[0].clone());
+    let (mut c, mut sock) = raw_client(&t[0], addr, b"");
+    let mut r = server.join().unwrap();
+    c.writer().write_all(b"bye").unwrap();
+    c.send_close_notify();
+    let mut out = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut out).unwrap();
+    }
+    out.extend_from_slice(b"junk after the end");
+    sock.write_all(&out).unwrap();
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+    // The socket closing without a close_notify: cut off, not finished.
+    let (addr, server) = server_of(t[0].clone());
+    let (mut c, mut sock) = raw_client(&t[0], addr, b"");
+    let mut r = server.join().unwrap();
+    c.writer().write_all(b"half").unwrap();
+    c.write_tls(&mut sock).unwrap();
+    // A FIN with no close_notify before it (dropping the socket could
+    // reset it instead: the server's tickets are unread).
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let e = r.read_to_end(&mut got).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    assert_eq!(got, b"half");
 }

@@ -474,6 +474,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             metrics,
             llmos_worker::server::HostHandle::spawn_with(Some(rendezvous), device),
             registration,
+            tls,
             shutdown,
         )
         .await?;

@@ -196,3 +196,90 @@ fn sigterm_stops_serve_cleanly() {
         "{addr} still accepts"
     );
 }
+
+/// `serve` needs certificates or an explicit --insecure, refuses another
+/// role's certificate, and with certificates serves its API over mutual
+/// TLS only, registered with a coordinator or not.
+#[test]
+fn serve_takes_certificates_or_insecure_and_then_speaks_only_tls() {
+    use llmos_tls::dev::{self, Holder};
+    use llmos_tls::{Role, Tls, TlsFiles};
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let holder = |role, id: &str| Holder {
+        role,
+        id: Some(id.into()),
+    };
+    dev::init(
+        dir.path(),
+        &[holder(Role::Worker, "w"), holder(Role::Coordinator, "1")],
+        &["127.0.0.1".into()],
+    )
+    .unwrap();
+    let flags = |name: &str| -> Vec<String> {
+        let f = TlsFiles::in_dir(dir.path(), name);
+        [
+            ("--tls-cert", f.cert),
+            ("--tls-key", f.key),
+            ("--tls-ca", f.ca),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v.display().to_string()])
+        .collect()
+    };
+    let refused = |extra: &[String]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_llmos-worker"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("LLMOS_INSECURE")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = refused(&[]);
+    assert!(e.contains("--tls-cert") && e.contains("--insecure"), "{e}");
+    let e = refused(&flags("coordinator-1"));
+    assert!(e.contains("not of a worker"), "{e}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmos-worker"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(flags("worker-w"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().trim_start_matches("listening on "));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (plain, coordinator) = rt.block_on(async {
+        use llmos_proto::worker::v1 as wk;
+        let stats = |ch| async move {
+            wk::worker_client::WorkerClient::new(ch)
+                .stats(wk::StatsRequest {})
+                .await
+        };
+        let e = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
+        let plain = match e.connect().await {
+            Err(_) => true,
+            Ok(ch) => stats(ch).await.is_err(),
+        };
+        let c = Tls::load(TlsFiles::in_dir(dir.path(), "coordinator-1")).unwrap();
+        let ch = llmos_tls::client::connect(
+            e,
+            Some(&c),
+            Role::Worker,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        (plain, stats(ch).await.map(|_| ()))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(plain, "a plaintext client read the worker's stats");
+    coordinator.unwrap();
+}

@@ -212,6 +212,7 @@ impl pb::peer_server::Peer for PeerService {
         // messages (a worker's may not), as the node its certificate names.
         let identity = llmos_tls::require(
             &req,
+            self.transport.tls.is_some(),
             "llmos.coordinator.v1.Peer",
             &[llmos_tls::Role::Coordinator],
         )?;
@@ -228,9 +229,6 @@ impl pb::peer_server::Peer for PeerService {
                 r.cluster_id,
                 self.node.id(),
             )));
-        }
-        if r.from_id != 0 {
-            self.transport.set_peer(r.from_id, &r.from_address);
         }
         let mut msgs = Vec::with_capacity(r.messages.len());
         for b in &r.messages {
@@ -250,6 +248,18 @@ impl pb::peer_server::Peer for PeerService {
                 )));
             }
             msgs.push(m);
+        }
+        // The sender's reply address, once the batch checked out: on mutual
+        // TLS only from a certificate bound to the node (whose hosts
+        // include the address's); a certificate of the role alone (shared)
+        // proves no node, so its batches teach no address (the membership
+        // in the log and --peers give them).
+        let learn = match &identity {
+            None => true,
+            Some(i) => i.id.is_some(),
+        };
+        if r.from_id != 0 && learn {
+            self.transport.set_peer(r.from_id, &r.from_address);
         }
         self.node.step(msgs);
         Ok(Response::new(pb::RaftResponse {}))

@@ -213,7 +213,12 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::LoadShardRequest>,
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
-        llmos_tls::require(&req, "llmos.worker.v1.Worker/LoadShard", COORDINATOR)?;
+        llmos_tls::require(
+            &req,
+            self.tls.is_some(),
+            "llmos.worker.v1.Worker/LoadShard",
+            COORDINATOR,
+        )?;
         let shard = req
             .into_inner()
             .shard
@@ -251,7 +256,12 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::UnloadShardRequest>,
     ) -> Result<Response<pb::UnloadShardResponse>, Status> {
-        llmos_tls::require(&req, "llmos.worker.v1.Worker/UnloadShard", COORDINATOR)?;
+        llmos_tls::require(
+            &req,
+            self.tls.is_some(),
+            "llmos.worker.v1.Worker/UnloadShard",
+            COORDINATOR,
+        )?;
         let r = req.into_inner();
         // Only the epoch asked for: a newer placement loaded since stays.
         if r.epoch != 0 && self.held.epoch(&r.model).is_some_and(|e| e != r.epoch) {
@@ -274,7 +284,12 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<pb::StepRequest>>,
     ) -> Result<Response<Self::StepStream>, Status> {
-        llmos_tls::require(&req, "llmos.worker.v1.Worker/Step", WORKER)?;
+        llmos_tls::require(
+            &req,
+            self.tls.is_some(),
+            "llmos.worker.v1.Worker/Step",
+            WORKER,
+        )?;
         let mut inbound = req.into_inner();
         let host = self.host.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -305,7 +320,12 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::EngineRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        llmos_tls::require(&req, "llmos.worker.v1.Worker/Generate", COORDINATOR)?;
+        llmos_tls::require(
+            &req,
+            self.tls.is_some(),
+            "llmos.worker.v1.Worker/Generate",
+            COORDINATOR,
+        )?;
         let traceparent = req
             .metadata()
             .get("traceparent")
@@ -425,7 +445,12 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        llmos_tls::require(&req, "llmos.worker.v1.Worker/Stats", COORDINATOR)?;
+        llmos_tls::require(
+            &req,
+            self.tls.is_some(),
+            "llmos.worker.v1.Worker/Stats",
+            COORDINATOR,
+        )?;
         let mut resp = codec::host_stats(&self.host.stats().await?);
         for shard in &mut resp.shards {
             let model = shard
@@ -535,21 +560,22 @@ pub async fn serve_registered(
     registration: Option<register::Registration>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve_with_metrics(listener, None, host, registration, shutdown).await
+    let tls = registration.as_ref().and_then(|r| r.tls.clone());
+    serve_with_metrics(listener, None, host, registration, tls, shutdown).await
 }
 
-/// [`serve_registered`] (the registration's TLS, when it has one, also
-/// secures this worker's own server), and Prometheus metrics (`crate::metrics`) at
+/// [`serve_registered`], its server on mutual TLS with `tls` (registered
+/// or not), and Prometheus metrics (`crate::metrics`) at
 /// `/metrics` on `metrics` when given.
 pub async fn serve_with_metrics(
     listener: tokio::net::TcpListener,
     metrics: Option<tokio::net::TcpListener>,
     host: HostHandle,
     registration: Option<register::Registration>,
+    tls: Option<Arc<llmos_tls::Tls>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let held = HeldShards::default();
-    let registration_tls = registration.as_ref().and_then(|r| r.tls.clone());
     let metrics_server = metrics.map(|l| {
         let svc = Arc::new(WorkerService::new(host.clone(), held.clone()));
         tokio::spawn(serve_metrics(l, svc))
@@ -566,7 +592,6 @@ pub async fn serve_with_metrics(
             }
         }
     };
-    let tls = registration_tls;
     let r = serve(listener, host, held, tls, drained).await;
     if let Some(t) = heartbeats {
         t.abort();
