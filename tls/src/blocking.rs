@@ -113,6 +113,19 @@ impl Reader {
     /// peer's close_notify reads as `UnexpectedEof` (cut off, not
     /// finished).
     pub fn wait_readable(&mut self) -> std::io::Result<()> {
+        if !self.plain.is_empty() {
+            return Ok(());
+        }
+        // One deadline for the whole wait: reads that bring only records
+        // without data (a key update, tickets) do not restart it.
+        let timeout = self.sock.read_timeout()?;
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let r = self.wait_until(deadline);
+        self.sock.set_read_timeout(timeout)?;
+        r
+    }
+
+    fn wait_until(&mut self, deadline: Option<std::time::Instant>) -> std::io::Result<()> {
         while self.plain.is_empty() {
             match self.eof {
                 Some(true) => return Ok(()),
@@ -122,7 +135,16 @@ impl Reader {
                         "the peer closed the connection without a TLS close_notify",
                     ))
                 }
-                None => self.fill()?,
+                None => {
+                    if let Some(d) = deadline {
+                        let left = d.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            return Err(std::io::ErrorKind::TimedOut.into());
+                        }
+                        self.sock.set_read_timeout(Some(left))?;
+                    }
+                    self.fill()?
+                }
             }
         }
         Ok(())
