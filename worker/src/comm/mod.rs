@@ -22,6 +22,7 @@
 
 mod link;
 mod nccl;
+mod stream;
 mod tcp;
 
 pub use link::{LinkBackend, LinkSpec, PipelineLink};

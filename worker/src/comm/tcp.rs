@@ -15,7 +15,6 @@
 //! the group travels inside it.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -23,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
+use super::stream::{LinkReader, Stream};
 use super::{check_rank, no_peer, Collective};
 use super::{CommError, Result};
 
@@ -48,33 +48,6 @@ pub struct Rendezvous {
     addr: SocketAddr,
     pending: Arc<Pending>,
     tls: Option<Arc<llmos_tls::Tls>>,
-}
-
-/// One link's socket: plaintext, or the two halves of a TLS stream.
-enum Stream {
-    Plain(TcpStream),
-    Tls(llmos_tls::blocking::Reader, llmos_tls::blocking::Writer),
-}
-
-impl Stream {
-    fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.read_exact(buf),
-            Stream::Tls(r, _) => r.read_exact(buf),
-        }
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.write_all(buf),
-            Stream::Tls(_, w) => w.write_all(buf),
-        }
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.set_read_timeout(t),
-            Stream::Tls(r, _) => r.set_read_timeout(t),
-        }
-    }
 }
 
 impl Rendezvous {
@@ -279,67 +252,6 @@ fn dial(
     )))
 }
 
-/// The reading side of a link.
-enum LinkReader {
-    Plain(TcpStream),
-    Tls(Mutex<llmos_tls::blocking::Reader>),
-}
-
-impl LinkReader {
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            LinkReader::Plain(s) => s.set_read_timeout(t),
-            LinkReader::Tls(r) => r
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_read_timeout(t),
-        }
-    }
-    /// Waits (under the read timeout) for a first byte; consumes nothing.
-    fn wait_readable(&self) -> std::io::Result<()> {
-        match self {
-            LinkReader::Plain(s) => s.peek(&mut [0u8; 1]).map(drop),
-            LinkReader::Tls(r) => r.lock().unwrap_or_else(|e| e.into_inner()).wait_readable(),
-        }
-    }
-    fn read_exact(&self, buf: &mut [u8]) -> std::io::Result<()> {
-        match self {
-            LinkReader::Plain(s) => {
-                let mut s: &TcpStream = s;
-                s.read_exact(buf)
-            }
-            LinkReader::Tls(r) => r.lock().unwrap_or_else(|e| e.into_inner()).read_exact(buf),
-        }
-    }
-}
-
-/// The writing side (its thread's).
-enum LinkWriter {
-    Plain(TcpStream),
-    Tls(llmos_tls::blocking::Writer),
-}
-
-impl LinkWriter {
-    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            LinkWriter::Plain(s) => s.set_write_timeout(t),
-            LinkWriter::Tls(w) => w.set_write_timeout(t),
-        }
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            LinkWriter::Plain(s) => s.write_all(buf),
-            LinkWriter::Tls(w) => w.write_all(buf),
-        }
-    }
-    fn shutdown(&mut self) {
-        let _ = match self {
-            LinkWriter::Plain(s) => s.shutdown(Shutdown::Write),
-            LinkWriter::Tls(w) => w.shutdown(),
-        };
-    }
-}
-
 struct Link {
     reader: LinkReader,
     /// The socket, to end reads from another thread (close).
@@ -380,17 +292,7 @@ impl TcpGroup {
                 links.push(None);
                 continue;
             };
-            let (reader, mut w, socket) = match s {
-                Stream::Plain(s) => {
-                    let w = s.try_clone().map_err(io)?;
-                    let socket = s.try_clone().map_err(io)?;
-                    (LinkReader::Plain(s), LinkWriter::Plain(w), socket)
-                }
-                Stream::Tls(r, w) => {
-                    let socket = r.socket().map_err(io)?;
-                    (LinkReader::Tls(Mutex::new(r)), LinkWriter::Tls(w), socket)
-                }
-            };
+            let (reader, mut w, socket) = s.split().map_err(io)?;
             socket.set_nodelay(true).map_err(io)?;
             // A peer that stops reading cannot block the writer for ever.
             w.set_write_timeout(Some(op_timeout)).map_err(io)?;
