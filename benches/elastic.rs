@@ -26,7 +26,8 @@
 //!    more workers) against a steady window.
 //!
 //! cargo bench -p llmos-benches --bench elastic (builds the worker binary
-//! first: `cargo build --release --bins`)
+//! first: `cargo build --release --bins`); `-- prefix` (or `saturation`,
+//! `live`, several allowed) runs only the phases named.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -336,14 +337,38 @@ async fn main() {
     llmos_benches::wait_for_workers(&ch, 2).await;
     let mut admin = AdminClient::new(ch.clone());
     println!("elastic serving: SmolLM2 f32, 2 llmos-worker processes, 1 thread each, pinned to cores 0 and 1");
+    // Phases named on the command line (cargo passes `--bench` too).
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for n in &named {
+        assert!(
+            ["saturation", "prefix", "live"].contains(&n.as_str()),
+            "unknown phase {n:?}: saturation, prefix or live"
+        );
+    }
+    let run = |phase: &str| named.is_empty() || named.iter().any(|n| n == phase);
 
-    // 1. Saturation: 1 replica, then 2.
     deploy(&mut admin, "smol", 1, 0).await;
-    saturation(&ch, 7, 16).await; // warm-up (first batches, allocator)
-    let (one_replica, cpu1) = saturation(&ch, 11, 128).await;
-    scale(&mut admin, "smol", 2, true).await;
-    saturation(&ch, 13, 16).await; // the new replica's warm-up
-    let (two_replicas, cpu2) = saturation(&ch, 17, 128).await;
+    if run("saturation") {
+        saturation_phase(&mut admin, &ch).await;
+    }
+    if run("prefix") {
+        prefix_phase(&mut admin, &ch).await;
+    }
+    if run("live") {
+        live_phase(&mut admin, &ch, &coordinator).await;
+    }
+}
+
+/// Phase 1: saturation with 1 replica, then 2.
+async fn saturation_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
+    saturation(ch, 7, 16).await; // warm-up (first batches, allocator)
+    let (one_replica, cpu1) = saturation(ch, 11, 128).await;
+    scale(admin, "smol", 2, true).await;
+    saturation(ch, 13, 16).await; // the new replica's warm-up
+    let (two_replicas, cpu2) = saturation(ch, 17, 128).await;
     println!("saturation, 128 requests x 32 tokens, 32 clients:");
     println!("  1 replica on 1 worker : {one_replica:.1} tokens/s (coordinator + clients used {cpu1:.2} cores)");
     println!("  2 replicas on 2 workers: {two_replicas:.1} tokens/s (coordinator + clients used {cpu2:.2} cores)");
@@ -355,12 +380,15 @@ async fn main() {
     println!(
         "  this machine's ceiling, 2 pinned llmos-worker bench processes against 1: prefill {prefill:.2}x, decode {decode:.2}x (shared memory bandwidth)"
     );
+}
 
-    // 2. Prefix-aware routing against round-robin, 2 replicas, at two
+/// Phase 2: prefix-aware routing against round-robin.
+async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
+    // 2 replicas, at two
     // cache sizes (about half, and about two thirds, of the groups'
     // prefixes beside the running sequences).
     for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (16, 128, 96, [303, 404])] {
-        deploy(&mut admin, "chat", 2, kv).await;
+        deploy(admin, "chat", 2, kv).await;
         let mut results = Vec::new();
         for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
             admin
@@ -372,7 +400,7 @@ async fn main() {
                 .expect("setting");
             results.push((
                 policy,
-                prefix_workload(&ch, "chat", groups, requests, seed).await,
+                prefix_workload(ch, "chat", groups, requests, seed).await,
             ));
         }
         println!("shared prefixes ({groups} groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, {requests} requests:");
@@ -405,14 +433,16 @@ async fn main() {
         })
         .await
         .expect("setting");
+}
 
-    // 3. Live changes under a light load, "smol" at 1 replica first.
-    scale(&mut admin, "smol", 1, true).await;
-    let load = Light::start(&ch);
+/// Phase 3: live changes under a light load, "smol" at 1 replica first.
+async fn live_phase(admin: &mut AdminClient<Channel>, ch: &Channel, coordinator: &str) {
+    scale(admin, "smol", 1, true).await;
+    let load = Light::start(ch);
     tokio::time::sleep(Duration::from_secs(15)).await;
     let steady = (0.0, load.now());
     // Scale-up: until the new replica got its first request.
-    let before: Vec<u64> = status(&mut admin, "smol")
+    let before: Vec<u64> = status(admin, "smol")
         .await
         .replicas
         .iter()
@@ -420,9 +450,9 @@ async fn main() {
         .collect();
     let up_from = load.now();
     let t = Instant::now();
-    scale(&mut admin, "smol", 2, false).await;
+    scale(admin, "smol", 2, false).await;
     let first_request = loop {
-        let m = status(&mut admin, "smol").await;
+        let m = status(admin, "smol").await;
         if m.replicas
             .iter()
             .any(|r| !before.contains(&r.epoch) && r.routed > 0)
@@ -439,11 +469,11 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let down_from = load.now();
     let t = Instant::now();
-    scale(&mut admin, "smol", 1, true).await;
+    scale(admin, "smol", 1, true).await;
     let scale_down = t.elapsed();
     let down = (down_from, load.now());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let m = status(&mut admin, "smol").await;
+    let m = status(admin, "smol").await;
     let holder = m.replicas[0].stages[0].worker_id.clone();
     let drain_from = load.now();
     let t = Instant::now();
@@ -462,7 +492,7 @@ async fn main() {
     let _more: Vec<WorkerProcess> = (2..4)
         .map(|i| start_worker(&coordinator, &format!("w{i}"), i % 2))
         .collect();
-    llmos_benches::wait_for_workers(&ch, 4).await;
+    llmos_benches::wait_for_workers(ch, 4).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let resplit_from = load.now();
     let t = Instant::now();

@@ -826,23 +826,31 @@ async fn a_raft_proposal_without_entries_is_refused_and_keys_need_their_own_inte
     assert!(!e.message().contains("\"llmos\""), "{e:?}");
 
     // The binary with keys on (its default) and both planes on one port
-    // refuses to start, naming the way out.
-    let out = std::process::Command::new(coordinator_bin())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "off",
-            "--insecure",
-        ])
-        .env("LLMOS_LOG", "error")
-        .env_remove("LLMOS_NO_AUTH")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--internal-listen") && err.contains("--no-auth"),
-        "{err}"
-    );
+    // refuses to start, naming the way out. Boolean flags read from the
+    // environment take 1/0 (and yes/no, true/false) as an operator writes
+    // them: LLMOS_INSECURE=1 with LLMOS_NO_AUTH=0 reaches the same refusal,
+    // not a parse error.
+    let flag = [("--insecure", None), ("", Some(("1", "0")))];
+    for (arg, env) in flag {
+        let mut cmd = std::process::Command::new(coordinator_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "off"])
+            .env("LLMOS_LOG", "error")
+            .env_remove("LLMOS_NO_AUTH");
+        match env {
+            None => {
+                cmd.arg(arg);
+            }
+            Some((insecure, no_auth)) => {
+                cmd.env("LLMOS_INSECURE", insecure)
+                    .env("LLMOS_NO_AUTH", no_auth);
+            }
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--internal-listen") && err.contains("--no-auth"),
+            "{err}"
+        );
+    }
 }

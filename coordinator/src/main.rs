@@ -117,7 +117,7 @@ struct Cli {
     #[arg(long, env = "LLMOS_PEERS", default_value = "")]
     peers: String,
     /// Raft: start empty and wait to be added with `llmos members add`.
-    #[arg(long, env = "LLMOS_JOIN")]
+    #[arg(long, env = "LLMOS_JOIN", value_parser = clap::builder::BoolishValueParser::new())]
     join: bool,
     /// Raft: the address peers reach this replica at (default:
     /// http://<internal-listen>, else http://<listen>).
@@ -132,7 +132,7 @@ struct Cli {
     /// Serve the public APIs without API keys: anyone who reaches the
     /// port is an admin (`llmos status` reports `auth: off`). For a
     /// development cluster on loopback only.
-    #[arg(long, env = "LLMOS_NO_AUTH")]
+    #[arg(long, env = "LLMOS_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     no_auth: bool,
     /// A file holding the bootstrap admin key (any string of 20+
     /// characters; e.g. `openssl rand -hex 32`), accepted as an admin key
@@ -144,12 +144,12 @@ struct Cli {
     /// registry: no keys) on the public port anyway. Without it, keys
     /// require --internal-listen: on a shared port, anyone reaching it
     /// could send Raft messages (e.g. commit a key of their own).
-    #[arg(long, env = "LLMOS_SHARED_PLANES")]
+    #[arg(long, env = "LLMOS_SHARED_PLANES", value_parser = clap::builder::BoolishValueParser::new())]
     shared_planes: bool,
     #[command(flatten)]
     tls: llmos_tls::TlsFlags,
     /// `/metrics` needs a (user) API key too.
-    #[arg(long, env = "LLMOS_METRICS_NEED_KEY")]
+    #[arg(long, env = "LLMOS_METRICS_NEED_KEY", value_parser = clap::builder::BoolishValueParser::new())]
     metrics_need_key: bool,
     /// etcd: client endpoints, comma-separated.
     #[arg(

@@ -411,7 +411,12 @@ pub struct TlsFlags {
     /// Serve and dial the internal plane in plaintext, without
     /// certificates (`llmos status` reports it). Without it,
     /// --tls-cert/--tls-key/--tls-ca are needed.
-    #[arg(long, env = "LLMOS_INSECURE", conflicts_with = "tls_cert")]
+    #[arg(
+        long,
+        env = "LLMOS_INSECURE",
+        conflicts_with = "tls_cert",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub insecure: bool,
 }
 

@@ -5,11 +5,26 @@
 //! *cached* when it is full and its content is known by hash (the hash of
 //! the previous block's hash and this block's token ids, so equal hashes mean
 //! equal prefixes), *free* otherwise. A used block that is released keeps its
-//! content if cached and becomes evictable, oldest first (LRU); allocation
-//! takes never-cached free blocks first, then evicts. A new prompt starts
-//! with the longest run of cached full blocks matching its tokens; those
-//! blocks are shared, never written (a sequence only writes positions past
-//! its hit, in blocks it alone holds).
+//! content if cached and becomes evictable; allocation takes never-cached
+//! free blocks first, then evicts. A new prompt starts with the longest run
+//! of cached full blocks matching its tokens; those blocks are shared, never
+//! written (a sequence only writes positions past its hit, in blocks it
+//! alone holds).
+//!
+//! Eviction is a segmented LRU. A cached block that no later prompt has hit
+//! since it was cached is *probationary*; one that a prompt hit (a shared
+//! system prompt, an earlier chat turn) is *protected*. Probationary blocks
+//! are evicted first, least recently released first, then protected ones;
+//! the protected segment holds at most [`PROTECTED_SHARE`] of the blocks,
+//! beyond which its least recently released block is moved back to
+//! probation (as the newest there, and must be hit again to be protected),
+//! so prefixes that stopped being used give way to new ones. Without the
+//! segments, what every finished request leaves behind (its own prompt
+//! tail and generated blocks, which no other prompt shares) pushes shared
+//! prefixes out as soon as the cache is full. A sequence's blocks are
+//! released last first, so that among them its tail is evicted before its
+//! head (evicting a chain's first block makes every block after it
+//! unreachable).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,7 +37,16 @@ struct Block {
     cached: Option<CachedKey>,
     /// Tick of the last release (LRU order among evictable blocks).
     released_at: u64,
+    /// A prompt hit this block since it was cached (or since it was moved
+    /// back to probation): released, it goes to the protected segment.
+    hit: bool,
+    /// Evictable in the protected segment (else in probation, if evictable).
+    protected: bool,
 }
+
+/// Most of the blocks the protected segment may hold (the share of
+/// segmented LRU's usual split).
+pub const PROTECTED_SHARE: f64 = 0.8;
 
 #[derive(Debug, Clone)]
 struct CachedKey {
@@ -47,8 +71,12 @@ pub struct BlockManager {
     blocks: Vec<Block>,
     /// Free blocks that hold no cached content.
     free: Vec<u32>,
-    /// Released cached blocks by release tick (oldest first).
-    evictable: BTreeMap<u64, u32>,
+    /// Released cached blocks no prompt hit, by release tick (oldest first).
+    probation: BTreeMap<u64, u32>,
+    /// Released cached blocks a prompt hit, by release tick (oldest first).
+    protected: BTreeMap<u64, u32>,
+    /// Most blocks `protected` holds.
+    protected_cap: usize,
     by_hash: HashMap<u64, u32>,
     tick: u64,
     prefix_caching: bool,
@@ -71,7 +99,9 @@ impl BlockManager {
             blocks: vec![Block::default(); num_blocks],
             // Pop from the end: hand out low numbers first.
             free: (0..num_blocks as u32).rev().collect(),
-            evictable: BTreeMap::new(),
+            probation: BTreeMap::new(),
+            protected: BTreeMap::new(),
+            protected_cap: (num_blocks as f64 * PROTECTED_SHARE) as usize,
             by_hash: HashMap::new(),
             tick: 0,
             prefix_caching,
@@ -94,7 +124,7 @@ impl BlockManager {
 
     /// Blocks an allocation can take (free plus evictable).
     pub fn available(&self) -> usize {
-        self.free.len() + self.evictable.len()
+        self.free.len() + self.probation.len() + self.protected.len()
     }
 
     /// Blocks whose content is in the prefix cache.
@@ -116,13 +146,18 @@ impl BlockManager {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
-                let (_, b) = self.evictable.pop_first()?;
+                let (_, b) = match self.probation.pop_first() {
+                    Some(e) => e,
+                    None => self.protected.pop_first()?,
+                };
                 let key = self.blocks[b as usize]
                     .cached
                     .take()
                     .expect("evictable is cached");
                 self.by_hash.remove(&key.hash);
                 self.stats.evictions += 1;
+                let blk = &mut self.blocks[b as usize];
+                (blk.hit, blk.protected) = (false, false);
                 b
             }
         };
@@ -133,7 +168,13 @@ impl BlockManager {
     fn take_ref(&mut self, b: u32) {
         let blk = &mut self.blocks[b as usize];
         if blk.refs == 0 {
-            self.evictable.remove(&blk.released_at);
+            let segment = if blk.protected {
+                &mut self.protected
+            } else {
+                &mut self.probation
+            };
+            segment.remove(&blk.released_at);
+            blk.protected = false;
         }
         blk.refs += 1;
     }
@@ -178,6 +219,7 @@ impl BlockManager {
         }
         for &b in &hits {
             self.take_ref(b);
+            self.blocks[b as usize].hit = true;
         }
         let cached_tokens = hits.len() * bs;
         let mut blocks = hits;
@@ -223,9 +265,10 @@ impl BlockManager {
         }
     }
 
-    /// Drops one reference to each block.
+    /// Drops one reference to each block of a sequence (given in position
+    /// order; released last first, see the module's note on eviction).
     pub fn release(&mut self, blocks: &[u32]) {
-        for &b in blocks {
+        for &b in blocks.iter().rev() {
             let blk = &mut self.blocks[b as usize];
             assert!(blk.refs > 0, "block {b} released more often than taken");
             blk.refs -= 1;
@@ -233,11 +276,32 @@ impl BlockManager {
                 if blk.cached.is_some() {
                     self.tick += 1;
                     blk.released_at = self.tick;
-                    self.evictable.insert(self.tick, b);
+                    if blk.hit {
+                        blk.protected = true;
+                        self.protected.insert(self.tick, b);
+                        self.demote_overflow();
+                    } else {
+                        self.probation.insert(self.tick, b);
+                    }
                 } else {
+                    blk.hit = false;
                     self.free.push(b);
                 }
             }
+        }
+    }
+
+    /// Moves the protected segment's least recently released blocks back to
+    /// probation (as its newest) while the segment is over its cap.
+    fn demote_overflow(&mut self) {
+        while self.protected.len() > self.protected_cap {
+            let (_, b) = self.protected.pop_first().expect("over the cap");
+            self.tick += 1;
+            let blk = &mut self.blocks[b as usize];
+            blk.protected = false;
+            blk.hit = false;
+            blk.released_at = self.tick;
+            self.probation.insert(self.tick, b);
         }
     }
 }
@@ -326,6 +390,93 @@ mod tests {
         assert_eq!(m.allocate_prompt(&pb, 3).unwrap().cached_tokens, 0);
         let again = m.allocate_prompt(&pa, 3).unwrap();
         assert_eq!(again.cached_tokens, 2, "the newer prefix survived");
+    }
+
+    /// A finished sequence's blocks are evicted last first: its head (what
+    /// a later prompt can share) outlives its tail.
+    #[test]
+    fn a_released_sequence_loses_its_tail_before_its_head() {
+        let mut m = BlockManager::new(4, 2, true);
+        let p = [1, 2, 3, 4, 5, 6, 7];
+        let a = m.allocate_prompt(&p, 8).unwrap();
+        m.register_full(&p, &a.blocks, 7);
+        m.release(&a.blocks);
+        assert_eq!(m.cached(), 3);
+        // One fresh block (the never-cached fourth), then one eviction.
+        let x = m.allocate().unwrap();
+        let y = m.allocate().unwrap();
+        assert_eq!((x, m.stats().evictions), (a.blocks[3], 1));
+        assert_eq!(y, a.blocks[2], "the last cached block goes first");
+        m.release(&[x, y]);
+        assert_eq!(
+            m.allocate_prompt(&[1, 2, 3, 4, 9], 5)
+                .unwrap()
+                .cached_tokens,
+            4,
+            "the first two blocks still hit"
+        );
+    }
+
+    /// Blocks no prompt reused (a request's own tail) are evicted before a
+    /// prefix prompts shared, even one released long before them; with a
+    /// plain LRU the shared prefix would go first.
+    #[test]
+    fn shared_prefixes_outlive_blocks_nobody_reused() {
+        /// One request: `prefix` then `own` fresh tokens; cached, released;
+        /// returns its cached tokens.
+        fn request(m: &mut BlockManager, next: &mut u32, prefix: &[u32], own: u32) -> usize {
+            let p: Vec<u32> = prefix.iter().copied().chain(*next..*next + own).collect();
+            *next += own;
+            let a = m.allocate_prompt(&p, p.len()).unwrap();
+            m.register_full(&p, &a.blocks, p.len());
+            m.release(&a.blocks);
+            a.cached_tokens
+        }
+        let mut m = BlockManager::new(10, 2, true);
+        let mut next = 100;
+        let system = [1, 2, 3, 4];
+        assert_eq!(request(&mut m, &mut next, &system, 5), 0);
+        assert_eq!(
+            request(&mut m, &mut next, &system, 5),
+            4,
+            "the second turn hits"
+        );
+        // Many requests of other users fill the cache with blocks nobody
+        // shares.
+        for _ in 0..10 {
+            request(&mut m, &mut next, &[], 9);
+        }
+        assert!(m.stats().evictions > 0);
+        assert_eq!(
+            request(&mut m, &mut next, &system, 5),
+            4,
+            "the shared prefix survived"
+        );
+    }
+
+    /// The protected segment is capped: prefixes hit once and never again
+    /// go back to probation when newer hits need the room, so a change of
+    /// workload is not locked out by old favourites.
+    #[test]
+    fn the_protected_segment_is_capped_and_demotes_its_oldest() {
+        let mut m = BlockManager::new(5, 1, true);
+        assert_eq!(m.protected_cap, 4);
+        // Five one-token-block prefixes, each cached and then hit once.
+        for t in 0..5u32 {
+            let p = [t, 1000 + t];
+            let a = m.allocate_prompt(&p, 2).unwrap();
+            m.register_full(&p, &a.blocks, 1);
+            m.release(&a.blocks);
+            let b = m.allocate_prompt(&p, 2).unwrap();
+            assert_eq!(b.cached_tokens, 1);
+            m.release(&b.blocks);
+        }
+        assert_eq!(m.protected.len(), 4, "at the cap");
+        assert_eq!(m.probation.len() + m.protected.len(), m.cached());
+        // The oldest hit prefix (token 0) was moved back: evicted first.
+        let x = m.allocate().unwrap();
+        m.release(&[x]);
+        assert_eq!(m.allocate_prompt(&[0, 7], 2).unwrap().cached_tokens, 0);
     }
 
     #[test]
