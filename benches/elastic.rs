@@ -398,22 +398,31 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
                 })
                 .await
                 .expect("setting");
-            // Requests routed to each replica (by epoch), before and after.
+            // Requests routed to each replica (by epoch), and of those for a
+            // prefix the router knew there, before and after.
             let routed = |st: api::ModelStatus| {
-                let mut r: Vec<_> = st.replicas.iter().map(|r| (r.epoch, r.routed)).collect();
+                let mut r: Vec<_> = st
+                    .replicas
+                    .iter()
+                    .map(|r| (r.epoch, r.routed, r.routed_for_prefix))
+                    .collect();
                 r.sort();
                 r
             };
             let before = routed(status(admin, "chat").await);
             let figures = prefix_workload(ch, "chat", groups, requests, seed).await;
             let after = routed(status(admin, "chat").await);
-            let split: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
+            let split: Vec<(u64, u64)> = after
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| (a.1 - b.1, a.2 - b.2))
+                .collect();
             results.push((policy, figures, split));
         }
         println!("shared prefixes ({groups} groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, {requests} requests:");
         for (policy, (hit, p50, p99), split) in &results {
             println!(
-                "  {policy:<11}: prefix-cache hit rate {:.1}%  TTFT p50 {:.0} ms  p99 {:.0} ms  (requests per replica {split:?})",
+                "  {policy:<11}: prefix-cache hit rate {:.1}%  TTFT p50 {:.0} ms  p99 {:.0} ms  (requests per replica, of them for a prefix routed there before: {split:?})",
                 hit * 100.0,
                 p50 * 1e3,
                 p99 * 1e3

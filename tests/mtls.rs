@@ -202,11 +202,22 @@ async fn only_certified_roles_reach_the_internal_plane() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("worker w1"), "{e:?}");
+    // Nor on the stream replicas keep open.
+    let e = peer::peer_client::PeerClient::new(ch.clone())
+        .raft_stream(tokio_stream::iter([raft_batch(2)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let c2ch = channel(&internal_url, Some(&c2), Role::Coordinator)
         .await
         .unwrap();
     let e = peer::peer_client::PeerClient::new(c2ch.clone())
         .raft(raft_batch(3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = peer::peer_client::PeerClient::new(c2ch.clone())
+        .raft_stream(tokio_stream::iter([raft_batch(3)]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");

@@ -824,6 +824,36 @@ async fn a_raft_proposal_without_entries_is_refused_and_keys_need_their_own_inte
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(!e.message().contains("\"llmos\""), "{e:?}");
+    // The stream replicas keep open checks each batch alike: an empty
+    // proposal after a well-formed empty batch ends it, naming why, and
+    // so does another cluster's batch.
+    for bad in [
+        llmos_proto::coordinator::v1::RaftRequest {
+            cluster_id: "llmos".into(),
+            messages: vec![protobuf::Message::write_to_bytes(&m).unwrap()],
+            ..Default::default()
+        },
+        llmos_proto::coordinator::v1::RaftRequest {
+            cluster_id: "guess".into(),
+            ..Default::default()
+        },
+    ] {
+        let fine = llmos_proto::coordinator::v1::RaftRequest {
+            cluster_id: "llmos".into(),
+            ..Default::default()
+        };
+        let foreign = bad.cluster_id != "llmos";
+        let e = peer
+            .raft_stream(tokio_stream::iter([fine, bad]))
+            .await
+            .unwrap_err();
+        if foreign {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        } else {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("without entries"), "{e:?}");
+        }
+    }
 
     // The binary with keys on (its default) and both planes on one port
     // refuses to start, naming the way out. Boolean flags read from the

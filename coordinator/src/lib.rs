@@ -145,11 +145,12 @@ pub async fn serve_planes(
     health_reporter
         .set_serving::<llmos_proto::v1::inference_server::InferenceServer<inference::InferenceService>>()
         .await;
-    let peer = peer.map(|p| {
+    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+    let peer = peer.map(|mut p| {
+        p.stopping = stop_seen.clone();
         llmos_proto::coordinator::v1::peer_server::PeerServer::new(p)
             .max_decoding_message_size(256 << 20)
     });
-    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
     let stopped_signal = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

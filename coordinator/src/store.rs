@@ -230,6 +230,8 @@ impl RaftStore {
             cluster_id: s.cluster_id.clone(),
             node: node.clone(),
             transport,
+            // `serve_planes` gives it the server's stop signal.
+            stopping: tokio::sync::watch::channel(false).1,
         };
         Ok((Arc::new(RaftStore { node, _tmp: tmp }), peer))
     }

@@ -1,7 +1,9 @@
 //! How raft messages travel between replicas: [`RaftTransport`], with a
 //! gRPC implementation (a queue and a sender task per peer; everything
-//! queued is sent as one batch) and an in-memory network for tests that
-//! drops, delays and partitions.
+//! queued is sent as one batch, on a `RaftStream` the sender keeps open, or
+//! by a `Raft` call when it holds a snapshot, whose answer reports it
+//! delivered) and an in-memory network for tests that drops, delays and
+//! partitions.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,22 @@ use super::RaftTransport;
 
 /// Most messages in one gRPC batch.
 const MAX_BATCH: usize = 1024;
+
+/// Batches a stream may hold unsent (its peer stopped reading: frozen or
+/// partitioned). Past it the stream is dropped with what it holds (raft
+/// sends again what matters) and the next batch opens another; a dead
+/// connection is found by HTTP/2 keep-alive pings.
+const STREAM_BACKLOG: usize = 256;
+
+/// Says, at most every 5 s per peer, that raft messages were lost (raft
+/// retries; a warning per message would flood the log).
+fn warn_lost(last: &Mutex<Option<Instant>>, peer: u64, address: &str, status: &Status) {
+    let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+        tracing::warn!(peer, %address, code = ?status.code(), error = %status.message(), "raft messages to peer lost");
+        *last = Some(Instant::now());
+    }
+}
 
 struct PeerQueue {
     address: String,
@@ -68,25 +86,35 @@ impl GrpcTransport {
         let snapshots = self.snapshots.clone();
         let tls = self.tls.clone();
         self.rt.spawn(async move {
-            let channel = match Endpoint::from_shared(address.clone()) {
-                Ok(e) => llmos_tls::client::connect_lazy(
-                    e.connect_timeout(Duration::from_secs(1))
-                        .timeout(timeout)
-                        .tcp_nodelay(true),
-                    tls.as_ref(),
-                    // Only a coordinator's certificate answers for a peer.
-                    llmos_tls::Role::Coordinator,
-                    Duration::from_secs(1),
-                ),
+            let endpoint = match Endpoint::from_shared(address.clone()) {
+                Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
                 Err(e) => {
                     tracing::error!(peer = to, %address, error = %e, "bad peer address");
                     return;
                 }
             };
-            let mut client = pb::peer_client::PeerClient::new(channel)
+            let client = |e: Endpoint| {
+                pb::peer_client::PeerClient::new(llmos_tls::client::connect_lazy(
+                    e,
+                    tls.as_ref(),
+                    // Only a coordinator's certificate answers for a peer.
+                    llmos_tls::Role::Coordinator,
+                    Duration::from_secs(1),
+                ))
                 .max_decoding_message_size(256 << 20)
-                .max_encoding_message_size(256 << 20);
-            let mut last_warn: Option<Instant> = None;
+                .max_encoding_message_size(256 << 20)
+            };
+            // Calls (snapshots) end within the timeout; the stream lives as
+            // long as its connection answers keep-alive pings.
+            let mut calls = client(endpoint.clone().timeout(timeout));
+            let streams = client(
+                endpoint
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true),
+            );
+            let last_warn = Arc::new(Mutex::new(None));
+            let mut stream: Option<mpsc::Sender<pb::RaftRequest>> = None;
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -104,19 +132,40 @@ impl GrpcTransport {
                         .map(|m| m.write_to_bytes().expect("encode raft message"))
                         .collect(),
                 };
-                let sent = client.raft(req).await;
-                let ok = sent.is_ok();
-                for m in &batch {
-                    if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                let is_snapshot =
+                    |m: &Message| m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+                if batch.iter().any(is_snapshot) {
+                    let sent = calls.raft(req).await;
+                    let ok = sent.is_ok();
+                    for _ in batch.iter().filter(|m| is_snapshot(m)) {
                         snapshots.lock().unwrap().push((to, ok));
                     }
-                }
-                if let Err(status) = sent {
-                    // Raft retries; say so now and then, not per message.
-                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                        tracing::warn!(peer = to, %address, code = ?status.code(), error = %status.message(), "raft messages to peer lost");
-                        last_warn = Some(Instant::now());
+                    if let Err(status) = sent {
+                        warn_lost(&last_warn, to, &address, &status);
                     }
+                    continue;
+                }
+                let tx = match &stream {
+                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    _ => {
+                        let (tx, batches) = mpsc::channel(STREAM_BACKLOG);
+                        let (mut c, last_warn, address) =
+                            (streams.clone(), last_warn.clone(), address.clone());
+                        tokio::spawn(async move {
+                            let batches = tokio_stream::wrappers::ReceiverStream::new(batches);
+                            if let Err(status) = c.raft_stream(batches).await {
+                                warn_lost(&last_warn, to, &address, &status);
+                            }
+                        });
+                        stream = Some(tx.clone());
+                        tx
+                    }
+                };
+                if tx.try_send(req).is_err() {
+                    // Full (the peer stopped reading) or just ended: the
+                    // stream goes with what it holds; the next batch opens
+                    // another.
+                    stream = None;
                 }
             }
         });
@@ -200,6 +249,11 @@ pub struct PeerService {
     pub cluster_id: String,
     pub node: Arc<RaftNode>,
     pub transport: Arc<GrpcTransport>,
+    /// Turns true when this coordinator begins to stop: open `RaftStream`s
+    /// then end (a graceful shutdown waits for every open request, and a
+    /// peer keeps its stream open as long as it can). A receiver whose
+    /// sender is gone never ends them.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -208,16 +262,59 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         req: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftResponse>, Status> {
-        // On mutual TLS, only a coordinator's certificate may send Raft
-        // messages (a worker's may not), as the node its certificate names.
-        let identity = llmos_tls::require(
-            &req,
+        let identity = self.sender(&req)?;
+        self.accept(identity.as_ref(), req.into_inner())?;
+        Ok(Response::new(pb::RaftResponse {}))
+    }
+
+    async fn raft_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<pb::RaftResponse>, Status> {
+        let identity = self.sender(&req)?;
+        let mut batches = req.into_inner();
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                batch = batches.message() => match batch? {
+                    Some(r) => self.accept(identity.as_ref(), r)?,
+                    None => break,
+                },
+                // Stopping: the sender opens another stream, to whichever
+                // replica it then reaches.
+                _ = &mut stopped => break,
+            }
+        }
+        Ok(Response::new(pb::RaftResponse {}))
+    }
+}
+
+impl PeerService {
+    /// On mutual TLS, only a coordinator's certificate may send Raft
+    /// messages (a worker's may not): its verified identity.
+    fn sender<T>(&self, req: &Request<T>) -> Result<Option<llmos_tls::Identity>, Status> {
+        llmos_tls::require(
+            req,
             self.transport.tls.is_some(),
             "llmos.coordinator.v1.Peer",
             &[llmos_tls::Role::Coordinator],
-        )?;
-        let r = req.into_inner();
-        if let Some(i) = &identity {
+        )
+    }
+
+    /// Checks one batch (as the node its certificate names, of this
+    /// cluster, well-formed messages of its sender) and steps it into raft.
+    fn accept(
+        &self,
+        identity: Option<&llmos_tls::Identity>,
+        r: pb::RaftRequest,
+    ) -> Result<(), Status> {
+        if let Some(i) = identity {
             check_sender(i, &r)?;
         }
         if r.cluster_id != self.cluster_id {
@@ -254,7 +351,7 @@ impl pb::peer_server::Peer for PeerService {
         // include the address's); a certificate of the role alone (shared)
         // proves no node, so its batches teach no address (the membership
         // in the log and --peers give them).
-        let learn = match &identity {
+        let learn = match identity {
             None => true,
             Some(i) => i.id.is_some(),
         };
@@ -262,6 +359,6 @@ impl pb::peer_server::Peer for PeerService {
             self.transport.set_peer(r.from_id, &r.from_address);
         }
         self.node.step(msgs);
-        Ok(Response::new(pb::RaftResponse {}))
+        Ok(())
     }
 }
