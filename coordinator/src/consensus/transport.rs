@@ -6,6 +6,7 @@
 //! partitions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -114,7 +115,10 @@ impl GrpcTransport {
                     .keep_alive_while_idle(true),
             );
             let last_warn = Arc::new(Mutex::new(None));
-            let mut stream: Option<mpsc::Sender<pb::RaftRequest>> = None;
+            // The open stream: its batches' queue, and whether its call
+            // returned (then the queue may still look open while nobody
+            // reads it any more).
+            let mut stream: Option<(mpsc::Sender<pb::RaftRequest>, Arc<AtomicBool>)> = None;
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -146,18 +150,27 @@ impl GrpcTransport {
                     continue;
                 }
                 let tx = match &stream {
-                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    Some((tx, ended)) if !tx.is_closed() && !ended.load(Ordering::Acquire) => {
+                        tx.clone()
+                    }
                     _ => {
                         let (tx, batches) = mpsc::channel(STREAM_BACKLOG);
-                        let (mut c, last_warn, address) =
-                            (streams.clone(), last_warn.clone(), address.clone());
+                        let ended = Arc::new(AtomicBool::new(false));
+                        let (mut c, last_warn, address, done) = (
+                            streams.clone(),
+                            last_warn.clone(),
+                            address.clone(),
+                            ended.clone(),
+                        );
                         tokio::spawn(async move {
                             let batches = tokio_stream::wrappers::ReceiverStream::new(batches);
-                            if let Err(status) = c.raft_stream(batches).await {
+                            let r = c.raft_stream(batches).await;
+                            done.store(true, Ordering::Release);
+                            if let Err(status) = r {
                                 warn_lost(&last_warn, to, &address, &status);
                             }
                         });
-                        stream = Some(tx.clone());
+                        stream = Some((tx.clone(), ended));
                         tx
                     }
                 };
