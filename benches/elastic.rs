@@ -384,9 +384,8 @@ async fn saturation_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
 
 /// Phase 2: prefix-aware routing against round-robin.
 async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
-    // 2 replicas, at two
-    // cache sizes (about half, and about two thirds, of the groups'
-    // prefixes beside the running sequences).
+    // 2 replicas, at two cache sizes (about half, and about two thirds, of
+    // the groups' prefixes beside the running sequences).
     for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (16, 128, 96, [303, 404])] {
         deploy(admin, "chat", 2, kv).await;
         let mut results = Vec::new();

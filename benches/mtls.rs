@@ -194,10 +194,7 @@ fn main() {
         (Role::Worker, "w1"),
     ]
     .into_iter()
-    .map(|(role, id)| Holder {
-        role,
-        id: Some(id.into()),
-    })
+    .map(|(role, id)| Holder::bound(role, id))
     .collect();
     dev::init(dir.path(), &holders, &["127.0.0.1".into()]).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -25,13 +25,6 @@ use tonic::Code;
 
 const HOSTS: [&str; 2] = ["127.0.0.1", "localhost"];
 
-fn holder(role: Role, id: &str) -> Holder {
-    Holder {
-        role,
-        id: Some(id.to_string()),
-    }
-}
-
 fn certs(dir: &Path, holders: &[Holder]) {
     let hosts: Vec<String> = HOSTS.iter().map(|h| h.to_string()).collect();
     dev::init(dir, holders, &hosts).unwrap();
@@ -101,14 +94,14 @@ async fn only_certified_roles_reach_the_internal_plane() {
     certs(
         ca.path(),
         &[
-            holder(Role::Coordinator, "1"),
-            holder(Role::Coordinator, "2"),
-            holder(Role::Worker, "w0"),
-            holder(Role::Worker, "w1"),
+            Holder::bound(Role::Coordinator, "1"),
+            Holder::bound(Role::Coordinator, "2"),
+            Holder::bound(Role::Worker, "w0"),
+            Holder::bound(Role::Worker, "w1"),
         ],
     );
     let other = tempfile::tempdir().unwrap();
-    certs(other.path(), &[holder(Role::Worker, "w1")]);
+    certs(other.path(), &[Holder::bound(Role::Worker, "w1")]);
     // A certificate of the other CA, presented by a client that trusts
     // this cluster's CA (so that the server's refusal is what is seen).
     let foreign = Tls::load(TlsFiles {
@@ -305,10 +298,10 @@ async fn coordinators_replicate_over_mutual_tls() {
     certs(
         &ca,
         &[
-            holder(Role::Coordinator, "1"),
-            holder(Role::Coordinator, "2"),
-            holder(Role::Coordinator, "3"),
-            holder(Role::Worker, "w"),
+            Holder::bound(Role::Coordinator, "1"),
+            Holder::bound(Role::Coordinator, "2"),
+            Holder::bound(Role::Coordinator, "3"),
+            Holder::bound(Role::Worker, "w"),
         ],
     );
     let flags = |name: &str| -> Vec<String> {

@@ -49,12 +49,7 @@ pub fn holders(coordinators: &[String], workers: &[String]) -> Vec<Holder> {
         if ids.is_empty() {
             vec![Holder { role, id: None }]
         } else {
-            ids.iter()
-                .map(|i| Holder {
-                    role,
-                    id: Some(i.clone()),
-                })
-                .collect()
+            ids.iter().map(|i| Holder::bound(role, i.clone())).collect()
         }
     };
     let mut h = each(Role::Coordinator, coordinators);

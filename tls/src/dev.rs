@@ -22,6 +22,14 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// A certificate of `role` bound to `id` (`llmos://<role>/<id>`).
+    pub fn bound(role: Role, id: impl Into<String>) -> Holder {
+        Holder {
+            role,
+            id: Some(id.into()),
+        }
+    }
+
     /// The files' base name: `coordinator-1`, `worker-w0`, or the role
     /// alone for a certificate bound to no id.
     pub fn file_name(&self) -> String {

@@ -206,13 +206,12 @@ fn serve_takes_certificates_or_insecure_and_then_speaks_only_tls() {
     use llmos_tls::{Role, Tls, TlsFiles};
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let holder = |role, id: &str| Holder {
-        role,
-        id: Some(id.into()),
-    };
     dev::init(
         dir.path(),
-        &[holder(Role::Worker, "w"), holder(Role::Coordinator, "1")],
+        &[
+            Holder::bound(Role::Worker, "w"),
+            Holder::bound(Role::Coordinator, "1"),
+        ],
         &["127.0.0.1".into()],
     )
     .unwrap();

@@ -349,10 +349,7 @@ fn tls_links_admit_only_workers_of_the_cluster() {
     use llmos_tls::dev::{self, Holder};
     use llmos_tls::{Role, Tls, TlsFiles};
     let dir = tempfile::tempdir().unwrap();
-    let h = |role, id: &str| Holder {
-        role,
-        id: Some(id.into()),
-    };
+    let h = Holder::bound;
     dev::init(
         dir.path(),
         &[

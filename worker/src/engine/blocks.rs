@@ -38,10 +38,9 @@ struct Block {
     /// Tick of the last release (LRU order among evictable blocks).
     released_at: u64,
     /// A prompt hit this block since it was cached (or since it was moved
-    /// back to probation): released, it goes to the protected segment.
+    /// back to probation): released, it goes to the protected segment, so
+    /// an evictable block is in `protected` exactly when this is set.
     hit: bool,
-    /// Evictable in the protected segment (else in probation, if evictable).
-    protected: bool,
 }
 
 /// Most of the blocks the protected segment may hold (the share of
@@ -156,8 +155,7 @@ impl BlockManager {
                     .expect("evictable is cached");
                 self.by_hash.remove(&key.hash);
                 self.stats.evictions += 1;
-                let blk = &mut self.blocks[b as usize];
-                (blk.hit, blk.protected) = (false, false);
+                self.blocks[b as usize].hit = false;
                 b
             }
         };
@@ -168,13 +166,12 @@ impl BlockManager {
     fn take_ref(&mut self, b: u32) {
         let blk = &mut self.blocks[b as usize];
         if blk.refs == 0 {
-            let segment = if blk.protected {
+            let segment = if blk.hit {
                 &mut self.protected
             } else {
                 &mut self.probation
             };
             segment.remove(&blk.released_at);
-            blk.protected = false;
         }
         blk.refs += 1;
     }
@@ -277,14 +274,12 @@ impl BlockManager {
                     self.tick += 1;
                     blk.released_at = self.tick;
                     if blk.hit {
-                        blk.protected = true;
                         self.protected.insert(self.tick, b);
                         self.demote_overflow();
                     } else {
                         self.probation.insert(self.tick, b);
                     }
                 } else {
-                    blk.hit = false;
                     self.free.push(b);
                 }
             }
@@ -298,7 +293,6 @@ impl BlockManager {
             let (_, b) = self.protected.pop_first().expect("over the cap");
             self.tick += 1;
             let blk = &mut self.blocks[b as usize];
-            blk.protected = false;
             blk.hit = false;
             blk.released_at = self.tick;
             self.probation.insert(self.tick, b);
