@@ -186,6 +186,23 @@ pub fn worker_bin() -> std::path::PathBuf {
     bin
 }
 
+/// Where a worker's log goes: appended to `$LLMOS_BENCH_LOG_DIR/<id>.log`
+/// when that is set (to see what a bench's workers did), else nowhere.
+fn log_file(id: &str) -> std::process::Stdio {
+    let Some(dir) = std::env::var_os("LLMOS_BENCH_LOG_DIR") else {
+        return std::process::Stdio::null();
+    };
+    let path = std::path::Path::new(&dir).join(format!("{id}.log"));
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(f) => f.into(),
+        Err(e) => panic!("cannot open {}: {e}", path.display()),
+    }
+}
+
 impl WorkerProcess {
     /// Registers as `id` with `coordinator`; pinned to `core` with
     /// `taskset` when given.
@@ -206,7 +223,7 @@ impl WorkerProcess {
             // A plaintext internal plane unless `extra` gives certificates.
             .args((!extra.iter().any(|a| *a == "--tls-cert")).then_some("--insecure"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log_file(id))
             .spawn()
             .expect("llmos-worker (and taskset when pinned)");
         WorkerProcess(child)

@@ -198,3 +198,72 @@ async fn a_deploy_half_done_when_its_leader_is_killed_is_finished_by_the_next_le
     let mut inference = InferenceClient::new(ch);
     assert_eq!(generated_ids(&mut inference, request("smol")).await, want);
 }
+
+/// Issue 21 item 3 across processes: the second stage's worker is killed;
+/// the reconciler loads its layers on a spare while the first stage's
+/// worker keeps its shard, its engine and their cache. The same request
+/// again reuses the cached prompt blocks: only the new second stage
+/// recomputes them (from the first stage's boundary rows), and the tokens
+/// are those of before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_second_stage_recomputes_only_its_own_cache() {
+    let coordinator = start_coordinator_with(llmos_coordinator::Config {
+        heartbeat_timeout: Duration::from_secs(1),
+        worker_grace_period: Duration::from_secs(1),
+        reconcile_interval: Duration::from_millis(200),
+        ..test_config()
+    })
+    .await;
+    let mut procs: std::collections::BTreeMap<String, ProcWorker> = ["a", "b"]
+        .iter()
+        .map(|id| (id.to_string(), ProcWorker::start(&coordinator, id)))
+        .collect();
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    admin
+        .deploy_model(api::DeployModelRequest {
+            name: "smol".into(),
+            source: "smollm2".into(),
+            layer_split: vec![15, 15],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 40 prompt ids: two full blocks of 16 to reuse.
+    let prompt: Vec<u32> = (0..40u32).map(|i| 1000 + (i * 389) % 20_000).collect();
+    let want = generated_ids(&mut inference, ids_request("smol", &prompt, 12)).await;
+    let before = model_status(&mut admin, "smol").await.unwrap();
+    let (first, second) = (
+        before.stages[0].worker_id.clone(),
+        before.stages[1].worker_id.clone(),
+    );
+    procs.insert("spare".into(), ProcWorker::start(&coordinator, "spare"));
+    wait_for_workers(&mut admin, 3).await;
+    procs.get_mut(&second).unwrap().kill9();
+    let after = wait_model(
+        &mut admin,
+        "smol",
+        Duration::from_secs(60),
+        "the second stage was not replaced",
+        |m| m.epoch != before.epoch && m.state == "Ready",
+    )
+    .await;
+    assert_eq!(after.stages[0].worker_id, first, "{after:?}");
+    assert_eq!(after.stages[1].worker_id, "spare", "{after:?}");
+    assert_eq!(
+        generated_ids(&mut inference, ids_request("smol", &prompt, 12)).await,
+        want
+    );
+    let s = admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = s
+        .models
+        .into_iter()
+        .find(|m| m.name == "smol")
+        .and_then(|m| m.serving)
+        .expect("the engine's figures");
+    assert_eq!(serving.repaired_tokens, 32, "{serving:?}");
+    assert_eq!(serving.kv_blocks_used, 0, "{serving:?}");
+}

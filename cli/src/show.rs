@@ -95,5 +95,6 @@ pub fn serving_json(s: &api::ServingStatus) -> serde_json::Value {
         "preemptions": s.preemptions,
         "steps": s.steps,
         "generated_tokens": s.generated_tokens,
+        "repaired_tokens": s.repaired_tokens,
     })
 }

@@ -109,6 +109,7 @@ fn serving_status(e: &wk::EngineStats) -> api::ServingStatus {
         preemptions: e.preemptions,
         steps: e.steps,
         generated_tokens: e.generated_tokens,
+        repaired_tokens: e.repaired_tokens,
     }
 }
 

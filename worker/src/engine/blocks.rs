@@ -41,6 +41,9 @@ struct Block {
     /// back to probation): released, it goes to the protected segment, so
     /// an evictable block is in `protected` exactly when this is set.
     hit: bool,
+    /// Its keys and values are on the first stage only: a later stage was
+    /// replaced since they were computed (see `mark_all_stale`).
+    stale: bool,
 }
 
 /// Most of the blocks the protected segment may hold (the share of
@@ -159,8 +162,49 @@ impl BlockManager {
                 b
             }
         };
-        self.blocks[b as usize].refs = 1;
+        let blk = &mut self.blocks[b as usize];
+        blk.refs = 1;
+        // Its positions will be computed anew, on every stage.
+        blk.stale = false;
         Some(b)
+    }
+
+    /// Every block's content is now on the first stage only (the later
+    /// stages were replaced): a sequence that reuses a cached block, or
+    /// runs on, first has the later stages recompute it (`stale_from`).
+    pub fn mark_all_stale(&mut self) {
+        for b in &mut self.blocks {
+            b.stale = true;
+        }
+    }
+
+    /// The first position of a sequence (block table `blocks`, `computed`
+    /// positions cached) the later stages lost: the start of its first
+    /// stale block among those holding computed positions.
+    pub fn stale_from(&self, blocks: &[u32], computed: usize) -> Option<usize> {
+        let n = self.blocks_for(computed).min(blocks.len());
+        blocks[..n]
+            .iter()
+            .position(|&b| self.blocks[b as usize].stale)
+            .map(|i| i * self.block_size)
+    }
+
+    /// How many leading blocks of `blocks` (of a sequence with `computed`
+    /// positions cached) the prefix cache holds: what a resumed request
+    /// will find again.
+    pub fn cached_prefix(&self, blocks: &[u32], computed: usize) -> usize {
+        let full = (computed / self.block_size).min(blocks.len());
+        blocks[..full]
+            .iter()
+            .take_while(|&&b| self.blocks[b as usize].cached.is_some())
+            .count()
+    }
+
+    /// Marks blocks as held by every stage (`fresh`) or by the first only.
+    pub fn set_stale(&mut self, blocks: &[u32], stale: bool) {
+        for &b in blocks {
+            self.blocks[b as usize].stale = stale;
+        }
     }
 
     fn take_ref(&mut self, b: u32) {

@@ -35,7 +35,8 @@ use crate::runtime::{SampleAt, SeqStep, Step, StepInput, StepOutput};
 pub use error::{EngineError, Result};
 use scheduler::Scheduler;
 pub use scheduler::{
-    Finish, Finished, Refusal, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams, StepPlan,
+    Finish, Finished, Refusal, Repair, SchedulerConfig, SchedulerStats, SeqEvent, SeqParams,
+    StepPlan,
 };
 pub use stage::{LocalStage, Pipeline, Stage};
 
@@ -62,12 +63,17 @@ enum Cmd {
     },
     Cancel(u64),
     Stats(oneshot::Sender<EngineStats>),
+    /// The later stages were replaced (see `EngineHandle::repipe`).
+    Repipe(Pipeline),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineStats {
     pub scheduler: SchedulerStats,
     pub generated_tokens: u64,
+    /// Positions the later stages recomputed from the first stage's
+    /// boundary rows after they were replaced.
+    pub repaired_tokens: u64,
 }
 
 /// A handle to a running engine; the engine stops when the last is dropped.
@@ -93,7 +99,11 @@ impl EngineHandle {
             stages: Arc::new(stages),
             clients: HashMap::new(),
             generated: 0,
+            repaired: 0,
             recent_ms: 1000.0,
+            held: None,
+            exclusive: false,
+            pending: None,
         };
         tokio::spawn(engine.run(rx));
         Ok(EngineHandle {
@@ -126,6 +136,20 @@ impl EngineHandle {
         let _ = self.tx.send(Cmd::Cancel(id));
     }
 
+    /// The stages after this worker's were replaced (a lost stage loaded on
+    /// another worker) while this worker kept its shard, its KV cache and
+    /// its boundary rows: the engine goes on over `stages`. Its running
+    /// sequences end as failed (their clients resume them, see
+    /// `coordinator::inference`); what it has cached stays, and a sequence
+    /// that reuses it (a resumed one: its prompt is the old prompt plus
+    /// the tokens it had streamed) has only the later stages recompute
+    /// those positions, from the boundary rows, not the whole model.
+    pub fn repipe(&self, stages: Pipeline) -> Result<()> {
+        self.tx
+            .send(Cmd::Repipe(stages))
+            .map_err(|_| self.stopped())
+    }
+
     pub async fn stats(&self) -> Result<EngineStats> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Cmd::Stats(tx)).map_err(|_| self.stopped())?;
@@ -156,11 +180,25 @@ struct Engine {
     stages: Arc<Pipeline>,
     clients: HashMap<u64, Client>,
     generated: u64,
+    repaired: u64,
     /// Moving average of request durations (ms): the retry hint of a full queue.
     recent_ms: f64,
+    /// A plan that needs repairs, waiting for the steps in flight to end
+    /// (repairs run alone).
+    held: Option<(StepPlan, Vec<Repair>)>,
+    /// A plan with repairs is in flight: nothing else is issued.
+    exclusive: bool,
+    /// Repairs to run as soon as the steps in flight end, before anything
+    /// is scheduled (the cached blocks of the sequences a replacement
+    /// ended, which their resumed requests will reuse).
+    pending: Option<Vec<Repair>>,
 }
 
-type StepResult = (StepPlan, Result<StepOutput>);
+/// How long the repairs that follow a replacement retry while the new
+/// stage is still loading (its shard not there yet, its server not up).
+const REPAIR_WAIT: Duration = Duration::from_secs(10);
+
+type StepResult = (StepPlan, Vec<Repair>, Result<StepOutput>);
 
 impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -169,10 +207,53 @@ impl Engine {
             for (id, f) in self.sched.expire(Instant::now()) {
                 self.finished(id, f);
             }
-            while in_flight.len() < self.sched.config().max_in_flight {
-                let Some(plan) = self.sched.schedule() else {
-                    break;
+            if in_flight.is_empty() && !self.exclusive {
+                if let Some(repairs) = self.pending.take() {
+                    self.exclusive = true;
+                    let stages = self.stages.clone();
+                    let (model, block_size, chunk) = (
+                        self.model.clone(),
+                        self.sched.config().block_size,
+                        self.sched.config().max_batch_tokens,
+                    );
+                    in_flight.spawn(async move {
+                        let until = Instant::now() + REPAIR_WAIT;
+                        let r = loop {
+                            match repair(&stages, &model, &repairs, block_size, chunk).await {
+                                Ok(()) => break Ok(StepOutput::default()),
+                                Err(_) if Instant::now() < until => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                Err(e) => break Err(e),
+                            }
+                        };
+                        (StepPlan::default(), repairs, r)
+                    });
+                }
+            }
+            while in_flight.len() < self.sched.config().max_in_flight
+                && !self.exclusive
+                && self.pending.is_none()
+            {
+                let (plan, repairs) = match self.held.take() {
+                    Some(held) => held,
+                    None => {
+                        let Some(plan) = self.sched.schedule() else {
+                            break;
+                        };
+                        let repairs = self.sched.repairs(&plan);
+                        (plan, repairs)
+                    }
                 };
+                if !repairs.is_empty() {
+                    // Repairs use no link and take no turn: they run
+                    // alone, and the plan's step after them.
+                    if !in_flight.is_empty() {
+                        self.held = Some((plan, repairs));
+                        break;
+                    }
+                    self.exclusive = true;
+                }
                 let now = Instant::now();
                 for p in &plan.seqs {
                     if let Some(c) = self.clients.get_mut(&p.id) {
@@ -183,19 +264,35 @@ impl Engine {
                 let stages = self.stages.clone();
                 // Numbered here, in issue order (the tasks may start in any).
                 let ticket = stages.ticket();
+                let (model, block_size, chunk) = (
+                    self.model.clone(),
+                    self.sched.config().block_size,
+                    self.sched.config().max_batch_tokens,
+                );
                 in_flight.spawn(async move {
-                    let r = stages.run(ticket, req).await;
-                    (plan, r)
+                    let r = match repair(&stages, &model, &repairs, block_size, chunk).await {
+                        Ok(()) => stages.run(ticket, req).await,
+                        Err(e) => Err(e),
+                    };
+                    (plan, repairs, r)
                 });
             }
             let deadline = self.sched.next_deadline();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
+                    Some(Cmd::Repipe(stages)) => {
+                        // Steps in flight on the old stages are abandoned
+                        // (one may wait on a hung stage until its timeout);
+                        // their sequences end here.
+                        in_flight.abort_all();
+                        while in_flight.join_next().await.is_some() {}
+                        self.repipe(stages);
+                    }
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => match done {
-                    Ok((plan, r)) => self.completed(plan, r),
+                    Ok((plan, repairs, r)) => self.completed(plan, repairs, r),
                     Err(e) => tracing::error!(model = %self.model, error = %e, "a step task died"),
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
@@ -207,8 +304,8 @@ impl Engine {
         }
         // Every handle is gone (the shard was unloaded or replaced).
         while let Some(done) = in_flight.join_next().await {
-            if let Ok((plan, r)) = done {
-                self.completed(plan, r);
+            if let Ok((plan, repairs, r)) = done {
+                self.completed(plan, repairs, r);
             }
         }
         for (id, f) in self.sched.drain(Finish::Failed) {
@@ -268,9 +365,26 @@ impl Engine {
                 let _ = tx.send(EngineStats {
                     scheduler: self.sched.stats(),
                     generated_tokens: self.generated,
+                    repaired_tokens: self.repaired,
                 });
             }
+            Cmd::Repipe(stages) => self.repipe(stages),
         }
+    }
+
+    /// Goes on over new later stages (no step in flight: the caller
+    /// abandoned them).
+    fn repipe(&mut self, stages: Pipeline) {
+        self.held = None;
+        self.exclusive = false;
+        self.sched.set_max_in_flight(stages.len());
+        self.stages = Arc::new(stages);
+        let (ended, repairs) = self.sched.stages_replaced();
+        tracing::info!(model = %self.model, stages = self.stages.len(), ended = ended.len(), "later stages replaced: the engine goes on with its cache");
+        for (id, f) in ended {
+            self.finished(id, f);
+        }
+        self.pending = (self.stages.len() > 1 && !repairs.is_empty()).then_some(repairs);
     }
 
     /// A full queue, with the recent request duration as the retry hint.
@@ -334,7 +448,24 @@ impl Engine {
         }
     }
 
-    fn completed(&mut self, plan: StepPlan, r: Result<StepOutput>) {
+    fn completed(&mut self, plan: StepPlan, repairs: Vec<Repair>, r: Result<StepOutput>) {
+        if !repairs.is_empty() {
+            self.exclusive = false;
+            match &r {
+                Err(e) => {
+                    self.sched.repair_failed(&repairs);
+                    if plan.seqs.is_empty() {
+                        tracing::warn!(model = %self.model, error = %e, "the later stages' cache was not recomputed after their replacement: resumed requests will recompute it");
+                        return;
+                    }
+                }
+                Ok(_) => {
+                    let n: usize = repairs.iter().map(|r| r.tokens).sum();
+                    self.repaired += n as u64;
+                    tracing::info!(model = %self.model, sequences = repairs.len(), positions = n, "later stages' cache recomputed from the first stage's boundary rows");
+                }
+            }
+        }
         match r {
             Ok(out) => {
                 let want = plan
@@ -403,6 +534,36 @@ impl Engine {
         };
         let _ = c.events.send(ev);
     }
+}
+
+/// Has the later stages recompute each repair's positions, a sequence at a
+/// time (a later chunk attends to the earlier), at most `chunk` positions
+/// a step.
+async fn repair(
+    stages: &Pipeline,
+    model: &str,
+    repairs: &[Repair],
+    block_size: usize,
+    chunk: usize,
+) -> Result<()> {
+    for r in repairs {
+        let end = r.position + r.tokens;
+        let mut at = r.position;
+        while at < end {
+            let n = (end - at).min(chunk.max(1));
+            let seq = SeqStep {
+                position: at,
+                tokens: n,
+                blocks: r.blocks[..(at + n).div_ceil(block_size)].to_vec(),
+                sample: None,
+                want_logits: false,
+                trace: None,
+            };
+            stages.repair(model, vec![seq], block_size).await?;
+            at += n;
+        }
+    }
+    Ok(())
 }
 
 async fn sleep_until(t: Option<Instant>) {

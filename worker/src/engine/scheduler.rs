@@ -129,6 +129,18 @@ impl Seq {
     }
 }
 
+/// Positions of a planned sequence that the later stages lost (they were
+/// replaced) and must recompute, from the first stage's boundary rows,
+/// before its step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub id: u64,
+    pub position: usize,
+    pub tokens: usize,
+    /// Its block table up to `position + tokens`.
+    pub blocks: Vec<u32>,
+}
+
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
@@ -540,6 +552,74 @@ impl Scheduler {
             }
         }
         events
+    }
+
+    /// The later stages were replaced: sequences that have run end
+    /// (`Failed`; their clients resume them), and every block's content is
+    /// held by the first stage only, to be recomputed by the later stages
+    /// when a sequence reuses it (`repairs`). Waiting sequences stay.
+    /// Returns the ended sequences and, to be run at once (before their
+    /// clients' resumed requests arrive), the repairs of the cached blocks
+    /// those requests will reuse; those blocks count as held by every
+    /// stage from here on (`repair_failed` takes that back).
+    pub fn stages_replaced(&mut self) -> (Vec<(u64, Finished)>, Vec<Repair>) {
+        self.blocks.mark_all_stale();
+        let ids = self.running.clone();
+        let mut repairs = Vec::new();
+        for &id in &ids {
+            let s = &self.seqs[&id];
+            let n = self.blocks.cached_prefix(&s.blocks, s.computed);
+            let blocks = s.blocks[..n].to_vec();
+            if let Some(from) = self.blocks.stale_from(&blocks, n * self.cfg.block_size) {
+                repairs.push(Repair {
+                    id,
+                    position: from,
+                    tokens: n * self.cfg.block_size - from,
+                    blocks: blocks.clone(),
+                });
+            }
+            self.blocks.set_stale(&blocks, false);
+        }
+        let ended = ids
+            .into_iter()
+            .map(|id| (id, self.finish(id, Finish::Failed)))
+            .collect();
+        (ended, repairs)
+    }
+
+    /// What the later stages must recompute before `plan` runs: for each
+    /// planned sequence whose cached positions include blocks they lost,
+    /// from its first such block to the step's position. Those blocks
+    /// count as held by every stage from here on (the repairs and the step
+    /// write them); `repair_failed` takes that back.
+    pub fn repairs(&mut self, plan: &StepPlan) -> Vec<Repair> {
+        let mut out = Vec::new();
+        for p in &plan.seqs {
+            if let Some(from) = self.blocks.stale_from(&p.blocks, p.position) {
+                let held = self.blocks.blocks_for(p.position);
+                out.push(Repair {
+                    id: p.id,
+                    position: from,
+                    tokens: p.position - from,
+                    blocks: p.blocks[..held].to_vec(),
+                });
+            }
+            self.blocks.set_stale(&p.blocks, false);
+        }
+        out
+    }
+
+    /// Repairs that did not complete: their blocks are still lost on the
+    /// later stages (call it before failing their sequences).
+    pub fn repair_failed(&mut self, repairs: &[Repair]) {
+        for r in repairs {
+            self.blocks.set_stale(&r.blocks, true);
+        }
+    }
+
+    /// The pipeline's depth changed: how many steps may be in flight.
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.cfg.max_in_flight = n.max(1);
     }
 
     /// A sequence's tokens so far, as its penalties count them.

@@ -13,9 +13,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tch::Tensor;
 use tokio::sync::watch;
 
 use super::error::{EngineError, Result};
+use crate::kv::slot;
 use crate::runtime::{HostHandle, SeqStep, Step, StepInput, StepOutput};
 
 #[async_trait::async_trait]
@@ -24,6 +26,14 @@ pub trait Stage: Send + Sync {
     fn worker(&self) -> &str;
     /// Runs one step; a stage that does not answer in time is unavailable.
     async fn step(&self, step: Step) -> Result<StepOutput>;
+    /// A first stage's boundary rows: the hidden states it sent on for
+    /// these KV slots (only the engine's own stage keeps and serves them).
+    async fn boundary(&self, model: &str, _slots: Vec<i64>) -> Result<Tensor> {
+        Err(EngineError::Invalid(format!(
+            "the stage on {} serves no boundary rows of model {model:?}",
+            self.worker()
+        )))
+    }
 }
 
 /// This worker's own shard.
@@ -39,6 +49,10 @@ impl Stage for LocalStage {
 
     async fn step(&self, step: Step) -> Result<StepOutput> {
         Ok(self.host.step(step).await?)
+    }
+
+    async fn boundary(&self, model: &str, slots: Vec<i64>) -> Result<Tensor> {
+        Ok(self.host.boundary(model, slots).await?)
     }
 }
 
@@ -133,6 +147,36 @@ impl Pipeline {
             return results.swap_remove(i);
         }
         results.pop().expect("a pipeline has stages")
+    }
+}
+
+impl Pipeline {
+    /// Recomputes the later stages' KV cache for positions the first stage
+    /// holds but they lost (a later stage was replaced): each of `seqs`
+    /// (`position`.. `position + tokens`, its block table) is fed the
+    /// first stage's boundary rows for those positions, relayed through
+    /// stages `1..` with nothing sampled. The first stage does no work.
+    /// Run it with no other step in flight: it uses no pipeline link and
+    /// takes no turn.
+    pub async fn repair(&self, model: &str, seqs: Vec<SeqStep>, block_size: usize) -> Result<()> {
+        if self.stages.len() < 2 || seqs.is_empty() {
+            return Ok(());
+        }
+        let slots: Vec<i64> = seqs
+            .iter()
+            .flat_map(|s| {
+                (s.position..s.position + s.tokens).map(|p| slot(&s.blocks, block_size, p) as i64)
+            })
+            .collect();
+        let hidden = self.stages[0].boundary(model, slots).await?;
+        let step = Step {
+            model: model.to_string(),
+            id: 0,
+            seqs: seqs.iter().map(SeqStep::layout_only).collect(),
+            input: StepInput::Hidden(hidden),
+            to_next: false,
+        };
+        run_relayed(&self.stages[1..], step).await.map(|_| ())
     }
 }
 

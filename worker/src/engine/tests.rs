@@ -282,3 +282,172 @@ async fn ids_outside_the_vocabulary_are_refused_at_admission() {
     // The sequence admitted before runs to its end.
     assert_eq!(collect(ok).await.unwrap().0.len(), 3);
 }
+
+/// A two-stage engine over two hosts of this process (the tiny model's
+/// two layers, one each), relayed.
+async fn stage_host(layers: std::ops::Range<usize>, embed: bool, head: bool) -> HostHandle {
+    let host = HostHandle::spawn();
+    host.load(ShardConfig {
+        layers,
+        embed,
+        head,
+        ..ShardConfig::tiny("m", 512, 4)
+    })
+    .await
+    .unwrap();
+    host
+}
+
+fn two_stages(first: &HostHandle, second: &HostHandle) -> Pipeline {
+    Pipeline::new(
+        vec![
+            Arc::new(LocalStage {
+                host: first.clone(),
+            }),
+            Arc::new(LocalStage {
+                host: second.clone(),
+            }),
+        ],
+        false,
+    )
+}
+
+async fn two_stage_engine(first: &HostHandle, second: &HostHandle) -> EngineHandle {
+    let cfg = SchedulerConfig {
+        max_batch_tokens: 8,
+        max_running: 4,
+        max_waiting: 8,
+        max_in_flight: 2,
+        num_blocks: 512,
+        block_size: 4,
+        prefix_caching: true,
+        max_context: 2048,
+        vocab_size: 512,
+    };
+    EngineHandle::spawn("m".into(), cfg, two_stages(first, second)).unwrap()
+}
+
+/// Issue 21 item 3: the second stage's worker is lost and its layers are
+/// loaded anew elsewhere (an empty cache), while the first stage kept its
+/// cache. Resumed sequences (prompt plus the tokens streamed) reuse the
+/// first stage's cached blocks; only the new stage recomputes them, from
+/// the first stage's boundary rows, and the tokens are the undisturbed
+/// run's. A sequence running at the replacement has its cached blocks
+/// recomputed at once (before its resumed request arrives); one that had
+/// finished, when a request reuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_later_stage_recomputes_only_what_it_lost() {
+    async fn undisturbed(p: &[u32], n: usize, seed: Option<u64>) -> Vec<u32> {
+        let (a, b) = (
+            stage_host(0..1, true, false).await,
+            stage_host(1..2, false, true).await,
+        );
+        let e = two_stage_engine(&a, &b).await;
+        let (_, ev) = e.submit(sub(p, n, seed)).await.unwrap();
+        collect(ev).await.unwrap().0
+    }
+    for seed in [None, Some(43u64)] {
+        let p: Vec<u32> = (0..13u32).map(|j| (j * 31 + 7) % 512).collect();
+        let long = [9u32, 8, 7];
+        let whole = undisturbed(&p, 12, seed).await;
+
+        let first = stage_host(0..1, true, false).await;
+        let e = two_stage_engine(&first, &stage_host(1..2, false, true).await).await;
+        // A sequence that will be running when the stage is replaced.
+        let (_, mut running) = e.submit(sub(&long, 1500, seed)).await.unwrap();
+        let (_, ev) = e.submit(sub(&p, 5, seed)).await.unwrap();
+        assert_eq!(collect(ev).await.unwrap().0, whole[..5]);
+
+        // The second stage replaced by a fresh host: nothing cached there.
+        e.repipe(two_stages(&first, &stage_host(1..2, false, true).await))
+            .unwrap();
+        let mut streamed = Vec::new();
+        let err = loop {
+            match running.recv().await.expect("an event") {
+                Ok(SeqEvent::Token { id, .. }) => streamed.push(id),
+                Ok(SeqEvent::Finished(f)) => panic!("finished before the replacement: {f:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(
+            err.kind(),
+            llmos_meta::failure::FailureKind::StageUnavailable,
+            "a running sequence ends resumable: {err}"
+        );
+        let k = streamed.len();
+        assert!(k >= 4, "{k} tokens before the replacement");
+
+        // The finished one: its 4 cached blocks (13 + 4 positions were
+        // computed) are reused, and recomputed by the new stage then.
+        let mut resumed = sub(&[p.as_slice(), &whole[..5]].concat(), 7, seed);
+        resumed.params.first_index = 5;
+        let (_, ev) = e.submit(resumed).await.unwrap();
+        let (tail, f) = collect(ev).await.unwrap();
+        assert_eq!(tail, whole[5..], "seed {seed:?}");
+        assert_eq!(f.cached_prompt_tokens, 16);
+        let at_replacement = e.stats().await.unwrap().repaired_tokens - 16;
+
+        // The running one: recomputed at the replacement, so its resumed
+        // request reuses blocks every stage holds, and goes on exactly.
+        let mut resumed = sub(&[long.as_slice(), &streamed].concat(), 20, seed);
+        resumed.params.first_index = k as u64;
+        let (_, ev) = e.submit(resumed).await.unwrap();
+        let (tail, f) = collect(ev).await.unwrap();
+        assert_eq!(
+            tail,
+            undisturbed(&long, k + 20, seed).await[k..],
+            "seed {seed:?}"
+        );
+        assert!(f.cached_prompt_tokens > 0);
+        assert_eq!(f.cached_prompt_tokens as u64, at_replacement);
+        let stats = e.stats().await.unwrap();
+        assert_eq!(stats.repaired_tokens, at_replacement + 16);
+        assert_eq!(stats.scheduler.blocks_used, 0);
+
+        // A second reuse finds them held by every stage: nothing repaired.
+        let mut again = sub(&[p.as_slice(), &whole[..5]].concat(), 7, seed);
+        again.params.first_index = 5;
+        let (_, ev) = e.submit(again).await.unwrap();
+        assert_eq!(collect(ev).await.unwrap().0, whole[5..]);
+        assert_eq!(
+            e.stats().await.unwrap().repaired_tokens,
+            at_replacement + 16
+        );
+    }
+}
+
+/// Without the repair the reused blocks would be read from the new
+/// stage's empty cache: the same resumed request, on an engine whose first
+/// stage's cache is not known to be lost elsewhere (a fresh second stage
+/// put in place without telling the engine), gives other tokens. This is
+/// what makes the test above able to fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_blocks_a_new_stage_lacks_without_repair_goes_wrong() {
+    let p: Vec<u32> = (0..13u32).map(|j| (j * 31 + 7) % 512).collect();
+    let (a, b) = (
+        stage_host(0..1, true, false).await,
+        stage_host(1..2, false, true).await,
+    );
+    let undisturbed = two_stage_engine(&a, &b).await;
+    let (_, ev) = undisturbed.submit(sub(&p, 12, None)).await.unwrap();
+    let whole = collect(ev).await.unwrap().0;
+    drop(undisturbed);
+    let e = two_stage_engine(&a, &b).await;
+    let (_, ev) = e.submit(sub(&p, 5, None)).await.unwrap();
+    assert_eq!(collect(ev).await.unwrap().0, whole[..5]);
+    // The second stage's host unloads and reloads its shard behind the
+    // engine's back: its cache is empty, the engine still trusts it.
+    b.unload("m".into()).await.unwrap();
+    b.load(ShardConfig {
+        layers: 1..2,
+        embed: false,
+        head: true,
+        ..ShardConfig::tiny("m", 512, 4)
+    })
+    .await
+    .unwrap();
+    let mut resumed = sub(&[p.as_slice(), &whole[..5]].concat(), 7, None);
+    resumed.params.first_index = 5;
+    let (_, ev) = e.submit(resumed).await.unwrap();
+    assert_ne!(collect(ev).await.unwrap().0, whole[5..]);
+}

@@ -39,6 +39,13 @@ struct Hosted {
     /// The stage's tensor-parallel group (this shard is one rank of it).
     /// Its pipeline links are in the host's `LinkTable`.
     group: Option<Arc<TcpGroup>>,
+    /// A first stage of several (it embeds, the head is elsewhere): the
+    /// hidden states it sent on, one row per KV slot `[slots, hidden]`,
+    /// written with the slot's keys and values. When a later stage is
+    /// replaced, the engine recomputes that stage's cache from these rows
+    /// instead of re-running this stage (`Host::boundary`). Allocated at
+    /// the first step, in float32.
+    boundary: Option<Tensor>,
 }
 
 impl Drop for Hosted {
@@ -90,6 +97,7 @@ impl Host {
                 drop(tx.send(r));
             }
             Command::Step(step, input, tx) => drop(tx.send(self.step(step, input))),
+            Command::Boundary(model, slots, tx) => drop(tx.send(self.boundary(&model, &slots))),
             Command::Stats(tx) => drop(tx.send(self.stats())),
         }
     }
@@ -143,6 +151,7 @@ impl Host {
                 load_seconds: started.elapsed().as_secs_f64(),
                 max_context,
                 vocab_size,
+                kept: true,
             });
         }
         // Replacing a shard: free the old one first.
@@ -254,6 +263,7 @@ impl Host {
                 pool,
                 weight_bytes,
                 group,
+                boundary: None,
             },
         );
         Ok(Loaded {
@@ -261,13 +271,18 @@ impl Host {
             load_seconds: started.elapsed().as_secs_f64(),
             max_context,
             vocab_size,
+            kept: false,
         })
     }
 
     /// Refuses a KV pool the device's available memory cannot hold.
     fn check_fit(&self, model: &Llama, blocks: usize, block_size: usize) -> Result<()> {
         let shape = model.pool_shape(blocks, block_size);
-        let bytes = shape.num_blocks * shape.block_bytes(model.kind());
+        let mut bytes = shape.num_blocks * shape.block_bytes(model.kind());
+        if model.shard().embed && !model.shard().head {
+            // A first stage of several also keeps its boundary rows.
+            bytes += blocks * block_size * model.config().hidden_size * 4;
+        }
         let (_, available) = super::device::memory(self.device);
         if available > 0 && bytes as u64 > available {
             return Err(RuntimeError::LimitExceeded {
@@ -311,6 +326,7 @@ impl Host {
         // The old pool goes first, so both are never held at once.
         h.pool = h.model.new_pool(1, have.block_size)?;
         h.pool = h.model.new_pool(blocks, have.block_size)?;
+        h.boundary = None;
         h.config.kv_blocks = blocks;
         Ok(blocks)
     }
@@ -514,6 +530,22 @@ impl Host {
             // The leader answers for the group.
             return Ok(StepOutput::default());
         }
+        if let (Some(hidden), true) = (&hidden, model.shard().embed) {
+            let slots = Tensor::from_slice(&layout.slots()).to_device(hidden.device());
+            // In float32 whatever the step sent (the fused step sends
+            // float32, a batched bf16 step bf16): both kept exactly.
+            let rows = h.boundary.get_or_insert_with(|| {
+                let shape = h.pool.shape();
+                Tensor::zeros(
+                    [
+                        (shape.num_blocks * shape.block_size) as i64,
+                        hidden.size()[1],
+                    ],
+                    (Kind::Float, hidden.device()),
+                )
+            });
+            let _ = rows.index_copy_(0, &slots, &hidden.to_kind(Kind::Float));
+        }
         if step.to_next {
             let Some(hidden) = &hidden else {
                 return Err(RuntimeError::Invalid(
@@ -562,6 +594,28 @@ impl Host {
         })
     }
 
+    /// The hidden states a first stage sent on for these KV slots (see
+    /// `Hosted::boundary`), `[slots, hidden]`.
+    fn boundary(&self, model: &str, slots: &[i64]) -> Result<Tensor> {
+        let h = self
+            .shards
+            .get(model)
+            .ok_or_else(|| RuntimeError::UnknownModel(model.to_string()))?;
+        let rows = h.boundary.as_ref().ok_or_else(|| {
+            RuntimeError::Invalid(format!(
+                "model {model:?}'s shard here keeps no boundary hidden states (it is not a first stage of several, or ran no step)"
+            ))
+        })?;
+        let n = rows.size()[0];
+        if let Some(bad) = slots.iter().find(|&&s| s < 0 || s >= n) {
+            return Err(RuntimeError::Invalid(format!(
+                "KV slot {bad} is outside model {model:?}'s pool of {n} slots"
+            )));
+        }
+        let idx = Tensor::from_slice(slots).to_device(rows.device());
+        Ok(rows.index_select(0, &idx))
+    }
+
     fn stats(&self) -> HostStats {
         let shards = self
             .shards
@@ -569,7 +623,11 @@ impl Host {
             .map(|h| ShardStats {
                 config: h.config.clone(),
                 weight_bytes: h.weight_bytes,
-                kv_cache_bytes: h.pool.bytes() as u64,
+                kv_cache_bytes: (h.pool.bytes()
+                    + h.boundary
+                        .as_ref()
+                        .map_or(0, |b| b.numel() * b.kind().elt_size_in_bytes()))
+                    as u64,
                 collective_bytes_sent: h.group.as_ref().map_or(0, |g| g.bytes_sent()),
                 link_bytes_sent: self
                     .links

@@ -49,6 +49,8 @@ enum Command {
     /// A step, with its input when it arrived over the pipeline link.
     Step(Step, Option<Tensor>, oneshot::Sender<Result<StepOutput>>),
     Stats(oneshot::Sender<HostStats>),
+    /// A first stage's boundary rows for these KV slots.
+    Boundary(String, Vec<i64>, oneshot::Sender<Result<Tensor>>),
 }
 
 #[derive(Clone)]
@@ -166,6 +168,14 @@ impl HostHandle {
             _ => None,
         };
         self.call(|tx| Command::Step(step, input, tx)).await?
+    }
+
+    /// The hidden states `model`'s first stage sent on for these KV slots,
+    /// `[slots, hidden]`: the input a replaced later stage recomputes its
+    /// cache from.
+    pub async fn boundary(&self, model: &str, slots: Vec<i64>) -> Result<Tensor> {
+        self.call(|tx| Command::Boundary(model.to_string(), slots, tx))
+            .await?
     }
 
     pub async fn stats(&self) -> Result<HostStats> {

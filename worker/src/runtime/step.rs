@@ -92,6 +92,9 @@ pub struct Loaded {
     pub max_context: usize,
     /// The model's vocabulary (what requests' token ids must be below).
     pub vocab_size: usize,
+    /// The shard was already held with this configuration: its weights and
+    /// KV cache (and a first stage's boundary rows) were kept.
+    pub kept: bool,
 }
 
 /// Sample a token from a sequence's last row: with these parameters, as

@@ -454,6 +454,7 @@ pub fn engine_stats(e: &EngineStats) -> pb::EngineStats {
         preemptions: s.preemptions,
         steps: s.steps,
         generated_tokens: e.generated_tokens,
+        repaired_tokens: e.repaired_tokens,
     }
 }
 

@@ -44,6 +44,19 @@ fn without_links(spec: &pb::ShardSpec) -> pb::ShardSpec {
     }
 }
 
+/// What an engine keeps across a change of the stages after its own: the
+/// spec without links, placement epoch and later stages' addresses.
+fn engine_shape(spec: &pb::ShardSpec) -> pb::ShardSpec {
+    let mut s = pb::ShardSpec {
+        epoch: 0,
+        ..without_links(spec)
+    };
+    if let Some(e) = s.engine.as_mut() {
+        e.next_stages.clear();
+    }
+    s
+}
+
 /// A remote stage that does not answer a step within this (when the spec
 /// leaves it at 0) is unavailable. Engine limits left at 0 take the serving
 /// defaults of `llmos_meta::serving`.
@@ -151,18 +164,35 @@ impl WorkerService {
             return Ok(());
         }
         let or = |v: u32, d: u32| if v == 0 { d } else { v } as usize;
-        let timeout = Duration::from_millis(or(e.step_timeout_ms, DEFAULT_STEP_TIMEOUT_MS) as u64);
-        let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(LocalStage {
-            host: self.host.clone(),
-        })];
-        for s in &e.next_stages {
-            stages.push(Arc::new(RemoteStage::new(
-                s.worker_id.clone(),
-                s.address.clone(),
-                timeout,
-                self.tls.clone(),
-            )));
+        let stages = || -> Vec<Arc<dyn Stage>> {
+            let timeout =
+                Duration::from_millis(or(e.step_timeout_ms, DEFAULT_STEP_TIMEOUT_MS) as u64);
+            let mut stages: Vec<Arc<dyn Stage>> = vec![Arc::new(LocalStage {
+                host: self.host.clone(),
+            })];
+            for s in &e.next_stages {
+                stages.push(Arc::new(RemoteStage::new(
+                    s.worker_id.clone(),
+                    s.address.clone(),
+                    timeout,
+                    self.tls.clone(),
+                )));
+            }
+            stages
+        };
+        // Only the later stages changed (one was lost and loaded on another
+        // worker, a new placement epoch) and this shard, its cache and its
+        // boundary rows were kept: the engine goes on over the new stages,
+        // so what it cached is recomputed by them alone when reused.
+        if let Some((held, handle)) = engines.get_mut(&spec.model) {
+            if loaded.kept && engine_shape(held) == engine_shape(spec) {
+                handle.repipe(Pipeline::new(stages(), e.linked))?;
+                tracing::info!(model = %spec.model, epoch = spec.epoch, "engine kept: later stages replaced");
+                *held = spec.clone();
+                return Ok(());
+            }
         }
+        let stages = stages();
         let cfg = SchedulerConfig {
             max_batch_tokens: or(e.max_batch_tokens, DEFAULT_MAX_BATCH_TOKENS),
             max_running: or(e.max_running, DEFAULT_MAX_RUNNING),
