@@ -359,7 +359,7 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
     let state = cluster.read();
     let mut per_model = Vec::new();
     for (name, dep) in &state.models {
-        let mut sum = [0f64; 7];
+        let mut sum = [0f64; 8];
         for r in dep.serving() {
             if let Some(s) = crate::status::engine_stats(cluster, dep, r).await {
                 for (acc, v) in sum.iter_mut().zip([
@@ -370,6 +370,7 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
                     s.preemptions as f64,
                     s.prefix_queried_tokens as f64,
                     s.prefix_hit_tokens as f64,
+                    s.repaired_tokens as f64,
                 ]) {
                     *acc += v;
                 }
@@ -436,6 +437,12 @@ async fn engines(cluster: &Cluster, vllm: bool) -> String {
             "counter",
             "Prompt tokens the prefix cache served.",
             6,
+        ),
+        (
+            "llmos_kv_repaired_tokens_total",
+            "counter",
+            "Cached positions later stages recomputed from the first stage's kept hidden states after they were replaced.",
+            7,
         ),
     ];
     for (name, kind, help, i) in native {

@@ -85,6 +85,8 @@ def test_counters_and_histograms_move_by_what_the_requests_did(cluster, http):
     assert ("vllm:num_requests_waiting", (("model_name", "smollm2"),)) in after
     # 40-token prompts: their full 16-token blocks are looked up.
     assert value(after, "llmos_prefix_cache_queries_total", model="smollm2", pool="") > value(before, "llmos_prefix_cache_queries_total", model="smollm2", pool="")
+    # One stage, nothing replaced: nothing recomputed from kept hidden states.
+    assert value(after, "llmos_kv_repaired_tokens_total", model="smollm2", pool="") == 0
     assert value(after, "llmos_raft_term") >= 1 and value(after, "llmos_raft_is_leader") == 1
     assert value(after, "llmos_requests_in_flight", model="smollm2") == 0
     # One coordinator, elected once; nothing it proposed failed.
