@@ -379,12 +379,12 @@ impl Engine {
         self.exclusive = false;
         self.sched.set_max_in_flight(stages.len());
         self.stages = Arc::new(stages);
-        let (ended, repairs) = self.sched.stages_replaced();
+        let (ended, repairs) = self.sched.stages_replaced(self.stages.len() > 1);
         tracing::info!(model = %self.model, stages = self.stages.len(), ended = ended.len(), "later stages replaced: the engine goes on with its cache");
         for (id, f) in ended {
             self.finished(id, f);
         }
-        self.pending = (self.stages.len() > 1 && !repairs.is_empty()).then_some(repairs);
+        self.pending = (!repairs.is_empty()).then_some(repairs);
     }
 
     /// A full queue, with the recent request duration as the retry hint.

@@ -562,8 +562,12 @@ impl Scheduler {
     /// clients' resumed requests arrive), the repairs of the cached blocks
     /// those requests will reuse; those blocks count as held by every
     /// stage from here on (`repair_failed` takes that back).
-    pub fn stages_replaced(&mut self) -> (Vec<(u64, Finished)>, Vec<Repair>) {
-        self.blocks.mark_all_stale();
+    /// With `later` false (the engine has no later stages: its only stage
+    /// was kept) nothing is lost and no block goes stale.
+    pub fn stages_replaced(&mut self, later: bool) -> (Vec<(u64, Finished)>, Vec<Repair>) {
+        if later {
+            self.blocks.mark_all_stale();
+        }
         let ids = self.running.clone();
         let mut repairs = Vec::new();
         for &id in &ids {

@@ -312,8 +312,8 @@ fn two_stages(first: &HostHandle, second: &HostHandle) -> Pipeline {
     )
 }
 
-async fn two_stage_engine(first: &HostHandle, second: &HostHandle) -> EngineHandle {
-    let cfg = SchedulerConfig {
+fn two_stage_config() -> SchedulerConfig {
+    SchedulerConfig {
         max_batch_tokens: 8,
         max_running: 4,
         max_waiting: 8,
@@ -323,8 +323,11 @@ async fn two_stage_engine(first: &HostHandle, second: &HostHandle) -> EngineHand
         prefix_caching: true,
         max_context: 2048,
         vocab_size: 512,
-    };
-    EngineHandle::spawn("m".into(), cfg, two_stages(first, second)).unwrap()
+    }
+}
+
+async fn two_stage_engine(first: &HostHandle, second: &HostHandle) -> EngineHandle {
+    EngineHandle::spawn("m".into(), two_stage_config(), two_stages(first, second)).unwrap()
 }
 
 /// Issue 21 item 3: the second stage's worker is lost and its layers are
@@ -450,4 +453,35 @@ async fn reusing_blocks_a_new_stage_lacks_without_repair_goes_wrong() {
     resumed.params.first_index = 5;
     let (_, ev) = e.submit(resumed).await.unwrap();
     assert_ne!(collect(ev).await.unwrap().0, whole[5..]);
+}
+
+/// A one-stage engine handed its own stage again (a new placement epoch
+/// that kept the shard): nothing was lost, so its cache is reused as is,
+/// nothing is recomputed, and a resumed request continues exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_single_stage_loses_nothing_at_a_new_epoch() {
+    let p: Vec<u32> = (0..13u32).map(|j| (j * 31 + 7) % 512).collect();
+    let whole = alone(&p, 12, None).await;
+    let host = stage_host(0..2, true, true).await;
+    let one = |host: &HostHandle| {
+        Pipeline::new(
+            vec![Arc::new(LocalStage { host: host.clone() }) as Arc<dyn Stage>],
+            false,
+        )
+    };
+    let cfg = SchedulerConfig {
+        max_in_flight: 1,
+        ..two_stage_config()
+    };
+    let e = EngineHandle::spawn("m".into(), cfg, one(&host)).unwrap();
+    let (_, ev) = e.submit(sub(&p, 5, None)).await.unwrap();
+    assert_eq!(collect(ev).await.unwrap().0, whole[..5]);
+    e.repipe(one(&host)).unwrap();
+    let mut resumed = sub(&[p.as_slice(), &whole[..5]].concat(), 7, None);
+    resumed.params.first_index = 5;
+    let (_, ev) = e.submit(resumed).await.unwrap();
+    let (tail, f) = collect(ev).await.unwrap();
+    assert_eq!(tail, whole[5..]);
+    assert_eq!(f.cached_prompt_tokens, 16);
+    assert_eq!(e.stats().await.unwrap().repaired_tokens, 0);
 }
