@@ -71,6 +71,9 @@ struct Sample {
     tokens: usize,
     prompt_tokens: u32,
     cached_tokens: u32,
+    /// When each streamed message arrived (relative to the run's start)
+    /// and the tokens it carried.
+    stamps: Vec<(f64, usize)>,
 }
 
 async fn one(
@@ -86,10 +89,11 @@ async fn one(
         .await
         .expect("generate")
         .into_inner();
-    let (mut first, mut tokens, mut usage) = (None, 0, None);
+    let (mut first, mut tokens, mut usage, mut stamps) = (None, 0, None, Vec::new());
     while let Some(m) = s.message().await.expect("stream") {
         first.get_or_insert_with(Instant::now);
         tokens += m.tokens.len();
+        stamps.push((t0.elapsed().as_secs_f64(), m.tokens.len()));
         if m.usage.is_some() {
             usage = m.usage;
         }
@@ -102,23 +106,52 @@ async fn one(
         tokens,
         prompt_tokens: u.prompt_tokens,
         cached_tokens: u.cached_prompt_tokens,
+        stamps,
+    }
+}
+
+/// What a closed loop measured.
+struct Run {
+    samples: Vec<Sample>,
+    /// Seconds from the start to the last request's end.
+    wall: f64,
+    /// Seconds from the start until a client first found no request left:
+    /// until then every client had one outstanding (the load was constant).
+    busy: f64,
+}
+
+impl Run {
+    /// Tokens/s streamed while every client had a request outstanding (the
+    /// tail, where clients run out of work and replicas idle one by one,
+    /// left out).
+    fn busy_rate(&self) -> f64 {
+        let tokens: usize = self
+            .samples
+            .iter()
+            .flat_map(|s| &s.stamps)
+            .filter(|(t, _)| *t <= self.busy)
+            .map(|(_, n)| n)
+            .sum();
+        tokens as f64 / self.busy
     }
 }
 
 /// `clients` clients send the requests in order, each its next as soon
-/// as its last ended; returns the samples and the wall time.
+/// as its last ended.
 async fn closed_loop(
     ch: &Channel,
     model: &str,
     requests: Vec<(Vec<u32>, u32)>,
     clients: usize,
-) -> (Vec<Sample>, f64) {
+) -> Run {
     let queue = Arc::new(Mutex::new(requests.into_iter()));
     let t0 = Instant::now();
+    let busy = Arc::new(Mutex::new(None::<f64>));
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (queue, c, model) = (
+        let (queue, busy, c, model) = (
             queue.clone(),
+            busy.clone(),
             InferenceClient::new(ch.clone()),
             model.to_string(),
         );
@@ -126,6 +159,9 @@ async fn closed_loop(
             let mut out = Vec::new();
             loop {
                 let Some((p, n)) = queue.lock().unwrap().next() else {
+                    busy.lock()
+                        .unwrap()
+                        .get_or_insert(t0.elapsed().as_secs_f64());
                     return out;
                 };
                 out.push(one(c.clone(), &model, p, n, t0).await);
@@ -136,7 +172,13 @@ async fn closed_loop(
     for t in tasks {
         samples.extend(t.await.unwrap());
     }
-    (samples, t0.elapsed().as_secs_f64())
+    let wall = t0.elapsed().as_secs_f64();
+    let busy = busy.lock().unwrap().unwrap_or(wall);
+    Run {
+        samples,
+        wall,
+        busy,
+    }
 }
 
 async fn status(admin: &mut AdminClient<Channel>, model: &str) -> api::ModelStatus {
@@ -198,15 +240,20 @@ fn own_cpu_s() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Phase 1: tokens/s at saturation, and the cores this process (the
-/// coordinator and the clients) took meanwhile.
-async fn saturation(ch: &Channel, seed: u64, n: usize) -> (f64, f64) {
+/// Phase 1: one closed loop of `n` requests from `clients` clients:
+/// tokens/s while every client was busy, tokens/s over the whole run, and
+/// the cores this process (the coordinator and the clients) took.
+async fn saturation(ch: &Channel, seed: u64, n: usize, clients: usize) -> (f64, f64, f64) {
     let mut ids = Ids(seed);
     let requests = (0..n).map(|_| (ids.take(32), 32)).collect();
     let cpu = own_cpu_s();
-    let (samples, wall) = closed_loop(ch, "smol", requests, 32).await;
-    let tokens = samples.iter().map(|s| s.tokens).sum::<usize>() as f64;
-    (tokens / wall, (own_cpu_s() - cpu) / wall)
+    let run = closed_loop(ch, "smol", requests, clients).await;
+    let tokens = run.samples.iter().map(|s| s.tokens).sum::<usize>() as f64;
+    (
+        run.busy_rate(),
+        tokens / run.wall,
+        (own_cpu_s() - cpu) / run.wall,
+    )
 }
 
 /// Phase 2: one routing policy over the shared-prefix workload.
@@ -229,7 +276,7 @@ async fn prefix_workload(
             (p, 8)
         })
         .collect();
-    let (samples, _) = closed_loop(ch, model, requests, 8).await;
+    let samples = closed_loop(ch, model, requests, 8).await.samples;
     let prompt: u32 = samples.iter().map(|s| s.prompt_tokens).sum();
     let cached: u32 = samples.iter().map(|s| s.cached_tokens).sum();
     let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
@@ -362,20 +409,48 @@ async fn main() {
     }
 }
 
-/// Phase 1: saturation with 1 replica, then 2.
+/// The engine's default `max_running` (sequences a replica runs at once).
+const MAX_RUNNING: usize = llmos_meta::serving::DEFAULT_MAX_RUNNING as usize;
+
+/// Phase 1: saturation with 1 replica, then 2, at each client count of
+/// `LLMOS_BENCH_CLIENTS` (default 32 and 128: with 128 both replicas run
+/// their 64 sequences and 1 replica has as many waiting).
 async fn saturation_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
-    saturation(ch, 7, 16).await; // warm-up (first batches, allocator)
-    let (one_replica, cpu1) = saturation(ch, 11, 128).await;
-    scale(admin, "smol", 2, true).await;
-    saturation(ch, 13, 16).await; // the new replica's warm-up
-    let (two_replicas, cpu2) = saturation(ch, 17, 128).await;
-    println!("saturation, 128 requests x 32 tokens, 32 clients:");
-    println!("  1 replica on 1 worker : {one_replica:.1} tokens/s (coordinator + clients used {cpu1:.2} cores)");
-    println!("  2 replicas on 2 workers: {two_replicas:.1} tokens/s (coordinator + clients used {cpu2:.2} cores)");
-    println!(
-        "  ratio 2 replicas / 1: {:.2}x (target >= 1.8x)",
-        two_replicas / one_replica
-    );
+    let loads: Vec<usize> = std::env::var("LLMOS_BENCH_CLIENTS")
+        .unwrap_or("32,128".into())
+        .split(',')
+        .map(|v| v.parse().expect("LLMOS_BENCH_CLIENTS: client counts"))
+        .collect();
+    let mut figures = Vec::new();
+    for replicas in [1u32, 2] {
+        scale(admin, "smol", replicas, true).await;
+        saturation(ch, 7, 32, 32).await; // warm-up (first batches, allocator)
+        for &clients in &loads {
+            figures.push(saturation(ch, 11 + clients as u64, 3 * clients, clients).await);
+        }
+    }
+    for (i, &clients) in loads.iter().enumerate() {
+        let (one, two) = (figures[i], figures[loads.len() + i]);
+        println!(
+            "saturation, {clients} clients in a closed loop, {} requests x 32 tokens:",
+            3 * clients
+        );
+        println!("  1 replica on 1 worker : {:.1} tokens/s while every client was busy, {:.1} over the whole run (coordinator + clients used {:.2} cores)", one.0, one.1, one.2);
+        println!("  2 replicas on 2 workers: {:.1} tokens/s while every client was busy, {:.1} over the whole run (coordinator + clients used {:.2} cores)", two.0, two.1, two.2);
+        // Saturated: each of the two replicas has as many requests as it
+        // runs at once (the engine's max_running), more waiting at one.
+        let saturated = clients >= 2 * MAX_RUNNING;
+        println!(
+            "  ratio 2 replicas / 1: {:.2}x while busy{}, {:.2}x over the whole run",
+            two.0 / one.0,
+            if saturated {
+                " (both saturated: target >= 1.8x)"
+            } else {
+                " (2 replicas not saturated: below 2 x max_running clients)"
+            },
+            two.1 / one.1
+        );
+    }
     let (prefill, decode) = hardware_ceiling();
     println!(
         "  this machine's ceiling, 2 pinned llmos-worker bench processes against 1: prefill {prefill:.2}x, decode {decode:.2}x (shared memory bandwidth)"

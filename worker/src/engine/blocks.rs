@@ -220,6 +220,32 @@ impl BlockManager {
         blk.refs += 1;
     }
 
+    /// The hashes of the full blocks a prompt of `tokens` could share (the
+    /// block of its last token excluded, as in [`Self::allocate_prompt`]);
+    /// empty without prefix caching.
+    pub fn prompt_chain(&self, tokens: &[u32]) -> Vec<u64> {
+        if !self.prefix_caching || tokens.is_empty() {
+            return Vec::new();
+        }
+        let mut parent = 0u64;
+        tokens[..tokens.len() - 1]
+            .chunks_exact(self.block_size)
+            .map(|chunk| {
+                parent = block_hash(parent, chunk);
+                parent
+            })
+            .collect()
+    }
+
+    /// How many leading blocks of `chain` (from [`Self::prompt_chain`]) are
+    /// cached now.
+    pub fn cached_run(&self, chain: &[u64]) -> usize {
+        chain
+            .iter()
+            .take_while(|h| self.by_hash.contains_key(h))
+            .count()
+    }
+
     /// Blocks for a prompt of `tokens` that will then grow to `positions`
     /// positions: the longest cached prefix of full blocks (never the block
     /// of the last token, which must be computed), then fresh blocks. `None`

@@ -10,7 +10,10 @@
 //! 2. waiting sequences in priority order (then arrival), admitted while the
 //!    batch has room and their prompt's blocks can be had (after the prefix
 //!    cache's hits); a waiting sequence of higher priority than a running one
-//!    may preempt it.
+//!    may preempt it. A waiting prompt whose next uncached block a running
+//!    sequence with the same prefix is still computing waits for it (and
+//!    then shares it) instead of computing it a second time; the prompts
+//!    behind it are not held up.
 //!
 //! [`Scheduler::complete`] applies a step's sampled tokens and reports what
 //! finished. Every path that ends a sequence releases its blocks.
@@ -121,6 +124,10 @@ struct Seq {
     cancelled: bool,
     preemptions: u32,
     cached_prompt_tokens: usize,
+    /// The hashes of its prompt's shareable full blocks as admitted
+    /// (`BlockManager::prompt_chain`): what a waiting prompt compares with
+    /// to wait for a block this sequence is computing.
+    chain: Vec<u64>,
 }
 
 impl Seq {
@@ -313,6 +320,7 @@ impl Scheduler {
             cancelled: false,
             preemptions: 0,
             cached_prompt_tokens: 0,
+            chain: Vec::new(),
         };
         self.waiting.insert(seq.queue_key(id));
         self.seqs.insert(id, seq);
@@ -398,6 +406,22 @@ impl Scheduler {
             .map(|(id, _)| *id)
     }
 
+    /// Whether the first block of `chain` that is not cached is one a
+    /// running sequence with the same prefix has yet to compute (it is in
+    /// its prompt past what it computed): a prompt admitted now would
+    /// compute it again beside it.
+    fn prefix_in_progress(&self, chain: &[u64]) -> bool {
+        let next = self.blocks.cached_run(chain);
+        let Some(&h) = chain.get(next) else {
+            return false;
+        };
+        let bs = self.cfg.block_size;
+        self.running.iter().any(|r| {
+            let s = &self.seqs[r];
+            s.chain.get(next) == Some(&h) && s.computed < (next + 1) * bs
+        })
+    }
+
     /// Forms the next step, or `None` when nothing can run now.
     pub fn schedule(&mut self) -> Option<StepPlan> {
         let mut budget = self.cfg.max_batch_tokens;
@@ -449,10 +473,24 @@ impl Scheduler {
             plan.push((id, n));
             budget -= n;
         }
+        // Waiting prompts left for a later step: the next block they would
+        // compute is being computed by a running sequence with the same
+        // prefix (they share it once it is cached, instead of computing it
+        // twice).
+        let mut deferred: Vec<u64> = Vec::new();
         while plan.len() < max_seqs && budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(&(_, _, id)) = self.waiting.first() else {
+            let Some(&(_, _, id)) = self
+                .waiting
+                .iter()
+                .find(|(_, _, id)| !deferred.contains(id))
+            else {
                 break;
             };
+            let chain = self.blocks.prompt_chain(&self.seqs[&id].tokens);
+            if self.prefix_in_progress(&chain) {
+                deferred.push(id);
+                continue;
+            }
             let got = {
                 let s = &self.seqs[&id];
                 let positions = s.tokens.len();
@@ -477,6 +515,7 @@ impl Scheduler {
                 s.cached_prompt_tokens = got.cached_tokens;
             }
             s.blocks = got.blocks;
+            s.chain = chain;
             self.running.push(id);
             let n = (s.tokens.len() - s.computed).min(budget);
             budget -= n;
@@ -661,217 +700,5 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn choice(id: u32) -> Choice {
-        Choice {
-            id,
-            logprob: -0.1,
-            top: vec![],
-        }
-    }
-
-    fn cfg(num_blocks: usize, max_running: usize, budget: usize) -> SchedulerConfig {
-        SchedulerConfig {
-            max_batch_tokens: budget,
-            max_running,
-            max_waiting: 4,
-            max_in_flight: 1,
-            num_blocks,
-            block_size: 4,
-            prefix_caching: true,
-            max_context: 1024,
-            vocab_size: 1024,
-        }
-    }
-
-    fn params(prompt: &[u32], max_new: usize, priority: i32) -> SeqParams {
-        SeqParams {
-            prompt: prompt.to_vec(),
-            max_new_tokens: max_new,
-            stop_ids: vec![0],
-            priority,
-            deadline: None,
-            first_index: 0,
-        }
-    }
-
-    /// Runs the plan with a fake model that always samples `tok`.
-    fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(u64, SeqEvent)>) {
-        let plan = s.schedule().expect("something to run");
-        let n = plan
-            .seqs
-            .iter()
-            .filter(|p| p.sample_index.is_some())
-            .count();
-        let ev = s.complete(&plan, vec![choice(tok); n]);
-        (plan, ev)
-    }
-
-    #[test]
-    fn new_requests_join_and_finished_ones_leave_at_step_boundaries() {
-        let mut s = Scheduler::new(cfg(32, 8, 64));
-        s.submit(1, params(&[1, 2, 3], 3, 0)).unwrap();
-        let (plan, ev) = step(&mut s, 7);
-        assert_eq!(plan.seqs[0].tokens, vec![1, 2, 3]);
-        assert_eq!(ev.len(), 1);
-        s.submit(2, params(&[4, 5], 1, 0)).unwrap();
-        let (plan, ev) = step(&mut s, 7);
-        // 1 decodes its sampled token while 2's prompt joins the batch.
-        assert_eq!(plan.seqs.len(), 2);
-        assert_eq!(
-            (plan.seqs[0].position, plan.seqs[0].tokens.clone()),
-            (3, vec![7])
-        );
-        assert_eq!(plan.seqs[1].tokens, vec![4, 5]);
-        assert!(ev
-            .iter()
-            .any(|(id, e)| *id == 2
-                && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Length))));
-        let (plan, ev) = step(&mut s, 0);
-        assert_eq!(plan.seqs.len(), 1, "2 left the batch");
-        assert!(
-            matches!(ev[1].1, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Eos))
-        );
-        assert!(s.is_idle());
-        assert_eq!(s.stats().blocks_used, 0);
-    }
-
-    #[test]
-    fn long_prompts_are_chunked_beside_decoding() {
-        let mut s = Scheduler::new(cfg(32, 8, 8));
-        s.submit(1, params(&[1, 2], 10, 0)).unwrap();
-        step(&mut s, 5);
-        s.submit(2, params(&(10..30).collect::<Vec<_>>(), 1, 0))
-            .unwrap();
-        let mut chunks = Vec::new();
-        for _ in 0..3 {
-            let (plan, _) = step(&mut s, 5);
-            assert_eq!(plan.seqs[0].tokens.len(), 1, "1 keeps decoding");
-            assert!(plan.tokens() <= 8);
-            chunks.push(plan.seqs[1].tokens.len());
-        }
-        assert_eq!(chunks, vec![7, 7, 6]);
-    }
-
-    #[test]
-    fn blocks_running_out_preempts_the_lowest_priority_and_it_resumes() {
-        // 4 blocks of 4: two prompts of 8 positions fill the cache.
-        let mut s = Scheduler::new(cfg(4, 8, 64));
-        s.submit(1, params(&[1, 2, 3, 4, 5, 6, 7, 8], 6, 1))
-            .unwrap();
-        s.submit(2, params(&[9, 10, 11, 12, 13, 14, 15, 16], 6, 0))
-            .unwrap();
-        step(&mut s, 3);
-        assert_eq!(s.stats().blocks_used, 4);
-        // Both need a third block now: 2 (lower priority) is preempted.
-        let (plan, _) = step(&mut s, 3);
-        assert_eq!(plan.seqs.iter().map(|p| p.id).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(s.stats().preemptions, 1);
-        assert_eq!(s.stats().waiting, 1);
-        // 1 runs to the end; 2 is recomputed from prompt + its sampled token.
-        let mut resumed = None;
-        while !s.is_idle() {
-            let (plan, _) = step(&mut s, 3);
-            if let Some(p) = plan.seqs.iter().find(|p| p.id == 2) {
-                resumed.get_or_insert(p.clone());
-            }
-        }
-        let p = resumed.expect("2 was recomputed");
-        assert_eq!(p.position, 0);
-        assert_eq!(p.tokens, [9, 10, 11, 12, 13, 14, 15, 16, 3]);
-        assert_eq!(
-            p.sample_index,
-            Some(1),
-            "it continues with its second token"
-        );
-        assert_eq!(s.stats().blocks_used, 0);
-    }
-
-    #[test]
-    fn priority_orders_the_queue_and_a_full_queue_refuses() {
-        let mut c = cfg(64, 1, 64);
-        c.max_waiting = 2;
-        let mut s = Scheduler::new(c);
-        s.submit(1, params(&[1], 5, 0)).unwrap();
-        step(&mut s, 9); // 1 runs; the batch holds one sequence
-        s.submit(2, params(&[2], 1, 0)).unwrap();
-        s.submit(3, params(&[3], 1, 5)).unwrap();
-        let e = s.submit(4, params(&[4], 1, 0)).unwrap_err();
-        assert_eq!(
-            e,
-            Refusal::QueueFull {
-                waiting: 2,
-                limit: 2
-            }
-        );
-        // A higher priority displaces the lowest waiting request.
-        let (id, f) = s.submit(5, params(&[5], 1, 9)).unwrap().unwrap();
-        assert_eq!((id, f.reason), (2, Finish::Displaced));
-        // 1 finishes; then 5 (priority 9) before 3 (priority 5).
-        let mut order = Vec::new();
-        while !s.is_idle() {
-            let (plan, _) = step(&mut s, 9);
-            for p in plan.seqs {
-                if !order.contains(&p.id) {
-                    order.push(p.id);
-                }
-            }
-        }
-        assert_eq!(order, vec![1, 5, 3]);
-    }
-
-    #[test]
-    fn cancel_and_deadline_free_everything() {
-        let mut s = Scheduler::new(cfg(16, 8, 64));
-        let now = Instant::now();
-        s.submit(1, params(&[1, 2, 3, 4, 5], 50, 0)).unwrap();
-        let mut p = params(&[6, 7], 50, 0);
-        p.deadline = Some(now + std::time::Duration::from_millis(10));
-        s.submit(2, p).unwrap();
-        s.submit(3, params(&[8], 50, 0)).unwrap();
-        let plan = s.schedule().unwrap();
-        // Cancelled while in a step: ends when the step completes.
-        assert_eq!(s.cancel(1), None);
-        let ev = s.complete(&plan, vec![choice(4); 3]);
-        assert!(ev.iter().any(|(id, e)| *id == 1
-            && matches!(e, SeqEvent::Finished(f) if f.reason == Finish::Done(FinishReason::Cancelled))));
-        let expired = s.expire(now + std::time::Duration::from_millis(20));
-        assert_eq!(expired.len(), 1);
-        assert_eq!(expired[0].1.reason, Finish::DeadlineExceeded);
-        assert_eq!(
-            s.cancel(3).unwrap().reason,
-            Finish::Done(FinishReason::Cancelled)
-        );
-        assert!(s.is_idle());
-        assert_eq!(s.stats().blocks_used, 0);
-    }
-
-    #[test]
-    fn a_repeated_prompt_starts_from_cached_blocks() {
-        let mut s = Scheduler::new(cfg(16, 8, 64));
-        let prompt: Vec<u32> = (1..=10).collect();
-        s.submit(1, params(&prompt, 1, 0)).unwrap();
-        step(&mut s, 9);
-        s.submit(2, params(&prompt, 1, 0)).unwrap();
-        let (plan, ev) = step(&mut s, 9);
-        assert_eq!(plan.seqs[0].position, 8, "two full blocks reused");
-        assert_eq!(plan.seqs[0].tokens, vec![9, 10]);
-        assert!(matches!(ev[1].1, SeqEvent::Finished(f) if f.cached_prompt_tokens == 8));
-        assert_eq!(s.stats().prefix.hit_tokens, 8);
-    }
-
-    #[test]
-    fn a_prompt_larger_than_the_cache_is_refused() {
-        let mut s = Scheduler::new(cfg(2, 8, 64));
-        let e = s.submit(1, params(&[1; 8], 4, 0)).unwrap_err();
-        assert_eq!(
-            e,
-            Refusal::TooLong {
-                blocks: 3,
-                limit: 2
-            }
-        );
-    }
-}
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -181,6 +181,33 @@ async fn a_prefix_cache_hit_gives_the_tokens_of_a_miss() {
     assert_eq!(s.blocks_used, 0);
 }
 
+/// Two prompts with the same system prompt queued behind a long prompt
+/// are admitted in the same step, where its last chunk leaves room for
+/// both: the second waits for the first to compute the shared blocks and
+/// starts from them (admitted beside it, it would compute them again), and
+/// each gives the tokens it gives alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_sharing_a_prefix_that_arrive_together_compute_it_once() {
+    let e = engine(512, 8, 64, 8).await;
+    let long: Vec<u32> = (0..64 * 24 + 1).map(|j| (j * 7 + 1) % 512).collect();
+    let system: Vec<u32> = (0..21).map(|j| (j * 17 + 3) % 512).collect();
+    let a = [&system[..], &[7, 8, 9]].concat();
+    let b = [&system[..], &[100, 3]].concat();
+    let (_, el) = e.submit(sub(&long, 1, None)).await.unwrap();
+    let (_, ea) = e.submit(sub(&a, 8, None)).await.unwrap();
+    let (_, eb) = e.submit(sub(&b, 8, None)).await.unwrap();
+    let (ta, fa) = collect(ea).await.unwrap();
+    let (tb, fb) = collect(eb).await.unwrap();
+    let (_, fl) = collect(el).await.unwrap();
+    assert!(fl.generated == 1, "the long prompt ran: {fl:?}");
+    assert_eq!(fa.cached_prompt_tokens, 0);
+    assert_eq!(fb.cached_prompt_tokens, 20, "five full blocks of 4 shared");
+    assert_eq!(ta, alone(&a, 8, None).await);
+    assert_eq!(tb, alone(&b, 8, None).await);
+    let s = e.stats().await.unwrap().scheduler;
+    assert_eq!((s.prefix.hit_tokens, s.blocks_used), (20, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_and_deadlines_return_every_block() {
     let e = engine(2048, 8, 512, 8).await;
