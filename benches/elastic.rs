@@ -74,6 +74,8 @@ struct Sample {
     /// When each streamed message arrived (relative to the run's start)
     /// and the tokens it carried.
     stamps: Vec<(f64, usize)>,
+    /// The generated token ids.
+    ids: Vec<u32>,
 }
 
 async fn one(
@@ -90,9 +92,11 @@ async fn one(
         .expect("generate")
         .into_inner();
     let (mut first, mut tokens, mut usage, mut stamps) = (None, 0, None, Vec::new());
+    let mut ids = Vec::new();
     while let Some(m) = s.message().await.expect("stream") {
         first.get_or_insert_with(Instant::now);
         tokens += m.tokens.len();
+        ids.extend(m.tokens.iter().map(|t| t.id));
         stamps.push((t0.elapsed().as_secs_f64(), m.tokens.len()));
         if m.usage.is_some() {
             usage = m.usage;
@@ -107,6 +111,7 @@ async fn one(
         prompt_tokens: u.prompt_tokens,
         cached_tokens: u.cached_prompt_tokens,
         stamps,
+        ids,
     }
 }
 
@@ -256,27 +261,56 @@ async fn saturation(ch: &Channel, seed: u64, n: usize, clients: usize) -> (f64, 
     )
 }
 
-/// Phase 2: one routing policy over the shared-prefix workload.
-async fn prefix_workload(
-    ch: &Channel,
-    model: &str,
-    groups: usize,
-    requests: usize,
-    seed: u64,
-) -> (f64, f64, f64) {
-    let mut ids = Ids(seed);
-    let groups: Vec<Vec<u32>> = (0..groups).map(|_| ids.take(128)).collect();
-    // Groups interleaved as chat turns arrive: a seeded order.
-    let mut order = Ids(seed ^ 0x5eed);
-    let requests = (0..requests)
-        .map(|_| {
-            let g = (order.take(1)[0] as usize) % groups.len();
-            let mut p = groups[g].clone();
-            p.extend(ids.take(16));
-            (p, 8)
-        })
-        .collect();
-    let samples = closed_loop(ch, model, requests, 8).await.samples;
+/// Phase 2's workloads.
+#[derive(Clone, Copy)]
+enum Workload {
+    /// `groups` system prompts of 128 tokens, each request one of them (in
+    /// a seeded order) plus 16 tokens of its own, 8 generated; 8 clients.
+    Shared { groups: usize, requests: usize },
+    /// `convs` conversations of `turns` turns after one 32-token system
+    /// prompt: each turn sends the whole history (the system prompt, every
+    /// earlier 32-token user message and the model's 16-token answer to
+    /// it) plus a new user message. 8 clients, each holding `convs / 8`
+    /// conversations and sending their turns in rotation (one
+    /// conversation's next turn after the others' current ones).
+    Chats { convs: usize, turns: usize },
+}
+
+impl Workload {
+    fn describe(&self) -> String {
+        match *self {
+            Workload::Shared { groups, requests } => format!(
+                "shared prefixes ({groups} groups x 128-token prefix + 16 own tokens, 8 out, {requests} requests)"
+            ),
+            Workload::Chats { convs, turns } => format!(
+                "multi-turn chats ({convs} conversations x {turns} turns of 32 user + 16 answer tokens after a 32-token system prompt, {} requests)",
+                convs * turns
+            ),
+        }
+    }
+}
+
+/// Phase 2: one routing policy over a workload: prefix-cache hit rate
+/// (cached prompt tokens / prompt tokens), TTFT p50 and p99.
+async fn prefix_workload(ch: &Channel, model: &str, w: Workload, seed: u64) -> (f64, f64, f64) {
+    let samples = match w {
+        Workload::Shared { groups, requests } => {
+            let mut ids = Ids(seed);
+            let groups: Vec<Vec<u32>> = (0..groups).map(|_| ids.take(128)).collect();
+            // Groups interleaved as requests arrive: a seeded order.
+            let mut order = Ids(seed ^ 0x5eed);
+            let requests = (0..requests)
+                .map(|_| {
+                    let g = (order.take(1)[0] as usize) % groups.len();
+                    let mut p = groups[g].clone();
+                    p.extend(ids.take(16));
+                    (p, 8)
+                })
+                .collect();
+            closed_loop(ch, model, requests, 8).await.samples
+        }
+        Workload::Chats { convs, turns } => chats(ch, model, convs, turns, seed).await,
+    };
     let prompt: u32 = samples.iter().map(|s| s.prompt_tokens).sum();
     let cached: u32 = samples.iter().map(|s| s.cached_tokens).sum();
     let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
@@ -285,6 +319,42 @@ async fn prefix_workload(
         pct(ttft.clone(), 0.5),
         pct(ttft, 0.99),
     )
+}
+
+/// The multi-turn chat workload (see `Workload::Chats`).
+async fn chats(ch: &Channel, model: &str, convs: usize, turns: usize, seed: u64) -> Vec<Sample> {
+    const CLIENTS: usize = 8;
+    let system = Ids(seed).take(32);
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (c, model, system) = (
+                InferenceClient::new(ch.clone()),
+                model.to_string(),
+                system.clone(),
+            );
+            tokio::spawn(async move {
+                let mine: Vec<usize> = (client..convs).step_by(CLIENTS).collect();
+                let mut users = Ids(seed ^ (client as u64 + 1) * 0x9e37);
+                let mut history: Vec<Vec<u32>> = mine.iter().map(|_| system.clone()).collect();
+                let mut out = Vec::new();
+                for _ in 0..turns {
+                    for h in history.iter_mut() {
+                        h.extend(users.take(32));
+                        let sample = one(c.clone(), &model, h.clone(), 16, t0).await;
+                        h.extend(&sample.ids);
+                        out.push(sample);
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.unwrap());
+    }
+    samples
 }
 
 /// Phase 3's load: 2 clients until stopped; every sample kept.
@@ -457,11 +527,30 @@ async fn saturation_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
     );
 }
 
-/// Phase 2: prefix-aware routing against round-robin.
+/// Phase 2: prefix-aware routing against round-robin, 2 replicas, each
+/// workload at two cache sizes.
 async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
-    // 2 replicas, at two cache sizes (about half, and about two thirds, of
-    // the groups' prefixes beside the running sequences).
-    for (groups, requests, kv, seeds) in [(16, 128, 80, [101, 202]), (16, 128, 96, [303, 404])] {
+    let shared = Workload::Shared {
+        groups: 16,
+        requests: 128,
+    };
+    let chats = Workload::Chats {
+        convs: 16,
+        turns: 6,
+    };
+    // Shared prefixes: about half, and about two thirds, of the groups'
+    // 128 prefix blocks fit a replica beside the running sequences.
+    // Chats: 16 conversations end at 20 blocks each (320 in all); at 192
+    // blocks a replica holds its half of them with room to spare but not
+    // all, at 384 all of them (no pressure: what is left is where the next
+    // turn goes).
+    let runs = [
+        (shared, 80, [101, 202]),
+        (shared, 96, [303, 404]),
+        (chats, 192, [505, 606]),
+        (chats, 384, [707, 808]),
+    ];
+    for (workload, kv, seeds) in runs {
         deploy(admin, "chat", 2, kv).await;
         let mut results = Vec::new();
         for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
@@ -484,7 +573,7 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
                 r
             };
             let before = routed(status(admin, "chat").await);
-            let figures = prefix_workload(ch, "chat", groups, requests, seed).await;
+            let figures = prefix_workload(ch, "chat", workload, seed).await;
             let after = routed(status(admin, "chat").await);
             let split: Vec<(u64, u64)> = after
                 .iter()
@@ -493,7 +582,10 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
                 .collect();
             results.push((policy, figures, split));
         }
-        println!("shared prefixes ({groups} groups x 128-token prefix + 16 own tokens, 8 out), 2 replicas with {kv} KV blocks each, 8 clients, {requests} requests:");
+        println!(
+            "{}, 2 replicas with {kv} KV blocks each, 8 clients:",
+            workload.describe()
+        );
         for (policy, (hit, p50, p99), split) in &results {
             println!(
                 "  {policy:<11}: prefix-cache hit rate {:.1}%  TTFT p50 {:.0} ms  p99 {:.0} ms  (requests per replica, of them for a prefix routed there before: {split:?})",

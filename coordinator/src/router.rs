@@ -17,9 +17,13 @@
 //! loaded replica's plus `SLACK` sequences ("much busier"); then, and when
 //! no replica holds any of the prefix, the least loaded (ties: more free
 //! KV blocks, then fewer requests routed so far). When several replicas
-//! hold the longest prefix, they are tried in an order fixed per prefix
+//! hold the longest prefix and it covers at least three quarters of the
+//! prompt's blocks, they are tried in an order fixed per prefix
 //! (rendezvous hashing on its first block), so a group that spilled onto a
-//! second replica in a busy spell gathers on one again.
+//! second replica in a busy spell gathers on one again; when it covers
+//! less (a system prompt shared by many conversations, each continuing
+//! with its own turns), the least loaded of them first, so those
+//! conversations spread over the replicas instead of herding onto one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,6 +34,10 @@ const PREFIX_MEMORY: usize = 8192;
 /// Sequences a prefix-holding replica may carry beyond twice the least
 /// loaded replica's load and still be preferred.
 pub const SLACK: u32 = 2;
+/// The share of a prompt's blocks (numerator, denominator) a prefix held
+/// by several replicas must cover for its requests to gather on one of
+/// them (below it they go to the least loaded holder).
+const GATHER: (usize, usize) = (3, 4);
 /// A load report older than this is not used for routing.
 const REPORT_FRESH: Duration = Duration::from_secs(10);
 
@@ -192,10 +200,14 @@ impl Router {
         seen.sort_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(a.3.cmp(&b.3)));
         let least = seen[0];
         // Among the replicas holding the longest prefix (several, once a
-        // busy spell sent a group to a second replica), a fixed order per
-        // prefix (rendezvous hashing on its first block), so a group's
-        // requests gather on one replica again instead of alternating.
+        // busy spell sent a group to a second replica): when that prefix is
+        // most of the prompt, a fixed order per prefix (rendezvous hashing
+        // on its first block), so a group's requests gather on one replica
+        // again instead of alternating; when it is a shorter lead-in (a
+        // system prompt before a conversation of its own), the least
+        // loaded, so conversations sharing it spread instead of herding.
         let longest = seen.iter().map(|s| s.4).max().unwrap_or(0);
+        let gather = longest * GATHER.1 >= hashes.len() * GATHER.0;
         let rank = |epoch: u64| {
             llmos_meta::hash::block_hash(
                 hashes.first().copied().unwrap_or(0),
@@ -206,7 +218,11 @@ impl Router {
             .iter()
             .filter(|s| longest > 0 && s.4 == longest)
             .collect();
-        holders.sort_by_key(|s| rank(s.0));
+        if gather {
+            holders.sort_by_key(|s| rank(s.0));
+        } else {
+            holders.sort_by_key(|s| (s.1, rank(s.0)));
+        }
         let pick = holders
             .into_iter()
             .find(|p| p.1 <= 2 * least.1 + SLACK)
@@ -317,6 +333,49 @@ mod tests {
             r.choose("m", &[1, 2], &system, false).unwrap().epoch,
             c.epoch
         );
+    }
+
+    /// Both replicas hold a prefix. A group whose prefix is most of the
+    /// prompt gathers on one of them (the same one whichever is less busy,
+    /// short of much busier); conversations sharing only a system prompt
+    /// (half of their first prompt) go to the less busy one instead of
+    /// herding onto the replica the rendezvous order puts first.
+    #[test]
+    fn a_shared_lead_in_spreads_by_load_while_a_shared_prefix_gathers() {
+        let r = Arc::new(Router::default());
+        let system: Vec<u32> = (0..32).collect();
+        let group: Vec<u32> = (500..596).collect();
+        for epoch in [1, 2] {
+            // Each replica is sent the system prompt and the group's prefix.
+            let c = Choice {
+                epoch,
+                matched_blocks: 0,
+            };
+            drop(r.start("m", c, &block_hashes(&system, 16)));
+            drop(r.start("m", c, &block_hashes(&group, 16)));
+        }
+        // The group's prefix (6 blocks) and 1 block of its own: 6 of 7.
+        let mut ask = group.clone();
+        ask.extend(9000..9016);
+        let ask = block_hashes(&ask, 16);
+        let mut picks = Vec::new();
+        for (l1, l2) in [(0, 2), (2, 0)] {
+            r.report("m", 1, load(l1), 1);
+            r.report("m", 2, load(l2), 1);
+            picks.push(r.choose("m", &[1, 2], &ask, false).unwrap());
+        }
+        assert_eq!(picks[0].matched_blocks, 6);
+        assert_eq!(picks[0].epoch, picks[1].epoch, "the group gathers on one");
+        // A first turn: the system prompt (2 blocks) and 2 of its own.
+        let mut turn = system.clone();
+        turn.extend(7000..7032);
+        let turn = block_hashes(&turn, 16);
+        for (l1, l2, want) in [(0, 2, 1), (2, 0, 2)] {
+            r.report("m", 1, load(l1), 2);
+            r.report("m", 2, load(l2), 2);
+            let c = r.choose("m", &[1, 2], &turn, false).unwrap();
+            assert_eq!((c.epoch, c.matched_blocks), (want, 2), "loads {l1}/{l2}");
+        }
     }
 
     #[test]
