@@ -4,21 +4,33 @@
 //! to its own core (`taskset`); the coordinator and the clients run in this
 //! process.
 //!
-//! 1. **Throughput at saturation**: 32 clients in a closed loop (128
-//!    requests, prompts of 32 random ids, 32 generated tokens each), one
-//!    replica on one worker, then two replicas on two workers.
-//! 2. **Prefix-aware routing against round-robin**, two replicas: 16
-//!    groups of requests share a 128-token prefix (a system prompt, 8
-//!    blocks of 16), each request adds 16 tokens of its own and generates
-//!    8; 8 clients, 128 requests per policy. Each replica's KV cache holds
+//! 1. **Throughput at saturation**: clients in a closed loop (3 requests
+//!    each, prompts of 32 random ids, 32 generated tokens each), one
+//!    replica on one worker, then two replicas on two workers, at 32 and
+//!    128 clients (`LLMOS_BENCH_CLIENTS`). Tokens/s counted while every
+//!    client still had a request outstanding (the tail, where clients run
+//!    out of work and a replica idles while the other finishes, is printed
+//!    apart). At 128 clients both replicas run their `max_running` (64)
+//!    sequences and the single replica has as many waiting: each
+//!    configuration at its own saturation, which is what the target
+//!    compares; at 32 the two replicas are each half as full as the one.
+//! 2. **Prefix-aware routing against round-robin**, two replicas, 8
+//!    clients, two workloads at two KV cache sizes each. *Shared
+//!    prefixes*: 16 groups of requests share a 128-token prefix (a system
+//!    prompt, 8 blocks of 16), each request adds 16 tokens of its own and
+//!    generates 8; 128 requests per policy. Each replica's KV cache holds
 //!    half the groups' prefixes (64 blocks) beside the running sequences
 //!    with little (80 blocks) or some (96 blocks) room for what finished
 //!    requests leave behind, so routing a group to one replica can keep it
 //!    cached while spreading every group over both replicas (a working set
-//!    of 128 prefix blocks per replica) thrashes them. Prefix-cache hit
-//!    rate (cached prompt tokens / prompt tokens, from each response's
-//!    usage) and TTFT p50/p99. The policy is switched with the cluster
-//!    setting `routing.policy`; each policy gets prefixes of its own.
+//!    of 128 prefix blocks per replica) thrashes them. *Multi-turn chats*:
+//!    16 conversations of 6 turns after one shared 32-token system prompt,
+//!    each turn the whole history plus a 32-token message, the model's 16
+//!    answer tokens joining the history; 192 or 384 blocks a replica.
+//!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
+//!    each response's usage) and TTFT p50/p99. The policy is switched with
+//!    the cluster setting `routing.policy`; each policy gets prompts of its
+//!    own.
 //! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
 //!    tokens out): time from `ScaleModel` to the first request routed to
 //!    the new replica, and the p99 latency of the requests that ran during
@@ -540,10 +552,10 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
     };
     // Shared prefixes: about half, and about two thirds, of the groups'
     // 128 prefix blocks fit a replica beside the running sequences.
-    // Chats: 16 conversations end at 20 blocks each (320 in all); at 192
-    // blocks a replica holds its half of them with room to spare but not
-    // all, at 384 all of them (no pressure: what is left is where the next
-    // turn goes).
+    // Chats: 16 conversations end at 20 blocks each (320 in all): 192
+    // blocks a replica (the two together hold them all, one replica about
+    // half beside the running sequences), and 384 (one replica holds them
+    // all: no pressure, what is left is where the next turn goes).
     let runs = [
         (shared, 80, [101, 202]),
         (shared, 96, [303, 404]),
