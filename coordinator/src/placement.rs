@@ -16,6 +16,10 @@ pub struct ModelShape {
     /// Final norm plus the head matrix when it is not tied.
     pub head_bytes: u64,
     pub tied_head: bool,
+    /// What a first stage of several keeps beside its KV cache: the hidden
+    /// state it sent on for every KV slot (float32), so that a replaced
+    /// later stage can recompute its cache from them.
+    pub boundary_bytes: u64,
 }
 
 /// Parameter counts of one layer.
@@ -57,6 +61,7 @@ impl ModelShape {
             embed_bytes: embed * dtype_bytes,
             head_bytes: (h + if c.tie_embeddings { 0 } else { embed }) * dtype_bytes,
             tied_head: c.tie_embeddings,
+            boundary_bytes: 0,
         }
     }
 
@@ -87,6 +92,9 @@ impl ModelShape {
         let mut b = layers as u64 * self.layer_bytes;
         if first {
             b += self.embed_bytes;
+            if !last {
+                b += self.boundary_bytes;
+            }
         }
         if last {
             b += self.head_bytes;
@@ -419,6 +427,7 @@ mod tests {
             embed_bytes: 2 * GB,
             head_bytes: 2 * GB,
             tied_head: false,
+            boundary_bytes: 0,
         }
     }
 
@@ -576,6 +585,14 @@ mod tests {
         assert_eq!(s.stage_bytes(10, true, true), 12 * GB);
         assert_eq!(s.stage_bytes(10, false, true), 12 * GB);
         assert_eq!(s.stage_bytes(10, true, false), 12 * GB);
+        assert_eq!(s.stage_bytes(10, false, false), 10 * GB);
+        // The boundary rows: on a first stage of several only.
+        let s = ModelShape {
+            boundary_bytes: GB,
+            ..shape()
+        };
+        assert_eq!(s.stage_bytes(10, true, false), 13 * GB);
+        assert_eq!(s.stage_bytes(10, true, true), 14 * GB);
         assert_eq!(s.stage_bytes(10, false, false), 10 * GB);
         let cfg = ModelConfig::preset("smollm2-135m").unwrap();
         let m = ModelShape::from_config(&cfg, 4);

@@ -82,6 +82,10 @@ pub(crate) fn rank_shape(
             * 2
             * (split.kv_heads * c.head_dim) as u64
             * dtype_bytes;
+    // A first stage of several keeps a float32 hidden state per KV slot
+    // (the worker counts it in its own memory check too).
+    shape.boundary_bytes =
+        serving.kv_blocks as u64 * serving.block_size as u64 * c.hidden_size as u64 * 4;
     Ok(shape)
 }
 
