@@ -466,18 +466,7 @@ async fn main() {
     llmos_benches::wait_for_workers(&ch, 2).await;
     let mut admin = AdminClient::new(ch.clone());
     println!("elastic serving: SmolLM2 f32, 2 llmos-worker processes, 1 thread each, pinned to cores 0 and 1");
-    // Phases named on the command line (cargo passes `--bench` too).
-    let named: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    for n in &named {
-        assert!(
-            ["saturation", "prefix", "live"].contains(&n.as_str()),
-            "unknown phase {n:?}: saturation, prefix or live"
-        );
-    }
-    let run = |phase: &str| named.is_empty() || named.iter().any(|n| n == phase);
+    let run = llmos_benches::phases(&["saturation", "prefix", "live"]);
 
     deploy(&mut admin, "smol", 1, 0).await;
     if run("saturation") {

@@ -448,18 +448,7 @@ async fn main() {
     println!(
         "failover: SmolLM2 f32, 3 llmos-worker processes (1 thread each) on 2 cores; leases of 3 s"
     );
-    // Phases named on the command line (cargo passes `--bench` too).
-    let named: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    for n in &named {
-        assert!(
-            ["a", "b", "c", "d", "e"].contains(&n.as_str()),
-            "unknown phase {n:?}: a, b, c, d or e"
-        );
-    }
-    let run = |phase: &str| named.is_empty() || named.iter().any(|n| n == phase);
+    let run = llmos_benches::phases(&["a", "b", "c", "d", "e"]);
 
     // a. A whole replica lost with a second one Ready.
     if run("a") {

@@ -27,6 +27,24 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The phases named on a bench's command line (words not starting with
+/// `-`; cargo passes `--bench` too), each checked against `known`: tells
+/// whether a phase runs (all of them when none is named).
+pub fn phases(known: &[&str]) -> impl Fn(&str) -> bool {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for n in &named {
+        assert!(
+            known.contains(&n.as_str()),
+            "unknown phase {n:?}: one of {}",
+            known.join(", ")
+        );
+    }
+    move |phase| named.is_empty() || named.iter().any(|n| n == phase)
+}
+
 /// A channel to `url`, retrying for up to 20 s while the server starts.
 pub async fn connect(url: &str) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);

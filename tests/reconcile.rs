@@ -21,6 +21,29 @@ fn request(model: &str) -> api::GenerateRequest {
     ids_request(model, &[1, 504, 3458, 282, 4649, 314], 12)
 }
 
+/// SmolLM2 split 15/15 over two stages.
+fn smol_15_15(wait: Option<bool>) -> api::DeployModelRequest {
+    api::DeployModelRequest {
+        name: "smol".into(),
+        source: "smollm2".into(),
+        layer_split: vec![15, 15],
+        wait,
+        ..Default::default()
+    }
+}
+
+/// A coordinator that finds a silent worker within a second and gives it
+/// `grace` before placing its shards elsewhere.
+async fn fast_coordinator(grace: Duration) -> String {
+    start_coordinator_with(llmos_coordinator::Config {
+        heartbeat_timeout: Duration::from_secs(1),
+        worker_grace_period: grace,
+        reconcile_interval: Duration::from_millis(200),
+        ..test_config()
+    })
+    .await
+}
+
 async fn workers_of(admin: &mut AdminClient<Channel>) -> Vec<api::WorkerStatus> {
     admin
         .list_workers(api::ListWorkersRequest {})
@@ -47,25 +70,11 @@ async fn held_by(address: &str) -> Vec<wk::HeldShard> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_worker_is_replaced_by_a_spare_and_unloads_its_stale_shard_when_it_returns() {
-    let coordinator = start_coordinator_with(llmos_coordinator::Config {
-        heartbeat_timeout: Duration::from_secs(1),
-        worker_grace_period: Duration::from_secs(2),
-        reconcile_interval: Duration::from_millis(200),
-        ..test_config()
-    })
-    .await;
+    let coordinator = fast_coordinator(Duration::from_secs(2)).await;
     let late = ProcWorker::start(&coordinator, "late");
     start_worker(&coordinator, "steady").await;
     let (mut admin, mut inference) = clients(&coordinator, 2).await;
-    admin
-        .deploy_model(api::DeployModelRequest {
-            name: "smol".into(),
-            source: "smollm2".into(),
-            layer_split: vec![15, 15],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin.deploy_model(smol_15_15(None)).await.unwrap();
     let want = generated_ids(&mut inference, request("smol")).await;
     let before = model_status(&mut admin, "smol").await.unwrap();
     assert!(
@@ -145,16 +154,7 @@ async fn a_deploy_half_done_when_its_leader_is_killed_is_finished_by_the_next_le
     let leader_url = g.nodes[&first].url();
     let mut admin = group::admin(&leader_url).await;
     wait_for_workers(&mut admin, 2).await;
-    admin
-        .deploy_model(api::DeployModelRequest {
-            name: "smol".into(),
-            source: "smollm2".into(),
-            layer_split: vec![15, 15],
-            wait: Some(false),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin.deploy_model(smol_15_15(Some(false))).await.unwrap();
     // Recorded, not loaded, when the leader dies.
     let recorded = model_status(&mut admin, "smol").await.unwrap();
     assert_ne!(recorded.state, "Ready", "{recorded:?}");
@@ -207,27 +207,13 @@ async fn a_deploy_half_done_when_its_leader_is_killed_is_finished_by_the_next_le
 /// are those of before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_second_stage_recomputes_only_its_own_cache() {
-    let coordinator = start_coordinator_with(llmos_coordinator::Config {
-        heartbeat_timeout: Duration::from_secs(1),
-        worker_grace_period: Duration::from_secs(1),
-        reconcile_interval: Duration::from_millis(200),
-        ..test_config()
-    })
-    .await;
+    let coordinator = fast_coordinator(Duration::from_secs(1)).await;
     let mut procs: std::collections::BTreeMap<String, ProcWorker> = ["a", "b"]
         .iter()
         .map(|id| (id.to_string(), ProcWorker::start(&coordinator, id)))
         .collect();
     let (mut admin, mut inference) = clients(&coordinator, 2).await;
-    admin
-        .deploy_model(api::DeployModelRequest {
-            name: "smol".into(),
-            source: "smollm2".into(),
-            layer_split: vec![15, 15],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    admin.deploy_model(smol_15_15(None)).await.unwrap();
     // 40 prompt ids: two full blocks of 16 to reuse.
     let prompt: Vec<u32> = (0..40u32).map(|i| 1000 + (i * 389) % 20_000).collect();
     let want = generated_ids(&mut inference, ids_request("smol", &prompt, 12)).await;

@@ -210,16 +210,11 @@ impl Engine {
             if in_flight.is_empty() && !self.exclusive {
                 if let Some(repairs) = self.pending.take() {
                     self.exclusive = true;
-                    let stages = self.stages.clone();
-                    let (model, block_size, chunk) = (
-                        self.model.clone(),
-                        self.sched.config().block_size,
-                        self.sched.config().max_batch_tokens,
-                    );
+                    let repairer = self.repairer();
                     in_flight.spawn(async move {
                         let until = Instant::now() + REPAIR_WAIT;
                         let r = loop {
-                            match repair(&stages, &model, &repairs, block_size, chunk).await {
+                            match repairer.run(&repairs).await {
                                 Ok(()) => break Ok(StepOutput::default()),
                                 Err(_) if Instant::now() < until => {
                                     tokio::time::sleep(Duration::from_millis(50)).await
@@ -261,17 +256,12 @@ impl Engine {
                     }
                 }
                 let req = self.request(&plan);
-                let stages = self.stages.clone();
+                let repairer = self.repairer();
                 // Numbered here, in issue order (the tasks may start in any).
-                let ticket = stages.ticket();
-                let (model, block_size, chunk) = (
-                    self.model.clone(),
-                    self.sched.config().block_size,
-                    self.sched.config().max_batch_tokens,
-                );
+                let ticket = repairer.stages.ticket();
                 in_flight.spawn(async move {
-                    let r = match repair(&stages, &model, &repairs, block_size, chunk).await {
-                        Ok(()) => stages.run(ticket, req).await,
+                    let r = match repairer.run(&repairs).await {
+                        Ok(()) => repairer.stages.run(ticket, req).await,
                         Err(e) => Err(e),
                     };
                     (plan, repairs, r)
@@ -410,6 +400,16 @@ impl Engine {
         }
     }
 
+    /// The repairs' runner for a step task: this engine's stages and model.
+    fn repairer(&self) -> Repairer {
+        Repairer {
+            stages: self.stages.clone(),
+            model: self.model.clone(),
+            block_size: self.sched.config().block_size,
+            chunk: self.sched.config().max_batch_tokens,
+        }
+    }
+
     /// The step: packed token ids and each sequence's slice.
     fn request(&self, plan: &StepPlan) -> Step {
         let tokens = plan
@@ -536,34 +536,40 @@ impl Engine {
     }
 }
 
-/// Has the later stages recompute each repair's positions, a sequence at a
-/// time (a later chunk attends to the earlier), at most `chunk` positions
-/// a step.
-async fn repair(
-    stages: &Pipeline,
-    model: &str,
-    repairs: &[Repair],
+/// What a step task needs to run repairs on the engine's stages.
+struct Repairer {
+    stages: Arc<Pipeline>,
+    model: String,
     block_size: usize,
     chunk: usize,
-) -> Result<()> {
-    for r in repairs {
-        let end = r.position + r.tokens;
-        let mut at = r.position;
-        while at < end {
-            let n = (end - at).min(chunk.max(1));
-            let seq = SeqStep {
-                position: at,
-                tokens: n,
-                blocks: r.blocks[..(at + n).div_ceil(block_size)].to_vec(),
-                sample: None,
-                want_logits: false,
-                trace: None,
-            };
-            stages.repair(model, vec![seq], block_size).await?;
-            at += n;
+}
+
+impl Repairer {
+    /// Has the later stages recompute each repair's positions, a sequence
+    /// at a time (a later chunk attends to the earlier), at most `chunk`
+    /// positions a step.
+    async fn run(&self, repairs: &[Repair]) -> Result<()> {
+        for r in repairs {
+            let end = r.position + r.tokens;
+            let mut at = r.position;
+            while at < end {
+                let n = (end - at).min(self.chunk.max(1));
+                let seq = SeqStep {
+                    position: at,
+                    tokens: n,
+                    blocks: r.blocks[..(at + n).div_ceil(self.block_size)].to_vec(),
+                    sample: None,
+                    want_logits: false,
+                    trace: None,
+                };
+                self.stages
+                    .repair(&self.model, vec![seq], self.block_size)
+                    .await?;
+                at += n;
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 async fn sleep_until(t: Option<Instant>) {
