@@ -30,7 +30,7 @@
 //!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
 //!    each response's usage) and TTFT p50/p99. The policy is switched with
 //!    the cluster setting `routing.policy`; each policy gets prompts of its
-//!    own.
+//!    own and a deployment of its own (caches start empty).
 //! 3. **Live changes under a light load** (2 clients, 16-token prompts, 16
 //!    tokens out): time from `ScaleModel` to the first request routed to
 //!    the new replica, and the p99 latency of the requests that ran during
@@ -548,13 +548,15 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
     let runs = [
         (shared, 80, [101, 202]),
         (shared, 96, [303, 404]),
-        (chats, 192, [505, 606]),
+        (chats, 160, [505, 606]),
         (chats, 384, [707, 808]),
     ];
     for (workload, kv, seeds) in runs {
-        deploy(admin, "chat", 2, kv).await;
         let mut results = Vec::new();
         for (policy, seed) in ["round-robin", "prefix"].into_iter().zip(seeds) {
+            // A fresh deployment per policy: each starts with empty caches
+            // (the second would otherwise inherit what the first left).
+            deploy(admin, "chat", 2, kv).await;
             admin
                 .set_setting(api::SetSettingRequest {
                     key: "routing.policy".into(),
@@ -562,26 +564,25 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
                 })
                 .await
                 .expect("setting");
-            // Requests routed to each replica (by epoch), and of those for a
-            // prefix the router knew there, before and after.
-            let routed = |st: api::ModelStatus| {
-                let mut r: Vec<_> = st
-                    .replicas
-                    .iter()
-                    .map(|r| (r.epoch, r.routed, r.routed_for_prefix))
-                    .collect();
-                r.sort();
-                r
-            };
-            let before = routed(status(admin, "chat").await);
             let figures = prefix_workload(ch, "chat", workload, seed).await;
-            let after = routed(status(admin, "chat").await);
-            let split: Vec<(u64, u64)> = after
+            // Requests routed to each replica, and of those for a prefix
+            // the router knew there.
+            let mut split: Vec<(u64, u64, u64)> = status(admin, "chat")
+                .await
+                .replicas
                 .iter()
-                .zip(&before)
-                .map(|(a, b)| (a.1 - b.1, a.2 - b.2))
+                .map(|r| (r.epoch, r.routed, r.routed_for_prefix))
                 .collect();
+            split.sort();
+            let split: Vec<(u64, u64)> = split.into_iter().map(|(_, a, b)| (a, b)).collect();
             results.push((policy, figures, split));
+            admin
+                .undeploy_model(api::UndeployModelRequest {
+                    name: "chat".into(),
+                    wait: Some(true),
+                })
+                .await
+                .expect("undeploy");
         }
         println!(
             "{}, 2 replicas with {kv} KV blocks each, 8 clients:",
@@ -602,13 +603,6 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
             px.1 / rr.1,
             px.2 / rr.2
         );
-        admin
-            .undeploy_model(api::UndeployModelRequest {
-                name: "chat".into(),
-                wait: Some(true),
-            })
-            .await
-            .expect("undeploy");
     }
     admin
         .delete_setting(api::DeleteSettingRequest {

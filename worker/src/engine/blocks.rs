@@ -15,10 +15,14 @@
 //! since it was cached is *probationary*; one that a prompt hit (a shared
 //! system prompt, an earlier chat turn) is *protected*. Probationary blocks
 //! are evicted first, least recently released first, then protected ones;
-//! the protected segment holds at most [`PROTECTED_SHARE`] of the blocks,
-//! beyond which its least recently released block is moved back to
-//! probation (as the newest there, and must be hit again to be protected),
-//! so prefixes that stopped being used give way to new ones. Without the
+//! when a block is evicted, the protected segment holds at most
+//! [`PROTECTED_SHARE`] of the evictable blocks (those no sequence holds;
+//! the share is of them, not of the whole cache, so that while running
+//! sequences hold much of it, what they computed last still has room in
+//! probation until their next turn hits it), beyond which its least
+//! recently released blocks move back to probation keeping their release
+//! time (and must be hit again to be protected), so prefixes that stopped
+//! being used (an earlier workload's) go before newer blocks. Without the
 //! segments, what every finished request leaves behind (its own prompt
 //! tail and generated blocks, which no other prompt shares) pushes shared
 //! prefixes out as soon as the cache is full. A sequence's blocks are
@@ -46,8 +50,8 @@ struct Block {
     stale: bool,
 }
 
-/// Most of the blocks the protected segment may hold (the share of
-/// segmented LRU's usual split).
+/// Most of the evictable blocks the protected segment may hold when a
+/// block is evicted (the share of segmented LRU's usual split).
 pub const PROTECTED_SHARE: f64 = 0.8;
 
 #[derive(Debug, Clone)]
@@ -77,8 +81,6 @@ pub struct BlockManager {
     probation: BTreeMap<u64, u32>,
     /// Released cached blocks a prompt hit, by release tick (oldest first).
     protected: BTreeMap<u64, u32>,
-    /// Most blocks `protected` holds.
-    protected_cap: usize,
     by_hash: HashMap<u64, u32>,
     tick: u64,
     prefix_caching: bool,
@@ -103,7 +105,6 @@ impl BlockManager {
             free: (0..num_blocks as u32).rev().collect(),
             probation: BTreeMap::new(),
             protected: BTreeMap::new(),
-            protected_cap: (num_blocks as f64 * PROTECTED_SHARE) as usize,
             by_hash: HashMap::new(),
             tick: 0,
             prefix_caching,
@@ -148,6 +149,7 @@ impl BlockManager {
         let b = match self.free.pop() {
             Some(b) => b,
             None => {
+                self.demote_overflow();
                 let (_, b) = match self.probation.pop_first() {
                     Some(e) => e,
                     None => self.protected.pop_first()?,
@@ -345,7 +347,6 @@ impl BlockManager {
                     blk.released_at = self.tick;
                     if blk.hit {
                         self.protected.insert(self.tick, b);
-                        self.demote_overflow();
                     } else {
                         self.probation.insert(self.tick, b);
                     }
@@ -356,16 +357,17 @@ impl BlockManager {
         }
     }
 
-    /// Moves the protected segment's least recently released blocks back to
-    /// probation (as its newest) while the segment is over its cap.
+    /// Before an eviction: moves the protected segment's least recently
+    /// released blocks back to probation while it holds more than
+    /// [`PROTECTED_SHARE`] of the evictable blocks. They keep their release
+    /// time, so they go before blocks released after them.
     fn demote_overflow(&mut self) {
-        while self.protected.len() > self.protected_cap {
-            let (_, b) = self.protected.pop_first().expect("over the cap");
-            self.tick += 1;
-            let blk = &mut self.blocks[b as usize];
-            blk.hit = false;
-            blk.released_at = self.tick;
-            self.probation.insert(self.tick, b);
+        let evictable = self.probation.len() + self.protected.len();
+        let cap = (evictable as f64 * PROTECTED_SHARE) as usize;
+        while self.protected.len() > cap {
+            let (at, b) = self.protected.pop_first().expect("over the cap");
+            self.blocks[b as usize].hit = false;
+            self.probation.insert(at, b);
         }
     }
 }
@@ -518,29 +520,74 @@ mod tests {
         );
     }
 
+    /// One-token-block prefix `[t, 1000 + t]`, cached and then hit once:
+    /// its block ends in the protected segment.
+    fn hit_once(m: &mut BlockManager, t: u32) {
+        let p = [t, 1000 + t];
+        let a = m.allocate_prompt(&p, 2).unwrap();
+        m.register_full(&p, &a.blocks, 1);
+        m.release(&a.blocks);
+        let b = m.allocate_prompt(&p, 2).unwrap();
+        assert_eq!(b.cached_tokens, 1);
+        m.release(&b.blocks);
+    }
+
     /// The protected segment is capped: prefixes hit once and never again
-    /// go back to probation when newer hits need the room, so a change of
-    /// workload is not locked out by old favourites.
+    /// go back to probation when an eviction needs the room, so a change
+    /// of workload is not locked out by old favourites.
     #[test]
     fn the_protected_segment_is_capped_and_demotes_its_oldest() {
-        let mut m = BlockManager::new(5, 1, true);
-        assert_eq!(m.protected_cap, 4);
-        // Five one-token-block prefixes, each cached and then hit once.
+        let mut m = BlockManager::new(6, 1, true);
         for t in 0..5u32 {
-            let p = [t, 1000 + t];
-            let a = m.allocate_prompt(&p, 2).unwrap();
-            m.register_full(&p, &a.blocks, 1);
-            m.release(&a.blocks);
-            let b = m.allocate_prompt(&p, 2).unwrap();
-            assert_eq!(b.cached_tokens, 1);
-            m.release(&b.blocks);
+            hit_once(&mut m, t);
         }
-        assert_eq!(m.protected.len(), 4, "at the cap");
-        assert_eq!(m.probation.len() + m.protected.len(), m.cached());
-        // The oldest hit prefix (token 0) was moved back: evicted first.
-        let x = m.allocate().unwrap();
-        m.release(&[x]);
+        assert_eq!(m.protected.len(), 5, "every block was hit");
+        assert_eq!((m.stats().evictions, m.cached()), (0, 5));
+        // The free block, then an eviction: five evictable, at most four
+        // protected; the oldest hit prefix (token 0) was moved back and is
+        // evicted.
+        let x = [m.allocate().unwrap(), m.allocate().unwrap()];
+        assert_eq!((m.stats().evictions, m.protected.len()), (1, 4));
+        m.release(&x);
         assert_eq!(m.allocate_prompt(&[0, 7], 2).unwrap().cached_tokens, 0);
+        assert_eq!(m.allocate_prompt(&[1, 7], 2).unwrap().cached_tokens, 1);
+    }
+
+    /// The cap is a share of the evictable blocks, not of the cache: while
+    /// running sequences hold most of it, an earlier workload's protected
+    /// prefixes still go before the block a conversation computed last
+    /// (which its next turn will hit). With the cap a share of the whole
+    /// cache (8 of 10 here) that block, the only one in probation, would be
+    /// evicted first.
+    #[test]
+    fn old_protected_prefixes_go_before_newer_blocks_while_the_cache_is_held() {
+        let mut m = BlockManager::new(10, 1, true);
+        for t in 0..6u32 {
+            hit_once(&mut m, t);
+        }
+        // A conversation's turn leaves its newest block in probation.
+        let turn = [50, 51];
+        let a = m.allocate_prompt(&turn, 2).unwrap();
+        m.register_full(&turn, &a.blocks, 1);
+        m.release(&a.blocks);
+        // Running sequences take the three free blocks, then two more.
+        let held: Vec<u32> = (0..5).map(|_| m.allocate().unwrap()).collect();
+        assert_eq!(m.stats().evictions, 2);
+        m.release(&held);
+        assert_eq!(
+            m.allocate_prompt(&[50, 52], 2).unwrap().cached_tokens,
+            1,
+            "the newest block survived"
+        );
+        for t in 0..6u32 {
+            let a = m.allocate_prompt(&[t, 9], 2).unwrap();
+            assert_eq!(
+                a.cached_tokens,
+                usize::from(t >= 2),
+                "prefix {t}: the two oldest went"
+            );
+            m.release(&a.blocks);
+        }
     }
 
     #[test]
