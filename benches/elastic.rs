@@ -26,7 +26,9 @@
 //!    of 128 prefix blocks per replica) thrashes them. *Multi-turn chats*:
 //!    16 conversations of 6 turns after one shared 32-token system prompt,
 //!    each turn the whole history plus a 32-token message, the model's 16
-//!    answer tokens joining the history; 192 or 384 blocks a replica.
+//!    answer tokens joining the history; 160 blocks a replica (a replica
+//!    holds the histories of its half of the conversations, about 18
+//!    blocks each at the end, not of all 16) or 384 (every history fits).
 //!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
 //!    each response's usage) and TTFT p50/p99. The policy is switched with
 //!    the cluster setting `routing.policy`; each policy gets prompts of its
@@ -541,10 +543,10 @@ async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
     };
     // Shared prefixes: about half, and about two thirds, of the groups'
     // 128 prefix blocks fit a replica beside the running sequences.
-    // Chats: 16 conversations end at 20 blocks each (320 in all): 192
-    // blocks a replica (the two together hold them all, one replica about
-    // half beside the running sequences), and 384 (one replica holds them
-    // all: no pressure, what is left is where the next turn goes).
+    // Chats: 16 conversations end at about 18 blocks each (about 290 in
+    // all): 160 blocks a replica (its half of them beside the running
+    // sequences, not all), and 384 (one replica holds them all: no
+    // pressure, what is left is where the next turn goes).
     let runs = [
         (shared, 80, [101, 202]),
         (shared, 96, [303, 404]),
