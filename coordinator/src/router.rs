@@ -14,7 +14,10 @@
 //!
 //! The rule: take the replica holding the longest cached prefix of the
 //! prompt (in whole blocks), unless its load exceeds twice the least
-//! loaded replica's plus `SLACK` sequences ("much busier"); then, and when
+//! loaded replica's plus `SLACK` sequences plus one for every
+//! `HELD_BLOCKS_PER_SEQ` blocks of the prompt it holds ("much busier":
+//! sending a request elsewhere recomputes what it holds, and caches it a
+//! second time, so the more it holds the busier it may be); then, and when
 //! no replica holds any of the prefix, the least loaded (ties: more free
 //! KV blocks, then fewer requests routed so far). When several replicas
 //! hold the longest prefix and it covers at least three quarters of the
@@ -34,6 +37,9 @@ const PREFIX_MEMORY: usize = 8192;
 /// Sequences a prefix-holding replica may carry beyond twice the least
 /// loaded replica's load and still be preferred.
 pub const SLACK: u32 = 2;
+/// Blocks of the prompt a replica holds for each further sequence it may
+/// carry and still be preferred.
+pub const HELD_BLOCKS_PER_SEQ: usize = 2;
 /// The share of a prompt's blocks (numerator, denominator) a prefix held
 /// by several replicas must cover for its requests to gather on one of
 /// them (below it they go to the least loaded holder).
@@ -225,7 +231,7 @@ impl Router {
         }
         let pick = holders
             .into_iter()
-            .find(|p| p.1 <= 2 * least.1 + SLACK)
+            .find(|p| p.1 <= 2 * least.1 + SLACK + (p.4 / HELD_BLOCKS_PER_SEQ) as u32)
             .copied()
             .unwrap_or(least);
         Some(Choice {
@@ -321,17 +327,24 @@ mod tests {
             r.choose("m", &[1, 2], &part, false).unwrap().matched_blocks,
             2
         );
-        // Much busier (more than twice the other's load plus SLACK): the
-        // least loaded instead.
+        // Much busier (more than twice the other's load plus SLACK plus
+        // one per HELD_BLOCKS_PER_SEQ held blocks, 4 here): the least
+        // loaded instead.
         let other_epoch = if c.epoch == 1 { 2 } else { 1 };
-        r.report("m", c.epoch, load(2 * 3 + SLACK + 1), 2);
+        let held = (4 / HELD_BLOCKS_PER_SEQ) as u32;
+        r.report("m", c.epoch, load(2 * 3 + SLACK + held + 1), 2);
         r.report("m", other_epoch, load(3), 2);
         let c3 = r.choose("m", &[1, 2], &system, false).unwrap();
         assert_eq!(c3.epoch, other_epoch);
-        r.report("m", c.epoch, load(2 * 3 + SLACK), 3);
+        r.report("m", c.epoch, load(2 * 3 + SLACK + held), 3);
         assert_eq!(
             r.choose("m", &[1, 2], &system, false).unwrap().epoch,
             c.epoch
+        );
+        // A prompt it holds less of (2 blocks) leaves it sooner.
+        assert_eq!(
+            r.choose("m", &[1, 2], &part, false).unwrap().epoch,
+            other_epoch
         );
     }
 
