@@ -239,3 +239,113 @@ fn a_prompt_larger_than_the_cache_is_refused() {
         }
     );
 }
+
+/// A seeded token stream (ids 100..40100).
+fn next_token(state: &mut u64) -> u32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*state >> 33) % 40000 + 100) as u32
+}
+
+/// Multi-turn chats: conversations of 6 turns after a shared 32-token
+/// system prompt (each turn the whole history plus 32 new tokens, then 16
+/// generated ones joining it), sent by clients each with one request at a
+/// time, rotating over its conversations.
+struct Chats {
+    rng: u64,
+    history: Vec<Vec<u32>>,
+    /// Each client's conversations, and how many turns it sent.
+    clients: Vec<(Vec<usize>, usize)>,
+    /// Sequence id -> (client, conversation, answer so far).
+    live: HashMap<u64, (usize, usize, Vec<u32>)>,
+    next_id: u64,
+}
+
+impl Chats {
+    fn send(&mut self, s: &mut Scheduler, c: usize) {
+        let (mine, sent) = &mut self.clients[c];
+        if *sent == mine.len() * 6 {
+            return;
+        }
+        let conv = mine[*sent % mine.len()];
+        *sent += 1;
+        let rng = &mut self.rng;
+        self.history[conv].extend((0..32).map(|_| next_token(rng)));
+        self.next_id += 1;
+        let mut p = params(&self.history[conv], 16, 0);
+        p.stop_ids.clear();
+        s.submit(self.next_id, p).unwrap();
+        self.live.insert(self.next_id, (c, conv, Vec::new()));
+    }
+
+    /// Runs `convs` conversations from `clients` clients on `s`: (cached
+    /// prompt tokens, prompt tokens).
+    fn run(s: &mut Scheduler, convs: usize, clients: usize, seed: u64) -> (usize, usize) {
+        let mut rng = seed;
+        let system: Vec<u32> = (0..32).map(|_| next_token(&mut rng)).collect();
+        let mut chats = Chats {
+            rng,
+            history: vec![system; convs],
+            clients: (0..clients)
+                .map(|c| ((c..convs).step_by(clients).collect(), 0))
+                .collect(),
+            live: HashMap::new(),
+            next_id: seed << 32,
+        };
+        for c in 0..clients {
+            chats.send(s, c);
+        }
+        let (mut cached, mut prompt) = (0, 0);
+        while !chats.live.is_empty() {
+            let plan = s.schedule().expect("something to run");
+            let n = plan
+                .seqs
+                .iter()
+                .filter(|p| p.sample_index.is_some())
+                .count();
+            let sampled = (0..n).map(|_| choice(next_token(&mut chats.rng))).collect();
+            for (id, e) in s.complete(&plan, sampled) {
+                match e {
+                    SeqEvent::Token { id: t, .. } => chats.live.get_mut(&id).unwrap().2.push(t),
+                    SeqEvent::Finished(f) => {
+                        let (c, conv, answer) = chats.live.remove(&id).unwrap();
+                        cached += f.cached_prompt_tokens;
+                        prompt += f.prompt_tokens;
+                        chats.history[conv].extend(answer);
+                        chats.send(s, c);
+                    }
+                }
+            }
+        }
+        (cached, prompt)
+    }
+}
+
+/// Multi-turn chats on a cache an earlier workload filled: each
+/// conversation's newest blocks survive until its next turn, though the
+/// running sequences hold much of the cache and the earlier workload's
+/// prefixes (hit, so protected) fill the rest: the hit rate is a cold
+/// cache's, every turn reusing the whole history (three quarters of the
+/// prompt tokens). With the protected segment capped at a share of the
+/// whole cache instead of the evictable blocks, the newest blocks were
+/// evicted first and the rate fell to about two thirds.
+#[test]
+fn conversations_keep_their_histories_on_a_cache_an_earlier_workload_filled() {
+    let chat_cfg = || {
+        let mut c = cfg(192, 64, 512);
+        c.block_size = 16;
+        c.max_waiting = 64;
+        c.max_context = 4096;
+        c.vocab_size = 50_000;
+        c
+    };
+    let cold = Chats::run(&mut Scheduler::new(chat_cfg()), 8, 4, 1);
+    let mut s = Scheduler::new(chat_cfg());
+    Chats::run(&mut s, 16, 8, 2);
+    assert!(s.stats().blocks_cached > 150, "the earlier run filled it");
+    let warm = Chats::run(&mut s, 8, 4, 1);
+    assert!(s.stats().prefix.evictions > 0);
+    assert_eq!(warm, cold, "hit tokens, prompt tokens");
+    assert_eq!(cold.0 * 4, cold.1 * 3, "three quarters hit");
+}
