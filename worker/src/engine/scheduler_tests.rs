@@ -37,13 +37,21 @@ fn params(prompt: &[u32], max_new: usize, priority: i32) -> SeqParams {
 
 /// Runs the plan with a fake model that always samples `tok`.
 fn step(s: &mut Scheduler, tok: u32) -> (StepPlan, Vec<(u64, SeqEvent)>) {
+    step_with(s, || tok)
+}
+
+/// Runs the plan with a fake model that samples what `sample` gives.
+fn step_with(
+    s: &mut Scheduler,
+    mut sample: impl FnMut() -> u32,
+) -> (StepPlan, Vec<(u64, SeqEvent)>) {
     let plan = s.schedule().expect("something to run");
     let n = plan
         .seqs
         .iter()
         .filter(|p| p.sample_index.is_some())
         .count();
-    let ev = s.complete(&plan, vec![choice(tok); n]);
+    let ev = s.complete(&plan, (0..n).map(|_| choice(sample())).collect());
     (plan, ev)
 }
 
@@ -298,14 +306,9 @@ impl Chats {
         }
         let (mut cached, mut prompt) = (0, 0);
         while !chats.live.is_empty() {
-            let plan = s.schedule().expect("something to run");
-            let n = plan
-                .seqs
-                .iter()
-                .filter(|p| p.sample_index.is_some())
-                .count();
-            let sampled = (0..n).map(|_| choice(next_token(&mut chats.rng))).collect();
-            for (id, e) in s.complete(&plan, sampled) {
+            let rng = &mut chats.rng;
+            let (_, events) = step_with(s, || next_token(rng));
+            for (id, e) in events {
                 match e {
                     SeqEvent::Token { id: t, .. } => chats.live.get_mut(&id).unwrap().2.push(t),
                     SeqEvent::Finished(f) => {
