@@ -15,9 +15,11 @@
 //! The rule: take the replica holding the longest cached prefix of the
 //! prompt (in whole blocks), unless its load exceeds twice the least
 //! loaded replica's plus `SLACK` sequences plus one for every
-//! `HELD_BLOCKS_PER_SEQ` blocks of the prompt it holds ("much busier":
-//! sending a request elsewhere recomputes what it holds, and caches it a
-//! second time, so the more it holds the busier it may be); then, and when
+//! `HELD_BLOCKS_PER_SEQ` blocks of the prompt it holds, at most
+//! `MAX_HELD_MARGIN` ("much busier": sending a request elsewhere
+//! recomputes what it holds, and caches it a second time, so the more it
+//! holds the busier it may be, within a bound so that a long conversation
+//! does not queue behind a full replica); then, and when
 //! no replica holds any of the prefix, the least loaded (ties: more free
 //! KV blocks, then fewer requests routed so far). When several replicas
 //! hold the longest prefix and it covers at least three quarters of the
@@ -40,6 +42,8 @@ pub const SLACK: u32 = 2;
 /// Blocks of the prompt a replica holds for each further sequence it may
 /// carry and still be preferred.
 pub const HELD_BLOCKS_PER_SEQ: usize = 2;
+/// Most sequences the held blocks add to the margin.
+pub const MAX_HELD_MARGIN: usize = 8;
 /// The share of a prompt's blocks (numerator, denominator) a prefix held
 /// by several replicas must cover for its requests to gather on one of
 /// them (below it they go to the least loaded holder).
@@ -231,7 +235,10 @@ impl Router {
         }
         let pick = holders
             .into_iter()
-            .find(|p| p.1 <= 2 * least.1 + SLACK + (p.4 / HELD_BLOCKS_PER_SEQ) as u32)
+            .find(|p| {
+                let held = (p.4 / HELD_BLOCKS_PER_SEQ).min(MAX_HELD_MARGIN) as u32;
+                p.1 <= 2 * least.1 + SLACK + held
+            })
             .copied()
             .unwrap_or(least);
         Some(Choice {
@@ -344,6 +351,27 @@ mod tests {
         // A prompt it holds less of (2 blocks) leaves it sooner.
         assert_eq!(
             r.choose("m", &[1, 2], &part, false).unwrap().epoch,
+            other_epoch
+        );
+        // A long conversation's history (40 blocks) widens the margin by
+        // MAX_HELD_MARGIN at most.
+        let long: Vec<u32> = (5000..5640).collect();
+        let long_hashes = block_hashes(&long, 16);
+        let _held = r.start(
+            "m",
+            Choice {
+                epoch: c.epoch,
+                matched_blocks: 0,
+            },
+            &long_hashes,
+        );
+        let bound = 2 * 3 + SLACK + MAX_HELD_MARGIN as u32;
+        r.report("m", c.epoch, load(bound), 4);
+        let pick = r.choose("m", &[1, 2], &long_hashes, false).unwrap();
+        assert_eq!((pick.epoch, pick.matched_blocks), (c.epoch, 40));
+        r.report("m", c.epoch, load(bound + 1), 5);
+        assert_eq!(
+            r.choose("m", &[1, 2], &long_hashes, false).unwrap().epoch,
             other_epoch
         );
     }
