@@ -12,8 +12,8 @@ use crate::auth;
 use crate::cluster::Cluster;
 use crate::error::{CoordError, Result};
 use crate::placement::{plan_tp, PlanError, WorkerCapacity};
-use crate::reconciler::{placement_request, rank_shape};
 use crate::settings::validate_setting;
+use crate::sizing::{placement_request, rank_shape};
 use crate::state::{
     ClusterState, Command, Deployment, ModelState, ParallelShape, Serving, StateError,
 };

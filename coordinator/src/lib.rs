@@ -53,6 +53,7 @@ pub mod registry;
 pub mod router;
 pub mod settings;
 pub mod shard_spec;
+pub mod sizing;
 pub mod state;
 pub mod status;
 pub mod store;

@@ -25,7 +25,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llmos_meta::ModelConfig;
 use llmos_proto::worker::v1 as wk;
 use tonic::Code;
 
@@ -33,13 +32,10 @@ use crate::autoscaler::{Autoscaler, Signals};
 use crate::cluster::Cluster;
 use crate::error::CoordError;
 use crate::leases::Transition;
-use crate::placement::{
-    plan_tp, ModelShape, Placement, PlacementRequest, PlanError, WorkerCapacity,
-};
+use crate::placement::{plan_tp, ModelShape, Placement, PlanError, WorkerCapacity};
 use crate::shard_spec::shard_spec;
-use crate::state::{
-    ClusterState, Command, Deployment, ModelState, ParallelShape, Replica, Serving,
-};
+use crate::sizing::{placement_request, rank_shape};
+use crate::state::{ClusterState, Command, Deployment, ModelState, ParallelShape, Replica};
 
 /// A model's reason is written at most this often while it only changes
 /// figures (free memory moves with every heartbeat); a failure is written
@@ -49,54 +45,6 @@ const REASON_EVERY: Duration = Duration::from_secs(10);
 /// First retry after a failed load; doubles per attempt up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// One rank's share of a model with `tp` ranks per stage, with its KV
-/// cache: what the planner places. Refuses (with the numbers) a
-/// tensor-parallel size the model's heads do not split by.
-pub(crate) fn rank_shape(
-    c: &ModelConfig,
-    dtype: &str,
-    quantization: &str,
-    serving: &Serving,
-    tp: u32,
-) -> Result<ModelShape, CoordError> {
-    let dtype_bytes = if dtype == "f32" { 4 } else { 2 };
-    let mut shape = ModelShape::from_config(c, dtype_bytes);
-    match quantization {
-        "int8" => shape = shape.with_int8_layers(c, dtype_bytes),
-        // GGUF blocks: bytes per 32 weights. `file` is sized as Q8_0, the
-        // largest block type kept (its weights' own types are not known
-        // before a worker reads the file).
-        "q4_0" => shape = shape.with_block_layers(c, dtype_bytes, 18),
-        "q4_1" => shape = shape.with_block_layers(c, dtype_bytes, 20),
-        "q8_0" | "file" => shape = shape.with_block_layers(c, dtype_bytes, 34),
-        _ => {}
-    }
-    let tp = tp.max(1);
-    let split = c.tp_split(0, tp as usize).map_err(CoordError::Invalid)?;
-    // A rank holds a tp-th of each layer's weights, and `kv_blocks` blocks
-    // of its own KV heads for each of its layers.
-    shape.layer_bytes = shape.layer_bytes.div_ceil(tp as u64)
-        + serving.kv_blocks as u64
-            * serving.block_size as u64
-            * 2
-            * (split.kv_heads * c.head_dim) as u64
-            * dtype_bytes;
-    // A first stage of several keeps a float32 hidden state per KV slot
-    // (the worker counts it in its own memory check too).
-    shape.boundary_bytes =
-        serving.kv_blocks as u64 * serving.block_size as u64 * c.hidden_size as u64 * 4;
-    Ok(shape)
-}
-
-/// What the operator's shape asks of the planner.
-pub(crate) fn placement_request(shape: &ParallelShape) -> PlacementRequest {
-    PlacementRequest {
-        stages: (shape.stages > 0).then_some(shape.stages),
-        split: (!shape.layer_split.is_empty()).then(|| shape.layer_split.clone()),
-        reserve_bytes: 0,
-    }
-}
 
 /// A shard: (model, epoch, stage, rank).
 type ShardKey = (String, u64, u32, u32);

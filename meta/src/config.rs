@@ -61,6 +61,13 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// What a first stage of several keeps beside its KV cache of `slots`
+    /// positions: the float32 hidden state it sent on for each, so that a
+    /// replaced later stage can recompute its cache from them.
+    pub fn boundary_bytes(&self, slots: usize) -> u64 {
+        slots as u64 * self.hidden_size as u64 * 4
+    }
+
     /// Inverse rotary frequencies, `head_dim / 2` of them, after scaling.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim as f64;

@@ -281,7 +281,7 @@ impl Host {
         let mut bytes = shape.num_blocks * shape.block_bytes(model.kind());
         if model.shard().embed && !model.shard().head {
             // A first stage of several also keeps its boundary rows.
-            bytes += blocks * block_size * model.config().hidden_size * 4;
+            bytes += model.config().boundary_bytes(blocks * block_size) as usize;
         }
         let (_, available) = super::device::memory(self.device);
         if available > 0 && bytes as u64 > available {
