@@ -15,15 +15,16 @@
 //!    configuration at its own saturation, which is what the target
 //!    compares; at 32 the two replicas are each half as full as the one.
 //! 2. **Prefix-aware routing against round-robin**, two replicas, 8
-//!    clients, two workloads at two KV cache sizes each. *Shared
+//!    clients, two workloads at several KV cache sizes. *Shared
 //!    prefixes*: 16 groups of requests share a 128-token prefix (a system
 //!    prompt, 8 blocks of 16), each request adds 16 tokens of its own and
-//!    generates 8; 128 requests per policy. Each replica's KV cache holds
-//!    half the groups' prefixes (64 blocks) beside the running sequences
-//!    with little (80 blocks) or some (96 blocks) room for what finished
-//!    requests leave behind, so routing a group to one replica can keep it
+//!    generates 8; 256 requests per policy (16 a group: each group's first
+//!    request at a replica must miss). Each replica's KV cache holds half
+//!    the groups' prefixes (64 blocks) beside the running sequences (about
+//!    12 blocks) with a little less (72 blocks), a little more (80) or a
+//!    third more (96) room, so routing a group to one replica can keep it
 //!    cached while spreading every group over both replicas (a working set
-//!    of 128 prefix blocks per replica) thrashes them. *Multi-turn chats*:
+//!    of 128 prefix blocks per replica) keeps only the share that fits. *Multi-turn chats*:
 //!    16 conversations of 6 turns after one shared 32-token system prompt,
 //!    each turn the whole history plus a 32-token message, the model's 16
 //!    answer tokens joining the history; 160 blocks a replica (a replica
@@ -535,19 +536,23 @@ async fn saturation_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
 async fn prefix_phase(admin: &mut AdminClient<Channel>, ch: &Channel) {
     let shared = Workload::Shared {
         groups: 16,
-        requests: 128,
+        requests: 256,
     };
     let chats = Workload::Chats {
         convs: 16,
         turns: 6,
     };
-    // Shared prefixes: about half, and about two thirds, of the groups'
-    // 128 prefix blocks fit a replica beside the running sequences.
+    // Shared prefixes: a replica's cache holds its half of the groups'
+    // 128 prefix blocks beside the running sequences (about 12 blocks)
+    // with a little less (72), a little more (80) or a third more (96)
+    // room than that: round-robin's share of the 16 prefixes a replica
+    // can keep grows with it while the prefix policy needs only its 8.
     // Chats: 16 conversations end at about 18 blocks each (about 290 in
     // all): 160 blocks a replica (its half of them beside the running
     // sequences, not all), and 384 (one replica holds them all: no
     // pressure, what is left is where the next turn goes).
     let runs = [
+        (shared, 72, [909, 1010]),
         (shared, 80, [101, 202]),
         (shared, 96, [303, 404]),
         (chats, 160, [505, 606]),
