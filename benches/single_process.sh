@@ -6,7 +6,15 @@
 set -euo pipefail
 source "$(dirname "$0")/../scripts/env.sh"
 cd "$LLMOS_ROOT"
-"$LLMOS_PYTHON" -c 'import llama_cpp' 2>/dev/null || "$LLMOS_VENV/bin/pip" install -q llama-cpp-python
+# llama.cpp's AMX backend (compiled in by -march=native where the CPU has
+# AMX) segfaults in its first quantized matrix product on some Xeons
+# (ggml-org/llama.cpp#20824; here on Q4_1 and Q8_0): build without it
+# and rebuild a copy that has it.
+if ! "$LLMOS_PYTHON" -c 'import llama_cpp, sys; sys.exit(b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())' 2>/dev/null; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CMAKE_ARGS="-DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'" \
+    "$LLMOS_VENV/bin/pip" install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python
+fi
 cargo build --release -q -p llmos-worker
 dir=$LLMOS_CACHE/bench
 mkdir -p "$dir"
