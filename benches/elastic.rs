@@ -24,10 +24,10 @@
 //!    12 blocks) with a little less (72 blocks), a little more (80) or a
 //!    third more (96) room, so routing a group to one replica can keep it
 //!    cached while spreading every group over both replicas (a working set
-//!    of 128 prefix blocks per replica) keeps only the share that fits. *Multi-turn chats*:
-//!    16 conversations of 6 turns after one shared 32-token system prompt,
-//!    each turn the whole history plus a 32-token message, the model's 16
-//!    answer tokens joining the history; 160 blocks a replica (a replica
+//!    of 128 prefix blocks per replica) keeps only the share that fits.
+//!    *Multi-turn chats*: 16 conversations of 6 turns after one shared
+//!    32-token system prompt, each turn the whole history plus a 32-token
+//!    message, the model's 16 answer tokens joining the history; 160 blocks a replica (a replica
 //!    holds the histories of its half of the conversations, about 18
 //!    blocks each at the end, not of all 16) or 384 (every history fits).
 //!    Prefix-cache hit rate (cached prompt tokens / prompt tokens, from
