@@ -32,12 +32,15 @@ use crate::cpu::vecmath::f32_to_bf16;
 /// Tasks per pool thread in one product: a multiple of the thread count, so
 /// threads running at one speed finish together (with fixed 64-row tasks a
 /// 576-row projection was 5 tasks on one thread and 4 on the other, every
-/// layer), and small ones (~35-110 KB of bf16 weights per task in SmolLM2's
-/// layers), so a thread that runs slower leaves only a short task for the
-/// other to wait on. Measured on 2 threads (time waiting in the pool during
-/// decode): ~19% with 4 tasks a thread, 13-15% with 16-32, ~14% with fixed
-/// 64-row tasks.
-const TASKS_PER_THREAD: usize = 16;
+/// layer), and a few of them, so a thread that runs slower leaves only a
+/// part for the other to wait on. Few: each task is a run of rows its
+/// thread streams with prefetch hints (`PREFETCH_AHEAD`), and every task
+/// starts that stream cold. Measured on the 2-vCPU Xeon with the hints
+/// (SmolLM2 decode on 2 threads, tok/s): Q8_0 160-178 with 1, 2 or 4
+/// tasks a thread, 162-166 with 16; Q4_1 206-215 with 1-4, 190 with 16.
+/// (Before the hints, on the 2-vCPU EPYC, 16-32 a thread waited least:
+/// ~19% of decode in the pool with 4, 13-15% with 16-32.)
+const TASKS_PER_THREAD: usize = 4;
 /// Fewer rows than this per task cost more in claiming than they balance.
 const MIN_ROWS_PER_TASK: usize = 16;
 
@@ -356,9 +359,10 @@ mod x86 {
 
     /// An AVX2/FMA dot product of weight elements `$t` with f32 `x`: `$load`
     /// widens the 8 elements at `$p` to 8 f32 lanes; four accumulators, a
-    /// scalar tail through `WeightElem::widen`.
+    /// scalar tail through `WeightElem::widen`; `$ahead`: whether it asks
+    /// for its weights `PREFETCH_AHEAD` bytes early.
     macro_rules! avx_dot {
-        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
+        ($name:ident, $t:ty, $ahead:literal, |$p:ident| $load:expr) => {
             #[target_feature(enable = "avx2,fma")]
             pub unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
                 let n = a.len().min(b.len());
@@ -366,6 +370,13 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i + 32 <= n {
+                    if $ahead {
+                        // The next 32 elements' bytes (one line of bf16,
+                        // half of int8) `PREFETCH_AHEAD` ahead.
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (pa.add(i) as *const i8).wrapping_add(crate::cpu::PREFETCH_AHEAD),
+                        );
+                    }
                     for (k, acc) in acc.iter_mut().enumerate() {
                         let $p = pa.add(i + 8 * k);
                         let vb = _mm256_loadu_ps(pb.add(i + 8 * k));
@@ -385,15 +396,17 @@ mod x86 {
         };
     }
 
-    avx_dot!(dot_f32, f32, |p| _mm256_loadu_ps(p));
+    avx_dot!(dot_f32, f32, false, |p| _mm256_loadu_ps(p));
     // bf16: the bit pattern shifted into the high half of an f32.
-    avx_dot!(dot_bf16, u16, |p| _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-        16
-    )));
-    avx_dot!(dot_i8, i8, |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-        _mm_loadl_epi64(p as *const __m128i)
-    )));
+    avx_dot!(dot_bf16, u16, true, |p| _mm256_castsi256_ps(
+        _mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+            16
+        )
+    ));
+    avx_dot!(dot_i8, i8, true, |p| _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
+    ));
     /// `out += p * v` on AVX2/FMA, 8 lanes a step (`$load` widens the 8
     /// elements at `$q`), a scalar tail.
     macro_rules! avx_axpy {
@@ -514,6 +527,12 @@ mod x86 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i + 128 <= n {
+            // This step's 256 bytes, `PREFETCH_AHEAD` ahead.
+            let a = (pa.add(i) as *const i8).wrapping_add(crate::cpu::PREFETCH_AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(a);
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(128));
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(192));
             for (k, acc) in acc.iter_mut().enumerate() {
                 let (w, x) = pair(pa.add(i + 32 * k), pb.add(i + 32 * k));
                 *acc = _mm512_dpbf16_ps(*acc, w, x);

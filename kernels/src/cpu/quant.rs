@@ -382,6 +382,14 @@ mod x86 {
                 let full = nb / 8 * 8;
                 let mut b = 0;
                 while b < full {
+                    // The 8 blocks (at most 272 bytes: 5 lines) this
+                    // many bytes ahead (`PREFETCH_AHEAD`); past the row
+                    // the task's next row follows, past the task a hint
+                    // only.
+                    let a = (row as *const i8).wrapping_add(b * bb + crate::cpu::PREFETCH_AHEAD);
+                    for line in 0..5 {
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64 * line));
+                    }
                     scales8!(row.add(b * bb), idx, q4_1, dm.as_mut_ptr());
                     if $q4 {
                         macc = _mm256_fmadd_ps(
