@@ -359,10 +359,10 @@ mod x86 {
 
     /// An AVX2/FMA dot product of weight elements `$t` with f32 `x`: `$load`
     /// widens the 8 elements at `$p` to 8 f32 lanes; four accumulators, a
-    /// scalar tail through `WeightElem::widen`; `$ahead`: whether it asks
-    /// for its weights `PREFETCH_AHEAD` bytes early.
+    /// scalar tail through `WeightElem::widen`; it asks for its weights
+    /// `PREFETCH_AHEAD` bytes early.
     macro_rules! avx_dot {
-        ($name:ident, $t:ty, $ahead:literal, |$p:ident| $load:expr) => {
+        ($name:ident, $t:ty, |$p:ident| $load:expr) => {
             #[target_feature(enable = "avx2,fma")]
             pub unsafe fn $name(a: &[$t], b: &[f32]) -> f32 {
                 let n = a.len().min(b.len());
@@ -370,12 +370,12 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i + 32 <= n {
-                    if $ahead {
-                        // The next 32 elements' bytes (one line of bf16,
-                        // half of int8) `PREFETCH_AHEAD` ahead.
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            (pa.add(i) as *const i8).wrapping_add(crate::cpu::PREFETCH_AHEAD),
-                        );
+                    // The next 32 elements' bytes (two lines of f32, one of
+                    // bf16, half of int8) `PREFETCH_AHEAD` ahead.
+                    let a = (pa.add(i) as *const i8).wrapping_add(crate::cpu::PREFETCH_AHEAD);
+                    _mm_prefetch::<_MM_HINT_T0>(a);
+                    if std::mem::size_of::<$t>() == 4 {
+                        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64));
                     }
                     for (k, acc) in acc.iter_mut().enumerate() {
                         let $p = pa.add(i + 8 * k);
@@ -396,17 +396,15 @@ mod x86 {
         };
     }
 
-    avx_dot!(dot_f32, f32, false, |p| _mm256_loadu_ps(p));
+    avx_dot!(dot_f32, f32, |p| _mm256_loadu_ps(p));
     // bf16: the bit pattern shifted into the high half of an f32.
-    avx_dot!(dot_bf16, u16, true, |p| _mm256_castsi256_ps(
-        _mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-            16
-        )
-    ));
-    avx_dot!(dot_i8, i8, true, |p| _mm256_cvtepi32_ps(
-        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
-    ));
+    avx_dot!(dot_bf16, u16, |p| _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+        16
+    )));
+    avx_dot!(dot_i8, i8, |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(p as *const __m128i)
+    )));
     /// `out += p * v` on AVX2/FMA, 8 lanes a step (`$load` widens the 8
     /// elements at `$q`), a scalar tail.
     macro_rules! avx_axpy {

@@ -36,17 +36,17 @@ pub mod sampling;
 pub mod spin_pool;
 pub mod vecmath;
 
-/// How far ahead of its reads (bytes) a decode product asks for weights
-/// with `prefetcht0`, in the bodies that do more than a load and an FMA per
-/// weight: block-quantized, bf16 and int8 rows. Their rows stream from
-/// memory once per token and the hardware prefetcher alone left them well
-/// short of the machine's read rate; the plain f32 loop keeps up without
-/// hints and is slower with them. Measured on the 2-vCPU Xeon (SmolLM2,
-/// `llmos-worker bench`, decode tok/s at 1 and 2 threads, no hint vs this
-/// distance): Q8_0 57 -> 94 and 99 -> 176-190, Q4_1 81 -> 117 and 162 ->
-/// 210-215, bf16 48 -> 63 and 73 -> 94, int8 50 -> 91 and 98 -> 172; f32
-/// 32 -> 28 and 56 -> 52 (so not there). 1024 bytes gave less, 4096 no
-/// more than 2048-3072.
+/// How far ahead of its reads (bytes) a decode row product asks for its
+/// weights with `prefetcht0` (f32, bf16, int8 and block-quantized rows).
+/// The rows stream from memory once per token, and on the 2-vCPU Xeon the
+/// hardware prefetcher alone left every body well short of the rate the
+/// memory gives (a software hint covers the latency a stream's start and
+/// each 4 KB page cost it). Measured there (SmolLM2, `llmos-worker bench`,
+/// decode tok/s on 1 and 2 threads, no hint -> this distance): f32 24 -> 31
+/// and 44 -> 54 (runs interleaved, 16- and 512-token prompts alike), Q8_0
+/// 57 -> 94 and 99 -> 176-190, Q4_1 81 -> 117 and 162 -> 210-215, bf16
+/// 48 -> 63 and 73 -> 94, int8 50 -> 91 and 98 -> 172. 1024 bytes gave
+/// less; 6-16 KB no more (f32 at 8 KB: 48 against 52-55 on 2 threads).
 pub(crate) const PREFETCH_AHEAD: usize = 3072;
 
 /// Tells the test output that part of a test did not run on this machine
