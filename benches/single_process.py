@@ -217,7 +217,7 @@ k = last_llmos[("f32", args.threads, None)]["cpu_kernels"]
 print(f"\nkernel bodies chosen by calibration: blocks {k['blocks']}, bf16 {k['bf16']}; rates GB/s {k['calibration_gb_per_s']}")
 if args.baseline:
     print(f"\nagainst the baseline binary {args.baseline} (llmos / baseline; >1 means faster now)")
-    for dtype in ("f32", "bf16"):
+    for dtype in dict.fromkeys(r["dtype"] for r in rows if r["engine"] == "llmos-baseline"):
         mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
         base = next(r for r in rows if r["engine"] == "llmos-baseline" and r["dtype"] == dtype)
         print(f"  {dtype:<5} decode {mine['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f}x"
