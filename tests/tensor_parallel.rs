@@ -347,25 +347,17 @@ async fn serves_unmigrated(
 ) {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        if let Ok(r) = inference.generate(ids_request(model, prompt, 8)).await {
-            let mut stream = r.into_inner();
-            let (mut ids, mut migrations, mut ok) = (Vec::new(), 0, true);
-            loop {
-                match stream.message().await {
-                    Ok(Some(m)) => {
-                        ids.extend(m.tokens.iter().map(|t| t.id));
-                        if let Some(u) = m.usage {
-                            migrations = u.migrations;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
-            }
-            if ok && migrations == 0 {
+        if let Ok(msgs) = collect(inference, ids_request(model, prompt, 8)).await {
+            let migrations = msgs
+                .iter()
+                .rev()
+                .find_map(|m| m.usage.as_ref())
+                .map_or(0, |u| u.migrations);
+            if migrations == 0 {
+                let ids: Vec<u32> = msgs
+                    .iter()
+                    .flat_map(|m| m.tokens.iter().map(|t| t.id))
+                    .collect();
                 assert_eq!(ids, want[..8], "a request after the restart");
                 return;
             }
