@@ -69,6 +69,9 @@ def report(engine, dtype, prefill_s, decode_tps):
 # Per row: the dtype llmos and transformers compute in, llmos' --quantize.
 KINDS = {"f32": ("f32", "none"), "bf16": ("bf16", "none"), "q4_1": ("f32", "file"), "q8_0": ("f32", "file")}
 last_llmos = {}
+# Every plain memory read the current binary's runs measured, per file:
+# {threads: [GB/s, ...]} (each run reads with 1 thread and with its own).
+reads_by_file = {}
 
 
 def llmos(dtype, gguf, binary=None, threads=None):
@@ -82,6 +85,9 @@ def llmos(dtype, gguf, binary=None, threads=None):
     ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     last_llmos[(dtype, threads or args.threads, binary)] = r
+    if binary is None:
+        for n, gbs in r["memory_read_gb_per_s"].items():
+            reads_by_file.setdefault(dtype, {}).setdefault(n, []).append(gbs)
     return r["prefill_s"], r["decode_tokens_per_s"]
 
 
@@ -203,16 +209,22 @@ for dtype, _ in files:
         o = next(r for r in rows if r["engine"] == peer and r["dtype"] == dtype)
         print(f"  {dtype:<5} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
               f"   prefill {o['prefill_s'] / mine['prefill_s']:.2f}x")
-print(f"\nthread scaling, 1 -> {args.threads} threads (gain = ratio - 1; a plain memory read of 256 MB by `llmos-worker bench`)")
+print(f"\nthread scaling, 1 -> {args.threads} threads (gain = ratio - 1; a plain memory read of 256 MB by `llmos-worker bench`,"
+      f" median of the reads every llmos run of the file made)")
 for dtype, _ in files:
     one = next(r for r in rows if r["engine"] == "llmos 1 thread" and r["dtype"] == dtype)
     many = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
-    reads = last_llmos[(dtype, args.threads, None)]["memory_read_gb_per_s"]
-    r1, rn = reads["1"], reads[str(args.threads)]
+    reads = reads_by_file[dtype]
+    r1, rn = statistics.median(reads["1"]), statistics.median(reads[str(args.threads)])
     dg = many["decode_tokens_per_s"] / one["decode_tokens_per_s"] - 1
     mg = rn / r1 - 1
     print(f"  {dtype:<5} decode {one['decode_tokens_per_s']:.1f} -> {many['decode_tokens_per_s']:.1f} tok/s (gain {dg * 100:+.0f}%);"
           f" memory read {r1:.1f} -> {rn:.1f} GB/s (gain {mg * 100:+.0f}%); decode gain / read gain {dg / mg if mg > 0 else float('nan'):.2f}")
+    # Weights each decoded token reads, from any run (the same per file).
+    last = last_llmos[(dtype, args.threads, None)]
+    gb = last["decode_weight_gb_per_s"] / last["decode_tokens_per_s"]
+    w1, wn = one["decode_tokens_per_s"] * gb, many["decode_tokens_per_s"] * gb
+    print(f"        weights streamed by decode {w1:.1f} -> {wn:.1f} GB/s: {w1 / r1 * 100:.0f}% -> {wn / rn * 100:.0f}% of the read's")
 k = last_llmos[("f32", args.threads, None)]["cpu_kernels"]
 print(f"\nkernel bodies chosen by calibration: blocks {k['blocks']}, bf16 {k['bf16']}; rates GB/s {k['calibration_gb_per_s']}")
 if args.baseline:

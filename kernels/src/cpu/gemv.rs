@@ -32,15 +32,17 @@ use crate::cpu::vecmath::f32_to_bf16;
 /// Tasks per pool thread in one product: a multiple of the thread count, so
 /// threads running at one speed finish together (with fixed 64-row tasks a
 /// 576-row projection was 5 tasks on one thread and 4 on the other, every
-/// layer), and a few of them, so a thread that runs slower leaves only a
-/// part for the other to wait on. Few: each task is a run of rows its
-/// thread streams with prefetch hints (`PREFETCH_AHEAD`), and every task
-/// starts that stream cold. Measured on the 2-vCPU Xeon with the hints
-/// (SmolLM2 decode on 2 threads, tok/s): Q8_0 160-178 with 1, 2 or 4
-/// tasks a thread, 162-166 with 16; Q4_1 206-215 with 1-4, 190 with 16.
-/// (Before the hints, on the 2-vCPU EPYC, 16-32 a thread waited least:
-/// ~19% of decode in the pool with 4, 13-15% with 16-32.)
-const TASKS_PER_THREAD: usize = 4;
+/// layer), and many of them, so a thread that runs slower or starts late
+/// leaves only the task in hand for the other to wait on. The pool gives
+/// each thread a contiguous share of the tasks, run in order (one stream of
+/// rows with prefetch hints, `PREFETCH_AHEAD`), and lets a thread that is
+/// done steal tasks from the back of the others' shares. Measured on the
+/// 2-vCPU Xeon (SmolLM2 decode on 2 threads, tok/s, interleaved runs):
+/// bf16 91-93 with 16 a thread or 64, 86-89 with 4; Q4_1 and Q8_0 the
+/// same with 4 or 16. (Before the pool's shares, when threads took tasks
+/// from one counter in turn, more tasks broke the streams: Q4_1 206-215
+/// with 1-4 tasks a thread, 190 with 16.)
+const TASKS_PER_THREAD: usize = 16;
 /// Fewer rows than this per task cost more in claiming than they balance.
 const MIN_ROWS_PER_TASK: usize = 16;
 
