@@ -1,9 +1,12 @@
 """Rewrites a GGUF with every tensor dequantized to F32 or BF16 (same weights,
 same metadata), so peers can be compared at equal precision; or with every
 matrix requantized to Q8_0 (from the dequantized values; norms stay F32),
-for a Q8_0 file of the same model.
+for a Q8_0 file of the same model; or q4_k_m: llama.cpp's own quantizer
+(through llama-cpp-python) makes its Q4_K_M file from IN (an F32 GGUF):
+Q4_K and Q6_K where a matrix's rows are whole 256-weight super-blocks, and
+llama.cpp's fallbacks (Q5_0, Q8_0) where they are not.
 
-Usage: convert_gguf.py IN.gguf OUT.gguf f32|bf16|q8_0
+Usage: convert_gguf.py IN.gguf OUT.gguf f32|bf16|q8_0|q4_k_m
 """
 
 import sys
@@ -13,8 +16,22 @@ import numpy as np
 from gguf.quants import dequantize, quantize
 
 
+def llama_cpp_q4_k_m(src, dst):
+    import ctypes
+
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {src} -> {dst}: {rc}")
+
+
 def main():
     src, dst, kind = sys.argv[1:4]
+    if kind == "q4_k_m":
+        return llama_cpp_q4_k_m(src, dst)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     r = gguf.GGUFReader(src)

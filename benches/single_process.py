@@ -4,7 +4,7 @@ float32 and bfloat16, with the same thread count, in one run, the engines
 taking turns round by round. Prints every figure (medians over rounds) and
 the ratios.
 
-With --q4_1/--q8_0, rows for those GGUF files too: llmos executes their
+With --q4_1/--q8_0/--q4_k_m, rows for those GGUF files too: llmos executes their
 blocks (`--quantize file`, f32 activations), llama.cpp runs the same file,
 transformers its dequantized f32 weights. Each engine's peak RSS is
 measured in a process of its own (one load and a short run) after the
@@ -12,7 +12,7 @@ rounds. llmos also runs on 1 thread in every round: its decode gain from 1
 to N threads is printed against a plain memory read's (measured by
 `llmos-worker bench`).
 
-Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--q4_1 GGUF] [--q8_0 GGUF]
+Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--q4_1 GGUF] [--q8_0 GGUF] [--q4_k_m GGUF]
                          [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
                          [--baseline OTHER_LLMOS_BIN]
 
@@ -42,6 +42,7 @@ p.add_argument("--repeat", type=int, default=5)
 p.add_argument("--baseline", default=None, help="another llmos-worker binary to compare with")
 p.add_argument("--q4_1", default=None, help="a Q4_1 GGUF of the model")
 p.add_argument("--q8_0", default=None, help="a Q8_0 GGUF of the model")
+p.add_argument("--q4_k_m", default=None, help="llama.cpp's Q4_K_M GGUF of the model")
 p.add_argument("--rss", nargs=3, metavar=("ENGINE", "DTYPE", "GGUF"), default=None,
                help="(internal) load one peer engine, run it briefly, print its peak RSS in MB")
 args = p.parse_args()
@@ -67,7 +68,8 @@ def report(engine, dtype, prefill_s, decode_tps):
 
 
 # Per row: the dtype llmos and transformers compute in, llmos' --quantize.
-KINDS = {"f32": ("f32", "none"), "bf16": ("bf16", "none"), "q4_1": ("f32", "file"), "q8_0": ("f32", "file")}
+KINDS = {"f32": ("f32", "none"), "bf16": ("bf16", "none"), "q4_1": ("f32", "file"), "q8_0": ("f32", "file"),
+         "q4_k_m": ("f32", "file")}
 last_llmos = {}
 # Every plain memory read the current binary's runs measured, per file:
 # {threads: [GB/s, ...]} (each run reads with 1 thread and with its own).
@@ -168,7 +170,7 @@ def peer_rss(engine, dtype, gguf):
 
 
 files = [("f32", args.f32_gguf), ("bf16", args.bf16_gguf)]
-files += [(k, f) for k, f in (("q4_1", args.q4_1), ("q8_0", args.q8_0)) if f]
+files += [(k, f) for k, f in (("q4_1", args.q4_1), ("q8_0", args.q8_0), ("q4_k_m", args.q4_k_m)) if f]
 rows = []
 for dtype, gguf in files:
     engines = {
@@ -197,17 +199,17 @@ for dtype, gguf in files:
             row["peak_rss_mb"] = peer_rss(row["engine"], dtype, gguf)
 
 print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat} rounds, engines in turn)")
-print("(q4_1 / q8_0 rows: llmos executes the file's blocks with f32 activations, llama.cpp the same file, transformers its dequantized f32 weights)")
-print(f"{'engine':<16}{'file':<6}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+print("(q4_1 / q8_0 / q4_k_m rows: llmos executes the file's blocks with f32 activations, llama.cpp the same file, transformers its dequantized f32 weights)")
+print(f"{'engine':<16}{'file':<8}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
 for r in rows:
     rss = f"{r['peak_rss_mb']:>13.0f}" if "peak_rss_mb" in r else f"{'':>13}"
-    print(f"{r['engine']:<16}{r['dtype']:<6}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{rss}")
+    print(f"{r['engine']:<16}{r['dtype']:<8}{r['prefill_s'] * 1e3:>12.1f}{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{rss}")
 print("\nratios (llmos / peer; >1 means llmos is faster)")
 for dtype, _ in files:
     mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
     for peer in ("transformers", "llama.cpp"):
         o = next(r for r in rows if r["engine"] == peer and r["dtype"] == dtype)
-        print(f"  {dtype:<5} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
+        print(f"  {dtype:<6} vs {peer:<13} decode {mine['decode_tokens_per_s'] / o['decode_tokens_per_s']:.2f}x"
               f"   prefill {o['prefill_s'] / mine['prefill_s']:.2f}x")
 print(f"\nthread scaling, 1 -> {args.threads} threads (gain = ratio - 1; a plain memory read of 256 MB by `llmos-worker bench`,"
       f" median of the reads every llmos run of the file made)")
@@ -218,7 +220,7 @@ for dtype, _ in files:
     r1, rn = statistics.median(reads["1"]), statistics.median(reads[str(args.threads)])
     dg = many["decode_tokens_per_s"] / one["decode_tokens_per_s"] - 1
     mg = rn / r1 - 1
-    print(f"  {dtype:<5} decode {one['decode_tokens_per_s']:.1f} -> {many['decode_tokens_per_s']:.1f} tok/s (gain {dg * 100:+.0f}%);"
+    print(f"  {dtype:<6} decode {one['decode_tokens_per_s']:.1f} -> {many['decode_tokens_per_s']:.1f} tok/s (gain {dg * 100:+.0f}%);"
           f" memory read {r1:.1f} -> {rn:.1f} GB/s (gain {mg * 100:+.0f}%); decode gain / read gain {dg / mg if mg > 0 else float('nan'):.2f}")
     # Weights each decoded token reads, from any run (the same per file).
     last = last_llmos[(dtype, args.threads, None)]
@@ -232,6 +234,6 @@ if args.baseline:
     for dtype in dict.fromkeys(r["dtype"] for r in rows if r["engine"] == "llmos-baseline"):
         mine = next(r for r in rows if r["engine"] == "llmos" and r["dtype"] == dtype)
         base = next(r for r in rows if r["engine"] == "llmos-baseline" and r["dtype"] == dtype)
-        print(f"  {dtype:<5} decode {mine['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f}x"
+        print(f"  {dtype:<6} decode {mine['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f}x"
               f"   prefill {base['prefill_s'] / mine['prefill_s']:.3f}x")
 print(json.dumps(rows))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Single-process benchmark: llmos vs transformers vs llama.cpp on SmolLM2.
 # Installs llama-cpp-python (builds llama.cpp from source, several minutes the
-# first time) and converts the embedded GGUF to F32, BF16 and Q8_0 once; the
-# embedded Q4_1 file itself is the Q4_1 row.
+# first time) and converts the embedded GGUF to F32, BF16 and Q8_0 once, and
+# the F32 one to llama.cpp's Q4_K_M with llama.cpp's quantizer; the embedded
+# Q4_1 file itself is the Q4_1 row.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/env.sh"
 cd "$LLMOS_ROOT"
@@ -21,5 +22,8 @@ mkdir -p "$dir"
 for k in f32 bf16 q8_0; do
   [ -f "$dir/smollm2-$k.gguf" ] || "$LLMOS_PYTHON" benches/convert_gguf.py "$LLMOS_SMOLLM2_GGUF" "$dir/smollm2-$k.gguf" $k
 done
+# llama.cpp's own Q4_K_M of the F32 file.
+[ -f "$dir/smollm2-q4_k_m.gguf" ] || "$LLMOS_PYTHON" benches/convert_gguf.py "$dir/smollm2-f32.gguf" "$dir/smollm2-q4_k_m.gguf" q4_k_m
 exec "$LLMOS_PYTHON" benches/single_process.py "$CARGO_TARGET_DIR/release/llmos-worker" \
-  "$dir/smollm2-f32.gguf" "$dir/smollm2-bf16.gguf" --q4_1 "$LLMOS_SMOLLM2_GGUF" --q8_0 "$dir/smollm2-q8_0.gguf" "$@"
+  "$dir/smollm2-f32.gguf" "$dir/smollm2-bf16.gguf" --q4_1 "$LLMOS_SMOLLM2_GGUF" --q8_0 "$dir/smollm2-q8_0.gguf" \
+  --q4_k_m "$dir/smollm2-q4_k_m.gguf" "$@"

@@ -191,6 +191,8 @@ fn every_supported_gguf_tensor_type_loads_exactly() {
         GgmlType::Q8_0,
         GgmlType::Q4_1,
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
     ] {
         let typed = load(&tiny_gguf(dir.path(), &format!("{ty:?}.gguf"), ty, |_| {})).unwrap();
         let exact = load(&tiny_gguf_as(
@@ -215,7 +217,7 @@ fn every_supported_gguf_tensor_type_loads_exactly() {
         );
         // Block types also execute in their blocks (`file`): the prompt and
         // one-token decode steps give the same logits.
-        if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_1 | GgmlType::Q4_0) {
+        if ty.is_quantized() {
             let path = dir.path().join(format!("{ty:?}.gguf"));
             let kept = load_with(&path, llmos_worker::Quantization::File).unwrap();
             assert!(
@@ -268,13 +270,13 @@ fn unsupported_architecture_and_tensor_type_are_named() {
         &load_err(&path),
         &["arch.gguf", "gptneox", "unsupported architecture"],
     );
-    // Q4_K (type 12) is not read yet.
-    let path = tiny_gguf(dir.path(), "q4k.gguf", GgmlType::F32, |f| {
-        f.raw_type = Some(("blk.0.attn_q.weight".into(), 12))
+    // Q2_K (type 10) is not read.
+    let path = tiny_gguf(dir.path(), "q2k.gguf", GgmlType::F32, |f| {
+        f.raw_type = Some(("blk.0.attn_q.weight".into(), 10))
     });
     assert_names(
         &load_err(&path),
-        &["q4k.gguf", "blk.0.attn_q.weight", "Q4_K", "Q4_1"],
+        &["q2k.gguf", "blk.0.attn_q.weight", "Q2_K", "Q4_K"],
     );
 }
 

@@ -120,6 +120,43 @@ fn smollm2_gguf_matches_transformers() {
     check_model("smollm2", &r);
 }
 
+/// A file of llama.cpp's K-quant types (Q4_K, Q6_K, with the Q5_0/Q5_1
+/// its quantizer falls back to for 576-column matrices, and Q8_0;
+/// `mixed_block_smollm2`) read by transformers (dequantized by gguf-py)
+/// and by llmos: dequantized at load, logits within the f32 tolerance and
+/// the same greedy continuations; kept in its blocks (`--quantize file`),
+/// logits within 1e-3 (the blocks multiply f32 activations in another
+/// order than the dequantized matrix product).
+#[test]
+fn smollm2_k_quant_file_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = mixed_block_smollm2(&dir.path().join("smollm2-k-quants.gguf"));
+    let spec = path.to_str().unwrap();
+    let out = dir.path().join("reference");
+    std::fs::create_dir(&out).unwrap();
+    let r = reference("gguf", spec, &out);
+    let dense = load(spec, Kind::Float);
+    let diff = worst_logit_diff(&dense, &r);
+    eprintln!("K-quant file, dequantized: worst logit max-abs diff {diff:.3e}");
+    assert!(
+        diff <= F32_LOGIT_TOL,
+        "dequantized: logits differ by {diff}"
+    );
+    for p in &r.prompts {
+        assert_eq!(
+            greedy(&dense, &p.ids, 64),
+            p.greedy,
+            "dequantized: greedy continuation of {:?}",
+            p.ids
+        );
+    }
+    drop(dense);
+    let blocks = load_quantized(spec, Kind::Float, llmos_worker::Quantization::File);
+    let diff = worst_logit_diff(&blocks, &r);
+    eprintln!("K-quant file, in blocks: worst logit max-abs diff {diff:.3e}");
+    assert!(diff <= 1e-3, "in blocks: logits differ by {diff}");
+}
+
 #[test]
 fn tiny_llama_gqa_untied_llama3_rope_safetensors_matches_transformers() {
     let out = tempfile::tempdir().unwrap();

@@ -342,3 +342,50 @@ fn argmax(x: &[f32]) -> u32 {
         )
         .0 as u32
 }
+
+/// The embedded SmolLM2 rewritten with the block types llama.cpp's
+/// `Q4_K_M`/`Q5_K_M` files hold, as `path`: each layer's `ffn_down`
+/// (1536 columns, whole 256-weight super-blocks) in Q4_K on even layers
+/// and Q6_K on odd ones; the other matrices (576 columns, which K-quants
+/// cannot cut, so llama.cpp falls back to these) in Q5_0 on even layers
+/// and Q5_1 on odd ones; the tied embedding in Q8_0; norms in F32. Values
+/// are the embedded file's, dequantized and quantized again.
+pub fn mixed_block_smollm2(path: &Path) -> PathBuf {
+    use llmos_meta::gguf::GgufFile;
+    use llmos_meta::gguf_writer::GgufWriter;
+    use llmos_meta::quant::{dequantize_into, GgmlType};
+    let src = GgufFile::open(llmos_meta::source::embedded_model_path().unwrap()).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &src.metadata {
+        // The writer adds its own alignment; the rest is copied.
+        if k != "general.alignment" {
+            w.meta(k, v.clone());
+        }
+    }
+    for name in src.tensor_names() {
+        let info = src.tensor(name).unwrap();
+        let numel: usize = info.shape.iter().product();
+        let mut values = vec![0f32; numel];
+        dequantize_into(info.ty, src.tensor_bytes(info), &mut values);
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let ty = match (info.shape.len(), layer) {
+            (1, _) => GgmlType::F32,
+            (_, None) => GgmlType::Q8_0,
+            (_, Some(l)) if name.ends_with("ffn_down.weight") => {
+                if l % 2 == 0 {
+                    GgmlType::Q4_K
+                } else {
+                    GgmlType::Q6_K
+                }
+            }
+            (_, Some(l)) if l % 2 == 0 => GgmlType::Q5_0,
+            _ => GgmlType::Q5_1,
+        };
+        w.tensor(name, &info.shape, ty, &values);
+    }
+    std::fs::write(path, w.to_bytes()).unwrap();
+    path.to_path_buf()
+}

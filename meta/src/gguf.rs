@@ -360,6 +360,11 @@ impl GgufFile {
         &self.path
     }
 
+    /// The tensors' names, in order.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.tensors.get(name)
     }

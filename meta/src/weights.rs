@@ -323,9 +323,7 @@ impl WeightSource for GgufWeights {
         let Some(info) = self.file.tensor(&name) else {
             return Ok(None);
         };
-        if !matches!(info.ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
-            || info.shape.len() != 2
-        {
+        if !info.ty.is_quantized() || info.shape.len() != 2 {
             return Ok(None);
         }
         let (ty, rows, cols) = (info.ty, info.shape[0], info.shape[1]);

@@ -1,22 +1,27 @@
 //! Products with GGUF block-quantized weights kept in their blocks (Q8_0,
-//! Q4_0, Q4_1; formats in `llmos_meta::quant`): decode reads a quarter
-//! (Q4) or a half (Q8) of the bytes of bf16 weights, and decode is bound by
-//! the bytes it reads.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K; formats in `llmos_meta::quant`):
+//! decode reads a quarter (Q4) to a half (Q8) of the bytes of bf16 weights,
+//! and decode is bound by the bytes it reads.
 //!
 //! Each block is dequantized in registers and multiplied with f32
 //! activations, accumulating in f32: the result is the product with the
 //! dequantized weight (`llmos_meta::quant::dequantize_into`) up to
 //! summation order. The activations are not quantized (llama.cpp rounds
 //! them to 8 bits for its integer dot products; we keep the dequantized
-//! model's exact logits). For Q4 blocks `w = q·d + m` (Q4_0: `m = -8d`), so
-//! a block's share of a dot product is `d·Σ q·x + m·Σ x`; the per-block
-//! sums of `x` are computed once per product.
+//! model's exact logits). For Q4/Q5 blocks `w = q·d + m` (Q4_0: `m = -8d`,
+//! Q5_0: `m = -16d`), so a block's share of a dot product is
+//! `d·Σ q·x + m·Σ x`; the per-block sums of `x` are computed once per
+//! product. Q4_K's 32-weight sub-blocks are the same with `d·sc` and
+//! `-dmin·m`; Q6_K's 16-weight ones take `(d·sc)·Σ (q - 32)·x`.
 //!
 //! One activation row (decode) takes the fused bodies; a few rows
 //! dequantize each weight row once into a buffer and take the f32 dot
 //! product per activation row; prompts dequantize whole weights
 //! ([`dequantize_rows`]) for a general matrix product. Bodies: portable,
 //! AVX2/FMA/F16C and AVX-512, chosen per machine by `calibrate::choice`.
+//! Q5_0, Q5_1, Q4_K and Q6_K have fused AVX-512 bodies only: on a CPU
+//! without AVX-512 (or where the calibration picks AVX2) their blocks are
+//! dequantized one at a time into a buffer the f32 dot product reads.
 
 use llmos_meta::quant::{dequantize_into, GgmlType};
 
@@ -39,6 +44,11 @@ pub struct Blocks<'a> {
 
 /// Whether products read `ty` in its blocks.
 pub fn is_block_type(ty: GgmlType) -> bool {
+    ty.is_quantized()
+}
+
+/// Whether `ty` has fused bodies for AVX2 as well as AVX-512.
+fn has_avx2_body(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
 }
 
@@ -48,12 +58,13 @@ impl<'a> Blocks<'a> {
     pub fn new(ty: GgmlType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, String> {
         if !is_block_type(ty) {
             return Err(format!(
-                "{ty:?} is not a block type the kernels read (Q8_0, Q4_0, Q4_1)"
+                "{ty:?} is not a block type the kernels read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K)"
             ));
         }
-        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+        let bs = ty.block_size();
+        if cols == 0 || !cols.is_multiple_of(bs) {
             return Err(format!(
-                "{cols} columns are not whole {BLOCK}-weight blocks"
+                "{cols} columns are not whole {bs}-weight {ty:?} blocks"
             ));
         }
         let want = rows * row_bytes(ty, cols);
@@ -87,15 +98,43 @@ pub fn row_bytes(ty: GgmlType, cols: usize) -> usize {
 }
 
 /// What the two f16 at the start of each block are multiplied by to give
-/// the block's `m·Σx` term, interleaved as the blocks hold them: Q4_1
-/// `[0, Σx]` (`d`, `m`), Q4_0 `[-8·Σx, 0]` (`m = -8d`); empty for Q8_0.
+/// the block's `m·Σx` term, interleaved as the blocks hold them: Q4_1 and
+/// Q5_1 `[0, Σx]` (`d`, `m`), Q4_0 `[-8·Σx, 0]` (`m = -8d`), Q5_0
+/// `[-16·Σx, 0]`; for Q4_K each 32-weight sub-block's `Σx`; empty for
+/// Q8_0 and Q6_K.
 fn scale_weights(ty: GgmlType, x: &[f32]) -> Vec<f32> {
     let sums = x.chunks_exact(BLOCK).map(|c| c.iter().sum::<f32>());
     match ty {
-        GgmlType::Q4_1 => sums.flat_map(|s| [0.0, s]).collect(),
+        GgmlType::Q4_1 | GgmlType::Q5_1 => sums.flat_map(|s| [0.0, s]).collect(),
         GgmlType::Q4_0 => sums.flat_map(|s| [-8.0 * s, 0.0]).collect(),
+        GgmlType::Q5_0 => sums.flat_map(|s| [-16.0 * s, 0.0]).collect(),
+        GgmlType::Q4_K => sums.collect(),
         _ => Vec::new(),
     }
+}
+
+/// The body products of `ty` take where `body` was chosen: types with an
+/// AVX-512 body only take it wherever the CPU has it.
+fn body_for(body: Body, ty: GgmlType) -> Body {
+    if body == Body::Avx2 && !has_avx2_body(ty) && calibrate::available().contains(&Body::Avx512) {
+        Body::Avx512
+    } else {
+        body
+    }
+}
+
+/// `w_row · x` by dequantizing one block at a time into a buffer.
+fn dot_dequantized(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+    let (bs, bb) = (ty.block_size(), ty.block_bytes());
+    let mut w = [0f32; llmos_meta::quant::QK_K];
+    let w = &mut w[..bs];
+    row.chunks_exact(bb)
+        .zip(x.chunks_exact(bs))
+        .map(|(b, xb)| {
+            dequantize_into(ty, b, w);
+            <f32 as WeightElem>::dot(w, xb)
+        })
+        .sum()
 }
 
 /// `w_row · x` with the chosen body (`xs`: `scale_weights(x)`).
@@ -107,31 +146,28 @@ fn dot(body: Body, ty: GgmlType, row: &[u8], x: &[f32], xs: &[f32]) -> f32 {
         // SAFETY: the body is only chosen where the CPU has its features;
         // `row` holds `nb` blocks of `ty`, `x` `nb * 32` values and `xs`
         // `2 * nb` scale weights (Q4; unread for Q8_0).
-        Body::Avx2 => unsafe {
+        Body::Avx2 if has_avx2_body(ty) => unsafe {
             match ty {
                 GgmlType::Q8_0 => x86::dot_q8_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
                 _ => x86::dot_q4_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
             }
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
+        // SAFETY: as above; for K-quants `row` holds `x.len() / 256`
+        // super-blocks and `xs` (Q4_K) a sum per 32 values.
         Body::Avx512 => unsafe {
+            let nsb = x.len() / llmos_meta::quant::QK_K;
             match ty {
                 GgmlType::Q8_0 => x86::dot_q8_avx512(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+                GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                    x86::dot_q5_avx512(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr())
+                }
+                GgmlType::Q4_K => x86::dot_q4k_avx512(row.as_ptr(), nsb, x.as_ptr(), xs.as_ptr()),
+                GgmlType::Q6_K => x86::dot_q6k_avx512(row.as_ptr(), nsb, x.as_ptr()),
                 _ => x86::dot_q4_avx512(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
             }
         },
-        _ => {
-            let mut w = [0f32; BLOCK];
-            let bb = ty.block_bytes();
-            row.chunks_exact(bb)
-                .zip(x.chunks_exact(BLOCK))
-                .map(|(b, xb)| {
-                    dequantize_into(ty, b, &mut w);
-                    w.iter().zip(xb).map(|(a, b)| a * b).sum::<f32>()
-                })
-                .sum()
-        }
+        _ => dot_dequantized(ty, row, x),
     }
 }
 
@@ -141,7 +177,7 @@ fn dequantize_row(body: Body, ty: GgmlType, row: &[u8], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the body's features are present (AVX-512 implies the
         // AVX2 set); `row` holds `out.len() / 32` blocks.
-        Body::Avx2 | Body::Avx512 => unsafe {
+        Body::Avx2 | Body::Avx512 if has_avx2_body(ty) => unsafe {
             x86::dequantize_avx2(ty, row.as_ptr(), out.len() / BLOCK, out.as_mut_ptr())
         },
         _ => dequantize_into(ty, row, out),
@@ -164,6 +200,7 @@ pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y
     );
     let b = x.len() / cols;
     assert_eq!(y.len(), b * w.rows, "gemv_blocks: y is not b x rows");
+    let body = body_for(body, w.ty);
     if b == 0 {
         return;
     }
@@ -227,6 +264,7 @@ pub fn dequantize_row_of(w: Blocks<'_>, r: usize, out: &mut [f32]) {
 /// `dot` of every row once, single-threaded: what the calibration times.
 pub(crate) fn sweep(body: Body, w: Blocks<'_>, x: &[f32]) -> f32 {
     let xs = scale_weights(w.ty, x);
+    let body = body_for(body, w.ty);
     (0..w.rows).map(|r| dot(body, w.ty, w.row(r), x, &xs)).sum()
 }
 
@@ -306,10 +344,11 @@ mod x86 {
     }
 
     /// Block layout: bytes per block, offset of the weights (after `d`, and
-    /// `m` in Q4_1), whether the second f16 is `m`.
+    /// `m` in Q4_1/Q5_1; Q5's start with `qh`), whether the second f16 is
+    /// `m`.
     fn layout(ty: GgmlType) -> (usize, usize, bool) {
-        let q4_1 = ty == GgmlType::Q4_1;
-        (ty.block_bytes(), if q4_1 { 4 } else { 2 }, q4_1)
+        let keep_m = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+        (ty.block_bytes(), if keep_m { 4 } else { 2 }, keep_m)
     }
 
     /// `Σ q·x` of one block (its integers widened to f32) against the 32
@@ -341,6 +380,24 @@ mod x86 {
                 hi,
                 _mm512_loadu_ps($xb.add(16)),
                 _mm512_mul_ps(lo, _mm512_loadu_ps($xb)),
+            )
+        }};
+    }
+    /// A Q5 block's `Σ q·x` from `$p` (its `qh`, then 16 bytes of
+    /// nibbles): each weight's fifth bit set from `qh` by mask.
+    macro_rules! q5_sum16 {
+        ($p:expr, $xb:expr) => {{
+            let qh = ($p as *const u32).read_unaligned();
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128($p.add(4) as *const __m128i));
+            let sixteen = _mm512_set1_epi32(16);
+            let lo = _mm512_and_si512(q, _mm512_set1_epi32(0x0f));
+            let lo = _mm512_mask_or_epi32(lo, qh as __mmask16, lo, sixteen);
+            let hi = _mm512_srli_epi32::<4>(q);
+            let hi = _mm512_mask_or_epi32(hi, (qh >> 16) as __mmask16, hi, sixteen);
+            _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(hi),
+                _mm512_loadu_ps($xb.add(16)),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps($xb)),
             )
         }};
     }
@@ -422,6 +479,7 @@ mod x86 {
                     acc0 = $fma($set1(d), s, acc0);
                     if $q4 {
                         let m = if q4_1 { f16_at!(p.add(2)) } else { 0.0 };
+                        // (`q4_1`: the block has an `m`, Q4_1 or Q5_1.)
                         tail += d * *sw.add(2 * b) + m * *sw.add(2 * b + 1);
                     }
                     b += 1;
@@ -475,6 +533,125 @@ mod x86 {
         q8_sum16,
         false
     );
+
+    dot_body!(
+        dot_q5_avx512,
+        "avx512f,avx2,fma,f16c",
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_reduce_add_ps,
+        q5_sum16,
+        true
+    );
+
+    /// Hints for the `lines` cache lines `PREFETCH_AHEAD` bytes past `p`.
+    macro_rules! prefetch_ahead {
+        ($p:expr, $lines:expr) => {
+            let a = ($p as *const i8).wrapping_add(crate::cpu::PREFETCH_AHEAD);
+            for line in 0..$lines {
+                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(64 * line));
+            }
+        };
+    }
+
+    /// Q4_K row · x: `nsb` super-blocks at `row`, `xs` the sum of each 32
+    /// values of `x`. Each sub-block adds `(d·sc)·Σ q·x - (dmin·m)·Σ x`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_avx512(row: *const u8, nsb: usize, x: *const f32, xs: *const f32) -> f32 {
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut mins = 0f32;
+        let mask = _mm512_set1_epi32(0x0f);
+        for sb in 0..nsb {
+            let p = row.add(sb * 144);
+            prefetch_ahead!(p, 3);
+            let (d, dmin) = (f16_at!(p), f16_at!(p.add(2)));
+            let scales = std::slice::from_raw_parts(p.add(4), 12);
+            let (xb, sums) = (x.add(sb * 256), xs.add(sb * 8));
+            for j in 0..4 {
+                let (sc0, m0) = llmos_meta::quant::k_scale_min(2 * j, scales);
+                let (sc1, m1) = llmos_meta::quant::k_scale_min(2 * j + 1, scales);
+                let q = p.add(16 + 32 * j);
+                let qa = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
+                let qb = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.add(16) as *const __m128i));
+                let x0 = xb.add(64 * j);
+                let s0 = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_and_si512(qb, mask)),
+                    _mm512_loadu_ps(x0.add(16)),
+                    _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_and_si512(qa, mask)),
+                        _mm512_loadu_ps(x0),
+                    ),
+                );
+                let s1 = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qb)),
+                    _mm512_loadu_ps(x0.add(48)),
+                    _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(qa)),
+                        _mm512_loadu_ps(x0.add(32)),
+                    ),
+                );
+                acc0 = _mm512_fmadd_ps(_mm512_set1_ps(d * sc0 as f32), s0, acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_set1_ps(d * sc1 as f32), s1, acc1);
+                mins +=
+                    dmin * m0 as f32 * *sums.add(2 * j) + dmin * m1 as f32 * *sums.add(2 * j + 1);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - mins
+    }
+
+    /// Q6_K row · x: `nsb` super-blocks at `row`. Each 16 weights add
+    /// `(d·sc)·Σ (q - 32)·x`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_q6k_avx512(row: *const u8, nsb: usize, x: *const f32) -> f32 {
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (m4, m3, off) = (
+            _mm512_set1_epi32(0x0f),
+            _mm512_set1_epi32(3),
+            _mm512_set1_epi32(32),
+        );
+        for sb in 0..nsb {
+            let p = row.add(sb * 210);
+            prefetch_ahead!(p, 4);
+            let d = f16_at!(p.add(208));
+            for h in 0..2 {
+                let (ql, qh) = (p.add(64 * h), p.add(128 + 32 * h));
+                let sc = p.add(192 + 8 * h) as *const i8;
+                let xb = x.add(sb * 256 + 128 * h);
+                for half in 0..2 {
+                    let l = 16 * half;
+                    let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l) as *const __m128i));
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l + 32) as *const __m128i));
+                    let hb = _mm512_cvtepu8_epi32(_mm_loadu_si128(qh.add(l) as *const __m128i));
+                    let high = |bits: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(bits, m3));
+                    let q = [
+                        _mm512_or_si512(_mm512_and_si512(a, m4), high(hb)),
+                        _mm512_or_si512(_mm512_and_si512(b, m4), high(_mm512_srli_epi32::<2>(hb))),
+                        _mm512_or_si512(
+                            _mm512_srli_epi32::<4>(a),
+                            high(_mm512_srli_epi32::<4>(hb)),
+                        ),
+                        _mm512_or_si512(
+                            _mm512_srli_epi32::<4>(b),
+                            high(_mm512_srli_epi32::<6>(hb)),
+                        ),
+                    ];
+                    for (k, q) in q.into_iter().enumerate() {
+                        let w = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
+                        let s = _mm512_mul_ps(w, _mm512_loadu_ps(xb.add(32 * k + l)));
+                        let scale = _mm512_set1_ps(d * *sc.add(half + 2 * k) as f32);
+                        if k % 2 == 0 {
+                            acc0 = _mm512_fmadd_ps(scale, s, acc0);
+                        } else {
+                            acc1 = _mm512_fmadd_ps(scale, s, acc1);
+                        }
+                    }
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
 
     /// `nb` blocks of `ty` at `row` dequantized to `out`, 8 lanes a step.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -535,11 +712,20 @@ mod tests {
     #[test]
     fn block_products_equal_the_dequantized_product() {
         let pool = SpinPool::new(2);
-        // 8 blocks a row (one group of scales), 11 (a group and a tail).
-        for (ty, cols) in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1]
-            .into_iter()
-            .flat_map(|t| [(t, 256), (t, 352)])
-        {
+        // 8 blocks a row (one group of scales), 11 (a group and a tail);
+        // K-quants: one and three super-blocks.
+        let types = [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+        ];
+        for (ty, cols) in types.into_iter().flat_map(|t| [(t, 256), (t, 352)]).chain(
+            [GgmlType::Q4_K, GgmlType::Q6_K]
+                .into_iter()
+                .flat_map(|t| [(t, 256), (t, 768)]),
+        ) {
             let rows = 67;
             let data = quantize(ty, &values(rows * cols, 7));
             let w = Blocks::new(ty, &data, rows, cols).unwrap();

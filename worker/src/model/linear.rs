@@ -1,7 +1,8 @@
 //! `Linear`: a weight `[out, in]` with optional bias, held in the model's
 //! dtype, as int8 with per-output-channel scales (weight-only
 //! quantization, [`Quantization::Int8`]), or in GGUF blocks (Q8_0, Q4_0,
-//! Q4_1: [`Quantization::Blocks`], [`Quantization::File`]).
+//! Q4_1 named or as the file holds them, and Q5_0, Q5_1, Q4_K, Q6_K as the
+//! file holds them: [`Quantization::Blocks`], [`Quantization::File`]).
 //!
 //! Block weights are multiplied in their blocks (`kernels::cpu::quant`)
 //! for up to `SMALL_BATCH` rows; larger batches dequantize the weight to
@@ -39,8 +40,9 @@ pub enum Quantization {
     /// and head stay in the model's dtype.
     Blocks(GgmlType),
     /// Every weight as the GGUF file quantizes it: the layers' linears and
-    /// the head in the file's blocks where they are Q8_0/Q4_0/Q4_1, the
-    /// rest in the model's dtype (dequantized).
+    /// the head in the file's blocks where they are of a block type
+    /// (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), the rest in the model's
+    /// dtype (dequantized).
     File,
 }
 
@@ -95,7 +97,7 @@ enum Store {
         scales: Tensor,
         scales_f32: Vec<f32>,
     },
-    /// GGUF blocks of `ty`: a CPU uint8 tensor `[out, in / 32 * block
+    /// GGUF blocks of `ty`: a CPU uint8 tensor `[out, in / block size * block
     /// bytes]`.
     Blocks { ty: GgmlType, data: Tensor },
 }
