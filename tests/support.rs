@@ -348,8 +348,9 @@ fn argmax(x: &[f32]) -> u32 {
 /// (1536 columns, whole 256-weight super-blocks) in Q4_K on even layers
 /// and Q6_K on odd ones; the other matrices (576 columns, which K-quants
 /// cannot cut, so llama.cpp falls back to these) in Q5_0 on even layers
-/// and Q5_1 on odd ones; the tied embedding in Q8_0; norms in F32. Values
-/// are the embedded file's, dequantized and quantized again.
+/// and Q5_1 on odd ones, but `attn_v` in Q8_0 on even layers and Q5_0 on
+/// odd ones; the tied embedding in Q8_0; norms in F32. Values are the
+/// embedded file's, dequantized and quantized again.
 pub fn mixed_block_smollm2(path: &Path) -> PathBuf {
     use llmos_meta::gguf::GgufFile;
     use llmos_meta::gguf_writer::GgufWriter;
@@ -379,6 +380,16 @@ pub fn mixed_block_smollm2(path: &Path) -> PathBuf {
                     GgmlType::Q4_K
                 } else {
                     GgmlType::Q6_K
+                }
+            }
+            // `attn_v` in another type than `attn_q`/`attn_k`, as
+            // llama.cpp's K-quant mixes have it: the fused q/k/v
+            // projection holds parts of two types.
+            (_, Some(l)) if name.ends_with("attn_v.weight") => {
+                if l % 2 == 0 {
+                    GgmlType::Q8_0
+                } else {
+                    GgmlType::Q5_0
                 }
             }
             (_, Some(l)) if l % 2 == 0 => GgmlType::Q5_0,

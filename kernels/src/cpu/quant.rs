@@ -193,42 +193,82 @@ pub fn gemv_blocks(pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
 /// `gemv_blocks` with a given body (tests and the calibration compare
 /// bodies).
 pub fn gemv_blocks_with(body: Body, pool: &SpinPool, w: Blocks<'_>, x: &[f32], y: &mut [f32]) {
-    let cols = w.cols;
+    gemv_block_parts_with(body, pool, &[w], x, y)
+}
+
+/// `gemv_blocks` of a weight whose rows are `parts` one after another,
+/// each part of its own block type (a fused projection whose weights a
+/// file stores in different types, e.g. a K-quant file's `attn_v` beside
+/// its `attn_q`), in one pool job: `y[i * rows + r]` for the parts' rows
+/// `r` counted across them.
+pub fn gemv_block_parts(pool: &SpinPool, parts: &[Blocks<'_>], x: &[f32], y: &mut [f32]) {
+    gemv_block_parts_with(calibrate::choice().blocks, pool, parts, x, y)
+}
+
+fn gemv_block_parts_with(
+    body: Body,
+    pool: &SpinPool,
+    parts: &[Blocks<'_>],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    assert!(!parts.is_empty(), "gemv_blocks: no weight");
+    let cols = parts[0].cols;
+    assert!(
+        parts.iter().all(|p| p.cols == cols),
+        "gemv_blocks: parts of different widths"
+    );
     assert!(
         x.len().is_multiple_of(cols),
         "gemv_blocks: x is not b x {cols}"
     );
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
     let b = x.len() / cols;
-    assert_eq!(y.len(), b * w.rows, "gemv_blocks: y is not b x rows");
-    let body = body_for(body, w.ty);
+    assert_eq!(y.len(), b * rows, "gemv_blocks: y is not b x rows");
     if b == 0 {
         return;
     }
-    let sums: Vec<Vec<f32>> = x
-        .chunks_exact(cols)
-        .map(|r| scale_weights(w.ty, r))
+    // Per part: its body, its first row, each activation row's scale sums.
+    let mut first_row = 0;
+    let parts: Vec<(Blocks<'_>, Body, usize, Vec<Vec<f32>>)> = parts
+        .iter()
+        .map(|w| {
+            let sums = x
+                .chunks_exact(cols)
+                .map(|r| scale_weights(w.ty, r))
+                .collect();
+            let at = first_row;
+            first_row += w.rows;
+            (*w, body_for(body, w.ty), at, sums)
+        })
         .collect();
     let out = SharedSlot(y.as_mut_ptr());
-    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), w.rows);
-    pool.run(w.rows.div_ceil(per_task), &|task| {
-        let first = task * per_task;
-        let end = (first + per_task).min(w.rows);
-        if b == 1 {
-            for r in first..end {
-                let v = dot(body, w.ty, w.row(r), x, &sums[0]);
-                // SAFETY: row `r` is this task's.
-                unsafe { *out.at(r) = v };
+    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), rows);
+    pool.run(rows.div_ceil(per_task), &|task| {
+        let (first, end) = (task * per_task, ((task + 1) * per_task).min(rows));
+        let mut buf = Vec::new();
+        for (w, body, at, sums) in &parts {
+            let (lo, hi) = (first.max(*at), end.min(at + w.rows));
+            if lo >= hi {
+                continue;
             }
-            return;
-        }
-        // Several activation rows: each weight row dequantized once.
-        let mut buf = vec![0f32; cols];
-        for r in first..end {
-            dequantize_row(body, w.ty, w.row(r), &mut buf);
-            for i in 0..b {
-                let v = <f32 as WeightElem>::dot(&buf, &x[i * cols..(i + 1) * cols]);
-                // SAFETY: `(i, r)` is in bounds and row `r` is this task's.
-                unsafe { *out.at(i * w.rows + r) = v };
+            if b == 1 {
+                for r in lo..hi {
+                    let v = dot(*body, w.ty, w.row(r - at), x, &sums[0]);
+                    // SAFETY: row `r` is this task's.
+                    unsafe { *out.at(r) = v };
+                }
+                continue;
+            }
+            // Several activation rows: each weight row dequantized once.
+            buf.resize(cols, 0f32);
+            for r in lo..hi {
+                dequantize_row(*body, w.ty, w.row(r - at), &mut buf);
+                for i in 0..b {
+                    let v = <f32 as WeightElem>::dot(&buf, &x[i * cols..(i + 1) * cols]);
+                    // SAFETY: `(i, r)` is in bounds and row `r` is this task's.
+                    unsafe { *out.at(i * rows + r) = v };
+                }
             }
         }
     });
@@ -770,6 +810,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A weight of parts in different block types (rows one part after
+    /// another) equals the product with its dequantized rows, one
+    /// activation row and several, every body; parts of different widths
+    /// are refused.
+    #[test]
+    fn parts_of_different_types_equal_the_dequantized_product() {
+        let pool = SpinPool::new(2);
+        let cols = 512;
+        let types = [
+            (GgmlType::Q5_0, 40),
+            (GgmlType::Q8_0, 7),
+            (GgmlType::Q4_K, 21),
+            (GgmlType::Q6_K, 3),
+        ];
+        let datas: Vec<Vec<u8>> = types
+            .iter()
+            .enumerate()
+            .map(|(k, &(ty, rows))| quantize(ty, &values(rows * cols, k as u32)))
+            .collect();
+        let parts: Vec<Blocks<'_>> = types
+            .iter()
+            .zip(&datas)
+            .map(|(&(ty, rows), d)| Blocks::new(ty, d, rows, cols).unwrap())
+            .collect();
+        let mut deq = Vec::new();
+        for (&(ty, rows), d) in types.iter().zip(&datas) {
+            let mut f = vec![0f32; rows * cols];
+            dequantize_into(ty, d, &mut f);
+            deq.extend(f);
+        }
+        let rows = deq.len() / cols;
+        for b in [1usize, 3] {
+            let x = values(b * cols, 5);
+            for body in calibrate::available() {
+                let mut y = vec![0f32; b * rows];
+                gemv_block_parts_with(body, &pool, &parts, &x, &mut y);
+                for i in 0..b {
+                    for r in 0..rows {
+                        let e: f64 = deq[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(&x[i * cols..(i + 1) * cols])
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let g = y[i * rows + r];
+                        assert!(
+                            (g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{body:?} b={b} row {r}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+        let narrow = quantize(GgmlType::Q8_0, &values(2 * 256, 1));
+        let mixed = [
+            parts[0],
+            Blocks::new(GgmlType::Q8_0, &narrow, 2, 256).unwrap(),
+        ];
+        let r = std::panic::catch_unwind(|| {
+            gemv_block_parts(&pool, &mixed, &values(cols, 1), &mut vec![0f32; 42])
+        });
+        assert!(r.is_err(), "parts of different widths were accepted");
     }
 
     #[test]

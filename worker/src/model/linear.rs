@@ -97,9 +97,13 @@ enum Store {
         scales: Tensor,
         scales_f32: Vec<f32>,
     },
-    /// GGUF blocks of `ty`: a CPU uint8 tensor `[out, in / block size * block
-    /// bytes]`.
-    Blocks { ty: GgmlType, data: Tensor },
+    /// GGUF blocks: `parts` (block type, rows) one after another, their
+    /// bytes in one flat CPU uint8 tensor (a fused projection may hold
+    /// parts the file stores in different types).
+    Blocks {
+        parts: Vec<(GgmlType, usize)>,
+        data: Tensor,
+    },
 }
 
 pub struct Linear {
@@ -154,7 +158,12 @@ impl Linear {
                 }
                 let values = Vec::<f32>::try_from(weight.to_kind(Kind::Float).view([-1]))?;
                 let bytes = llmos_meta::quant::quantize(ty, &values);
-                return Self::from_blocks(ty, bytes_tensor(&bytes, out_f), in_f as usize, bias);
+                return Self::from_blocks(
+                    vec![(ty, out_f as usize)],
+                    bytes_tensor(&bytes, out_f),
+                    in_f as usize,
+                    bias,
+                );
             }
         };
         let bias_f32 = bias
@@ -170,71 +179,102 @@ impl Linear {
         })
     }
 
-    /// A weight kept in GGUF blocks: `data` is `[out, row bytes]` uint8
-    /// on the CPU, rows of `in_f` weights.
+    /// A weight kept in GGUF blocks: `parts` (block type, rows) one after
+    /// another, their bytes in `data` (uint8 on the CPU, any shape), rows
+    /// of `in_f` weights.
     pub fn from_blocks(
-        ty: GgmlType,
+        parts: Vec<(GgmlType, usize)>,
         data: Tensor,
         in_f: usize,
         bias: Option<Tensor>,
     ) -> Result<Self> {
-        let out_f = data.size()[0];
         if data.kind() != Kind::Uint8 || data.device() != Device::Cpu {
             return Err(ModelError::Invalid(
                 "block weights are CPU uint8 tensors".into(),
             ));
         }
+        let want: usize = parts
+            .iter()
+            .map(|&(ty, rows)| rows * blockq::row_bytes(ty, in_f))
+            .sum();
+        if parts.is_empty() || data.numel() != want {
+            return Err(ModelError::Invalid(format!(
+                "{} bytes of block weights for parts {parts:?} of {in_f} columns (expected {want})",
+                data.numel()
+            )));
+        }
+        let out_f = parts.iter().map(|p| p.1).sum::<usize>() as i64;
         let data = data.contiguous();
-        // SAFETY: a contiguous CPU uint8 tensor of `numel` bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
-        Blocks::new(ty, bytes, out_f as usize, in_f).map_err(ModelError::Invalid)?;
+        let lin = Linear {
+            store: Store::Blocks { parts, data },
+            bias: None,
+            bias_f32: None,
+            out_f,
+            in_f: in_f as i64,
+        };
+        // Each part's shape and bytes checked by the kernels' own rule.
+        lin.blocks().map_err(ModelError::Invalid)?;
         let bias_f32 = bias
             .as_ref()
             .map(|b| Vec::<f32>::try_from(b.to_kind(Kind::Float).to_device(Device::Cpu).view([-1])))
             .transpose()?;
         Ok(Linear {
-            store: Store::Blocks { ty, data },
             bias,
             bias_f32,
-            out_f,
-            in_f: in_f as i64,
+            ..lin
         })
     }
 
-    /// The block type when the weight is kept in GGUF blocks.
+    /// The block type when the weight is kept in GGUF blocks (its first
+    /// part's, where parts differ).
     pub fn block_type(&self) -> Option<GgmlType> {
         match &self.store {
-            Store::Blocks { ty, .. } => Some(*ty),
+            Store::Blocks { parts, .. } => Some(parts[0].0),
             _ => None,
         }
     }
 
-    /// The block weight as the kernels read it.
-    fn blocks(&self) -> Option<Blocks<'_>> {
-        match &self.store {
-            Store::Blocks { ty, data } => {
-                // SAFETY: checked at construction: a contiguous CPU uint8
-                // tensor, immutable and alive as long as `self`.
-                let bytes = unsafe {
-                    std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel())
-                };
-                Some(Blocks {
-                    ty: *ty,
-                    data: bytes,
-                    rows: self.out_f as usize,
-                    cols: self.in_f as usize,
-                })
-            }
-            _ => None,
+    /// The block weight's parts as the kernels read them (empty for other
+    /// stores); the error names a part whose bytes do not fit.
+    fn blocks(&self) -> std::result::Result<Vec<Blocks<'_>>, String> {
+        let Store::Blocks { parts, data } = &self.store else {
+            return Ok(Vec::new());
+        };
+        // SAFETY: checked at construction: a contiguous CPU uint8 tensor,
+        // immutable and alive as long as `self`.
+        let mut bytes =
+            unsafe { std::slice::from_raw_parts(data.data_ptr() as *const u8, data.numel()) };
+        let cols = self.in_f as usize;
+        let mut out = Vec::with_capacity(parts.len());
+        for &(ty, rows) in parts {
+            let n = (rows * blockq::row_bytes(ty, cols)).min(bytes.len());
+            let (mine, rest) = bytes.split_at(n);
+            out.push(Blocks::new(ty, mine, rows, cols)?);
+            bytes = rest;
         }
+        Ok(out)
+    }
+
+    /// The block weight's parts (checked at construction).
+    fn block_parts(&self) -> Vec<Blocks<'_>> {
+        self.blocks()
+            .expect("block weights checked at construction")
     }
 
     /// Row `r` of a block weight dequantized into `out` (embedding lookups
     /// in a tied head kept in blocks).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let b = self.blocks().expect("dequantize_row on a block weight");
-        blockq::dequantize_row_of(b, r, out)
+        let mut r = r;
+        for b in self.block_parts() {
+            if r < b.rows {
+                return blockq::dequantize_row_of(b, r, out);
+            }
+            r -= b.rows;
+        }
+        panic!(
+            "dequantize_row: row beyond the block weight's {} rows",
+            self.out_f
+        );
     }
 
     /// The dense weight (`None` when quantized).
@@ -319,9 +359,7 @@ impl Linear {
                         row.iter_mut().zip(scales_f32).for_each(|(y, s)| *y *= s);
                     }
                 }
-                Store::Blocks { .. } => {
-                    blockq::gemv_blocks(pool(), self.blocks().expect("block store"), x, y)
-                }
+                Store::Blocks { .. } => blockq::gemv_block_parts(pool(), &self.block_parts(), x, y),
             }
         }
         if let Some(b) = &self.bias_f32 {
@@ -387,12 +425,15 @@ impl Linear {
 
     /// A block weight dequantized to `kind` (for a prompt's product).
     fn dequantized(&self, kind: Kind) -> Tensor {
-        let b = self.blocks().expect("block store");
         let w = Tensor::empty([self.out_f, self.in_f], (Kind::Float, Device::Cpu));
+        let n = (self.out_f * self.in_f) as usize;
         // SAFETY: `w` is a fresh contiguous f32 tensor of rows x cols.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, b.rows * b.cols) };
-        blockq::dequantize_rows(b, out);
+        let mut out = unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, n) };
+        for b in self.block_parts() {
+            let (mine, rest) = out.split_at_mut(b.rows * b.cols);
+            blockq::dequantize_rows(b, mine);
+            out = rest;
+        }
         if kind == Kind::Float {
             w
         } else {

@@ -267,7 +267,7 @@ impl Llama {
                     WeightKey::LmHead
                 };
                 ld.blocks(key, None)?
-                    .filter(|b| opts.quantization.keeps(b.ty))
+                    .filter(|b| b.parts.iter().all(|&(ty, _)| opts.quantization.keeps(ty)))
             }
             _ => None,
         };
@@ -336,7 +336,7 @@ impl Llama {
                 if !tied {
                     ld.count(1);
                 }
-                Linear::from_blocks(b.ty, b.data, b.cols, None)?
+                Linear::from_blocks(b.parts, b.data, b.cols, None)?
             } else if tied {
                 Linear::new(
                     embed

@@ -75,7 +75,7 @@ impl ColumnParallel {
             None => None,
         };
         let linear = match kept {
-            Some(b) => Linear::from_blocks(b.ty, b.data, b.cols, bias)?,
+            Some(b) => Linear::from_blocks(b.parts, b.data, b.cols, bias)?,
             None => Linear::with(Tensor::cat(&weights, 0), bias, quant)?,
         };
         Ok(ColumnParallel { linear })
@@ -87,8 +87,9 @@ impl ColumnParallel {
 }
 
 /// `parts` (fused in this order) as the file's blocks, when `quant` keeps
-/// them all as stored (one block type, rows of the same length); `None`
-/// to load them dense (quantized at load where `quant` asks).
+/// them all as stored (rows of the same length, each part in its own block
+/// type); `None` to load them dense (quantized at load where `quant`
+/// asks).
 pub(super) fn kept_blocks(
     ld: &mut Loader<'_>,
     parts: &[(WeightKey, Option<Slice>)],
@@ -100,17 +101,23 @@ pub(super) fn kept_blocks(
     let mut got = Vec::with_capacity(parts.len());
     for (k, s) in parts {
         match ld.blocks(*k, *s)? {
-            Some(b) if quant.keeps(b.ty) => got.push(b),
+            Some(b) if b.parts.iter().all(|&(ty, _)| quant.keeps(ty)) => got.push(b),
             _ => return Ok(None),
         }
     }
-    let (ty, cols) = (got[0].ty, got[0].cols);
-    if got.iter().any(|b| b.ty != ty || b.cols != cols) {
+    let cols = got[0].cols;
+    if got.iter().any(|b| b.cols != cols) {
         return Ok(None);
     }
     ld.count(got.len());
-    let data = Tensor::cat(&got.iter().map(|b| &b.data).collect::<Vec<_>>(), 0);
-    Ok(Some(LoadedBlocks { ty, data, cols }))
+    // Parts of different types (a K-quant file's `attn_v` beside its
+    // `attn_q`) stay each in its own blocks, one after another.
+    let data = Tensor::cat(
+        &got.iter().map(|b| b.data.view([-1])).collect::<Vec<_>>(),
+        0,
+    );
+    let parts = got.into_iter().flat_map(|b| b.parts).collect();
+    Ok(Some(LoadedBlocks { parts, data, cols }))
 }
 
 /// Where a row-parallel output's partial sums are completed.
@@ -149,7 +156,7 @@ impl RowParallel {
             len: r.len(),
         });
         let linear = match kept_blocks(ld, &[(key, part)], quant)? {
-            Some(b) => Linear::from_blocks(b.ty, b.data, b.cols, None)?,
+            Some(b) => Linear::from_blocks(b.parts, b.data, b.cols, None)?,
             None => Linear::with(ld.get_part(key, part)?, None, quant)?,
         };
         Ok(RowParallel {

@@ -104,7 +104,8 @@ impl<'a> Loader<'a> {
 
 /// A weight as the file's blocks: `data` is `[rows, row bytes]` uint8.
 pub struct LoadedBlocks {
-    pub ty: llmos_meta::quant::GgmlType,
+    /// (block type, rows) of each part, one after another in `data`.
+    pub parts: Vec<(llmos_meta::quant::GgmlType, usize)>,
     pub data: Tensor,
     pub cols: usize,
 }
@@ -140,7 +141,7 @@ impl Loader<'_> {
         }
         let data = Tensor::from_slice(&b.bytes[..]).view([b.rows as i64, -1]);
         Ok(Some(LoadedBlocks {
-            ty: b.ty,
+            parts: vec![(b.ty, b.rows)],
             data,
             cols: b.cols,
         }))
