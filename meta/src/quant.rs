@@ -159,6 +159,7 @@ pub fn ggml_type_name(v: u32) -> &'static str {
 pub const QK_K: usize = 256;
 
 /// Scale and min of sub-block `j` (0-7) of a Q4_K block's 12 packed bytes.
+#[inline]
 pub fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)

@@ -19,9 +19,8 @@
 //! product per activation row; prompts dequantize whole weights
 //! ([`dequantize_rows`]) for a general matrix product. Bodies: portable,
 //! AVX2/FMA/F16C and AVX-512, chosen per machine by `calibrate::choice`.
-//! Q5_0, Q5_1, Q4_K and Q6_K have fused AVX-512 bodies only: on a CPU
-//! without AVX-512 (or where the calibration picks AVX2) their blocks are
-//! dequantized one at a time into a buffer the f32 dot product reads.
+//! Every block type has a fused body for each; the portable body
+//! dequantizes one block at a time into a buffer the f32 dot product reads.
 
 use llmos_meta::quant::{dequantize_into, GgmlType};
 
@@ -47,8 +46,9 @@ pub fn is_block_type(ty: GgmlType) -> bool {
     ty.is_quantized()
 }
 
-/// Whether `ty` has fused bodies for AVX2 as well as AVX-512.
-fn has_avx2_body(ty: GgmlType) -> bool {
+/// Whether `x86::dequantize_avx2` reads `ty` (others dequantize with the
+/// reference loop).
+fn has_simd_dequantize(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
 }
 
@@ -113,16 +113,6 @@ fn scale_weights(ty: GgmlType, x: &[f32]) -> Vec<f32> {
     }
 }
 
-/// The body products of `ty` take where `body` was chosen: types with an
-/// AVX-512 body only take it wherever the CPU has it.
-fn body_for(body: Body, ty: GgmlType) -> Body {
-    if body == Body::Avx2 && !has_avx2_body(ty) && calibrate::available().contains(&Body::Avx512) {
-        Body::Avx512
-    } else {
-        body
-    }
-}
-
 /// `w_row · x` by dequantizing one block at a time into a buffer.
 fn dot_dequantized(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     let (bs, bb) = (ty.block_size(), ty.block_bytes());
@@ -146,9 +136,15 @@ fn dot(body: Body, ty: GgmlType, row: &[u8], x: &[f32], xs: &[f32]) -> f32 {
         // SAFETY: the body is only chosen where the CPU has its features;
         // `row` holds `nb` blocks of `ty`, `x` `nb * 32` values and `xs`
         // `2 * nb` scale weights (Q4; unread for Q8_0).
-        Body::Avx2 if has_avx2_body(ty) => unsafe {
+        Body::Avx2 => unsafe {
+            let nsb = x.len() / llmos_meta::quant::QK_K;
             match ty {
                 GgmlType::Q8_0 => x86::dot_q8_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
+                GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                    x86::dot_q5_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr())
+                }
+                GgmlType::Q4_K => x86::dot_q4k_avx2(row.as_ptr(), nsb, x.as_ptr(), xs.as_ptr()),
+                GgmlType::Q6_K => x86::dot_q6k_avx2(row.as_ptr(), nsb, x.as_ptr()),
                 _ => x86::dot_q4_avx2(ty, row.as_ptr(), nb, x.as_ptr(), xs.as_ptr()),
             }
         },
@@ -177,7 +173,7 @@ fn dequantize_row(body: Body, ty: GgmlType, row: &[u8], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the body's features are present (AVX-512 implies the
         // AVX2 set); `row` holds `out.len() / 32` blocks.
-        Body::Avx2 | Body::Avx512 if has_avx2_body(ty) => unsafe {
+        Body::Avx2 | Body::Avx512 if has_simd_dequantize(ty) => unsafe {
             x86::dequantize_avx2(ty, row.as_ptr(), out.len() / BLOCK, out.as_mut_ptr())
         },
         _ => dequantize_into(ty, row, out),
@@ -239,7 +235,7 @@ fn gemv_block_parts_with(
                 .collect();
             let at = first_row;
             first_row += w.rows;
-            (*w, body_for(body, w.ty), at, sums)
+            (*w, body, at, sums)
         })
         .collect();
     let out = SharedSlot(y.as_mut_ptr());
@@ -304,7 +300,6 @@ pub fn dequantize_row_of(w: Blocks<'_>, r: usize, out: &mut [f32]) {
 /// `dot` of every row once, single-threaded: what the calibration times.
 pub(crate) fn sweep(body: Body, w: Blocks<'_>, x: &[f32]) -> f32 {
     let xs = scale_weights(w.ty, x);
-    let body = body_for(body, w.ty);
     (0..w.rows).map(|r| dot(body, w.ty, w.row(r), x, &xs)).sum()
 }
 
@@ -402,6 +397,52 @@ mod x86 {
             s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps($xb.add(16)), s);
             _mm256_fmadd_ps(w[3], _mm256_loadu_ps($xb.add(24)), s)
         }};
+    }
+    /// A Q5 block's `Σ q·x` from `$p` (its `qh`, then 16 bytes of
+    /// nibbles): `qh`'s bit j spread to byte j as 0x10 (broadcast, byte
+    /// shuffle, bit test), or-ed into the nibbles.
+    macro_rules! q5_sum8 {
+        ($p:expr, $xb:expr) => {{
+            let qh = ($p as *const u32).read_unaligned();
+            let bits = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(qh as i32),
+                _mm256_setr_epi64x(
+                    0,
+                    0x0101010101010101,
+                    0x0202020202020202,
+                    0x0303030303030303,
+                ),
+            );
+            let sel = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            let fifth = _mm256_and_si256(
+                _mm256_cmpeq_epi8(_mm256_and_si256(bits, sel), sel),
+                _mm256_set1_epi8(0x10),
+            );
+            let mask = _mm_set1_epi8(0x0f);
+            let qs = _mm_loadu_si128($p.add(4) as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let q = _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth);
+            let (a, b) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let mut s = _mm256_mul_ps(widen8!(a), _mm256_loadu_ps($xb));
+            s = _mm256_fmadd_ps(
+                widen8!(_mm_unpackhi_epi64(a, a)),
+                _mm256_loadu_ps($xb.add(8)),
+                s,
+            );
+            s = _mm256_fmadd_ps(widen8!(b), _mm256_loadu_ps($xb.add(16)), s);
+            _mm256_fmadd_ps(
+                widen8!(_mm_unpackhi_epi64(b, b)),
+                _mm256_loadu_ps($xb.add(24)),
+                s,
+            )
+        }};
+    }
+    /// The low 8 unsigned bytes of `$v` as an 8-lane f32 vector.
+    macro_rules! widen8 {
+        ($v:expr) => {
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32($v))
+        };
     }
     macro_rules! q8_sum8 {
         ($q:expr, $xb:expr) => {{
@@ -664,17 +705,22 @@ mod x86 {
                     let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l) as *const __m128i));
                     let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l + 32) as *const __m128i));
                     let hb = _mm512_cvtepu8_epi32(_mm_loadu_si128(qh.add(l) as *const __m128i));
-                    let high = |bits: __m512i| _mm512_slli_epi32::<4>(_mm512_and_si512(bits, m3));
+                    // (A macro, not a closure: see `nibbles8`.)
+                    macro_rules! high {
+                        ($bits:expr) => {
+                            _mm512_slli_epi32::<4>(_mm512_and_si512($bits, m3))
+                        };
+                    }
                     let q = [
-                        _mm512_or_si512(_mm512_and_si512(a, m4), high(hb)),
-                        _mm512_or_si512(_mm512_and_si512(b, m4), high(_mm512_srli_epi32::<2>(hb))),
+                        _mm512_or_si512(_mm512_and_si512(a, m4), high!(hb)),
+                        _mm512_or_si512(_mm512_and_si512(b, m4), high!(_mm512_srli_epi32::<2>(hb))),
                         _mm512_or_si512(
                             _mm512_srli_epi32::<4>(a),
-                            high(_mm512_srli_epi32::<4>(hb)),
+                            high!(_mm512_srli_epi32::<4>(hb)),
                         ),
                         _mm512_or_si512(
                             _mm512_srli_epi32::<4>(b),
-                            high(_mm512_srli_epi32::<6>(hb)),
+                            high!(_mm512_srli_epi32::<6>(hb)),
                         ),
                     ];
                     for (k, q) in q.into_iter().enumerate() {
@@ -691,6 +737,116 @@ mod x86 {
             }
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+
+    dot_body!(
+        dot_q5_avx2,
+        "avx2,fma,f16c",
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        hsum,
+        q5_sum8,
+        true
+    );
+
+    /// `dot_q4k_avx512` on 8 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k_avx2(row: *const u8, nsb: usize, x: *const f32, xs: *const f32) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut mins = 0f32;
+        let mask = _mm_set1_epi8(0x0f);
+        for sb in 0..nsb {
+            let p = row.add(sb * 144);
+            prefetch_ahead!(p, 3);
+            let (d, dmin) = (f16_at!(p), f16_at!(p.add(2)));
+            let scales = std::slice::from_raw_parts(p.add(4), 12);
+            let (xb, sums) = (x.add(sb * 256), xs.add(sb * 8));
+            for j in 0..4 {
+                let (sc0, m0) = llmos_meta::quant::k_scale_min(2 * j, scales);
+                let (sc1, m1) = llmos_meta::quant::k_scale_min(2 * j + 1, scales);
+                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for h in 0..2 {
+                    let qs = _mm_loadu_si128(p.add(16 + 32 * j + 16 * h) as *const __m128i);
+                    let lo = _mm_and_si128(qs, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                    let x0 = xb.add(64 * j + 16 * h);
+                    s0 = _mm256_fmadd_ps(widen8!(lo), _mm256_loadu_ps(x0), s0);
+                    s0 = _mm256_fmadd_ps(
+                        widen8!(_mm_unpackhi_epi64(lo, lo)),
+                        _mm256_loadu_ps(x0.add(8)),
+                        s0,
+                    );
+                    s1 = _mm256_fmadd_ps(widen8!(hi), _mm256_loadu_ps(x0.add(32)), s1);
+                    s1 = _mm256_fmadd_ps(
+                        widen8!(_mm_unpackhi_epi64(hi, hi)),
+                        _mm256_loadu_ps(x0.add(40)),
+                        s1,
+                    );
+                }
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc0 as f32), s0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), s1, acc1);
+                mins +=
+                    dmin * m0 as f32 * *sums.add(2 * j) + dmin * m1 as f32 * *sums.add(2 * j + 1);
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) - mins
+    }
+
+    /// `dot_q6k_avx512` on 8 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k_avx2(row: *const u8, nsb: usize, x: *const f32) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (m4, m3, off) = (
+            _mm256_set1_epi32(0x0f),
+            _mm256_set1_epi32(3),
+            _mm256_set1_epi32(32),
+        );
+        for sb in 0..nsb {
+            let p = row.add(sb * 210);
+            prefetch_ahead!(p, 4);
+            let d = f16_at!(p.add(208));
+            for h in 0..2 {
+                let (ql, qh) = (p.add(64 * h), p.add(128 + 32 * h));
+                let sc = p.add(192 + 8 * h) as *const i8;
+                let xb = x.add(sb * 256 + 128 * h);
+                for l in (0..32).step_by(8) {
+                    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(l) as *const __m128i));
+                    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(l + 32) as *const __m128i));
+                    let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qh.add(l) as *const __m128i));
+                    // (A macro, not a closure: see `nibbles8`.)
+                    macro_rules! high {
+                        ($bits:expr) => {
+                            _mm256_slli_epi32::<4>(_mm256_and_si256($bits, m3))
+                        };
+                    }
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(a, m4), high!(hb)),
+                        _mm256_or_si256(_mm256_and_si256(b, m4), high!(_mm256_srli_epi32::<2>(hb))),
+                        _mm256_or_si256(
+                            _mm256_srli_epi32::<4>(a),
+                            high!(_mm256_srli_epi32::<4>(hb)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi32::<4>(b),
+                            high!(_mm256_srli_epi32::<6>(hb)),
+                        ),
+                    ];
+                    for (k, q) in q.into_iter().enumerate() {
+                        let w = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, off));
+                        let s = _mm256_mul_ps(w, _mm256_loadu_ps(xb.add(32 * k + l)));
+                        let scale = _mm256_set1_ps(d * *sc.add(l / 16 + 2 * k) as f32);
+                        if k % 2 == 0 {
+                            acc0 = _mm256_fmadd_ps(scale, s, acc0);
+                        } else {
+                            acc1 = _mm256_fmadd_ps(scale, s, acc1);
+                        }
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 
     /// `nb` blocks of `ty` at `row` dequantized to `out`, 8 lanes a step.
