@@ -682,63 +682,6 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - mins
     }
 
-    /// Q6_K row · x: `nsb` super-blocks at `row`. Each 16 weights add
-    /// `(d·sc)·Σ (q - 32)·x`.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn dot_q6k_avx512(row: *const u8, nsb: usize, x: *const f32) -> f32 {
-        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (m4, m3, off) = (
-            _mm512_set1_epi32(0x0f),
-            _mm512_set1_epi32(3),
-            _mm512_set1_epi32(32),
-        );
-        for sb in 0..nsb {
-            let p = row.add(sb * 210);
-            prefetch_ahead!(p, 4);
-            let d = f16_at!(p.add(208));
-            for h in 0..2 {
-                let (ql, qh) = (p.add(64 * h), p.add(128 + 32 * h));
-                let sc = p.add(192 + 8 * h) as *const i8;
-                let xb = x.add(sb * 256 + 128 * h);
-                for half in 0..2 {
-                    let l = 16 * half;
-                    let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l) as *const __m128i));
-                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(ql.add(l + 32) as *const __m128i));
-                    let hb = _mm512_cvtepu8_epi32(_mm_loadu_si128(qh.add(l) as *const __m128i));
-                    // (A macro, not a closure: see `nibbles8`.)
-                    macro_rules! high {
-                        ($bits:expr) => {
-                            _mm512_slli_epi32::<4>(_mm512_and_si512($bits, m3))
-                        };
-                    }
-                    let q = [
-                        _mm512_or_si512(_mm512_and_si512(a, m4), high!(hb)),
-                        _mm512_or_si512(_mm512_and_si512(b, m4), high!(_mm512_srli_epi32::<2>(hb))),
-                        _mm512_or_si512(
-                            _mm512_srli_epi32::<4>(a),
-                            high!(_mm512_srli_epi32::<4>(hb)),
-                        ),
-                        _mm512_or_si512(
-                            _mm512_srli_epi32::<4>(b),
-                            high!(_mm512_srli_epi32::<6>(hb)),
-                        ),
-                    ];
-                    for (k, q) in q.into_iter().enumerate() {
-                        let w = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off));
-                        let s = _mm512_mul_ps(w, _mm512_loadu_ps(xb.add(32 * k + l)));
-                        let scale = _mm512_set1_ps(d * *sc.add(half + 2 * k) as f32);
-                        if k % 2 == 0 {
-                            acc0 = _mm512_fmadd_ps(scale, s, acc0);
-                        } else {
-                            acc1 = _mm512_fmadd_ps(scale, s, acc1);
-                        }
-                    }
-                }
-            }
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
-    }
-
     dot_body!(
         dot_q5_avx2,
         "avx2,fma,f16c",
@@ -794,60 +737,106 @@ mod x86 {
         hsum(_mm256_add_ps(acc0, acc1)) - mins
     }
 
-    /// `dot_q6k_avx512` on 8 lanes.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6k_avx2(row: *const u8, nsb: usize, x: *const f32) -> f32 {
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (m4, m3, off) = (
-            _mm256_set1_epi32(0x0f),
-            _mm256_set1_epi32(3),
-            _mm256_set1_epi32(32),
-        );
-        for sb in 0..nsb {
-            let p = row.add(sb * 210);
-            prefetch_ahead!(p, 4);
-            let d = f16_at!(p.add(208));
-            for h in 0..2 {
-                let (ql, qh) = (p.add(64 * h), p.add(128 + 32 * h));
-                let sc = p.add(192 + 8 * h) as *const i8;
-                let xb = x.add(sb * 256 + 128 * h);
-                for l in (0..32).step_by(8) {
-                    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(l) as *const __m128i));
-                    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ql.add(l + 32) as *const __m128i));
-                    let hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qh.add(l) as *const __m128i));
-                    // (A macro, not a closure: see `nibbles8`.)
-                    macro_rules! high {
-                        ($bits:expr) => {
-                            _mm256_slli_epi32::<4>(_mm256_and_si256($bits, m3))
-                        };
-                    }
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(a, m4), high!(hb)),
-                        _mm256_or_si256(_mm256_and_si256(b, m4), high!(_mm256_srli_epi32::<2>(hb))),
-                        _mm256_or_si256(
-                            _mm256_srli_epi32::<4>(a),
-                            high!(_mm256_srli_epi32::<4>(hb)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_srli_epi32::<4>(b),
-                            high!(_mm256_srli_epi32::<6>(hb)),
-                        ),
-                    ];
-                    for (k, q) in q.into_iter().enumerate() {
-                        let w = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, off));
-                        let s = _mm256_mul_ps(w, _mm256_loadu_ps(xb.add(32 * k + l)));
-                        let scale = _mm256_set1_ps(d * *sc.add(l / 16 + 2 * k) as f32);
-                        if k % 2 == 0 {
-                            acc0 = _mm256_fmadd_ps(scale, s, acc0);
-                        } else {
-                            acc1 = _mm256_fmadd_ps(scale, s, acc1);
+    /// A Q6_K row · x body on `$lanes`-lane vectors: `nsb` super-blocks at
+    /// `row`; each 16 weights add `(d·sc)·Σ (q - 32)·x`. `$bytes` widens
+    /// `$lanes` bytes at a pointer to 32-bit lanes; the rest are the width's
+    /// operations.
+    macro_rules! q6k_body {
+        ($name:ident, $feat:literal, $lanes:literal, $bytes:ident, $zero:ident, $set1:ident,
+         $fma:ident, $add:ident, $mul:ident, $load:ident, $reduce:ident, $iset1:ident,
+         $and:ident, $or:ident, $sub:ident, $slli:ident, $srli:ident, $cvt:ident) => {
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(row: *const u8, nsb: usize, x: *const f32) -> f32 {
+                let (mut acc0, mut acc1) = ($zero(), $zero());
+                let (m4, m3, off) = ($iset1(0x0f), $iset1(3), $iset1(32));
+                for sb in 0..nsb {
+                    let p = row.add(sb * 210);
+                    prefetch_ahead!(p, 4);
+                    let d = f16_at!(p.add(208));
+                    for h in 0..2 {
+                        let (ql, qh) = (p.add(64 * h), p.add(128 + 32 * h));
+                        let sc = p.add(192 + 8 * h) as *const i8;
+                        let xb = x.add(sb * 256 + 128 * h);
+                        for l in (0..32).step_by($lanes) {
+                            let (a, b, hb) = (
+                                $bytes!(ql.add(l)),
+                                $bytes!(ql.add(l + 32)),
+                                $bytes!(qh.add(l)),
+                            );
+                            // Weights l + 32k: low/high nibbles of `ql`
+                            // with bits 2k..2k+1 of `qh` above them.
+                            let q = [
+                                $or($and(a, m4), $slli::<4>($and(hb, m3))),
+                                $or($and(b, m4), $slli::<4>($and($srli::<2>(hb), m3))),
+                                $or($srli::<4>(a), $slli::<4>($and($srli::<4>(hb), m3))),
+                                $or($srli::<4>(b), $slli::<4>($srli::<6>(hb))),
+                            ];
+                            for (k, q) in q.into_iter().enumerate() {
+                                let s = $mul($cvt($sub(q, off)), $load(xb.add(32 * k + l)));
+                                let scale = $set1(d * *sc.add(l / 16 + 2 * k) as f32);
+                                if k % 2 == 0 {
+                                    acc0 = $fma(scale, s, acc0);
+                                } else {
+                                    acc1 = $fma(scale, s, acc1);
+                                }
+                            }
                         }
                     }
                 }
+                $reduce($add(acc0, acc1))
             }
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        };
     }
+    macro_rules! bytes16 {
+        ($p:expr) => {
+            _mm512_cvtepu8_epi32(_mm_loadu_si128($p as *const __m128i))
+        };
+    }
+    macro_rules! bytes8u {
+        ($p:expr) => {
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64($p as *const __m128i))
+        };
+    }
+    q6k_body!(
+        dot_q6k_avx512,
+        "avx512f,avx2,fma,f16c",
+        16,
+        bytes16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_mul_ps,
+        _mm512_loadu_ps,
+        _mm512_reduce_add_ps,
+        _mm512_set1_epi32,
+        _mm512_and_si512,
+        _mm512_or_si512,
+        _mm512_sub_epi32,
+        _mm512_slli_epi32,
+        _mm512_srli_epi32,
+        _mm512_cvtepi32_ps
+    );
+    q6k_body!(
+        dot_q6k_avx2,
+        "avx2,fma,f16c",
+        8,
+        bytes8u,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps,
+        _mm256_loadu_ps,
+        hsum,
+        _mm256_set1_epi32,
+        _mm256_and_si256,
+        _mm256_or_si256,
+        _mm256_sub_epi32,
+        _mm256_slli_epi32,
+        _mm256_srli_epi32,
+        _mm256_cvtepi32_ps
+    );
 
     /// `nb` blocks of `ty` at `row` dequantized to `out`, 8 lanes a step.
     #[target_feature(enable = "avx2,fma,f16c")]
