@@ -204,6 +204,16 @@ impl Linear {
             )));
         }
         let out_f = parts.iter().map(|p| p.1).sum::<usize>() as i64;
+        // Neighbouring parts of one type are one part (one set of
+        // activation sums a product).
+        let mut merged: Vec<(GgmlType, usize)> = Vec::with_capacity(parts.len());
+        for (ty, rows) in parts {
+            match merged.last_mut() {
+                Some(last) if last.0 == ty => last.1 += rows,
+                _ => merged.push((ty, rows)),
+            }
+        }
+        let parts = merged;
         let data = data.contiguous();
         let lin = Linear {
             store: Store::Blocks { parts, data },

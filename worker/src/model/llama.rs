@@ -267,7 +267,7 @@ impl Llama {
                     WeightKey::LmHead
                 };
                 ld.blocks(key, None)?
-                    .filter(|b| b.parts.iter().all(|&(ty, _)| opts.quantization.keeps(ty)))
+                    .filter(|b| b.kept_by(opts.quantization))
             }
             _ => None,
         };

@@ -101,7 +101,7 @@ pub(super) fn kept_blocks(
     let mut got = Vec::with_capacity(parts.len());
     for (k, s) in parts {
         match ld.blocks(*k, *s)? {
-            Some(b) if b.parts.iter().all(|&(ty, _)| quant.keeps(ty)) => got.push(b),
+            Some(b) if b.kept_by(quant) => got.push(b),
             _ => return Ok(None),
         }
     }

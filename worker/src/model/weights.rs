@@ -110,6 +110,13 @@ pub struct LoadedBlocks {
     pub cols: usize,
 }
 
+impl LoadedBlocks {
+    /// Whether `quant` keeps every part as the file stores it.
+    pub fn kept_by(&self, quant: super::linear::Quantization) -> bool {
+        self.parts.iter().all(|&(ty, _)| quant.keeps(ty))
+    }
+}
+
 impl Loader<'_> {
     /// `part` of a weight in the file's own block quantization, uncounted
     /// (`count` it once used); `None` for synthetic weights, weights not
