@@ -15,6 +15,9 @@ if ! "$LLMOS_PYTHON" -c 'import llama_cpp, sys; sys.exit(b"AMX_INT8 = 1" in llam
   no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   CMAKE_ARGS="-DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'" \
     "$LLMOS_VENV/bin/pip" install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python
+  # Its own dependencies (diskcache on a fresh venv), without rebuilding it
+  # or replacing the venv's numpy.
+  "$LLMOS_VENV/bin/pip" install -q llama-cpp-python
 fi
 cargo build --release -q -p llmos-worker
 dir=$LLMOS_CACHE/bench
