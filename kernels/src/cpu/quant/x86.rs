@@ -192,8 +192,21 @@ macro_rules! q8_sum16 {
     }};
 }
 
-/// A row · x body: `$vec` the vector type, `$zero`/`$set1`/`$fma`/
-/// `$reduce` its operations, `$sum` the per-block product macro.
+/// `$body!(name, ...)` with one vector width's target features and
+/// operations inserted after the name (`$feat`, `$zero`, `$set1`, `$fma`,
+/// `$add`, `$reduce`), as `dot_body!` and `q4k_body!` take them.
+macro_rules! width {
+    (avx2 $body:ident!($name:ident, $($rest:tt)*)) => {
+        $body!($name, "avx2,fma,f16c", _mm256_setzero_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum, $($rest)*);
+    };
+    (avx512 $body:ident!($name:ident, $($rest:tt)*)) => {
+        $body!($name, "avx512f,avx2,fma,f16c", _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, $($rest)*);
+    };
+}
+
+/// A row · x body: `$feat` the target features, `$zero`/`$set1`/`$fma`/
+/// `$add`/`$reduce` the vector width's operations (`width!` passes
+/// them), `$sum` the per-block product macro.
 /// Scales are read 8 blocks at a time (one gather, two conversions);
 /// the `m` terms of 8 blocks are one product with `sw` (see
 /// `scale_weights`); the blocks after the last 8 take scalar scales.
@@ -265,62 +278,12 @@ macro_rules! dot_body {
     };
 }
 
-dot_body!(
-    dot_q4_avx2,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_set1_ps,
-    _mm256_fmadd_ps,
-    _mm256_add_ps,
-    hsum,
-    q4_sum8,
-    true
-);
-dot_body!(
-    dot_q8_avx2,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_set1_ps,
-    _mm256_fmadd_ps,
-    _mm256_add_ps,
-    hsum,
-    q8_sum8,
-    false
-);
-dot_body!(
-    dot_q4_avx512,
-    "avx512f,avx2,fma,f16c",
-    _mm512_setzero_ps,
-    _mm512_set1_ps,
-    _mm512_fmadd_ps,
-    _mm512_add_ps,
-    _mm512_reduce_add_ps,
-    q4_sum16,
-    true
-);
-dot_body!(
-    dot_q8_avx512,
-    "avx512f,avx2,fma,f16c",
-    _mm512_setzero_ps,
-    _mm512_set1_ps,
-    _mm512_fmadd_ps,
-    _mm512_add_ps,
-    _mm512_reduce_add_ps,
-    q8_sum16,
-    false
-);
-
-dot_body!(
-    dot_q5_avx512,
-    "avx512f,avx2,fma,f16c",
-    _mm512_setzero_ps,
-    _mm512_set1_ps,
-    _mm512_fmadd_ps,
-    _mm512_add_ps,
-    _mm512_reduce_add_ps,
-    q5_sum16,
-    true
-);
+width!(avx2 dot_body!(dot_q4_avx2, q4_sum8, true));
+width!(avx2 dot_body!(dot_q8_avx2, q8_sum8, false));
+width!(avx512 dot_body!(dot_q4_avx512, q4_sum16, true));
+width!(avx512 dot_body!(dot_q8_avx512, q8_sum16, false));
+width!(avx512 dot_body!(dot_q5_avx512, q5_sum16, true));
+width!(avx2 dot_body!(dot_q5_avx2, q5_sum8, true));
 
 /// Hints for the `lines` cache lines `PREFETCH_AHEAD` bytes past `p`.
 macro_rules! prefetch_ahead {
@@ -331,18 +294,6 @@ macro_rules! prefetch_ahead {
         }
     };
 }
-
-dot_body!(
-    dot_q5_avx2,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_set1_ps,
-    _mm256_fmadd_ps,
-    _mm256_add_ps,
-    hsum,
-    q5_sum8,
-    true
-);
 
 /// A Q4_K row · x body: `nsb` super-blocks at `row`, `xs` the sum of
 /// each 32 values of `x`. Each sub-block adds `(d·sc)·Σ q·x -
@@ -425,26 +376,8 @@ macro_rules! q4k_pair8 {
         (s0, s1)
     }};
 }
-q4k_body!(
-    dot_q4k_avx512,
-    "avx512f,avx2,fma,f16c",
-    _mm512_setzero_ps,
-    _mm512_set1_ps,
-    _mm512_fmadd_ps,
-    _mm512_add_ps,
-    _mm512_reduce_add_ps,
-    q4k_pair16
-);
-q4k_body!(
-    dot_q4k_avx2,
-    "avx2,fma,f16c",
-    _mm256_setzero_ps,
-    _mm256_set1_ps,
-    _mm256_fmadd_ps,
-    _mm256_add_ps,
-    hsum,
-    q4k_pair8
-);
+width!(avx512 q4k_body!(dot_q4k_avx512, q4k_pair16));
+width!(avx2 q4k_body!(dot_q4k_avx2, q4k_pair8));
 
 /// A Q6_K row · x body on `$lanes`-lane vectors: `nsb` super-blocks at
 /// `row`; each 16 weights add `(d·sc)·Σ (q - 32)·x`. `$bytes` widens
