@@ -10,8 +10,12 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$LLMOS_ROOT"
 cargo build --release -q -p llmos -p llmos-coordinator -p llmos-worker
+# The default prompt (96 tokens unless --max-tokens says) where the
+# arguments give none: `--once` or `--temperature 0.7` alone still have one.
 args=("$@")
-if [ ${#args[@]} -eq 0 ]; then
-  args=(--prompt "Explain in two sentences why the sky is blue." --max-tokens 96)
-fi
+case " $* " in
+  *" --prompt "* | *" --prompt="*) ;;
+  *" --max-tokens "* | *" --max-tokens="*) args=(--prompt "Explain in two sentences why the sky is blue." "${args[@]}") ;;
+  *) args=(--prompt "Explain in two sentences why the sky is blue." --max-tokens 96 "${args[@]}") ;;
+esac
 exec "$CARGO_TARGET_DIR/release/llmos" local "${args[@]}"
