@@ -5,7 +5,8 @@ taking turns round by round. Prints every figure (medians over rounds) and
 the ratios.
 
 With --q4_1/--q8_0/--q4_k_m, rows for those GGUF files too: llmos executes their
-blocks (`--quantize file`, f32 activations), llama.cpp runs the same file,
+blocks (`--quantize file`, f32 activations, an f16 KV cache as llama.cpp
+keeps in every row: `--quantized-kv`), llama.cpp runs the same file,
 transformers its dequantized f32 weights. Each engine's peak RSS is
 measured in a process of its own (one load and a short run) after the
 rounds. llmos also runs on 1 thread in every round: its decode gain from 1
@@ -14,7 +15,7 @@ to N threads is printed against a plain memory read's (measured by
 
 Usage: single_process.py LLMOS_BIN F32_GGUF BF16_GGUF [--q4_1 GGUF] [--q8_0 GGUF] [--q4_k_m GGUF]
                          [--threads 2] [--prompt 512] [--decode 128] [--repeat 5]
-                         [--baseline OTHER_LLMOS_BIN]
+                         [--baseline OTHER_LLMOS_BIN] [--quantized-kv f16|bf16|f32]
 
 With --baseline, a second llmos binary (e.g. built from an earlier commit)
 takes its turn in every round too, and the ratios of llmos to it are
@@ -43,6 +44,8 @@ p.add_argument("--baseline", default=None, help="another llmos-worker binary to 
 p.add_argument("--q4_1", default=None, help="a Q4_1 GGUF of the model")
 p.add_argument("--q8_0", default=None, help="a Q8_0 GGUF of the model")
 p.add_argument("--q4_k_m", default=None, help="llama.cpp's Q4_K_M GGUF of the model")
+p.add_argument("--quantized-kv", default="f16", choices=["f16", "bf16", "f32"],
+               help="llmos' KV cache dtype in the quantized rows (f16: llama.cpp's, which it keeps in every row)")
 p.add_argument("--rss", nargs=3, metavar=("ENGINE", "DTYPE", "GGUF"), default=None,
                help="(internal) load one peer engine, run it briefly, print its peak RSS in MB")
 args = p.parse_args()
@@ -67,9 +70,11 @@ def report(engine, dtype, prefill_s, decode_tps):
     }
 
 
-# Per row: the dtype llmos and transformers compute in, llmos' --quantize.
-KINDS = {"f32": ("f32", "none"), "bf16": ("bf16", "none"), "q4_1": ("f32", "file"), "q8_0": ("f32", "file"),
-         "q4_k_m": ("f32", "file")}
+# Per row: the dtype llmos and transformers compute in, llmos' --quantize and
+# --kv-dtype (auto: the model's dtype).
+QKV = args.quantized_kv
+KINDS = {"f32": ("f32", "none", "auto"), "bf16": ("bf16", "none", "auto"), "q4_1": ("f32", "file", QKV),
+         "q8_0": ("f32", "file", QKV), "q4_k_m": ("f32", "file", QKV)}
 last_llmos = {}
 # Every plain memory read the current binary's runs measured, per file:
 # {threads: [GB/s, ...]} (each run reads with 1 thread and with its own).
@@ -78,10 +83,10 @@ reads_by_file = {}
 
 def llmos(dtype, gguf, binary=None, threads=None):
     """One run of `llmos-worker bench` (its own warm-up, one timed run)."""
-    compute, quantize = KINDS[dtype]
+    compute, quantize, kv = KINDS[dtype]
     out = subprocess.run(
         [binary or args.llmos_bin, "bench", "--model", gguf, "--dtype", compute, "--quantize", quantize,
-         "--threads", str(threads or args.threads),
+         "--kv-dtype", kv, "--threads", str(threads or args.threads),
          "--prompt-tokens", str(args.prompt), "--decode-tokens", str(args.decode), "--repeat", "1"],
         check=True, capture_output=True, text=True,
     ).stdout
@@ -127,7 +132,8 @@ def llama_cpp_engine(dtype, gguf):
 
     # Logit rows are kept for n_batch positions: make it the whole context.
     n_ctx = args.prompt + args.decode + 16
-    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx,
+    # Its default KV cache, f16 (GGML_TYPE_F16 = 1), named.
+    llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx, type_k=1, type_v=1,
                 n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     ids = prompt_ids(llm.n_vocab())
 
@@ -203,7 +209,9 @@ for dtype, gguf in files:
             row["peak_rss_mb"] = peer_rss(row["engine"], dtype, gguf)
 
 print(f"\nSmolLM2-135M, {args.threads} threads, prompt {args.prompt} tokens, decode {args.decode} tokens (median of {args.repeat} rounds, engines in turn)")
-print("(q4_1 / q8_0 / q4_k_m rows: llmos executes the file's blocks with f32 activations, llama.cpp the same file, transformers its dequantized f32 weights)")
+print(f"(q4_1 / q8_0 / q4_k_m rows: llmos executes the file's blocks with f32 activations and a {QKV} KV cache,"
+      " llama.cpp the same file, transformers its dequantized f32 weights; llama.cpp's KV cache is f16 in every row,"
+      " llmos' f32 in the f32 row and bf16 in the bf16 row, transformers' the model's dtype)")
 print(f"{'engine':<16}{'file':<8}{'prefill ms':>12}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
 for r in rows:
     rss = f"{r['peak_rss_mb']:>13.0f}" if "peak_rss_mb" in r else f"{'':>13}"

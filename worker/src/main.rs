@@ -113,8 +113,9 @@ struct ModelArgs {
     /// it, the head included).
     #[arg(long, default_value = "none")]
     quantize: String,
-    /// KV cache dtype: auto (the model's), f32 or bf16 (halves the bytes
-    /// attention reads in an f32 model; keys and values rounded).
+    /// KV cache dtype: auto (the model's), f32, bf16 or f16 (either halves
+    /// the bytes attention reads in an f32 model; keys and values rounded;
+    /// f16 is llama.cpp's default and keeps 3 more bits, bf16 the range).
     #[arg(long, default_value = "auto")]
     kv_dtype: String,
 }

@@ -43,6 +43,16 @@ impl KvElem for u16 {
     }
 }
 
+impl KvElem for half::f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
 /// Softmax statistics of one query head over a span of cached positions:
 /// the largest scaled score, and the sum of `exp(score - max)`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -514,7 +524,7 @@ pub(crate) unsafe fn attend_queries<T: KvElem>(
     }
 }
 
-/// `attend_queries` over the cached rows of the f32 or bf16 tensors `k` and
+/// `attend_queries` over the cached rows of the f32, bf16 or f16 tensors `k` and
 /// `v` at the element offsets `key_at(query, kv_head, pos)` and
 /// `value_at(..)`.
 ///
@@ -548,7 +558,8 @@ pub(crate) unsafe fn attend_tensors(
     match k.kind() {
         Kind::Float => go!(f32),
         Kind::BFloat16 => go!(u16),
-        other => panic!("attention over a {other:?} KV cache (f32 or bf16 only)"),
+        Kind::Half => go!(half::f16),
+        other => panic!("attention over a {other:?} KV cache (f32, bf16 or f16 only)"),
     }
 }
 
@@ -558,7 +569,7 @@ mod tests {
 
     /// The AVX-512 body (where the CPU has it) equals the portable loop:
     /// head sizes 16-128, groups of 1-5 heads (several passes of the
-    /// weighted sum), lengths around the 16-key batches, f32 and bf16
+    /// weighted sum), lengths around the 16-key batches, f32, bf16 and f16
     /// rows, each row at its own address.
     #[test]
     fn attend_span_bodies_agree() {
@@ -589,6 +600,8 @@ mod tests {
                         .iter()
                         .map(|&v| crate::cpu::vecmath::f32_to_bf16(v))
                         .collect();
+                    let kh: Vec<half::f16> = kf.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let vh: Vec<half::f16> = vf.iter().map(|&v| half::f16::from_f32(v)).collect();
                     let scale = 1.0 / (d as f32).sqrt();
                     fn both<T: KvElem>(
                         q: &[f32],
@@ -627,9 +640,10 @@ mod tests {
                     }
                     let ef = both(&q, group, &kf, &vf, d, scale);
                     let eb = both(&q, group, &kb, &vb, d, scale);
+                    let eh = both(&q, group, &kh, &vh, d, scale);
                     assert!(
-                        ef < 1e-5 && eb < 1e-5,
-                        "d {d} group {group} len {len}: f32 {ef}, bf16 {eb}"
+                        ef < 1e-5 && eb < 1e-5 && eh < 1e-5,
+                        "d {d} group {group} len {len}: f32 {ef}, bf16 {eb}, f16 {eh}"
                     );
                 }
             }

@@ -83,12 +83,12 @@ mod tests {
     /// Attention of one query per table (blocks, length) over a pool of
     /// `num_blocks` blocks filled with random keys and values, against
     /// libtorch's attention over the same keys and values laid out
-    /// contiguously, in f32 and bf16 pools.
+    /// contiguously, in f32, bf16 and f16 pools.
     fn check_against_sdpa(
         (heads, kv, d, bs, num_blocks): (usize, usize, usize, usize, usize),
         tables: &[(Vec<u32>, usize)],
     ) {
-        for kind in [Kind::Float, Kind::BFloat16] {
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
             // A pool layer as the worker lays it out: `[slots, kv_heads, d]`.
             let pool = |_| {
                 Tensor::zeros(
@@ -157,7 +157,7 @@ mod tests {
     /// Scattered block tables read through the pool give libtorch's
     /// attention over the same keys and values laid out contiguously.
     #[test]
-    fn paged_attention_matches_sdpa_f32_and_bf16() {
+    fn paged_attention_matches_sdpa_f32_bf16_and_f16() {
         tch::manual_seed(11);
         let bs = 4;
         // Two sequences of 13 and 1 positions on non-contiguous blocks;

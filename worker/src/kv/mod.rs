@@ -249,7 +249,7 @@ impl BatchLayout {
     }
 }
 
-/// Writes f32 `src` at element `off` of a contiguous CPU f32 or bf16 tensor,
+/// Writes f32 `src` at element `off` of a contiguous CPU f32, bf16 or f16 tensor,
 /// converting to its dtype.
 ///
 /// # Safety
@@ -265,6 +265,12 @@ pub(crate) unsafe fn store_row(t: &Tensor, off: usize, src: &[f32]) {
             let dst = (t.data_ptr() as *mut u16).add(off);
             for (i, x) in src.iter().enumerate() {
                 *dst.add(i) = llmos_kernels::cpu::vecmath::f32_to_bf16(*x);
+            }
+        }
+        Kind::Half => {
+            let dst = (t.data_ptr() as *mut half::f16).add(off);
+            for (i, x) in src.iter().enumerate() {
+                *dst.add(i) = half::f16::from_f32(*x);
             }
         }
         other => panic!("store_row into a {other:?} tensor"),

@@ -105,8 +105,8 @@ impl Llama {
         let scale = 1.0 / (d as f64).sqrt();
         let offsets = layout.offsets();
         let (kp, vp) = pool.layer(layer);
-        let kernel =
-            self.device == Device::Cpu && matches!(kp.kind(), Kind::Float | Kind::BFloat16);
+        let kernel = self.device == Device::Cpu
+            && matches!(kp.kind(), Kind::Float | Kind::BFloat16 | Kind::Half);
         let out = Tensor::zeros([t, h, d], (Kind::Float, self.device));
         let rows: Vec<QueryRow> = layout
             .seqs
@@ -319,23 +319,28 @@ mod tests {
 
     /// The fused one-token step over a paged sequence equals the batched
     /// path's logits for that token, in f32 (tight) and bf16 (bf16
-    /// activations there), with and without q/k/v biases.
+    /// activations there), with and without q/k/v biases, and on an f32
+    /// model with a bf16 or f16 KV cache (the fused step rounds what it
+    /// writes as libtorch's conversion does: tight).
     #[test]
     fn fused_step_on_pages_matches_batched_path() {
-        for (kind, bias, tol) in [
-            (Kind::Float, false, 1e-4),
-            (Kind::Float, true, 1e-4),
-            (Kind::BFloat16, true, 0.1),
+        for (kind, kv_kind, bias, tol) in [
+            (Kind::Float, None, false, 1e-4),
+            (Kind::Float, None, true, 1e-4),
+            (Kind::BFloat16, None, true, 0.1),
+            (Kind::Float, Some(Kind::BFloat16), false, 1e-4),
+            (Kind::Float, Some(Kind::Half), true, 1e-4),
         ] {
-            fused_step_matches_batched(kind, bias, tol);
+            fused_step_matches_batched(kind, kv_kind, bias, tol);
         }
     }
 
-    fn fused_step_matches_batched(kind: Kind, bias: bool, tol: f32) {
+    fn fused_step_matches_batched(kind: Kind, kv_kind: Option<Kind>, bias: bool, tol: f32) {
         let mut cfg = ModelConfig::preset("tiny").unwrap();
         cfg.qkv_bias = bias;
         let opts = LoadOptions {
             kind,
+            kv_kind,
             device: Device::Cpu,
             seed: 7,
             ..Default::default()
@@ -344,6 +349,7 @@ mod tests {
         let _g = tch::no_grad_guard();
         let bs = 4;
         let (mut p1, mut p2) = (m.new_pool(16, bs).unwrap(), m.new_pool(16, bs).unwrap());
+        assert_eq!(p1.layer(0).0.kind(), kv_kind.unwrap_or(kind));
         let blocks = vec![6u32, 1, 12];
         let prompt = [5i64, 17, 99, 3, 8];
         let layout = |position, tokens| BatchLayout {
@@ -378,7 +384,10 @@ mod tests {
                 .iter()
                 .zip(&want)
                 .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(diff < tol, "{kind:?} bias {bias} token {tok}: {diff}");
+            assert!(
+                diff < tol,
+                "{kind:?} KV {kv_kind:?} bias {bias} token {tok}: {diff}"
+            );
         }
     }
 }
