@@ -5,11 +5,19 @@
 //! time, GFLOP/s and the ratio, per weight dtype and row count; the worker
 //! sends products of up to `Linear::TILED_BATCH` rows to the kernel.
 //!
+//! GGUF block weights (Q8_0, Q4_1, Q4_K) the same way: llmos's
+//! `gemv_blocks` (4 weight rows dequantized into cache at a time, then the
+//! f32 tiles) against what the worker does above `TILED_BATCH` rows (and
+//! did above 8 before): the whole weight dequantized on the calling thread,
+//! then libtorch's product.
+//!
 //! cargo bench -p llmos-benches --bench small_gemm
 
 use std::time::Instant;
 
 use llmos_kernels::cpu::gemv::{gemv_batch, pool, tiles_available};
+use llmos_kernels::cpu::quant::{dequantize_rows, gemv_blocks, Blocks};
+use llmos_meta::quant::{quantize, GgmlType};
 use tch::{Device, Kind, Tensor};
 
 /// Median seconds of `f` over `reps` runs after one warm-up.
@@ -73,18 +81,64 @@ fn main() {
                     let _ = xk.linear::<Tensor>(&w, None);
                 });
                 let flop = 2.0 * (rows * out_f * in_f) as f64;
-                println!(
-                    "{:<6}{:<16}{:>6}{:>12.3}{:>10.1}{:>12.3}{:>10.1}{:>8.2}x",
+                print_row(
                     if kind == Kind::Float { "f32" } else { "bf16" },
                     name,
                     rows,
-                    ours * 1e3,
-                    flop / ours / 1e9,
-                    theirs * 1e3,
-                    flop / theirs / 1e9,
-                    theirs / ours
+                    ours,
+                    theirs,
+                    flop,
                 );
             }
         }
     }
+    println!("block weights: libtorch ms = the whole weight dequantized on the calling thread + libtorch's f32 product");
+    for (label, ty) in [
+        ("q8_0", GgmlType::Q8_0),
+        ("q4_1", GgmlType::Q4_1),
+        ("q4_k", GgmlType::Q4_K),
+    ] {
+        for &(name, out_f, in_f) in &shapes[..3] {
+            let (rows_w, cols) = (out_f as usize, in_f as usize);
+            if cols % ty.block_size() != 0 {
+                continue;
+            }
+            let values: Vec<f32> =
+                Vec::try_from(Tensor::randn([out_f * in_f], (Kind::Float, Device::Cpu)) * 0.05)
+                    .unwrap();
+            let data = quantize(ty, &values);
+            let w = Blocks::new(ty, &data, rows_w, cols).unwrap();
+            for rows in [16i64, 48, 128, 256] {
+                let x = Tensor::randn([rows, in_f], (Kind::Float, Device::Cpu));
+                let xs: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+                let mut y = vec![0f32; rows as usize * rows_w];
+                let ours = time(30, || gemv_blocks(pool(), w, &xs, &mut y));
+                let theirs = time(30, || {
+                    let d = Tensor::empty([out_f, in_f], (Kind::Float, Device::Cpu));
+                    // SAFETY: a fresh contiguous f32 tensor of rows x cols.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(d.data_ptr() as *mut f32, rows_w * cols)
+                    };
+                    dequantize_rows(w, out);
+                    let _ = x.linear::<Tensor>(&d, None);
+                });
+                let flop = 2.0 * (rows * out_f * in_f) as f64;
+                print_row(label, name, rows, ours, theirs, flop);
+            }
+        }
+    }
+}
+
+fn print_row(dtype: &str, name: &str, rows: i64, ours: f64, theirs: f64, flop: f64) {
+    println!(
+        "{:<6}{:<16}{:>6}{:>12.3}{:>10.1}{:>12.3}{:>10.1}{:>8.2}x",
+        dtype,
+        name,
+        rows,
+        ours * 1e3,
+        flop / ours / 1e9,
+        theirs * 1e3,
+        flop / theirs / 1e9,
+        theirs / ours
+    );
 }

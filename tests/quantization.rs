@@ -148,8 +148,10 @@ fn logits_in_chunks(engine: &TestModel, ids: &[u32], chunk: usize) -> Vec<f32> {
 /// Q4_1 layers, the Q8_0 tied head) gives the logits of the same file
 /// dequantized to f32 at load (the reference Hugging Face transformers
 /// also computes from a GGUF, which `tests/python` compares with), within
-/// 1e-3, on a prompt (dequantized per product), on one-token decode steps
-/// and on 4-token steps (the block kernels), while holding ~5x fewer bytes
+/// 1e-3, on a 48-token prompt (4 weight rows at a time dequantized into
+/// cache for the f32 register tiles, on AVX-512; longer prompts'
+/// dequantize-then-libtorch path is `linear.rs`'s unit test), on one-token
+/// decode steps and on 4-token steps (the block kernels), while holding ~5x fewer bytes
 /// of weights (the embedding looked up in the head's Q8_0 blocks).
 #[test]
 fn gguf_blocks_match_the_dequantized_f32_model_on_smollm2() {

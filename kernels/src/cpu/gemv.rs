@@ -303,6 +303,37 @@ impl WeightElem for i8 {
     tile_method!(i8, tile_i8);
 }
 
+/// The register tiles of `nr` (1 or 4) weight rows at `w` (`cols` each,
+/// weight row `r` of the product onwards) with the activation rows `acts`
+/// of `x`, 4 at a time: `out[i * rows + r + j]` for `i` in `acts`, `j <
+/// nr`.
+///
+/// # Safety
+/// `w` holds `nr * cols` elements, `x` the rows `acts`; the CPU has what
+/// `tiles_available` checks; no other thread writes those outputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_rows<T: WeightElem>(
+    w: *const T,
+    nr: usize,
+    x: &[f32],
+    cols: usize,
+    acts: std::ops::Range<usize>,
+    r: usize,
+    rows: usize,
+    out: &SharedSlot<f32>,
+) {
+    let mut tile = [0f32; 16];
+    for i0 in acts.clone().step_by(4) {
+        let mr = (acts.end - i0).min(4);
+        T::tile(w, x.as_ptr().add(i0 * cols), cols, mr, nr, &mut tile);
+        for i in 0..mr {
+            for j in 0..nr {
+                *out.at((i0 + i) * rows + r + j) = tile[i * nr + j];
+            }
+        }
+    }
+}
+
 /// `y[r] = dot(w[r * cols..(r + 1) * cols], x)` for every row `r`.
 pub fn gemv<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32], y: &mut [f32]) {
     assert_eq!(
@@ -344,31 +375,13 @@ pub fn gemv_batch<T: WeightElem>(pool: &SpinPool, w: &[T], cols: usize, x: &[f32
         pool.run(rows.div_ceil(per_task), &|task| {
             let first = task * per_task;
             let end = (first + per_task).min(rows);
-            let mut tile = [0f32; 16];
             let mut r = first;
             while r < end {
                 let nr = if end - r >= 4 { 4 } else { 1 };
-                for i0 in (0..b).step_by(4) {
-                    let mr = (b - i0).min(4);
-                    // SAFETY: rows `r..r + nr` and `i0..i0 + mr` are in
-                    // bounds; `tiles_available` was checked; the outputs
-                    // `(i, r..r + nr)` are this task's rows.
-                    unsafe {
-                        T::tile(
-                            w.as_ptr().add(r * cols),
-                            x.as_ptr().add(i0 * cols),
-                            cols,
-                            mr,
-                            nr,
-                            &mut tile,
-                        );
-                        for i in 0..mr {
-                            for j in 0..nr {
-                                *out.at((i0 + i) * rows + r + j) = tile[i * nr + j];
-                            }
-                        }
-                    }
-                }
+                // SAFETY: rows `r..r + nr` of `w` and every row of `x` are
+                // in bounds; `tiles_available` was checked; the outputs
+                // `(i, r..r + nr)` are this task's rows.
+                unsafe { tile_rows(w.as_ptr().add(r * cols), nr, x, cols, 0..b, r, rows, &out) };
                 r += nr;
             }
         });

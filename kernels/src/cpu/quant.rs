@@ -14,9 +14,11 @@
 //! product. Q4_K's 32-weight sub-blocks are the same with `d·sc` and
 //! `-dmin·m`; Q6_K's 16-weight ones take `(d·sc)·Σ (q - 32)·x`.
 //!
-//! One activation row (decode) takes the fused bodies; a few rows
-//! dequantize each weight row once into a buffer and take the f32 dot
-//! product per activation row; prompts dequantize whole weights
+//! One activation row (decode) takes the fused bodies; several rows
+//! (batched decode steps, short prompts) dequantize 4 weight rows at a
+//! time into a buffer and take the f32 AVX-512 register tiles over every
+//! activation row (without AVX-512: each weight row dequantized once, f32
+//! dot products per activation row); long prompts dequantize whole weights
 //! ([`dequantize_rows`]) for a general matrix product. Bodies: portable,
 //! AVX2/FMA/F16C and AVX-512, chosen per machine by `calibrate::choice`.
 //! Every block type has a fused body for each; the portable body
@@ -201,6 +203,10 @@ pub fn gemv_block_parts(pool: &SpinPool, parts: &[Blocks<'_>], x: &[f32], y: &mu
     gemv_block_parts_with(calibrate::choice().blocks, pool, parts, x, y)
 }
 
+/// Bytes of activation rows the register tiles of a block product take
+/// at a time (a chunk stays in a core's L2 while every weight row passes).
+const TILE_X_BYTES: usize = 512 << 10;
+
 fn gemv_block_parts_with(
     body: Body,
     pool: &SpinPool,
@@ -239,7 +245,11 @@ fn gemv_block_parts_with(
         })
         .collect();
     let out = SharedSlot(y.as_mut_ptr());
-    let per_task = crate::cpu::gemv::rows_per_task(pool.threads(), rows);
+    let tiles = b >= 2 && crate::cpu::gemv::tiles_available();
+    let mut per_task = crate::cpu::gemv::rows_per_task(pool.threads(), rows);
+    if tiles {
+        per_task = per_task.next_multiple_of(4);
+    }
     pool.run(rows.div_ceil(per_task), &|task| {
         let (first, end) = (task * per_task, ((task + 1) * per_task).min(rows));
         let mut buf = Vec::new();
@@ -253,6 +263,44 @@ fn gemv_block_parts_with(
                     let v = dot(*body, w.ty, w.row(r - at), x, &sums[0]);
                     // SAFETY: row `r` is this task's.
                     unsafe { *out.at(r) = v };
+                }
+                continue;
+            }
+            if tiles {
+                // Several activation rows on AVX-512: 4 weight rows at a
+                // time dequantized into a buffer (in cache), then the f32
+                // register tiles over the activation rows, 4 at a time
+                // (each loaded vector feeds 4 multiply-adds), in chunks of
+                // rows that stay in the core's L2 (`TILE_X_BYTES`; each
+                // chunk dequantizes the weight rows again, in cache).
+                buf.resize(4 * cols, 0f32);
+                let chunk = (TILE_X_BYTES / 4 / cols).max(16) / 4 * 4;
+                for c0 in (0..b).step_by(chunk) {
+                    let c1 = (c0 + chunk).min(b);
+                    let mut r = lo;
+                    while r < hi {
+                        let nr = if hi - r >= 4 { 4 } else { 1 };
+                        for (j, o) in buf.chunks_exact_mut(cols).take(nr).enumerate() {
+                            dequantize_row(*body, w.ty, w.row(r + j - at), o);
+                        }
+                        // SAFETY: `buf` holds `nr` rows of `cols`, `x`
+                        // the rows `c0..c1`; `tiles_available` was
+                        // checked; the outputs `(i, r..r + nr)` are this
+                        // task's rows.
+                        unsafe {
+                            crate::cpu::gemv::tile_rows(
+                                buf.as_ptr(),
+                                nr,
+                                x,
+                                cols,
+                                c0..c1,
+                                r,
+                                rows,
+                                &out,
+                            )
+                        };
+                        r += nr;
+                    }
                 }
                 continue;
             }
@@ -346,7 +394,7 @@ mod tests {
             let w = Blocks::new(ty, &data, rows, cols).unwrap();
             let mut deq = vec![0f32; rows * cols];
             dequantize_into(ty, &data, &mut deq);
-            for b in [1usize, 3] {
+            for b in [1usize, 3, 9] {
                 let x = values(b * cols, 99);
                 let want: Vec<f32> = (0..b)
                     .flat_map(|i| {
@@ -418,7 +466,7 @@ mod tests {
             deq.extend(f);
         }
         let rows = deq.len() / cols;
-        for b in [1usize, 3] {
+        for b in [1usize, 3, 6] {
             let x = values(b * cols, 5);
             for body in calibrate::available() {
                 let mut y = vec![0f32; b * rows];

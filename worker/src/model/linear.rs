@@ -5,8 +5,10 @@
 //! file holds them: [`Quantization::Blocks`], [`Quantization::File`]).
 //!
 //! Block weights are multiplied in their blocks (`kernels::cpu::quant`)
-//! for up to `SMALL_BATCH` rows; larger batches dequantize the weight to
-//! the input's dtype for the call (a prompt's product is bound by
+//! for up to `SMALL_BATCH` rows, and up to `BLOCK_TILED_BATCH` where the
+//! CPU has AVX-512 (4 weight rows dequantized into cache at a time, then
+//! the f32 register tiles); larger batches dequantize the whole weight to the
+//! input's dtype for the call (a long prompt's product is bound by
 //! arithmetic, not by the bytes of the weight) and take libtorch's product.
 //!
 //! Up to `SMALL_BATCH` input rows on CPU (decode steps) go through the
@@ -393,6 +395,19 @@ impl Linear {
     /// `SMALL_BATCH`: its bf16 product uses the CPU's bf16 dot-product
     /// instructions and ran 1.4-2x faster.
     pub const TILED_BATCH: i64 = 256;
+    /// Block weights take the kernel up to this many rows where the CPU has
+    /// AVX-512: 4 weight rows dequantized into cache at a time, then the
+    /// f32 tiles over the activation rows in L2-sized chunks, instead of
+    /// the whole weight dequantized on the calling thread before libtorch's
+    /// product. `benches/small_gemm.rs` (AMD EPYC, Zen 4, 2 threads):
+    /// 2.6-3.5x at 16 rows, 1.6-2.0x at 48, 1.3x at 128, 1.0-1.3x at 256
+    /// on SmolLM2's shapes in Q8_0, Q4_1 and Q4_K. Whole prompts through
+    /// the Q8_0 file (`llmos-worker bench`, interleaved runs): 32 tokens
+    /// 55-61 ms against 126-186, 128 tokens 234-264 against 363-430, 512
+    /// tokens 942-1056 against 991-1142 (Q4_1: 997-1079 against 896-1202);
+    /// at 1024 tokens libtorch's product was 5% faster (2093 against 2285
+    /// ms, medians of 3), so not beyond 512.
+    pub const BLOCK_TILED_BATCH: i64 = 512;
 
     /// Whether a product of `rows` input rows runs on the `gemv` kernel's
     /// pool (not libtorch's threads).
@@ -405,10 +420,13 @@ impl Linear {
         }
         let tileable = match &self.store {
             Store::Dense { weight, .. } => weight.kind() == Kind::Float,
-            Store::Int8 { .. } => true,
-            Store::Blocks { .. } => false,
+            Store::Int8 { .. } | Store::Blocks { .. } => true,
         };
-        rows <= Self::TILED_BATCH && tileable && llmos_kernels::cpu::gemv::tiles_available()
+        let limit = match &self.store {
+            Store::Blocks { .. } => Self::BLOCK_TILED_BATCH,
+            _ => Self::TILED_BATCH,
+        };
+        rows <= limit && tileable && llmos_kernels::cpu::gemv::tiles_available()
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -557,7 +575,7 @@ mod tests {
             );
             let deq = Tensor::from_slice(&deq).view([70, 96]);
             for kind in [Kind::Float, Kind::BFloat16] {
-                for rows in [1i64, 5, 40] {
+                for rows in [1i64, 5, 40, 300, 600] {
                     let x = Tensor::randn([rows, 96], (Kind::Float, Device::Cpu)).to_kind(kind);
                     let want = x.to_kind(Kind::Float).linear(&deq, Some(&b));
                     let got = lin.forward(&x).to_kind(Kind::Float);
