@@ -230,15 +230,17 @@ fn gemv_block_parts_with(
     if b == 0 {
         return;
     }
-    // Per part: its body, its first row, each activation row's scale sums.
+    // Per part: its body, its first row, and (one activation row: the
+    // fused bodies read them) the activation's scale sums.
     let mut first_row = 0;
-    let parts: Vec<(Blocks<'_>, Body, usize, Vec<Vec<f32>>)> = parts
+    let parts: Vec<(Blocks<'_>, Body, usize, Vec<f32>)> = parts
         .iter()
         .map(|w| {
-            let sums = x
-                .chunks_exact(cols)
-                .map(|r| scale_weights(w.ty, r))
-                .collect();
+            let sums = if b == 1 {
+                scale_weights(w.ty, x)
+            } else {
+                Vec::new()
+            };
             let at = first_row;
             first_row += w.rows;
             (*w, body, at, sums)
@@ -260,7 +262,7 @@ fn gemv_block_parts_with(
             }
             if b == 1 {
                 for r in lo..hi {
-                    let v = dot(*body, w.ty, w.row(r - at), x, &sums[0]);
+                    let v = dot(*body, w.ty, w.row(r - at), x, sums);
                     // SAFETY: row `r` is this task's.
                     unsafe { *out.at(r) = v };
                 }
