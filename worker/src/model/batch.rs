@@ -3,9 +3,11 @@
 //! tensor, so every projection is one matrix product for the whole batch.
 //! Each token's rotary angle comes from its own position; keys and values
 //! go to the slots its sequence's block table names. Attention is the only
-//! per-sequence part: single-token rows read the pool in place through
-//! `paged_attention`, prompt chunks run libtorch's attention over their
-//! gathered context (causal within the chunk).
+//! per-sequence part: on CPU every row (decode tokens and prompt chunks
+//! alike, each row seeing the positions up to its own) reads the pool in
+//! place through `paged_attention`, on the decode pool's threads; elsewhere
+//! libtorch's attention runs over each sequence's gathered context (causal
+//! within the chunk).
 
 use llmos_kernels::cpu::paged_attention::{paged_attention, QueryRow};
 use tch::{Device, Kind, Tensor};
@@ -107,16 +109,27 @@ impl Llama {
         let (kp, vp) = pool.layer(layer);
         let kernel = self.device == Device::Cpu
             && matches!(kp.kind(), Kind::Float | Kind::BFloat16 | Kind::Half);
-        let out = Tensor::zeros([t, h, d], (Kind::Float, self.device));
+        // Every row is written below (by the kernel or by the fallback).
+        let out = Tensor::empty([t, h, d], (Kind::Float, self.device));
+        // On CPU every query row, a prompt's as a decode step's, attends
+        // in place over the pool (this step's keys and values are already
+        // written there): row `off + j` of a sequence sees its first
+        // `position + j + 1` positions, which is the causal mask. The rows
+        // are the tasks of the decode pool, so a prompt's attention runs on
+        // every thread (libtorch's kernel ran it on one where the block
+        // products keep libtorch to a single thread: 30% of a 512-token
+        // prompt's time, measured).
         let rows: Vec<QueryRow> = layout
             .seqs
             .iter()
             .zip(&offsets)
-            .filter(|(s, _)| kernel && s.tokens == 1)
-            .map(|(s, &row)| QueryRow {
-                row,
-                blocks: &s.blocks,
-                len: s.position + 1,
+            .filter(|_| kernel)
+            .flat_map(|(s, &off)| {
+                (0..s.tokens).map(move |j| QueryRow {
+                    row: off + j,
+                    blocks: &s.blocks,
+                    len: s.position + j + 1,
+                })
             })
             .collect();
         if !rows.is_empty() {
@@ -140,11 +153,9 @@ impl Llama {
                 scale as f32,
                 os,
             );
+            return out.to_kind(self.kind);
         }
         for (i, (s, &off)) in layout.seqs.iter().zip(&offsets).enumerate() {
-            if kernel && s.tokens == 1 {
-                continue;
-            }
             let n = s.tokens as i64;
             let heads_first = |x: &Tensor| x.permute([1, 0, 2]).unsqueeze(0);
             let qi = heads_first(&q.narrow(0, off as i64, n));
