@@ -15,9 +15,9 @@
 //! `-dmin·m`; Q6_K's 16-weight ones take `(d·sc)·Σ (q - 32)·x`.
 //!
 //! One activation row (decode) takes the fused bodies; several rows
-//! (batched decode steps, short prompts) dequantize 4 weight rows at a
-//! time into a buffer and take the f32 AVX-512 register tiles over every
-//! activation row (without AVX-512: each weight row dequantized once, f32
+//! (batched decode steps, short prompts) dequantize panels of 32 weight
+//! rows, each row once, into a buffer and take the f32 AVX-512 register
+//! tiles over every activation row (without AVX-512: each weight row dequantized once, f32
 //! dot products per activation row); long prompts dequantize whole weights
 //! ([`dequantize_rows`]) for a general matrix product. Bodies: portable,
 //! AVX2/FMA/F16C and AVX-512, chosen per machine by `calibrate::choice`.
@@ -206,6 +206,11 @@ pub fn gemv_block_parts(pool: &SpinPool, parts: &[Blocks<'_>], x: &[f32], y: &mu
 /// Bytes of activation rows the register tiles of a block product take
 /// at a time (a chunk stays in a core's L2 while every weight row passes).
 const TILE_X_BYTES: usize = 512 << 10;
+/// Weight rows the register tiles of a block product dequantize at a time:
+/// each is dequantized once per product (per activation chunk before:
+/// 3% of a 512-token prompt's time), and the panel (at most 192 KB for
+/// 1536 columns) stays in L2 beside the activation chunk.
+const TILE_PANEL: usize = 32;
 
 fn gemv_block_parts_with(
     body: Body,
@@ -269,39 +274,43 @@ fn gemv_block_parts_with(
                 continue;
             }
             if tiles {
-                // Several activation rows on AVX-512: 4 weight rows at a
-                // time dequantized into a buffer (in cache), then the f32
-                // register tiles over the activation rows, 4 at a time
+                // Several activation rows on AVX-512: a panel of up to
+                // `TILE_PANEL` weight rows dequantized once into a buffer
+                // (in cache), then the f32 register tiles over the
+                // activation rows, 4 weight rows by 4 activation rows
                 // (each loaded vector feeds 4 multiply-adds), in chunks of
-                // rows that stay in the core's L2 (`TILE_X_BYTES`; each
-                // chunk dequantizes the weight rows again, in cache).
-                buf.resize(4 * cols, 0f32);
+                // activation rows that stay in the core's L2 beside the
+                // panel (`TILE_X_BYTES`).
                 let chunk = (TILE_X_BYTES / 4 / cols).max(16) / 4 * 4;
-                for c0 in (0..b).step_by(chunk) {
-                    let c1 = (c0 + chunk).min(b);
-                    let mut r = lo;
-                    while r < hi {
-                        let nr = if hi - r >= 4 { 4 } else { 1 };
-                        for (j, o) in buf.chunks_exact_mut(cols).take(nr).enumerate() {
-                            dequantize_row(*body, w.ty, w.row(r + j - at), o);
+                for p0 in (lo..hi).step_by(TILE_PANEL) {
+                    let p1 = (p0 + TILE_PANEL).min(hi);
+                    buf.resize((p1 - p0) * cols, 0f32);
+                    for (j, o) in buf.chunks_exact_mut(cols).enumerate() {
+                        dequantize_row(*body, w.ty, w.row(p0 + j - at), o);
+                    }
+                    for c0 in (0..b).step_by(chunk) {
+                        let c1 = (c0 + chunk).min(b);
+                        let mut r = p0;
+                        while r < p1 {
+                            let nr = if p1 - r >= 4 { 4 } else { 1 };
+                            // SAFETY: `buf` holds rows `p0..p1` of `cols`
+                            // (row `r` at `r - p0`), `x` the rows `c0..c1`;
+                            // `tiles_available` was checked; the outputs
+                            // `(i, r..r + nr)` are this task's rows.
+                            unsafe {
+                                crate::cpu::gemv::tile_rows(
+                                    buf.as_ptr().add((r - p0) * cols),
+                                    nr,
+                                    x,
+                                    cols,
+                                    c0..c1,
+                                    r,
+                                    rows,
+                                    &out,
+                                )
+                            };
+                            r += nr;
                         }
-                        // SAFETY: `buf` holds `nr` rows of `cols`, `x`
-                        // the rows `c0..c1`; `tiles_available` was
-                        // checked; the outputs `(i, r..r + nr)` are this
-                        // task's rows.
-                        unsafe {
-                            crate::cpu::gemv::tile_rows(
-                                buf.as_ptr(),
-                                nr,
-                                x,
-                                cols,
-                                c0..c1,
-                                r,
-                                rows,
-                                &out,
-                            )
-                        };
-                        r += nr;
                     }
                 }
                 continue;
