@@ -387,11 +387,19 @@ async fn a_replaced_later_stage_recomputes_only_what_it_lost() {
         let (_, mut running) = e.submit(sub(&long, 1500, seed)).await.unwrap();
         let (_, ev) = e.submit(sub(&p, 5, seed)).await.unwrap();
         assert_eq!(collect(ev).await.unwrap().0, whole[..5]);
+        // At least 4 of its tokens streamed before the replacement (on a
+        // loaded machine the short request can finish first).
+        let mut streamed = Vec::new();
+        while streamed.len() < 4 {
+            match running.recv().await.expect("an event") {
+                Ok(SeqEvent::Token { id, .. }) => streamed.push(id),
+                other => panic!("before the replacement: {other:?}"),
+            }
+        }
 
         // The second stage replaced by a fresh host: nothing cached there.
         e.repipe(two_stages(&first, &stage_host(1..2, false, true).await))
             .unwrap();
-        let mut streamed = Vec::new();
         let err = loop {
             match running.recv().await.expect("an event") {
                 Ok(SeqEvent::Token { id, .. }) => streamed.push(id),
@@ -405,7 +413,6 @@ async fn a_replaced_later_stage_recomputes_only_what_it_lost() {
             "a running sequence ends resumable: {err}"
         );
         let k = streamed.len();
-        assert!(k >= 4, "{k} tokens before the replacement");
 
         // The finished one: its 4 cached blocks (13 + 4 positions were
         // computed) are reused, and recomputed by the new stage then.
