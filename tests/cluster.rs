@@ -571,3 +571,106 @@ async fn int8_deployment_matches_one_process() {
         .models;
     assert_eq!(models[0].quantization, "int8");
 }
+
+/// A 16-bit KV cache chosen at deploy time (`ServingOptions.kv_cache_dtype`)
+/// for an f32 model: two pipeline stages, each holding its cache in that
+/// type, give the single process's tokens and log-probabilities with the
+/// same cache type (within 2e-5), while the f32 cache's log-probabilities
+/// differ by ten times more (so the check can tell); ClusterStatus reports the type
+/// in force; an unknown type is INVALID_ARGUMENT naming the choices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_bit_kv_cache_deployment_matches_one_process() {
+    let prompts: [&[u32]; 2] = [&[1, 5, 9, 13], &[300, 2, 77, 41, 8, 19]];
+    let run = |kv| {
+        let m = llmos_tests::load_with_kv("synthetic:tiny", Kind::Float, Quantization::None, kv);
+        prompts
+            .iter()
+            .map(|p| {
+                let req = llmos_worker::generate::GenerateRequest {
+                    prompt: llmos_worker::generate::PromptInput::Tokens(p.to_vec()),
+                    sampling: Default::default(),
+                    max_new_tokens: 24,
+                    stop: vec![],
+                    ignore_eos: true,
+                };
+                let mut out = Vec::new();
+                m.generate(&req, &mut |t| {
+                    out.push((t.id, t.logprob));
+                    true
+                })
+                .unwrap();
+                out
+            })
+            .collect::<Vec<_>>()
+    };
+    let (want, exact) = (run(Some(Kind::BFloat16)), run(None));
+    let worst = |a: &[Vec<(u32, f32)>], b: &[Vec<(u32, f32)>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| {
+                assert_eq!(x.0, y.0, "the tokens agree");
+                (x.1 - y.1).abs()
+            })
+            .fold(0f32, f32::max)
+    };
+    let moved = worst(&want, &exact);
+    assert!(
+        moved > 2e-4,
+        "a bf16 cache moves the tiny model's log-probabilities ({moved}): the check below can tell"
+    );
+
+    let coordinator = start_coordinator().await;
+    for id in ["w0", "w1"] {
+        start_worker(&coordinator, id).await;
+    }
+    let (mut admin, mut inference) = clients(&coordinator, 2).await;
+    let with_kv = |name: &str, stages, kv: &str| api::DeployModelRequest {
+        serving: Some(api::ServingOptions {
+            kv_cache_blocks: 64,
+            kv_cache_dtype: kv.into(),
+            ..Default::default()
+        }),
+        ..tp_deploy(name, "synthetic:tiny", stages, 1)
+    };
+    let err = admin
+        .deploy_model(with_kv("bad", 1, "fp8"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("kv_cache_dtype \"fp8\" is not one of auto, f32, bf16, f16"),
+        "{}",
+        err.message()
+    );
+
+    admin.deploy_model(with_kv("kv", 2, "bf16")).await.unwrap();
+    let mut got = Vec::new();
+    for p in prompts {
+        let req = api::GenerateRequest {
+            logprobs: true,
+            ..ids_request("kv", p, 24)
+        };
+        let msgs = collect(&mut inference, req).await.unwrap();
+        got.push(
+            msgs.iter()
+                .flat_map(|m| m.tokens.iter().map(|t| (t.id, t.logprob.unwrap())))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let diff = worst(&got, &want);
+    eprintln!(
+        "bf16 KV cache over 2 stages: log-probabilities within {diff:.2e} of one process \
+         with a bf16 cache ({moved:.2e} from its f32 cache)"
+    );
+    assert!(diff < 2e-5, "{diff}");
+    let status = admin
+        .cluster_status(api::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let m = status.models.iter().find(|m| m.name == "kv").unwrap();
+    assert_eq!(m.stages.len(), 2);
+    assert_eq!(m.options.as_ref().unwrap().kv_cache_dtype, "bf16");
+}

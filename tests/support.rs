@@ -111,6 +111,16 @@ pub fn load(spec: &str, kind: Kind) -> TestModel {
 }
 
 pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> TestModel {
+    load_with_kv(spec, kind, quantization, None)
+}
+
+/// `load_quantized` with its KV cache in `kv_kind` (`None`: `kind`).
+pub fn load_with_kv(
+    spec: &str,
+    kind: Kind,
+    quantization: Quantization,
+    kv_kind: Option<Kind>,
+) -> TestModel {
     tch::set_num_threads(1);
     let spec = ModelSpec::parse(spec).unwrap();
     let opts = LoadOptions {
@@ -118,7 +128,7 @@ pub fn load_quantized(spec: &str, kind: Kind, quantization: Quantization) -> Tes
         device: Device::Cpu,
         seed: 0,
         quantization,
-        kv_kind: None,
+        kv_kind,
     };
     try_load(&spec, &opts).unwrap()
 }

@@ -72,6 +72,8 @@ struct Model {
     #[serde(default)]
     pipeline_transport: Option<String>,
     #[serde(default)]
+    kv_cache_dtype: Option<String>,
+    #[serde(default)]
     autoscale: Option<Autoscale>,
 }
 
@@ -149,6 +151,7 @@ impl Model {
                     .pipeline_transport
                     .clone()
                     .unwrap_or_else(|| "auto".into()),
+                kv_cache_dtype: self.kv_cache_dtype.clone().unwrap_or_else(|| "auto".into()),
             }),
             wait: Some(false),
             wait_timeout_ms: 0,

@@ -236,6 +236,11 @@ struct DeployArgs {
     /// calls), grpc, or link (direct links on any device: NCCL or TCP).
     #[arg(long, default_value = "auto")]
     pipeline_transport: String,
+    /// The KV cache's element type: auto (the model's dtype), f32, bf16 or
+    /// f16 (an f32 model's cache in half the memory, keys and values
+    /// rounded).
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: String,
     /// Return once the deploy is recorded instead of waiting for Ready
     /// (`llmos status` shows the progress).
     #[arg(long)]
@@ -651,6 +656,7 @@ async fn run_on(ch: Channel, command: Command) -> Result<()> {
                         max_waiting: a.max_waiting,
                         disable_prefix_caching: a.no_prefix_caching,
                         pipeline_transport: a.pipeline_transport,
+                        kv_cache_dtype: a.kv_cache_dtype,
                     }),
                     // The CLI waits itself, drawing the progress.
                     wait: Some(false),

@@ -80,7 +80,7 @@ pub fn options_json(o: &api::ServingOptions) -> serde_json::Value {
     json!({"kv_cache_blocks": o.kv_cache_blocks, "block_size": o.block_size,
         "max_batch_tokens": o.max_batch_tokens, "max_running": o.max_running,
         "max_waiting": o.max_waiting, "prefix_caching": !o.disable_prefix_caching,
-        "pipeline_transport": o.pipeline_transport})
+        "pipeline_transport": o.pipeline_transport, "kv_cache_dtype": o.kv_cache_dtype})
 }
 
 pub fn serving_json(s: &api::ServingStatus) -> serde_json::Value {

@@ -41,6 +41,15 @@ fn serving(o: Option<api::ServingOptions>) -> Result<Serving> {
                 )))
             }
         },
+        kv_cache_dtype: match o.kv_cache_dtype.as_str() {
+            "" | "auto" => "auto".into(),
+            t @ ("f32" | "bf16" | "f16") => t.into(),
+            other => {
+                return Err(CoordError::Invalid(format!(
+                    "kv_cache_dtype {other:?} is not one of auto, f32, bf16, f16"
+                )))
+            }
+        },
     };
     if s.block_size > 1024 {
         return Err(CoordError::Limit {
@@ -712,6 +721,27 @@ mod tests {
         let msg = e.to_string();
         assert!(
             msg.contains("\"nccl\" is not one of auto, grpc, link"),
+            "{msg}"
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn kv_cache_dtypes_default_to_the_model_s_and_unknown_ones_are_refused() {
+        let kv = |t: &str| {
+            serving(Some(api::ServingOptions {
+                kv_cache_dtype: t.into(),
+                ..Default::default()
+            }))
+        };
+        assert_eq!(kv("").unwrap().kv_cache_dtype, "auto");
+        for t in ["auto", "f32", "bf16", "f16"] {
+            assert_eq!(kv(t).unwrap().kv_cache_dtype, t);
+        }
+        let e = kv("int8").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("kv_cache_dtype \"int8\" is not one of auto, f32, bf16, f16"),
             "{msg}"
         );
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);

@@ -205,6 +205,22 @@ pub struct Serving {
     /// "" in logs from before it: auto.
     #[serde(default)]
     pub pipeline_transport: String,
+    /// "auto", "f32", "bf16" or "f16" (see `ServingOptions.kv_cache_dtype`);
+    /// "" in logs from before it: auto.
+    #[serde(default)]
+    pub kv_cache_dtype: String,
+}
+
+impl Serving {
+    /// Bytes of one cached key or value element of a model in `dtype`.
+    pub fn kv_element_bytes(&self, dtype: &str) -> u64 {
+        match self.kv_cache_dtype.as_str() {
+            "f32" => 4,
+            "bf16" | "f16" => 2,
+            _ if dtype == "f32" => 4,
+            _ => 2,
+        }
+    }
 }
 
 impl Default for Serving {
@@ -218,6 +234,7 @@ impl Default for Serving {
             max_waiting: d::DEFAULT_MAX_WAITING,
             prefix_caching: true,
             pipeline_transport: d::DEFAULT_PIPELINE_TRANSPORT.into(),
+            kv_cache_dtype: "auto".into(),
         }
     }
 }

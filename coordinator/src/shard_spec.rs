@@ -146,6 +146,12 @@ pub(crate) fn shard_spec(
             "file" => wk::Quantization::File,
             _ => wk::Quantization::Unspecified,
         } as i32,
+        kv_dtype: match dep.serving.kv_cache_dtype.as_str() {
+            "f32" => wk::DType::F32,
+            "bf16" => wk::DType::Bf16,
+            "f16" => wk::DType::F16,
+            _ => wk::DType::Unspecified,
+        } as i32,
         kv_blocks: v.kv_blocks,
         block_size: v.block_size,
         engine,
@@ -305,6 +311,22 @@ mod tests {
         let backend = |l: &Option<wk::PipelineLink>| l.as_ref().unwrap().backend;
         assert_eq!(backend(&sp[0].next_link), wk::LinkBackend::Nccl as i32);
         assert_eq!(backend(&sp[1].next_link), wk::LinkBackend::Tcp as i32);
+    }
+
+    /// Every stage is told the deployment's KV cache type; "auto" leaves
+    /// it unset (the model's dtype).
+    #[test]
+    fn every_stage_is_told_the_kv_cache_dtype() {
+        for (kv, want) in [
+            ("auto", wk::DType::Unspecified),
+            ("f32", wk::DType::F32),
+            ("bf16", wk::DType::Bf16),
+            ("f16", wk::DType::F16),
+        ] {
+            let mut s = cluster(["cpu"; 3], "auto");
+            s.models.get_mut("m").unwrap().serving.kv_cache_dtype = kv.into();
+            assert!(specs(&s).iter().all(|x| x.kv_dtype == want as i32), "{kv}");
+        }
     }
 
     fn restart_w2() -> Command {

@@ -41,7 +41,7 @@ pub(crate) fn rank_shape(
             * serving.block_size as u64
             * 2
             * (split.kv_heads * c.head_dim) as u64
-            * dtype_bytes;
+            * serving.kv_element_bytes(dtype);
     // As the worker's own memory check counts it.
     shape.boundary_bytes =
         c.boundary_bytes(serving.kv_blocks as usize * serving.block_size as usize);
@@ -54,5 +54,49 @@ pub(crate) fn placement_request(shape: &ParallelShape) -> PlacementRequest {
         stages: (shape.stages > 0).then_some(shape.stages),
         split: (!shape.layer_split.is_empty()).then(|| shape.layer_split.clone()),
         reserve_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 16-bit KV cache for an f32 model halves the cache the planner
+    /// counts per layer, and nothing else; for a bf16 model "auto" is
+    /// already 16-bit.
+    #[test]
+    fn a_16_bit_kv_cache_halves_the_cache_the_planner_counts() {
+        let c = ModelConfig::preset("smollm2-135m").unwrap();
+        let with = |dtype: &str, kv: &str| {
+            let serving = Serving {
+                kv_cache_dtype: kv.into(),
+                ..Default::default()
+            };
+            rank_shape(&c, dtype, "none", &serving, 1).unwrap()
+        };
+        let d = Serving::default();
+        let cache = |bytes: u64| {
+            d.kv_blocks as u64
+                * d.block_size as u64
+                * 2
+                * (c.num_kv_heads * c.head_dim) as u64
+                * bytes
+        };
+        let (f32_cache, f16_cache) = (with("f32", "auto"), with("f32", "f16"));
+        assert_eq!(
+            f32_cache.layer_bytes - f16_cache.layer_bytes,
+            cache(4) - cache(2)
+        );
+        assert_eq!(f32_cache.layer_bytes, with("f32", "f32").layer_bytes);
+        assert_eq!(f16_cache.layer_bytes, with("f32", "bf16").layer_bytes);
+        assert_eq!(
+            with("bf16", "auto").layer_bytes,
+            with("bf16", "f16").layer_bytes
+        );
+        assert_eq!(
+            with("bf16", "f32").layer_bytes - with("bf16", "auto").layer_bytes,
+            cache(4) - cache(2)
+        );
+        assert_eq!(f32_cache.boundary_bytes, f16_cache.boundary_bytes);
     }
 }

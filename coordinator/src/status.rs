@@ -213,6 +213,10 @@ pub(crate) fn serving_options(s: &Serving) -> api::ServingOptions {
         max_waiting: s.max_waiting,
         disable_prefix_caching: !s.prefix_caching,
         pipeline_transport: s.pipeline_transport.clone(),
+        kv_cache_dtype: match s.kv_cache_dtype.as_str() {
+            "" => "auto".into(),
+            t => t.into(),
+        },
     }
 }
 

@@ -168,6 +168,7 @@ impl LocalModel {
             head: true,
             kind: opts.kind,
             quantization: opts.quantization,
+            kv_kind: opts.kv_kind,
             // Grown to each request's length as it comes.
             kv_blocks: 1,
             block_size: DEFAULT_BLOCK_SIZE as usize,

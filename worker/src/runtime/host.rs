@@ -208,7 +208,7 @@ impl Host {
             device: self.device,
             seed: 0,
             quantization: config.quantization,
-            kv_kind: None,
+            kv_kind: config.kv_kind,
         };
         let mut model = Llama::load_tp(
             opened.weights.as_deref(),

@@ -41,6 +41,8 @@ pub struct ShardConfig {
     pub head: bool,
     pub kind: Kind,
     pub quantization: Quantization,
+    /// The KV cache's element type (`None`: `kind`).
+    pub kv_kind: Option<Kind>,
     pub kv_blocks: usize,
     pub block_size: usize,
     pub tensor_parallel: Option<TensorParallel>,
@@ -74,6 +76,7 @@ impl ShardConfig {
             head: true,
             kind: Kind::Float,
             quantization: Quantization::None,
+            kv_kind: None,
             kv_blocks,
             block_size,
             tensor_parallel: None,

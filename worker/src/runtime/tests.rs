@@ -1,6 +1,7 @@
 //! Tests of `host.rs`: served steps of a hosted shard.
 
 use super::*;
+use tch::Kind;
 
 fn tiny(model: &str) -> ShardConfig {
     ShardConfig::tiny(model, 16, 4)
@@ -90,5 +91,35 @@ async fn gpu_served_steps_on_cuda_match_cpu() {
             crate::sampling::argmax(g),
             "row {i}"
         );
+    }
+}
+
+/// A shard loaded with a 16-bit KV cache (`ShardSpec.kv_dtype`) serves the
+/// f32 cache's steps (prompts, a mixed batch, one-token steps) with logits
+/// moved only by the rounding of its cached keys and values, and moved:
+/// the cache really holds the rounded values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_a_16_bit_kv_cache_serves_the_f32_cache_steps() {
+    let exact = HostHandle::spawn();
+    exact.load(tiny("m")).await.unwrap();
+    let want = run(&exact).await;
+    for (kv, tol) in [(Kind::Half, 5e-3), (Kind::BFloat16, 5e-2)] {
+        let host = HostHandle::spawn();
+        host.load(ShardConfig {
+            kv_kind: Some(kv),
+            ..tiny("m")
+        })
+        .await
+        .unwrap();
+        let got = run(&host).await;
+        assert_eq!(want.len(), got.len());
+        let diff = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{kv:?} KV cache: max |logit diff| {diff:.3e}");
+        assert!(diff > 0.0 && diff < tol, "{kv:?} KV cache: {diff}");
     }
 }

@@ -158,6 +158,23 @@ pub fn shard_config(spec: &pb::ShardSpec) -> Result<ShardConfig> {
             )))
         }
     };
+    let kv_kind = match pb::DType::try_from(spec.kv_dtype) {
+        Ok(pb::DType::Unspecified) => None,
+        Ok(pb::DType::F32) => Some(Kind::Float),
+        Ok(pb::DType::Bf16) => Some(Kind::BFloat16),
+        Ok(pb::DType::F16) => Some(Kind::Half),
+        Ok(pb::DType::I64) => {
+            return Err(WireError(
+                "ShardSpec.kv_dtype: a KV cache cannot be int64".into(),
+            ))
+        }
+        Err(_) => {
+            return Err(WireError(format!(
+                "ShardSpec.kv_dtype: unknown dtype {}",
+                spec.kv_dtype
+            )))
+        }
+    };
     if spec.layer_start > spec.layer_end {
         return Err(WireError(format!(
             "ShardSpec: layer_start {} is after layer_end {}",
@@ -173,6 +190,7 @@ pub fn shard_config(spec: &pb::ShardSpec) -> Result<ShardConfig> {
         head: spec.head,
         kind,
         quantization,
+        kv_kind,
         kv_blocks: or(spec.kv_blocks, DEFAULT_KV_BLOCKS),
         block_size: or(spec.block_size, DEFAULT_BLOCK_SIZE),
         tensor_parallel: spec.tensor_parallel.as_ref().map(|t| TensorParallel {
@@ -197,6 +215,7 @@ pub fn shard_spec(c: &ShardConfig) -> pb::ShardSpec {
         embed: c.embed,
         head: c.head,
         dtype: dtype_of(c.kind) as i32,
+        kv_dtype: c.kv_kind.map_or(pb::DType::Unspecified, dtype_of) as i32,
         kv_blocks: c.kv_blocks as u32,
         block_size: c.block_size as u32,
         engine: None,
@@ -487,6 +506,7 @@ mod tests {
             layer_end: 2,
             head: true,
             dtype: pb::DType::Bf16 as i32,
+            kv_dtype: pb::DType::F16 as i32,
             quantization: pb::Quantization::Int8 as i32,
             next_link: Some(pb::PipelineLink {
                 rank: 0,
@@ -498,6 +518,7 @@ mod tests {
             ..Default::default()
         };
         let c = shard_config(&spec).unwrap();
+        assert_eq!((c.kind, c.kv_kind), (Kind::BFloat16, Some(Kind::Half)));
         assert_eq!(
             (c.kv_blocks, c.block_size),
             (DEFAULT_KV_BLOCKS as usize, DEFAULT_BLOCK_SIZE as usize)
@@ -517,10 +538,16 @@ mod tests {
         );
         let bad = pb::ShardSpec {
             dtype: pb::DType::I64 as i32,
-            ..spec
+            ..spec.clone()
         };
         let e = shard_config(&bad).unwrap_err().to_string();
         assert!(e.contains("ShardSpec.dtype"), "{e}");
+        let bad = pb::ShardSpec {
+            kv_dtype: pb::DType::I64 as i32,
+            ..spec
+        };
+        let e = shard_config(&bad).unwrap_err().to_string();
+        assert!(e.contains("ShardSpec.kv_dtype"), "{e}");
     }
 
     #[test]
