@@ -31,6 +31,7 @@ pub mod calibrate;
 pub mod elementwise;
 pub mod gemv;
 pub mod paged_attention;
+pub(crate) mod prompt_attention;
 pub mod quant;
 pub mod sampling;
 pub mod spin_pool;

@@ -7,7 +7,14 @@
 
 use tch::Tensor;
 
+use tch::Kind;
+
 use super::attention::{attend_tensors, Queries};
+#[cfg(target_arch = "x86_64")]
+use super::prompt_attention::attend_run;
+use super::prompt_attention::{self, Run, MIN_RUN};
+#[cfg(target_arch = "x86_64")]
+use super::spin_pool::SharedPtr;
 
 /// One query row of [`paged_attention`]: packed row `row` attends to
 /// positions `0..len` of the sequence with block table `blocks`.
@@ -47,7 +54,36 @@ pub fn paged_attention(
             .all(|&b| (b as usize + 1) * block_size <= slots));
     }
     let row = kv_heads * d;
-    let q_rows: Vec<(usize, usize)> = queries.iter().map(|qr| (qr.row, qr.len)).collect();
+    // Runs of a prompt's rows (consecutive rows of one block table, each
+    // seeing one more position) take the prompt kernel; the other rows the
+    // one-row body.
+    let mut runs = Vec::new();
+    let mut single = Vec::new();
+    let mut i = 0;
+    while i < queries.len() {
+        let mut j = i + 1;
+        while j < queries.len() && {
+            let (a, b) = (&queries[j - 1], &queries[j]);
+            std::ptr::eq(a.blocks, b.blocks) && b.row == a.row + 1 && b.len == a.len + 1
+        } {
+            j += 1;
+        }
+        if j - i >= MIN_RUN && prompt_attention::available(d) {
+            let run = Run {
+                row0: queries[i].row,
+                n: j - i,
+                len0: queries[i].len,
+            };
+            runs.push((i, run));
+        } else {
+            single.extend(i..j);
+        }
+        i = j;
+    }
+    let q_rows: Vec<(usize, usize)> = single
+        .iter()
+        .map(|&i| (queries[i].row, queries[i].len))
+        .collect();
     // Position `pos` of query `i` at KV head `h`: its block's slot, no
     // division where the block size is a power of two.
     let shift = block_size
@@ -60,15 +96,58 @@ pub fn paged_attention(
         };
         (queries[i].blocks[b] as usize * block_size + o) * row + h * d
     };
+    // When libtorch's threads run the next products, do not spin against
+    // them after this.
+    let park = tch::get_num_threads() > 1;
+    macro_rules! runs {
+        ($t:ty) => {{
+            let (kp, vp) = (
+                SharedPtr(keys.data_ptr() as *const $t),
+                SharedPtr(values.data_ptr() as *const $t),
+            );
+            for &(first, run) in &runs {
+                // SAFETY: checked above: every block of every query lies
+                // inside the pool (a run's last query sees all its
+                // positions), every query row inside `q`/`out`;
+                // `available(d)` was checked.
+                unsafe {
+                    attend_run::<$t>(
+                        q,
+                        out,
+                        heads,
+                        kv_heads,
+                        d,
+                        scale,
+                        run,
+                        |h, pos| kp.at(at(first, h, pos)),
+                        |h, pos| vp.at(at(first, h, pos)),
+                        park,
+                    )
+                }
+            }
+        }};
+    }
+    #[cfg(target_arch = "x86_64")]
+    match keys.kind() {
+        _ if runs.is_empty() => {}
+        Kind::Float => runs!(f32),
+        Kind::BFloat16 => runs!(u16),
+        Kind::Half => runs!(half::f16),
+        other => panic!("attention over a {other:?} KV cache (f32, bf16 or f16 only)"),
+    }
+    if q_rows.is_empty() {
+        return;
+    }
+    // The query index `attend_tensors` names is `q_rows`'s.
+    let single = &single;
+    let at = move |i: usize, h: usize, pos: usize| at(single[i], h, pos);
     let m = Queries {
         heads,
         kv_heads,
         head_dim: d,
         scale,
         rows: &q_rows,
-        // When libtorch's threads run the next products, do not spin
-        // against them after this.
-        park: tch::get_num_threads() > 1,
+        park,
     };
     // SAFETY: checked above: every block of every query lies inside the
     // pool and every query row inside `q`/`out`.
@@ -144,6 +223,92 @@ mod tests {
                     "{kind:?} heads {heads} kv {kv} d {d} row {row} of {}: {diff}",
                     tables[row].1
                 );
+            }
+        }
+    }
+
+    /// Runs of a prompt's rows (taken by the prompt kernel where the CPU
+    /// has AVX-512: a fresh prompt, a chunk after cached positions, runs of
+    /// every query-vector count a pass takes) beside single decode rows give,
+    /// row for row, what each row attended alone gives (the one-row body),
+    /// in f32, bf16 and f16 pools, head sizes 64 and 128, groups of 1 to 8
+    /// query heads.
+    #[test]
+    fn prompt_runs_equal_their_rows_attended_alone() {
+        tch::manual_seed(5);
+        let (bs, num_blocks) = (16, 40);
+        for (heads, kv, d) in [
+            (9, 3, 64),
+            (4, 4, 64),
+            (8, 1, 64),
+            (10, 2, 64),
+            (8, 2, 128),
+            (3, 3, 128),
+        ] {
+            for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+                let rand = || {
+                    Tensor::randn(
+                        [(num_blocks * bs) as i64, kv as i64, d as i64],
+                        (Kind::Float, Device::Cpu),
+                    )
+                    .to_kind(kind)
+                };
+                let (kp, vp) = (rand(), rand());
+                let (a, b) = (
+                    scattered(20, num_blocks),
+                    scattered(30, num_blocks)[20..].to_vec(),
+                );
+                // A fresh 37-row prompt of `a`, a decode row of `b`, a
+                // 21-row chunk of `a` after 70 cached positions, a short
+                // 5-row chunk (the one-row body) of `b`.
+                let mut queries = Vec::new();
+                for i in 0..37 {
+                    queries.push(QueryRow {
+                        row: i,
+                        blocks: &a,
+                        len: i + 1,
+                    });
+                }
+                queries.push(QueryRow {
+                    row: 37,
+                    blocks: &b,
+                    len: 150,
+                });
+                for i in 0..21 {
+                    queries.push(QueryRow {
+                        row: 38 + i,
+                        blocks: &a,
+                        len: 71 + i,
+                    });
+                }
+                for i in 0..5 {
+                    queries.push(QueryRow {
+                        row: 59 + i,
+                        blocks: &b,
+                        len: 40 + i,
+                    });
+                }
+                let n = 64;
+                let q = Tensor::randn([n, heads as i64, d as i64], (Kind::Float, Device::Cpu));
+                let qv: Vec<f32> = Vec::try_from(q.view([-1])).unwrap();
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut got = vec![0f32; qv.len()];
+                paged_attention(&qv, heads, &kp, &vp, bs, &queries, scale, &mut got);
+                let mut want = vec![0f32; qv.len()];
+                for qr in &queries {
+                    let one = [QueryRow {
+                        row: qr.row,
+                        blocks: qr.blocks,
+                        len: qr.len,
+                    }];
+                    paged_attention(&qv, heads, &kp, &vp, bs, &one, scale, &mut want);
+                }
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 2e-5, "{kind:?} heads {heads} kv {kv} d {d}: {diff}");
             }
         }
     }
