@@ -138,9 +138,6 @@ pub fn paged_attention(
     if q_rows.is_empty() {
         return;
     }
-    // The query index `attend_tensors` names is `q_rows`'s.
-    let single = &single;
-    let at = move |i: usize, h: usize, pos: usize| at(single[i], h, pos);
     let m = Queries {
         heads,
         kv_heads,
@@ -151,7 +148,19 @@ pub fn paged_attention(
     };
     // SAFETY: checked above: every block of every query lies inside the
     // pool and every query row inside `q`/`out`.
-    unsafe { attend_tensors(&m, q, out, keys, values, at, at) }
+    unsafe {
+        if runs.is_empty() {
+            // Every query is a single row (decode steps): `q_rows` is
+            // `queries`, and the addressing of every cached row keeps no
+            // indirection.
+            attend_tensors(&m, q, out, keys, values, at, at)
+        } else {
+            // The query index `attend_tensors` names is `q_rows`'s.
+            let single = &single;
+            let at = move |i: usize, h: usize, pos: usize| at(single[i], h, pos);
+            attend_tensors(&m, q, out, keys, values, at, at)
+        }
+    }
 }
 
 #[cfg(test)]
