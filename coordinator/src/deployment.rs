@@ -212,13 +212,13 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// Bytes of one cached key or value element of a model in `dtype`.
-    pub fn kv_element_bytes(&self, dtype: &str) -> u64 {
+    /// Bytes of one cached key or value element of a model whose elements
+    /// take `model_bytes` ("auto": the model's).
+    pub fn kv_element_bytes(&self, model_bytes: u64) -> u64 {
         match self.kv_cache_dtype.as_str() {
             "f32" => 4,
             "bf16" | "f16" => 2,
-            _ if dtype == "f32" => 4,
-            _ => 2,
+            _ => model_bytes,
         }
     }
 }

@@ -69,6 +69,7 @@ fn pipeline_link(
 fn dtype_code(dtype: &str) -> wk::DType {
     match dtype {
         "bf16" => wk::DType::Bf16,
+        "f16" => wk::DType::F16,
         _ => wk::DType::F32,
     }
 }
@@ -147,10 +148,8 @@ pub(crate) fn shard_spec(
             _ => wk::Quantization::Unspecified,
         } as i32,
         kv_dtype: match dep.serving.kv_cache_dtype.as_str() {
-            "f32" => wk::DType::F32,
-            "bf16" => wk::DType::Bf16,
-            "f16" => wk::DType::F16,
-            _ => wk::DType::Unspecified,
+            "" | "auto" => wk::DType::Unspecified,
+            t => dtype_code(t),
         } as i32,
         kv_blocks: v.kv_blocks,
         block_size: v.block_size,

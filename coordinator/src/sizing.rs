@@ -41,7 +41,7 @@ pub(crate) fn rank_shape(
             * serving.block_size as u64
             * 2
             * (split.kv_heads * c.head_dim) as u64
-            * serving.kv_element_bytes(dtype);
+            * serving.kv_element_bytes(dtype_bytes);
     // As the worker's own memory check counts it.
     shape.boundary_bytes =
         c.boundary_bytes(serving.kv_blocks as usize * serving.block_size as usize);

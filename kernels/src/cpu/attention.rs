@@ -6,7 +6,7 @@
 //! paged pool's block tables: [`super::paged_attention`], whose tests
 //! check it against `scaled_dot_product_attention`).
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::cpu::gemv::{pool, WeightElem};
 use crate::cpu::spin_pool::{SharedPtr, SharedSlot};
@@ -524,6 +524,29 @@ pub(crate) unsafe fn attend_queries<T: KvElem>(
     }
 }
 
+/// `$body` with `$t` naming the element type of a KV cache of kind `$kind`
+/// (f32, bf16 as `u16`, f16); another kind panics, naming it.
+macro_rules! with_kv_elem {
+    ($kind:expr, $t:ident => $body:expr) => {
+        match $kind {
+            tch::Kind::Float => {
+                type $t = f32;
+                $body
+            }
+            tch::Kind::BFloat16 => {
+                type $t = u16;
+                $body
+            }
+            tch::Kind::Half => {
+                type $t = half::f16;
+                $body
+            }
+            other => panic!("attention over a {other:?} KV cache (f32, bf16 or f16 only)"),
+        }
+    };
+}
+pub(crate) use with_kv_elem;
+
 /// `attend_queries` over the cached rows of the f32, bf16 or f16 tensors `k` and
 /// `v` at the element offsets `key_at(query, kv_head, pos)` and
 /// `value_at(..)`.
@@ -540,27 +563,19 @@ pub(crate) unsafe fn attend_tensors(
     key_at: impl Fn(usize, usize, usize) -> usize + Sync,
     value_at: impl Fn(usize, usize, usize) -> usize + Sync,
 ) {
-    macro_rules! go {
-        ($t:ty) => {{
-            let (kp, vp) = (
-                SharedPtr(k.data_ptr() as *const $t),
-                SharedPtr(v.data_ptr() as *const $t),
-            );
-            attend_queries::<$t>(
-                m,
-                q,
-                out,
-                |i, h, pos| kp.at(key_at(i, h, pos)),
-                |i, h, pos| vp.at(value_at(i, h, pos)),
-            )
-        }};
-    }
-    match k.kind() {
-        Kind::Float => go!(f32),
-        Kind::BFloat16 => go!(u16),
-        Kind::Half => go!(half::f16),
-        other => panic!("attention over a {other:?} KV cache (f32, bf16 or f16 only)"),
-    }
+    with_kv_elem!(k.kind(), T => {
+        let (kp, vp) = (
+            SharedPtr(k.data_ptr() as *const T),
+            SharedPtr(v.data_ptr() as *const T),
+        );
+        attend_queries::<T>(
+            m,
+            q,
+            out,
+            |i, h, pos| kp.at(key_at(i, h, pos)),
+            |i, h, pos| vp.at(value_at(i, h, pos)),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
-//! Decode attention over the paged KV pool: each query row attends to its
+//! Attention over the paged KV pool: each query row attends to its
 //! sequence's cached positions, read in place through its block table
-//! (`[slots, kv_heads, head_dim]` pool layers, f32 or bf16), on the
-//! split-K attention of [`super::attention`]. The CPU kernel the worker's
-//! decode rows and fused step run, and the one the CUDA paged-attention
+//! (`[slots, kv_heads, head_dim]` pool layers, f32, bf16 or f16): single
+//! rows on the split-K attention of [`super::attention`], a prompt's runs
+//! of rows on [`super::prompt_attention`]. The CPU kernel the worker's
+//! batched steps and fused step run, and the one the CUDA paged-attention
 //! kernel is tested against.
 
 use tch::Tensor;
 
-use tch::Kind;
-
+#[cfg(target_arch = "x86_64")]
+use super::attention::with_kv_elem;
 use super::attention::{attend_tensors, Queries};
 #[cfg(target_arch = "x86_64")]
 use super::prompt_attention::attend_run;
@@ -18,6 +19,7 @@ use super::spin_pool::SharedPtr;
 
 /// One query row of [`paged_attention`]: packed row `row` attends to
 /// positions `0..len` of the sequence with block table `blocks`.
+#[derive(Clone, Copy)]
 pub struct QueryRow<'a> {
     pub row: usize,
     pub blocks: &'a [u32],
@@ -58,7 +60,7 @@ pub fn paged_attention(
     // seeing one more position) take the prompt kernel; the other rows the
     // one-row body.
     let mut runs = Vec::new();
-    let mut single = Vec::new();
+    let mut single: Vec<QueryRow> = Vec::new();
     let mut i = 0;
     while i < queries.len() {
         let mut j = i + 1;
@@ -74,44 +76,42 @@ pub fn paged_attention(
                 n: j - i,
                 len0: queries[i].len,
             };
-            runs.push((i, run));
+            runs.push((queries[i].blocks, run));
         } else {
-            single.extend(i..j);
+            single.extend_from_slice(&queries[i..j]);
         }
         i = j;
     }
-    let q_rows: Vec<(usize, usize)> = single
-        .iter()
-        .map(|&i| (queries[i].row, queries[i].len))
-        .collect();
-    // Position `pos` of query `i` at KV head `h`: its block's slot, no
-    // division where the block size is a power of two.
+    // Position `pos` of a sequence with block table `blocks` at KV head
+    // `h`: its block's slot, no division where the block size is a power of
+    // two.
     let shift = block_size
         .is_power_of_two()
         .then(|| block_size.trailing_zeros());
-    let at = move |i: usize, h: usize, pos: usize| {
+    let slot = move |blocks: &[u32], h: usize, pos: usize| {
         let (b, o) = match shift {
             Some(s) => (pos >> s, pos & (block_size - 1)),
             None => (pos / block_size, pos % block_size),
         };
-        (queries[i].blocks[b] as usize * block_size + o) * row + h * d
+        (blocks[b] as usize * block_size + o) * row + h * d
     };
     // When libtorch's threads run the next products, do not spin against
     // them after this.
     let park = tch::get_num_threads() > 1;
-    macro_rules! runs {
-        ($t:ty) => {{
+    #[cfg(target_arch = "x86_64")]
+    if !runs.is_empty() {
+        with_kv_elem!(keys.kind(), T => {
             let (kp, vp) = (
-                SharedPtr(keys.data_ptr() as *const $t),
-                SharedPtr(values.data_ptr() as *const $t),
+                SharedPtr(keys.data_ptr() as *const T),
+                SharedPtr(values.data_ptr() as *const T),
             );
-            for &(first, run) in &runs {
+            for &(blocks, run) in &runs {
                 // SAFETY: checked above: every block of every query lies
                 // inside the pool (a run's last query sees all its
                 // positions), every query row inside `q`/`out`;
                 // `available(d)` was checked.
                 unsafe {
-                    attend_run::<$t>(
+                    attend_run::<T>(
                         q,
                         out,
                         heads,
@@ -119,25 +119,18 @@ pub fn paged_attention(
                         d,
                         scale,
                         run,
-                        |h, pos| kp.at(at(first, h, pos)),
-                        |h, pos| vp.at(at(first, h, pos)),
+                        |h, pos| kp.at(slot(blocks, h, pos)),
+                        |h, pos| vp.at(slot(blocks, h, pos)),
                         park,
                     )
                 }
             }
-        }};
+        })
     }
-    #[cfg(target_arch = "x86_64")]
-    match keys.kind() {
-        _ if runs.is_empty() => {}
-        Kind::Float => runs!(f32),
-        Kind::BFloat16 => runs!(u16),
-        Kind::Half => runs!(half::f16),
-        other => panic!("attention over a {other:?} KV cache (f32, bf16 or f16 only)"),
-    }
-    if q_rows.is_empty() {
+    if single.is_empty() {
         return;
     }
+    let q_rows: Vec<(usize, usize)> = single.iter().map(|qr| (qr.row, qr.len)).collect();
     let m = Queries {
         heads,
         kv_heads,
@@ -146,21 +139,12 @@ pub fn paged_attention(
         rows: &q_rows,
         park,
     };
+    // Query `i` of `attend_tensors` is `single[i]`.
+    let single = &single;
+    let at = move |i: usize, h: usize, pos: usize| slot(single[i].blocks, h, pos);
     // SAFETY: checked above: every block of every query lies inside the
     // pool and every query row inside `q`/`out`.
-    unsafe {
-        if runs.is_empty() {
-            // Every query is a single row (decode steps): `q_rows` is
-            // `queries`, and the addressing of every cached row keeps no
-            // indirection.
-            attend_tensors(&m, q, out, keys, values, at, at)
-        } else {
-            // The query index `attend_tensors` names is `q_rows`'s.
-            let single = &single;
-            let at = move |i: usize, h: usize, pos: usize| at(single[i], h, pos);
-            attend_tensors(&m, q, out, keys, values, at, at)
-        }
-    }
+    unsafe { attend_tensors(&m, q, out, keys, values, at, at) }
 }
 
 #[cfg(test)]

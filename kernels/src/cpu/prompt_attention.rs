@@ -8,7 +8,7 @@
 //! cached element again; a prompt's rows share their keys and values, so
 //! here each KV head's keys are widened once, transposed (`[d][positions]`
 //! f32), and its values widened (`[positions][d]` f32); then every task
-//! takes up to `MAX_ITEMS` query vectors (rows x the KV head's query heads)
+//! takes up to `max_items` query vectors (rows x the KV head's query heads)
 //! at once: per 16 keys, one loaded vector of the transposed keys feeds
 //! each query's multiply-add (no horizontal sums), and per position one
 //! loaded value row feeds each query's weighted sum (the accumulators in

@@ -130,20 +130,19 @@ fn link_to_wire(l: &LinkSpec) -> pb::PipelineLink {
 /// (`llmos_meta::serving`) where it says 0. Its engine part is the
 /// server's.
 pub fn shard_config(spec: &pb::ShardSpec) -> Result<ShardConfig> {
-    let kind = match pb::DType::try_from(spec.dtype) {
-        Ok(pb::DType::Unspecified | pb::DType::F32) => Kind::Float,
-        Ok(pb::DType::Bf16) => Kind::BFloat16,
-        Ok(pb::DType::F16) => Kind::Half,
-        Ok(pb::DType::I64) => {
-            return Err(WireError("ShardSpec.dtype: weights cannot be int64".into()))
-        }
-        Err(_) => {
-            return Err(WireError(format!(
-                "ShardSpec.dtype: unknown dtype {}",
-                spec.dtype
-            )))
-        }
+    // A floating-point element type (`None`: unspecified), or an error
+    // naming the field.
+    let float_kind = |field: &str, code: i32| match pb::DType::try_from(code) {
+        Ok(pb::DType::I64) => Err(WireError(format!(
+            "ShardSpec.{field}: a float type, not int64"
+        ))),
+        Ok(d) => Ok(kind_of(d)),
+        Err(_) => Err(WireError(format!(
+            "ShardSpec.{field}: unknown dtype {code}"
+        ))),
     };
+    let kind = float_kind("dtype", spec.dtype)?.unwrap_or(Kind::Float);
+    let kv_kind = float_kind("kv_dtype", spec.kv_dtype)?;
     let quantization = match pb::Quantization::try_from(spec.quantization) {
         Ok(pb::Quantization::Int8) => Quantization::Int8,
         Ok(pb::Quantization::Q80) => Quantization::Blocks(GgmlType::Q8_0),
@@ -155,23 +154,6 @@ pub fn shard_config(spec: &pb::ShardSpec) -> Result<ShardConfig> {
             return Err(WireError(format!(
                 "ShardSpec.quantization: unknown quantization code {}",
                 spec.quantization
-            )))
-        }
-    };
-    let kv_kind = match pb::DType::try_from(spec.kv_dtype) {
-        Ok(pb::DType::Unspecified) => None,
-        Ok(pb::DType::F32) => Some(Kind::Float),
-        Ok(pb::DType::Bf16) => Some(Kind::BFloat16),
-        Ok(pb::DType::F16) => Some(Kind::Half),
-        Ok(pb::DType::I64) => {
-            return Err(WireError(
-                "ShardSpec.kv_dtype: a KV cache cannot be int64".into(),
-            ))
-        }
-        Err(_) => {
-            return Err(WireError(format!(
-                "ShardSpec.kv_dtype: unknown dtype {}",
-                spec.kv_dtype
             )))
         }
     };
